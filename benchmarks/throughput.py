@@ -1,0 +1,389 @@
+"""Offline throughput: the nano-vllm workload on Tidal, HF transformers, and the bandwidth ceiling.
+
+    PYTHONUNBUFFERED=1 python benchmarks/throughput.py                   # all three models, on a GPU
+    python benchmarks/throughput.py --models qwen3-0.6b --skip-hf --tiny  # CPU smoke run
+
+Workload (as nano-vllm's bench.py): 256 sequences, prompt lengths and output lengths uniform
+in [100, 1024], random token ids, ignore_eos, temperature 0.6, fixed seed; random weights
+(load_format="dummy") in the shapes of the public Qwen3-0.6B, Qwen2.5-0.5B and Qwen2.5-7B
+configs (written below; nothing is downloaded). Reports, per model:
+  tidal     output tokens / wall time of one LLM.generate over the whole workload
+  hf        transformers `generate` on a sub-sample, batched (left padding), capped by time
+  ceiling   memory-bandwidth bound: every decode step reads the weights once and the live KV
+            once, at the measured device-to-device copy bandwidth (prefill ignored)
+  batch-1   decode tok/s of one sequence, and its weight+KV-read ceiling
+Prints a table, writes JSON and a PNG into --out-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tidal import LLM, SamplingParams  # noqa: E402
+
+_COMMON = dict(hidden_act="silu", initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=1000000.0,
+               rope_scaling=None, attention_dropout=0.0, use_cache=True, use_sliding_window=False,
+               torch_dtype="bfloat16", bos_token_id=151643)
+# Public architecture numbers (config.json of each model on the HF hub).
+CONFIGS: dict[str, dict] = {
+    "qwen3-0.6b": dict(_COMMON, architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=1024,
+                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       max_window_layers=28, sliding_window=None, attention_bias=False,
+                       tie_word_embeddings=True, vocab_size=151936, eos_token_id=151645),
+    "qwen2.5-0.5b": dict(_COMMON, architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, max_position_embeddings=32768, max_window_layers=24,
+                         sliding_window=32768, tie_word_embeddings=True, vocab_size=151936,
+                         eos_token_id=151643),
+    "qwen2.5-7b": dict(_COMMON, architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, max_position_embeddings=131072, max_window_layers=28,
+                       sliding_window=131072, tie_word_embeddings=False, vocab_size=152064,
+                       eos_token_id=151643),
+}
+# A model small enough for a CPU smoke run of this script.
+TINY = dict(CONFIGS["qwen3-0.6b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1024, max_position_embeddings=4096)
+
+
+def write_config(name: str, cfg: dict, root: Path) -> str:
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    return str(path)
+
+
+def make_workload(num_seqs: int, lo: int, max_in: int, max_out: int, vocab: int,
+                  seed: int) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randint(0, min(10000, vocab - 2)) for _ in range(rng.randint(lo, max_in))]
+               for _ in range(num_seqs)]
+    out_lens = [rng.randint(lo, max_out) for _ in range(num_seqs)]
+    return prompts, out_lens
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy (median of 50)."""
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.randn(1 << 28, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(55):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e-3)
+    return 2 * src.numel() * src.element_size() / sorted(times[5:])[len(times[5:]) // 2]
+
+
+def model_bytes(cfg: dict, itemsize: int = 2) -> tuple[int, int]:
+    """(weight bytes read per decode step, KV bytes per cached token over all layers)."""
+    h, inter, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    hq, hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // hq
+    per_layer = h * (hq + 2 * hkv) * d + hq * d * h + 3 * h * inter + 2 * h
+    # The embedding is gathered (a few rows), the lm_head read whole each step.
+    weights = layers * per_layer + h * v + h
+    kv = layers * 2 * hkv * d
+    return weights * itemsize, kv * itemsize
+
+
+def ceiling_tok_s(prompt_lens: list[int], out_lens: list[int], weight_bytes: int, kv_tok: int, bw: float) -> float:
+    """All sequences decode together from the start; step s reads the weights and the KV of
+    every sequence still running (prompt + s tokens)."""
+    total_bytes = 0.0
+    for s in range(max(out_lens)):
+        live = [p + s for p, o in zip(prompt_lens, out_lens) if o > s]
+        total_bytes += weight_bytes + kv_tok * sum(live)
+    return sum(out_lens) / (total_bytes / bw)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def attach_graphs(llm: LLM) -> str:
+    """Use CUDA graphs for decode. Until ModelRunner builds them itself, build them here."""
+    runner = llm.engine.core.runner
+    if runner.device.type != "cuda" or runner.config.enforce_eager:
+        return "eager"
+    if runner.graphs is None:
+        from tidal.runner.cuda_graph import CudaGraphRunner
+        max_blocks = -(-runner.max_model_len // runner.block_size)
+        runner.graphs = CudaGraphRunner(runner.model, runner.kv_cache, runner.backend, runner.config.max_num_seqs,
+                                        max_blocks, runner.block_size)
+    return "cuda_graph"
+
+
+def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args) -> dict:
+    t0 = time.perf_counter()
+    llm = LLM(path, load_format="dummy", device=args.device, block_size=args.block_size,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+              enforce_eager=args.enforce_eager, seed=0, **({"num_kv_blocks": 512} if args.tiny else {}))
+    mode = attach_graphs(llm)
+    startup = time.perf_counter() - t0
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in out_lens]
+    sync(args.device)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    sync(args.device)
+    elapsed = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert n_out == sum(out_lens), f"generated {n_out} tokens, expected {sum(out_lens)}"
+    core = llm.engine.core
+    res = dict(tok_s=n_out / elapsed, seconds=elapsed, output_tokens=n_out, steps=core.step_count,
+               preemptions=core.scheduler.num_preemptions, mode=mode, startup_s=startup,
+               num_kv_blocks=core.runner.num_blocks)
+    if args.profile:
+        res["profile"] = profile_steps(llm, prompts, [min(n, 300) for n in out_lens], args.device)
+    # Batch 1: decode rate from the difference of two lengths (cancels prefill and start-up).
+    prompt = prompts[0][:128]
+    times = {}
+    for n in (1, args.batch1_tokens + 1):
+        sync(args.device)
+        t0 = time.perf_counter()
+        llm.generate([prompt], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n), use_tqdm=False)
+        sync(args.device)
+        times[n] = time.perf_counter() - t0
+    res["batch1_tok_s"] = args.batch1_tokens / (times[args.batch1_tokens + 1] - times[1])
+    res["batch1_ctx"] = len(prompt) + args.batch1_tokens // 2
+    llm.shutdown()
+    del llm, outs
+    free_memory()
+    if torch.cuda.is_available():
+        res["cuda_allocated_after_shutdown"] = torch.cuda.memory_allocated()
+    return res
+
+
+def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], device: str) -> dict:
+    """Where a step's time goes: wall time of the engine's stages per step, with a device sync
+    after the model and the logits so GPU time lands in the stage that queued it; then the GPU
+    time of one replay of the largest decode graph at a 1k context."""
+    from tidal.engine.core import EngineCore
+    from tidal.engine.scheduler import Scheduler
+    from tidal.runner.runner import ModelRunner
+
+    core, runner = llm.engine.core, llm.engine.core.runner
+    acc: dict[str, float] = {}
+
+    def timed(obj, name: str, label: str, sync_after: bool = False):
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            out = fn(*a, **k)
+            if sync_after:
+                sync(device)
+            acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
+            return out
+        setattr(obj, name, wrapper)
+        return fn
+
+    saved = [(Scheduler, "schedule"), (Scheduler, "update"), (EngineCore, "_emit"), (EngineCore, "step"),
+             (ModelRunner, "prepare"), (ModelRunner, "_sample")]
+    originals = {(c, n): c.__dict__[n] for c, n in saved}
+    for c, n in saved:
+        timed(c, n, f"{c.__name__}.{n}")
+    timed(runner.model, "forward", "model.forward (eager, synced)", sync_after=True)
+    timed(runner.model, "compute_logits", "compute_logits (synced)", sync_after=True)
+    if runner.graphs is not None:
+        timed(runner.graphs, "run", "graphs.run (synced)", sync_after=True)
+    steps0 = core.step_count
+    t0 = time.perf_counter()
+    try:
+        llm.generate(prompts, [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in out_lens],
+                     use_tqdm=False)
+    finally:
+        for (c, n), f in originals.items():
+            setattr(c, n, f)
+        del runner.model.forward, runner.model.compute_logits  # back to the class methods
+        if runner.graphs is not None:
+            del runner.graphs.run
+    steps = core.step_count - steps0
+    res = dict(steps=steps, wall_ms_per_step=1e3 * (time.perf_counter() - t0) / steps,
+               ms_per_step={k: 1e3 * v / steps for k, v in sorted(acc.items(), key=lambda kv: -kv[1])})
+    g = runner.graphs
+    if g is not None and device == "cuda":
+        bs = g.batch_sizes[-1]
+        ctx = min(1000, g.max_blocks * g.block_size - 1)
+        nb = -(-(ctx + 1) // g.block_size)
+        g.block_tables[:bs, :nb] = torch.randint(0, runner.num_blocks, (bs, nb), dtype=torch.int32, device="cuda")
+        g.seq_lens[:bs] = ctx + 1
+        g.slot_mapping[:bs] = -1
+        g.graphs[bs].replay()
+        times = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.graphs[bs].replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        res[f"graph_replay_ms_bs{bs}_ctx{ctx}"] = sorted(times)[5]
+        g.seq_lens.zero_()
+    print(f"  profile: {json.dumps(res)}", flush=True)
+    return res
+
+
+def run_hf(cfg: dict, prompts: list[list[int]], out_lens: list[int], args) -> dict:
+    """HF generate on the first hf_seqs requests in one left-padded batch, for at most
+    hf_max_time seconds; counts the tokens each request would keep (its own max_tokens)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+    sub_p, sub_o = prompts[:args.hf_seqs], out_lens[:args.hf_seqs]
+    width = max(map(len, sub_p))
+    ids = torch.full((len(sub_p), width), cfg["vocab_size"] - 1, dtype=torch.long)  # the pad id
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(sub_p):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(args.device), mask.to(args.device)
+    new = max(sub_o)
+    kw = dict(do_sample=True, temperature=0.6, top_k=0, top_p=1.0, pad_token_id=cfg["vocab_size"] - 1)
+    with torch.inference_mode():
+        model.generate(ids[:, :16], attention_mask=mask[:, :16], max_new_tokens=4, min_new_tokens=4, **kw)
+        sync(args.device)
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                             max_time=args.hf_max_time, **kw)
+        sync(args.device)
+    elapsed = time.perf_counter() - t0
+    steps = out.shape[1] - width
+    useful = sum(min(o, steps) for o in sub_o)
+    del model, out
+    free_memory()
+    return dict(tok_s=useful / elapsed, seconds=elapsed, seqs=len(sub_p), steps=steps, planned_steps=new,
+                useful_tokens=useful, capped=steps < new)
+
+
+def run_hf_with_fallback(cfg: dict, prompts: list[list[int]], out_lens: list[int], args) -> dict:
+    """HF materialises large prefill temporaries: halve the batch on out-of-memory."""
+    errors = []
+    while args.hf_seqs >= 1:
+        try:
+            return dict(run_hf(cfg, prompts, out_lens, args), oom_retries=errors)
+        except torch.OutOfMemoryError as e:
+            errors.append(f"{args.hf_seqs} seqs: {str(e)[:120]}")
+            free_memory()
+            args.hf_seqs //= 2
+    return dict(error="; ".join(errors))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["models"])
+    series = [("Tidal", "tidal"), ("HF generate", "hf"), ("bandwidth ceiling", "ceiling")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    w = 0.8 / len(series)
+    for j, (label, key) in enumerate(series):
+        vals = [results["models"][n].get(key, {}).get("tok_s", 0.0) or 0.0 for n in names]
+        ax.bar([i + j * w for i in range(len(names))], vals, w, label=label)
+    ax.set_xticks([i + w for i in range(len(names))], names)
+    ax.set_yscale("log")
+    ax.set_ylabel("output tokens / s (log)")
+    ax.set_title(f"256 seqs, in/out ~U[100,1024] — {results['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--num-seqs", type=int, default=256)
+    ap.add_argument("--min-len", type=int, default=100)
+    ap.add_argument("--max-input-len", type=int, default=1024)
+    ap.add_argument("--max-output-len", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--batch1-tokens", type=int, default=256)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--hf-seqs", type=int, default=64)
+    ap.add_argument("--hf-max-time", type=float, default=25.0)
+    ap.add_argument("--profile", action="store_true", help="also time the engine's stages per step (first model)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model in place of each config (smoke run)")
+    ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--tag", default="throughput", help="file name stem of the JSON and PNG")
+    ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of a saved result and exit")
+    args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(Path(args.plot_only).read_text()), Path(args.plot_only).with_suffix(".png"))
+        return
+
+    device = torch.device(args.device)
+    bw = copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results: dict = dict(device=name, copy_bandwidth_bytes_s=bw, torch=torch.__version__, args=vars(args), models={})
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="tidal-bench-"))
+    hf_seqs = args.hf_seqs
+    for i, model in enumerate(args.models):
+        args.hf_seqs, args.profile = hf_seqs, args.profile and i == 0
+        cfg = TINY if args.tiny else CONFIGS[model]
+        path = write_config(model, cfg, tmp)
+        prompts, out_lens = make_workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len,
+                                          cfg["vocab_size"], args.seed)
+        w_bytes, kv_tok = model_bytes(cfg)
+        row: dict = dict(weight_bytes=w_bytes, kv_bytes_per_token=kv_tok,
+                         prompt_tokens=sum(map(len, prompts)), output_tokens=sum(out_lens))
+        row["ceiling"] = dict(tok_s=ceiling_tok_s([len(p) for p in prompts], out_lens, w_bytes, kv_tok, bw))
+        if not args.skip_hf:  # first: Tidal takes most of the GPU memory for its KV cache
+            print(f"[{model}] hf ...", flush=True)
+            row["hf"] = run_hf_with_fallback(cfg, prompts, out_lens, args)
+        print(f"[{model}] tidal ...", flush=True)
+        row["tidal"] = run_tidal(path, prompts, out_lens, args)
+        row["batch1_ceiling_tok_s"] = bw / (w_bytes + kv_tok * row["tidal"]["batch1_ctx"])
+        results["models"][model] = row
+        (out_dir / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
+        print(f"[{model}] {json.dumps(row)}", flush=True)
+
+    print(f"\ndevice: {name}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    print(f"{'model':14s} {'tidal tok/s':>12s} {'hf tok/s':>10s} {'x hf':>6s} {'ceiling':>9s} {'% ceil':>7s} "
+          f"{'b1 tok/s':>9s} {'b1 ceil':>8s} {'% b1':>6s}")
+    for model, r in results["models"].items():
+        t, hf, c = r["tidal"]["tok_s"], r.get("hf", {}).get("tok_s"), r["ceiling"]["tok_s"]
+        b1, b1c = r["tidal"]["batch1_tok_s"], r["batch1_ceiling_tok_s"]
+        hf_s = f"{hf:10.0f} {t / hf:6.1f}" if hf else f"{'-':>10s} {'-':>6s}"
+        print(f"{model:14s} {t:12.0f} {hf_s} {c:9.0f} {100 * t / c:6.1f}% {b1:9.1f} {b1c:8.1f} {100 * b1 / b1c:5.1f}%")
+    if device.type == "cuda":
+        plot(results, out_dir / f"{args.tag}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""The planner on its own: unit cases and hypothesis properties over random states and events."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tidal.cluster import (ClusterSpec, PipelineSpec, PlanInvariantError, PlannerConfig, Priority, SchedulerState,
+                           SpecError, plan, validate_plan)
+from tidal.cluster.state import Plan
+
+GEN_CLUSTER = "actor_infer"
+
+
+def spec(pid: str, train: list[int] | None, infer: list[int] | None, tp: int = 1, **extra) -> PipelineSpec:
+    clusters = {}
+    if train is not None:
+        clusters["actor_train"] = ClusterSpec(gpus=train)
+    if infer is not None:
+        clusters[GEN_CLUSTER] = ClusterSpec(gpus=infer, tp=tp, generation=True)
+    clusters.update({k: ClusterSpec(gpus=v) for k, v in extra.items()})
+    return PipelineSpec(pid, clusters=clusters)
+
+
+def step(state: SchedulerState, config: PlannerConfig = PlannerConfig()) -> Plan:
+    """Plan, validate, apply, and commit every controller call at once (the service does it async)."""
+    p = plan(state, config)
+    validate_plan(state, p)
+    state.begin(p)
+    state.check(p)
+    for pid, ranks in p.shrinks.items():
+        state.finish_shrink(pid, ranks)
+    for pid, ranks in p.expands.items():
+        assert state.expand_ready(pid, ranks)
+        state.finish_expand(pid, ranks)
+    state.check(p)
+    return p
+
+
+def settle(state: SchedulerState, rounds: int = 12, config: PlannerConfig = PlannerConfig()) -> int:
+    for i in range(rounds):
+        if step(state, config).empty:
+            return i
+    raise AssertionError(f"planner did not reach a fixpoint in {rounds} rounds: {plan(state)}")
+
+
+def active(state: SchedulerState, pid: str) -> set[int]:
+    return state.pipelines[pid].gen.active
+
+
+# ---- unit cases ---------------------------------------------------------------------------------
+
+def test_plan_is_pure_and_deterministic():
+    st_ = SchedulerState(8)
+    for i in range(3):
+        st_.register(spec(f"p{i}", [2 * i, 2 * i + 1], list(range(8)), tp=2))
+        st_.open_generation(f"p{i}", 10 * (i + 1))
+    before = repr(st_)
+    a, b = plan(st_), plan(st_)
+    assert str(a) == str(b) and repr(st_) == before
+
+
+def test_idle_pool_goes_to_open_demand_in_proportion():
+    st_ = SchedulerState(8)
+    for pid in ("a", "b", "c", "d"):
+        st_.register(spec(pid, None, list(range(8))))
+    st_.open_generation("a", 300)
+    st_.open_generation("b", 100)
+    settle(st_, config=PlannerConfig(guarantee=0.0))  # pure gap ratio
+    assert len(active(st_, "a")) == 6 and len(active(st_, "b")) == 2
+
+
+def test_guarantee_floor_keeps_an_equal_split_while_all_generate():
+    """Default guarantee=1: with all four pipelines generating, a small rollout still keeps a
+    quarter of the pool (what a static split gives it), not its 1/13 demand share."""
+    st_ = SchedulerState(8)
+    for pid, target in (("a", 400), ("b", 400), ("c", 400), ("d", 100)):
+        st_.register(spec(pid, None, list(range(8))))
+        st_.open_generation(pid, target)
+    settle(st_)
+    assert [len(active(st_, p)) for p in "abcd"] == [2, 2, 2, 2]
+    st_.clear_progress("a")  # a leaves for training: its surplus goes by the gap ratio
+    settle(st_)
+    assert len(active(st_, "d")) == 2 and len(active(st_, "b")) + len(active(st_, "c")) == 6
+
+
+def test_shortest_first_surplus_finishes_the_nearest_rollout_first():
+    st_ = SchedulerState(8)
+    for pid, target in (("a", 400), ("b", 40)):
+        st_.register(spec(pid, None, list(range(8))))
+        st_.register(spec(pid + "-idle", None, list(range(8))))  # registered, not generating
+        st_.open_generation(pid, target)
+    settle(st_, config=PlannerConfig(surplus="shortest_first"))
+    assert len(active(st_, "b")) == 6 and len(active(st_, "a")) == 2
+    with pytest.raises(ValueError, match="surplus='fastest'"):
+        PlannerConfig(surplus="fastest")
+
+
+def test_min_one_replica_even_against_the_ratio():
+    st_ = SchedulerState(4)
+    st_.register(spec("big", None, [0, 1, 2, 3]))
+    st_.register(spec("tiny", None, [0, 1, 2, 3]))
+    st_.open_generation("big", 10_000)
+    settle(st_)
+    assert active(st_, "big") == {0, 1, 2, 3}
+    st_.open_generation("tiny", 1)
+    settle(st_)
+    assert len(active(st_, "tiny")) == 1 and len(active(st_, "big")) == 3
+
+
+def test_seed003_boundary_both_open_pipelines_get_replicas():
+    st_ = SchedulerState(4)
+    st_.register(spec("p1", [0, 1], [0, 1, 2, 3]))
+    st_.register(spec("p2", [2, 3], [0, 1, 2, 3]))
+    # rollout boundary: both trained, so neither has a replica; P1 signals demand first
+    st_.open_generation("p1", 64)
+    p = plan(st_)
+    assert p.expands == {"p1": [0, 1, 2, 3]}
+    st_.begin(p)  # P1's expansions are in flight when P2 signals
+    st_.open_generation("p2", 64)
+    st_.finish_expand("p1", p.expands["p1"])
+    settle(st_)
+    assert active(st_, "p1") and active(st_, "p2")
+
+
+def test_report_progress_alone_does_not_open_demand():
+    """Seed 003's second sub-bug: only request_gpus(GENERATION) opens durable demand."""
+    st_ = SchedulerState(2)
+    st_.register(spec("p", None, [0, 1]))
+    st_.report_progress("p", completed=0, target=5)
+    assert plan(st_).empty
+
+
+def test_shrink_prefers_donor_with_most_negative_gap_and_spares_near_finish():
+    st_ = SchedulerState(6)
+    for pid in ("a", "b", "c"):
+        st_.register(spec(pid, None, list(range(6))))
+    st_.open_generation("a", 100)
+    st_.open_generation("b", 100)
+    settle(st_)
+    assert len(active(st_, "a")) == 3 and len(active(st_, "b")) == 3
+    st_.report_progress("a", completed=98)  # a is close to finishing: protected
+    st_.report_progress("b", completed=10)
+    st_.open_generation("c", 400)
+    settle(st_, config=PlannerConfig(guarantee=0.0))
+    assert len(active(st_, "a")) == 3  # protected: kept its replicas
+    assert len(active(st_, "c")) >= 2 and len(active(st_, "b")) >= 1
+
+
+def test_hysteresis_small_demand_drift_moves_nothing():
+    cfg = PlannerConfig(guarantee=0.0)
+    st_ = SchedulerState(8)
+    st_.register(spec("a", None, list(range(8))))
+    st_.register(spec("b", None, list(range(8))))
+    st_.open_generation("a", 100)
+    st_.open_generation("b", 100)
+    settle(st_, config=cfg)
+    assert len(active(st_, "a")) == 4
+    st_.report_progress("a", completed=20)  # wants 80/180*8 = 3.6 replicas: not worth a move
+    assert plan(st_, cfg).empty
+    st_.report_progress("a", completed=60)  # wants 40/140*8 = 2.3 replicas: move one
+    p = step(st_, cfg)
+    assert p.shrinks == {"a": [p.shrinks["a"][0]]} and len(p.expands["b"]) == 1
+
+
+def test_preemption_plan_shrinks_then_grants_next_plan():
+    st_ = SchedulerState(4)
+    st_.register(spec("p1", [0, 1], [0, 1, 2, 3], tp=2))
+    st_.register(spec("p2", [2, 3], [0, 1, 2, 3], tp=2))
+    st_.open_generation("p1", 10)
+    settle(st_)
+    q = st_.add_request("p2", "actor_train", Priority.ACTOR_TRAINING)
+    p = plan(st_)
+    assert p.shrinks == {"p1": [1]} and not p.grants and not p.expands
+    st_.begin(p)
+    assert plan(st_).empty  # waits for the shrink; nothing else moves onto those GPUs
+    st_.finish_shrink("p1", [1])
+    p = plan(st_)
+    assert p.grants == [q]
+
+
+def test_blocked_request_reserves_its_gpus_from_lower_priority():
+    st_ = SchedulerState(3)
+    st_.register(spec("a", [0, 1], None))
+    st_.register(spec("b", [1, 2], None))
+    st_.register(spec("c", [2], None))
+    st_.pipelines["a"].held["actor_train"] = (0, 1)
+    st_.add_request("b", "actor_train", Priority.ACTOR_TRAINING)   # blocked by a on gpu 1
+    st_.add_request("c", "actor_train", Priority.VALUE_COMPUTE)     # would fit gpu 2, must wait
+    assert plan(st_).grants == []
+
+
+def test_validate_plan_rejects_each_kind_of_bad_plan():
+    st_ = SchedulerState(4)
+    st_.register(spec("p1", [0, 1], [0, 1, 2, 3], tp=2))
+    st_.register(spec("p2", [2, 3], [0, 1, 2, 3], tp=2))
+    st_.open_generation("p1", 10)
+    settle(st_)
+    q = st_.add_request("p2", "actor_train", Priority.ACTOR_TRAINING)
+    bad = {
+        "grant of a busy GPU": Plan(grants=[q]),
+        "shrink of an inactive rank": Plan(shrinks={"p2": [0]}),
+        "expand of an active rank": Plan(expands={"p1": [0]}),
+        "expand onto another's replica": Plan(expands={"p2": [1]}),
+        "rank outside the cluster": Plan(expands={"p2": [5]}),
+        "unknown pipeline": Plan(shrinks={"ghost": [0]}),
+    }
+    for why, p in bad.items():
+        with pytest.raises(PlanInvariantError, match=r"plan=Plan\("):
+            validate_plan(st_, p)
+    validate_plan(st_, Plan(shrinks={"p1": [1]}, expands={"p2": [1]}))  # a handoff is fine
+
+
+def test_check_catches_a_corrupted_state():
+    st_ = SchedulerState(4)
+    st_.register(spec("p1", [0, 1], [0, 1, 2, 3]))
+    st_.pipelines["p1"].held["actor_train"] = (0, 1)
+    st_.pipelines["p1"].gen.active.add(0)
+    with pytest.raises(PlanInvariantError, match="I1.*gpu 0 owned twice"):
+        st_.check()
+
+
+def test_spec_errors_name_field_value_and_expectation():
+    with pytest.raises(SpecError, match="num_gpus=0"):
+        SchedulerState(0)
+    st_ = SchedulerState(4)
+    with pytest.raises(SpecError, match="tp=3 does not divide the 4 GPUs"):
+        st_.register(spec("x", None, [0, 1, 2, 3], tp=3))
+    with pytest.raises(SpecError, match=r"gpus \[1, 1\] has duplicates"):
+        st_.register(spec("x", [1, 1], None))
+    with pytest.raises(SpecError, match="gpu -1 is outside the pool"):
+        st_.register(spec("x", [-1], None))
+    with pytest.raises(SpecError, match="at most one"):
+        st_.register(PipelineSpec("x", clusters={"a": ClusterSpec([0], generation=True),
+                                                 "b": ClusterSpec([1], generation=True)}))
+    st_.register(spec("x", [0], [0, 1]))
+    with pytest.raises(SpecError, match="step_target=0"):
+        st_.open_generation("x", 0)
+
+
+# ---- properties -----------------------------------------------------------------------------------
+
+@st.composite
+def pools(draw):
+    n = draw(st.integers(1, 12))
+    specs = []
+    for i in range(draw(st.integers(1, 4))):
+        clusters = {}
+        for name in draw(st.lists(st.sampled_from(["actor_train", "critic", "reference"]), unique=True, max_size=2)):
+            clusters[name] = ClusterSpec(gpus=draw(st.lists(st.integers(0, n - 1), unique=True, min_size=1)))
+        if draw(st.booleans()) or not clusters:
+            tp = draw(st.sampled_from([t for t in (1, 2, 4) if t <= n]))
+            k = draw(st.integers(1, n // tp))
+            gpus = draw(st.permutations(range(n)))[:k * tp]
+            if draw(st.booleans()):
+                gpus = sorted(gpus)
+            clusters[GEN_CLUSTER] = ClusterSpec(gpus=gpus, tp=tp, generation=True)
+        specs.append(PipelineSpec(f"p{i}", clusters=clusters))
+    return n, specs
+
+
+configs = st.builds(PlannerConfig, hysteresis=st.sampled_from([0.0, 0.25, 1.0]),
+                    protect_fraction=st.sampled_from([0.0, 0.05, 0.5]), guarantee=st.sampled_from([0.0, 0.5, 1.0]),
+                    surplus=st.sampled_from(["proportional", "shortest_first"]))
+
+
+def apply_event(state: SchedulerState, inflight: list, rng: random.Random, kind: str,
+                config: PlannerConfig = PlannerConfig()) -> None:
+    pids = [p for p, ps in state.pipelines.items() if ps.dead is None]
+    if not pids:
+        return
+    pid = rng.choice(pids)
+    ps = state.pipelines[pid]
+    training = [c for c, s in ps.spec.clusters.items() if not s.generation]
+    try:
+        if kind == "request" and training:
+            state.add_request(pid, rng.choice(training), rng.choice(list(Priority)[:-1]))
+        elif kind == "release":
+            state.release(pid, rng.choice(list(ps.spec.clusters)))
+        elif kind == "open" and ps.gen is not None:
+            state.open_generation(pid, rng.randint(1, 500))
+        elif kind == "progress" and ps.gen is not None:
+            state.report_progress(pid, rng.randint(0, max(ps.gen.step_target, 1)))
+        elif kind == "clear" and ps.gen is not None:
+            state.clear_progress(pid)
+        elif kind == "kill":
+            state.kill(pid, "test")
+        elif kind == "plan":
+            p = plan(state, config)
+            validate_plan(state, p)
+            state.begin(p)
+            inflight += [("shrink", q, r) for q, r in p.shrinks.items()]
+            inflight += [("expand", q, r) for q, r in p.expands.items()]
+        elif kind == "commit" and inflight:
+            order = list(range(len(inflight)))
+            rng.shuffle(order)
+            for i in order:  # the first op that can finish now
+                op, q, ranks = inflight[i]
+                if op == "shrink":
+                    state.finish_shrink(q, ranks)
+                elif state.expand_ready(q, ranks):
+                    state.finish_expand(q, ranks)
+                else:
+                    continue
+                inflight.pop(i)
+                break
+    except SpecError:
+        pass  # an event that is invalid right now (request for a held cluster, ...)
+
+
+EVENTS = ["request", "release", "open", "progress", "clear", "kill", "plan", "plan", "commit", "commit", "commit"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pools(), st.lists(st.sampled_from(EVENTS), max_size=80), st.integers(0, 2**32 - 1), configs)
+def test_random_events_never_break_an_invariant(pool, events, seed, config):
+    n, specs = pool
+    rng = random.Random(seed)
+    state = SchedulerState(n)
+    for s in specs:
+        state.register(s)
+    inflight: list = []
+    for kind in events:
+        apply_event(state, inflight, rng, kind, config)
+        state.check()
+    # drain: every in-flight op finishes, then the planner reaches a fixpoint (no flapping)
+    while inflight:
+        apply_event(state, inflight, rng, "commit")
+        state.check()
+    settle(state, config=config)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 8), st.lists(st.integers(1, 1000), min_size=1, max_size=8),
+       st.integers(0, 2**32 - 1), configs)
+def test_every_open_pipeline_gets_a_replica_when_the_pool_allows(tp, replicas, targets, seed, config):
+    """Shared generation cluster, no training: with no more open pipelines than replicas, every
+    open pipeline holds at least one replica at the fixpoint, whatever the order of events."""
+    rng = random.Random(seed)
+    gpus = list(range(tp * replicas))
+    state = SchedulerState(len(gpus))
+    pids = [f"p{i}" for i in range(len(targets))]
+    for pid in pids:
+        state.register(spec(pid, None, gpus, tp=tp))
+    for pid, t in zip(pids, targets):
+        state.open_generation(pid, t)
+        if rng.random() < 0.5:
+            settle(state, config=config)
+        if rng.random() < 0.3:
+            state.report_progress(pid, rng.randint(0, t))
+    settle(state, config=config)
+    counts = [len(active(state, p)) for p in pids]
+    if len(pids) <= replicas:
+        assert all(c >= 1 for c in counts), counts
+    assert sum(counts) == replicas  # work conserving: no replica left idle

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random checkpoints created once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _few_threads():
+    # Tiny models: more threads only add dispatch overhead.
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """tiny_ckpt(arch="llama", **overrides) -> path of a tiny HF checkpoint (cached per session)."""
+    from tidal.testing import make_tiny_checkpoint
+
+    cache: dict[tuple, str] = {}
+
+    def make(arch: str = "llama", seed: int = 0, num_shards: int = 1, **overrides) -> str:
+        key = (arch, seed, num_shards, repr(sorted(overrides.items())))
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            cache[key] = make_tiny_checkpoint(str(path), arch, seed=seed, num_shards=num_shards, **overrides)
+        return cache[key]
+
+    return make

@@ -1,0 +1,249 @@
+"""The `tidal` command: `tidal serve` (HTTP server) and `tidal generate` (offline generation).
+
+    tidal generate [MODEL_DIR] --prompt "Hello"       generate text, print it, exit
+    tidal serve [MODEL_DIR] [--port 8000]             OpenAI-compatible + RL + control API
+
+With no MODEL_DIR both use the embedded tiny default model (random weights: for trying things).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+_DESCRIPTION = """\
+Tidal: an LLM rollout engine for RL, with a control plane a trainer can drive.
+
+commands:
+  serve      serve a model over HTTP (OpenAI API, /generate, control API, /metrics)
+  generate   generate from prompts offline and print the results
+
+MODEL_DIR is a Hugging Face-format checkpoint directory (config.json, *.safetensors,
+tokenizer files) of a Llama, Qwen2 or Qwen3 model; without one, the embedded tiny
+default model is used (random weights, for trying things out).
+
+Run `tidal serve --help` or `tidal generate --help` for their options."""
+
+_SERVE_EPILOG = """\
+examples:
+  tidal serve                                   # the tiny default model on 127.0.0.1:8000
+  tidal serve ~/models/Qwen3-0.6B --port 8080 --max-num-seqs 128
+  tidal serve MODEL --host 0.0.0.0 --api-key $KEY --admin-key $ADMIN --weights-root /ckpts
+
+then, e.g.:
+  curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "Hello", "max_tokens": 16}'
+  python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='x'); \\
+             print(c.completions.create(model='MODEL', prompt='Hello').choices[0].text)"
+
+endpoints:
+  POST /v1/completions, /v1/chat/completions   OpenAI-compatible (stream, n, stop, logprobs, seed)
+  POST /generate                               token ids in, token ids + logprobs + weight_version out
+  GET  /v1/models, /health, /metrics
+  control (admin key): POST /v1/pause /v1/resume /v1/abort_requests /v1/sleep /v1/wake_up
+                       /v1/update_weights /v1/flush_cache; GET /v1/is_paused /v1/state
+
+Keys can also come from the environment: TIDAL_API_KEY, TIDAL_ADMIN_KEY."""
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
+                   help="HF-format checkpoint directory (default: the embedded tiny model)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
+                   help="weight and activation dtype (default: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'cuda:N' (default: cuda if available)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default: 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one engine step (default: 2048)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's context length)")
+    g.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: 16)")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (default: from memory)")
+    g.add_argument("--kv-cache-memory-gb", type=float, default=0.25,
+                   help="KV cache size on CPU when --num-kv-blocks is not given (default: 0.25)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                   help="fraction of GPU memory the engine may use (default: 0.85)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="'dummy': random weights from config.json, for benchmarks (default: auto)")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--seed", type=int, default=0, help="engine seed for requests without one (default: 0)")
+
+
+def _engine_config(args: argparse.Namespace):
+    from tidal.config import EngineConfig
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
+        load_format=args.load_format, enforce_eager=args.enforce_eager, seed=args.seed,
+        reject_while_paused=getattr(args, "reject_while_paused", False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal", description=_DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%(prog)s 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve a model over HTTP", epilog=_SERVE_EPILOG,
+                           description="Serve a model over HTTP: the OpenAI API, /generate and the control API.",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    _engine_args(serve)
+    h = serve.add_argument_group("server")
+    h.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
+    h.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    h.add_argument("--served-model-name", default=None,
+                   help="the model name clients use (default: the model directory's name)")
+    h.add_argument("--reject-while-paused", action="store_true",
+                   help="answer new requests with 503 while the engine is paused (default: queue them)")
+    h.add_argument("--request-timeout", type=float, default=1800.0,
+                   help="deadline of one generation request in seconds (default: 1800)")
+    h.add_argument("--control-timeout", type=float, default=60.0,
+                   help="default deadline of a control call in seconds (default: 60)")
+    h.add_argument("--stuck-timeout", type=float, default=60.0,
+                   help="/health fails when the engine loop has not answered for this long (default: 60)")
+    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s = serve.add_argument_group("security")
+    s.add_argument("--api-key", default=os.environ.get("TIDAL_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on inference endpoints (env: TIDAL_API_KEY)")
+    s.add_argument("--admin-key", default=os.environ.get("TIDAL_ADMIN_KEY"),
+                   help="require this key on control endpoints (env: TIDAL_ADMIN_KEY; default: the API key)")
+    s.add_argument("--weights-root", default=None,
+                   help="only allow /v1/update_weights from directories under this one")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("generate", help="generate from prompts offline and print the results",
+                         description="Generate from one or more prompts with the offline engine and print "
+                                     "the outputs (no server).",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog="examples:\n  tidal generate --prompt 'Hello, Tidal'\n"
+                                "  tidal generate ~/models/Qwen3-0.6B --prompt 'Hi' --prompt 'Bye' --max-tokens 64 "
+                                "--temperature 0.7 --n 2 --json")
+    _engine_args(gen)
+    o = gen.add_argument_group("generation")
+    o.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat for several; default: 'Hello, Tidal')")
+    o.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    o.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per sample (default: 32)")
+    o.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    o.add_argument("--top-p", type=float, default=1.0)
+    o.add_argument("--top-k", type=int, default=-1)
+    o.add_argument("--n", type=int, default=1, help="samples per prompt (default: 1)")
+    o.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    o.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tidal.server.api import ServerSettings, create_app
+
+    level = args.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("tidal.server")
+    try:
+        config = _engine_config(args)
+    except ValueError as e:
+        print(f"tidal serve: {e}", file=sys.stderr)
+        return 2
+    if args.model is not None and not os.path.isdir(args.model):
+        print(f"tidal serve: MODEL_DIR {args.model!r} is not a directory", file=sys.stderr)
+        return 2
+    if args.weights_root is not None and not os.path.isdir(args.weights_root):
+        print(f"tidal serve: --weights-root {args.weights_root!r} is not a directory", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.admin_key and not args.api_key:
+        log.warning("binding %s without --admin-key: anyone who can reach this port can pause, "
+                    "abort and replace the weights", args.host)
+    settings = ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key,
+                              admin_key=args.admin_key, weights_root=args.weights_root,
+                              request_timeout_s=args.request_timeout, control_timeout_s=args.control_timeout,
+                              stuck_after_s=args.stuck_timeout, log_level=level)
+    app = create_app(config, settings)
+    server = app.state.server
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{args.port}"
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if not self.should_exit:
+                log.info("Tidal is serving %r at %s  (OpenAI base_url: %s/v1; engine pid %s; Ctrl-C to stop)",
+                         server.model_name, url, url, server.client.engine_pid if server.client else None)
+
+    uv = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                access_log=args.log_level == "debug", timeout_graceful_shutdown=5,
+                                lifespan="on"))
+    try:
+        uv.run()
+    except KeyboardInterrupt:
+        pass
+    if not uv.started:
+        return 1
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from tidal import LLM, SamplingParams
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        config = _engine_config(args)
+    except ValueError as e:
+        print(f"tidal generate: {e}", file=sys.stderr)
+        return 2
+    try:
+        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                max_tokens=args.max_tokens, stop=args.stop or [], logprobs=0)
+    except ValueError as e:
+        print(f"tidal generate: {e}", file=sys.stderr)
+        return 2
+    kwargs = {f: getattr(config, f) for f in config.__slots__ if f != "model"}
+    llm = LLM(config.model, **kwargs)
+    try:
+        prompts = args.prompt or ["Hello, Tidal"]
+        if args.chat:
+            if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
+                print("tidal generate: --chat: the model has no chat template", file=sys.stderr)
+                return 2
+            prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                         add_generation_prompt=True) for p in prompts]
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        except ValueError as e:
+            print(f"tidal generate: {e}", file=sys.stderr)
+            return 2
+        for prompt, out in zip(args.prompt or ["Hello, Tidal"], outs):
+            if args.json:
+                print(json.dumps({"prompt": prompt, "outputs": [
+                    {"text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                     "finish_reason": c.finish_reason} for c in out.outputs]}))
+            else:
+                for c in out.outputs:
+                    print(f"{prompt!r} -> {c.text!r}  [{len(c.token_ids)} tokens, {c.finish_reason}]")
+    finally:
+        llm.shutdown()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""The planner: a pure, deterministic function from scheduler state to a Plan.
+
+1. Training-side requests, by (priority, arrival). A request whose GPUs are all idle is granted.
+   One whose GPUs hold no training-side allocation but some generation replicas preempts them
+   (shrink now, grant in a later plan once they are gone). One blocked by a training-side
+   allocation waits, and reserves its GPUs against lower-priority requests.
+2. Generation replicas of released pipelines are shrunk.
+3. Gap-ratio split of generation GPUs. Inside each group of pipelines whose generation clusters
+   overlap, every pipeline with open demand wants a share of the usable GPUs proportional to
+   remaining samples x tp (water-filled against what its cluster can place). Receivers are served
+   most-starved first: a pipeline with no replica first (min-one guarantee), then the largest
+   deficit. A receiver takes an idle replica if there is one; otherwise it takes replicas from
+   donors with the most negative gap, never below one replica for a donor with open demand, not
+   from donors close to finishing, and only when both sides are more than `0.5 + hysteresis`
+   replicas off target, so a move never invites the reverse move. Idle GPUs left over go to
+   whoever can use them (work conservation).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from tidal.cluster.state import Generation, Plan, Request, SchedulerState
+
+FREE, HELD, BLOCKED, SETTLED, BUSY, HANDOFF = range(6)
+# FREE     idle now
+# HELD     training-side allocation (or granted in this plan)
+# BLOCKED  wanted by a request that is preempting generation: no new replica may land here
+# SETTLED  an active replica not in flight: a possible donor
+# BUSY     in flight (shrinking / expanding) or claimed by an expansion of this plan
+# HANDOFF  freed by a shrink of this plan: an expansion may claim it, a grant may not (not idle yet)
+
+
+@dataclass(slots=True, frozen=True)
+class PlannerConfig:
+    hysteresis: float = 0.25
+    """Replicas of slack beyond 0.5 that both receiver and donor must be off target to move one."""
+    protect_fraction: float = 0.05
+    """Open pipelines with remaining <= this fraction of step_target are not shrunk to rebalance."""
+    guarantee: float = 1.0
+    """Floor on each open pipeline's share, as a fraction of an equal split of its group's usable
+    generation GPUs among the group's pipelines (capped by its remaining samples). 0 = pure gap
+    ratio; 1 = never below what a static equal split would give it while it generates."""
+    surplus: str = "proportional"
+    """How GPUs above the floors are split: "proportional" to remaining x tp (the gap ratio), or
+    "shortest_first" (fewest remaining samples first, each up to one replica per sample), which
+    staggers pipelines' phases instead of making their rollouts finish together."""
+
+    def __post_init__(self) -> None:
+        if self.surplus not in ("proportional", "shortest_first"):
+            raise ValueError(f"surplus={self.surplus!r}: expected 'proportional' or 'shortest_first'")
+        if not 0.0 <= self.guarantee <= 1.0:
+            raise ValueError(f"guarantee={self.guarantee!r}: expected a fraction in [0, 1]")
+
+
+def plan(state: SchedulerState, config: PlannerConfig = PlannerConfig()) -> Plan:
+    return _Planner(state, config).run()
+
+
+class _Planner:
+    def __init__(self, state: SchedulerState, config: PlannerConfig):
+        self.state = state
+        self.cfg = config
+        n = state.num_gpus
+        self.mark = bytearray(n)
+        self.owner: list[tuple[str, int] | None] = [None] * n
+        self.reserved = bytearray(n)
+        self.gens: dict[str, Generation] = {}
+        self.shrinks: dict[str, set[int]] = {}
+        self.expands: dict[str, set[int]] = {}
+        self.handoffs = 0
+        for pid, ps in state.pipelines.items():
+            if ps.dead is not None:
+                continue
+            for gpus in ps.held.values():
+                for g in gpus:
+                    self.mark[g] = HELD
+            gen = ps.gen
+            if gen is None:
+                continue
+            self.gens[pid] = gen
+            for r in gen.active:
+                for g in gen.spec.replica(r):
+                    self.mark[g] = SETTLED
+                    self.owner[g] = (pid, r)
+            for r in gen.shrinking | gen.expanding:
+                for g in gen.spec.replica(r):
+                    self.mark[g] = BUSY
+
+    def run(self) -> Plan:
+        grants = self.grant()
+        for pid, gen in self.gens.items():
+            if gen.releasing:
+                for r in sorted(gen.active):
+                    self.shrink(pid, r)
+        self.split_generation()
+        return Plan(grants=grants,
+                    shrinks={p: sorted(r) for p, r in self.shrinks.items()},
+                    expands={p: sorted(r) for p, r in self.expands.items()})
+
+    # ---- 1. training-side requests ------------------------------------------------------------
+
+    def grant(self) -> list[Request]:
+        mark, reserved = self.mark, self.reserved
+        grants: list[Request] = []
+        for q in sorted(self.state.pending.values(), key=lambda q: (q.priority, q.seq)):
+            gpus = q.gpus
+            if any(mark[g] in (HELD, BLOCKED) or reserved[g] for g in gpus):
+                pass  # waits for a training-side allocation (or a higher-priority request)
+            elif all(mark[g] == FREE for g in gpus):
+                grants.append(q)
+                for g in gpus:
+                    mark[g] = HELD
+            else:
+                for g in gpus:
+                    if mark[g] == SETTLED:
+                        pid, r = self.owner[g]
+                        self.shrink(pid, r)
+                for g in gpus:
+                    mark[g] = BLOCKED
+            for g in gpus:
+                reserved[g] = 1
+        return grants
+
+    def shrink(self, pid: str, rank: int) -> None:
+        self.handoffs += 1
+        self.shrinks.setdefault(pid, set()).add(rank)
+        for g in self.gens[pid].spec.replica(rank):
+            if self.mark[g] == SETTLED:
+                self.mark[g] = HANDOFF
+                self.owner[g] = None
+
+    # ---- 3. generation split --------------------------------------------------------------------
+
+    def split_generation(self) -> None:
+        gens, mark = self.gens, self.mark
+        self.cur = {pid: gen.current - len(self.shrinks.get(pid, ())) for pid, gen in gens.items()}
+        eligible = [pid for pid, gen in gens.items() if gen.open and not gen.releasing]
+        if not eligible:
+            return
+        self.eligible = set(eligible)
+        self.topo = self.state.topology()
+        self.peers: dict[int, list[str]] = {}
+        for pid in gens:
+            self.peers.setdefault(self.topo.group[pid], []).append(pid)
+        lost: dict[str, set[int]] = {}  # replicas that touch a training-side or preempted GPU
+        for g, m in enumerate(mark):
+            if m == HELD or m == BLOCKED:
+                for pid, r in self.topo.gpu_replicas[g]:
+                    lost.setdefault(pid, set()).add(r)
+        cap = {pid: gens[pid].spec.num_replicas - len(lost.get(pid, ())) for pid in eligible}
+        self.want = self.shares(eligible, cap)
+        pf = self.cfg.protect_fraction
+        self.protected = {pid for pid in eligible
+                          if gens[pid].remaining <= pf * gens[pid].step_target}
+        self.cursor: dict[str, tuple[int, int]] = {}
+        heap = [(self.key(pid), pid) for pid in eligible if cap[pid] > self.cur[pid]]
+        heapq.heapify(heap)
+        while heap:
+            key, pid = heapq.heappop(heap)
+            now = self.key(pid)
+            if now != key:
+                heapq.heappush(heap, (now, pid))
+                continue
+            if self.place_idle(pid) or self.place_from_donors(pid):
+                self.cur[pid] += 1
+                heapq.heappush(heap, (self.key(pid), pid))
+
+    def key(self, pid: str) -> tuple[int, float]:
+        cur = self.cur[pid]
+        return (0 if cur == 0 else 1, cur - self.want[pid])
+
+    def shares(self, eligible: list[str], cap: dict[str, int]) -> dict[str, float]:
+        """Wanted replicas per pipeline: remaining x tp share of its overlap group's usable GPUs."""
+        gens, topo = self.gens, self.topo
+        usable: dict[int, int] = {}
+        for g, m in enumerate(self.mark):
+            grp = topo.gpu_group[g]
+            if grp >= 0 and m != HELD and m != BLOCKED:
+                usable[grp] = usable.get(grp, 0) + 1
+        groups: dict[int, list[str]] = {}
+        for pid in eligible:
+            groups.setdefault(topo.group[pid], []).append(pid)
+        want: dict[str, float] = {}
+        for grp, members in groups.items():
+            total = float(usable.get(grp, 0))
+            fair = self.cfg.guarantee * total / len(self.peers[grp])
+            demand, lo, hi = {}, {}, {}
+            for p in members:
+                gen = gens[p]
+                demand[p] = max(gen.remaining, 1) * gen.spec.tp
+                hi[p] = float(cap[p] * gen.spec.tp)
+                lo[p] = min(fair, demand[p], hi[p])
+            if self.cfg.surplus == "proportional":
+                split = _water_fill(total, demand, lo, hi)
+            else:
+                split, left = dict(lo), total - sum(lo.values())
+                for p in sorted(members, key=lambda p: (demand[p], p)):
+                    add = max(0.0, min(left, min(hi[p], demand[p]) - split[p]))
+                    split[p] += add
+                    left -= add
+            for p, gpus in split.items():
+                want[p] = gpus / gens[p].spec.tp
+        return want
+
+    def place_idle(self, pid: str) -> bool:
+        """Claim a replica whose GPUs are all free, preferring idle-now and unreserved ones."""
+        mark, reserved = self.mark, self.reserved
+        reps = self.gens[pid].spec.replicas
+        cut = self.shrinks.get(pid, ())
+        # ranks below the cursor were all unavailable last time; only a shrink can change that
+        start, seen = self.cursor.get(pid, (0, -1))
+        if seen != self.handoffs:
+            start = 0
+        best = None
+        first = len(reps)
+        for r in range(start, len(reps)):
+            if r in cut:
+                continue  # shrunk in this plan: not to be re-expanded in the same breath
+            handoff = False
+            for g in reps[r]:
+                m = mark[g]
+                if m == HANDOFF:
+                    handoff = True
+                elif m != FREE:
+                    break
+            else:
+                first = min(first, r)
+                res = any(reserved[g] for g in reps[r])
+                if best is None or (handoff, res) < best[0]:
+                    best = ((handoff, res), r)
+                    if not handoff and not res:
+                        break
+        self.cursor[pid] = (first, self.handoffs)
+        if best is None:
+            return False
+        self.claim(pid, best[1], reps[best[1]])
+        return True
+
+    def place_from_donors(self, pid: str) -> bool:
+        """Claim a replica by shrinking donors' replicas that sit on it, most surplus first."""
+        min_one = self.cur[pid] == 0
+        if not min_one and self.want[pid] - self.cur[pid] <= 0.5 + self.cfg.hysteresis:
+            return False
+        mark, owner, gens = self.mark, self.owner, self.gens
+        spec = gens[pid].spec
+        cut = self.shrinks.get(pid, ())
+        peers = self.peers[self.topo.group[pid]]  # only pipelines whose generation GPUs overlap ours
+        donors = [d for d in peers if d != pid and self.cur[d] > 0 and self.donor_ok(d, 1, min_one)]
+        donors.sort(key=lambda d: (d in self.protected, -self.surplus(d), d))
+        best = None
+        tried: set[int] = set()
+        for d in donors:
+            dcut = self.shrinks.get(d, ())
+            for dr in sorted(gens[d].active):
+                if dr in dcut:
+                    continue
+                for r in {spec.rank_of[g] for g in gens[d].spec.replicas[dr] if g in spec.rank_of}:
+                    if r in tried or r in cut:
+                        continue
+                    tried.add(r)
+                    gpus = spec.replicas[r]
+                    victims: set[tuple[str, int]] = set()
+                    for g in gpus:
+                        m = mark[g]
+                        if m == SETTLED:
+                            victims.add(owner[g])
+                        elif m != FREE and m != HANDOFF:
+                            break
+                    else:
+                        per_donor: dict[str, int] = {}
+                        for v, _ in victims:
+                            per_donor[v] = per_donor.get(v, 0) + 1
+                        if pid in per_donor or not all(self.donor_ok(v, k, min_one) for v, k in per_donor.items()):
+                            continue
+                        score = (len(victims), any(v in self.protected for v in per_donor),
+                                 -min(self.surplus(v) for v in per_donor), any(self.reserved[g] for g in gpus), r)
+                        if best is None or score < best[0]:
+                            best = (score, r, gpus, victims)
+            # donors come best first: a one-victim, unreserved pick cannot be beaten by later ones
+            if best is not None and best[0][0] == 1 and not best[0][3]:
+                break
+        if best is None:
+            return False
+        _, r, gpus, victims = best
+        for d, dr in sorted(victims):
+            self.shrink(d, dr)
+            self.cur[d] -= 1
+        self.claim(pid, r, gpus)
+        return True
+
+    def surplus(self, pid: str) -> float:
+        if pid not in self.eligible:
+            return float("inf")  # no open demand: the first donor to take from
+        return self.cur[pid] - self.want[pid]
+
+    def donor_ok(self, pid: str, k: int, min_one: bool) -> bool:
+        if pid not in self.eligible:
+            return True
+        if self.cur[pid] - k < 1:
+            return False
+        if min_one:
+            return True
+        if pid in self.protected:
+            return False
+        return self.surplus(pid) - (k - 1) > 0.5 + self.cfg.hysteresis
+
+    def claim(self, pid: str, rank: int, gpus: tuple[int, ...]) -> None:
+        self.expands.setdefault(pid, set()).add(rank)
+        for g in gpus:
+            self.mark[g] = BUSY
+
+
+def _water_fill(total: float, demand: dict[str, float], lo: dict[str, float], hi: dict[str, float]) -> dict[str, float]:
+    """Split `total` as clamp(level * demand, lo, hi) with the level that uses it all (or all hi)."""
+    def used(level: float) -> float:
+        return sum(min(max(level * d, lo[p]), hi[p]) for p, d in demand.items())
+
+    if used(float("inf")) <= total:
+        return dict(hi)
+    a, b = 0.0, 1.0
+    while used(b) < total:
+        b *= 2.0
+    for _ in range(50):
+        mid = (a + b) / 2
+        if used(mid) < total:
+            a = mid
+        else:
+            b = mid
+    return {p: min(max(b * d, lo[p]), hi[p]) for p, d in demand.items()}

@@ -1,0 +1,375 @@
+"""Simulate N RL pipelines on M GPUs, driven by the real GpuScheduler on a virtual clock.
+
+Each pipeline repeats: generation (a rollout of `rollout_size` samples on its generation replicas)
+-> reward (CPU, no GPU) -> training (its `actor_train` cluster). A replica runs up to `slots`
+samples at once; a sample takes a long-tailed (log-normal) time, the same draws in every mode.
+A shrink retracts the replica's samples (they keep their progress and pay `retract_s` on restart)
+and holds its GPUs `offload_s`; an expand holds them `load_s` before the replica serves.
+
+Modes: "static" gives every pipeline fixed disjoint GPUs for both training and generation;
+"shared" keeps the same training GPUs but lets every pipeline generate on the whole pool. Both run
+the same scheduler code and pay the same load/offload costs.
+
+Utilization counts useful GPU time only: training GPUs while training, and a replica's GPUs
+scaled by its occupancy (running samples / slots). Loading, offloading and empty slots are waste.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import selectors
+from collections import deque
+from dataclasses import dataclass, field
+
+from tidal.cluster.planner import PlannerConfig
+from tidal.cluster.scheduler import GpuScheduler
+from tidal.cluster.types import ClusterSpec, PipelineSpec, Priority
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock jumps to the next timer whenever nothing is ready to run."""
+
+    def __init__(self) -> None:
+        self._vtime = 0.0
+        super().__init__(_JumpSelector(self))
+
+    def time(self) -> float:
+        return self._vtime
+
+
+class _JumpSelector(selectors.DefaultSelector):
+    def __init__(self, loop: VirtualClockLoop):
+        super().__init__()
+        self._vloop = loop
+
+    def select(self, timeout: float | None = None):
+        ready = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:
+            raise RuntimeError("simulation deadlock: no timer pending and nothing ready to run")
+        self._vloop._vtime += timeout
+        return []
+
+
+def run_virtual(coro):
+    """Run a coroutine to completion on a fresh VirtualClockLoop."""
+    loop = VirtualClockLoop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
+@dataclass(slots=True)
+class Workload:
+    name: str
+    rollout_size: int = 128
+    train_s: float = 40.0
+    reward_s: float = 15.0
+    steps: int = 6
+    sample_median_s: float = 8.0
+    sample_sigma: float = 0.9
+    sample_max_s: float = 90.0
+
+
+@dataclass(slots=True)
+class SimConfig:
+    num_gpus: int = 8
+    tp: int = 2
+    slots: int = 32
+    load_s: float = 2.0
+    offload_s: float = 1.0
+    retract_s: float = 0.5
+    seed: int = 0
+    horizon_s: float | None = None
+    """If set, every pipeline keeps stepping until this time and utilization is measured over
+    [0, horizon_s] (steady state, no end effects); else each runs `steps` and the window is the makespan."""
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+
+@dataclass(slots=True)
+class Segment:
+    gpus: tuple[int, ...]
+    pipeline: str
+    phase: str  # "train" | "gen" | "load" | "offload"
+    start: float
+    end: float = math.nan
+    occupancy: float = 1.0
+
+
+@dataclass(slots=True)
+class SimResult:
+    mode: str
+    num_gpus: int
+    makespan_s: float
+    window_s: float
+    step_times: dict[str, list[float]]
+    waits: dict[str, float]
+    segments: list[Segment]
+    plans: int
+
+    def _gpu_s(self, weight) -> float:
+        """GPU-seconds inside [0, window_s], each segment weighted by weight(segment)."""
+        total = 0.0
+        for s in self.segments:
+            dt = min(s.end, self.window_s) - s.start
+            if dt > 0:
+                total += dt * len(s.gpus) * weight(s)
+        return total / (self.num_gpus * self.window_s)
+
+    @property
+    def utilization(self) -> float:
+        """Useful: training GPUs, and generation GPUs scaled by occupancy (running / slots)."""
+        return self._gpu_s(lambda s: 1.0 if s.phase == "train" else s.occupancy if s.phase == "gen" else 0.0)
+
+    @property
+    def busy(self) -> float:
+        """What nvidia-smi would call utilization: training, or a replica running >= 1 sample."""
+        return self._gpu_s(lambda s: float(s.phase == "train" or (s.phase == "gen" and s.occupancy > 0)))
+
+    @property
+    def allocated(self) -> float:
+        """Held by some pipeline in any phase, loading and offloading included."""
+        return self._gpu_s(lambda s: 1.0)
+
+    def mean_step(self, pipeline: str) -> float:
+        return sum(self.step_times[pipeline]) / len(self.step_times[pipeline])
+
+    def summary(self) -> dict:
+        return {"mode": self.mode, "makespan_s": round(self.makespan_s, 2),
+                "utilization": round(self.utilization, 4), "busy": round(self.busy, 4),
+                "allocated": round(self.allocated, 4),
+                "mean_step_s": {p: round(self.mean_step(p), 2) for p in self.step_times},
+                "wait_s": {p: round(w, 2) for p, w in self.waits.items()}, "plans": self.plans}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+
+    def open(self, gpus: tuple[int, ...], pipeline: str, phase: str) -> Segment:
+        seg = Segment(gpus, pipeline, phase, asyncio.get_running_loop().time())
+        self.segments.append(seg)
+        return seg
+
+    @staticmethod
+    def close(seg: Segment) -> None:
+        seg.end = asyncio.get_running_loop().time()
+
+
+@dataclass(slots=True)
+class _Sample:
+    left: float
+
+
+class SimEngine:
+    """A pipeline's generation replicas; implements GenerationController for the scheduler."""
+
+    def __init__(self, name: str, spec: ClusterSpec, cfg: SimConfig, rec: Recorder):
+        self.name, self.spec, self.cfg, self.rec = name, spec, cfg, rec
+        self.up: dict[int, list[_Sample]] = {}
+        self.segs: dict[int, Segment] = {}
+        self.queue: deque[_Sample] = deque()
+        self.done = 0
+        self.t_last = 0.0
+        self._poke: asyncio.Future | None = None
+
+    async def shrink(self, ranks: list[int]) -> None:
+        self._advance()
+        for r in ranks:
+            for s in self.up.pop(r):
+                s.left += self.cfg.retract_s
+                self.queue.appendleft(s)
+            self._segment(r, "offload")
+        self._dispatch()
+        await asyncio.sleep(self.cfg.offload_s)
+        for r in ranks:
+            Recorder.close(self.segs.pop(r))
+
+    async def expand(self, ranks: list[int]) -> None:
+        for r in ranks:
+            self._segment(r, "load")
+        await asyncio.sleep(self.cfg.load_s)
+        self._advance()
+        for r in ranks:
+            self.up[r] = []
+            self._segment(r, "gen", 0.0)
+        self._dispatch()
+
+    async def rollout(self, durations: list[float], report) -> None:
+        self._advance()
+        self.queue.extend(_Sample(d) for d in durations)
+        self.done = 0
+        self._dispatch()
+        target = len(durations)
+        while self.done < target:
+            running = [s.left for run in self.up.values() for s in run]
+            self._poke = asyncio.get_running_loop().create_future()
+            timeout = min(running) if running else None
+            await asyncio.wait({self._poke}, timeout=timeout)
+            self._advance()
+            before = self.done
+            self._dispatch()
+            if self.done != before:
+                report(self.done)
+
+    def _advance(self) -> None:
+        now = asyncio.get_running_loop().time()
+        dt, self.t_last = now - self.t_last, now
+        if dt > 0:
+            for run in self.up.values():
+                for s in run:
+                    s.left -= dt
+
+    def _dispatch(self) -> None:
+        """Retire finished samples, fill free slots least-loaded replica first, and log occupancy."""
+        for run in self.up.values():
+            keep = [s for s in run if s.left > 1e-9]
+            self.done += len(run) - len(keep)
+            run[:] = keep
+        for r in sorted(self.up, key=lambda r: len(self.up[r])):
+            run = self.up[r]
+            while self.queue and len(run) < self.cfg.slots:
+                run.append(self.queue.popleft())
+        for r, run in self.up.items():
+            occ = len(run) / self.cfg.slots
+            if self.segs[r].occupancy != occ:
+                self._segment(r, "gen", occ)
+        if self._poke is not None and not self._poke.done():
+            self._poke.set_result(None)
+
+    def _segment(self, rank: int, phase: str, occupancy: float = 1.0) -> None:
+        old = self.segs.pop(rank, None)
+        if old is not None:
+            Recorder.close(old)
+        seg = self.rec.open(self.spec.replica(rank), self.name, phase)
+        seg.occupancy = occupancy
+        self.segs[rank] = seg
+
+
+def layout(workloads: list[Workload], cfg: SimConfig, mode: str) -> list[PipelineSpec]:
+    """Static: pipeline i owns GPUs [i*k, (i+1)*k) for everything. Shared: same training GPUs,
+    generation over the whole pool."""
+    k = cfg.num_gpus // len(workloads)
+    if k < cfg.tp or k % cfg.tp:
+        raise ValueError(f"num_gpus={cfg.num_gpus} over {len(workloads)} pipelines gives {k} GPUs each, "
+                         f"expected a positive multiple of tp={cfg.tp}")
+    specs = []
+    for i, w in enumerate(workloads):
+        own = list(range(i * k, (i + 1) * k))
+        gen = own if mode == "static" else list(range(cfg.num_gpus))
+        specs.append(PipelineSpec(w.name, clusters={
+            "actor_train": ClusterSpec(gpus=own),
+            "actor_infer": ClusterSpec(gpus=gen, tp=cfg.tp, generation=True)}))
+    return specs
+
+
+def simulate(workloads: list[Workload], cfg: SimConfig = SimConfig(), mode: str = "shared") -> SimResult:
+    if mode not in ("static", "shared"):
+        raise ValueError(f"mode={mode!r}: expected 'static' or 'shared'")
+    return run_virtual(_simulate(workloads, cfg, mode))
+
+
+async def _simulate(workloads: list[Workload], cfg: SimConfig, mode: str) -> SimResult:
+    rec = Recorder()
+    sched = GpuScheduler(cfg.num_gpus, cfg.planner, default_timeout_s=1e6, controller_timeout_s=1e4)
+    step_times: dict[str, list[float]] = {}
+    waits: dict[str, float] = {}
+    for spec in layout(workloads, cfg, mode):
+        engine = SimEngine(spec.pipeline_id, spec.clusters["actor_infer"], cfg, rec)
+        await sched.register_pipeline(spec, generation=engine)
+    loop = asyncio.get_running_loop()
+
+    async def waited(pid: str, aw):
+        t0 = loop.time()
+        out = await aw
+        waits[pid] = waits.get(pid, 0.0) + loop.time() - t0
+        return out
+
+    async def pipeline(i: int, w: Workload) -> None:
+        pid = w.name
+        engine = sched._controllers[pid]
+        rng = random.Random(cfg.seed * 1_000_003 + i)
+        times = step_times.setdefault(pid, [])
+        step = 0
+        while (loop.time() < cfg.horizon_s) if cfg.horizon_s is not None else step < w.steps:
+            t0 = loop.time()
+            durations = [min(w.sample_max_s, w.sample_median_s * math.exp(rng.gauss(0.0, w.sample_sigma)))
+                         for _ in range(w.rollout_size)]
+            if step == 0:
+                await waited(pid, sched.request_gpus(pid, "actor_infer", Priority.GENERATION,
+                                                     step_target=w.rollout_size))
+            else:
+                await waited(pid, sched.release_then_request(pid, release="actor_train", request="actor_infer",
+                                                             priority=Priority.GENERATION,
+                                                             step_target=w.rollout_size))
+            await engine.rollout(durations, lambda done: sched.report_progress(pid, done))
+            await waited(pid, sched.release_gpus(pid, "actor_infer"))
+            await asyncio.sleep(w.reward_s)
+            gpus = await waited(pid, sched.request_gpus(pid, "actor_train", Priority.ACTOR_TRAINING))
+            seg = rec.open(tuple(gpus), pid, "train")
+            await asyncio.sleep(w.train_s)
+            Recorder.close(seg)
+            times.append(loop.time() - t0)
+            step += 1
+        await sched.release_gpus(pid, "actor_train")
+
+    await asyncio.gather(*(pipeline(i, w) for i, w in enumerate(workloads)))
+    makespan = loop.time()
+    await sched.close()
+    window = cfg.horizon_s if cfg.horizon_s is not None else makespan
+    return SimResult(mode, cfg.num_gpus, makespan, window, step_times, waits, rec.segments, sched.plans)
+
+
+def jain(xs: list[float]) -> float:
+    """Jain's fairness index: 1 when all equal, 1/n when one gets everything."""
+    return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if xs else 1.0
+
+
+def compare(workloads: list[Workload], cfg: SimConfig = SimConfig()) -> dict:
+    static, shared = simulate(workloads, cfg, "static"), simulate(workloads, cfg, "shared")
+    ratios = {p: shared.mean_step(p) / static.mean_step(p) for p in static.step_times}
+    return {"static": static, "shared": shared, "utilization_ratio": shared.utilization / static.utilization,
+            "makespan_ratio": shared.makespan_s / static.makespan_s, "step_time_ratio": ratios,
+            "fairness": jain([1 / r for r in ratios.values()])}
+
+
+def plot_timeline(results: list[SimResult], path: str) -> None:
+    """One panel per result: a row per GPU, colored by pipeline, shaded by phase and occupancy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    names = sorted({s.pipeline for r in results for s in r.segments})
+    colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(names)}
+    hatch = {"train": "", "gen": "", "load": "///", "offload": "\\\\\\"}
+    fig, axes = plt.subplots(len(results), 1, figsize=(14, 2.2 + 0.45 * results[0].num_gpus * len(results)),
+                             sharex=True, squeeze=False)
+    for ax, r in zip(axes[:, 0], results):
+        for s in r.segments:
+            alpha = 0.95 if s.phase == "train" else 0.25 + 0.6 * s.occupancy if s.phase == "gen" else 0.35
+            for g in s.gpus:
+                ax.broken_barh([(s.start, s.end - s.start)], (g - 0.4, 0.8), facecolors=colors[s.pipeline],
+                               alpha=alpha, hatch=hatch[s.phase], edgecolor="black" if s.phase == "train" else None,
+                               linewidth=0.3)
+        ax.set_yticks(range(r.num_gpus))
+        ax.set_ylabel("GPU")
+        ax.invert_yaxis()
+        if r.window_s < r.makespan_s:
+            ax.axvline(r.window_s, color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{r.mode}: useful utilization {r.utilization:.0%} over the first {r.window_s:.0f}s, "
+                     f"busy {r.busy:.0%}")
+    axes[-1, 0].set_xlabel("time (s, virtual)")
+    handles = [Patch(color=colors[p], label=p) for p in names]
+    handles += [Patch(facecolor="grey", alpha=0.95, edgecolor="black", label="train"),
+                Patch(facecolor="grey", alpha=0.6, label="generate (shade = occupancy)"),
+                Patch(facecolor="white", hatch="///", edgecolor="grey", label="load"),
+                Patch(facecolor="white", hatch="\\\\\\", edgecolor="grey", label="offload")]
+    fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

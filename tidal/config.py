@@ -1,0 +1,61 @@
+"""Engine configuration: one validated dataclass shared by LLM, AsyncLLM and the server."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None               # HF-format directory; None: the embedded tiny default
+    dtype: str = "auto"                     # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"                    # auto: cuda if available, else cpu
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None        # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    load_format: str = "auto"               # "auto" (safetensors) | "dummy" (random from config)
+    seed: int = 0
+    num_kv_blocks: int | None = None        # default: sized from kv_cache_memory_gb / GPU memory
+    kv_cache_memory_gb: float = 0.25        # CPU KV pool size when num_kv_blocks is None
+    gpu_memory_utilization: float = 0.85
+    attention_backend: str = "auto"         # auto: cuda on GPU, torch on CPU
+    enforce_eager: bool = False             # disable CUDA graphs
+    reject_while_paused: bool = False       # new requests while not serving: queue (False) or reject
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        _check(self.dtype in _DTYPES, "dtype", self.dtype, f"one of {sorted(_DTYPES)}")
+        _check(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "'cpu' or 'cuda[:N]'")
+        if self.device.startswith("cuda"):
+            _check(torch.cuda.is_available(), "device", self.device, "a visible CUDA device (none found)")
+        if self.attention_backend == "auto":
+            self.attention_backend = "cuda" if self.device.startswith("cuda") else "torch"
+        _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+               "block_size", self.block_size, "a power of two")
+        _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")
+        _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+               self.max_num_batched_tokens, "an integer >= 1")
+        _check(self.load_format in ("auto", "dummy", "safetensors"), "load_format", self.load_format,
+               "'auto', 'safetensors' or 'dummy'")
+        _check(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks",
+               self.num_kv_blocks, "None or an integer >= 2")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+               self.gpu_memory_utilization, "a float in (0, 1]")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+def _check(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"EngineConfig.{name}={value!r} is invalid: expected {expected}")

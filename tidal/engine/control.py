@@ -1,0 +1,399 @@
+"""The control plane (DESIGN.md §5): pause modes, resume, sleep/wake, transactional weight
+updates, state. Every method here runs on the core thread, invoked through a ControlCall in the
+inbox, so nothing in it needs a lock and nothing can run a forward pass concurrently.
+
+Why drain cannot deadlock (seed 000): pausing never blocks the loop. `pause(drain)` only flips
+the state to DRAINING and records a deadline; the loop keeps stepping and `poll()` completes
+the reply when the work is done or the deadline passes. `pause(abort)` ends requests through
+the same output path as a normal finish, on this thread, before it replies.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+from tidal.engine.messages import ControlCall, EngineError, EngineState, PauseMode
+from tidal.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from tidal.engine.core import EngineCore
+
+SLEEP_TAGS = ("kv_cache", "weights")
+
+
+@dataclass(slots=True)
+class _Drain:
+    replies: list[Future]
+    deadline: float
+    started: float
+    inflight: list[Request]
+
+
+@dataclass(slots=True)
+class _SleepingWeights:
+    cpu_copies: dict[str, torch.Tensor] | None   # None when discarded
+    shapes: dict[str, torch.Size]
+    bytes: int
+
+
+def _summary(reqs: Iterable[Request]) -> list[dict[str, Any]]:
+    return [{"request_id": r.request_id, "index": r.index, "num_output_tokens": r.num_output_tokens}
+            for r in reqs]
+
+
+class ControlPlane:
+    def __init__(self, core: "EngineCore") -> None:
+        self.core = core
+        self.pause_mode: PauseMode | None = None
+        self.sleeping: dict[str, Any] = {}        # tag -> what wake_up needs
+        self.drain: _Drain | None = None
+        self.last_op: dict[str, Any] | None = None
+        self.op_counts: dict[str, int] = {}
+        self.op_seconds: dict[str, float] = {}
+
+    # -- what the loop asks ---------------------------------------------------------------
+    @property
+    def state(self) -> EngineState:
+        return self.core.state
+
+    def can_schedule(self) -> bool:
+        return self.state in (EngineState.SERVING, EngineState.DRAINING)
+
+    def can_admit(self) -> bool:
+        return self.can_schedule()
+
+    def holding(self) -> bool:
+        return self.state is not EngineState.SERVING
+
+    def rejecting(self) -> bool:
+        return self.holding() and self.core.config.reject_while_paused
+
+    def idle_timeout(self) -> float | None:
+        if self.drain is None:
+            return None
+        return max(0.0, self.drain.deadline - time.monotonic())
+
+    def poll(self) -> None:
+        """Complete a drain once its requests are done or its deadline has passed."""
+        d = self.drain
+        if d is None:
+            return
+        done = not self.core.scheduler.has_work()
+        if not done and time.monotonic() < d.deadline:
+            return
+        leftover = [r for r in d.inflight if not r.finished] + self.core.find_requests(None)
+        leftover = [r for r in dict.fromkeys(leftover) if r not in self.core.held
+                    and not any(r in h.pending_forks for h in self.core.held)]
+        self.core._end(leftover, "abort")
+        self.drain = None
+        self.core.state = EngineState.PAUSED
+        result = {"mode": "drain", "state": self.state.value,
+                  "finished": _summary(r for r in d.inflight if r.finish_reason != "abort"),
+                  "aborted": _summary(leftover), "retracted": [], "kept": [],
+                  "elapsed_s": time.monotonic() - d.started}
+        self._record("pause", result, d.started)
+        for reply in d.replies:
+            if not reply.done():
+                reply.set_result(result)
+
+    def fail_pending(self, err: BaseException) -> None:
+        if self.drain is not None:
+            for reply in self.drain.replies:
+                if not reply.done():
+                    reply.set_exception(err)
+            self.drain = None
+
+    # -- dispatch ------------------------------------------------------------------------
+    def handle(self, call: ControlCall) -> None:
+        method = getattr(self, f"op_{call.op}", None)
+        reply = call.reply or Future()
+        if method is None:
+            reply.set_exception(EngineError(f"control op {call.op!r} is unknown"))
+            return
+        t0 = time.monotonic()
+        try:
+            result = method(reply=reply, **call.kwargs)
+        except TypeError as e:
+            reply.set_exception(EngineError(f"control op {call.op!r}: bad arguments: {e}"))
+            return
+        except Exception as e:  # the op failed; it has restored the state it changed
+            self._record(call.op, {"error": f"{type(e).__name__}: {e}"}, t0)
+            reply.set_exception(e if isinstance(e, EngineError) else EngineError(f"{call.op} failed: {type(e).__name__}: {e}"))
+            return
+        if result is not None:  # None: the op completes `reply` later (drain)
+            self._record(call.op, result, t0)
+            if not reply.done():
+                reply.set_result(result)
+
+    def _record(self, op: str, result: dict[str, Any], t0: float) -> None:
+        elapsed = time.monotonic() - t0
+        result.setdefault("elapsed_s", elapsed)
+        self.last_op = {"op": op, "result": result, "at": time.time()}
+        self.op_counts[op] = self.op_counts.get(op, 0) + 1
+        self.op_seconds[op] = self.op_seconds.get(op, 0.0) + elapsed
+
+    # -- pause / resume ------------------------------------------------------------------
+    def op_pause(self, reply: Future, mode: str = "abort", timeout_s: float | None = None) -> dict | None:
+        try:
+            mode = PauseMode(mode)
+        except ValueError:
+            raise EngineError(f"pause mode={mode!r} is invalid: expected one of "
+                              f"{[m.value for m in PauseMode]}") from None
+        core, sched = self.core, self.core.scheduler
+        t0 = time.monotonic()
+        result: dict[str, Any] = {"mode": mode.value, "aborted": [], "retracted": [], "kept": [],
+                                  "finished": []}
+        if mode is PauseMode.DRAIN:
+            if self.state is EngineState.SERVING or self.state is EngineState.DRAINING:
+                if self.drain is None:
+                    timeout = 30.0 if timeout_s is None else float(timeout_s)
+                    self.drain = _Drain([], t0 + timeout, t0, core.find_requests(None))
+                    core.state = EngineState.DRAINING
+                self.drain.replies.append(reply)
+                self.poll()
+                return None
+            # already paused or asleep: nothing is running, nothing to drain
+        elif mode is PauseMode.ABORT:
+            victims = [r for r in core.find_requests(None)]
+            core._end(victims, "abort")
+            result["aborted"] = _summary(victims)
+        elif mode is PauseMode.RETRACT:
+            queued = [r for r in sched.live_requests() if r.status is RequestStatus.WAITING]
+            result["retracted"] = _summary(sched.retract_all())
+            result["kept"] = _summary(queued)
+        elif mode is PauseMode.KEEP:
+            result["kept"] = _summary(sched.live_requests())
+        if self.drain is not None:  # a harder pause overtakes a drain in progress
+            d, self.drain = self.drain, None
+            for r in d.replies:
+                if not r.done():
+                    r.set_result({**result, "superseded_by": mode.value})
+        if self.state in (EngineState.SERVING, EngineState.DRAINING):
+            core.state = EngineState.PAUSED
+        self.pause_mode = mode
+        result["state"] = self.state.value
+        result["elapsed_s"] = time.monotonic() - t0
+        return result
+
+    def op_resume(self, reply: Future) -> dict:
+        core = self.core
+        if self.state is EngineState.SLEEPING:
+            raise EngineError(f"resume: engine is sleeping ({sorted(self.sleeping)}); call wake_up first")
+        if self.state is EngineState.SERVING:
+            return {"state": "serving", "changed": False}
+        if self.drain is not None:
+            d, self.drain = self.drain, None
+            for r in d.replies:
+                if not r.done():
+                    r.set_result({"mode": "drain", "state": "serving", "superseded_by": "resume",
+                                  "aborted": [], "retracted": [], "kept": [], "finished": []})
+        core.state = EngineState.SERVING
+        self.pause_mode = None
+        for head in core.held:
+            core.scheduler.add(head)
+        released = len(core.held)
+        core.held = []
+        return {"state": "serving", "changed": True, "released_held": released}
+
+    # -- sleep / wake --------------------------------------------------------------------
+    def op_sleep(self, reply: Future, tags: list[str] | None = None, discard: bool = False) -> dict:
+        tags = list(SLEEP_TAGS) if tags is None else list(tags)
+        bad = [t for t in tags if t not in SLEEP_TAGS]
+        if bad:
+            raise EngineError(f"sleep tags={bad!r} are unknown: expected a subset of {list(SLEEP_TAGS)}")
+        if self.state not in (EngineState.PAUSED, EngineState.SLEEPING):
+            raise EngineError(f"sleep: engine is {self.state.value}; pause it first")
+        runner = self.core.runner
+        result: dict[str, Any] = {"tags": [], "bytes_freed": {}, "retracted": []}
+        for tag in tags:
+            if tag in self.sleeping:
+                continue
+            before = _memory_in_use(runner)
+            if tag == "kv_cache":
+                # Kept requests cannot keep KV that is about to vanish: retract them.
+                result["retracted"] = _summary(self.core.scheduler.retract_all())
+                nbytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+                runner.free_kv_cache()
+                self.core.block_manager.reset()
+                self.sleeping[tag] = nbytes
+            else:
+                if discard and self.core.weight_source is None:
+                    raise EngineError("sleep(weights, discard=True): the weights came from in-memory "
+                                      "tensors and could not be restored; sleep without discard")
+                self.sleeping[tag] = _offload_weights(runner, discard)
+            result["bytes_freed"][tag] = _freed(before, _memory_in_use(runner), self.sleeping[tag])
+            result["tags"].append(tag)
+        self.core.state = EngineState.SLEEPING
+        result["state"] = self.state.value
+        result["sleeping"] = sorted(self.sleeping)
+        return result
+
+    def op_wake_up(self, reply: Future, tags: list[str] | None = None) -> dict:
+        tags = sorted(self.sleeping) if tags is None else list(tags)
+        bad = [t for t in tags if t not in SLEEP_TAGS]
+        if bad:
+            raise EngineError(f"wake_up tags={bad!r} are unknown: expected a subset of {list(SLEEP_TAGS)}")
+        runner = self.core.runner
+        restored: dict[str, int] = {}
+        for tag in tags:
+            if tag not in self.sleeping:
+                continue
+            if tag == "kv_cache":
+                runner.allocate_kv_cache()
+                restored[tag] = self.sleeping.pop(tag)
+            else:
+                restored[tag] = _restore_weights(runner, self.sleeping.pop(tag), self.core.weight_source)
+        if self.state is EngineState.SLEEPING and not self.sleeping:
+            self.core.state = EngineState.PAUSED
+        return {"tags": sorted(restored), "bytes_restored": restored, "state": self.state.value,
+                "sleeping": sorted(self.sleeping)}
+
+    # -- weights -------------------------------------------------------------------------
+    def op_update_weights(self, reply: Future, path: str | None = None,
+                          named_tensors: Iterable[tuple[str, torch.Tensor]] | dict | None = None,
+                          version: int | None = None, checksums: dict[str, str] | None = None) -> dict:
+        core = self.core
+        if (path is None) == (named_tensors is None):
+            raise EngineError("update_weights: give exactly one of path= or named_tensors=")
+        if "weights" in self.sleeping:
+            raise EngineError("update_weights: weights are asleep; wake_up(['weights']) first")
+        if self.state is EngineState.DRAINING:
+            raise EngineError("update_weights: a drain is in progress; wait for pause to return")
+        if version is not None and version == core.weight_version:
+            return {"weight_version": version, "skipped": True, "reason": "already at this version"}
+        prev = core.state
+        core.state = EngineState.UPDATING
+        t0 = time.monotonic()
+        try:
+            staged = _stage(core.runner.model, path, named_tensors, checksums)
+        finally:
+            core.state = prev
+        t1 = time.monotonic()
+        model = core.runner.model
+        model.load_weights(staged.items())   # the commit: every tensor validated above
+        if core.runner.device.type == "cuda":
+            torch.cuda.synchronize(core.runner.device)
+        core.weight_version = version if version is not None else core.weight_version + 1
+        core.weight_source = path
+        core.block_manager.reset_prefix_cache()
+        return {"weight_version": core.weight_version, "num_tensors": len(staged),
+                "bytes": sum(t.numel() * t.element_size() for t in staged.values()),
+                "stage_s": t1 - t0, "commit_s": time.monotonic() - t1, "skipped": False}
+
+    def op_flush_cache(self, reply: Future) -> dict:
+        self.core.block_manager.reset_prefix_cache()
+        return {"flushed": True}
+
+    def op_state(self, reply: Future) -> dict:
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        core = self.core
+        bm = core.block_manager
+        runner = core.runner
+        kv_bytes = 0 if runner.kv_cache is None else runner.kv_cache.numel() * runner.kv_cache.element_size()
+        w_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        return {
+            "state": core.state.value,
+            "pause_mode": self.pause_mode.value if self.pause_mode else None,
+            "weight_version": core.weight_version,
+            "num_running": len(core.scheduler.running),
+            "num_waiting": len(core.scheduler.waiting),
+            "num_held": len(core.held),
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_total": bm.num_blocks,
+            "memory_bytes": {"kv_cache": kv_bytes, "weights": w_bytes},
+            "sleeping": sorted(self.sleeping),
+            "step_count": core.step_count,
+            "last_step_time_s": core.last_step_time,
+            "num_preemptions": core.scheduler.num_preemptions,
+            "prefix_cache_hit_tokens": bm.prefix_hits,
+            "prefix_cache_query_tokens": bm.prefix_queries,
+            "control_ops": dict(self.op_counts),
+            "control_op_seconds": dict(self.op_seconds),
+            "last_control_op": self.last_op,
+        }
+
+
+def _stage(model, path: str | None, named_tensors, checksums: dict[str, str] | None) -> dict[str, torch.Tensor]:
+    """Read and validate every tensor without touching the model. Raises on any problem."""
+    from tidal.models.loader import iter_checkpoint
+    source = iter_checkpoint(path) if path is not None else (
+        named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+    staged: dict[str, torch.Tensor] = {}
+    for name, tensor in source:
+        model.check_weight(name, tensor)
+        if name in staged:
+            raise EngineError(f"update_weights: tensor {name!r} appears twice in the source")
+        staged[name] = tensor
+    if path is not None:
+        specs = model.weight_specs()
+        optional = {"lm_head.weight"} if model.arch.tie_word_embeddings else set()
+        missing = sorted(set(specs) - set(staged) - optional)
+        if missing:
+            raise EngineError(f"update_weights: {path} is missing {len(missing)} tensors: {missing[:8]}")
+    for name, digest in (checksums or {}).items():
+        if name not in staged:
+            raise EngineError(f"update_weights: checksum given for {name!r}, which the source lacks")
+        actual = tensor_sha256(staged[name])
+        if actual != digest:
+            raise EngineError(f"update_weights: checksum of {name!r} is {actual}, expected {digest}")
+    return staged
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (contiguous, on the CPU)."""
+    data = t.detach().contiguous().cpu()
+    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+
+
+def _memory_in_use(runner) -> int | None:
+    if runner.device.type != "cuda":
+        return None
+    torch.cuda.synchronize(runner.device)
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved(runner.device)
+
+
+def _freed(before: int | None, after: int | None, tensor_bytes: int | _SleepingWeights) -> int:
+    """On CUDA, what the allocator gave back (measured); on CPU, the bytes of the freed tensors."""
+    if before is not None and after is not None:
+        return before - after
+    return tensor_bytes.bytes if isinstance(tensor_bytes, _SleepingWeights) else tensor_bytes
+
+
+def _offload_weights(runner, discard: bool) -> _SleepingWeights:
+    copies: dict[str, torch.Tensor] | None = None if discard else {}
+    nbytes = 0
+    shapes = {}
+    pin = runner.device.type == "cuda"
+    for name, p in runner.model.named_parameters():
+        nbytes += p.numel() * p.element_size()
+        shapes[name] = p.shape
+        if copies is not None:
+            cpu = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=pin)
+            cpu.copy_(p.data)
+            copies[name] = cpu
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    runner.invalidate_graphs()
+    return _SleepingWeights(copies, shapes, nbytes)
+
+
+def _restore_weights(runner, saved: _SleepingWeights, source: str | None) -> int:
+    params = dict(runner.model.named_parameters())
+    if saved.cpu_copies is not None:
+        for name, cpu in saved.cpu_copies.items():
+            params[name].data = cpu.to(runner.device, non_blocking=True)
+    else:
+        from tidal.models.loader import iter_checkpoint
+        for name, p in params.items():
+            p.data = torch.empty(saved.shapes[name], dtype=p.dtype, device=runner.device)
+        runner.model.load_weights(iter_checkpoint(source))
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    return saved.bytes

@@ -1,0 +1,281 @@
+"""EngineCore: one thread owns every piece of mutable engine state (DESIGN.md §2).
+
+Other threads talk to it only through `submit()` (the inbox). The loop drains the inbox at
+the top of every step, then schedules, executes and post-processes one batch, and hands the
+outputs to `output_handler` (still on the core thread, so an output is always delivered
+before any reply to a control call that follows it). It blocks on the inbox only when there
+is nothing to run.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from typing import Callable
+
+from tidal.config import EngineConfig
+from tidal.engine.control import ControlPlane
+from tidal.engine.kv_cache import BlockManager
+from tidal.engine.messages import (AbortRequests, AddRequest, ControlCall, EngineDead, EngineOutput,
+                                   EngineState, Shutdown)
+from tidal.engine.request import Request, RequestStatus
+from tidal.engine.scheduler import Scheduler
+from tidal.runner.runner import ModelRunner
+
+log = logging.getLogger("tidal.engine")
+
+OutputHandler = Callable[[list[EngineOutput]], None]
+
+
+def resolve_model_path(model: str | None) -> str:
+    if model is None:
+        from tidal.testing import tiny_checkpoint_cached
+        return tiny_checkpoint_cached("qwen3")
+    return model
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Per-sample seed: sample 0 uses the request's seed, the others a mix of seed and index."""
+    if index == 0:
+        return seed
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & 0x7FFFFFFFFFFFFFFF
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, output_handler: OutputHandler) -> None:
+        self.config = config
+        self.model_path = resolve_model_path(config.model)
+        self.output_handler = output_handler
+        self.runner = ModelRunner(config, self.model_path)
+        self.max_model_len = self.runner.max_model_len
+        self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.tokenizer = None  # loaded lazily, only for stop strings
+        self.held: list[Request] = []   # arrived while not serving; admitted on resume
+        self.weight_version = 0
+        # Where the serving weights can be re-read from (sleep with discard); None for random
+        # or in-memory weights.
+        self.weight_source: str | None = None if config.load_format == "dummy" else self.model_path
+        self.state = EngineState.STARTING
+        self.control = ControlPlane(self)
+        self.rng = random.Random(config.seed)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.step_count = 0
+        self.last_step_time = 0.0
+        self.last_step_end = time.monotonic()
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- thread boundary -----------------------------------------------------------------
+    def start(self) -> None:
+        self.state = EngineState.SERVING
+        self._thread = threading.Thread(target=self._run, name="tidal-core", daemon=True)
+        self._thread.start()
+
+    def submit(self, msg: object) -> None:
+        """The only entry point for other threads."""
+        if self.state is EngineState.DEAD:
+            self._fail_message(msg)
+            return
+        self.inbox.put(msg)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self.inbox.put(Shutdown())
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the loop ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._drain_inbox(block=not self._has_runnable_work()):
+                    break
+                if self._has_runnable_work():
+                    self.step()
+                self.control.poll()
+        except BaseException as e:  # the loop must never die silently
+            self._die(f"{type(e).__name__}: {e}", traceback.format_exc())
+
+    def _has_runnable_work(self) -> bool:
+        return self.control.can_schedule() and self.scheduler.has_work()
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Handle every queued message; returns False on shutdown."""
+        while True:
+            try:
+                timeout = self.control.idle_timeout() if block else None
+                msg = self.inbox.get(timeout=timeout) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return True
+            block = False
+            if isinstance(msg, Shutdown):
+                self._finish_all("abort", error="engine shut down")
+                self.state = EngineState.DEAD
+                return False
+            self._handle(msg)
+
+    def _handle(self, msg: object) -> None:
+        if isinstance(msg, AddRequest):
+            self._add_request(msg)
+        elif isinstance(msg, AbortRequests):
+            result = self.abort(msg.request_ids)
+            if msg.reply is not None:
+                msg.reply.set_result(result)
+        elif isinstance(msg, ControlCall):
+            self.control.handle(msg)
+        else:
+            raise TypeError(f"unknown inbox message {msg!r}")
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule(admit=self.control.can_admit())
+        if not batch.reqs:
+            return
+        sampled = self.runner.execute(batch)
+        touched = self.scheduler.update(batch, sampled, self.weight_version, self._check_stop)
+        self._emit(touched)
+        self.step_count += 1
+        self.last_step_time = time.perf_counter() - t0
+        self.last_step_end = time.monotonic()
+
+    # -- requests ------------------------------------------------------------------------
+    def _add_request(self, msg: AddRequest) -> None:
+        p = msg.params
+        if self.control.rejecting():
+            self.output_handler([EngineOutput(msg.request_id, i, [], finish_reason="abort",
+                                              num_prompt_tokens=len(msg.prompt_token_ids),
+                                              error=f"rejected: engine is {self.state.value}")
+                                 for i in range(p.n)])
+            return
+        base_seed = p.seed if p.seed is not None else self.rng.getrandbits(62)
+        samples = [Request(msg.request_id, i, list(msg.prompt_token_ids), p, derive_seed(base_seed, i),
+                           eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)
+                   for i in range(p.n)]
+        if p.stop:
+            for r in samples:
+                r.detokenizer = self._make_detokenizer(r)
+        head = samples[0]
+        head.pending_forks = samples[1:]
+        if self.control.holding():
+            self.held.append(head)
+        else:
+            self.scheduler.add(head)
+
+    def _make_detokenizer(self, req: Request):
+        from tidal.engine.detokenizer import IncrementalDetokenizer
+        if self.tokenizer is None:
+            from tidal.tokenizer import load_tokenizer
+            self.tokenizer = load_tokenizer(self.model_path)
+        return IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
+
+    def _check_stop(self, req: Request) -> tuple[str, int | str | None] | None:
+        p = req.params
+        token = req.token_ids[-1]
+        n_out = req.num_output_tokens
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return "stop", token
+            if not p.ignore_eos and token in req.eos_token_ids:
+                return "stop", token
+            if req.detokenizer is not None:
+                from tidal.engine.detokenizer import find_stop
+                before = len(req.detokenizer.text)
+                req.detokenizer.push([token])
+                hit = find_stop(req.detokenizer.text, p.stop, before)
+                if hit is not None:
+                    return "stop", hit[1]
+        elif req.detokenizer is not None:
+            req.detokenizer.push([token])
+        if n_out >= p.max_tokens or req.num_tokens >= req.max_model_len:
+            return "length", None
+        return None
+
+    def find_requests(self, request_ids: list[str] | None) -> list[Request]:
+        """Every live sample (running, waiting, held, pending forks) of the given ids."""
+        live = self.scheduler.live_requests()
+        for head in self.held:
+            live.append(head)
+            live.extend(head.pending_forks)
+        if request_ids is None:
+            return live
+        wanted = set(request_ids)
+        return [r for r in live if r.request_id in wanted]
+
+    def abort(self, request_ids: list[str] | None) -> dict:
+        reqs = self.find_requests(request_ids)
+        self._end(reqs, "abort")
+        found = {r.request_id for r in reqs}
+        return {"aborted": sorted(found),
+                "unknown": sorted(set(request_ids or []) - found),
+                "num_aborted_samples": len(reqs)}
+
+    def _end(self, reqs: list[Request], reason: str, error: str | None = None) -> None:
+        """Finish `reqs` now with what they have, free their KV, and hand out their outputs."""
+        ended = []
+        for req in reqs:
+            if req.finished:
+                continue
+            if req in self.held:
+                self.held.remove(req)
+            req.pending_forks = []  # they are in `reqs` too (find_requests lists them)
+            self.scheduler.finish(req, reason)
+            ended.append(req)
+        self._emit(ended, error=error)
+
+    def _finish_all(self, reason: str, error: str | None = None) -> None:
+        self._end(self.find_requests(None), reason, error)
+
+    def _emit(self, reqs: list[Request], error: str | None = None) -> None:
+        outs = []
+        for req in reqs:
+            start = req.num_sent_tokens
+            new = req.output_token_ids[start:]
+            if not new and not req.finished:
+                continue
+            req.num_sent_tokens = req.num_output_tokens
+            want_lp = req.params.logprobs is not None
+            outs.append(EngineOutput(
+                request_id=req.request_id, index=req.index, new_token_ids=new,
+                new_logprobs=req.output_logprobs[start:] if want_lp else None,
+                new_top_logprobs=req.output_top_logprobs[start:] if req.params.logprobs else None,
+                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                weight_version=self.weight_version,
+                weight_spans=[(s.version, s.start, s.end) for s in req.weight_spans] if req.finished else None,
+                num_prompt_tokens=req.num_prompt_tokens, error=error))
+        if outs:
+            self.output_handler(outs)
+
+    # -- failure -------------------------------------------------------------------------
+    def _die(self, reason: str, tb: str) -> None:
+        log.error("engine core died: %s\n%s", reason, tb)
+        self.error = reason
+        try:
+            self._finish_all("abort", error=f"engine core died: {reason}")
+        except BaseException:  # state may be inconsistent; still fail the outputs we can
+            log.exception("could not end requests cleanly")
+        self.state = EngineState.DEAD
+        self.control.fail_pending(EngineDead(f"engine core died: {reason}"))
+        while True:  # fail everything that raced into the inbox
+            try:
+                self._fail_message(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+
+    def _fail_message(self, msg: object) -> None:
+        err = EngineDead(f"engine core is dead: {self.error or 'shut down'}")
+        reply: Future | None = getattr(msg, "reply", None)
+        if reply is not None and not reply.done():
+            reply.set_exception(err)
+        if isinstance(msg, AddRequest):
+            self.output_handler([EngineOutput(msg.request_id, i, [], finish_reason="abort",
+                                              error=str(err)) for i in range(msg.params.n)])

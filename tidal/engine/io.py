@@ -1,0 +1,130 @@
+"""Both ends of a request outside the core loop: prompt validation before a request is
+sent, and assembling the core's token deltas into RequestOutputs (with detokenization) after."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tidal.engine.messages import EngineOutput
+from tidal.outputs import CompletionOutput, RequestOutput, WeightSpan
+from tidal.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, max_model_len: int, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+
+    def process(self, prompt: Prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+        """Token ids of `prompt`, or a ValueError naming what is wrong. Changes no state."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt='' is invalid: expected a non-empty string or token-id list")
+            if self.tokenizer is None:
+                raise ValueError("prompt is a string but the model has no tokenizer: pass token ids")
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+            text: str | None = prompt
+        elif isinstance(prompt, (list, tuple)):
+            ids, text = list(prompt), None
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids contains {bad[:5]}: expected integers in "
+                                 f"[0, {self.vocab_size})")
+        else:
+            raise ValueError(f"prompt of type {type(prompt).__name__} is invalid: expected str or list[int]")
+        if not ids:
+            raise ValueError("prompt is empty after tokenization: expected at least one token")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{len(ids) + params.max_tokens} exceeds the model's context: expected "
+                             f"at most max_model_len={self.max_model_len}")
+        return text, ids
+
+
+@dataclass(slots=True)
+class RequestState:
+    """Accumulates one request's outputs; `delta` mode yields only what is new."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    tokenizer: object | None
+    stream: bool = False
+    completions: list[CompletionOutput] = field(default_factory=list)
+    detoks: list = field(default_factory=list)
+    error: str | None = None
+    sent_tokens: list[int] = field(default_factory=list)   # per sample, for delta outputs
+    sent_text: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        want_lp = self.params.logprobs is not None
+        self.completions = [CompletionOutput(i, logprobs=[] if want_lp else None,
+                                             top_logprobs=[] if self.params.logprobs else None)
+                            for i in range(self.params.n)]
+        self.sent_tokens = [0] * self.params.n
+        self.sent_text = [0] * self.params.n
+        if self.stream and self.tokenizer is not None:
+            from tidal.engine.detokenizer import IncrementalDetokenizer
+            self.detoks = [IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids,
+                                                  self.params.skip_special_tokens)
+                           for _ in range(self.params.n)]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+    def apply(self, out: EngineOutput) -> None:
+        c = self.completions[out.index]
+        c.token_ids.extend(out.new_token_ids)
+        if c.logprobs is not None and out.new_logprobs is not None:
+            c.logprobs.extend(out.new_logprobs)
+        if c.top_logprobs is not None and out.new_top_logprobs is not None:
+            c.top_logprobs.extend(out.new_top_logprobs)
+        c.weight_version = out.weight_version
+        if self.detoks:
+            c.text += self.detoks[out.index].push(out.new_token_ids)
+        if out.error and self.error is None:
+            self.error = out.error
+        if out.finish_reason is not None:
+            c.finish_reason = out.finish_reason
+            c.stop_reason = out.stop_reason
+            if out.weight_spans:
+                c.weight_spans = [WeightSpan(*s) for s in out.weight_spans]
+            if self.detoks:
+                self.detoks[out.index].flush()  # emit held-back partial characters, as decode() does
+                c.text = self.detoks[out.index].text
+            elif self.tokenizer is not None:
+                c.text = self.tokenizer.decode(c.token_ids, skip_special_tokens=self.params.skip_special_tokens)
+            if isinstance(c.stop_reason, str):
+                cut = c.text.find(c.stop_reason)
+                if cut >= 0:
+                    c.text = c.text[:cut]
+
+    def delta_output(self) -> RequestOutput:
+        """Only what is new since the last delta. Text that could still turn out to be the
+        start of a stop string is held back until the sample finishes."""
+        hold = max((len(s) for s in self.params.stop), default=1) - 1
+        outs = []
+        for i, c in enumerate(self.completions):
+            t0, x0 = self.sent_tokens[i], self.sent_text[i]
+            x1 = len(c.text) if c.finished else max(x0, len(c.text) - hold)
+            outs.append(CompletionOutput(
+                c.index, c.token_ids[t0:], c.text[x0:x1],
+                None if c.logprobs is None else c.logprobs[t0:],
+                None if c.top_logprobs is None else c.top_logprobs[t0:],
+                c.finish_reason, c.stop_reason, c.weight_version, list(c.weight_spans)))
+            self.sent_tokens[i], self.sent_text[i] = len(c.token_ids), x1
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             [_copy(c) for c in self.completions], self.finished)
+
+
+def _copy(c: CompletionOutput) -> CompletionOutput:
+    return CompletionOutput(c.index, list(c.token_ids), c.text,
+                            None if c.logprobs is None else list(c.logprobs),
+                            None if c.top_logprobs is None else list(c.top_logprobs),
+                            c.finish_reason, c.stop_reason, c.weight_version, list(c.weight_spans))

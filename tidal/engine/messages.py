@@ -1,0 +1,81 @@
+"""Messages into the core loop's inbox and out of its outbox. Plain dataclasses so that the
+server can carry them over ZeroMQ with msgspec unchanged."""
+from __future__ import annotations
+
+import enum
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from tidal.sampling_params import SamplingParams
+
+
+class EngineState(str, enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    PAUSED = "paused"
+    SLEEPING = "sleeping"
+    UPDATING = "updating"
+    DEAD = "dead"
+
+
+class PauseMode(str, enum.Enum):
+    ABORT = "abort"
+    RETRACT = "retract"
+    KEEP = "keep"
+    DRAIN = "drain"
+
+
+@dataclass(slots=True)
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(slots=True)
+class AbortRequests:
+    request_ids: list[str] | None  # None: every request
+    reply: Future | None = None
+
+
+@dataclass(slots=True)
+class ControlCall:
+    """A control operation (`op` is a method of ControlPlane) completed through `reply`."""
+    op: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    reply: Future | None = None
+
+
+@dataclass(slots=True)
+class Shutdown:
+    pass
+
+
+@dataclass(slots=True)
+class EngineOutput:
+    """New tokens of one sample since the last output, and whether it ended."""
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None      # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    weight_version: int = 0
+    weight_spans: list[tuple[int, int, int]] | None = None  # (version, start, end), on finish
+    num_prompt_tokens: int = 0
+    error: str | None = None              # set when the request was rejected or the engine died
+
+
+class EngineError(RuntimeError):
+    """A control operation or request failed inside the engine; the message says why."""
+
+
+class EngineNotServing(EngineError):
+    """The engine rejects new requests while paused (reject_while_paused=True)."""
+
+
+class EngineDead(EngineError):
+    """The engine core loop has stopped; nothing more will be served."""

@@ -1,0 +1,80 @@
+"""A request as the core loop sees it: one sequence (one of the `n` samples of a prompt)."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from tidal.outputs import WeightSpan
+from tidal.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)  # identity semantics: requests are compared and hashed by object
+class Request:
+    request_id: str              # the user's id; the `n` samples of a prompt share it
+    index: int                   # which of the n samples this sequence is
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int                    # per-sample seed (derived from params.seed, or drawn by the engine)
+    eos_token_ids: tuple[int, ...] = ()
+    max_model_len: int = 1 << 30
+    token_ids: list[int] = field(default_factory=list)   # prompt + output, grows as we decode
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    weight_spans: list[WeightSpan] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    block_table: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0    # leading blocks already registered in the prefix cache
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    # Samples 1..n-1 of a prompt wait here until sample 0 finishes the prompt's prefill; then they
+    # fork from it, sharing its blocks (see Scheduler.update).
+    pending_forks: list["Request"] = field(default_factory=list)
+    num_preemptions: int = 0
+    detokenizer: object | None = None  # only for requests with stop strings
+    num_sent_tokens: int = 0           # outputs already handed to the output path
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int, logprob: float | None, top: dict[int, float] | None,
+                     weight_version: int) -> None:
+        n = self.num_output_tokens
+        self.token_ids.append(token_id)
+        if logprob is not None:
+            self.output_logprobs.append(logprob)
+        if top is not None:
+            self.output_top_logprobs.append(top)
+        if self.weight_spans and self.weight_spans[-1].version == weight_version:
+            self.weight_spans[-1].end = n + 1
+        else:
+            self.weight_spans.append(WeightSpan(weight_version, n, n + 1))

@@ -1,0 +1,172 @@
+"""Continuous batching under a token budget, chunked prefill, preemption by recompute.
+
+Each step first serves running requests (decodes and unfinished chunked prefills, oldest
+first), preempting the newest running request when blocks run out, then admits waiting
+requests while the token budget, `max_num_seqs` and the KV pool allow. A preempted request
+frees its blocks but keeps its generated tokens; it is re-prefilled (prompt + outputs) on
+re-admission, so it finishes with the output it would have had.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tidal.config import EngineConfig
+from tidal.engine.kv_cache import BlockManager
+from tidal.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    reqs: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    # Per row: the requests whose next token is sampled from this row's last logits. Empty
+    # while a prefill is mid-way; [req] normally; [req, *forks] when an n-sample prompt
+    # finishes its prefill.
+    sample_for: list[list[Request]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def targets(self) -> list[Request]:
+        return [r for group in self.sample_for for r in group]
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None
+    top_logprobs: dict[int, float] | None
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.bm = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # -- queues --------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def live_requests(self) -> list[Request]:
+        """Every unfinished request, pending n-sample forks included."""
+        out: list[Request] = []
+        for req in list(self.running) + list(self.waiting):
+            out.append(req)
+            out.extend(req.pending_forks)
+        return out
+
+    # -- one step ------------------------------------------------------------------------
+    def schedule(self, admit: bool = True) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.bm.allocate_slots(req, n, batch.blocks_to_copy):
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break
+            self._add_row(batch, req, n)
+            budget -= n
+            i += 1
+
+        while admit and not preempted and self.waiting and budget > 0:
+            req = self.waiting[0]
+            if len(self.running) + 1 + len(req.pending_forks) > self.max_num_seqs:
+                break
+            hits = self.bm.get_computed_blocks(req)
+            n = min(req.num_tokens - len(hits) * self.bm.block_size, budget)
+            if not self.bm.allocate_slots(req, n, batch.blocks_to_copy, hits, admit=True):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._add_row(batch, req, n)
+            budget -= n
+        return batch
+
+    def _add_row(self, batch: ScheduledBatch, req: Request, n: int) -> None:
+        batch.reqs.append(req)
+        batch.num_new_tokens.append(n)
+        samples = req.num_computed_tokens + n == req.num_tokens
+        batch.sample_for.append([req, *req.pending_forks] if samples else [])
+
+    def update(self, batch: ScheduledBatch, sampled: list[SampledToken], weight_version: int,
+               check_stop: Callable[[Request], tuple[str, int | str | None] | None]) -> list[Request]:
+        """Advance every row by what was computed and append the sampled tokens.
+        Returns the requests that got a token (finished ones included)."""
+        for req, n in zip(batch.reqs, batch.num_new_tokens):
+            req.num_computed_tokens += n
+            self.bm.cache_full_blocks(req)
+        touched: list[Request] = []
+        it = iter(sampled)
+        for req, group in zip(batch.reqs, batch.sample_for):
+            if not group:
+                continue  # mid-way through a chunked prefill: nothing sampled, forks still wait
+            for target in group:
+                tok = next(it)
+                if target is not req:
+                    self._fork(req, target)
+                target.append_token(tok.token_id, tok.logprob, tok.top_logprobs, weight_version)
+                touched.append(target)
+            req.pending_forks = []
+        for req in touched:
+            stop = check_stop(req)
+            if stop is not None:
+                self.finish(req, *stop)
+        return touched
+
+    def _fork(self, parent: Request, child: Request) -> None:
+        self.bm.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
+
+    # -- state changes -------------------------------------------------------------------
+    def preempt(self, req: Request) -> None:
+        """Free the request's KV, keep its tokens, put it at the head of the queue."""
+        self.running.remove(req)
+        self.bm.free(req)
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def retract_all(self) -> list[Request]:
+        """Preempt every running request (pause mode `retract`); keeps arrival order."""
+        retracted = list(self.running)
+        for req in reversed(retracted):
+            self.preempt(req)
+        return retracted
+
+    def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING and req in self.waiting:
+            self.waiting.remove(req)
+        self.bm.free(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason

@@ -1,0 +1,149 @@
+"""Building blocks shared by the decoder models: RMSNorm, linear layers, rotary embedding.
+
+Parameters are created uninitialised (``torch.empty``) and without autograd; the loader
+fills them from a checkpoint or with random values.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tidal.models.config import RopeConfig
+
+
+def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). Fused projections (qkv, gate_up) are one Linear whose rows the
+    loader fills slice by slice."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 weight: nn.Parameter | None = None):
+        super().__init__()
+        # ``weight`` shares an existing parameter (tied embeddings).
+        self.weight = _param(out_features, in_features, dtype=dtype) if weight is None else weight
+        self.bias = _param(out_features, dtype=dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _param(num_embeddings, dim, dtype=dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, computed in float32 (one fused kernel on CUDA).
+    With ``residual`` the add happens first and the sum is returned as the new residual."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is not None:
+            x = x + residual
+            residual = x
+        out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return out if residual is None else (out, residual)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] (float32, CPU) and the cos/sin scale ("attention factor")."""
+    dim = head_dim
+    base = rope.theta
+    p = rope.params
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = rope.rope_type
+    if kind in ("default", "dynamic"):
+        # Dynamic NTK only changes frequencies past max_position_embeddings, which the
+        # cos/sin cache (and so the model) never reaches.
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / p["factor"], 1.0
+    if kind == "llama3":
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(p, dim, base, max_position)
+    raise ValueError(f"rope_type {kind!r} is not supported")
+
+
+def _yarn_inv_freq(p: dict, dim: int, base: float, max_position: int) -> tuple[torch.Tensor, float]:
+    orig_len = p["original_max_position_embeddings"]
+    factor = p.get("factor") or max_position / orig_len
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn_factor = p.get("attention_factor")
+    if attn_factor is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attn_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+        else:
+            attn_factor = mscale(factor)
+    beta_fast = p.get("beta_fast") or 32
+    beta_slow = p.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp   # 1: keep the original (extrapolated) frequency, 0: interpolate
+    return interpolation * (1 - keep) + extrapolation * keep, float(attn_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style RoPE (rotate halves) from a precomputed float32 cos/sin table, indexed by
+    position on the device so the forward stays free of host syncs."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_position: int):
+        super().__init__()
+        target = torch.get_default_device()
+        with torch.device("cpu"):   # same table on every device, and real numbers even on "meta"
+            inv_freq, attn_factor = rope_inv_freq(rope, head_dim, max_position)
+            freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
+            cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attn_factor
+        self.register_buffer("cos_sin", cache.to(target), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, 1, head_dim/2] float32, broadcast over heads."""
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D] (any strides); rotates the (x1, x2) halves in float32 (cos/sin are float32,
+    so the products promote) and returns a contiguous tensor of x's dtype."""
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out.chunk(2, dim=-1)
+    o1.copy_(torch.addcmul(x1 * cos, x2, sin, value=-1))
+    o2.copy_(torch.addcmul(x2 * cos, x1, sin))
+    return out

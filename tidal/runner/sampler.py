@@ -1,0 +1,410 @@
+"""Batched token sampling on the logits' device: greedy, temperature, top-k, top-p, min-p, seeds.
+
+Randomness is counter-based. The noise for (seed, step, token id) is an integer hash computed with
+torch int64 ops, and a row's token is the winner of an exponential race (Gumbel-max):
+
+    token = argmax_i  x_i - log(E_i),   x = logits / temperature (masked),  E_i ~ Exp(1)
+
+so a row's token depends only on its own logits, parameters, seed and step: never on the other
+rows, the batch size or the row order. No ``torch.Generator`` is involved, and CPU and GPU compute
+the same noise bits (the float noise derived from them may differ in the last place, as the
+devices' ``log`` does). On CUDA the race (hash, noise, filter floor, argmax) is one fused Triton
+kernel; elsewhere it runs as torch ops. Both compute the same function (tested in Triton's
+interpreter). The hash constants live in both: change them together.
+
+Filtering keeps ties: top-k keeps every token whose scaled logit is >= the k-th largest one, and
+min-p drops tokens whose probability is < min_p * max probability. top-p walks the tokens in order
+of (probability descending, token id ascending) and keeps the shortest prefix whose cumulative
+probability reaches top_p (the top token is always kept).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tidal.sampling_params import SamplingParams
+
+_MASK32 = 0xFFFFFFFF
+# Multipliers of a bijective 32-bit mixer (the "lowbias32" xorshift-multiply family). Both are
+# < 2**31 and the values they multiply are < 2**32, so every product is < 2**63: the int64 ops
+# never overflow, and the hash is exact, with the same result on any device.
+_MUL1 = 0x21F0AAAD
+_MUL2 = 0x735A2D97
+_TOKEN_SALT = 0x5BD1E995
+_SEED_SALT = 0x27D4EB2F
+_INF = float("inf")
+
+
+@dataclass(slots=True)
+class SamplingTensors:
+    """Per-row sampling parameters of one step, on the logits' device.
+
+    Greedy rows have temperature 0 and their filters switched off (top_p 1, top_k 0, min_p 0).
+    """
+    temperature: Tensor  # [B] float32 (0: greedy)
+    top_p: Tensor        # [B] float32 (1.0: off)
+    top_k: Tensor        # [B] int64   (0 or >= vocab: off)
+    min_p: Tensor        # [B] float32 (0: off)
+    seeds: Tensor        # [B] int64   per-row seed
+    steps: Tensor        # [B] int64   index of the sampled token within the row's output
+    all_greedy: bool
+    any_top_p: bool
+    any_top_k: bool
+    any_min_p: bool
+    max_num_logprobs: int  # -1: none; 0: sampled token's logprob; k: also the top-k
+    max_top_k: int = 0     # largest top_k of a sampled (non-greedy) row, 0 if none
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int],
+              device: torch.device | str) -> SamplingTensors:
+        if not (len(params) == len(seeds) == len(steps)):
+            raise ValueError(f"SamplingTensors.build: params, seeds and steps must have one entry "
+                             f"per row, got {len(params)}, {len(seeds)} and {len(steps)}")
+        temps: list[float] = []
+        top_ps: list[float] = []
+        min_ps: list[float] = []
+        top_ks: list[int] = []
+        for p in params:
+            if p.greedy:
+                temps.append(0.0), top_ps.append(1.0), min_ps.append(0.0), top_ks.append(0)
+            else:
+                temps.append(p.temperature), top_ps.append(p.top_p), min_ps.append(p.min_p)
+                top_ks.append(max(p.top_k, 0))
+        floats = torch.tensor([temps, top_ps, min_ps], dtype=torch.float32).reshape(3, len(params))
+        ints = torch.tensor([top_ks, [_as_int64(s) for s in seeds], [int(s) for s in steps]],
+                            dtype=torch.int64).reshape(3, len(params))
+        device = torch.device(device)
+        if device.type == "cuda":
+            floats, ints = floats.pin_memory(), ints.pin_memory()
+        floats = floats.to(device, non_blocking=True)
+        ints = ints.to(device, non_blocking=True)
+        return cls(
+            temperature=floats[0], top_p=floats[1], min_p=floats[2],
+            top_k=ints[0], seeds=ints[1], steps=ints[2],
+            all_greedy=all(t == 0.0 for t in temps),
+            any_top_p=any(p < 1.0 for p in top_ps),
+            any_top_k=any(k > 0 for k in top_ks),
+            any_min_p=any(m > 0.0 for m in min_ps),
+            max_num_logprobs=max((-1 if p.logprobs is None else p.logprobs for p in params),
+                                 default=-1),
+            max_top_k=max(top_ks, default=0),
+        )
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: Tensor                  # [B] int64
+    logprobs: Tensor | None            # [B] float32: log_softmax(raw logits) at the sampled token
+    top_token_ids: Tensor | None       # [B, k] int64, k = max_num_logprobs; a row asking for
+    top_logprobs: Tensor | None        # [B, k] float32  fewer takes the first ones
+
+
+class Sampler:
+    """Stateless apart from a per-(vocab size, device) cache of token hash codes.
+
+    use_triton: run the race (hash, noise, argmax) as one fused Triton kernel; None: on CUDA
+    when Triton imports. The torch path computes the same function, pass by pass.
+    """
+
+    def __init__(self, use_triton: bool | None = None) -> None:
+        self.use_triton = use_triton
+        self._token_codes: dict[tuple[int, torch.device], Tensor] = {}
+        self._cpu_workspace: _Workspace | None = None
+
+    def __call__(self, logits: Tensor, t: SamplingTensors) -> SamplerOutput:
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        greedy_ids = logits.argmax(dim=-1)
+        if t.all_greedy:
+            token_ids = greedy_ids
+        else:
+            sampled = self._sample(logits, t)
+            token_ids = torch.where(t.temperature == 0, greedy_ids, sampled)
+
+        logprobs = top_ids = top_logprobs = None
+        if t.max_num_logprobs >= 0:
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            logprobs = (logits.gather(1, token_ids[:, None]) - lse).squeeze(1)
+            if t.max_num_logprobs > 0:
+                k = min(t.max_num_logprobs, logits.shape[-1])
+                top_vals, top_ids = logits.topk(k, dim=-1)
+                top_logprobs = top_vals - lse
+        return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
+
+    def _sample(self, logits: Tensor, t: SamplingTensors) -> Tensor:
+        vocab = logits.shape[-1]
+        x = logits / torch.where(t.temperature > 0, t.temperature, 1.0)[:, None]
+        if t.any_top_k:
+            top_k_on = ((t.top_k > 0) & (t.top_k < vocab))[:, None]
+        log_min_p = t.min_p.log()[:, None] if t.any_min_p else None  # log(0) = -inf: off
+
+        if t.any_top_p:
+            # Work in sorted order; ties keep token-id order, so the kept prefix is well defined.
+            xs, order = x.sort(dim=-1, descending=True, stable=True)
+            if t.any_top_k:
+                kth = xs.gather(1, (t.top_k.clamp(1, vocab) - 1)[:, None])
+                xs.masked_fill_(top_k_on & (xs < kth), -_INF)
+            cum = xs.softmax(dim=-1).cumsum_(dim=-1)
+            drop = (cum[:, :-1] >= t.top_p[:, None]) & (t.top_p < 1.0)[:, None]
+            xs[:, 1:].masked_fill_(drop, -_INF)
+            floor = xs[:, :1] + log_min_p if t.any_min_p else None
+            winner = self._race(xs, floor, t, order)
+            return order.gather(1, winner[:, None]).squeeze(1)
+
+        # Unsorted: every filter is a per-row floor on x (the k-th largest value, the min-p bar).
+        floor = None
+        if t.any_top_k:
+            kmax = min(t.max_top_k, vocab)
+            top_vals = x.topk(kmax, dim=-1, sorted=True).values
+            kth = top_vals.gather(1, (t.top_k.clamp(1, kmax) - 1)[:, None])
+            floor = torch.where(top_k_on, kth, -_INF)
+        if t.any_min_p:
+            bar = x.amax(dim=-1, keepdim=True) + log_min_p
+            floor = bar if floor is None else torch.maximum(floor, bar)
+        return self._race(x, floor, t, None)
+
+    def _race(self, x: Tensor, floor: Tensor | None, t: SamplingTensors,
+              ids: Tensor | None) -> Tensor:
+        """Per row: argmax_j x_j - log(E_j) over the columns with x_j >= floor.
+
+        x: [B, N]; floor: [B, 1] or None; ids: [B, N] token id of each column, or None when
+        column j is token j. E comes from (t.seeds, t.steps, token id). Returns [B] int64
+        column indices.
+        """
+        use_triton = self.use_triton
+        if use_triton is None:
+            use_triton = x.is_cuda and triton is not None
+        if use_triton:
+            return _race_triton(x, floor, t.seeds, t.steps, ids)
+        keys = row_keys(t.seeds, t.steps)
+        if ids is None:
+            codes = self._codes(x.shape[1], x.device)[None, :]
+        else:
+            codes = token_codes(ids)
+        return _race_torch(x, floor, keys, codes, self._workspace(*x.shape, x.device))
+
+    def _workspace(self, rows: int, n: int, device: torch.device) -> _Workspace:
+        if device.type != "cpu":  # the caching allocator makes buffers cheap: don't hold them
+            return _Workspace(rows, n, device)
+        rows = max(1, min(rows, _CPU_CHUNK_ELEMENTS // max(n, 1)))
+        ws = self._cpu_workspace
+        if ws is None or ws.shape[1] != n or ws.shape[0] < rows:
+            ws = self._cpu_workspace = _Workspace(rows, n, device)
+        return ws
+
+    def _codes(self, vocab: int, device: torch.device) -> Tensor:
+        key = (vocab, device)
+        codes = self._token_codes.get(key)
+        if codes is None:
+            codes = token_codes(torch.arange(vocab, dtype=torch.int64, device=device))
+            self._token_codes[key] = codes
+        return codes
+
+
+# On CPU the race runs over chunks of rows in reused buffers: fresh multi-megabyte tensors cost
+# page faults, and chunks that fit in cache run faster.
+_CPU_CHUNK_ELEMENTS = 1 << 20
+
+
+class _Workspace:
+    """Buffers for the torch race over [rows, n]: two int64, three float32, one bool."""
+
+    def __init__(self, rows: int, n: int, device: torch.device) -> None:
+        self.shape = (rows, n)
+        self.bits = torch.empty(rows, n, dtype=torch.int64, device=device)
+        self.tmp = torch.empty_like(self.bits)
+        self.u = torch.empty(rows, n, dtype=torch.float32, device=device)
+        self.v = torch.empty_like(self.u)
+        self.w = torch.empty_like(self.u)
+        self.mask = torch.empty(rows, n, dtype=torch.bool, device=device)
+
+
+def _race_torch(x: Tensor, floor: Tensor | None, keys: Tensor, codes: Tensor,
+                ws: _Workspace) -> Tensor:
+    rows, n = x.shape
+    step = ws.shape[0]
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        m = b - a
+        bits, tmp = ws.bits[:m], ws.tmp[:m]
+        torch.bitwise_xor(keys[a:b, None], codes if codes.shape[0] == 1 else codes[a:b], out=bits)
+        _mix32_(bits, tmp)
+        score = _log_exponentials_(bits, ws.u[:m], ws.v[:m], ws.w[:m])
+        torch.sub(x[a:b], score, out=score)
+        if floor is not None:
+            score.masked_fill_(torch.lt(x[a:b], floor[a:b], out=ws.mask[:m]), -_INF)
+        out[a:b] = score.argmax(dim=-1)
+    return out
+
+
+def apply_token_bans(logits: Tensor, rows: Tensor, token_ids: Tensor) -> None:
+    """Set logits[rows[i], token_ids[i]] = -inf in place (e.g. EOS and stop ids before min_tokens)."""
+    logits.index_put_((rows, token_ids), logits.new_full((), -_INF))
+
+
+# --- counter-based randomness --------------------------------------------------------------------
+
+def mix32(x: Tensor) -> Tensor:
+    """A bijective 32-bit hash, elementwise, of an int64 tensor holding values in [0, 2**32)."""
+    return _mix32_(x.clone(), torch.empty_like(x))
+
+
+def _mix32_(x: Tensor, tmp: Tensor) -> Tensor:
+    """mix32 in place; tmp: a scratch tensor of x's shape."""
+    x ^= torch.bitwise_right_shift(x, 16, out=tmp)
+    x.mul_(_MUL1).bitwise_and_(_MASK32)
+    x ^= torch.bitwise_right_shift(x, 15, out=tmp)
+    x.mul_(_MUL2).bitwise_and_(_MASK32)
+    x ^= torch.bitwise_right_shift(x, 15, out=tmp)
+    return x
+
+
+def row_keys(seeds: Tensor, steps: Tensor) -> Tensor:
+    """[B] int64 keys in [0, 2**32) from (seed, step); seeds use all 64 bits, steps the low 32."""
+    key = mix32((seeds & _MASK32) ^ _SEED_SALT)
+    key = mix32(key ^ ((seeds >> 32) & _MASK32))
+    return mix32(key ^ (steps & _MASK32))
+
+
+def token_codes(token_ids: Tensor) -> Tensor:
+    """Per-token hash codes; distinct ids get distinct codes (mix32 is a bijection)."""
+    return mix32(token_ids ^ _TOKEN_SALT)
+
+
+def random_bits(keys: Tensor, codes: Tensor) -> Tensor:
+    """Uniform 32-bit integers (as int64) for each (row key, token code) pair, broadcasting."""
+    bits = keys ^ codes
+    return _mix32_(bits, torch.empty_like(bits))
+
+
+def log_exponentials(keys: Tensor, codes: Tensor) -> Tensor:
+    """log(E) with E ~ Exp(1), float32, one per (row key, token code) pair, broadcasting.
+
+    u = (bits + 1/2) / 2**32 lies in (0, 1) and E = -log1p(-u), computed as u * log(z) / (z - 1)
+    with z = 1 - u (exact enough in float32, and the same formula the Triton kernel uses, which
+    has no log1p). Small u, the upper tail of -log(E) that decides rare winners, keeps float32's
+    relative precision (down to u = 2**-33); u is clamped below 1, which only touches draws that
+    cannot win.
+    """
+    return log_exponentials_from_bits(random_bits(keys, codes))
+
+
+def log_exponentials_from_bits(bits: Tensor) -> Tensor:
+    u = torch.empty(bits.shape, dtype=torch.float32, device=bits.device)
+    return _log_exponentials_(bits, u, torch.empty_like(u), torch.empty_like(u))
+
+
+def _log_exponentials_(bits: Tensor, u: Tensor, z: Tensor, zm1: Tensor) -> Tensor:
+    """log(E) from bits into u (returned); z, zm1: float32 scratch of the same shape."""
+    u.copy_(bits).mul_(2.0 ** -32).add_(2.0 ** -33).clamp_(max=1.0 - 2.0 ** -24)
+    torch.sub(1.0, u, out=z)
+    torch.sub(z, 1.0, out=zm1)
+    # log(z) / (z - 1) is 0/0 exactly where z == 1, and there the ratio's limit is 1.
+    z.log_().div_(zm1).nan_to_num_(nan=1.0)
+    return u.mul_(z).log_()
+
+
+def _as_int64(seed: int) -> int:
+    """Any Python int, reduced modulo 2**64 into int64's range."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
+# --- the fused race on the GPU -------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install: the torch path serves
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _mix32_tl(x):
+        x = x ^ (x >> 16)
+        x = x * 0x21F0AAAD
+        x = x ^ (x >> 15)
+        x = x * 0x735A2D97
+        return x ^ (x >> 15)
+
+    @triton.jit
+    def _race_kernel(x_ptr, x_stride, ids_ptr, ids_stride, floor_ptr, seeds_ptr, steps_ptr,
+                     score_ptr, col_ptr, n, chunk, HAS_IDS: tl.constexpr, HAS_FLOOR: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        # One program per (row, slice of `chunk` columns): the slice's best score and its column.
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        begin = split * chunk
+        end = tl.minimum(begin + chunk, n)
+        seed = tl.load(seeds_ptr + row)
+        step = tl.load(steps_ptr + row)
+        key = _mix32_tl((seed & 0xFFFFFFFF).to(tl.uint32) ^ 0x27D4EB2F)  # as row_keys
+        key = _mix32_tl(key ^ ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32))
+        key = _mix32_tl(key ^ (step & 0xFFFFFFFF).to(tl.uint32))
+        floor = float("-inf")
+        if HAS_FLOOR:
+            floor = tl.load(floor_ptr + row)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_col = tl.zeros([BLOCK], dtype=tl.int32) + begin
+        for start in range(begin, end, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < end
+            x = tl.load(x_ptr + row * x_stride + cols, mask=inside, other=float("-inf"))
+            if HAS_IDS:
+                tok = tl.load(ids_ptr + row * ids_stride + cols, mask=inside, other=0).to(tl.uint32)
+            else:
+                tok = cols.to(tl.uint32)
+            bits = _mix32_tl(_mix32_tl(tok ^ 0x5BD1E995) ^ key)
+            u = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+            u = tl.minimum(u, 0.99999994039535522)
+            z = 1.0 - u
+            e = tl.where(z == 1.0, u, u * (tl.log(z) / (z - 1.0)))
+            score = tl.where(x < floor, float("-inf"), x - tl.log(e))
+            take = score > best
+            best = tl.where(take, score, best)
+            best_col = tl.where(take, cols, best_col)
+        top = tl.max(best, axis=0)
+        col = tl.min(tl.where(best == top, best_col, n), axis=0)
+        n_splits = tl.num_programs(1)
+        tl.store(score_ptr + row * n_splits + split, top)
+        tl.store(col_ptr + row * n_splits + split, col.to(tl.int64))
+
+
+_RACE_BLOCK = 1024
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _race_triton(x: Tensor, floor: Tensor | None, seeds: Tensor, steps: Tensor,
+                 ids: Tensor | None) -> Tensor:
+    rows, n = x.shape
+    if rows == 0:
+        return torch.empty(0, dtype=torch.int64, device=x.device)
+    # Enough programs to fill the GPU at small batches: split each row into slices, then take
+    # the first best slice (slices are in column order, so ties still go to the lowest column).
+    splits = max(1, min(triton.cdiv(n, _RACE_BLOCK), triton.cdiv(8 * _num_sms(x.device), rows)))
+    chunk = triton.cdiv(triton.cdiv(n, splits), _RACE_BLOCK) * _RACE_BLOCK
+    splits = triton.cdiv(n, chunk)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    if ids is not None and ids.stride(1) != 1:
+        ids = ids.contiguous()
+    floor_arg = floor.reshape(rows).contiguous() if floor is not None else x
+    scores = torch.empty(rows, splits, dtype=torch.float32, device=x.device)
+    cols = torch.empty(rows, splits, dtype=torch.int64, device=x.device)
+    _race_kernel[(rows, splits)](x, x.stride(0), ids if ids is not None else x,
+                                 ids.stride(0) if ids is not None else 0, floor_arg,
+                                 seeds.contiguous(), steps.contiguous(), scores, cols, n, chunk,
+                                 HAS_IDS=ids is not None, HAS_FLOOR=floor is not None,
+                                 BLOCK=_RACE_BLOCK, num_warps=4)
+    if splits == 1:
+        return cols.squeeze(1)
+    return cols.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)

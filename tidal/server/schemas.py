@@ -1,0 +1,148 @@
+"""Request bodies of the HTTP API (pydantic), validated before anything reaches the engine.
+
+Numbers are bounded (no NaN, no infinities, no integers the wire cannot carry), so bad input
+gets a 400 naming the field instead of an error deeper down.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+_I32 = 2**31 - 1
+_I63 = 2**63 - 1
+
+PosInt = Annotated[int, Field(ge=1, le=_I32)]
+NonNegInt = Annotated[int, Field(ge=0, le=_I32)]
+TokenId = Annotated[int, Field(ge=0, le=_I32)]
+Seed = Annotated[int, Field(ge=0, le=_I63)]
+Timeout = Annotated[float, Field(ge=0.1, le=7 * 86400)]        # a deadline for the reply
+DrainTimeout = Annotated[float, Field(ge=0.0, le=7 * 86400)]    # how long a drain may last
+RequestId = Annotated[str, Field(min_length=1, max_length=256)]
+StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(max_length=64)]
+
+
+class _Body(BaseModel):
+    # Unknown fields are ignored (OpenAI clients send extras); known ones are checked strictly.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class _SamplingFields(_Body):
+    """OpenAI sampling fields plus Tidal's extensions (DESIGN.md §6)."""
+    model: str | None = None
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    temperature: Annotated[float, Field(ge=0.0, le=1e4)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    stop: str | StopList | None = None
+    seed: Seed | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # extensions
+    top_k: Annotated[int, Field(ge=-1, le=_I32)] = -1
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    min_tokens: NonNegInt = 0
+    ignore_eos: StrictBool = False
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=1024)] | None = None
+    skip_special_tokens: StrictBool = True
+    return_token_ids: StrictBool = False
+    request_id: RequestId | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: (Annotated[str, Field(min_length=1)]
+             | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1024)]
+             | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1024)])
+    max_tokens: PosInt | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: StrictBool = False
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
+    suffix: str | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | Annotated[list[TextPart], Field(max_length=1024)] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
+    max_tokens: PosInt | None = None
+    max_completion_tokens: PosInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    add_generation_prompt: StrictBool = True
+
+
+class GenerateSamplingParams(_Body):
+    n: Annotated[int, Field(ge=1, le=128)] = 1
+    temperature: Annotated[float, Field(ge=0.0, le=1e4)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=-1, le=_I32)] = -1
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    seed: Seed | None = None
+    max_tokens: PosInt = 16
+    min_tokens: NonNegInt = 0
+    stop: str | StopList | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=1024)] | None = None
+    ignore_eos: StrictBool = False
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    skip_special_tokens: StrictBool = True
+
+
+class GenerateRequest(_Body):
+    input_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    text: Annotated[str, Field(min_length=1)] | None = None
+    sampling_params: GenerateSamplingParams = Field(default_factory=GenerateSamplingParams)
+    stream: StrictBool = False
+    request_id: RequestId | None = None
+    return_logprob: StrictBool = True
+    timeout_s: Timeout | None = None
+
+
+# -- control ---------------------------------------------------------------------------------
+class PauseRequest(_Body):
+    mode: Literal["abort", "retract", "keep", "drain"] = "abort"
+    timeout_s: DrainTimeout | None = None
+
+
+class ControlRequest(_Body):
+    timeout_s: Timeout | None = None
+
+
+class AbortRequest(_Body):
+    request_ids: Annotated[list[RequestId], Field(max_length=100_000)] | None = None
+    abort_all: StrictBool = False
+    timeout_s: Timeout | None = None
+
+
+class SleepRequest(_Body):
+    tags: list[Literal["kv_cache", "weights"]] | None = None
+    discard: StrictBool = False
+    timeout_s: Timeout | None = None
+
+
+class WakeUpRequest(_Body):
+    tags: list[Literal["kv_cache", "weights"]] | None = None
+    timeout_s: Timeout | None = None
+
+
+class UpdateWeightsRequest(_Body):
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    version: Annotated[int, Field(ge=0, le=_I63)] | None = None
+    checksums: dict[str, Annotated[str, Field(min_length=64, max_length=64)]] | None = None
+    timeout_s: Timeout | None = None
