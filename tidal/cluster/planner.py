@@ -149,7 +149,9 @@ class _Planner:
             if m == HELD or m == BLOCKED:
                 for pid, r in self.topo.gpu_replicas[g]:
                     lost.setdefault(pid, set()).add(r)
-        cap = {pid: gens[pid].spec.num_replicas - len(lost.get(pid, ())) for pid in eligible}
+        self.need = {pid: gens[pid].needed for pid in eligible}
+        # a pipeline never wants more replicas than it can place, nor than its remaining samples fill
+        cap = {pid: min(gens[pid].spec.num_replicas - len(lost.get(pid, ())), self.need[pid]) for pid in eligible}
         self.want = self.shares(eligible, cap)
         pf = self.cfg.protect_fraction
         self.protected = {pid for pid in eligible
@@ -165,7 +167,8 @@ class _Planner:
                 continue
             if self.place_idle(pid) or self.place_from_donors(pid):
                 self.cur[pid] += 1
-                heapq.heappush(heap, (self.key(pid), pid))
+                if self.cur[pid] < cap[pid]:
+                    heapq.heappush(heap, (self.key(pid), pid))
 
     def key(self, pid: str) -> tuple[int, float]:
         cur = self.cur[pid]
@@ -241,13 +244,14 @@ class _Planner:
     def place_from_donors(self, pid: str) -> bool:
         """Claim a replica by shrinking donors' replicas that sit on it, most surplus first."""
         min_one = self.cur[pid] == 0
-        if not min_one and self.want[pid] - self.cur[pid] <= 0.5 + self.cfg.hysteresis:
-            return False
+        # within the hysteresis band, take only replicas their donor's remaining samples cannot
+        # fill: the donor never wants them back, so the move cannot flap
+        excess = not min_one and self.want[pid] - self.cur[pid] <= 0.5 + self.cfg.hysteresis
         mark, owner, gens = self.mark, self.owner, self.gens
         spec = gens[pid].spec
         cut = self.shrinks.get(pid, ())
         peers = self.peers[self.topo.group[pid]]  # only pipelines whose generation GPUs overlap ours
-        donors = [d for d in peers if d != pid and self.cur[d] > 0 and self.donor_ok(d, 1, min_one)]
+        donors = [d for d in peers if d != pid and self.cur[d] > 0 and self.donor_ok(d, 1, min_one, excess)]
         donors.sort(key=lambda d: (d in self.protected, -self.surplus(d), d))
         best = None
         tried: set[int] = set()
@@ -272,7 +276,8 @@ class _Planner:
                         per_donor: dict[str, int] = {}
                         for v, _ in victims:
                             per_donor[v] = per_donor.get(v, 0) + 1
-                        if pid in per_donor or not all(self.donor_ok(v, k, min_one) for v, k in per_donor.items()):
+                        if pid in per_donor or not all(self.donor_ok(v, k, min_one, excess)
+                                                       for v, k in per_donor.items()):
                             continue
                         score = (len(victims), any(v in self.protected for v in per_donor),
                                  -min(self.surplus(v) for v in per_donor), any(self.reserved[g] for g in gpus), r)
@@ -295,15 +300,17 @@ class _Planner:
             return float("inf")  # no open demand: the first donor to take from
         return self.cur[pid] - self.want[pid]
 
-    def donor_ok(self, pid: str, k: int, min_one: bool) -> bool:
+    def donor_ok(self, pid: str, k: int, min_one: bool, excess: bool = False) -> bool:
         if pid not in self.eligible:
             return True
         if self.cur[pid] - k < 1:
             return False
+        if excess:
+            return self.cur[pid] - k >= self.need[pid]
         if min_one:
             return True
-        if pid in self.protected:
-            return False
+        if pid in self.protected:  # close to finishing: give up only replicas its samples cannot fill
+            return self.cur[pid] - k >= self.need[pid]
         return self.surplus(pid) - (k - 1) > 0.5 + self.cfg.hysteresis
 
     def claim(self, pid: str, rank: int, gpus: tuple[int, ...]) -> None:

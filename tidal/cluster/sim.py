@@ -73,6 +73,8 @@ class Workload:
     sample_median_s: float = 8.0
     sample_sigma: float = 0.9
     sample_max_s: float = 90.0
+    start_s: float = 0.0
+    """When the pipeline is submitted (pipelines of one pool rarely start together)."""
 
 
 @dataclass(slots=True)
@@ -86,8 +88,12 @@ class SimConfig:
     seed: int = 0
     horizon_s: float | None = None
     """If set, every pipeline keeps stepping until this time and utilization is measured over
-    [0, horizon_s] (steady state, no end effects); else each runs `steps` and the window is the makespan."""
+    [last start_s, horizon_s] (steady state, no end effects); else each runs `steps` and the window
+    ends at the makespan."""
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    declare_slots: bool = True
+    """Declare `slots` to the scheduler as the generation cluster's max_num_seqs (so tails pack
+    onto few replicas); False leaves it unknown, as before that field existed."""
 
 
 @dataclass(slots=True)
@@ -110,15 +116,18 @@ class SimResult:
     waits: dict[str, float]
     segments: list[Segment]
     plans: int
+    window_start_s: float = 0.0
+    """The measured window is [window_start_s, window_s]: from the last pipeline's start on, so a
+    pool that is not yet fully subscribed does not count against either mode."""
 
     def _gpu_s(self, weight) -> float:
-        """GPU-seconds inside [0, window_s], each segment weighted by weight(segment)."""
+        """GPU-seconds inside [window_start_s, window_s], each segment weighted by weight(segment)."""
         total = 0.0
         for s in self.segments:
-            dt = min(s.end, self.window_s) - s.start
+            dt = min(s.end, self.window_s) - max(s.start, self.window_start_s)
             if dt > 0:
                 total += dt * len(s.gpus) * weight(s)
-        return total / (self.num_gpus * self.window_s)
+        return total / (self.num_gpus * (self.window_s - self.window_start_s))
 
     @property
     def utilization(self) -> float:
@@ -263,7 +272,8 @@ def layout(workloads: list[Workload], cfg: SimConfig, mode: str) -> list[Pipelin
         gen = own if mode == "static" else list(range(cfg.num_gpus))
         specs.append(PipelineSpec(w.name, clusters={
             "actor_train": ClusterSpec(gpus=own),
-            "actor_infer": ClusterSpec(gpus=gen, tp=cfg.tp, generation=True)}))
+            "actor_infer": ClusterSpec(gpus=gen, tp=cfg.tp, generation=True,
+                                       max_num_seqs=cfg.slots if cfg.declare_slots else None)}))
     return specs
 
 
@@ -295,6 +305,7 @@ async def _simulate(workloads: list[Workload], cfg: SimConfig, mode: str) -> Sim
         rng = random.Random(cfg.seed * 1_000_003 + i)
         times = step_times.setdefault(pid, [])
         step = 0
+        await asyncio.sleep(w.start_s)
         while (loop.time() < cfg.horizon_s) if cfg.horizon_s is not None else step < w.steps:
             t0 = loop.time()
             durations = [min(w.sample_max_s, w.sample_median_s * math.exp(rng.gauss(0.0, w.sample_sigma)))
@@ -321,7 +332,8 @@ async def _simulate(workloads: list[Workload], cfg: SimConfig, mode: str) -> Sim
     makespan = loop.time()
     await sched.close()
     window = cfg.horizon_s if cfg.horizon_s is not None else makespan
-    return SimResult(mode, cfg.num_gpus, makespan, window, step_times, waits, rec.segments, sched.plans)
+    return SimResult(mode, cfg.num_gpus, makespan, window, step_times, waits, rec.segments, sched.plans,
+                     window_start_s=max(w.start_s for w in workloads))
 
 
 def jain(xs: list[float]) -> float:
@@ -361,7 +373,10 @@ def plot_timeline(results: list[SimResult], path: str) -> None:
         ax.invert_yaxis()
         if r.window_s < r.makespan_s:
             ax.axvline(r.window_s, color="black", linestyle="--", linewidth=1)
-        ax.set_title(f"{r.mode}: useful utilization {r.utilization:.0%} over the first {r.window_s:.0f}s, "
+        if r.window_start_s > 0:
+            ax.axvline(r.window_start_s, color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"{r.mode}: useful utilization {r.utilization:.0%} over [{r.window_start_s:.0f}, "
+                     f"{r.window_s:.0f}]s, "
                      f"busy {r.busy:.0%}")
     axes[-1, 0].set_xlabel("time (s, virtual)")
     handles = [Patch(color=colors[p], label=p) for p in names]

@@ -61,6 +61,13 @@ class Generation:
         return max(self.step_target - self.completed, 0)
 
     @property
+    def needed(self) -> int:
+        """Replicas the remaining samples can keep busy: at least one, and every replica when the
+        cluster does not say how many samples a replica runs at once (max_num_seqs=None)."""
+        per = self.spec.max_num_seqs
+        return self.spec.num_replicas if per is None else -(-max(self.remaining, 1) // per)
+
+    @property
     def current(self) -> int:
         """Replicas that count toward the pipeline's share: up, or coming up."""
         return len(self.active) + len(self.expanding)

@@ -25,11 +25,16 @@ class ClusterSpec:
 
     A training-side cluster is granted all-or-nothing. A generation cluster is cut into
     data-parallel replicas of `tp` consecutive GPUs (replica r = gpus[r*tp:(r+1)*tp]).
+    `max_num_seqs` (generation only) is how many samples one replica runs at once: the planner
+    never wants more replicas than ceil(remaining / max_num_seqs), so a rollout's tail packs onto
+    few replicas and the rest go to pipelines with queued samples. None: unknown, every replica
+    counts as usable.
     """
 
     gpus: tuple[int, ...]
     tp: int = 1
     generation: bool = False
+    max_num_seqs: int | None = None
     replicas: tuple[tuple[int, ...], ...] = field(init=False, repr=False, compare=False)
     rank_of: dict[int, int] = field(init=False, repr=False, compare=False)
 
@@ -85,6 +90,10 @@ class PipelineSpec:
             if c.generation and len(c.gpus) % c.tp:
                 raise SpecError(f"{where}: tp={c.tp} does not divide the {len(c.gpus)} GPUs of the "
                                 f"generation cluster, expected len(gpus) % tp == 0")
+            if c.max_num_seqs is not None and (not isinstance(c.max_num_seqs, int) or c.max_num_seqs < 1
+                                               or not c.generation):
+                raise SpecError(f"{where}: max_num_seqs={c.max_num_seqs!r}, expected None or a positive int "
+                                f"on the generation cluster")
             if not c.generation and c.tp != 1:
                 raise SpecError(f"{where}: tp={c.tp} on a training-side cluster, expected tp=1 "
                                 f"(only the generation cluster is cut into replicas)")
