@@ -26,6 +26,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     attention_backend: str = "auto"         # auto: cuda on GPU, torch on CPU
     enforce_eager: bool = False             # disable CUDA graphs
+    overlap_scheduling: bool = True         # schedule step N+1 while step N runs (EngineCore.step)
     reject_while_paused: bool = False       # new requests while not serving: queue (False) or reject
 
     def __post_init__(self) -> None:

@@ -86,6 +86,7 @@ class ControlPlane:
         done = not self.core.scheduler.has_work()
         if not done and time.monotonic() < d.deadline:
             return
+        self.core.flush()
         leftover = [r for r in d.inflight if not r.finished] + self.core.find_requests(None)
         leftover = [r for r in dict.fromkeys(leftover) if r not in self.core.held
                     and not any(r in h.pending_forks for h in self.core.held)]
@@ -310,6 +311,7 @@ class ControlPlane:
             "memory_bytes": {"kv_cache": kv_bytes, "weights": w_bytes},
             "sleeping": sorted(self.sleeping),
             "step_count": core.step_count,
+            "overlapped_steps": core.num_overlapped_steps,
             "last_step_time_s": core.last_step_time,
             "num_preemptions": core.scheduler.num_preemptions,
             "prefix_cache_hit_tokens": bm.prefix_hits,

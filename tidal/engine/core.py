@@ -5,6 +5,15 @@ the top of every step, then schedules, executes and post-processes one batch, an
 outputs to `output_handler` (still on the core thread, so an output is always delivered
 before any reply to a control call that follows it). It blocks on the inbox only when there
 is nothing to run.
+
+Overlap scheduling (`EngineConfig.overlap_scheduling`, on by default): a step launches its batch
+on the device and, instead of waiting for the sampled tokens, returns; the next step schedules and
+launches batch N+1 (decode rows take their input tokens from step N's device tensor), and only then
+waits for step N's tokens and resolves them (stops, outputs). So the host's scheduling, input
+preparation and output handling run while the GPU computes. Before anything else looks at engine
+state (an inbox message, a drain deadline, an idle loop) the step in flight is resolved (`flush`),
+so control calls always see a settled state. Steps that fork n-sample prompts, and lookahead
+schedules that ran out of blocks, are resolved at once.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from tidal.engine.messages import (AbortRequests, AddRequest, ControlCall, Engin
                                    EngineState, Shutdown)
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.scheduler import Scheduler
-from tidal.runner.runner import ModelRunner
+from tidal.runner.runner import ModelRunner, StepHandle
 
 log = logging.getLogger("tidal.engine")
 
@@ -71,6 +80,8 @@ class EngineCore:
         self.last_step_end = time.monotonic()
         self.error: str | None = None
         self._thread: threading.Thread | None = None
+        self.inflight: tuple[object, StepHandle] | None = None  # launched, not yet resolved
+        self.num_overlapped_steps = 0  # steps launched while the previous one was in flight
 
     # -- thread boundary -----------------------------------------------------------------
     def start(self) -> None:
@@ -98,10 +109,12 @@ class EngineCore:
     def _run(self) -> None:
         try:
             while True:
-                if not self._drain_inbox(block=not self._has_runnable_work()):
+                if not self._drain_inbox(block=not self._has_runnable_work() and self.inflight is None):
                     break
                 if self._has_runnable_work():
                     self.step()
+                else:
+                    self.flush()
                 self.control.poll()
         except BaseException as e:  # the loop must never die silently
             self._die(f"{type(e).__name__}: {e}", traceback.format_exc())
@@ -118,6 +131,7 @@ class EngineCore:
             except queue.Empty:
                 return True
             block = False
+            self.flush()  # control and requests act on a settled state
             if isinstance(msg, Shutdown):
                 self._finish_all("abort", error="engine shut down")
                 self.state = EngineState.DEAD
@@ -138,15 +152,37 @@ class EngineCore:
 
     def step(self) -> None:
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule(admit=self.control.can_admit())
+        prev = self.inflight
+        batch = self.scheduler.schedule(admit=self.control.can_admit(), lookahead=prev is not None)
         if not batch.reqs:
+            self.flush()
             return
-        sampled = self.runner.execute(batch)
-        touched = self.scheduler.update(batch, sampled, self.weight_version, self._check_stop)
-        self._emit(touched)
+        handle = self.runner.launch(batch, self.step_count, prev[1] if prev is not None else None)
+        self.scheduler.advance(batch, self.step_count)
+        self.inflight = (batch, handle)
         self.step_count += 1
+        if prev is not None:
+            self.num_overlapped_steps += 1
+            self._resolve(*prev)
+        if (not self.config.overlap_scheduling or batch.needs_sync
+                or any(len(group) > 1 for group in batch.sample_for)):
+            self.flush()
         self.last_step_time = time.perf_counter() - t0
         self.last_step_end = time.monotonic()
+
+    def flush(self) -> None:
+        """Resolve the step in flight, if any."""
+        if self.inflight is not None:
+            batch, handle = self.inflight
+            self.inflight = None
+            self._resolve(batch, handle)
+
+    def _resolve(self, batch, handle: StepHandle) -> None:
+        if self.inflight is not None and self.inflight[1] is handle:
+            self.inflight = None
+        sampled = self.runner.collect(handle)
+        touched = self.scheduler.resolve(batch, sampled, self.weight_version, self._check_stop)
+        self._emit(touched)
 
     # -- requests ------------------------------------------------------------------------
     def _add_request(self, msg: AddRequest) -> None:
@@ -180,8 +216,8 @@ class EngineCore:
 
     def _check_stop(self, req: Request) -> tuple[str, int | str | None] | None:
         p = req.params
-        token = req.token_ids[-1]
-        n_out = req.num_output_tokens
+        n_out = req.num_resolved_output_tokens
+        token = req.token_ids[req.num_prompt_tokens + n_out - 1]
         if n_out >= p.min_tokens:
             if token in p.stop_token_ids:
                 return "stop", token
@@ -196,7 +232,7 @@ class EngineCore:
                     return "stop", hit[1]
         elif req.detokenizer is not None:
             req.detokenizer.push([token])
-        if n_out >= p.max_tokens or req.num_tokens >= req.max_model_len:
+        if n_out >= p.max_tokens or req.num_prompt_tokens + n_out >= req.max_model_len:
             return "length", None
         return None
 
@@ -239,10 +275,11 @@ class EngineCore:
         outs = []
         for req in reqs:
             start = req.num_sent_tokens
-            new = req.output_token_ids[start:]
+            end = req.num_resolved_output_tokens
+            new = req.token_ids[req.num_prompt_tokens + start:req.num_prompt_tokens + end]
             if not new and not req.finished:
                 continue
-            req.num_sent_tokens = req.num_output_tokens
+            req.num_sent_tokens = end
             want_lp = req.params.logprobs is not None
             outs.append(EngineOutput(
                 request_id=req.request_id, index=req.index, new_token_ids=new,

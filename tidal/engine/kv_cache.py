@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 import xxhash
 
-from tidal.engine.request import Request
+from tidal.engine.request import PLACEHOLDER, Request
 
 
 @dataclass(slots=True)
@@ -135,7 +135,9 @@ class BlockManager:
                 parent = self.blocks[req.block_table[i - 1]].hash if i > 0 else None
                 if i > 0 and parent is None:
                     break  # an unhashed ancestor (after a cache reset): chain broken, stop here
-                h = hash_block(parent, req.token_ids[i * self.block_size:(i + 1) * self.block_size])
+                tokens = req.token_ids[i * self.block_size:(i + 1) * self.block_size]
+                assert PLACEHOLDER not in tokens, "a block with an unresolved token reached the prefix cache"
+                h = hash_block(parent, tokens)
                 if h not in self.hash_to_block:
                     block.hash = h
                     self.hash_to_block[h] = block.block_id

@@ -9,6 +9,9 @@ from tidal.outputs import WeightSpan
 from tidal.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # token id of a sampled token not yet copied back from the device
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -41,6 +44,13 @@ class Request:
     num_preemptions: int = 0
     detokenizer: object | None = None  # only for requests with stop strings
     num_sent_tokens: int = 0           # outputs already handed to the output path
+    # Overlap scheduling (see EngineCore.step): a sampled token whose step is still on the device
+    # sits at the end of `token_ids` as PLACEHOLDER until the step is resolved. At most two are
+    # pending (the step being resolved and the one launched ahead of it).
+    num_pending: int = 0
+    pending_row: int = -1              # row of the newest placeholder in its step's sampled tokens
+    pending_step: int = -1             # which step that is
+    sampling_row: tuple | None = None  # cached per-request sampling parameters (ModelRunner)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -63,13 +73,34 @@ class Request:
         return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
+    def num_resolved_output_tokens(self) -> int:
+        """Output tokens whose values are known (placeholders excluded)."""
+        return len(self.token_ids) - len(self.prompt_token_ids) - self.num_pending
+
+    @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
+    def append_placeholder(self, row: int, step: int) -> None:
+        """Reserve the slot of a token sampled by a step that is still running on the device."""
+        self.token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+        self.pending_row, self.pending_step = row, step
+
+    def drop_placeholders(self) -> None:
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+            self.num_pending = 0
+
     def append_token(self, token_id: int, logprob: float | None, top: dict[int, float] | None,
                      weight_version: int) -> None:
-        n = self.num_output_tokens
-        self.token_ids.append(token_id)
+        """Record a sampled token: it fills the oldest placeholder if there is one."""
+        n = self.num_resolved_output_tokens
+        if self.num_pending:
+            self.token_ids[self.num_prompt_tokens + n] = token_id
+            self.num_pending -= 1
+        else:
+            self.token_ids.append(token_id)
         if logprob is not None:
             self.output_logprobs.append(logprob)
         if top is not None:

@@ -5,6 +5,13 @@ first), preempting the newest running request when blocks run out, then admits w
 requests while the token budget, `max_num_seqs` and the KV pool allow. A preempted request
 frees its blocks but keeps its generated tokens; it is re-prefilled (prompt + outputs) on
 re-admission, so it finishes with the output it would have had.
+
+Overlap scheduling: `schedule(lookahead=True)` builds step N+1 while step N is still on the device.
+`advance` (at launch) moves every row's computed-token count forward and gives each sampling row a
+placeholder token; `resolve` (when the sampled tokens are back) fills the placeholders, registers
+full blocks in the prefix cache and checks stops. A lookahead schedule never preempts (a victim may
+hold a placeholder) and skips requests that step N ends by length; when it runs out of blocks it
+returns what it has with `needs_sync` set, and the next schedule runs after step N is resolved.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ class ScheduledBatch:
     # finishes its prefill.
     sample_for: list[list[Request]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    needs_sync: bool = False  # a lookahead schedule stopped early: resolve before the next one
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -72,25 +80,34 @@ class Scheduler:
         return out
 
     # -- one step ------------------------------------------------------------------------
-    def schedule(self, admit: bool = True) -> ScheduledBatch:
+    def schedule(self, admit: bool = True, lookahead: bool = False) -> ScheduledBatch:
+        """The next step's rows. lookahead: the previous step is still in flight (see module doc)."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            i += 1
+            if lookahead and (req.num_output_tokens >= req.params.max_tokens
+                              or req.num_tokens >= req.max_model_len):
+                continue  # the step in flight ends it
             n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.bm.allocate_slots(req, n, batch.blocks_to_copy):
-                victim = self.running[-1]
-                self.preempt(victim)
-                preempted = True
-                if victim is req:
+            if lookahead:
+                if not self.bm.allocate_slots(req, n, batch.blocks_to_copy):
+                    batch.needs_sync = True
+                    return batch
+            else:
+                while not self.bm.allocate_slots(req, n, batch.blocks_to_copy):
+                    victim = self.running[-1]
+                    self.preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        break
+                if req.status is not RequestStatus.RUNNING:
                     break
-            if req.status is not RequestStatus.RUNNING:
-                break
             self._add_row(batch, req, n)
             budget -= n
-            i += 1
 
         while admit and not preempted and self.waiting and budget > 0:
             req = self.waiting[0]
@@ -113,13 +130,21 @@ class Scheduler:
         samples = req.num_computed_tokens + n == req.num_tokens
         batch.sample_for.append([req, *req.pending_forks] if samples else [])
 
-    def update(self, batch: ScheduledBatch, sampled: list[SampledToken], weight_version: int,
-               check_stop: Callable[[Request], tuple[str, int | str | None] | None]) -> list[Request]:
-        """Advance every row by what was computed and append the sampled tokens.
-        Returns the requests that got a token (finished ones included)."""
-        for req, n in zip(batch.reqs, batch.num_new_tokens):
+    def advance(self, batch: ScheduledBatch, step: int) -> None:
+        """At launch: count the rows' tokens as computed and give each row that samples a
+        placeholder for its token (forks get theirs in `resolve`, when they are created)."""
+        row = 0
+        for req, n, group in zip(batch.reqs, batch.num_new_tokens, batch.sample_for):
             req.num_computed_tokens += n
-            self.bm.cache_full_blocks(req)
+            if group:
+                req.append_placeholder(row, step)
+                row += len(group)
+
+    def resolve(self, batch: ScheduledBatch, sampled: list[SampledToken], weight_version: int,
+                check_stop: Callable[[Request], tuple[str, int | str | None] | None]) -> list[Request]:
+        """When the step's tokens are back: fill the placeholders, fork n-sample prompts, cache
+        full blocks, check stops. Returns the requests that got a token (finished ones included).
+        Rows of requests that ended while the step was in flight are dropped."""
         touched: list[Request] = []
         it = iter(sampled)
         for req, group in zip(batch.reqs, batch.sample_for):
@@ -127,11 +152,16 @@ class Scheduler:
                 continue  # mid-way through a chunked prefill: nothing sampled, forks still wait
             for target in group:
                 tok = next(it)
+                if target.finished:
+                    continue
                 if target is not req:
                     self._fork(req, target)
                 target.append_token(tok.token_id, tok.logprob, tok.top_logprobs, weight_version)
                 touched.append(target)
             req.pending_forks = []
+        for req in batch.reqs:
+            if not req.finished:
+                self.bm.cache_full_blocks(req)
         for req in touched:
             stop = check_stop(req)
             if stop is not None:
@@ -167,6 +197,7 @@ class Scheduler:
         elif req.status is RequestStatus.WAITING and req in self.waiting:
             self.waiting.remove(req)
         self.bm.free(req)
+        req.drop_placeholders()
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason

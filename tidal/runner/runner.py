@@ -1,10 +1,18 @@
 """ModelRunner: turns a ScheduledBatch into tensors, runs the model, samples on the device.
 
-The only host sync per step is the copy of the sampled tokens (and their logprobs) back to
-the CPU at the end of `execute`.
+A step is split in two so that the engine can overlap host work with the GPU (EngineCore.step):
+`launch` uploads the step's inputs, enqueues the forward pass and the sampler, and starts the copy
+of the sampled tokens into pinned host memory; `collect` waits for that copy and turns it into
+SampledTokens. Nothing in between synchronises with the device, so the only host sync per step is
+the wait in `collect`. A decode row whose input token is still a placeholder (its previous step
+was not collected yet) takes the token from that step's sampled tensor, on the device.
+
+Decode steps replay CUDA graphs (one per batch-size bucket) unless `enforce_eager`; the graphs are
+built at start-up and again after the KV cache or the weights moved (sleep / wake).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,10 +20,14 @@ import torch
 
 from tidal.attention.base import AttentionMetadata, get_backend
 from tidal.config import EngineConfig
+from tidal.engine.request import PLACEHOLDER, Request
 from tidal.engine.scheduler import SampledToken, ScheduledBatch
 from tidal.models.loader import load_model
 from tidal.runner.context import ForwardContext
 from tidal.runner.sampler import Sampler, SamplingTensors, apply_token_bans
+
+# Rows longer than this get their positions and slots computed with numpy instead of Python ints.
+_NUMPY_ROW = 64
 
 
 @dataclass(slots=True)
@@ -24,6 +36,62 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # [num_targets] row in the flattened batch whose logits each target samples
+
+
+@dataclass(slots=True)
+class StepHandle:
+    """A launched step: its sampled tokens on the device, and their host copies once `ready`."""
+    step: int
+    token_ids: torch.Tensor | None         # [num_targets] on the device (None: nothing sampled)
+    host_ids: torch.Tensor | None = None   # pinned copies, valid after `ready`
+    host_logprobs: torch.Tensor | None = None
+    host_top_ids: torch.Tensor | None = None
+    host_top_logprobs: torch.Tensor | None = None
+    top_k: list[int] | None = None         # per target: how many alternatives it asked for
+    want_logprobs: list[bool] | None = None
+    ready: torch.cuda.Event | None = None  # recorded after the copies (CUDA only)
+
+
+class _Staging:
+    """Pinned host buffers for the small per-step arrays, so that each step uploads with one
+    non-blocking copy per dtype instead of one allocation and pin per array.
+
+    Two sets alternate: at most two steps are in flight, and a set is written again only after
+    the step that used it two steps ago has been collected (its copies long done)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self.sets: list[dict[object, torch.Tensor]] = [{}, {}]
+        self.turn = 0
+
+    def buffer(self, key: object, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor of at least n elements for `key` in the current set."""
+        bufs = self.sets[self.turn]
+        buf = bufs.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            size = max(n, 2 * buf.numel() if buf is not None else 1024)
+            buf = bufs[key] = torch.empty(size, dtype=dtype, pin_memory=self.pinned)
+        return buf
+
+    def upload(self, key: str, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Device copies of numpy arrays, packed into the host buffer `key` and copied at once."""
+        total = sum(a.size for a in arrays)
+        buf = self.buffer(key, total, dtype)
+        host = buf.numpy()
+        out, at = [], 0
+        for a in arrays:
+            host[at:at + a.size] = a.reshape(-1)
+            out.append((at, a.shape))
+            at += a.size
+        if self.pinned:
+            dev = buf[:total].to(self.device, non_blocking=True)
+        else:
+            dev = buf[:total].clone()
+        return [dev[a:a + int(np.prod(shape))].view(shape) for a, shape in out]
+
+    def flip(self) -> None:
+        self.turn ^= 1
 
 
 class ModelRunner:
@@ -40,7 +108,10 @@ class ModelRunner:
         self.num_blocks = config.num_kv_blocks or self._profile_num_blocks()
         self.kv_cache: torch.Tensor | None = None
         self.allocate_kv_cache()
-        self.graphs = None  # CUDA-graph runner for decode, when enabled (GPU only)
+        self.staging = _Staging(self.device)
+        self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
+        self.graphs = None  # CUDA-graph runner for decode (GPU only); rebuilt after sleep / wake
+        self._ensure_graphs()
 
     # -- KV cache ------------------------------------------------------------------------
     @property
@@ -84,63 +155,89 @@ class ModelRunner:
         either moves (sleep/wake)."""
         self.graphs = None
 
+    def _ensure_graphs(self) -> None:
+        if self.use_graphs and self.graphs is None and self.kv_cache is not None:
+            from tidal.runner.cuda_graph import CudaGraphRunner
+            max_blocks = -(-self.max_model_len // self.block_size)
+            self.graphs = CudaGraphRunner(self.model, self.kv_cache, self.backend, self.config.max_num_seqs,
+                                          max_blocks, self.block_size)
+
     # -- one step ------------------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, prev: StepHandle | None = None) -> StepInputs:
+        """Device inputs of a step. A row whose input token is a placeholder takes it from
+        `prev.token_ids` (the step launched before this one, not collected yet)."""
         bs = self.block_size
         ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        positions: list[int] = []
+        slots: list[int] = []
         query_lens: list[int] = []
         seq_lens: list[int] = []
         logits_rows: list[int] = []
-        max_blocks = 1
-        row_end = 0
+        fix_rows: list[int] = []   # flat token index whose id comes from prev
+        fix_from: list[int] = []   # ... and its row in prev's sampled tokens
         for req, n, group in zip(batch.reqs, batch.num_new_tokens, batch.sample_for):
             start = req.num_computed_tokens
-            ids.extend(req.token_ids[start:start + n])
-            pos = np.arange(start, start + n, dtype=np.int64)
-            positions.append(pos)
-            table = np.asarray(req.block_table, dtype=np.int64)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            table = req.block_table
+            if n == 1:
+                ids.append(req.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            elif n <= _NUMPY_ROW:
+                ids.extend(req.token_ids[start:start + n])
+                rng = range(start, start + n)
+                positions.extend(rng)
+                slots.extend(table[p // bs] * bs + p % bs for p in rng)
+            else:
+                ids.extend(req.token_ids[start:start + n])
+                pos = np.arange(start, start + n, dtype=np.int64)
+                positions.extend(pos.tolist())
+                slots.extend((np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
+            if ids[-1] == PLACEHOLDER:
+                fix_rows.append(len(ids) - 1)
+                fix_from.append(self._pending_row(req, prev))
             query_lens.append(n)
             seq_lens.append(start + n)
-            max_blocks = max(max_blocks, len(req.block_table))
-            row_end += n
-            logits_rows.extend([row_end - 1] * len(group))
-        tables = np.zeros((len(batch.reqs), max_blocks), dtype=np.int32)
-        for i, req in enumerate(batch.reqs):
-            tables[i, :len(req.block_table)] = req.block_table
+            if group:
+                logits_rows.extend([len(ids) - 1] * len(group))
+        tables = _block_tables(batch.reqs)
         qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=qsl[1:])
-        dev = self.device
-
-        def to_dev(x: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(x)
-            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
-
+        longs = [np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64),
+                 np.asarray(slots, dtype=np.int64), np.asarray(logits_rows, dtype=np.int64),
+                 np.asarray(fix_rows, dtype=np.int64), np.asarray(fix_from, dtype=np.int64)]
+        ints = [qsl, np.asarray(seq_lens, dtype=np.int32), tables]
+        input_ids, pos_d, slots_d, rows_d, fix_rows_d, fix_from_d = self.staging.upload("inputs64", longs, torch.int64)
+        qsl_d, seq_lens_d, tables_d = self.staging.upload("inputs32", ints, torch.int32)
+        if fix_rows:
+            input_ids.index_copy_(0, fix_rows_d, prev.token_ids.index_select(0, fix_from_d))
         meta = AttentionMetadata(
-            slot_mapping=to_dev(np.concatenate(slots)),
-            query_start_loc=to_dev(qsl),
-            seq_lens=to_dev(np.asarray(seq_lens, dtype=np.int32)),
-            block_tables=to_dev(tables),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-        )
-        return StepInputs(
-            input_ids=to_dev(np.asarray(ids, dtype=np.int64)),
-            positions=to_dev(np.concatenate(positions)),
-            meta=meta,
-            logits_rows=to_dev(np.asarray(logits_rows, dtype=np.int64)),
-        )
+            slot_mapping=slots_d, query_start_loc=qsl_d, seq_lens=seq_lens_d, block_tables=tables_d,
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        return StepInputs(input_ids=input_ids, positions=pos_d, meta=meta, logits_rows=rows_d)
+
+    @staticmethod
+    def _pending_row(req: Request, prev: StepHandle | None) -> int:
+        if prev is None or req.pending_step != prev.step or req.num_pending != 1:
+            raise RuntimeError(f"request {req.request_id!r}: its input token is a placeholder of step "
+                               f"{req.pending_step}, but the step in flight is "
+                               f"{None if prev is None else prev.step} (num_pending={req.num_pending})")
+        return req.pending_row
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
+        """Launch and collect one step (no overlap)."""
+        return self.collect(self.launch(batch, step=-1))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, step: int, prev: StepHandle | None = None) -> StepHandle:
+        """Enqueue one step on the device; returns without waiting for it."""
         assert self.kv_cache is not None, "forward pass while the KV cache is released (asleep)"
+        self._ensure_graphs()
+        self.staging.flip()
         if batch.blocks_to_copy:
             self._copy_blocks(batch.blocks_to_copy)
-        inputs = self.prepare(batch)
+        inputs = self.prepare(batch, prev)
         ctx = ForwardContext(inputs.meta, self.kv_cache, self.backend)
         if self.graphs is not None and self.graphs.can_run(inputs):
             hidden = self.graphs.run(inputs)
@@ -148,16 +245,42 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         targets = batch.targets
         if not targets:
-            return []
+            return StepHandle(step, None)
         logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))
-        return self._sample(logits, targets)
+        return self._sample(logits, targets, step)
 
-    def _sample(self, logits: torch.Tensor, targets: list) -> list[SampledToken]:
+    def collect(self, h: StepHandle) -> list[SampledToken]:
+        """Wait for a launched step's tokens (the one host sync of a step)."""
+        if h.token_ids is None:
+            return []
+        if h.ready is not None:
+            h.ready.synchronize()
+        ids = h.host_ids.tolist()
+        lps = h.host_logprobs.tolist() if h.host_logprobs is not None else [None] * len(ids)
+        tops: list[dict[int, float] | None] = [None] * len(ids)
+        if h.host_top_ids is not None:
+            top_ids, top_lps = h.host_top_ids.tolist(), h.host_top_logprobs.tolist()
+            for i, k in enumerate(h.top_k):
+                if k > 0:
+                    tops[i] = dict(zip(top_ids[i][:k], top_lps[i][:k]))
+        return [SampledToken(tok, lp if want else None, top)
+                for tok, lp, want, top in zip(ids, lps, h.want_logprobs, tops)]
+
+    def _sampling_tensors(self, targets: list[Request], device: torch.device) -> SamplingTensors:
+        rows = []
+        for r in targets:
+            row = r.sampling_row
+            if row is None:
+                row = r.sampling_row = SamplingTensors.row(r.params, r.seed)
+            rows.append(row)
+        return SamplingTensors.from_rows(rows, [r.num_output_tokens for r in targets], self.staging)
+
+    def _sample(self, logits: torch.Tensor, targets: list[Request], step: int) -> StepHandle:
         ban_rows: list[int] = []
         ban_ids: list[int] = []
         for i, req in enumerate(targets):
             p = req.params
-            if req.num_output_tokens < p.min_tokens:
+            if p.min_tokens and req.num_output_tokens < p.min_tokens:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(req.eos_token_ids))
                 ban_rows.extend([i] * len(banned))
                 ban_ids.extend(banned)
@@ -166,32 +289,45 @@ class ModelRunner:
             logits = logits.clone()
             apply_token_bans(logits, torch.tensor(ban_rows, device=logits.device),
                              torch.tensor(ban_ids, device=logits.device))
-        t = SamplingTensors.build([r.params for r in targets], [r.seed for r in targets],
-                                  [r.num_output_tokens for r in targets], logits.device)
-        out = self.sampler(logits, t)
+        out = self.sampler(logits, self._sampling_tensors(targets, logits.device))
         if ban_rows and out.logprobs is not None:  # report logprobs of the model, not of the bans
             lse = torch.logsumexp(raw, dim=-1)
             out.logprobs = raw.gather(1, out.token_ids[:, None]).squeeze(1) - lse
-        want_lp = [r.params.logprobs is not None for r in targets]
-        ids = out.token_ids.tolist() if out.logprobs is None else None
-        if ids is None:
-            both = torch.stack([out.token_ids.double(), out.logprobs.double()], 1).cpu()
-            ids = both[:, 0].long().tolist()
-            lps = both[:, 1].tolist()
-        else:
-            lps = [None] * len(ids)
-        tops: list[dict[int, float] | None] = [None] * len(ids)
+        n = len(targets)
+        h = StepHandle(step, out.token_ids, want_logprobs=[r.params.logprobs is not None for r in targets])
+        h.host_ids = self._to_host("ids", out.token_ids)
+        if out.logprobs is not None:
+            h.host_logprobs = self._to_host("lps", out.logprobs.float())
         if out.top_token_ids is not None:
-            top_ids = out.top_token_ids.cpu().tolist()
-            top_lps = out.top_logprobs.cpu().tolist()
-            for i, r in enumerate(targets):
-                k = r.params.logprobs or 0
-                if k > 0:
-                    tops[i] = dict(zip(top_ids[i][:k], top_lps[i][:k]))
-        return [SampledToken(tok, lp if want else None, top)
-                for tok, lp, want, top in zip(ids, lps, want_lp, tops)]
+            h.top_k = [r.params.logprobs or 0 for r in targets]
+            h.host_top_ids = self._to_host("top_ids", out.top_token_ids)
+            h.host_top_logprobs = self._to_host("top_lps", out.top_logprobs.float())
+        if self.device.type == "cuda":
+            h.ready = torch.cuda.Event()
+            h.ready.record()
+        assert h.host_ids.shape[0] == n
+        return h
+
+    def _to_host(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """Start copying t into this step's pinned buffer for `key`; returns the host view."""
+        if not self.staging.pinned:
+            return t.clone()
+        buf = self.staging.buffer(key, t.numel(), t.dtype)[:t.numel()].view(t.shape)
+        buf.copy_(t, non_blocking=True)
+        return buf
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         src = torch.tensor([s for s, _ in pairs], device=self.device)
         dst = torch.tensor([d for _, d in pairs], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+
+def _block_tables(reqs: list[Request]) -> np.ndarray:
+    """[rows, max blocks] int32, each row a request's block table padded with 0."""
+    lens = np.fromiter((len(r.block_table) for r in reqs), dtype=np.int64, count=len(reqs))
+    width = max(int(lens.max()), 1)
+    tables = np.zeros((len(reqs), width), dtype=np.int32)
+    flat = np.fromiter(itertools.chain.from_iterable(r.block_table for r in reqs), dtype=np.int32,
+                       count=int(lens.sum()))
+    tables[np.arange(width)[None, :] < lens[:, None]] = flat
+    return tables

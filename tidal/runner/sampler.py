@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -91,6 +92,38 @@ class SamplingTensors:
             max_num_logprobs=max((-1 if p.logprobs is None else p.logprobs for p in params),
                                  default=-1),
             max_top_k=max(top_ks, default=0),
+        )
+
+
+    @staticmethod
+    def row(p: SamplingParams, seed: int) -> tuple:
+        """A request's constant sampling parameters, as `from_rows` takes them:
+        (temperature, top_p, min_p, top_k, seed, logprobs or -1)."""
+        lp = -1 if p.logprobs is None else p.logprobs
+        if p.greedy:
+            return (0.0, 1.0, 0.0, 0, _as_int64(seed), lp)
+        return (float(p.temperature), float(p.top_p), float(p.min_p), max(p.top_k, 0), _as_int64(seed), lp)
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple], steps: list[int], staging) -> SamplingTensors:
+        """`build` for the engine's hot path: rows from `row`, uploaded through the runner's
+        pinned staging buffers with one copy per dtype."""
+        n = len(rows)
+        floats = np.array([r[:3] for r in rows], dtype=np.float32).reshape(n, 3).T
+        ints = np.empty((3, n), dtype=np.int64)
+        ints[0] = [r[3] for r in rows]
+        ints[1] = [r[4] for r in rows]
+        ints[2] = steps
+        f_dev, = staging.upload("sampling_f32", [np.ascontiguousarray(floats)], torch.float32)
+        i_dev, = staging.upload("sampling_i64", [ints], torch.int64)
+        temps, top_ps, min_ps, top_ks = floats[0], floats[1], floats[2], ints[0]
+        return cls(
+            temperature=f_dev[0], top_p=f_dev[1], min_p=f_dev[2],
+            top_k=i_dev[0], seeds=i_dev[1], steps=i_dev[2],
+            all_greedy=not temps.any(), any_top_p=bool((top_ps < 1.0).any()),
+            any_top_k=bool((top_ks > 0).any()), any_min_p=bool((min_ps > 0.0).any()),
+            max_num_logprobs=max((r[5] for r in rows), default=-1),
+            max_top_k=int(top_ks.max(initial=0)),
         )
 
 
