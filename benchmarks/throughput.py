@@ -117,55 +117,47 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def attach_graphs(llm: LLM) -> str:
-    """Use CUDA graphs for decode. Until ModelRunner builds them itself, build them here."""
-    runner = llm.engine.core.runner
-    if runner.device.type != "cuda" or runner.config.enforce_eager:
-        return "eager"
-    if runner.graphs is None:
-        from tidal.runner.cuda_graph import CudaGraphRunner
-        max_blocks = -(-runner.max_model_len // runner.block_size)
-        runner.graphs = CudaGraphRunner(runner.model, runner.kv_cache, runner.backend, runner.config.max_num_seqs,
-                                        max_blocks, runner.block_size)
-    return "cuda_graph"
-
-
-def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args) -> dict:
+def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, overlap: bool = True,
+              extras: bool = True) -> dict:
+    """Tidal on the workload; extras: also the stage profile (--profile) and the batch-1 rate."""
     t0 = time.perf_counter()
     llm = LLM(path, load_format="dummy", device=args.device, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager, seed=0, **({"num_kv_blocks": 512} if args.tiny else {}))
-    mode = attach_graphs(llm)
+              enforce_eager=args.enforce_eager, overlap_scheduling=overlap, seed=0,
+              **({"num_kv_blocks": 512} if args.tiny else {}))
+    core = llm.engine.core
+    mode = "cuda_graph" if core.runner.graphs is not None else "eager"
     startup = time.perf_counter() - t0
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in out_lens]
     sync(args.device)
+    steps0, overlapped0 = core.step_count, core.num_overlapped_steps
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     sync(args.device)
     elapsed = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert n_out == sum(out_lens), f"generated {n_out} tokens, expected {sum(out_lens)}"
-    core = llm.engine.core
-    res = dict(tok_s=n_out / elapsed, seconds=elapsed, output_tokens=n_out, steps=core.step_count,
-               preemptions=core.scheduler.num_preemptions, mode=mode, startup_s=startup,
-               num_kv_blocks=core.runner.num_blocks)
-    if args.profile:
+    res = dict(tok_s=n_out / elapsed, seconds=elapsed, output_tokens=n_out, steps=core.step_count - steps0,
+               overlapped_steps=core.num_overlapped_steps - overlapped0, preemptions=core.scheduler.num_preemptions,
+               mode=mode, overlap_scheduling=overlap, startup_s=startup, num_kv_blocks=core.runner.num_blocks)
+    if extras and args.profile:
         res["profile"] = profile_steps(llm, prompts, [min(n, 300) for n in out_lens], args.device)
-    # Batch 1: decode rate from the difference of two lengths (cancels prefill and start-up).
-    prompt = prompts[0][:128]
-    times = {}
-    for n in (1, args.batch1_tokens + 1):
-        sync(args.device)
-        t0 = time.perf_counter()
-        llm.generate([prompt], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n), use_tqdm=False)
-        sync(args.device)
-        times[n] = time.perf_counter() - t0
-    res["batch1_tok_s"] = args.batch1_tokens / (times[args.batch1_tokens + 1] - times[1])
-    res["batch1_ctx"] = len(prompt) + args.batch1_tokens // 2
+    if extras:
+        # Batch 1: decode rate from the difference of two lengths (cancels prefill and start-up).
+        prompt = prompts[0][:128]
+        times = {}
+        for n in (1, args.batch1_tokens + 1):
+            sync(args.device)
+            t0 = time.perf_counter()
+            llm.generate([prompt], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n), use_tqdm=False)
+            sync(args.device)
+            times[n] = time.perf_counter() - t0
+        res["batch1_tok_s"] = args.batch1_tokens / (times[args.batch1_tokens + 1] - times[1])
+        res["batch1_ctx"] = len(prompt) + args.batch1_tokens // 2
     llm.shutdown()
-    del llm, outs
+    del llm, outs, core
     free_memory()
     if torch.cuda.is_available():
         res["cuda_allocated_after_shutdown"] = torch.cuda.memory_allocated()
@@ -173,9 +165,10 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args) ->
 
 
 def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], device: str) -> dict:
-    """Where a step's time goes: wall time of the engine's stages per step, with a device sync
-    after the model and the logits so GPU time lands in the stage that queued it; then the GPU
-    time of one replay of the largest decode graph at a 1k context."""
+    """Where a step's time goes, with overlap on and no extra syncs: host time of the engine's
+    stages per step. `ModelRunner.collect` is where the host waits for the GPU; the wall time per
+    step minus that wait is the host's own work. Then the GPU time of one replay of the largest
+    decode graph at a 1k context."""
     from tidal.engine.core import EngineCore
     from tidal.engine.scheduler import Scheduler
     from tidal.runner.runner import ModelRunner
@@ -183,28 +176,22 @@ def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], devic
     core, runner = llm.engine.core, llm.engine.core.runner
     acc: dict[str, float] = {}
 
-    def timed(obj, name: str, label: str, sync_after: bool = False):
-        fn = getattr(obj, name)
+    def timed(cls, name: str):
+        fn = cls.__dict__[name]
+        label = f"{cls.__name__}.{name}"
 
         def wrapper(*a, **k):
             t = time.perf_counter()
             out = fn(*a, **k)
-            if sync_after:
-                sync(device)
             acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
             return out
-        setattr(obj, name, wrapper)
+        setattr(cls, name, wrapper)
         return fn
 
-    saved = [(Scheduler, "schedule"), (Scheduler, "update"), (EngineCore, "_emit"), (EngineCore, "step"),
-             (ModelRunner, "prepare"), (ModelRunner, "_sample")]
-    originals = {(c, n): c.__dict__[n] for c, n in saved}
-    for c, n in saved:
-        timed(c, n, f"{c.__name__}.{n}")
-    timed(runner.model, "forward", "model.forward (eager, synced)", sync_after=True)
-    timed(runner.model, "compute_logits", "compute_logits (synced)", sync_after=True)
-    if runner.graphs is not None:
-        timed(runner.graphs, "run", "graphs.run (synced)", sync_after=True)
+    stages = [(Scheduler, "schedule"), (Scheduler, "advance"), (Scheduler, "resolve"), (EngineCore, "_emit"),
+              (EngineCore, "step"), (ModelRunner, "launch"), (ModelRunner, "prepare"), (ModelRunner, "_sample"),
+              (ModelRunner, "collect")]
+    originals = {(c, n): timed(c, n) for c, n in stages}
     steps0 = core.step_count
     t0 = time.perf_counter()
     try:
@@ -213,12 +200,11 @@ def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], devic
     finally:
         for (c, n), f in originals.items():
             setattr(c, n, f)
-        del runner.model.forward, runner.model.compute_logits  # back to the class methods
-        if runner.graphs is not None:
-            del runner.graphs.run
     steps = core.step_count - steps0
-    res = dict(steps=steps, wall_ms_per_step=1e3 * (time.perf_counter() - t0) / steps,
-               ms_per_step={k: 1e3 * v / steps for k, v in sorted(acc.items(), key=lambda kv: -kv[1])})
+    wall = 1e3 * (time.perf_counter() - t0) / steps
+    per_step = {k: 1e3 * v / steps for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
+    res = dict(steps=steps, wall_ms_per_step=wall, ms_per_step=per_step,
+               host_busy_ms_per_step=wall - per_step.get("ModelRunner.collect", 0.0))
     g = runner.graphs
     if g is not None and device == "cuda":
         bs = g.batch_sizes[-1]
@@ -336,6 +322,8 @@ def main() -> None:
     ap.add_argument("--hf-seqs", type=int, default=64)
     ap.add_argument("--hf-max-time", type=float, default=25.0)
     ap.add_argument("--profile", action="store_true", help="also time the engine's stages per step (first model)")
+    ap.add_argument("--serial", nargs="*", default=[], metavar="MODEL",
+                    help="also run these models with overlap scheduling off, side by side")
     ap.add_argument("--tiny", action="store_true", help="a tiny model in place of each config (smoke run)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default="throughput", help="file name stem of the JSON and PNG")
@@ -368,6 +356,9 @@ def main() -> None:
             row["hf"] = run_hf_with_fallback(cfg, prompts, out_lens, args)
         print(f"[{model}] tidal ...", flush=True)
         row["tidal"] = run_tidal(path, prompts, out_lens, args)
+        if model in args.serial:
+            print(f"[{model}] tidal, overlap scheduling off ...", flush=True)
+            row["tidal_serial"] = run_tidal(path, prompts, out_lens, args, overlap=False, extras=False)
         row["batch1_ceiling_tok_s"] = bw / (w_bytes + kv_tok * row["tidal"]["batch1_ctx"])
         results["models"][model] = row
         (out_dir / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
@@ -381,6 +372,11 @@ def main() -> None:
         b1, b1c = r["tidal"]["batch1_tok_s"], r["batch1_ceiling_tok_s"]
         hf_s = f"{hf:10.0f} {t / hf:6.1f}" if hf else f"{'-':>10s} {'-':>6s}"
         print(f"{model:14s} {t:12.0f} {hf_s} {c:9.0f} {100 * t / c:6.1f}% {b1:9.1f} {b1c:8.1f} {100 * b1 / b1c:5.1f}%")
+    for model, r in results["models"].items():
+        if "tidal_serial" in r:
+            ser = r["tidal_serial"]["tok_s"]
+            print(f"{model}: overlap scheduling {r['tidal']['tok_s']:.0f} tok/s vs serial steps {ser:.0f} "
+                  f"({r['tidal']['tok_s'] / ser:.2f}x)")
     if device.type == "cuda":
         plot(results, out_dir / f"{args.tag}.png")
 
