@@ -1,8 +1,15 @@
 """Shared fixtures: tiny random checkpoints created once per session."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run on the CPU in Triton's interpreter. triton.jit reads the
+# variable when a kernel is defined, so it is set here, before any test module imports tidal.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,16 +1,5 @@
-"""Shared setup for the attention kernel tests.
-
-Without a GPU the Triton kernels run on the CPU through Triton's interpreter; the variable must
-be set before any kernel module is imported (triton.jit reads it at decoration time).
-"""
+"""Shared setup for the attention kernel tests (TRITON_INTERPRET is set in tests/conftest.py)."""
 from __future__ import annotations
-
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
