@@ -90,6 +90,12 @@ class BlockManager:
         empty). A shared partial block about to be written is copied first (copy-on-write);
         the (src, dst) pairs are appended to `copies` for the runner. Returns False, changing
         nothing, when there are not enough free blocks."""
+        table = req.block_table
+        if not admit and not computed_blocks:  # fast path: the tokens fit the blocks it owns
+            write_block = req.num_computed_tokens // self.block_size
+            if (req.num_computed_tokens + num_new_tokens <= len(table) * self.block_size
+                    and (write_block >= len(table) or self.blocks[table[write_block]].ref_count == 1)):
+                return True
         computed_blocks = list(computed_blocks)
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         have = len(req.block_table) + len(computed_blocks)

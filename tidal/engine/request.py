@@ -51,14 +51,12 @@ class Request:
     pending_row: int = -1              # row of the newest placeholder in its step's sampled tokens
     pending_step: int = -1             # which step that is
     sampling_row: tuple | None = None  # cached per-request sampling parameters (ModelRunner)
+    num_prompt_tokens: int = field(init=False, default=0)  # the prompt never changes
 
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -70,12 +68,12 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.prompt_token_ids)
+        return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def num_resolved_output_tokens(self) -> int:
         """Output tokens whose values are known (placeholders excluded)."""
-        return len(self.token_ids) - len(self.prompt_token_ids) - self.num_pending
+        return len(self.token_ids) - self.num_prompt_tokens - self.num_pending
 
     @property
     def finished(self) -> bool:
