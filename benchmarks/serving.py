@@ -486,12 +486,11 @@ def main() -> int:
         need = args.input_len + max(lengths)
         args.max_model_len = -(-need // args.block_size) * args.block_size
     kw = engine_kwargs(args)
-    device = _device_name(args.device)
-    print(f"model {model} ({args.shape or 'checkpoint'}) | device {device} | {args.num_prompts} prompts x "
+    print(f"model {model} ({args.shape or 'checkpoint'}) | device {args.device} | {args.num_prompts} prompts x "
           f"{args.input_len} in / {args.output_len} out (+-{args.output_len_spread:.0%}) | concurrency "
           f"{args.concurrency}", flush=True)
 
-    report = {"benchmark": "serving", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": device,
+    report = {"benchmark": "serving", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": None,
               "host": platform.node(), "model": model, "shape": args.shape, "versions": _versions(),
               "workload": {"num_prompts": args.num_prompts, "concurrency": args.concurrency,
                            "input_len": args.input_len, "output_len": args.output_len,
@@ -520,7 +519,12 @@ def main() -> int:
         o, s = report["offline"], report["server"]
         if o and s and o["output_tok_s"]:
             report["server_overhead"] = 1.0 - s["output_tok_s"] / o["output_tok_s"]
+    except BaseException as e:  # SIGTERM (the outer timeout), Ctrl-C: still say what happened
+        report["errors"].append(f"interrupted: {type(e).__name__} {e}")
+        raise
     finally:
+        # Only now: naming the GPU would make a CUDA context in this process during the runs.
+        report["device"] = _device_name(args.device)
         report["total_s"] = time.perf_counter() - t_start
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

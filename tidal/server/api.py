@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -151,22 +152,23 @@ async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
 
 async def _merge(gens: list[AsyncIterator[RequestOutput]],
                  timing: "_Timing | None" = None) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several requests as they come, tagged with the request's position."""
+    """Outputs of several requests as they come, tagged with the request's position. One
+    request (the common case) is iterated in place: no task, no queue, no extra generator."""
     try:
-        async with contextlib.aclosing(_merge_all(gens)) as it:
-            async for item in it:
-                yield item
+        if len(gens) == 1:
+            async with contextlib.aclosing(gens[0]) as g:
+                async for out in g:
+                    yield 0, out
+        else:
+            async with contextlib.aclosing(_merge_many(gens)) as it:
+                async for item in it:
+                    yield item
     finally:
         if timing is not None:
             timing.close()
 
 
-async def _merge_all(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    if len(gens) == 1:
-        async with contextlib.aclosing(gens[0]) as g:
-            async for out in g:
-                yield 0, out
-        return
+async def _merge_many(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     q: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
@@ -273,6 +275,10 @@ class _Server:
                                    log_level=s.log_level, metrics=self.metrics)
         await self.client.start()
         self.token_text = _TokenText(self.client.tokenizer)
+        # Everything loaded so far (torch, transformers, the tokenizer) lives for good: keep it
+        # out of the collector's sight, so that the collections that streaming triggers (it
+        # allocates per token) do not walk it over and over.
+        gc.freeze()
         log.info("engine core ready (pid %s): %s, max_model_len=%d", self.client.engine_pid,
                  self.client.model_path, self.client.max_model_len)
 
@@ -291,10 +297,11 @@ class _Server:
             raise APIError(401, "invalid or missing API key: expected 'Authorization: Bearer <key>'",
                            "authentication_error", headers={"WWW-Authenticate": "Bearer"})
 
-    def require_api_key(self, request: Request) -> None:
+    # async: a plain-def dependency would cost every request a trip through the thread pool.
+    async def require_api_key(self, request: Request) -> None:
         self._check_key(request, self.settings.api_key)
 
-    def require_admin_key(self, request: Request) -> None:
+    async def require_admin_key(self, request: Request) -> None:
         self._check_key(request, self.settings.admin_key or self.settings.api_key)
 
     # -- routes --------------------------------------------------------------------------
