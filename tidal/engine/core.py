@@ -97,9 +97,12 @@ class EngineCore:
         self.inbox.put(msg)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop the loop (in-flight requests end with "abort") and release the device memory."""
         self.inbox.put(Shutdown())
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if not self.alive:  # the loop is gone: nothing touches the runner any more
+            self.runner.release()
 
     @property
     def alive(self) -> bool:

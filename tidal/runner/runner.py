@@ -150,6 +150,13 @@ class ModelRunner:
         self.kv_cache = None
         self.invalidate_graphs()
 
+    def release(self) -> None:
+        """Drop the KV cache, the graphs and the weights (engine shut down)."""
+        self.free_kv_cache()
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def invalidate_graphs(self) -> None:
         """Captured graphs hold raw pointers to weights and the KV cache; drop them whenever
         either moves (sleep/wake)."""
