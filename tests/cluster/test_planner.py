@@ -15,12 +15,13 @@ from tidal.cluster.state import Plan
 GEN_CLUSTER = "actor_infer"
 
 
-def spec(pid: str, train: list[int] | None, infer: list[int] | None, tp: int = 1, **extra) -> PipelineSpec:
+def spec(pid: str, train: list[int] | None, infer: list[int] | None, tp: int = 1, max_num_seqs: int | None = None,
+         **extra) -> PipelineSpec:
     clusters = {}
     if train is not None:
         clusters["actor_train"] = ClusterSpec(gpus=train)
     if infer is not None:
-        clusters[GEN_CLUSTER] = ClusterSpec(gpus=infer, tp=tp, generation=True)
+        clusters[GEN_CLUSTER] = ClusterSpec(gpus=infer, tp=tp, generation=True, max_num_seqs=max_num_seqs)
     clusters.update({k: ClusterSpec(gpus=v) for k, v in extra.items()})
     return PipelineSpec(pid, clusters=clusters)
 
@@ -150,6 +151,55 @@ def test_shrink_prefers_donor_with_most_negative_gap_and_spares_near_finish():
     assert len(active(st_, "c")) >= 2 and len(active(st_, "b")) >= 1
 
 
+def test_tail_packs_onto_the_replicas_its_samples_fill():
+    """With max_num_seqs=16, a rollout with 10 samples left needs one replica: a newly opened
+    pipeline gets the other seven, although the tail pipeline is protected (close to finishing)."""
+    for surplus in ("proportional", "shortest_first"):
+        cfg = PlannerConfig(surplus=surplus)
+        st_ = SchedulerState(8)
+        for pid in ("a", "b"):
+            st_.register(spec(pid, None, list(range(8)), max_num_seqs=16))
+        st_.open_generation("a", 200)
+        settle(st_, config=cfg)
+        assert len(active(st_, "a")) == 8
+        st_.report_progress("a", completed=190)
+        assert plan(st_, cfg).empty  # nobody else wants them: no churn
+        st_.open_generation("b", 400)
+        settle(st_, config=cfg)
+        assert (len(active(st_, "a")), len(active(st_, "b"))) == (1, 7), surplus
+
+
+def test_no_expansion_past_what_remaining_samples_fill():
+    st_ = SchedulerState(8)
+    st_.register(spec("a", None, list(range(8)), max_num_seqs=16))
+    st_.open_generation("a", 40)  # 40 samples fill 3 replicas of 16
+    settle(st_)
+    assert len(active(st_, "a")) == 3
+    st_.register(spec("b", None, list(range(8))))  # max_num_seqs unknown: every replica counts
+    st_.open_generation("b", 2)
+    settle(st_)
+    assert len(active(st_, "b")) == 5
+
+
+def test_replicas_past_a_donors_need_move_inside_the_hysteresis_band():
+    """b and c each want 3.5 replicas and hold 3 (gap 0.5, inside the band); a holds 2 but its
+    samples fill 1. The spare one moves, since a can never want it back."""
+    st_ = SchedulerState(8)
+    for pid in ("a", "b", "c"):
+        st_.register(spec(pid, None, list(range(8)), max_num_seqs=16))
+        st_.open_generation(pid, 400)
+    st_.pipelines["a"].gen.active = {0, 1}
+    st_.pipelines["b"].gen.active = {2, 3, 4}
+    st_.pipelines["c"].gen.active = {5, 6, 7}
+    st_.report_progress("a", completed=392)
+    st_.check()
+    cfg = PlannerConfig(guarantee=0.0)
+    p = step(st_, cfg)
+    assert sum(map(len, p.shrinks.values())) == 1 and list(p.shrinks) == ["a"]
+    settle(st_, config=cfg)
+    assert len(active(st_, "a")) == 1 and len(active(st_, "b")) + len(active(st_, "c")) == 7
+
+
 def test_hysteresis_small_demand_drift_moves_nothing():
     cfg = PlannerConfig(guarantee=0.0)
     st_ = SchedulerState(8)
@@ -236,6 +286,11 @@ def test_spec_errors_name_field_value_and_expectation():
     with pytest.raises(SpecError, match="at most one"):
         st_.register(PipelineSpec("x", clusters={"a": ClusterSpec([0], generation=True),
                                                  "b": ClusterSpec([1], generation=True)}))
+    for bad in (0, 2.5):
+        with pytest.raises(SpecError, match=f"max_num_seqs={bad}"):
+            st_.register(PipelineSpec("x", clusters={"g": ClusterSpec([0], generation=True, max_num_seqs=bad)}))
+    with pytest.raises(SpecError, match="max_num_seqs=8.*generation cluster"):
+        st_.register(PipelineSpec("x", clusters={"t": ClusterSpec([0], max_num_seqs=8)}))
     st_.register(spec("x", [0], [0, 1]))
     with pytest.raises(SpecError, match="step_target=0"):
         st_.open_generation("x", 0)
@@ -257,7 +312,8 @@ def pools(draw):
             gpus = draw(st.permutations(range(n)))[:k * tp]
             if draw(st.booleans()):
                 gpus = sorted(gpus)
-            clusters[GEN_CLUSTER] = ClusterSpec(gpus=gpus, tp=tp, generation=True)
+            clusters[GEN_CLUSTER] = ClusterSpec(gpus=gpus, tp=tp, generation=True,
+                                                max_num_seqs=draw(st.sampled_from([None, 1, 16, 64])))
         specs.append(PipelineSpec(f"p{i}", clusters=clusters))
     return n, specs
 
@@ -356,3 +412,36 @@ def test_every_open_pipeline_gets_a_replica_when_the_pool_allows(tp, replicas, t
     if len(pids) <= replicas:
         assert all(c >= 1 for c in counts), counts
     assert sum(counts) == replicas  # work conserving: no replica left idle
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 8), st.lists(st.integers(1, 300), min_size=1, max_size=6),
+       st.sampled_from([1, 8, 32]), st.integers(0, 2**32 - 1), configs)
+def test_tails_pack_and_spare_replicas_stay_in_use(replicas, targets, seqs, seed, config):
+    """With max_num_seqs declared, at the fixpoint no pipeline gained a replica its remaining
+    samples cannot fill, and no replica is idle while an open pipeline holds fewer than it fills."""
+    rng = random.Random(seed)
+    gpus = list(range(replicas))
+    state = SchedulerState(replicas)
+    pids = [f"p{i}" for i in range(len(targets))]
+    for pid in pids:
+        state.register(spec(pid, None, gpus, max_num_seqs=seqs))
+    for pid, t in zip(pids, targets):
+        state.open_generation(pid, t)
+        if rng.random() < 0.5:
+            settle(state, config=config)
+        if rng.random() < 0.5:
+            state.report_progress(pid, rng.randint(0, t))
+    settle(state, config=config)
+    gens = [state.pipelines[p].gen for p in pids]
+    if len(pids) <= replicas:
+        assert all(g.current >= 1 for g in gens)
+    short = any(g.current < g.needed for g in gens)
+    assert not short or sum(g.current for g in gens) == replicas
+    for p in pids:  # a plan never takes a pipeline past its need (it may keep what it had)
+        before = {q: state.pipelines[q].gen.current for q in pids}
+        state.report_progress(p, state.pipelines[p].gen.step_target)  # all done: need drops to 1
+        step(state, config)
+        for q in pids:
+            g = state.pipelines[q].gen
+            assert g.current <= max(before[q], g.needed)
