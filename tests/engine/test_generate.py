@@ -168,3 +168,18 @@ def test_n_samples_with_chunked_prefill(path, make_llm):
                                                            ignore_eos=True), use_tqdm=False)[0]
     assert [c.token_ids for c in out.outputs] == [c.token_ids for c in ref.outputs]
     assert_no_leaks(llm)
+
+
+def test_offline_generate_gets_one_output_per_sample(path, make_llm):
+    """LLM.generate asks for final outputs only: the core sends nothing per token, and the
+    results (tokens, logprobs) are the same as a streamed request's."""
+    llm = make_llm(path)
+    seen = []
+    dispatch = llm.engine._dispatch
+    llm.engine._dispatch = lambda outs: (seen.extend(outs), dispatch(outs))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0, n=2)
+    outs = llm.generate(["abc", "hello there"], params, use_tqdm=False)
+    assert len(seen) == 4 and all(o.finish_reason == "length" for o in seen)
+    for o in outs:
+        for c in o.outputs:
+            assert len(c.token_ids) == 12 and len(c.logprobs) == 12

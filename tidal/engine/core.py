@@ -198,7 +198,8 @@ class EngineCore:
             return
         base_seed = p.seed if p.seed is not None else self.rng.getrandbits(62)
         samples = [Request(msg.request_id, i, list(msg.prompt_token_ids), p, derive_seed(base_seed, i),
-                           eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)
+                           eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
+                           final_only=msg.final_only)
                    for i in range(p.n)]
         if p.stop:
             for r in samples:
@@ -277,6 +278,8 @@ class EngineCore:
     def _emit(self, reqs: list[Request], error: str | None = None) -> None:
         outs = []
         for req in reqs:
+            if req.final_only and not req.finished:
+                continue
             start = req.num_sent_tokens
             end = req.num_resolved_output_tokens
             new = req.token_ids[req.num_prompt_tokens + start:req.num_prompt_tokens + end]

@@ -42,7 +42,8 @@ class LLM:
             self.engine.register(rid, inbox.put)
         try:
             for rid, (_, toks), sp in zip(ids, processed, params_list):
-                self.engine.core.submit(AddRequest(rid, toks, sp))
+                # Offline: one output per sample when it finishes, no per-token traffic.
+                self.engine.core.submit(AddRequest(rid, toks, sp, final_only=True))
             self._collect(states, inbox, use_tqdm and len(ids) > 1)
         finally:
             for rid in ids:

@@ -32,6 +32,7 @@ class AddRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    final_only: bool = False  # emit nothing until the request finishes (offline generate)
 
 
 @dataclass(slots=True)

@@ -44,6 +44,7 @@ class Request:
     num_preemptions: int = 0
     detokenizer: object | None = None  # only for requests with stop strings
     num_sent_tokens: int = 0           # outputs already handed to the output path
+    final_only: bool = False           # one output, when finished (no per-token deltas)
     # Overlap scheduling (see EngineCore.step): a sampled token whose step is still on the device
     # sits at the end of `token_ids` as PLACEHOLDER until the step is resolved. At most two are
     # pending (the step being resolved and the one launched ahead of it).
