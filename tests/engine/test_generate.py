@@ -175,8 +175,9 @@ def test_offline_generate_gets_one_output_per_sample(path, make_llm):
     results (tokens, logprobs) are the same as a streamed request's."""
     llm = make_llm(path)
     seen = []
-    dispatch = llm.engine._dispatch
-    llm.engine._dispatch = lambda outs: (seen.extend(outs), dispatch(outs))
+    core = llm.engine.core
+    dispatch = core.output_handler
+    core.output_handler = lambda outs: (seen.extend(outs), dispatch(outs))
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0, n=2)
     outs = llm.generate(["abc", "hello there"], params, use_tqdm=False)
     assert len(seen) == 4 and all(o.finish_reason == "length" for o in seen)
