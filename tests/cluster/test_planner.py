@@ -327,6 +327,8 @@ def apply_event(state: SchedulerState, inflight: list, rng: random.Random, kind:
                 config: PlannerConfig = PlannerConfig()) -> None:
     pids = [p for p, ps in state.pipelines.items() if ps.dead is None]
     if not pids:
+        if kind == "commit":
+            inflight.clear()  # every owner is dead and kill() took its GPUs back: nothing left to finish
         return
     pid = rng.choice(pids)
     ps = state.pipelines[pid]
