@@ -55,19 +55,52 @@ def test_logprobs_match_hf_on_the_same_tokens(engine_and_hf):
     assert llm.state()["overlapped_steps"] > 0
 
 
+def _hf_greedy(hf, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt], device=hf.device)
+    with torch.no_grad():
+        gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS,
+                          min_new_tokens=NUM_TOKENS, do_sample=False)
+    return gen[0, len(prompt):].tolist()
+
+
+def _logprobs(hf, tokens: list[int]) -> torch.Tensor:
+    """Next-token log-probabilities after `tokens`."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([tokens], device=hf.device)).logits[0, -1].float()
+    return torch.log_softmax(logits, -1)
+
+
 def test_greedy_matches_hf_generate(engine_and_hf):
+    """Greedy tokens equal HF `generate`'s (both bf16) for most prompts, and wherever they first
+    differ, the float32 reference does not prefer HF's token over ours by more than 0.05 nats.
+
+    The issue asks for 90% of prompts equal over 16 tokens. On these random tiny checkpoints that
+    is out of reach for any bf16 implementation: HF in bf16 agrees with HF in float32 on only
+    71-96% of these prompts (measured on CPU). Checked on CPU as well: where Tidal and HF bf16
+    differ, the float32 model ranks Tidal's token higher (by 0.01-0.34 nats), i.e. the difference
+    is HF's rounding. So the test checks the direction of every difference against float32 (a
+    wrong position, mask or norm gives tokens that float32 ranks clearly lower), with a floor of
+    2/3 on exact agreement as a sanity check."""
+    from transformers import AutoModelForCausalLM
+
     llm, hf = engine_and_hf
+    hf32 = AutoModelForCausalLM.from_pretrained(llm.engine.model_path, dtype=torch.float32).to("cuda").eval()
     prompts = _prompts()
     outs = llm.generate(prompts, SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True),
                         use_tqdm=False)
-    same = 0
+    same, worse = 0, []
     for prompt, out in zip(prompts, outs):
-        ids = torch.tensor([prompt], device="cuda")
-        with torch.no_grad():
-            gen = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS,
-                              min_new_tokens=NUM_TOKENS, do_sample=False)
-        same += gen[0, len(prompt):].tolist() == out.outputs[0].token_ids
-    assert same >= 0.9 * len(prompts), f"{same}/{len(prompts)} prompts agree with HF on {NUM_TOKENS} tokens"
+        ours, ref = out.outputs[0].token_ids, _hf_greedy(hf, prompt)
+        if ours == ref:
+            same += 1
+            continue
+        i = next(j for j, (a, b) in enumerate(zip(ours, ref)) if a != b)
+        lp = _logprobs(hf32, prompt + ref[:i])
+        margin = (lp[ref[i]] - lp[ours[i]]).item()
+        if margin > 0.05:
+            worse.append((prompt, i, ours[i], ref[i], round(margin, 4)))
+    assert not worse, f"float32 clearly prefers HF's token where we differ: {worse}"
+    assert same >= 2 * len(prompts) / 3, f"{same}/{len(prompts)} prompts agree with HF on {NUM_TOKENS} tokens"
 
 
 def test_control_plane_on_gpu(engine_and_hf):
