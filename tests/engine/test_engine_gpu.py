@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 NUM_TOKENS = 16
+DEVICE = "cuda"
 
 
 def _prompts() -> list[list[int]]:
@@ -29,10 +30,10 @@ def engine_and_hf(request, tiny_ckpt):
     from transformers import AutoModelForCausalLM
 
     path = tiny_ckpt(request.param)
-    llm = LLM(path, dtype="bfloat16", device="cuda", block_size=16, max_num_seqs=32,
+    llm = LLM(path, dtype="bfloat16", device=DEVICE, block_size=16, max_num_seqs=32,
               gpu_memory_utilization=0.3)
     assert llm.engine.core.runner.graphs is not None, "CUDA graphs are on by default on a GPU"
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
     yield llm, hf
     llm.shutdown()
 
@@ -45,10 +46,10 @@ def test_logprobs_match_hf_on_the_same_tokens(engine_and_hf):
     diffs = []
     for prompt, out in zip(prompts, outs):
         c = out.outputs[0]
-        ids = torch.tensor([prompt + c.token_ids], device="cuda")
+        ids = torch.tensor([prompt + c.token_ids], device=DEVICE)
         with torch.no_grad():
             logits = hf(ids).logits[0, len(prompt) - 1:-1].float()
-        ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids, device="cuda")[:, None])[:, 0]
+        ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids, device=DEVICE)[:, None])[:, 0]
         diffs.append((ref.cpu() - torch.tensor(c.logprobs)).abs())
     mean = torch.cat(diffs).mean().item()
     assert mean <= 0.02, f"mean |logprob - HF| = {mean:.4f}"
@@ -84,7 +85,7 @@ def test_greedy_matches_hf_generate(engine_and_hf):
     from transformers import AutoModelForCausalLM
 
     llm, hf = engine_and_hf
-    hf32 = AutoModelForCausalLM.from_pretrained(llm.engine.model_path, dtype=torch.float32).to("cuda").eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(llm.engine.model_path, dtype=torch.float32).to(DEVICE).eval()
     prompts = _prompts()
     outs = llm.generate(prompts, SamplingParams(max_tokens=NUM_TOKENS, temperature=0, ignore_eos=True),
                         use_tqdm=False)
