@@ -14,19 +14,31 @@ def assert_no_leaks(llm: LLM) -> None:
     core.block_manager.check_invariants([])
 
 
-@pytest.fixture
-def make_llm():
-    made: list[LLM] = []
+def _factory(cls, num_kv_blocks: int):
+    """A fixture body: make(path, **engine_kwargs) builds `cls` with small CPU defaults and
+    shuts every engine it made down at the end of the test."""
+    made = []
 
-    def make(path: str, **kw) -> LLM:
+    def make(path: str, **kw):
         kw.setdefault("dtype", "float32")
         kw.setdefault("device", "cpu")
         kw.setdefault("block_size", 4)
-        kw.setdefault("num_kv_blocks", 512)
-        llm = LLM(path, **kw)
-        made.append(llm)
-        return llm
+        kw.setdefault("num_kv_blocks", num_kv_blocks)
+        engine = cls(path, **kw)
+        made.append(engine)
+        return engine
 
     yield make
-    for llm in made:
-        llm.shutdown()
+    for engine in made:
+        engine.shutdown()
+
+
+@pytest.fixture
+def make_llm():
+    yield from _factory(LLM, num_kv_blocks=512)
+
+
+@pytest.fixture
+def make_engine():
+    from tidal import AsyncLLM
+    yield from _factory(AsyncLLM, num_kv_blocks=2048)

@@ -11,24 +11,6 @@ from tidal.engine.messages import EngineNotServing
 LONG = SamplingParams(max_tokens=3000, temperature=0, ignore_eos=True)  # far longer than any test waits
 
 
-@pytest.fixture
-def make_engine():
-    made: list[AsyncLLM] = []
-
-    def make(path: str, **kw) -> AsyncLLM:
-        kw.setdefault("device", "cpu")
-        kw.setdefault("dtype", "float32")
-        kw.setdefault("block_size", 4)
-        kw.setdefault("num_kv_blocks", 2048)
-        eng = AsyncLLM(path, **kw)
-        made.append(eng)
-        return eng
-
-    yield make
-    for eng in made:
-        eng.shutdown()
-
-
 @pytest.fixture(scope="module")
 def path(tiny_ckpt):
     return tiny_ckpt("llama", max_position_embeddings=4096)
