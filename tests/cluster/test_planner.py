@@ -52,6 +52,19 @@ def active(state: SchedulerState, pid: str) -> set[int]:
     return state.pipelines[pid].gen.active
 
 
+def open_in_random_order(state: SchedulerState, pids: list[str], targets: list[int], rng: random.Random,
+                         config: PlannerConfig, progress_p: float) -> None:
+    """Open each pipeline's rollout in turn, planning in between or not and reporting partial
+    progress at random, then plan to the fixpoint."""
+    for pid, t in zip(pids, targets):
+        state.open_generation(pid, t)
+        if rng.random() < 0.5:
+            settle(state, config=config)
+        if rng.random() < progress_p:
+            state.report_progress(pid, rng.randint(0, t))
+    settle(state, config=config)
+
+
 # ---- unit cases ---------------------------------------------------------------------------------
 
 def test_plan_is_pure_and_deterministic():
@@ -403,13 +416,7 @@ def test_every_open_pipeline_gets_a_replica_when_the_pool_allows(tp, replicas, t
     pids = [f"p{i}" for i in range(len(targets))]
     for pid in pids:
         state.register(spec(pid, None, gpus, tp=tp))
-    for pid, t in zip(pids, targets):
-        state.open_generation(pid, t)
-        if rng.random() < 0.5:
-            settle(state, config=config)
-        if rng.random() < 0.3:
-            state.report_progress(pid, rng.randint(0, t))
-    settle(state, config=config)
+    open_in_random_order(state, pids, targets, rng, config, progress_p=0.3)
     counts = [len(active(state, p)) for p in pids]
     if len(pids) <= replicas:
         assert all(c >= 1 for c in counts), counts
@@ -428,13 +435,7 @@ def test_tails_pack_and_spare_replicas_stay_in_use(replicas, targets, seqs, seed
     pids = [f"p{i}" for i in range(len(targets))]
     for pid in pids:
         state.register(spec(pid, None, gpus, max_num_seqs=seqs))
-    for pid, t in zip(pids, targets):
-        state.open_generation(pid, t)
-        if rng.random() < 0.5:
-            settle(state, config=config)
-        if rng.random() < 0.5:
-            state.report_progress(pid, rng.randint(0, t))
-    settle(state, config=config)
+    open_in_random_order(state, pids, targets, rng, config, progress_p=0.5)
     gens = [state.pipelines[p].gen for p in pids]
     if len(pids) <= replicas:
         assert all(g.current >= 1 for g in gens)

@@ -31,7 +31,7 @@ from tidal.engine.control import ControlPlane
 from tidal.engine.kv_cache import BlockManager
 from tidal.engine.messages import (AbortRequests, AddRequest, ControlCall, EngineDead, EngineOutput,
                                    EngineState, Shutdown)
-from tidal.engine.request import Request, RequestStatus
+from tidal.engine.request import Request
 from tidal.engine.scheduler import Scheduler
 from tidal.runner.runner import ModelRunner, StepHandle
 
@@ -181,8 +181,6 @@ class EngineCore:
             self._resolve(batch, handle)
 
     def _resolve(self, batch, handle: StepHandle) -> None:
-        if self.inflight is not None and self.inflight[1] is handle:
-            self.inflight = None
         sampled = self.runner.collect(handle)
         touched = self.scheduler.resolve(batch, sampled, self.weight_version, self._check_stop)
         self._emit(touched)
@@ -236,7 +234,7 @@ class EngineCore:
                     return "stop", hit[1]
         elif req.detokenizer is not None:
             req.detokenizer.push([token])
-        if n_out >= p.max_tokens or req.num_prompt_tokens + n_out >= req.max_model_len:
+        if req.ends_by_length(n_out):
             return "length", None
         return None
 

@@ -76,6 +76,11 @@ class Request:
         """Output tokens whose values are known (placeholders excluded)."""
         return len(self.token_ids) - self.num_prompt_tokens - self.num_pending
 
+    def ends_by_length(self, num_output_tokens: int) -> bool:
+        """Whether a request with this many output tokens is done: max_tokens or the model's length."""
+        return (num_output_tokens >= self.params.max_tokens
+                or self.num_prompt_tokens + num_output_tokens >= self.max_model_len)
+
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED

@@ -89,8 +89,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             i += 1
-            if lookahead and (req.num_output_tokens >= req.params.max_tokens
-                              or req.num_tokens >= req.max_model_len):
+            if lookahead and req.ends_by_length(req.num_output_tokens):
                 continue  # the step in flight ends it
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if lookahead:

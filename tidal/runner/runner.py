@@ -232,11 +232,6 @@ class ModelRunner:
         return req.pending_row
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
-        """Launch and collect one step (no overlap)."""
-        return self.collect(self.launch(batch, step=-1))
-
-    @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, step: int, prev: StepHandle | None = None) -> StepHandle:
         """Enqueue one step on the device; returns without waiting for it."""
         assert self.kv_cache is not None, "forward pass while the KV cache is released (asleep)"
@@ -273,7 +268,7 @@ class ModelRunner:
         return [SampledToken(tok, lp if want else None, top)
                 for tok, lp, want, top in zip(ids, lps, h.want_logprobs, tops)]
 
-    def _sampling_tensors(self, targets: list[Request], device: torch.device) -> SamplingTensors:
+    def _sampling_tensors(self, targets: list[Request]) -> SamplingTensors:
         rows = []
         for r in targets:
             row = r.sampling_row
@@ -296,7 +291,7 @@ class ModelRunner:
             logits = logits.clone()
             apply_token_bans(logits, torch.tensor(ban_rows, device=logits.device),
                              torch.tensor(ban_ids, device=logits.device))
-        out = self.sampler(logits, self._sampling_tensors(targets, logits.device))
+        out = self.sampler(logits, self._sampling_tensors(targets))
         if ban_rows and out.logprobs is not None:  # report logprobs of the model, not of the bans
             lse = torch.logsumexp(raw, dim=-1)
             out.logprobs = raw.gather(1, out.token_ids[:, None]).squeeze(1) - lse

@@ -64,36 +64,8 @@ class SamplingTensors:
         if not (len(params) == len(seeds) == len(steps)):
             raise ValueError(f"SamplingTensors.build: params, seeds and steps must have one entry "
                              f"per row, got {len(params)}, {len(seeds)} and {len(steps)}")
-        temps: list[float] = []
-        top_ps: list[float] = []
-        min_ps: list[float] = []
-        top_ks: list[int] = []
-        for p in params:
-            if p.greedy:
-                temps.append(0.0), top_ps.append(1.0), min_ps.append(0.0), top_ks.append(0)
-            else:
-                temps.append(p.temperature), top_ps.append(p.top_p), min_ps.append(p.min_p)
-                top_ks.append(max(p.top_k, 0))
-        floats = torch.tensor([temps, top_ps, min_ps], dtype=torch.float32).reshape(3, len(params))
-        ints = torch.tensor([top_ks, [_as_int64(s) for s in seeds], [int(s) for s in steps]],
-                            dtype=torch.int64).reshape(3, len(params))
-        device = torch.device(device)
-        if device.type == "cuda":
-            floats, ints = floats.pin_memory(), ints.pin_memory()
-        floats = floats.to(device, non_blocking=True)
-        ints = ints.to(device, non_blocking=True)
-        return cls(
-            temperature=floats[0], top_p=floats[1], min_p=floats[2],
-            top_k=ints[0], seeds=ints[1], steps=ints[2],
-            all_greedy=all(t == 0.0 for t in temps),
-            any_top_p=any(p < 1.0 for p in top_ps),
-            any_top_k=any(k > 0 for k in top_ks),
-            any_min_p=any(m > 0.0 for m in min_ps),
-            max_num_logprobs=max((-1 if p.logprobs is None else p.logprobs for p in params),
-                                 default=-1),
-            max_top_k=max(top_ks, default=0),
-        )
-
+        return cls.from_rows([cls.row(p, seed) for p, seed in zip(params, seeds)], [int(s) for s in steps],
+                             _DirectUpload(torch.device(device)))
 
     @staticmethod
     def row(p: SamplingParams, seed: int) -> tuple:
@@ -106,8 +78,8 @@ class SamplingTensors:
 
     @classmethod
     def from_rows(cls, rows: list[tuple], steps: list[int], staging) -> SamplingTensors:
-        """`build` for the engine's hot path: rows from `row`, uploaded through the runner's
-        pinned staging buffers with one copy per dtype."""
+        """Rows from `row`, one per target; `staging.upload(key, arrays, dtype)` puts the packed
+        arrays on the device (the engine's pinned staging buffers, or `_DirectUpload`)."""
         n = len(rows)
         floats = np.array([r[:3] for r in rows], dtype=np.float32).reshape(n, 3).T
         ints = np.empty((3, n), dtype=np.int64)
@@ -125,6 +97,16 @@ class SamplingTensors:
             max_num_logprobs=max((r[5] for r in rows), default=-1),
             max_top_k=int(top_ks.max(initial=0)),
         )
+
+
+class _DirectUpload:
+    """`from_rows`' uploader outside the engine: one plain copy per array."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def upload(self, key: str, arrays: list[np.ndarray], dtype: torch.dtype) -> list[Tensor]:
+        return [torch.from_numpy(np.ascontiguousarray(a)).to(self.device, dtype) for a in arrays]
 
 
 @dataclass(slots=True)
