@@ -143,7 +143,7 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, ov
                overlapped_steps=core.num_overlapped_steps - overlapped0, preemptions=core.scheduler.num_preemptions,
                mode=mode, overlap_scheduling=overlap, startup_s=startup, num_kv_blocks=core.runner.num_blocks)
     if extras and args.profile:
-        res["profile"] = profile_steps(llm, prompts, [min(n, 300) for n in out_lens], args.device)
+        res["profile"] = profile_steps(llm, prompts, out_lens, args.device)
     if extras:
         # Batch 1: decode rate from the difference of two lengths (cancels prefill and start-up).
         prompt = prompts[0][:128]
@@ -165,16 +165,24 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, ov
 
 
 def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], device: str) -> dict:
-    """Where a step's time goes, with overlap on and no extra syncs: host time of the engine's
-    stages per step. `ModelRunner.collect` is where the host waits for the GPU; the wall time per
-    step minus that wait is the host's own work. Then the GPU time of one replay of the largest
-    decode graph at a 1k context."""
+    """Where a step's time goes, over the whole workload, with overlap on and no extra syncs.
+
+    Per stage: host time of the engine's stages per step (`ModelRunner.collect` is where the host
+    waits for the GPU; wall time minus that wait is the host's own work). Per phase (the steps cut
+    into tenths): batch size, wall time per step, the host's wait in `collect`, and on CUDA the
+    GPU's view from two events per step, one at `launch` entry and one after it: `gpu_step` is
+    the time between them on the GPU's clock, `gpu_gap` the idle time from one step's end event
+    to the next step's start event (the GPU waiting for the host to enqueue). Then the GPU time of
+    one replay of the largest decode graph at a 1k context."""
     from tidal.engine.core import EngineCore
     from tidal.engine.scheduler import Scheduler
     from tidal.runner.runner import ModelRunner
 
     core, runner = llm.engine.core, llm.engine.core.runner
     acc: dict[str, float] = {}
+    trace: list[list] = []  # per launch: [t_host, num_seqs, num_tokens, ev_start, ev_end, collect_wait_s]
+    by_step: dict[int, list] = {}
+    cuda = device == "cuda"
 
     def timed(cls, name: str):
         fn = cls.__dict__[name]
@@ -189,9 +197,35 @@ def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], devic
         return fn
 
     stages = [(Scheduler, "schedule"), (Scheduler, "advance"), (Scheduler, "resolve"), (EngineCore, "_emit"),
-              (EngineCore, "step"), (ModelRunner, "launch"), (ModelRunner, "prepare"), (ModelRunner, "_sample"),
-              (ModelRunner, "collect")]
+              (EngineCore, "step"), (ModelRunner, "prepare"), (ModelRunner, "_sample")]
     originals = {(c, n): timed(c, n) for c, n in stages}
+    launch, collect = ModelRunner.__dict__["launch"], ModelRunner.__dict__["collect"]
+
+    def traced_launch(self, batch, step, prev=None):
+        t = time.perf_counter()
+        ev = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)] if cuda else [None, None]
+        if cuda:
+            ev[0].record()
+        h = launch(self, batch, step, prev)
+        if cuda:
+            ev[1].record()
+        acc["ModelRunner.launch"] = acc.get("ModelRunner.launch", 0.0) + time.perf_counter() - t
+        row = [t, len(batch.reqs), sum(batch.num_new_tokens), ev[0], ev[1], 0.0]
+        trace.append(row)
+        by_step[step] = row
+        return h
+
+    def traced_collect(self, h):
+        t = time.perf_counter()
+        out = collect(self, h)
+        dt = time.perf_counter() - t
+        acc["ModelRunner.collect"] = acc.get("ModelRunner.collect", 0.0) + dt
+        if h.step in by_step:
+            by_step[h.step][5] = dt
+        return out
+
+    ModelRunner.launch, ModelRunner.collect = traced_launch, traced_collect
+    originals[(ModelRunner, "launch")], originals[(ModelRunner, "collect")] = launch, collect
     steps0 = core.step_count
     t0 = time.perf_counter()
     try:
@@ -200,13 +234,30 @@ def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], devic
     finally:
         for (c, n), f in originals.items():
             setattr(c, n, f)
+    t_end = time.perf_counter()
+    sync(device)
     steps = core.step_count - steps0
-    wall = 1e3 * (time.perf_counter() - t0) / steps
+    wall = 1e3 * (t_end - t0) / steps
     per_step = {k: 1e3 * v / steps for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
     res = dict(steps=steps, wall_ms_per_step=wall, ms_per_step=per_step,
-               host_busy_ms_per_step=wall - per_step.get("ModelRunner.collect", 0.0))
+               host_busy_ms_per_step=wall - per_step.get("ModelRunner.collect", 0.0), phases=[])
+    starts = [r[0] for r in trace] + [t_end]
+    for k in range(10):
+        lo, hi = k * len(trace) // 10, (k + 1) * len(trace) // 10
+        if hi <= lo:
+            continue
+        rows = trace[lo:hi]
+        ph = dict(steps=f"{lo}-{hi - 1}", seqs=sum(r[1] for r in rows) / len(rows),
+                  tokens=sum(r[2] for r in rows) / len(rows),
+                  wall_ms=1e3 * (starts[hi] - starts[lo]) / len(rows),
+                  collect_wait_ms=1e3 * sum(r[5] for r in rows) / len(rows))
+        if cuda:
+            ph["gpu_step_ms"] = sum(r[3].elapsed_time(r[4]) for r in rows) / len(rows)
+            gaps = [trace[i - 1][4].elapsed_time(trace[i][3]) for i in range(max(lo, 1), hi)]
+            ph["gpu_gap_ms"] = sum(gaps) / max(len(gaps), 1)
+        res["phases"].append(ph)
     g = runner.graphs
-    if g is not None and device == "cuda":
+    if g is not None and cuda:
         bs = g.batch_sizes[-1]
         ctx = min(1000, g.max_blocks * g.block_size - 1)
         nb = -(-(ctx + 1) // g.block_size)
@@ -224,7 +275,13 @@ def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], devic
             times.append(a.elapsed_time(b))
         res[f"graph_replay_ms_bs{bs}_ctx{ctx}"] = sorted(times)[5]
         g.seq_lens.zero_()
-    print(f"  profile: {json.dumps(res)}", flush=True)
+    print(f"  profile: {json.dumps({k: v for k, v in res.items() if k != 'phases'})}", flush=True)
+    print(f"  {'steps':>10s} {'seqs':>6s} {'tokens':>7s} {'wall ms':>8s} {'wait ms':>8s} {'gpu step':>9s} "
+          f"{'gpu gap':>8s}", flush=True)
+    for ph in res["phases"]:
+        print(f"  {ph['steps']:>10s} {ph['seqs']:6.0f} {ph['tokens']:7.0f} {ph['wall_ms']:8.2f} "
+              f"{ph['collect_wait_ms']:8.2f} {ph.get('gpu_step_ms', float('nan')):9.2f} "
+              f"{ph.get('gpu_gap_ms', float('nan')):8.2f}", flush=True)
     return res
 
 
