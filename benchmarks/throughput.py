@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tidal import LLM, SamplingParams  # noqa: E402
+from tidal.models.fused import set_fused_kernels  # noqa: E402
 
 _COMMON = dict(hidden_act="silu", initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=1000000.0,
                rope_scaling=None, attention_dropout=0.0, use_cache=True, use_sliding_window=False,
@@ -118,8 +119,10 @@ def free_memory() -> None:
 
 
 def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, overlap: bool = True,
-              extras: bool = True) -> dict:
-    """Tidal on the workload; extras: also the stage profile (--profile) and the batch-1 rate."""
+              extras: bool = True, fused: bool = True) -> dict:
+    """Tidal on the workload; extras: also the stage profile (--profile) and the batch-1 rate;
+    fused=False: the decoder layers' small ops as torch ops instead of the fused Triton kernels."""
+    set_fused_kernels(None if fused else False)
     t0 = time.perf_counter()
     llm = LLM(path, load_format="dummy", device=args.device, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -141,7 +144,8 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, ov
     assert n_out == sum(out_lens), f"generated {n_out} tokens, expected {sum(out_lens)}"
     res = dict(tok_s=n_out / elapsed, seconds=elapsed, output_tokens=n_out, steps=core.step_count - steps0,
                overlapped_steps=core.num_overlapped_steps - overlapped0, preemptions=core.scheduler.num_preemptions,
-               mode=mode, overlap_scheduling=overlap, startup_s=startup, num_kv_blocks=core.runner.num_blocks)
+               mode=mode, overlap_scheduling=overlap, fused_kernels=fused, startup_s=startup,
+               num_kv_blocks=core.runner.num_blocks)
     if extras and args.profile:
         res["profile"] = profile_steps(llm, prompts, out_lens, args.device)
     if extras:
@@ -157,6 +161,7 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, ov
         res["batch1_tok_s"] = args.batch1_tokens / (times[args.batch1_tokens + 1] - times[1])
         res["batch1_ctx"] = len(prompt) + args.batch1_tokens // 2
     llm.shutdown()
+    set_fused_kernels(None)
     del llm, outs, core
     free_memory()
     if torch.cuda.is_available():
@@ -381,6 +386,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also time the engine's stages per step (first model)")
     ap.add_argument("--serial", nargs="*", default=[], metavar="MODEL",
                     help="also run these models with overlap scheduling off, side by side")
+    ap.add_argument("--unfused", nargs="*", default=[], metavar="MODEL",
+                    help="also run these models with the fused layer kernels off (torch ops), side by side")
     ap.add_argument("--tiny", action="store_true", help="a tiny model in place of each config (smoke run)")
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--tag", default="throughput", help="file name stem of the JSON and PNG")
@@ -416,6 +423,9 @@ def main() -> None:
         if model in args.serial:
             print(f"[{model}] tidal, overlap scheduling off ...", flush=True)
             row["tidal_serial"] = run_tidal(path, prompts, out_lens, args, overlap=False, extras=False)
+        if model in args.unfused:
+            print(f"[{model}] tidal, fused layer kernels off ...", flush=True)
+            row["tidal_unfused"] = run_tidal(path, prompts, out_lens, args, extras=False, fused=False)
         row["batch1_ceiling_tok_s"] = bw / (w_bytes + kv_tok * row["tidal"]["batch1_ctx"])
         results["models"][model] = row
         (out_dir / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
@@ -434,6 +444,11 @@ def main() -> None:
             ser = r["tidal_serial"]["tok_s"]
             print(f"{model}: overlap scheduling {r['tidal']['tok_s']:.0f} tok/s vs serial steps {ser:.0f} "
                   f"({r['tidal']['tok_s'] / ser:.2f}x)")
+    for model, r in results["models"].items():
+        if "tidal_unfused" in r:
+            un = r["tidal_unfused"]["tok_s"]
+            print(f"{model}: fused layer kernels {r['tidal']['tok_s']:.0f} tok/s vs torch ops {un:.0f} "
+                  f"({r['tidal']['tok_s'] / un:.2f}x)")
     if device.type == "cuda":
         plot(results, out_dir / f"{args.tag}.png")
 

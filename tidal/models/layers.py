@@ -6,12 +6,14 @@ fills them from a checkpoint or with random values.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tidal.models.config import RopeConfig
+from tidal.models.fused import add_rms_norm, fused_enabled
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -43,8 +45,9 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dim, computed in float32 (one fused kernel on CUDA).
-    With ``residual`` the add happens first and the sum is returned as the new residual."""
+    """x / rms(x) * weight over the last dim, computed in float32. With ``residual`` the add
+    happens first and the sum is returned as the new residual. Rows of a 2-D x go through one
+    fused kernel where `fused_enabled` (tidal.models.fused)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype):
         super().__init__()
@@ -52,6 +55,9 @@ class RMSNorm(nn.Module):
         self.weight = _param(dim, dtype=dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.dim() == 2 and fused_enabled(x):
+            out, residual = add_rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
             residual = x
@@ -119,6 +125,22 @@ def _yarn_inv_freq(p: dict, dim: int, base: float, max_position: int) -> tuple[t
     return interpolation * (1 - keep) + extrapolation * keep, float(attn_factor)
 
 
+@dataclass(slots=True)
+class RopeInputs:
+    """One forward's positions and the cos/sin table; the gathered cos/sin are built once, on
+    first use (the fused q/k kernel reads the table directly)."""
+    positions: torch.Tensor  # [T] int64
+    table: torch.Tensor      # [max_position, head_dim] float32: cos | sin
+    _gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, 1, head_dim/2] float32, broadcast over heads."""
+        if self._gathered is None:
+            cos, sin = self.table[self.positions].unsqueeze(1).chunk(2, dim=-1)
+            self._gathered = (cos, sin)
+        return self._gathered
+
+
 class RotaryEmbedding(nn.Module):
     """Neox-style RoPE (rotate halves) from a precomputed float32 cos/sin table, indexed by
     position on the device so the forward stays free of host syncs."""
@@ -132,10 +154,8 @@ class RotaryEmbedding(nn.Module):
             cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attn_factor
         self.register_buffer("cos_sin", cache.to(target), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [T, 1, head_dim/2] float32, broadcast over heads."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
+    def forward(self, positions: torch.Tensor) -> RopeInputs:
+        return RopeInputs(positions, self.cos_sin)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

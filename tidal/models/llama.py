@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tidal.models.config import ModelArch, as_config_dict, parse_arch
-from tidal.models.layers import Embedding, Linear, RMSNorm, RotaryEmbedding, apply_rope
+from tidal.models.fused import fused_enabled, qk_norm_rope, silu_mul
+from tidal.models.layers import Embedding, Linear, RMSNorm, RopeInputs, RotaryEmbedding, apply_rope
 from tidal.runner.context import ForwardContext
 
 # Checkpoint tensors that carry no weights (buffers saved by old exports); accepted and skipped.
@@ -41,16 +42,22 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeInputs, ctx: ForwardContext) -> torch.Tensor:
         T, Hq = x.shape[0], self.num_heads
         qkv = self.qkv_proj(x)
         # q and k side by side as [T, Hq + Hkv, D] so RoPE runs once over both; the attention
         # backends take strided q/k/v (contiguous head_dim only), so no copies are needed.
-        qk = qkv[:, : self.q_size + self.kv_size].view(T, Hq + self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :Hq]), self.k_norm(qk[:, Hq:])], dim=1)
-        qk = apply_rope(qk, cos, sin)
+        if fused_enabled(x):
+            norm = self.q_norm is not None
+            qk = qk_norm_rope(qkv, Hq, self.num_kv_heads, self.head_dim, rope.positions, rope.table,
+                              self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                              self.q_norm.eps if norm else 0.0)
+        else:
+            qk = qkv[:, : self.q_size + self.kv_size].view(T, Hq + self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                qk = torch.cat([self.q_norm(qk[:, :Hq]), self.k_norm(qk[:, Hq:])], dim=1)
+            qk = apply_rope(qk, *rope.cos_sin())
         o = ctx.attend(self.layer_idx, qk[:, :Hq], qk[:, Hq:], v, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
 
@@ -63,7 +70,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, arch.mlp_bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if fused_enabled(gate_up):
+            return self.down_proj(silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -75,14 +85,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
                 ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = h
             h = self.input_layernorm(h)
         else:
             h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(h, cos, sin, ctx)
+        h = self.self_attn(h, rope, ctx)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -96,10 +106,10 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(arch.rope, arch.head_dim, arch.max_model_len)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        cos, sin = self.rotary_emb(positions)
+        rope = self.rotary_emb(positions)
         h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h, residual = layer(h, residual, cos, sin, ctx)
+            h, residual = layer(h, residual, rope, ctx)
         h, _ = self.norm(h, residual)
         return h
 

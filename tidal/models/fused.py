@@ -1,0 +1,175 @@
+"""Fused Triton kernels for the decoder layers' small ops, and the switch that picks them.
+
+A decode step of a small model is bound by the number of kernels, not by their work: the
+Qwen3-0.6B layer ran ~23 kernels per layer in torch ops (residual add, RMSNorm, q/k RMSNorm,
+concat, six RoPE element-wise ops, SiLU, product), ~2 ms of fixed GPU time per step at any batch
+size. These kernels do the same math in three:
+
+- ``add_rms_norm``: residual add + RMSNorm, one program per row;
+- ``qk_norm_rope``: per-head RMSNorm of q and k (Qwen3) + neox RoPE from the cos/sin table,
+  reading the fused qkv projection in place, one program per token;
+- ``silu_mul``: SiLU(gate) * up over the fused gate_up projection.
+
+Each matches the torch ops of tidal.models.layers to bf16 rounding (tested in Triton's
+interpreter on the CPU). The torch ops remain the reference and the CPU path.
+
+Which path runs: `fused_enabled(x)`. By default the kernels run on CUDA tensors only;
+`set_fused_kernels(True)` also runs them on the CPU (Triton's interpreter, for tests), and
+`set_fused_kernels(False)` turns them off (the A/B measurement in benchmarks/throughput.py).
+CUDA graphs keep whatever path they were captured with.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU-only install: the torch ops serve
+    triton = None
+
+_mode: bool | None = None  # None: CUDA only; True: always (CPU through the interpreter); False: never
+
+
+def set_fused_kernels(mode: bool | None) -> None:
+    """None: fused kernels on CUDA tensors (the default); True: everywhere; False: nowhere."""
+    global _mode
+    if mode is not None and not isinstance(mode, bool):
+        raise ValueError(f"set_fused_kernels(mode={mode!r}): expected None, True or False")
+    if mode and triton is None:
+        raise RuntimeError("set_fused_kernels(True): Triton is not installed")
+    _mode = mode
+
+
+def fused_enabled(x: torch.Tensor) -> bool:
+    if triton is None or _mode is False:
+        return False
+    return _mode is True or x.is_cuda
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, stride_x, stride_res, eps,
+                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < n
+        x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0)
+        xf = x.to(tl.float32)
+        if HAS_RES:
+            # The sum is rounded to the activation dtype first, as `x + residual` in torch is.
+            r = tl.load(res_ptr + row * stride_res + cols, mask=inside, other=0.0).to(tl.float32)
+            x = (xf + r).to(x.dtype)
+            tl.store(res_out_ptr + row * n + cols, x, mask=inside)
+            xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * n + cols, (xf * rstd * w).to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, out_ptr, inter, stride_gu, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < inter
+        g = tl.load(gu_ptr + row * stride_gu + cols, mask=inside, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * inter + cols, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty),
+                 mask=inside)
+
+    @triton.jit
+    def _qk_norm_rope_kernel(qkv_ptr, stride_qkv, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, out_ptr, eps,
+                             NUM_Q: tl.constexpr, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
+                             HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr):
+        # One program per token: its q and k heads [NUM_HEADS, 2 * HALF], as two halves.
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, HALF)[None, :]
+        inside = (h < NUM_HEADS) & (d < HALF)
+        src = qkv_ptr + t * stride_qkv + h * (2 * HALF) + d
+        x1 = tl.load(src, mask=inside, other=0.0)
+        x2 = tl.load(src + HALF, mask=inside, other=0.0)
+        if HAS_NORM:
+            f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+            rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / (2 * HALF) + eps)
+            is_q = h < NUM_Q
+            w1 = tl.where(is_q, tl.load(qw_ptr + d), tl.load(kw_ptr + d)).to(tl.float32)
+            w2 = tl.where(is_q, tl.load(qw_ptr + HALF + d), tl.load(kw_ptr + HALF + d)).to(tl.float32)
+            # Rounded to the activation dtype, as the RMSNorm module's output is before RoPE.
+            x1 = (f1 * rstd[:, None] * w1).to(x1.dtype)
+            x2 = (f2 * rstd[:, None] * w2).to(x2.dtype)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        cos = tl.load(cos_sin_ptr + pos * (2 * HALF) + d)
+        sin = tl.load(cos_sin_ptr + pos * (2 * HALF) + HALF + d)
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        dst = out_ptr + t * (NUM_HEADS * 2 * HALF) + h * (2 * HALF) + d
+        tl.store(dst, (f1 * cos - f2 * sin).to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(dst + HALF, (f2 * cos + f1 * sin).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"{name}.shape={tuple(x.shape)}: expected [tokens, features]")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm(x + residual) * weight, and x + residual (the next residual; None without one)."""
+    x = _rows(x, "x")
+    rows, n = x.shape
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    res_out = None
+    if residual is not None:
+        residual = _rows(residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual.shape={tuple(residual.shape)}: expected {tuple(x.shape)} like x")
+        res_out = torch.empty_like(out)
+    if rows:
+        _add_rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, out,
+                                      res_out if res_out is not None else out, n, x.stride(0),
+                                      residual.stride(0) if residual is not None else 0, eps,
+                                      HAS_RES=residual is not None, BLOCK=_pow2(n), num_warps=4)
+    return out, res_out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for gate_up = [gate | up] along the last dim."""
+    gate_up = _rows(gate_up, "gate_up")
+    rows, width = gate_up.shape
+    inter = width // 2
+    out = torch.empty((rows, inter), dtype=gate_up.dtype, device=gate_up.device)
+    if rows:
+        block = min(1024, _pow2(inter))
+        _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), BLOCK=block,
+                                                            num_warps=4)
+    return out
+
+
+def qk_norm_rope(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 positions: torch.Tensor, cos_sin: torch.Tensor, q_weight: torch.Tensor | None,
+                 k_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """q and k of a fused qkv projection [T, (Hq + 2 Hkv) * D], each head RMSNormed (when the
+    weights are given) then rotated (neox halves) at `positions` from `cos_sin` [max_pos, D]
+    (cos | sin, float32). Returns [T, Hq + Hkv, D]: q heads, then k heads."""
+    qkv = _rows(qkv, "qkv")
+    tokens = qkv.shape[0]
+    heads = num_q_heads + num_kv_heads
+    if qkv.shape[1] < heads * head_dim or head_dim % 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"qkv.shape={tuple(qkv.shape)}, head_dim={head_dim}: expected at least "
+                         f"{heads} heads of a power-of-two head_dim")
+    if cos_sin.shape[-1] != head_dim or cos_sin.dtype != torch.float32:
+        raise ValueError(f"cos_sin: shape {tuple(cos_sin.shape)} {cos_sin.dtype}, expected [max_pos, {head_dim}] float32")
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("q_weight and k_weight: give both (Qwen3 q/k norm) or neither")
+    out = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if tokens:
+        has_norm = q_weight is not None
+        _qk_norm_rope_kernel[(tokens,)](qkv, qkv.stride(0), positions, cos_sin,
+                                        q_weight if has_norm else cos_sin, k_weight if has_norm else cos_sin,
+                                        out, eps, NUM_Q=num_q_heads, NUM_HEADS=heads, HALF=head_dim // 2,
+                                        HAS_NORM=has_norm, BLOCK_H=_pow2(heads), num_warps=4)
+    return out
