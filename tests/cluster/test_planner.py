@@ -13,6 +13,9 @@ from tidal.cluster import (ClusterSpec, PipelineSpec, PlanInvariantError, Planne
 from tidal.cluster.state import Plan
 
 GEN_CLUSTER = "actor_infer"
+# the plain gap ratio, and the gap ratio with the static-split floor (the default before 1.5x work)
+GAP_RATIO = PlannerConfig(surplus="proportional", guarantee=0.0)
+STATIC_FLOOR = PlannerConfig(surplus="proportional", guarantee=1.0)
 
 
 def spec(pid: str, train: list[int] | None, infer: list[int] | None, tp: int = 1, max_num_seqs: int | None = None,
@@ -83,22 +86,39 @@ def test_idle_pool_goes_to_open_demand_in_proportion():
         st_.register(spec(pid, None, list(range(8))))
     st_.open_generation("a", 300)
     st_.open_generation("b", 100)
-    settle(st_, config=PlannerConfig(guarantee=0.0))  # pure gap ratio
+    settle(st_, config=GAP_RATIO)
     assert len(active(st_, "a")) == 6 and len(active(st_, "b")) == 2
 
 
 def test_guarantee_floor_keeps_an_equal_split_while_all_generate():
-    """Default guarantee=1: with all four pipelines generating, a small rollout still keeps a
-    quarter of the pool (what a static split gives it), not its 1/13 demand share."""
+    """guarantee=1: with all four pipelines generating, a small rollout still keeps a quarter of
+    the pool (what a static split gives it), not its 1/13 demand share."""
+    st_ = SchedulerState(8)
+    for pid, target in (("a", 400), ("b", 400), ("c", 400), ("d", 100)):
+        st_.register(spec(pid, None, list(range(8))))
+        st_.open_generation(pid, target)
+    settle(st_, config=STATIC_FLOOR)
+    assert [len(active(st_, p)) for p in "abcd"] == [2, 2, 2, 2]
+    st_.clear_progress("a")  # a leaves for training: its surplus goes by the gap ratio
+    settle(st_, config=STATIC_FLOOR)
+    assert len(active(st_, "d")) == 2 and len(active(st_, "b")) + len(active(st_, "c")) == 6
+
+
+def test_default_floor_is_half_a_static_share_and_the_surplus_staggers():
+    """Default: while all four generate, each keeps half of what a static split gives it, and the
+    rest goes to the rollout nearest its end, so it finishes (and trains) while the others still
+    generate instead of the four finishing together and leaving the pool idle together."""
+    assert (PlannerConfig().surplus, PlannerConfig().guarantee) == ("shortest_first", 0.5)
     st_ = SchedulerState(8)
     for pid, target in (("a", 400), ("b", 400), ("c", 400), ("d", 100)):
         st_.register(spec(pid, None, list(range(8))))
         st_.open_generation(pid, target)
     settle(st_)
-    assert [len(active(st_, p)) for p in "abcd"] == [2, 2, 2, 2]
-    st_.clear_progress("a")  # a leaves for training: its surplus goes by the gap ratio
+    assert [len(active(st_, p)) for p in "abcd"] == [1, 1, 1, 5]
+    st_.clear_progress("d")  # d leaves for training: the next shortest takes its surplus
+    st_.report_progress("b", completed=100)
     settle(st_)
-    assert len(active(st_, "d")) == 2 and len(active(st_, "b")) + len(active(st_, "c")) == 6
+    assert [len(active(st_, p)) for p in "abc"] == [1, 6, 1]
 
 
 def test_shortest_first_surplus_finishes_the_nearest_rollout_first():
@@ -107,7 +127,7 @@ def test_shortest_first_surplus_finishes_the_nearest_rollout_first():
         st_.register(spec(pid, None, list(range(8))))
         st_.register(spec(pid + "-idle", None, list(range(8))))  # registered, not generating
         st_.open_generation(pid, target)
-    settle(st_, config=PlannerConfig(surplus="shortest_first"))
+    settle(st_, config=PlannerConfig(surplus="shortest_first", guarantee=1.0))
     assert len(active(st_, "b")) == 6 and len(active(st_, "a")) == 2
     with pytest.raises(ValueError, match="surplus='fastest'"):
         PlannerConfig(surplus="fastest")
@@ -154,12 +174,12 @@ def test_shrink_prefers_donor_with_most_negative_gap_and_spares_near_finish():
         st_.register(spec(pid, None, list(range(6))))
     st_.open_generation("a", 100)
     st_.open_generation("b", 100)
-    settle(st_)
+    settle(st_, config=GAP_RATIO)
     assert len(active(st_, "a")) == 3 and len(active(st_, "b")) == 3
     st_.report_progress("a", completed=98)  # a is close to finishing: protected
     st_.report_progress("b", completed=10)
     st_.open_generation("c", 400)
-    settle(st_, config=PlannerConfig(guarantee=0.0))
+    settle(st_, config=GAP_RATIO)
     assert len(active(st_, "a")) == 3  # protected: kept its replicas
     assert len(active(st_, "c")) >= 2 and len(active(st_, "b")) >= 1
 
@@ -206,7 +226,7 @@ def test_replicas_past_a_donors_need_move_inside_the_hysteresis_band():
     st_.pipelines["c"].gen.active = {5, 6, 7}
     st_.report_progress("a", completed=392)
     st_.check()
-    cfg = PlannerConfig(guarantee=0.0)
+    cfg = GAP_RATIO
     p = step(st_, cfg)
     assert sum(map(len, p.shrinks.values())) == 1 and list(p.shrinks) == ["a"]
     settle(st_, config=cfg)
@@ -214,7 +234,7 @@ def test_replicas_past_a_donors_need_move_inside_the_hysteresis_band():
 
 
 def test_hysteresis_small_demand_drift_moves_nothing():
-    cfg = PlannerConfig(guarantee=0.0)
+    cfg = GAP_RATIO
     st_ = SchedulerState(8)
     st_.register(spec("a", None, list(range(8))))
     st_.register(spec("b", None, list(range(8))))
