@@ -124,14 +124,13 @@ def planning(quick: bool) -> list[dict]:
 # ---- simulation ---------------------------------------------------------------------------------
 
 WORKLOADS = ("agentic", "agentic-offset", "balanced", "long-tail", "gen-bound")
-# (name, PlannerConfig, declare max_num_seqs): the default planner (floor = half the static share,
-# surplus to the fewest remaining samples), the same without max_num_seqs (no tail packing) to show
-# what packing adds, the same surplus with the full static-share floor, and the plain gap ratio with
-# that floor (the default before this table)
-POLICIES = [("default (shortest_first g=0.5)", PlannerConfig(), True),
-            ("default, no packing", PlannerConfig(), False),
-            ("shortest_first g=1", PlannerConfig(guarantee=1.0), True),
-            ("proportional g=1 (old default)", PlannerConfig(surplus="proportional", guarantee=1.0), True)]
+# (name, PlannerConfig, declare max_num_seqs): the default gap-ratio planner, shortest-remaining-first
+# surplus with the full static-share floor, the same with half that floor, and that last one
+# without max_num_seqs (no tail packing) to show what packing adds
+POLICIES = [("proportional", PlannerConfig(), True),
+            ("shortest_first", PlannerConfig(surplus="shortest_first"), True),
+            ("shortest_first g=0.5", PlannerConfig(surplus="shortest_first", guarantee=0.5), True),
+            ("shortest_first g=0.5, no packing", PlannerConfig(surplus="shortest_first", guarantee=0.5), False)]
 
 
 def workloads(kind: str) -> list[Workload]:

@@ -13,7 +13,7 @@ from tidal.cluster import (ClusterSpec, PipelineSpec, PlanInvariantError, Planne
 from tidal.cluster.state import Plan
 
 GEN_CLUSTER = "actor_infer"
-# the plain gap ratio, and the gap ratio with the static-split floor (the default before 1.5x work)
+# the plain gap ratio, and the gap ratio with the static-split floor (the default)
 GAP_RATIO = PlannerConfig(surplus="proportional", guarantee=0.0)
 STATIC_FLOOR = PlannerConfig(surplus="proportional", guarantee=1.0)
 
@@ -104,20 +104,20 @@ def test_guarantee_floor_keeps_an_equal_split_while_all_generate():
     assert len(active(st_, "d")) == 2 and len(active(st_, "b")) + len(active(st_, "c")) == 6
 
 
-def test_default_floor_is_half_a_static_share_and_the_surplus_staggers():
-    """Default: while all four generate, each keeps half of what a static split gives it, and the
-    rest goes to the rollout nearest its end, so it finishes (and trains) while the others still
-    generate instead of the four finishing together and leaving the pool idle together."""
-    assert (PlannerConfig().surplus, PlannerConfig().guarantee) == ("shortest_first", 0.5)
+def test_half_floor_with_shortest_first_staggers_the_rollouts():
+    """guarantee=0.5, shortest_first: while all four generate, each keeps half of what a static
+    split gives it and the rest goes to the rollout nearest its end, so it finishes (and trains)
+    while the others still generate instead of the four finishing together."""
+    cfg = PlannerConfig(surplus="shortest_first", guarantee=0.5)
     st_ = SchedulerState(8)
     for pid, target in (("a", 400), ("b", 400), ("c", 400), ("d", 100)):
         st_.register(spec(pid, None, list(range(8))))
         st_.open_generation(pid, target)
-    settle(st_)
+    settle(st_, config=cfg)
     assert [len(active(st_, p)) for p in "abcd"] == [1, 1, 1, 5]
     st_.clear_progress("d")  # d leaves for training: the next shortest takes its surplus
     st_.report_progress("b", completed=100)
-    settle(st_)
+    settle(st_, config=cfg)
     assert [len(active(st_, p)) for p in "abc"] == [1, 6, 1]
 
 

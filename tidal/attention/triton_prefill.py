@@ -15,7 +15,8 @@ from tidal.attention.triton_utils import check_cache, interpreting, next_pow2
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The block-table width changes from step to step: no kernel variant per width class.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
     scale_log2,

@@ -6,10 +6,9 @@
    allocation waits, and reserves its GPUs against lower-priority requests.
 2. Generation replicas of released pipelines are shrunk.
 3. Gap-ratio split of generation GPUs. Inside each group of pipelines whose generation clusters
-   overlap, every pipeline with open demand wants a floor (half an equal split of the usable GPUs,
-   capped by what its remaining samples fill) and the surplus goes to the fewest remaining samples
-   first (or, with surplus="proportional", in proportion to remaining samples x tp). Receivers are
-   served most-starved first: a pipeline with no replica first (min-one guarantee), then the largest
+   overlap, every pipeline with open demand wants a share of the usable GPUs proportional to
+   remaining samples x tp (water-filled against what its cluster can place). Receivers are served
+   most-starved first: a pipeline with no replica first (min-one guarantee), then the largest
    deficit. A receiver takes an idle replica if there is one; otherwise it takes replicas from
    donors with the most negative gap, never below one replica for a donor with open demand, not
    from donors close to finishing, and only when both sides are more than `0.5 + hysteresis`
@@ -39,16 +38,14 @@ class PlannerConfig:
     """Replicas of slack beyond 0.5 that both receiver and donor must be off target to move one."""
     protect_fraction: float = 0.05
     """Open pipelines with remaining <= this fraction of step_target are not shrunk to rebalance."""
-    guarantee: float = 0.5
+    guarantee: float = 1.0
     """Floor on each open pipeline's share, as a fraction of an equal split of its group's usable
     generation GPUs among the group's pipelines (capped by its remaining samples). 0 = pure gap
-    ratio; 1 = never below what a static equal split would give it while it generates. 1 locks
-    pipelines that open together into one phase (they finish, wait on env and train, and leave the
-    pool idle together); 0.5 lets the surplus stagger them (benchmarks/README.md, Scheduler)."""
-    surplus: str = "shortest_first"
-    """How GPUs above the floors are split: "shortest_first" (fewest remaining samples first, each
-    up to one replica per sample), which staggers pipelines' phases instead of making their
-    rollouts finish together, or "proportional" to remaining x tp (the plain gap ratio)."""
+    ratio; 1 = never below what a static equal split would give it while it generates."""
+    surplus: str = "proportional"
+    """How GPUs above the floors are split: "proportional" to remaining x tp (the gap ratio), or
+    "shortest_first" (fewest remaining samples first, each up to one replica per sample), which
+    staggers pipelines' phases instead of making their rollouts finish together."""
 
     def __post_init__(self) -> None:
         if self.surplus not in ("proportional", "shortest_first"):

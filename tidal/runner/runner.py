@@ -26,6 +26,7 @@ from tidal.models.loader import load_model
 from tidal.runner.context import ForwardContext
 from tidal.runner.sampler import Sampler, SamplingTensors, apply_token_bans
 
+_ALIGN_BYTES = 16
 # Rows longer than this get their positions and slots computed with numpy instead of Python ints.
 _NUMPY_ROW = 64
 
@@ -75,15 +76,23 @@ class _Staging:
         return buf
 
     def upload(self, key: str, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
-        """Device copies of numpy arrays, packed into the host buffer `key` and copied at once."""
-        total = sum(a.size for a in arrays)
+        """Device copies of numpy arrays, packed into the host buffer `key` and copied at once.
+
+        Each array starts on a 16-byte boundary: Triton specializes kernels on the alignment of
+        their pointer arguments, so views at arbitrary offsets would compile a new variant of a
+        kernel whenever the batch's sizes change the offsets' parity."""
+        align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        starts, at = [], 0
+        for a in arrays:
+            starts.append(at)
+            at += -(-a.size // align) * align
+        total = at
         buf = self.buffer(key, total, dtype)
         host = buf.numpy()
-        out, at = [], 0
-        for a in arrays:
+        out = []
+        for a, at in zip(arrays, starts):
             host[at:at + a.size] = a.reshape(-1)
             out.append((at, a.shape))
-            at += a.size
         if self.pinned:
             dev = buf[:total].to(self.device, non_blocking=True)
         else:

@@ -81,17 +81,21 @@ class SamplingTensors:
         """Rows from `row`, one per target; `staging.upload(key, arrays, dtype)` puts the packed
         arrays on the device (the engine's pinned staging buffers, or `_DirectUpload`)."""
         n = len(rows)
-        floats = np.array([r[:3] for r in rows], dtype=np.float32).reshape(n, 3).T
-        ints = np.empty((3, n), dtype=np.int64)
-        ints[0] = [r[3] for r in rows]
-        ints[1] = [r[4] for r in rows]
-        ints[2] = steps
-        f_dev, = staging.upload("sampling_f32", [np.ascontiguousarray(floats)], torch.float32)
+        # Rows padded to 4 columns, so that every parameter row starts 16-byte aligned (Triton
+        # compiles a kernel variant per pointer alignment).
+        width = -(-n // 4) * 4
+        floats = np.zeros((3, width), dtype=np.float32)
+        floats[:, :n] = np.array([r[:3] for r in rows], dtype=np.float32).reshape(n, 3).T
+        ints = np.zeros((3, width), dtype=np.int64)
+        ints[0, :n] = [r[3] for r in rows]
+        ints[1, :n] = [r[4] for r in rows]
+        ints[2, :n] = steps
+        f_dev, = staging.upload("sampling_f32", [floats], torch.float32)
         i_dev, = staging.upload("sampling_i64", [ints], torch.int64)
-        temps, top_ps, min_ps, top_ks = floats[0], floats[1], floats[2], ints[0]
+        temps, top_ps, min_ps, top_ks = floats[0, :n], floats[1, :n], floats[2, :n], ints[0, :n]
         return cls(
-            temperature=f_dev[0], top_p=f_dev[1], min_p=f_dev[2],
-            top_k=i_dev[0], seeds=i_dev[1], steps=i_dev[2],
+            temperature=f_dev[0, :n], top_p=f_dev[1, :n], min_p=f_dev[2, :n],
+            top_k=i_dev[0, :n], seeds=i_dev[1, :n], steps=i_dev[2, :n],
             all_greedy=not temps.any(), any_top_p=bool((top_ps < 1.0).any()),
             any_top_k=bool((top_ks > 0).any()), any_min_p=bool((min_ps > 0.0).any()),
             max_num_logprobs=max((r[5] for r in rows), default=-1),
