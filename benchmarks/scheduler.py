@@ -21,11 +21,13 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from tidal.cluster import ClusterSpec, PipelineSpec, PlannerConfig, Priority, SchedulerState, plan, validate_plan
-from tidal.cluster.sim import SimConfig, Workload, compare, plot_timeline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from tidal.cluster import ClusterSpec, PipelineSpec, PlannerConfig, Priority, SchedulerState, plan, validate_plan  # noqa: E402,E501
+from tidal.cluster.sim import SimConfig, Workload, compare, plot_timeline  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = [(8, 64), (64, 512), (256, 4096)]
