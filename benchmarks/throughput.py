@@ -136,12 +136,19 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, ov
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in out_lens]
     # Twice: the first run is the headline (what a fresh engine does with the workload); the
     # second shows whether anything in the first was a one-off (kernel compiles, allocations).
+    # The prefix cache is flushed before each, or the repeat would skip the prefill of every
+    # prompt it has already seen.
     times = []
-    for _ in range(2):
+    first_run_profile = None
+    for run in range(2):
+        llm.flush_cache()
         sync(args.device)
         steps0, overlapped0 = core.step_count, core.num_overlapped_steps
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        if run == 0 and extras and args.profile_first:
+            first_run_profile = profile_steps(llm, prompts, out_lens, args.device, graph_replay=False)
+        else:
+            outs = llm.generate(prompts, params, use_tqdm=False)
         sync(args.device)
         times.append(time.perf_counter() - t0)
     elapsed = times[0]
@@ -152,6 +159,8 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, ov
                overlapped_steps=core.num_overlapped_steps - overlapped0, preemptions=core.scheduler.num_preemptions,
                mode=mode, overlap_scheduling=overlap, fused_kernels=fused, startup_s=startup,
                num_kv_blocks=core.runner.num_blocks)
+    if first_run_profile is not None:
+        res["profile_first_run"] = first_run_profile
     if extras and args.profile:
         res["profile"] = profile_steps(llm, prompts, out_lens, args.device)
     if extras:
@@ -175,7 +184,8 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, ov
     return res
 
 
-def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], device: str) -> dict:
+def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], device: str,
+                  graph_replay: bool = True) -> dict:
     """Where a step's time goes, over the whole workload, with overlap on and no extra syncs.
 
     Per stage: host time of the engine's stages per step (`ModelRunner.collect` is where the host
@@ -237,6 +247,7 @@ def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], devic
 
     ModelRunner.launch, ModelRunner.collect = traced_launch, traced_collect
     originals[(ModelRunner, "launch")], originals[(ModelRunner, "collect")] = launch, collect
+    llm.flush_cache()  # no prefix reuse from an earlier run of the same prompts
     steps0 = core.step_count
     t0 = time.perf_counter()
     try:
@@ -268,7 +279,7 @@ def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], devic
             ph["gpu_gap_ms"] = sum(gaps) / max(len(gaps), 1)
         res["phases"].append(ph)
     g = runner.graphs
-    if g is not None and cuda:
+    if g is not None and cuda and graph_replay:
         bs = g.batch_sizes[-1]
         ctx = min(1000, g.max_blocks * g.block_size - 1)
         nb = -(-(ctx + 1) // g.block_size)
@@ -390,6 +401,8 @@ def main() -> None:
     ap.add_argument("--hf-seqs", type=int, default=64)
     ap.add_argument("--hf-max-time", type=float, default=25.0)
     ap.add_argument("--profile", action="store_true", help="also time the engine's stages per step (first model)")
+    ap.add_argument("--profile-first", action="store_true",
+                    help="trace the first (headline) run per phase as --profile does (first model)")
     ap.add_argument("--serial", nargs="*", default=[], metavar="MODEL",
                     help="also run these models with overlap scheduling off, side by side")
     ap.add_argument("--unfused", nargs="*", default=[], metavar="MODEL",
@@ -413,6 +426,7 @@ def main() -> None:
     hf_seqs = args.hf_seqs
     for i, model in enumerate(args.models):
         args.hf_seqs, args.profile = hf_seqs, args.profile and i == 0
+        args.profile_first = args.profile_first and i == 0
         cfg = TINY if args.tiny else CONFIGS[model]
         path = write_config(model, cfg, tmp)
         prompts, out_lens = make_workload(args.num_seqs, args.min_len, args.max_input_len, args.max_output_len,
