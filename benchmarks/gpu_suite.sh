@@ -19,7 +19,7 @@ stage throughput 300 python3 benchmarks/throughput.py --models qwen3-0.6b qwen2.
     --serial qwen3-0.6b qwen2.5-0.5b --unfused qwen3-0.6b qwen2.5-0.5b --profile --hf-max-time 4 \
     --batch1-tokens 128 --out-dir "$OUT"
 stage gpu_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_engine_gpu.py \
-    tests/runner/test_cuda_graph.py tests/models/test_models_gpu.py tests/models/test_fused.py -m "gpu or not gpu"
+    tests/runner/test_cuda_graph.py tests/runner/test_recompiles_gpu.py tests/models/test_models_gpu.py tests/models/test_fused.py -m "gpu or not gpu"
 stage serving 100 python3 benchmarks/serving.py --shape qwen2.5-0.5b --device cuda --num-prompts 512 \
     --concurrency 256 --input-len 256 --output-len 256 --block-size 256 --max-num-batched-tokens 16384 \
     --gpu-memory-utilization 0.85 --startup-timeout 60 --offline-timeout 80 --load-timeout 80 \
