@@ -60,7 +60,8 @@ def apply(st: SchedulerState, p) -> None:
         st.finish_expand(pid, ranks)
 
 
-def scenario(pipelines: int, gpus: int, layout: str, kind: str) -> SchedulerState:
+def scenario(pipelines: int, gpus: int, layout: str, kind: str,
+             config: PlannerConfig = PlannerConfig()) -> SchedulerState:
     rng = random.Random(0)
     st = build(pipelines, gpus, layout)
     st.topology()
@@ -69,7 +70,7 @@ def scenario(pipelines: int, gpus: int, layout: str, kind: str) -> SchedulerStat
     if kind == "boundary":
         return st
     for _ in range(20):  # settle
-        p = plan(st)
+        p = plan(st, config)
         if p.empty:
             break
         apply(st, p)
@@ -85,12 +86,12 @@ def scenario(pipelines: int, gpus: int, layout: str, kind: str) -> SchedulerStat
     return st
 
 
-def time_cycle(st: SchedulerState, repeats: int) -> dict:
+def time_cycle(st: SchedulerState, repeats: int, config: PlannerConfig = PlannerConfig()) -> dict:
     plan_ms, cycle_ms, moves = [], [], 0
     for _ in range(repeats):
         s = copy.deepcopy(st)
         t0 = time.perf_counter()
-        p = plan(s)
+        p = plan(s, config)
         t1 = time.perf_counter()
         validate_plan(s, p)
         s.begin(p)
@@ -105,19 +106,22 @@ def time_cycle(st: SchedulerState, repeats: int) -> dict:
 
 
 def planning(quick: bool) -> list[dict]:
+    """The default planner at every size, then shortest_first g=0.5 at the target size."""
     rows = []
-    for pipelines, gpus in SIZES:
+    cases = [(size, "default", PlannerConfig()) for size in SIZES]
+    cases.append(((64, 512), "shortest_first g=0.5", PlannerConfig(surplus="shortest_first", guarantee=0.5)))
+    for (pipelines, gpus), policy, config in cases:
         for layout in ("grouped", "full"):
             t0 = time.perf_counter()
             build(pipelines, gpus, layout).topology()
             topo_ms = (time.perf_counter() - t0) * 1e3
             for kind in ("boundary", "rebalance", "preempt"):
-                st = scenario(pipelines, gpus, layout, kind)
+                st = scenario(pipelines, gpus, layout, kind, config)
                 repeats = 5 if gpus >= 4096 or quick else 25
-                row = {"pipelines": pipelines, "gpus": gpus, "layout": layout, "scenario": kind,
-                       "setup_ms": round(topo_ms, 2), **time_cycle(st, repeats)}
+                row = {"pipelines": pipelines, "gpus": gpus, "layout": layout, "scenario": kind, "policy": policy,
+                       "setup_ms": round(topo_ms, 2), **time_cycle(st, repeats, config)}
                 rows.append(row)
-                print(f"{pipelines:>4} {gpus:>5} {layout:>8} {kind:>10} | plan {row['plan_ms']:>8.2f} ms | "
+                print(f"{pipelines:>4} {gpus:>5} {layout:>8} {kind:>10} {policy:>20} | plan {row['plan_ms']:>8.2f} ms | "
                       f"cycle {row['cycle_ms']:>8.2f} ms (median {row['cycle_ms_median']:>8.2f}) | ops {row['ops']:>4} | "
                       f"topology (once per register) {topo_ms:>7.1f} ms", flush=True)
     return rows

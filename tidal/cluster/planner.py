@@ -260,7 +260,12 @@ class _Planner:
             for dr in sorted(gens[d].active):
                 if dr in dcut:
                     continue
-                for r in {spec.rank_of[g] for g in gens[d].spec.replicas[dr] if g in spec.rank_of}:
+                if best is not None and best[0][0] == 1 and not best[0][3] and best[0][1:3] == (
+                        d in self.protected, -self.surplus(d)):
+                    # a one-victim, unreserved pick from this donor: later replicas of the same
+                    # donor could only offer a lower rank, not worth scanning them all for
+                    break
+                for r in sorted({spec.rank_of[g] for g in gens[d].spec.replicas[dr] if g in spec.rank_of}):
                     if r in tried or r in cut:
                         continue
                     tried.add(r)
