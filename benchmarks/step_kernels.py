@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.throughput import CONFIGS, copy_bandwidth, model_bytes, write_config  # noqa: E402
+from benchmarks.throughput import (CONFIGS, copy_bandwidth, fill_decode_batch, model_bytes,  # noqa: E402
+                                   write_config)
 from tidal import LLM  # noqa: E402
 from tidal.models.fused import set_fused_kernels  # noqa: E402
 from tidal.runner.context import ForwardContext  # noqa: E402
@@ -48,11 +49,7 @@ def profile_step(llm: LLM, batch: int, ctx: int, repeats: int) -> dict:
     g = runner.graphs
     if g is None:
         raise SystemExit("CUDA graphs are off: this script reads their static buffers")
-    nb = -(-(ctx + 1) // g.block_size)
-    g.block_tables[:batch, :nb] = torch.randint(0, runner.num_blocks, (batch, nb), dtype=torch.int32, device="cuda")
-    g.seq_lens[:batch] = ctx + 1
-    g.slot_mapping[:batch] = -1
-    g.positions[:batch] = ctx
+    fill_decode_batch(runner, batch, ctx)
     meta = g._meta(batch)
     fctx = ForwardContext(meta, runner.kv_cache, runner.backend)
     params = [SamplingParams(temperature=0.6)] * batch

@@ -184,6 +184,19 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, ov
     return res
 
 
+def fill_decode_batch(runner, batch: int, ctx: int) -> None:
+    """Put a synthetic decode step of `batch` sequences at context `ctx` into the CUDA graphs'
+    static inputs: random block tables, nothing stored (slot -1). Undo with
+    `runner.graphs.seq_lens.zero_()` before the engine runs again."""
+    g = runner.graphs
+    nb = -(-(ctx + 1) // g.block_size)
+    g.block_tables[:batch, :nb] = torch.randint(0, runner.num_blocks, (batch, nb), dtype=torch.int32,
+                                                device=g.block_tables.device)
+    g.seq_lens[:batch] = ctx + 1
+    g.slot_mapping[:batch] = -1
+    g.positions[:batch] = ctx
+
+
 def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], device: str,
                   graph_replay: bool = True) -> dict:
     """Where a step's time goes, over the whole workload, with overlap on and no extra syncs.
@@ -282,10 +295,7 @@ def profile_steps(llm: LLM, prompts: list[list[int]], out_lens: list[int], devic
     if g is not None and cuda and graph_replay:
         bs = g.batch_sizes[-1]
         ctx = min(1000, g.max_blocks * g.block_size - 1)
-        nb = -(-(ctx + 1) // g.block_size)
-        g.block_tables[:bs, :nb] = torch.randint(0, runner.num_blocks, (bs, nb), dtype=torch.int32, device="cuda")
-        g.seq_lens[:bs] = ctx + 1
-        g.slot_mapping[:bs] = -1
+        fill_decode_batch(runner, bs, ctx)
         g.graphs[bs].replay()
         times = []
         for _ in range(10):

@@ -81,7 +81,7 @@ class _Staging:
         Each array starts on a 16-byte boundary: Triton specializes kernels on the alignment of
         their pointer arguments, so views at arbitrary offsets would compile a new variant of a
         kernel whenever the batch's sizes change the offsets' parity."""
-        align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        align = max(1, _ALIGN_BYTES // dtype.itemsize)
         starts, at = [], 0
         for a in arrays:
             starts.append(at)
