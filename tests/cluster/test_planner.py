@@ -90,14 +90,20 @@ def test_idle_pool_goes_to_open_demand_in_proportion():
     assert len(active(st_, "a")) == 6 and len(active(st_, "b")) == 2
 
 
-def test_guarantee_floor_keeps_an_equal_split_while_all_generate():
-    """guarantee=1: with all four pipelines generating, a small rollout still keeps a quarter of
-    the pool (what a static split gives it), not its 1/13 demand share."""
+def four_generating(config: PlannerConfig) -> SchedulerState:
+    """Four pipelines on one shared 8-GPU pool, rollouts of 400, 400, 400 and 100, settled."""
     st_ = SchedulerState(8)
     for pid, target in (("a", 400), ("b", 400), ("c", 400), ("d", 100)):
         st_.register(spec(pid, None, list(range(8))))
         st_.open_generation(pid, target)
-    settle(st_, config=STATIC_FLOOR)
+    settle(st_, config=config)
+    return st_
+
+
+def test_guarantee_floor_keeps_an_equal_split_while_all_generate():
+    """guarantee=1: with all four pipelines generating, a small rollout still keeps a quarter of
+    the pool (what a static split gives it), not its 1/13 demand share."""
+    st_ = four_generating(STATIC_FLOOR)
     assert [len(active(st_, p)) for p in "abcd"] == [2, 2, 2, 2]
     st_.clear_progress("a")  # a leaves for training: its surplus goes by the gap ratio
     settle(st_, config=STATIC_FLOOR)
@@ -109,11 +115,7 @@ def test_half_floor_with_shortest_first_staggers_the_rollouts():
     split gives it and the rest goes to the rollout nearest its end, so it finishes (and trains)
     while the others still generate instead of the four finishing together."""
     cfg = PlannerConfig(surplus="shortest_first", guarantee=0.5)
-    st_ = SchedulerState(8)
-    for pid, target in (("a", 400), ("b", 400), ("c", 400), ("d", 100)):
-        st_.register(spec(pid, None, list(range(8))))
-        st_.open_generation(pid, target)
-    settle(st_, config=cfg)
+    st_ = four_generating(cfg)
     assert [len(active(st_, p)) for p in "abcd"] == [1, 1, 1, 5]
     st_.clear_progress("d")  # d leaves for training: the next shortest takes its surplus
     st_.report_progress("b", completed=100)
