@@ -68,10 +68,25 @@ class EngineOutput:
     weight_spans: list[tuple[int, int, int]] | None = None  # (version, start, end), on finish
     num_prompt_tokens: int = 0
     error: str | None = None              # set when the request was rejected or the engine died
+    # Why `error` is set, so clients map it without reading the message text:
+    # "invalid_input" (a 400: `error_param` names the field), "not_serving", "engine_dead".
+    error_type: str | None = None
+    error_param: str | None = None
 
 
 class EngineError(RuntimeError):
     """A control operation or request failed inside the engine; the message says why."""
+
+
+class EngineInvalidInput(EngineError, ValueError):
+    """The caller's input can never be served as given (a 400 over HTTP): `field` names what was
+    wrong, `value` what was sent, `expected` what would have been accepted."""
+
+    def __init__(self, field: str, value: object, expected: str, message: str | None = None) -> None:
+        self.field = field
+        self.value = value
+        self.expected = expected
+        super().__init__(message or f"{field}={value!r} is invalid: expected {expected}")
 
 
 class EngineNotServing(EngineError):
