@@ -15,8 +15,8 @@ stage() {  # stage NAME SECONDS CMD...
     echo "== $name: exit $? after $((SECONDS - t0)) s"
     grep -v '^\s*$' "$OUT/$name.log" | tail -n "${TAIL:-14}"
 }
-stage throughput 300 python3 benchmarks/throughput.py --models qwen3-0.6b qwen2.5-0.5b \
-    --serial qwen3-0.6b qwen2.5-0.5b --unfused qwen3-0.6b qwen2.5-0.5b --profile --hf-max-time 4 \
+stage throughput 330 python3 benchmarks/throughput.py --models qwen3-0.6b qwen2.5-0.5b \
+    --serial qwen3-0.6b --unfused qwen3-0.6b --profile --hf-max-time 4 --hf-cb --hf-cb-max-time 25 \
     --batch1-tokens 128 --out-dir "$OUT"
 stage gpu_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_engine_gpu.py \
     tests/runner/test_cuda_graph.py tests/runner/test_recompiles_gpu.py tests/models/test_models_gpu.py tests/models/test_fused.py -m "gpu or not gpu"
@@ -24,5 +24,5 @@ stage serving 100 python3 benchmarks/serving.py --shape qwen2.5-0.5b --device cu
     --concurrency 256 --input-len 256 --output-len 256 --block-size 256 --max-num-batched-tokens 16384 \
     --gpu-memory-utilization 0.85 --startup-timeout 60 --offline-timeout 80 --load-timeout 80 \
     --work-dir /tmp/tidal-model --out "$OUT/serving.json" --server-log "$OUT/serving_server.log"
-stage throughput_7b 170 python3 benchmarks/throughput.py --models qwen2.5-7b --hf-max-time 4 \
+stage throughput_7b 200 python3 benchmarks/throughput.py --models qwen2.5-7b --hf-max-time 4 --hf-cb --hf-cb-max-time 25 \
     --batch1-tokens 128 --hf-seqs 32 --out-dir "$OUT" --tag throughput_7b

@@ -365,6 +365,42 @@ def run_hf_with_fallback(cfg: dict, prompts: list[list[int]], out_lens: list[int
     return dict(error="; ".join(errors))
 
 
+def run_hf_cb(cfg: dict, prompts: list[list[int]], out_lens: list[int], args) -> dict:
+    """HF transformers' own continuous batching (its paged-attention manager): every request
+    with its own max_new_tokens and EOS disabled, for at most hf_max_time seconds after warm-up;
+    counts the tokens of the requests that finished plus the partial ones when time ran out."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    hf_cfg = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+    gen = GenerationConfig(max_new_tokens=max(out_lens), do_sample=True, temperature=0.6, top_k=0, top_p=1.0,
+                           eos_token_id=-1, pad_token_id=cfg["vocab_size"] - 1)
+    manager = model.init_continuous_batching(generation_config=gen)
+    manager.start()
+    try:
+        warm = manager.add_request(prompts[0][:16], max_new_tokens=4)
+        manager.get_result(request_id=warm, timeout=600)
+        sync(args.device)
+        t0 = time.perf_counter()
+        ids = {manager.add_request(p, max_new_tokens=o): o for p, o in zip(prompts, out_lens)}
+        done: dict[str, int] = {}
+        deadline = t0 + args.hf_max_time
+        while len(done) < len(ids) and time.perf_counter() < deadline:
+            r = manager.get_result(timeout=max(0.01, deadline - time.perf_counter()))
+            if r is not None and r.request_id in ids and r.is_finished():
+                done[r.request_id] = len(r.generated_tokens)
+        sync(args.device)
+        elapsed = time.perf_counter() - t0
+    finally:
+        manager.stop(block=True, timeout=60)
+    del model, manager
+    free_memory()
+    return dict(tok_s=sum(done.values()) / elapsed, seconds=elapsed, seqs=len(ids), finished=len(done),
+                useful_tokens=sum(done.values()), capped=len(done) < len(ids))
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -410,6 +446,9 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--hf-seqs", type=int, default=64)
     ap.add_argument("--hf-max-time", type=float, default=25.0)
+    ap.add_argument("--hf-cb", action="store_true",
+                    help="also run HF transformers' continuous batching (generate_batch's manager) on the whole workload")
+    ap.add_argument("--hf-cb-max-time", type=float, default=60.0)
     ap.add_argument("--profile", action="store_true", help="also time the engine's stages per step (first model)")
     ap.add_argument("--profile-first", action="store_true",
                     help="trace the first (headline) run per phase as --profile does (first model)")
@@ -448,6 +487,14 @@ def main() -> None:
         if not args.skip_hf:  # first: Tidal takes most of the GPU memory for its KV cache
             print(f"[{model}] hf ...", flush=True)
             row["hf"] = run_hf_with_fallback(cfg, prompts, out_lens, args)
+        if args.hf_cb:
+            print(f"[{model}] hf continuous batching ...", flush=True)
+            cb_args = argparse.Namespace(**{**vars(args), "hf_max_time": args.hf_cb_max_time})
+            try:
+                row["hf_cb"] = run_hf_cb(cfg, prompts, out_lens, cb_args)
+            except Exception as e:  # an HF version without the manager API: record why
+                row["hf_cb"] = dict(error=f"{type(e).__name__}: {e}"[:300])
+                free_memory()
         print(f"[{model}] tidal ...", flush=True)
         row["tidal"] = run_tidal(path, prompts, out_lens, args)
         if model in args.serial:
@@ -470,6 +517,13 @@ def main() -> None:
         hf_s = f"{hf:10.0f} {t / hf:6.1f}" if hf else f"{'-':>10s} {'-':>6s}"
         print(f"{model:14s} {t:12.0f} {r['tidal']['tok_s_second_run']:8.0f} {hf_s} {c:9.0f} {100 * t / c:6.1f}% "
               f"{b1:9.1f} {b1c:8.1f} {100 * b1 / b1c:5.1f}%")
+    for model, r in results["models"].items():
+        cb = r.get("hf_cb", {})
+        if "tok_s" in cb:
+            print(f"{model}: HF continuous batching {cb['tok_s']:.0f} tok/s ({cb['finished']}/{cb['seqs']} finished in "
+                  f"{cb['seconds']:.1f} s) -> Tidal {r['tidal']['tok_s'] / cb['tok_s']:.1f}x")
+        elif cb:
+            print(f"{model}: HF continuous batching failed: {cb['error']}")
     for key, label, base in (("tidal_serial", "overlap scheduling", "serial steps"),
                              ("tidal_unfused", "fused layer kernels", "torch ops")):
         for model, r in results["models"].items():
