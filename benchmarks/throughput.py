@@ -366,15 +366,51 @@ def run_hf_with_fallback(cfg: dict, prompts: list[list[int]], out_lens: list[int
 
 
 def run_hf_cb(cfg: dict, prompts: list[list[int]], out_lens: list[int], args) -> dict:
-    """HF transformers' own continuous batching (its paged-attention manager): every request
-    with its own max_new_tokens and EOS disabled, for at most hf_max_time seconds after warm-up;
-    counts the tokens of the requests that finished plus the partial ones when time ran out."""
+    """HF transformers' continuous batching, in a child process: a failure inside HF's manager
+    thread cannot keep GPU memory held in this one (it did once: the next model's KV cache no
+    longer fit)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_hf_cb_child, args=(cfg, prompts, out_lens, args.device, args.hf_max_time, results))
+    child.start()
+    try:
+        return results.get(timeout=args.hf_max_time + 300)
+    except Exception as e:
+        return dict(error=f"no result from the HF continuous-batching child: {type(e).__name__}")
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+
+
+def _hf_cb_child(cfg: dict, prompts, out_lens, device: str, max_time: float, results) -> None:
+    try:
+        results.put(_hf_cb(cfg, prompts, out_lens, argparse.Namespace(device=device, hf_max_time=max_time)))
+    except Exception as e:
+        results.put(dict(error=f"{type(e).__name__}: {e}"[:300]))
+
+
+def _hf_cb(cfg: dict, prompts: list[list[int]], out_lens: list[int], args) -> dict:
+    """HF's paged-attention continuous-batching manager: every request with its own
+    max_new_tokens and EOS disabled, for at most hf_max_time seconds after a warm-up request;
+    counts the tokens of the requests that finished in time."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     hf_cfg = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "architectures"})
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+    model, refused = None, []
+    for impl in ("paged|sdpa", "sdpa_paged", "paged|eager"):  # the paged names differ between HF releases
+        try:
+            with torch.device(args.device):
+                model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=impl).eval()
+            break
+        except (ValueError, ImportError) as e:
+            refused.append(f"{impl}: {str(e)[:80]}")
+    if model is None:
+        raise ValueError("no paged attention implementation accepted: " + "; ".join(refused))
+    model_impl = model.config._attn_implementation
     gen = GenerationConfig(max_new_tokens=max(out_lens), do_sample=True, temperature=0.6, top_k=0, top_p=1.0,
                            eos_token_id=-1, pad_token_id=cfg["vocab_size"] - 1)
     manager = model.init_continuous_batching(generation_config=gen)
@@ -398,6 +434,7 @@ def run_hf_cb(cfg: dict, prompts: list[list[int]], out_lens: list[int], args) ->
     del model, manager
     free_memory()
     return dict(tok_s=sum(done.values()) / elapsed, seconds=elapsed, seqs=len(ids), finished=len(done),
+                attn_implementation=model_impl,
                 useful_tokens=sum(done.values()), capped=len(done) < len(ids))
 
 
@@ -490,11 +527,7 @@ def main() -> None:
         if args.hf_cb:
             print(f"[{model}] hf continuous batching ...", flush=True)
             cb_args = argparse.Namespace(**{**vars(args), "hf_max_time": args.hf_cb_max_time})
-            try:
-                row["hf_cb"] = run_hf_cb(cfg, prompts, out_lens, cb_args)
-            except Exception as e:  # an HF version without the manager API: record why
-                row["hf_cb"] = dict(error=f"{type(e).__name__}: {e}"[:300])
-                free_memory()
+            row["hf_cb"] = run_hf_cb(cfg, prompts, out_lens, cb_args)
         print(f"[{model}] tidal ...", flush=True)
         row["tidal"] = run_tidal(path, prompts, out_lens, args)
         if model in args.serial:
@@ -519,11 +552,11 @@ def main() -> None:
               f"{b1:9.1f} {b1c:8.1f} {100 * b1 / b1c:5.1f}%")
     for model, r in results["models"].items():
         cb = r.get("hf_cb", {})
-        if "tok_s" in cb:
+        if cb.get("tok_s"):
             print(f"{model}: HF continuous batching {cb['tok_s']:.0f} tok/s ({cb['finished']}/{cb['seqs']} finished in "
                   f"{cb['seconds']:.1f} s) -> Tidal {r['tidal']['tok_s'] / cb['tok_s']:.1f}x")
         elif cb:
-            print(f"{model}: HF continuous batching failed: {cb['error']}")
+            print(f"{model}: HF continuous batching gave nothing: {cb.get('error', cb)}")
     for key, label, base in (("tidal_serial", "overlap scheduling", "serial steps"),
                              ("tidal_unfused", "fused layer kernels", "torch ops")):
         for model, r in results["models"].items():
