@@ -72,19 +72,22 @@ class Health:
     ok: bool
     reason: str
     detail: dict[str, Any]
-    stalled: bool = False    # alive but not answering: heartbeat lost or core loop stuck
+    # The process is alive but sends nothing (stopped, or its threads frozen): requests fail until
+    # it answers. A core loop that is merely slow to read its inbox (a long weight load) is not.
+    stalled: bool = False
 
 
 class _Stream:
     """One request's reply channel: outputs accumulate until the consumer takes them all.
     One timer per request (not one per wait) enforces its deadline."""
-    __slots__ = ("items", "waiter", "failure", "expired")
+    __slots__ = ("items", "waiter", "failure", "expired", "abandoned")
 
     def __init__(self) -> None:
         self.items: collections.deque[EngineOutput] = collections.deque()
         self.waiter: asyncio.Future | None = None
         self.failure: EngineError | None = None
         self.expired = False
+        self.abandoned = False   # its caller is gone; it waits only for the engine's abort
 
     def _wake(self) -> None:
         w = self.waiter
@@ -249,26 +252,27 @@ class EngineClient:
     def dead(self) -> str | None:
         return self._dead
 
-    @property
-    def ipc_dir(self) -> str | None:
-        return self._tmpdir
-
     async def drain(self, grace_s: float, abort_timeout_s: float = 10.0) -> None:
         """Graceful stop (SIGTERM): refuse new requests and calls, let in-flight requests run
         for up to `grace_s`, then end the rest as pause(abort) does, with their partial output
         and finish_reason="abort". Returns once every request has had its final output."""
         self._draining = True
-        deadline = time.monotonic() + grace_s
-        while self._routes and self._dead is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self._routes and self._dead is None:
-            log.info("shutting down: aborting %d request(s) still in flight", len(self._routes))
+        await self._until_no_callers(grace_s)
+        if self._num_callers() and self._dead is None and self._unavailable is None:
+            log.info("shutting down: aborting %d request(s) still in flight", self._num_callers())
             try:
                 await self._request("abort", P.ABORT, lambda cid: P.AbortCall(cid, None), abort_timeout_s)
             except EngineError as e:
                 log.warning("shutting down: could not abort the requests in flight: %s", e)
-        deadline = time.monotonic() + abort_timeout_s
-        while self._routes and self._dead is None and time.monotonic() < deadline:
+            await self._until_no_callers(abort_timeout_s)
+
+    def _num_callers(self) -> int:
+        """Requests whose caller still waits for their output."""
+        return sum(not chan.abandoned for chan in self._routes.values())
+
+    async def _until_no_callers(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._num_callers() and self._dead is None and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     # -- receiving -----------------------------------------------------------------------
@@ -391,7 +395,7 @@ class EngineClient:
             return Health(False, f"engine core loop is dead: {hb.error or 'stopped'}", detail)
         if hb.probe_age_s > self.stuck_after_s:
             return Health(False, f"engine core loop is stuck: it has not read its inbox for "
-                                 f"{hb.probe_age_s:.1f}s (limit {self.stuck_after_s:.0f}s)", detail, stalled=True)
+                                 f"{hb.probe_age_s:.1f}s (limit {self.stuck_after_s:.0f}s)", detail)
         return Health(True, "ok", detail)
 
     # -- sending -------------------------------------------------------------------------
@@ -474,6 +478,7 @@ class EngineClient:
         its id taken until the engine confirms the abort. The engine answers an abort only
         after it has emitted the request's last output, so no stale output of this request can
         ever reach a later request that reuses the id."""
+        chan.abandoned = True
         cid = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
 
