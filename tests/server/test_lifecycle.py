@@ -98,6 +98,13 @@ async def test_sigterm_ends_every_request_with_its_output_and_exits_0(server_mod
     """One sequence at a time: the short request finishes within the grace period, the long
     ones (one running, two waiting) end with finish_reason "abort" and their partial output."""
     s = make_server(server_model, "--max-num-seqs", "1", "--shutdown-grace-s", "2", "--log-level", "info")
+    try:
+        await _sigterm_with_requests_in_flight(s)
+    finally:
+        s.stop()   # a no-op once it has exited
+
+
+async def _sigterm_with_requests_in_flight(s) -> None:
     async with httpx.AsyncClient(timeout=60) as client:
         first = asyncio.Event()
         short = asyncio.create_task(_stream(client, s.url, {"prompt": "short", "max_tokens": 8}, first))
@@ -189,8 +196,8 @@ def _ipc_dirs(pid: int) -> list[str]:
 def test_sigkilled_server_leaves_no_ipc_directory_after_the_next_start(server_model, make_server):
     s = make_server(server_model)
     dirs = _ipc_dirs(s.proc.pid)
-    assert len(dirs) == 1 and os.path.exists(os.path.join(dirs[0], "owner")), dirs
     os.kill(s.proc.pid, signal.SIGKILL)
+    assert len(dirs) == 1 and os.path.exists(os.path.join(dirs[0], "owner")), dirs
     s.proc.wait(10)
     deadline = time.monotonic() + 15
     while pid_alive(s.engine_pid):   # it dies with its parent
