@@ -108,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default deadline of a control call in seconds (default: 60)")
     h.add_argument("--stuck-timeout", type=float, default=60.0,
                    help="/health fails when the engine loop has not answered for this long (default: 60)")
+    h.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="seconds without a heartbeat from the engine process before /health fails, requests "
+                        "in flight fail and new ones get 503, until it answers again (default: 5)")
+    h.add_argument("--shutdown-grace-s", type=float, default=5.0,
+                   help="on SIGTERM or Ctrl-C, seconds that requests in flight may still run before they are "
+                        "ended with their partial output, finish_reason 'abort' (default: 5)")
+    h.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                   help="close a keep-alive connection idle for this many seconds (default: 5)")
+    h.add_argument("--header-timeout", type=float, default=10.0,
+                   help="close a connection whose request headers have not all arrived within this many "
+                        "seconds (default: 10)")
+    h.add_argument("--limit-concurrency", type=int, default=2048,
+                   help="answer 503 once this many connections or requests are open; also mind the open-file "
+                        "limit, ulimit -n (default: 2048)")
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s = serve.add_argument_group("security")
     s.add_argument("--api-key", default=os.environ.get("TIDAL_API_KEY"),
@@ -142,10 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from tidal.server.api import ServerSettings, create_app
-
     level = args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("tidal.server")
@@ -160,17 +170,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.weights_root is not None and not os.path.isdir(args.weights_root):
         print(f"tidal serve: --weights-root {args.weights_root!r} is not a directory", file=sys.stderr)
         return 2
+    for name in ("heartbeat_timeout", "shutdown_grace_s", "timeout_keep_alive", "header_timeout",
+                 "limit_concurrency"):
+        if getattr(args, name) <= 0:
+            print(f"tidal serve: --{name.replace('_', '-')}={getattr(args, name)} is invalid: expected a "
+                  "positive number", file=sys.stderr)
+            return 2
+    try:  # before the model loads (which takes a while), so a busy port is reported at once
+        sock = _bind(args.host, args.port)
+    except OSError as e:
+        print(f"tidal serve: cannot listen on {args.host}:{args.port}: {e.strerror or e} "
+              "(is another server using it? pick another with --port)", file=sys.stderr)
+        return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.admin_key and not args.api_key:
         log.warning("binding %s without --admin-key: anyone who can reach this port can pause, "
                     "abort and replace the weights", args.host)
+    code = _serve(args, config, sock, level, log)
+    # The server has stopped its engine process and removed its files. Skipping the interpreter's
+    # teardown spares the user some thirty "nanobind: leaked ..." lines from triton's bindings.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _bind(host: str, port: int):
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve(args: argparse.Namespace, config, sock, level: str, log: logging.Logger) -> int:
+    import uvicorn
+
+    from tidal.server.api import ServerSettings, create_app
+    from tidal.server.http_protocol import protocol_class
+
     settings = ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key,
                               admin_key=args.admin_key, weights_root=args.weights_root,
                               request_timeout_s=args.request_timeout, control_timeout_s=args.control_timeout,
-                              stuck_after_s=args.stuck_timeout, log_level=level)
+                              stuck_after_s=args.stuck_timeout, heartbeat_timeout_s=args.heartbeat_timeout,
+                              log_level=level)
     app = create_app(config, settings)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host
     url = f"http://{host}:{args.port}"
+    grace = args.shutdown_grace_s
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -179,13 +232,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log.info("Tidal is serving %r at %s  (OpenAI base_url: %s/v1; engine pid %s; Ctrl-C to stop)",
                          server.model_name, url, url, server.client.engine_pid if server.client else None)
 
-    uv = _Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                access_log=args.log_level == "debug", timeout_graceful_shutdown=5,
-                                lifespan="on"))
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once it has stopped, so SIGTERM would end the process
+            # with status -15 after a clean shutdown; a clean shutdown exits 0.
+            self._captured_signals.clear()
+
+        async def shutdown(self, sockets=None) -> None:
+            # Stop accepting, then end the requests in flight the way pause(abort) does, so
+            # every client gets its partial output and a final event before connections close.
+            for s in self.servers:
+                s.close()
+            client = server.client
+            if client is not None and client.dead is None and not self.force_exit:
+                await client.drain(grace)
+            await super().shutdown(sockets)
+
+    uv = _Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
+                                timeout_graceful_shutdown=10, lifespan="on", http=protocol_class(args.header_timeout),
+                                timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency))
     try:
-        uv.run()
+        uv.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
+    except SystemExit as e:  # uvicorn exits 3 when the app fails to start; it has logged why
+        return e.code if isinstance(e.code, int) else 1
     if not uv.started:
         return 1
     return 0

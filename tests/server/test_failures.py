@@ -150,3 +150,5 @@ def test_ctrl_c_stops_server_and_engine(secured):
     assert secured.stop() == 0      # Server.stop asserts the engine process is gone too
     out = secured.output()
     assert f"at {secured.url}" in out and "Traceback" not in out, out   # startup logs the URL
+    assert "nanobind" not in out, out                      # no interpreter-teardown noise
+    assert out.count("engine core ready") == 1, out        # said once, not by both processes

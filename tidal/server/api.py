@@ -57,6 +57,7 @@ class ServerSettings:
     request_timeout_s: float = 1800.0
     control_timeout_s: float = 60.0
     stuck_after_s: float = 60.0
+    heartbeat_timeout_s: float = 5.0         # no heartbeat this long: in-flight requests fail, new get 503
     log_level: str = "INFO"
 
 
@@ -272,6 +273,7 @@ class _Server:
         s = self.settings
         self.client = EngineClient(self.engine_config, request_timeout_s=s.request_timeout_s,
                                    control_timeout_s=s.control_timeout_s, stuck_after_s=s.stuck_after_s,
+                                   heartbeat_timeout_s=s.heartbeat_timeout_s,
                                    log_level=s.log_level, metrics=self.metrics)
         await self.client.start()
         self.token_text = _TokenText(self.client.tokenizer)

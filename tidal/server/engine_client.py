@@ -10,7 +10,14 @@ so it cannot see a reply before the route exists. Routes are removed when the re
 times out, or its caller goes away (which also aborts it in the engine).
 
 Why nothing hangs: every wait has a deadline, and when the engine process dies (its sentinel
-fd becomes readable) every open stream and call fails at once with EngineDead.
+fd becomes readable) every open stream and call fails at once with EngineDead. A process that is
+alive but answers nothing (stopped, or a core loop stuck in a read) is caught by the heartbeat:
+once it is lost, open streams and calls fail with EngineUnavailable and new ones are refused
+until the heartbeat returns.
+
+Errors keep their type across the process boundary: a control reply names its exception class
+(an EngineInvalidInput also carries field, value and expected), and a request output names its
+error kind in `error_type`.
 """
 from __future__ import annotations
 
@@ -20,8 +27,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,20 +38,33 @@ import zmq.asyncio
 from tidal.config import EngineConfig
 from tidal.engine.client import DEFAULT_CONTROL_TIMEOUT_S, ControlTimeout
 from tidal.engine.io import InputProcessor, Prompt, RequestState
-from tidal.engine.messages import (AddRequest, EngineDead, EngineError, EngineNotServing,
-                                   EngineOutput)
+from tidal.engine.messages import (AddRequest, EngineDead, EngineError, EngineInvalidInput,
+                                   EngineNotServing, EngineOutput)
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
+from tidal.server import ipc_dir
 from tidal.server import protocol as P
 from tidal.server.engine_proc import run_engine_process
 
 log = logging.getLogger("tidal.server")
 
-_ERRORS = {"EngineDead": EngineDead, "EngineNotServing": EngineNotServing, "ControlTimeout": ControlTimeout}
 
 
 class RequestTimeout(EngineError, TimeoutError):
     """A request did not finish before its deadline; it has been aborted in the engine."""
+
+
+class EngineUnavailable(EngineNotServing):
+    """The engine cannot serve right now but may again: its heartbeat is lost (a stopped or
+    stuck process), or the server is shutting down. A 503 with Retry-After, like a rejection
+    while paused."""
+
+
+# Control replies name the exception class raised in the engine process.
+_REPLY_ERRORS: dict[str, type[EngineError]] = {
+    "EngineDead": EngineDead, "EngineNotServing": EngineNotServing, "ControlTimeout": ControlTimeout}
+# Request outputs name the kind of failure (EngineOutput.error_type).
+_OUTPUT_ERRORS: dict[str, type[EngineError]] = {"not_serving": EngineNotServing, "engine_dead": EngineDead}
 
 
 @dataclass(slots=True)
@@ -54,18 +72,22 @@ class Health:
     ok: bool
     reason: str
     detail: dict[str, Any]
+    # The process is alive but sends nothing (stopped, or its threads frozen): requests fail until
+    # it answers. A core loop that is merely slow to read its inbox (a long weight load) is not.
+    stalled: bool = False
 
 
 class _Stream:
     """One request's reply channel: outputs accumulate until the consumer takes them all.
     One timer per request (not one per wait) enforces its deadline."""
-    __slots__ = ("items", "waiter", "failure", "expired")
+    __slots__ = ("items", "waiter", "failure", "expired", "abandoned")
 
     def __init__(self) -> None:
         self.items: collections.deque[EngineOutput] = collections.deque()
         self.waiter: asyncio.Future | None = None
-        self.failure: str | None = None
+        self.failure: EngineError | None = None
         self.expired = False
+        self.abandoned = False   # its caller is gone; it waits only for the engine's abort
 
     def _wake(self) -> None:
         w = self.waiter
@@ -76,8 +98,9 @@ class _Stream:
         self.items.append(out)
         self._wake()
 
-    def fail(self, reason: str) -> None:
-        self.failure = reason
+    def fail(self, error: EngineError) -> None:
+        if self.failure is None:
+            self.failure = error
         self._wake()
 
     def expire(self) -> None:
@@ -115,11 +138,14 @@ class EngineClient:
         self.log_level = log_level
         self.metrics = metrics
         self._routes: dict[str, _Stream] = {}
-        self._calls: dict[int, asyncio.Future] = {}
+        self._calls: dict[int, asyncio.Future] = {}      # control calls of callers
+        self._aborts: dict[int, asyncio.Future] = {}     # aborts of abandoned requests (see _abandon)
         self._call_ids = itertools.count(1)
         self._req_prefix = uuid.uuid4().hex[:8]
         self._req_ids = itertools.count()
         self._dead: str | None = None
+        self._unavailable: str | None = None   # why the engine cannot serve now (heartbeat lost, ...)
+        self._draining = False
         self._closing = False
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._tasks: list[asyncio.Task] = []
@@ -137,7 +163,8 @@ class EngineClient:
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> "EngineClient":
         loop = asyncio.get_running_loop()
-        self._tmpdir = tempfile.mkdtemp(prefix="tidal-")
+        ipc_dir.clean_stale()
+        self._tmpdir = ipc_dir.create()
         in_addr = f"ipc://{self._tmpdir}/in"
         out_addr = f"ipc://{self._tmpdir}/out"
         self._ctx = zmq.asyncio.Context()
@@ -215,7 +242,7 @@ class EngineClient:
             self._ctx.term()
             self._ctx = None
         if self._tmpdir:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            ipc_dir.remove(self._tmpdir)
 
     @property
     def engine_pid(self) -> int | None:
@@ -224,6 +251,29 @@ class EngineClient:
     @property
     def dead(self) -> str | None:
         return self._dead
+
+    async def drain(self, grace_s: float, abort_timeout_s: float = 10.0) -> None:
+        """Graceful stop (SIGTERM): refuse new requests and calls, let in-flight requests run
+        for up to `grace_s`, then end the rest as pause(abort) does, with their partial output
+        and finish_reason="abort". Returns once every request has had its final output."""
+        self._draining = True
+        await self._until_no_callers(grace_s)
+        if self._num_callers() and self._dead is None and self._unavailable is None:
+            log.info("shutting down: aborting %d request(s) still in flight", self._num_callers())
+            try:
+                await self._request("abort", P.ABORT, lambda cid: P.AbortCall(cid, None), abort_timeout_s)
+            except EngineError as e:
+                log.warning("shutting down: could not abort the requests in flight: %s", e)
+            await self._until_no_callers(abort_timeout_s)
+
+    def _num_callers(self) -> int:
+        """Requests whose caller still waits for their output."""
+        return sum(not chan.abandoned for chan in self._routes.values())
+
+    async def _until_no_callers(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._num_callers() and self._dead is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     # -- receiving -----------------------------------------------------------------------
     async def _recv_loop(self) -> None:
@@ -246,18 +296,21 @@ class EngineClient:
             elif kind == P.REPLY:
                 if msg.stats is not None:
                     self._on_stats(msg.stats)
-                fut = self._calls.pop(msg.call_id, None)
+                fut = self._calls.pop(msg.call_id, None) or self._aborts.pop(msg.call_id, None)
                 if fut is not None and not fut.done():
                     if msg.error is None:
                         fut.set_result(msg.result)
                     else:
-                        fut.set_exception(_ERRORS.get(msg.error_type or "", EngineError)(msg.error))
+                        fut.set_exception(_reply_error(msg))
             elif kind == P.HEARTBEAT:
                 self._last_heartbeat = time.monotonic()
                 self.heartbeat = msg
                 if msg.stats is not None:
                     self._on_stats(msg.stats)
+                if self._unavailable is not None:
+                    self._check_stall()
             elif kind == P.READY:
+                self._last_heartbeat = time.monotonic()
                 if not self._ready.done():
                     self._ready.set_result(msg)
             elif kind == P.FAILED:
@@ -283,20 +336,45 @@ class EngineClient:
     def _mark_dead(self, reason: str) -> None:
         if self._dead is None:
             self._dead = reason
-        for stream in self._routes.values():
-            stream.fail(self._dead)
-        calls, self._calls = self._calls, {}
-        for fut in calls.values():
+        self._fail_open(EngineDead, self._dead)
+        aborts, self._aborts = self._aborts, {}
+        for fut in aborts.values():
             if not fut.done():
                 fut.set_exception(EngineDead(self._dead))
         if hasattr(self, "_ready") and not self._ready.done():
             self._ready.set_exception(EngineDead(self._dead))
 
+    def _fail_open(self, error: type[EngineError], reason: str) -> None:
+        """Fail every open stream and control call. Streams keep their route (and so their id)
+        until the engine confirms their abort: see _abandon."""
+        for stream in self._routes.values():
+            stream.fail(error(reason))
+        calls, self._calls = self._calls, {}
+        for fut in calls.values():
+            if not fut.done():
+                fut.set_exception(error(reason))
+
     async def _watch_heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
+            ok = self._check_stall()
             if self.metrics is not None:
-                self.metrics.set_health(self.health().ok)
+                self.metrics.set_health(ok)
+
+    def _check_stall(self) -> bool:
+        """Enter or leave the unavailable state from the health rules; returns health.ok.
+        Only a live engine that has stopped answering is unavailable: death is final."""
+        h = self.health()
+        stalled = h.stalled and self._dead is None
+        if stalled and self._unavailable is None:
+            self._unavailable = f"the engine is not responding ({h.reason})"
+            log.error("%s: failing %d request(s) and %d control call(s) in flight; new ones get 503 "
+                      "until it answers again", self._unavailable, len(self._routes), len(self._calls))
+            self._fail_open(EngineUnavailable, self._unavailable)
+        elif not stalled and self._unavailable is not None and self._dead is None:
+            log.warning("the engine answers again after: %s", self._unavailable)
+            self._unavailable = None
+        return h.ok
 
     def health(self) -> Health:
         detail: dict[str, Any] = {"engine_pid": self.engine_pid}
@@ -308,7 +386,8 @@ class EngineClient:
         age = time.monotonic() - self._last_heartbeat
         detail["heartbeat_age_s"] = round(age, 3)
         if age > self.heartbeat_timeout_s:
-            return Health(False, f"no heartbeat from the engine process for {age:.1f}s", detail)
+            return Health(False, f"no heartbeat from the engine process for {age:.1f}s "
+                                 f"(limit {self.heartbeat_timeout_s:g}s)", detail, stalled=True)
         if hb is None:
             return Health(True, "ok", detail)
         detail.update(state=hb.state, probe_age_s=round(hb.probe_age_s, 3))
@@ -320,6 +399,15 @@ class EngineClient:
         return Health(True, "ok", detail)
 
     # -- sending -------------------------------------------------------------------------
+    def _check_admit(self) -> None:
+        """Refuse new work the engine cannot take now (raises)."""
+        if self._dead is not None:
+            raise EngineDead(self._dead)
+        if self._draining:
+            raise EngineUnavailable("the server is shutting down")
+        if self._unavailable is not None:
+            raise EngineUnavailable(self._unavailable)
+
     def _send(self, kind: bytes, msg: Any) -> None:
         if self._dead is not None:
             raise EngineDead(self._dead)
@@ -348,8 +436,7 @@ class EngineClient:
             text, ids = self.process_prompt(prompt, params)
         else:
             text, ids = (prompt if isinstance(prompt, str) else None), prompt_token_ids
-        if self._dead is not None:
-            raise EngineDead(self._dead)
+        self._check_admit()
         rid = request_id or self.new_request_id()
         if rid in self._routes:
             raise ValueError(f"request_id={rid!r} is already in flight: expected a unique id")
@@ -366,13 +453,16 @@ class EngineClient:
                     outs = await chan.take()
                 except asyncio.TimeoutError:
                     raise RequestTimeout(f"request {rid} did not finish within {timeout:.0f}s") from None
+                failed = None
                 for out in outs:
                     state.apply(out)
-                if state.error is not None:
+                    failed = failed or (out if out.error is not None else None)
+                if failed is not None:
                     finished = state.finished
-                    _raise_for(state.error)
+                    raise _output_error(failed)
                 if chan.failure is not None and not state.finished:
-                    raise EngineDead(chan.failure)
+                    f = chan.failure
+                    raise type(f)(*f.args)
                 finished = state.finished
                 if stream or finished:
                     yield state.delta_output() if delta else state.output()
@@ -388,6 +478,7 @@ class EngineClient:
         its id taken until the engine confirms the abort. The engine answers an abort only
         after it has emitted the request's last output, so no stale output of this request can
         ever reach a later request that reuses the id."""
+        chan.abandoned = True
         cid = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
 
@@ -396,15 +487,19 @@ class EngineClient:
                 del self._routes[rid]
 
         fut.add_done_callback(release)
-        self._calls[cid] = fut
+        self._aborts[cid] = fut
         try:
             self._send(P.ABORT, P.AbortCall(cid, [rid]))
         except (zmq.ZMQError, EngineDead):
-            self._calls.pop(cid, None)
+            self._aborts.pop(cid, None)
             fut.cancel()
 
     # -- control -------------------------------------------------------------------------
     async def _call(self, op: str, kind: bytes, make, timeout_s: float | None) -> dict:
+        self._check_admit()
+        return await self._request(op, kind, make, timeout_s)
+
+    async def _request(self, op: str, kind: bytes, make, timeout_s: float | None) -> dict:
         if self._dead is not None:
             raise EngineDead(self._dead)
         timeout = self.control_timeout_s if timeout_s is None else timeout_s
@@ -462,10 +557,23 @@ class EngineClient:
         return await self.control("state", None, timeout_s)
 
 
-def _raise_for(error: str) -> None:
-    if error.startswith("rejected"):
-        raise EngineNotServing(error)
-    raise EngineDead(error)
+def _reply_error(reply: P.Reply) -> EngineError:
+    """The exception a control call raised in the engine process, rebuilt from its reply."""
+    if reply.error_type == "EngineInvalidInput":
+        d = reply.result or {}
+        return EngineInvalidInput(str(d.get("field", "request")), d.get("value"), str(d.get("expected", "")),
+                                  reply.error)
+    return _REPLY_ERRORS.get(reply.error_type or "", EngineError)(reply.error)
+
+
+def _output_error(out: EngineOutput) -> EngineError:
+    """The exception for a request output that carries an error, by its error_type."""
+    if out.error_type == "invalid_input":
+        return EngineInvalidInput(out.error_param or "request", None, "a request the engine can serve", out.error)
+    if out.error_type is None and out.error.startswith("rejected"):
+        # An engine core that predates error_type; it sets no other kind of rejection.
+        return EngineNotServing(out.error)
+    return _OUTPUT_ERRORS.get(out.error_type or "", EngineDead)(out.error)
 
 
 def _try_tokenizer(path: str):

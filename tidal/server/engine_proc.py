@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from tidal.engine.messages import EngineInvalidInput
 from tidal.server import protocol as P
 
 log = logging.getLogger("tidal.engine_proc")
@@ -96,7 +97,8 @@ class EngineProcess:
                                           core.runner.arch.vocab_size, list(core.eos_token_ids), cfg)))
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="tidal-heartbeat", daemon=True)
         self._hb_thread.start()
-        log.info("engine core ready: %s (max_model_len=%d)", core.model_path, core.max_model_len)
+        # The server logs "engine core ready" once it has the tokenizer too; saying it here as well doubled it.
+        log.debug("engine core started: %s (max_model_len=%d)", core.model_path, core.max_model_len)
         return True
 
     # -- intake (main thread) ------------------------------------------------------------
@@ -144,8 +146,8 @@ class EngineProcess:
             n = (raw.get("params") or {}).get("n", 1)
             n = n if isinstance(n, int) and 0 < n <= 1024 else 1
             self.outbox.put((P.OUTPUTS, P.OutputBatch(
-                [EngineOutput(raw["request_id"], i, [], finish_reason="abort", error=f"invalid request: {err}")
-                 for i in range(n)], 0, 0.0)))
+                [EngineOutput(raw["request_id"], i, [], finish_reason="abort", error=f"invalid request: {err}",
+                              error_type="invalid_input") for i in range(n)], 0, 0.0)))
         elif isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], int):
             self.outbox.put((P.REPLY, P.Reply(raw[0], error=f"invalid message: {err}", error_type="EngineError")))
 
@@ -162,6 +164,8 @@ class EngineProcess:
             reply = P.Reply(call_id, result=fut.result(), stats=stats)
         else:
             reply = P.Reply(call_id, error=str(exc), error_type=type(exc).__name__, stats=stats)
+            if isinstance(exc, EngineInvalidInput):  # the field survives the trip (as data, never pickled)
+                reply.result = {"field": exc.field, "value": exc.value, "expected": exc.expected}
         self.outbox.put((P.REPLY, reply))
 
     def _snapshot(self) -> dict[str, Any] | None:
