@@ -280,7 +280,7 @@ class ControlPlane:
             raise EngineError("update_weights: weights are asleep; wake_up(['weights']) first")
         if self.state is EngineState.DRAINING:
             raise EngineError("update_weights: a drain is in progress; wait for pause to return")
-        if version is not None and version == core.weight_version:
+        if version is not None and version == core.weight_version and asleep is None:
             return {"weight_version": version, "skipped": True, "reason": "already at this version"}
         prev = core.state
         core.state = EngineState.UPDATING
