@@ -20,7 +20,7 @@ import torch
 
 from tidal.engine.messages import ControlCall, EngineError, EngineInvalidInput, EngineState, PauseMode
 from tidal.engine.request import Request, RequestStatus
-from tidal.models.loader import checkpoint_fingerprint
+from tidal.models.loader import FileStamp, checkpoint_fingerprint, fingerprint_change
 
 if TYPE_CHECKING:
     from tidal.engine.core import EngineCore
@@ -452,7 +452,6 @@ def _restore_weights(core: "EngineCore", saved: _SleepingWeights) -> None:
 def _reread_source(core: "EngineCore") -> dict[str, torch.Tensor]:
     """The discarded weights, read again from their checkpoint, refused unless the files are the
     ones that were loaded (before and after the read: an overwrite mid-read is caught too)."""
-    from tidal.models.loader import checkpoint_fingerprint
     source, root = core.weight_source, core.config.weights_root
     what = f"wake_up(weights): the checkpoint at {source!r}"
     try:
@@ -475,8 +474,7 @@ class _SourceChanged(Exception):
     pass
 
 
-def _check_unchanged(core: "EngineCore", what: str, now) -> None:
-    from tidal.models.loader import fingerprint_change
+def _check_unchanged(core: "EngineCore", what: str, now: dict[str, FileStamp]) -> None:
     change = fingerprint_change(core.weight_fingerprint or {}, now)
     if change is not None:
         raise _SourceChanged(f"{what} is not the one loaded as weight_version={core.weight_version}: "
@@ -486,7 +484,7 @@ def _check_unchanged(core: "EngineCore", what: str, now) -> None:
 @contextmanager
 def _shaped_placeholders(runner, asleep: _SleepingWeights | None):
     """While weights are discarded their parameters are empty; checking a checkpoint against the
-    model needs their shapes, so give them storage-free views of the right shape meanwhile."""
+    model needs their shapes, so meanwhile give them one-element views expanded to those shapes."""
     if asleep is None or asleep.cpu_copies is not None:
         yield
         return
