@@ -28,6 +28,9 @@ class EngineConfig:
     enforce_eager: bool = False             # disable CUDA graphs
     overlap_scheduling: bool = True         # schedule step N+1 while step N runs (EngineCore.step)
     reject_while_paused: bool = False       # new requests while not serving: queue (False) or reject
+    # update_weights paths (and wake-up reloads) must resolve inside it, every shard included;
+    # the server passes its --weights-root here. None: any path the engine process can read.
+    weights_root: str | None = None
 
     def __post_init__(self) -> None:
         if self.device == "auto":
@@ -49,6 +52,8 @@ class EngineConfig:
                "'auto', 'safetensors' or 'dummy'")
         _check(self.num_kv_blocks is None or self.num_kv_blocks >= 2, "num_kv_blocks",
                self.num_kv_blocks, "None or an integer >= 2")
+        _check(self.weights_root is None or (isinstance(self.weights_root, str) and self.weights_root != ""),
+               "weights_root", self.weights_root, "None or a directory path")
         _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
                self.gpu_memory_utilization, "a float in (0, 1]")
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tidal.engine.messages import EngineInvalidInput
 from tidal.models import get_model_class, iter_checkpoint, load_arch, load_model
+from tidal.models.loader import weight_files
 from tidal.testing import IM_END_ID, EOS_ID, PagedRunner
 
 PROMPT = [3, 14, 15, 92, 65, 35]
@@ -230,3 +232,60 @@ def test_bad_load_format_and_dtype(tiny_ckpt):
         load_model(tiny_ckpt("llama"), torch.float32, "cpu", load_format="pt")
     with pytest.raises(ValueError, match="dtype = 'int8'"):
         load_model(tiny_ckpt("llama"), "int8", "cpu")
+
+
+# ---- weights root: every file the loader opens stays inside it ----------------------------
+def _index(path, weight_map: dict) -> None:
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": weight_map}, f)
+
+
+def _error(call) -> EngineInvalidInput:
+    with pytest.raises(EngineInvalidInput) as e:
+        call()
+    return e.value
+
+
+def test_weight_files_confines_index_entries_and_symlinks_to_root(tiny_ckpt, tmp_path):
+    src = tiny_ckpt("llama")
+    root = tmp_path / "root"
+    ckpt = copy_ckpt(src, root / "m")
+    shutil.copy(os.path.join(src, "model.safetensors"), tmp_path / "outside.safetensors")
+    assert weight_files(ckpt, root=str(root)) == [os.path.realpath(os.path.join(ckpt, "model.safetensors"))]
+    # an index naming an existing and a missing file outside: one wording, no existence oracle
+    errors = []
+    for name in ("../../outside.safetensors", "../../absent.safetensors", "/etc/passwd"):
+        _index(ckpt, {"w": name})
+        err = _error(lambda: weight_files(ckpt, root=str(root)))
+        assert err.field == "path"
+        errors.append(str(err).replace(os.path.join(os.path.realpath(ckpt), name), "<X>").replace(name, "<X>"))
+    assert errors[0] == errors[1] == errors[2] and "outside the weights root" in errors[0], errors
+    os.remove(os.path.join(ckpt, "model.safetensors.index.json"))
+    os.remove(os.path.join(ckpt, "model.safetensors"))
+    os.symlink(tmp_path / "outside.safetensors", os.path.join(ckpt, "model.safetensors"))
+    assert "outside the weights root" in str(_error(lambda: weight_files(ckpt, root=str(root))))
+    assert "outside the weights root" in str(_error(lambda: list(iter_checkpoint(ckpt, root=str(root)))))
+    assert weight_files(ckpt) == [str(tmp_path / "outside.safetensors")]  # no root: followed
+
+
+def test_weight_files_refuses_a_fifo_without_opening_it(tiny_ckpt, tmp_path):
+    import subprocess
+    import sys
+    ckpt = copy_ckpt(tiny_ckpt("llama"), tmp_path / "m")
+    os.remove(os.path.join(ckpt, "model.safetensors"))
+    os.mkfifo(os.path.join(ckpt, "model.safetensors"))
+    # In a child process: opening a FIFO blocks in native code with the GIL held, so only a
+    # process boundary can bound a regression here.
+    code = ("import sys; from tidal.models.loader import iter_checkpoint\n"
+            "try:\n    list(iter_checkpoint(sys.argv[1]))\nexcept ValueError as e:\n    print(e)\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, ckpt], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the loader opened a FIFO and blocked")
+    assert "is not a regular file" in out.stdout, out.stdout + out.stderr
+
+
+def test_no_weights_error_does_not_list_the_directory(tmp_path):
+    (tmp_path / "private-key.pem").write_text("x")
+    err = _error(lambda: weight_files(str(tmp_path)))
+    assert "no *.safetensors files in" in str(err) and "private-key" not in str(err)

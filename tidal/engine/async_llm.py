@@ -11,8 +11,8 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 from tidal.config import EngineConfig
 from tidal.engine.client import DEFAULT_CONTROL_TIMEOUT_S, ControlTimeout, InprocEngine
-from tidal.engine.io import Prompt, RequestState
-from tidal.engine.messages import AddRequest, EngineDead, EngineNotServing, EngineOutput
+from tidal.engine.io import Prompt, RequestState, raise_for_error
+from tidal.engine.messages import AddRequest, EngineOutput
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
 
@@ -29,7 +29,8 @@ class AsyncLLM:
                        delta: bool = False) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs as tokens arrive (cumulative, or only the new part with
         `delta=True`); the last one has `finished=True`. Cancelling the iteration aborts the
-        request. A rejected request raises EngineNotServing; a dead engine EngineDead."""
+        request. A rejected request raises EngineNotServing, one that can never be scheduled
+        EngineInvalidInput, a dead engine EngineDead."""
         params = sampling_params or SamplingParams()
         text, ids = self.engine.input.process(prompt, params)
         rid = request_id or self.engine.new_request_id()
@@ -47,7 +48,7 @@ class AsyncLLM:
                     state.apply(q.get_nowait())
                 if state.error is not None:
                     finished = state.finished
-                    _raise_for(state.error)
+                    raise_for_error(state)
                 finished = state.finished
                 if stream or finished:
                     yield state.delta_output() if delta else state.output()
@@ -99,8 +100,3 @@ async def _await(fut, op: str, timeout_s: float | None) -> dict:
     except asyncio.TimeoutError:
         raise ControlTimeout(f"{op}: no reply within {timeout:.1f}s") from None
 
-
-def _raise_for(error: str) -> None:
-    if error.startswith("rejected"):
-        raise EngineNotServing(error)
-    raise EngineDead(error)

@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
-from tidal.engine.messages import ControlCall, EngineError, EngineState, PauseMode
+from tidal.engine.messages import ControlCall, EngineError, EngineInvalidInput, EngineState, PauseMode
 from tidal.engine.request import Request, RequestStatus
+from tidal.models.loader import FileStamp, checkpoint_fingerprint, fingerprint_change
 
 if TYPE_CHECKING:
     from tidal.engine.core import EngineCore
 
 SLEEP_TAGS = ("kv_cache", "weights")
+# Read-only ops: they never become `last_op`, or every state() reply would nest the previous one.
+QUERY_OPS = frozenset({"state"})
 
 
 @dataclass(slots=True)
@@ -62,7 +66,7 @@ class ControlPlane:
         return self.core.state
 
     def can_schedule(self) -> bool:
-        return self.state in (EngineState.SERVING, EngineState.DRAINING)
+        return self.state in (EngineState.SERVING, EngineState.DRAINING) and self.core.weights_loaded
 
     def can_admit(self) -> bool:
         return self.can_schedule()
@@ -127,7 +131,10 @@ class ControlPlane:
             reply.set_exception(e if isinstance(e, EngineError) else EngineError(f"{call.op} failed: {type(e).__name__}: {e}"))
             return
         if result is not None:  # None: the op completes `reply` later (drain)
-            self._record(call.op, result, t0)
+            if call.op in QUERY_OPS:
+                self._count(call.op, time.monotonic() - t0)
+            else:
+                self._record(call.op, result, t0)
             if not reply.done():
                 reply.set_result(result)
 
@@ -135,6 +142,9 @@ class ControlPlane:
         elapsed = time.monotonic() - t0
         result.setdefault("elapsed_s", elapsed)
         self.last_op = {"op": op, "result": result, "at": time.time()}
+        self._count(op, elapsed)
+
+    def _count(self, op: str, elapsed: float) -> None:
         self.op_counts[op] = self.op_counts.get(op, 0) + 1
         self.op_seconds[op] = self.op_seconds.get(op, 0.0) + elapsed
 
@@ -185,6 +195,9 @@ class ControlPlane:
         core = self.core
         if self.state is EngineState.SLEEPING:
             raise EngineError(f"resume: engine is sleeping ({sorted(self.sleeping)}); call wake_up first")
+        if not core.weights_loaded:  # never serve placeholders (a discarded sleep not restored)
+            raise EngineError("resume: the weights are not loaded (discarded by sleep); "
+                              "wake_up(['weights']) or update_weights(path=...) first")
         if self.state is EngineState.SERVING:
             return {"state": "serving", "changed": False}
         if self.drain is not None:
@@ -227,6 +240,7 @@ class ControlPlane:
                     raise EngineError("sleep(weights, discard=True): the weights came from in-memory "
                                       "tensors and could not be restored; sleep without discard")
                 self.sleeping[tag] = _offload_weights(runner, discard)
+                self.core.weights_loaded = not discard
             result["bytes_freed"][tag] = _freed(before, _memory_in_use(runner), self.sleeping[tag])
             result["tags"].append(tag)
         self.core.state = EngineState.SLEEPING
@@ -241,14 +255,14 @@ class ControlPlane:
             raise EngineError(f"wake_up tags={bad!r} are unknown: expected a subset of {list(SLEEP_TAGS)}")
         runner = self.core.runner
         restored: dict[str, int] = {}
-        for tag in tags:
-            if tag not in self.sleeping:
-                continue
+        # Weights first: their restore is the one that can fail on bad input. Each tag is
+        # restored completely before it leaves `sleeping`; a failure leaves it asleep.
+        for tag in sorted(set(tags) & set(self.sleeping), key=lambda t: t != "weights"):
             if tag == "kv_cache":
                 runner.allocate_kv_cache()
-                restored[tag] = self.sleeping.pop(tag)
             else:
-                restored[tag] = _restore_weights(runner, self.sleeping.pop(tag), self.core.weight_source)
+                _restore_weights(self.core, self.sleeping[tag])
+            restored[tag] = _nbytes(self.sleeping.pop(tag))
         if self.state is EngineState.SLEEPING and not self.sleeping:
             self.core.state = EngineState.PAUSED
         return {"tags": sorted(restored), "bytes_restored": restored, "state": self.state.value,
@@ -261,26 +275,44 @@ class ControlPlane:
         core = self.core
         if (path is None) == (named_tensors is None):
             raise EngineError("update_weights: give exactly one of path= or named_tensors=")
-        if "weights" in self.sleeping:
+        asleep = self.sleeping.get("weights")
+        if asleep is not None and not (path is not None and asleep.cpu_copies is None):
             raise EngineError("update_weights: weights are asleep; wake_up(['weights']) first")
         if self.state is EngineState.DRAINING:
             raise EngineError("update_weights: a drain is in progress; wait for pause to return")
-        if version is not None and version == core.weight_version:
+        if version is not None and version == core.weight_version and asleep is None:
             return {"weight_version": version, "skipped": True, "reason": "already at this version"}
         prev = core.state
         core.state = EngineState.UPDATING
         t0 = time.monotonic()
+        root = core.config.weights_root
         try:
-            staged = _stage(core.runner.model, path, named_tensors, checksums)
+            stamp = checkpoint_fingerprint(path, root) if path is not None else None
+            with _shaped_placeholders(core.runner, asleep):
+                staged = _stage(core.runner.model, path, named_tensors, checksums, root)
+        except EngineError:
+            raise
+        except (ValueError, OSError) as e:  # a bad checkpoint is bad input, not a state conflict
+            field = "path" if path is not None else "named_tensors"
+            raise EngineInvalidInput(field, path, "a readable checkpoint matching the model",
+                                     f"update_weights: {type(e).__name__}: {e}") from None
         finally:
             core.state = prev
         t1 = time.monotonic()
         model = core.runner.model
-        model.load_weights(staged.items())   # the commit: every tensor validated above
+        if asleep is not None:  # discarded weights: the full checkpoint replaces them
+            _load_into_fresh(core.runner, asleep.shapes, staged)
+            del self.sleeping["weights"]
+            core.weights_loaded = True
+            if not self.sleeping:
+                core.state = EngineState.PAUSED
+        else:
+            model.load_weights(staged.items())   # the commit: every tensor validated above
         if core.runner.device.type == "cuda":
             torch.cuda.synchronize(core.runner.device)
         core.weight_version = version if version is not None else core.weight_version + 1
         core.weight_source = path
+        core.weight_fingerprint = stamp
         core.block_manager.reset_prefix_cache()
         return {"weight_version": core.weight_version, "num_tensors": len(staged),
                 "bytes": sum(t.numel() * t.element_size() for t in staged.values()),
@@ -310,6 +342,7 @@ class ControlPlane:
             "kv_blocks_total": bm.num_blocks,
             "memory_bytes": {"kv_cache": kv_bytes, "weights": w_bytes},
             "sleeping": sorted(self.sleeping),
+            "weights_loaded": core.weights_loaded,
             "step_count": core.step_count,
             "overlapped_steps": core.num_overlapped_steps,
             "last_step_time_s": core.last_step_time,
@@ -322,29 +355,40 @@ class ControlPlane:
         }
 
 
-def _stage(model, path: str | None, named_tensors, checksums: dict[str, str] | None) -> dict[str, torch.Tensor]:
-    """Read and validate every tensor without touching the model. Raises on any problem."""
+def _stage(model, path: str | None, named_tensors, checksums: dict[str, str] | None,
+           root: str | None = None) -> dict[str, torch.Tensor]:
+    """Read and validate every tensor without touching the model. Raises on any problem: bad
+    input (EngineInvalidInput naming `path`, `named_tensors` or `checksums`) or a failing source."""
     from tidal.models.loader import iter_checkpoint
-    source = iter_checkpoint(path) if path is not None else (
+    field = "path" if path is not None else "named_tensors"
+    source = iter_checkpoint(path, root) if path is not None else (
         named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
     staged: dict[str, torch.Tensor] = {}
     for name, tensor in source:
-        model.check_weight(name, tensor)
+        try:
+            model.check_weight(name, tensor)
+        except ValueError as e:
+            raise EngineInvalidInput(field, path, "tensors matching the model",
+                                     f"update_weights: {e}") from None
         if name in staged:
-            raise EngineError(f"update_weights: tensor {name!r} appears twice in the source")
+            raise EngineInvalidInput(field, path, "each tensor once",
+                                     f"update_weights: tensor {name!r} appears twice in the source")
         staged[name] = tensor
     if path is not None:
         specs = model.weight_specs()
         optional = {"lm_head.weight"} if model.arch.tie_word_embeddings else set()
         missing = sorted(set(specs) - set(staged) - optional)
         if missing:
-            raise EngineError(f"update_weights: {path} is missing {len(missing)} tensors: {missing[:8]}")
+            raise EngineInvalidInput("path", path, "every tensor of the model",
+                                     f"update_weights: {path} is missing {len(missing)} tensors: {missing[:8]}")
     for name, digest in (checksums or {}).items():
         if name not in staged:
-            raise EngineError(f"update_weights: checksum given for {name!r}, which the source lacks")
+            raise EngineInvalidInput("checksums", name, "names of tensors in the source",
+                                     f"update_weights: checksum given for {name!r}, which the source lacks")
         actual = tensor_sha256(staged[name])
         if actual != digest:
-            raise EngineError(f"update_weights: checksum of {name!r} is {actual}, expected {digest}")
+            raise EngineInvalidInput("checksums", name, digest,
+                                     f"update_weights: checksum of {name!r} is {actual}, expected {digest}")
     return staged
 
 
@@ -386,16 +430,87 @@ def _offload_weights(runner, discard: bool) -> _SleepingWeights:
     return _SleepingWeights(copies, shapes, nbytes)
 
 
-def _restore_weights(runner, saved: _SleepingWeights, source: str | None) -> int:
+def _nbytes(saved: int | _SleepingWeights) -> int:
+    return saved.bytes if isinstance(saved, _SleepingWeights) else saved
+
+
+def _restore_weights(core: "EngineCore", saved: _SleepingWeights) -> None:
+    """Put the slept weights back, or raise with the parameters untouched (still placeholders)."""
+    runner = core.runner
     params = dict(runner.model.named_parameters())
     if saved.cpu_copies is not None:
-        for name, cpu in saved.cpu_copies.items():
-            params[name].data = cpu.to(runner.device, non_blocking=True)
-    else:
-        from tidal.models.loader import iter_checkpoint
+        moved = {name: cpu.to(runner.device, non_blocking=True) for name, cpu in saved.cpu_copies.items()}
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+        for name, t in moved.items():
+            params[name].data = t
+        return
+    _load_into_fresh(runner, saved.shapes, _reread_source(core))
+    core.weights_loaded = True
+
+
+def _reread_source(core: "EngineCore") -> dict[str, torch.Tensor]:
+    """The discarded weights, read again from their checkpoint, refused unless the files are the
+    ones that were loaded (before and after the read: an overwrite mid-read is caught too)."""
+    source, root = core.weight_source, core.config.weights_root
+    what = f"wake_up(weights): the checkpoint at {source!r}"
+    try:
+        _check_unchanged(core, what, checkpoint_fingerprint(source, root))
+        with _shaped_placeholders(core.runner, core.control.sleeping.get("weights")):
+            staged = _stage(core.runner.model, source, None, None, root)
+        _check_unchanged(core, what, checkpoint_fingerprint(source, root))
+    except _SourceChanged as e:
+        raise EngineError(str(e)) from None
+    except Exception as e:  # a wake has no input of its own: the engine's source is the problem
+        raise EngineError(f"{what} can no longer be loaded ({type(e).__name__}: {e}); {_STAY_ASLEEP}") from None
+    return staged
+
+
+_STAY_ASLEEP = ("the weights stay asleep: update_weights(path=..., version=...) loads a new checkpoint "
+                "in their place")
+
+
+class _SourceChanged(Exception):
+    pass
+
+
+def _check_unchanged(core: "EngineCore", what: str, now: dict[str, FileStamp]) -> None:
+    change = fingerprint_change(core.weight_fingerprint or {}, now)
+    if change is not None:
+        raise _SourceChanged(f"{what} is not the one loaded as weight_version={core.weight_version}: "
+                             f"{change}; {_STAY_ASLEEP}")
+
+
+@contextmanager
+def _shaped_placeholders(runner, asleep: _SleepingWeights | None):
+    """While weights are discarded their parameters are empty; checking a checkpoint against the
+    model needs their shapes, so meanwhile give them one-element views expanded to those shapes."""
+    if asleep is None or asleep.cpu_copies is not None:
+        yield
+        return
+    params = dict(runner.model.named_parameters())
+    placeholders = {name: p.data for name, p in params.items()}
+    try:
         for name, p in params.items():
-            p.data = torch.empty(saved.shapes[name], dtype=p.dtype, device=runner.device)
-        runner.model.load_weights(iter_checkpoint(source))
-    if runner.device.type == "cuda":
-        torch.cuda.synchronize(runner.device)
-    return saved.bytes
+            p.data = torch.empty(1, dtype=p.dtype, device=p.device).expand(asleep.shapes[name])
+        yield
+    finally:
+        for name, p in params.items():
+            p.data = placeholders[name]
+
+
+def _load_into_fresh(runner, shapes: dict[str, torch.Size], staged: dict[str, torch.Tensor]) -> None:
+    """Give every placeholder parameter new storage filled from `staged`; on any failure the
+    placeholders are put back, so a parameter is never left half-loaded."""
+    params = dict(runner.model.named_parameters())
+    placeholders = {name: p.data for name, p in params.items()}
+    try:
+        for name, p in params.items():
+            p.data = torch.empty(shapes[name], dtype=p.dtype, device=runner.device)
+        runner.model.load_weights(staged.items())
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+    except BaseException:
+        for name, p in params.items():
+            p.data = placeholders[name]
+        raise

@@ -29,10 +29,11 @@ from typing import Callable
 from tidal.config import EngineConfig
 from tidal.engine.control import ControlPlane
 from tidal.engine.kv_cache import BlockManager
-from tidal.engine.messages import (AbortRequests, AddRequest, ControlCall, EngineDead, EngineOutput,
-                                   EngineState, Shutdown)
+from tidal.engine.messages import (AbortRequests, AddRequest, ControlCall, EngineDead, EngineInvalidInput,
+                                   EngineOutput, EngineState, Shutdown)
 from tidal.engine.request import Request
 from tidal.engine.scheduler import Scheduler
+from tidal.models.loader import checkpoint_fingerprint
 from tidal.runner.runner import ModelRunner, StepHandle
 
 log = logging.getLogger("tidal.engine")
@@ -60,10 +61,10 @@ class EngineCore:
         self.model_path = resolve_model_path(config.model)
         self.output_handler = output_handler
         self.runner = ModelRunner(config, self.model_path)
-        self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
+        self.max_model_len = self._fit_max_model_len()
         self.scheduler = Scheduler(config, self.block_manager)
         self.tokenizer = None  # loaded lazily, only for stop strings
         self.held: list[Request] = []   # arrived while not serving; admitted on resume
@@ -71,6 +72,10 @@ class EngineCore:
         # Where the serving weights can be re-read from (sleep with discard); None for random
         # or in-memory weights.
         self.weight_source: str | None = None if config.load_format == "dummy" else self.model_path
+        # What was loaded from `weight_source` (loader.checkpoint_fingerprint); a wake after a
+        # discarding sleep refuses a source that no longer matches it.
+        self.weight_fingerprint = None if self.weight_source is None else checkpoint_fingerprint(self.weight_source)
+        self.weights_loaded = True  # False while a discarding sleep leaves placeholders
         self.state = EngineState.STARTING
         self.control = ControlPlane(self)
         self.rng = random.Random(config.seed)
@@ -82,6 +87,28 @@ class EngineCore:
         self._thread: threading.Thread | None = None
         self.inflight: tuple[object, StepHandle] | None = None  # launched, not yet resolved
         self.num_overlapped_steps = 0  # steps launched while the previous one was in flight
+
+    def _fit_max_model_len(self) -> int:
+        """A sequence of max_model_len tokens must fit the KV pool even alone, or a request that
+        grows that long is preempted and can never be re-admitted. An explicit max_model_len that
+        does not fit is an error; the model's default is lowered with a warning (as vLLM does)."""
+        bm = self.block_manager
+        fits = (bm.num_blocks - bm.watermark_blocks) * bm.block_size
+        wanted = self.runner.max_model_len
+        if wanted <= fits:
+            return wanted
+        if self.config.max_model_len is not None:
+            raise ValueError(f"EngineConfig.max_model_len={self.config.max_model_len} is invalid: the KV "
+                             f"pool ({bm.num_blocks} blocks of {bm.block_size} tokens, {bm.watermark_blocks} "
+                             f"kept free for admission) holds at most {fits} tokens of one sequence; "
+                             "expected max_model_len <= that, or a larger num_kv_blocks/KV memory")
+        if fits < 1:
+            raise ValueError(f"EngineConfig.num_kv_blocks={bm.num_blocks} is invalid: the KV pool cannot "
+                             "hold one token of a sequence; expected more blocks")
+        log.warning("max_model_len lowered from the model's %d to %d tokens: the KV pool (%d blocks of %d) "
+                    "cannot hold a longer sequence", wanted, fits, bm.num_blocks, bm.block_size)
+        self.runner.max_model_len = fits
+        return fits
 
     # -- thread boundary -----------------------------------------------------------------
     def start(self) -> None:
@@ -188,11 +215,12 @@ class EngineCore:
     # -- requests ------------------------------------------------------------------------
     def _add_request(self, msg: AddRequest) -> None:
         p = msg.params
+        invalid = self.unschedulable(msg)
+        if invalid is not None:
+            self._reject(msg, str(invalid), "invalid_input", invalid.field)
+            return
         if self.control.rejecting():
-            self.output_handler([EngineOutput(msg.request_id, i, [], finish_reason="abort",
-                                              num_prompt_tokens=len(msg.prompt_token_ids),
-                                              error=f"rejected: engine is {self.state.value}")
-                                 for i in range(p.n)])
+            self._reject(msg, f"rejected: engine is {self.state.value}", "not_serving")
             return
         base_seed = p.seed if p.seed is not None else self.rng.getrandbits(62)
         samples = [Request(msg.request_id, i, list(msg.prompt_token_ids), p, derive_seed(base_seed, i),
@@ -208,6 +236,31 @@ class EngineCore:
             self.held.append(head)
         else:
             self.scheduler.add(head)
+
+    def unschedulable(self, msg: AddRequest) -> EngineInvalidInput | None:
+        """Why `msg` could never be scheduled, whatever else runs: admitted, it would wait at the
+        head of the queue forever and hold every request behind it."""
+        n, seqs = msg.params.n, self.config.max_num_seqs
+        if n > seqs:
+            return EngineInvalidInput("n", n, f"at most max_num_seqs={seqs}",
+                                      f"n={n} is invalid: expected at most max_num_seqs={seqs} samples")
+        need = len(msg.prompt_token_ids) + 1  # the prompt and the first sampled token
+        if need > self.max_model_len:
+            return EngineInvalidInput("prompt", len(msg.prompt_token_ids), f"at most {self.max_model_len - 1} tokens",
+                                      f"prompt has {need - 1} tokens: expected at most {self.max_model_len - 1} "
+                                      f"(max_model_len={self.max_model_len} includes one output token)")
+        bm = self.block_manager
+        if bm.blocks_needed(need) + bm.watermark_blocks > bm.num_blocks:
+            return EngineInvalidInput("prompt", need - 1, "a prompt that fits the KV pool",
+                                      f"prompt has {need - 1} tokens: the KV pool holds {bm.num_blocks} blocks "
+                                      f"of {bm.block_size} tokens, too few for it")
+        return None
+
+    def _reject(self, msg: AddRequest, error: str, error_type: str, error_param: str | None = None) -> None:
+        self.output_handler([EngineOutput(msg.request_id, i, [], finish_reason="abort",
+                                          num_prompt_tokens=len(msg.prompt_token_ids), error=error,
+                                          error_type=error_type, error_param=error_param)
+                             for i in range(msg.params.n)])
 
     def _make_detokenizer(self, req: Request):
         from tidal.engine.detokenizer import IncrementalDetokenizer
@@ -257,7 +310,8 @@ class EngineCore:
                 "unknown": sorted(set(request_ids or []) - found),
                 "num_aborted_samples": len(reqs)}
 
-    def _end(self, reqs: list[Request], reason: str, error: str | None = None) -> None:
+    def _end(self, reqs: list[Request], reason: str, error: str | None = None,
+             error_type: str | None = None) -> None:
         """Finish `reqs` now with what they have, free their KV, and hand out their outputs."""
         ended = []
         for req in reqs:
@@ -268,12 +322,12 @@ class EngineCore:
             req.pending_forks = []  # they are in `reqs` too (find_requests lists them)
             self.scheduler.finish(req, reason)
             ended.append(req)
-        self._emit(ended, error=error)
+        self._emit(ended, error=error, error_type=error_type)
 
-    def _finish_all(self, reason: str, error: str | None = None) -> None:
-        self._end(self.find_requests(None), reason, error)
+    def _finish_all(self, reason: str, error: str | None = None, error_type: str | None = None) -> None:
+        self._end(self.find_requests(None), reason, error, error_type)
 
-    def _emit(self, reqs: list[Request], error: str | None = None) -> None:
+    def _emit(self, reqs: list[Request], error: str | None = None, error_type: str | None = None) -> None:
         outs = []
         for req in reqs:
             if req.final_only and not req.finished:
@@ -292,7 +346,7 @@ class EngineCore:
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                 weight_version=self.weight_version,
                 weight_spans=[(s.version, s.start, s.end) for s in req.weight_spans] if req.finished else None,
-                num_prompt_tokens=req.num_prompt_tokens, error=error))
+                num_prompt_tokens=req.num_prompt_tokens, error=error, error_type=error_type))
         if outs:
             self.output_handler(outs)
 
@@ -301,7 +355,7 @@ class EngineCore:
         log.error("engine core died: %s\n%s", reason, tb)
         self.error = reason
         try:
-            self._finish_all("abort", error=f"engine core died: {reason}")
+            self._finish_all("abort", error=f"engine core died: {reason}", error_type="engine_dead")
         except BaseException:  # state may be inconsistent; still fail the outputs we can
             log.exception("could not end requests cleanly")
         self.state = EngineState.DEAD
@@ -318,5 +372,5 @@ class EngineCore:
         if reply is not None and not reply.done():
             reply.set_exception(err)
         if isinstance(msg, AddRequest):
-            self.output_handler([EngineOutput(msg.request_id, i, [], finish_reason="abort",
-                                              error=str(err)) for i in range(msg.params.n)])
+            self.output_handler([EngineOutput(msg.request_id, i, [], finish_reason="abort", error=str(err),
+                                              error_type="engine_dead") for i in range(msg.params.n)])

@@ -55,6 +55,8 @@ class RequestState:
     completions: list[CompletionOutput] = field(default_factory=list)
     detoks: list = field(default_factory=list)
     error: str | None = None
+    error_type: str | None = None   # EngineOutput.error_type of the first error
+    error_param: str | None = None
     sent_tokens: list[int] = field(default_factory=list)   # per sample, for delta outputs
     sent_text: list[int] = field(default_factory=list)
 
@@ -86,7 +88,7 @@ class RequestState:
         if self.detoks:
             c.text += self.detoks[out.index].push(out.new_token_ids)
         if out.error and self.error is None:
-            self.error = out.error
+            self.error, self.error_type, self.error_param = out.error, out.error_type, out.error_param
         if out.finish_reason is not None:
             c.finish_reason = out.finish_reason
             c.stop_reason = out.stop_reason
@@ -121,6 +123,19 @@ class RequestState:
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              [_copy(c) for c in self.completions], self.finished)
+
+
+def raise_for_error(state: RequestState) -> None:
+    """The exception a caller of LLM/AsyncLLM gets for a request the engine ended with an error."""
+    from tidal.engine.messages import EngineDead, EngineInvalidInput, EngineNotServing
+    error = state.error
+    if error is None:
+        return
+    if state.error_type == "invalid_input":
+        raise EngineInvalidInput(state.error_param or "request", None, "a request the engine can schedule", error)
+    if state.error_type == "not_serving" or error.startswith("rejected"):
+        raise EngineNotServing(error)
+    raise EngineDead(error)
 
 
 def _copy(c: CompletionOutput) -> CompletionOutput:

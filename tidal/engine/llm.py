@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from tidal.config import EngineConfig
 from tidal.engine.client import InprocEngine, wait_result
-from tidal.engine.io import Prompt, RequestState
+from tidal.engine.io import Prompt, RequestState, raise_for_error
 from tidal.engine.messages import AddRequest, EngineDead, EngineState
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
@@ -64,6 +64,9 @@ class LLM:
                 st = states[out.request_id]
                 was = st.finished
                 st.apply(out)
+                if out.error_type == "invalid_input":  # the whole call fails: stop the rest now
+                    self.engine.abort_future(list(states))
+                    raise_for_error(st)
                 if st.finished and not was:
                     pending -= 1
                     bar.update(1)

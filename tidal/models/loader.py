@@ -9,10 +9,15 @@ from __future__ import annotations
 import glob
 import json
 import os
+import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
+import xxhash
+from safetensors import SafetensorError, safe_open
+
+from tidal.engine.messages import EngineInvalidInput
 
 from tidal.models.config import ModelArch, read_hf_config, read_json
 from tidal.models.registry import get_model_class
@@ -34,33 +39,137 @@ def load_arch(model_dir: str) -> ModelArch:
     return get_model_class(cfg).arch_from_config(cfg, gen)
 
 
-def weight_files(model_dir: str) -> list[str]:
-    """The *.safetensors files of a checkpoint: those listed by the shard index if there is
-    one, otherwise every *.safetensors file in the directory."""
-    index_path = os.path.join(model_dir, INDEX_FILE)
-    if os.path.isfile(index_path):
-        weight_map = read_json(index_path, INDEX_FILE).get("weight_map")
+def resolve_file(path: str, root: str | None, what: str) -> str:
+    """`path` with every symlink resolved, refused when it lies outside `root` (if given) or is not
+    a regular file. The outside-root error is worded the same whether or not the target exists,
+    so it cannot be used to probe the filesystem; the file-type check runs before anything opens
+    it, so a FIFO or device can never block the caller."""
+    real = os.path.realpath(path)
+    if root is not None and not _inside(real, os.path.realpath(root)):
+        raise EngineInvalidInput("path", path, f"a {what} inside the weights root",
+                                 f"{what} {path!r} resolves outside the weights root")
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        raise EngineInvalidInput("path", path, f"an existing {what}", f"{what} {path!r} does not exist") from None
+    if not stat.S_ISREG(mode):
+        raise EngineInvalidInput("path", path, f"a regular {what}", f"{what} {path!r} is not a regular file")
+    return real
+
+
+def resolve_dir(model_dir: str, root: str | None) -> str:
+    real = os.path.realpath(model_dir)
+    if root is not None and not _inside(real, os.path.realpath(root)):
+        raise EngineInvalidInput("path", model_dir, "a checkpoint directory inside the weights root",
+                                 f"checkpoint directory {model_dir!r} resolves outside the weights root")
+    if not os.path.isdir(real):
+        raise EngineInvalidInput("path", model_dir, "an HF/safetensors checkpoint directory",
+                                 f"checkpoint directory {model_dir!r} does not exist or is not a directory")
+    return real
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+def _inside(real: str, root: str) -> bool:
+    return os.path.commonpath([real, root]) == root
+
+
+def weight_files(model_dir: str, root: str | None = None) -> list[str]:
+    """The resolved *.safetensors files of a checkpoint: those listed by the shard index if there
+    is one, otherwise every *.safetensors file in the directory. With `root`, the directory and
+    every file (index, shards, symlinks followed) must lie inside it; every file must be regular.
+    Errors say what was expected, never what the directory holds."""
+    real_dir = resolve_dir(model_dir, root)
+    index_path = os.path.join(real_dir, INDEX_FILE)
+    if os.path.lexists(index_path):
+        index_path = resolve_file(index_path, root, "shard index")
+        try:
+            weight_map = read_json(index_path, INDEX_FILE).get("weight_map")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EngineInvalidInput("path", model_dir, f"{INDEX_FILE} holding a JSON object",
+                                     f"{INDEX_FILE} in {model_dir!r} is not a JSON object: {_first_line(e)}") from None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_path}: missing or empty 'weight_map'")
-        files = [os.path.join(model_dir, f) for f in sorted(set(weight_map.values()))]
-        absent = [os.path.basename(f) for f in files if not os.path.isfile(f)]
-        if absent:
-            raise ValueError(f"{index_path} lists shard files that do not exist: {absent}")
-        return files
-    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+            raise EngineInvalidInput("path", model_dir, f"{INDEX_FILE} with a non-empty 'weight_map'",
+                                     f"{INDEX_FILE} in {model_dir!r}: missing or empty 'weight_map'")
+        names = sorted(set(weight_map.values()))
+        bad = [n for n in names if not isinstance(n, str) or not n]
+        if bad:
+            raise EngineInvalidInput("path", model_dir, "shard file names (strings) in 'weight_map'",
+                                     f"{INDEX_FILE} in {model_dir!r}: 'weight_map' values must be file names")
+        return [resolve_file(os.path.join(real_dir, n), root, "shard file") for n in names]
+    files = sorted(glob.glob(os.path.join(glob.escape(real_dir), "*.safetensors")))
     if not files:
-        present = sorted(os.listdir(model_dir))
-        raise ValueError(f"model directory {model_dir!r} has no *.safetensors weights (found {present}); "
-                         "only safetensors checkpoints are supported, or use load_format='dummy'")
-    return files
+        raise EngineInvalidInput("path", model_dir, "a directory with *.safetensors weights",
+                                 f"no *.safetensors files in {model_dir!r}; only safetensors checkpoints "
+                                 "are supported, or use load_format='dummy'")
+    return [resolve_file(f, root, "weight file") for f in files]
 
 
-def iter_checkpoint(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(model_dir: str, root: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of the checkpoint, read lazily one at a time on the CPU."""
-    for path in weight_files(model_dir):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    for path in weight_files(model_dir, root):
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise EngineInvalidInput("path", model_dir, "valid safetensors files",
+                                     f"{os.path.basename(path)} in {model_dir!r} is not a valid "
+                                     f"safetensors file: {e}") from None
+
+
+# Files up to this size are hashed in full (xxh3, several GB/s); larger shards are identified by
+# size, mtime_ns and their safetensors header, so fingerprinting never re-reads a big checkpoint.
+FULL_HASH_MAX_BYTES = 256 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class FileStamp:
+    size: int
+    mtime_ns: int
+    digest: str          # xxh3_64 of the whole file, or of its safetensors header ("header:...")
+
+
+def checkpoint_fingerprint(model_dir: str, root: str | None = None) -> dict[str, FileStamp]:
+    """What identifies the checkpoint now: per weight file (and the shard index, if any) its size,
+    mtime_ns and a content digest (see FULL_HASH_MAX_BYTES). Compare two with `fingerprint_change`."""
+    files = weight_files(model_dir, root)
+    index_path = os.path.join(resolve_dir(model_dir, root), INDEX_FILE)
+    if os.path.lexists(index_path):
+        files.append(resolve_file(index_path, root, "shard index"))
+    return {f: _stamp(f) for f in files}
+
+
+def _stamp(path: str) -> FileStamp:
+    st = os.stat(path)
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        if st.st_size <= FULL_HASH_MAX_BYTES:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+            return FileStamp(st.st_size, st.st_mtime_ns, h.hexdigest())
+        head = f.read(8)
+        h.update(head)
+        if len(head) == 8:
+            h.update(f.read(min(int.from_bytes(head, "little"), 100 << 20)))
+        return FileStamp(st.st_size, st.st_mtime_ns, "header:" + h.hexdigest())
+
+
+def fingerprint_change(old: dict[str, FileStamp], new: dict[str, FileStamp]) -> str | None:
+    """None if `new` describes the same files as `old`, else what changed, in words."""
+    gone = sorted(set(old) - set(new))
+    added = sorted(set(new) - set(old))
+    if gone or added:
+        return f"its file set changed (removed {[os.path.basename(f) for f in gone]}, " \
+               f"added {[os.path.basename(f) for f in added]})"
+    for f in sorted(old):
+        a, b = old[f], new[f]
+        for what in ("size", "mtime_ns", "digest"):
+            if getattr(a, what) != getattr(b, what):
+                return f"{os.path.basename(f)} changed ({what} {getattr(a, what)} -> {getattr(b, what)})"
+    return None
 
 
 def checkpoint_specs(model_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
