@@ -109,11 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--stuck-timeout", type=float, default=60.0,
                    help="/health fails when the engine loop has not answered for this long (default: 60)")
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    h.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,
+                   help="largest request body accepted; larger ones get 413 (default: 32 MiB)")
     s = serve.add_argument_group("security")
     s.add_argument("--api-key", default=os.environ.get("TIDAL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on inference endpoints (env: TIDAL_API_KEY)")
     s.add_argument("--admin-key", default=os.environ.get("TIDAL_ADMIN_KEY"),
-                   help="require this key on control endpoints (env: TIDAL_ADMIN_KEY; default: the API key)")
+                   help="require this key on control endpoints (env: TIDAL_ADMIN_KEY); without it they are refused "
+                        "when --api-key is set or --host is beyond loopback")
     s.add_argument("--weights-root", default=None,
                    help="only allow /v1/update_weights from directories under this one")
     serve.set_defaults(func=cmd_serve)
@@ -160,13 +163,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.weights_root is not None and not os.path.isdir(args.weights_root):
         print(f"tidal serve: --weights-root {args.weights_root!r} is not a directory", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.admin_key and not args.api_key:
-        log.warning("binding %s without --admin-key: anyone who can reach this port can pause, "
-                    "abort and replace the weights", args.host)
     settings = ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key,
                               admin_key=args.admin_key, weights_root=args.weights_root,
                               request_timeout_s=args.request_timeout, control_timeout_s=args.control_timeout,
-                              stuck_after_s=args.stuck_timeout, log_level=level)
+                              stuck_after_s=args.stuck_timeout, log_level=level, host=args.host,
+                              max_body_bytes=args.max_body_bytes)
     app = create_app(config, settings)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host
