@@ -214,8 +214,22 @@ def create_app(engine_config: EngineConfig, settings: ServerSettings | None = No
                               "Errors answer {\"error\": {message, type, param, code}}.")
     app.state.server = server
     server.install(app)
+    app.openapi = lambda: _openapi_without_422(app)   # bad input answers 400 here, never 422
     app.add_middleware(_HTTPGate, metrics=server.metrics, max_body_bytes=settings.max_body_bytes)
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for ops in doc["paths"].values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def sampling_params(body: Any, max_tokens: int, logprobs: int | None, prefix: str = "") -> SamplingParams:
@@ -296,9 +310,9 @@ class _Server:
             self._check_key(request, self.settings.admin_key,
                             "an admin key is required for control endpoints (--admin-key); it is missing or wrong")
         elif self._control_refused():
-            raise APIError(403, "control endpoints are disabled: this server was started without --admin-key, "
-                                "which they require when --api-key is set or the server listens beyond "
-                                "loopback", "permission_error")
+            raise APIError(403, "control endpoints require an admin key, and this server was started without "
+                                "--admin-key (required when --api-key is set or the server listens beyond "
+                                "loopback)", "permission_error")
 
     # -- routes --------------------------------------------------------------------------
     def install(self, app: FastAPI) -> None:
@@ -321,7 +335,8 @@ class _Server:
         app.post("/v1/flush_cache", **control)(self.flush_cache)
         app.get("/v1/state", **control)(self.state)
         # ops; HEAD for load balancers
-        app.api_route("/health", methods=["GET", "HEAD"], responses=error_responses(503))(self.health)
+        app.get("/health", responses=error_responses(503), operation_id="health")(self.health)
+        app.head("/health", responses=error_responses(503), operation_id="health_head")(self.health)
         app.get("/metrics")(self.metrics_endpoint)
 
     def _install_errors(self, app: FastAPI) -> None:
