@@ -337,7 +337,8 @@ class _Server:
         # ops; HEAD for load balancers
         app.get("/health", responses=error_responses(503), operation_id="health")(self.health)
         app.head("/health", responses=error_responses(503), operation_id="health_head")(self.health)
-        app.get("/metrics")(self.metrics_endpoint)
+        app.get("/metrics", responses={200: {"description": "Prometheus text format.",
+                                             "content": {"text/plain": {}}}})(self.metrics_endpoint)
 
     def _install_errors(self, app: FastAPI) -> None:
         @app.exception_handler(APIError)
