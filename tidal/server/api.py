@@ -47,6 +47,7 @@ _SERVER_ID = re.compile(r"(cmpl|chatcmpl|gen)-[0-9a-f]{32}(-\d+)?")
 _INLINE_CHARS = 16_384          # prompts up to this many characters are tokenised on the loop
 _INLINE_WORK = 50_000           # responses up to this many (token x logprob) entries encoded on it
 _PROMPT_FIELDS = ("prompt", "prompt_token_ids")
+_SAMPLING_FIELDS = frozenset(SamplingParams.__slots__)
 _INFERENCE_ERRORS = error_responses(400, 401, 404, 405, 409, 413, 503, 504)
 _CONTROL_ERRORS = error_responses(400, 401, 403, 405, 409, 413, 503, 504)
 _JSON_OR_SSE = {200: {"description": "The result (JSON), or server-sent events with stream=true.",
@@ -191,9 +192,9 @@ class _Fields:
     def param(self, engine_field: str) -> str:
         if engine_field in _PROMPT_FIELDS:
             return self.prompt
-        if engine_field == "request_id":
-            return engine_field
-        return self.prefix + engine_field
+        if engine_field in _SAMPLING_FIELDS:
+            return self.prefix + engine_field
+        return engine_field
 
 
 def create_app(engine_config: EngineConfig, settings: ServerSettings | None = None) -> FastAPI:

@@ -86,8 +86,9 @@ def engine_error(e: BaseException, param: Callable[[str], str] | None = None,
         return e
     if isinstance(e, EngineInvalidInput):
         return APIError(400, str(e), param=param(e.field) if param else e.field)
-    if isinstance(e, EngineNotServing):
-        return APIError(503, f"{e}; retry after resume", "engine_not_serving", headers={"Retry-After": "1"})
+    if isinstance(e, EngineNotServing):   # paused with --reject-while-paused, or unreachable for now
+        hint = "; retry after resume" if type(e) is EngineNotServing else ""
+        return APIError(503, f"{e}{hint}", "engine_not_serving", headers={"Retry-After": "1"})
     if isinstance(e, EngineDead):
         return APIError(503, str(e), "engine_dead", headers={"Retry-After": "5"})
     if isinstance(e, (ControlTimeout, asyncio.TimeoutError, TimeoutError)):
