@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import msgspec
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from tidal.engine.client import ControlTimeout
@@ -40,8 +40,7 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
-    def response(self):
-        from fastapi.responses import Response
+    def response(self) -> Response:
         return Response(_json(self.body()), self.status, media_type="application/json", headers=self.headers)
 
 
