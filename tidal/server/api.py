@@ -1,5 +1,7 @@
 """The HTTP API (DESIGN.md §6): OpenAI-compatible completions and chat, RL-native /generate,
-the control plane, /health, /metrics. One FastAPI app over one EngineClient.
+the control plane, /health, /metrics. One FastAPI app over one EngineClient. Errors live in
+errors.py and SSE plumbing in sse.py; the three API surfaces still share this file (one router
+module per surface is issue 11's split, not done yet).
 
 Status codes are listed in tidal/server/errors.py. A streaming response sends its headers only
 once the first output is there, so a request that fails before any token still gets a real
