@@ -123,11 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer 503 once this many connections or requests are open; also mind the open-file "
                         "limit, ulimit -n (default: 2048)")
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    h.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,
+                   help="largest request body accepted; larger ones get 413 (default: 32 MiB)")
     s = serve.add_argument_group("security")
     s.add_argument("--api-key", default=os.environ.get("TIDAL_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on inference endpoints (env: TIDAL_API_KEY)")
     s.add_argument("--admin-key", default=os.environ.get("TIDAL_ADMIN_KEY"),
-                   help="require this key on control endpoints (env: TIDAL_ADMIN_KEY; default: the API key)")
+                   help="require this key on control endpoints (env: TIDAL_ADMIN_KEY); without it they are refused "
+                        "when --api-key is set or --host is beyond loopback")
     s.add_argument("--weights-root", default=None,
                    help="only allow /v1/update_weights from directories under this one")
     serve.set_defaults(func=cmd_serve)
@@ -171,7 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"tidal serve: --weights-root {args.weights_root!r} is not a directory", file=sys.stderr)
         return 2
     for name in ("heartbeat_timeout", "shutdown_grace_s", "timeout_keep_alive", "header_timeout",
-                 "limit_concurrency"):
+                 "limit_concurrency", "max_body_bytes"):
         if getattr(args, name) <= 0:
             print(f"tidal serve: --{name.replace('_', '-')}={getattr(args, name)} is invalid: expected a "
                   "positive number", file=sys.stderr)
@@ -182,9 +185,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"tidal serve: cannot listen on {args.host}:{args.port}: {e.strerror or e} "
               "(is another server using it? pick another with --port)", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.admin_key and not args.api_key:
-        log.warning("binding %s without --admin-key: anyone who can reach this port can pause, "
-                    "abort and replace the weights", args.host)
     code = _serve(args, config, sock, level, log)
     # The server has stopped its engine process and removed its files. Skipping the interpreter's
     # teardown spares the user some thirty "nanobind: leaked ..." lines from triton's bindings.
@@ -218,7 +218,7 @@ def _serve(args: argparse.Namespace, config, sock, level: str, log: logging.Logg
                               admin_key=args.admin_key, weights_root=args.weights_root,
                               request_timeout_s=args.request_timeout, control_timeout_s=args.control_timeout,
                               stuck_after_s=args.stuck_timeout, heartbeat_timeout_s=args.heartbeat_timeout,
-                              log_level=level)
+                              log_level=level, host=args.host, max_body_bytes=args.max_body_bytes)
     app = create_app(config, settings)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -1,11 +1,14 @@
 """Schemathesis over the server's own OpenAPI schema, against a live `tidal serve`: whatever
-the input, no 500. (Valid-but-heavy input may meet its deadline: 504 of type "timeout"; while
-the fuzzer has the engine paused or asleep, --reject-while-paused answers 503.)"""
+the input, no 500, and every answer is one the schema documents (its status, content type and
+body schema). (Valid-but-heavy input may meet its deadline: 504 of type "timeout"; while the
+fuzzer has the engine paused or asleep, --reject-while-paused answers 503.)"""
 from __future__ import annotations
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                               status_code_conformance)
 
 from tidal.config import EngineConfig
 from tidal.server.api import create_app
@@ -38,6 +41,8 @@ def test_no_server_error_from_any_input(case, fuzz_server):
             err = {}
         assert err.get("type") in ALLOWED_5XX.get(r.status_code, ()), \
             f"{case.method} {case.path} {case.body!r} -> {r.status_code} {r.text[:500]}"
+    case.validate_response(r, checks=[status_code_conformance, content_type_conformance,
+                                      response_schema_conformance])
 
 
 def _bound_work(body) -> None:

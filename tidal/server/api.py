@@ -1,201 +1,135 @@
 """The HTTP API (DESIGN.md §6): OpenAI-compatible completions and chat, RL-native /generate,
-the control plane, /health, /metrics. One FastAPI app over one EngineClient.
+the control plane, /health, /metrics. One FastAPI app over one EngineClient. Errors live in
+errors.py and SSE plumbing in sse.py; the three API surfaces still share this file (one router
+module per surface is issue 11's split, not done yet).
 
-Status codes: 400 bad input (the message names the field), 401 missing/wrong key, 403 a weights
-path outside --weights-root, 404 unknown model, 409 the engine refused a control op in its
-current state, 503 rejected while paused (--reject-while-paused) or engine dead, 504 deadline.
-A streaming response sends its headers only once the first output is there, so a request that
-fails before any token still gets a real status code; a later failure is an SSE `error` event.
+Status codes are listed in tidal/server/errors.py. A streaming response sends its headers only
+once the first output is there, so a request that fails before any token still gets a real
+status code; a later failure is an SSE `error` event.
+
+Nothing slow runs on the event loop: prompts are checked against cheap bounds (body bytes,
+characters, token-id counts) first, large prompts are tokenised in a worker thread, and large
+responses are encoded in one, so /health answers while a big request is in work.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import hmac
 import logging
 import os
+import re
+import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal
 
 import msgspec
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tidal.config import EngineConfig
-from tidal.engine.client import ControlTimeout
-from tidal.engine.messages import EngineDead, EngineError, EngineNotServing
+from tidal.engine.messages import EngineInvalidInput
 from tidal.outputs import CompletionOutput, RequestOutput
 from tidal.sampling_params import SamplingParams
 from tidal.server import schemas as S
-from tidal.server.engine_client import EngineClient, RequestTimeout
+from tidal.server.engine_client import EngineClient
+from tidal.server.errors import APIError, engine_error, error_responses, failure_reason
 from tidal.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from tidal.server.sse import SSEResponse, event, merge, once, until_disconnect
 
 log = logging.getLogger("tidal.server")
 _json = msgspec.json.Encoder().encode
-# Characters that str.splitlines-based SSE readers (httpx's aiter_lines among them) treat as line
-# breaks; inside an event they would split its JSON. Escaped, the JSON means the same.
-_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
-
-
-def _escape_line_breaks(data: bytes) -> bytes:
-    for raw, escaped in _LINE_BREAKS:
-        data = data.replace(raw, escaped)
-    return data
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Server-generated request ids: 128 random bits, in a shape that client-supplied ids may not take.
+_SERVER_ID = re.compile(r"(cmpl|chatcmpl|gen)-[0-9a-f]{32}(-\d+)?")
+_INLINE_CHARS = 16_384          # prompts up to this many characters are tokenised on the loop
+_INLINE_WORK = 50_000           # responses up to this many (token x logprob) entries encoded on it
+_PROMPT_FIELDS = ("prompt", "prompt_token_ids")
+_SAMPLING_FIELDS = frozenset(SamplingParams.__slots__)
+_INFERENCE_ERRORS = error_responses(400, 401, 404, 405, 409, 413, 503, 504)
+_CONTROL_ERRORS = error_responses(400, 401, 403, 405, 409, 413, 503, 504)
+_JSON_OR_SSE = {200: {"description": "The result (JSON), or server-sent events with stream=true.",
+                      "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
 @dataclass(slots=True)
 class ServerSettings:
     served_model_name: str | None = None     # default: the model directory's name
     api_key: str | None = None               # guards inference endpoints
-    admin_key: str | None = None             # guards control endpoints (default: api_key)
+    admin_key: str | None = None             # guards control endpoints (required once any key is set)
     weights_root: str | None = None          # update_weights paths must lie under it
     request_timeout_s: float = 1800.0
     control_timeout_s: float = 60.0
     stuck_after_s: float = 60.0
     heartbeat_timeout_s: float = 5.0         # no heartbeat this long: in-flight requests fail, new get 503
     log_level: str = "INFO"
+    host: str = "127.0.0.1"                  # where the server listens: control rules depend on it
+    max_body_bytes: int = 32 * 1024 * 1024
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+class _BodyTooLarge(Exception):
+    pass
 
 
-def _error_body(status: int, message: str, type_: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+class _HTTPGate:
+    """Outermost ASGI layer: refuses bodies over the limit (413) and counts every answer by
+    route and status in tidal_http_requests_total."""
+
+    def __init__(self, app, metrics: ServerMetrics, max_body_bytes: int) -> None:
+        self.app, self.metrics, self.limit = app, metrics, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_counted(msg) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            length = _content_length(scope)
+            if length is not None and length > self.limit:
+                await _too_large(self.limit).response()(scope, receive, send_counted)
+            else:
+                await self.app(scope, self._limited(receive), send_counted)
+        finally:
+            route = scope.get("route")
+            self.metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+
+    def _limited(self, receive):
+        total = 0
+
+        async def receive_limited():
+            nonlocal total
+            msg = await receive()
+            if msg["type"] == "http.request":
+                total += len(msg.get("body", b""))
+                if total > self.limit:
+                    raise _BodyTooLarge
+            return msg
+        return receive_limited
 
 
-def _error_response(e: APIError) -> Response:
-    return Response(_json(_error_body(e.status, e.message, e.type, e.param)), e.status,
-                    media_type="application/json", headers=e.headers)
-
-
-def _engine_error(e: BaseException) -> APIError:
-    """Map what the engine raised to an HTTP error."""
-    if isinstance(e, EngineNotServing):
-        return APIError(503, f"{e}; retry after resume", "engine_not_serving", headers={"Retry-After": "1"})
-    if isinstance(e, EngineDead):
-        return APIError(503 if "shut down" in str(e) else 500, str(e), "engine_dead")
-    if isinstance(e, (RequestTimeout, ControlTimeout)):
-        return APIError(504, str(e), "timeout")
-    if isinstance(e, ValueError):
-        return APIError(400, str(e), "invalid_request_error", _param_of(str(e)))
-    if isinstance(e, EngineError):
-        return APIError(409, str(e), "engine_error")
-    return APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
-
-
-def _param_of(message: str) -> str | None:
-    for name in ("prompt", "max_tokens", "request_id", "messages", "input_ids"):
-        if name in message:
-            return name
+def _content_length(scope) -> int | None:
+    for k, v in scope.get("headers", ()):
+        if k == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return None
     return None
 
 
-def _json_response(obj: Any, status: int = 200) -> Response:
-    return Response(_json(obj), status, media_type="application/json")
-
-
-class SSEResponse(StreamingResponse):
-    """SSE that always watches for the client going away (and then cancels the stream, which
-    aborts its requests in the engine), and always closes the body iterator."""
-
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope, receive, send) -> None:
-        stream = asyncio.ensure_future(self.stream_response(send))
-        watch = asyncio.ensure_future(self.listen_for_disconnect(receive))
-        try:
-            await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (stream, watch):
-                t.cancel()
-            await asyncio.gather(stream, watch, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self.body_iterator.aclose()
-        if stream.done() and not stream.cancelled() and stream.exception() is not None:
-            exc = stream.exception()
-            if not isinstance(exc, OSError):
-                log.error("streaming response failed: %r", exc)
-
-
-async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
-    """Run `work`; if the client disconnects first, cancel it (which aborts its requests)."""
-    task = asyncio.ensure_future(work)
-
-    async def gone() -> None:
-        while True:
-            msg = await request.receive()
-            if msg["type"] == "http.disconnect":
-                return
-
-    watch = asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        watch.cancel()
-    if task.cancelled():
-        raise APIError(499, "client disconnected", "client_closed_request")
-    return task.result()
-
-
-async def _merge(gens: list[AsyncIterator[RequestOutput]],
-                 timing: "_Timing | None" = None) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Outputs of several requests as they come, tagged with the request's position. One
-    request (the common case) is iterated in place: no task, no queue, no extra generator."""
-    try:
-        if len(gens) == 1:
-            async with contextlib.aclosing(gens[0]) as g:
-                async for out in g:
-                    yield 0, out
-        else:
-            async with contextlib.aclosing(_merge_many(gens)) as it:
-                async for item in it:
-                    yield item
-    finally:
-        if timing is not None:
-            timing.close()
-
-
-async def _merge_many(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    q: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async with contextlib.aclosing(gen) as g:
-                async for out in g:
-                    q.put_nowait((i, out, None))
-            q.put_nowait((i, None, None))
-        except Exception as e:
-            q.put_nowait((i, None, e))
-
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        left = len(tasks)
-        while left:
-            i, out, err = await q.get()
-            if err is not None:
-                raise err
-            if out is None:
-                left -= 1
-                continue
-            yield i, out
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is over {limit} bytes: expected at most {limit} "
+                         "(--max-body-bytes)", param="body")
 
 
 class _TokenText:
@@ -214,14 +148,15 @@ class _TokenText:
         return s
 
 
-class _Timing:
-    """TTFT and inter-token latency of one streamed request, for /metrics; the token count
-    goes to the counter once, at the end."""
-    __slots__ = ("metrics", "t0", "last", "first", "count")
+class _Track:
+    """One request's bookkeeping for /metrics: TTFT, inter-token latency, tokens, and each of
+    its samples counted once in tidal_requests_total, however it ends (a client that goes
+    away counts as abort)."""
+    __slots__ = ("metrics", "t0", "last", "first", "count", "left")
 
-    def __init__(self, metrics: ServerMetrics) -> None:
+    def __init__(self, metrics: ServerMetrics, samples: int) -> None:
         self.metrics, self.t0 = metrics, time.perf_counter()
-        self.last, self.first, self.count = self.t0, True, 0
+        self.last, self.first, self.count, self.left = self.t0, True, 0, samples
 
     def tokens(self, n: int) -> None:
         if n <= 0:
@@ -235,9 +170,34 @@ class _Timing:
         self.last = now
         self.count += n
 
+    def finish(self, reason: str) -> None:
+        if self.left > 0:
+            self.left -= 1
+            self.metrics.on_finish(reason, 0)
+
+    def end(self, reason: str) -> None:
+        """Every sample not finished yet ends with `reason`."""
+        if self.left > 0:
+            self.metrics.on_finish(reason, 0, self.left)
+            self.left = 0
+
     def close(self) -> None:
         self.metrics.on_tokens(self.count)
         self.count = 0
+
+
+@dataclass(slots=True)
+class _Fields:
+    """Which body fields carried what on one API surface, to name them in errors."""
+    prompt: str                 # prompt | messages | input_ids | text
+    prefix: str = ""            # "sampling_params." on /generate
+
+    def param(self, engine_field: str) -> str:
+        if engine_field in _PROMPT_FIELDS:
+            return self.prompt
+        if engine_field in _SAMPLING_FIELDS:
+            return self.prefix + engine_field
+        return engine_field
 
 
 def create_app(engine_config: EngineConfig, settings: ServerSettings | None = None) -> FastAPI:
@@ -253,10 +213,39 @@ def create_app(engine_config: EngineConfig, settings: ServerSettings | None = No
             await server.stop()
 
     app = FastAPI(title="Tidal", version="0.1.0", lifespan=lifespan, strict_content_type=False,
-                  description="OpenAI-compatible and RL-native generation with a control plane.")
+                  redirect_slashes=False,
+                  description="OpenAI-compatible and RL-native generation with a control plane. "
+                              "Errors answer {\"error\": {message, type, param, code}}.")
     app.state.server = server
     server.install(app)
+    app.openapi = lambda: _openapi_without_422(app)   # bad input answers 400 here, never 422
+    app.add_middleware(_HTTPGate, metrics=server.metrics, max_body_bytes=settings.max_body_bytes)
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for ops in doc["paths"].values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def sampling_params(body: Any, max_tokens: int, logprobs: int | None, prefix: str = "") -> SamplingParams:
+    """The one place a request body becomes SamplingParams (both OpenAI surfaces and /generate).
+    The schema has bounded each field; what it cannot see (one field against another) is here."""
+    if body.min_tokens > max_tokens:
+        raise APIError.invalid(prefix + "min_tokens", body.min_tokens, f"an integer <= max_tokens={max_tokens}")
+    return SamplingParams(
+        n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        seed=body.seed, max_tokens=max_tokens, min_tokens=body.min_tokens, stop=_stops(body.stop),
+        stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens)
 
 
 class _Server:
@@ -267,16 +256,22 @@ class _Server:
         self.metrics = ServerMetrics(self.model_name)
         self.client: EngineClient | None = None
         self.token_text: _TokenText | None = None
+        self.max_prompt_chars = 0
         self.created = int(time.time())
 
     async def start(self) -> None:
         s = self.settings
+        self._warn_about_control()
         self.client = EngineClient(self.engine_config, request_timeout_s=s.request_timeout_s,
                                    control_timeout_s=s.control_timeout_s, stuck_after_s=s.stuck_after_s,
                                    heartbeat_timeout_s=s.heartbeat_timeout_s,
                                    log_level=s.log_level, metrics=self.metrics)
         await self.client.start()
         self.token_text = _TokenText(self.client.tokenizer)
+        longest = await asyncio.to_thread(_longest_token_chars, self.client.tokenizer)
+        # A token never stands for more characters than its vocabulary entry has (x4 leaves room
+        # for normalisers that fold several characters into one): anything longer cannot fit.
+        self.max_prompt_chars = self.client.max_model_len * longest * 4
         # Everything loaded so far (torch, transformers, the tokenizer) lives for good: keep it
         # out of the collector's sight, so that the collections that streaming triggers (it
         # allocates per token) do not walk it over and over.
@@ -289,76 +284,83 @@ class _Server:
             await self.client.shutdown()
 
     # -- auth ----------------------------------------------------------------------------
-    def _check_key(self, request: Request, key: str | None) -> None:
-        if key is None:
-            return
+    def _control_refused(self) -> bool:
+        s = self.settings
+        return s.admin_key is None and (s.api_key is not None or s.host not in _LOOPBACK)
+
+    def _warn_about_control(self) -> None:
+        if self._control_refused():
+            log.warning("control endpoints (pause, abort, sleep, update_weights, ...) are disabled: "
+                        "set --admin-key to use them (required with --api-key or beyond loopback)")
+        elif self.settings.admin_key is None:
+            log.warning("control endpoints are unguarded: anyone who can reach %s can pause, abort "
+                        "and replace the weights; set --admin-key", self.settings.host)
+
+    @staticmethod
+    def _check_key(request: Request, key: str, what: str) -> None:
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else ""
         if not hmac.compare_digest(given.encode(), key.encode()):
-            raise APIError(401, "invalid or missing API key: expected 'Authorization: Bearer <key>'",
+            raise APIError(401, f"{what}: expected 'Authorization: Bearer <key>'",
                            "authentication_error", headers={"WWW-Authenticate": "Bearer"})
 
     # async: a plain-def dependency would cost every request a trip through the thread pool.
     async def require_api_key(self, request: Request) -> None:
-        self._check_key(request, self.settings.api_key)
+        if self.settings.api_key is not None:
+            self._check_key(request, self.settings.api_key, "invalid or missing API key")
 
     async def require_admin_key(self, request: Request) -> None:
-        self._check_key(request, self.settings.admin_key or self.settings.api_key)
+        if self.settings.admin_key is not None:
+            self._check_key(request, self.settings.admin_key,
+                            "an admin key is required for control endpoints (--admin-key); it is missing or wrong")
+        elif self._control_refused():
+            raise APIError(403, "control endpoints require an admin key, and this server was started without "
+                                "--admin-key (required when --api-key is set or the server listens beyond "
+                                "loopback)", "permission_error")
 
     # -- routes --------------------------------------------------------------------------
     def install(self, app: FastAPI) -> None:
         user = [Depends(self.require_api_key)]
         admin = [Depends(self.require_admin_key)]
+        self._install_errors(app)
+        inference = dict(dependencies=user, responses={**_JSON_OR_SSE, **_INFERENCE_ERRORS})
+        app.post("/v1/completions", **inference)(self.completions)
+        app.post("/v1/chat/completions", **inference)(self.chat_completions)
+        app.post("/generate", **inference)(self.generate)
+        app.get("/v1/models", dependencies=user, responses=error_responses(401, 405))(self.models)
+        control = dict(dependencies=admin, responses=_CONTROL_ERRORS)
+        app.post("/v1/pause", **control)(self.pause)
+        app.post("/v1/resume", **control)(self.resume)
+        app.get("/v1/is_paused", **control)(self.is_paused)
+        app.post("/v1/abort_requests", **control)(self.abort_requests)
+        app.post("/v1/sleep", **control)(self.sleep)
+        app.post("/v1/wake_up", **control)(self.wake_up)
+        app.post("/v1/update_weights", **control)(self.update_weights)
+        app.post("/v1/flush_cache", **control)(self.flush_cache)
+        app.get("/v1/state", **control)(self.state)
+        # ops; HEAD for load balancers
+        app.get("/health", responses=error_responses(503), operation_id="health")(self.health)
+        app.head("/health", responses=error_responses(503), operation_id="health_head")(self.health)
+        app.get("/metrics", responses={200: {"description": "Prometheus text format.",
+                                             "content": {"text/plain": {}}}})(self.metrics_endpoint)
 
+    def _install_errors(self, app: FastAPI) -> None:
         @app.exception_handler(APIError)
         async def _api_error(request: Request, e: APIError):
-            return _error_response(e)
+            return e.response()
 
         @app.exception_handler(RequestValidationError)
         async def _validation_error(request: Request, e: RequestValidationError):
-            errs = e.errors()
-            if len(errs) == 1 and tuple(errs[0].get("loc", ())) == ("body",) and isinstance(errs[0].get("input"), bytes):
-                return _error_response(APIError(400, "the request body must be a JSON object (send "
-                                                     "'Content-Type: application/json')", param="body"))
-            parts, param = [], None
-            for err in errs[:5]:
-                loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-                field = ".".join(loc) or "body"
-                param = param or field
-                got = err.get("input")
-                got_s = "" if isinstance(got, (dict, list)) or got is None else f" (got {str(got)[:80]!r})"
-                parts.append(f"{field}: {err.get('msg')}{got_s}")
-            return _error_response(APIError(400, "; ".join(parts) or "invalid request", param=param))
+            return _validation_api_error(e.errors()).response()
 
         @app.exception_handler(StarletteHTTPException)
         async def _http_error(request: Request, e: StarletteHTTPException):
-            return _error_response(APIError(e.status_code, str(e.detail), "invalid_request_error",
-                                            headers=getattr(e, "headers", None)))
+            return _http_api_error(request, e).response()
 
         @app.exception_handler(Exception)
         async def _internal_error(request: Request, e: Exception):
-            log.exception("unhandled error on %s", request.url.path)
-            return _error_response(_engine_error(e))
-
-        # inference
-        app.post("/v1/completions", dependencies=user)(self.completions)
-        app.post("/v1/chat/completions", dependencies=user)(self.chat_completions)
-        app.post("/generate", dependencies=user)(self.generate)
-        app.get("/v1/models", dependencies=user)(self.models)
-        # control
-        app.post("/v1/pause", dependencies=admin)(self.pause)
-        app.post("/v1/resume", dependencies=admin)(self.resume)
-        app.get("/v1/is_paused", dependencies=admin)(self.is_paused)
-        app.post("/v1/abort_requests", dependencies=admin)(self.abort_requests)
-        app.post("/v1/sleep", dependencies=admin)(self.sleep)
-        app.post("/v1/wake_up", dependencies=admin)(self.wake_up)
-        app.post("/v1/update_weights", dependencies=admin)(self.update_weights)
-        app.post("/v1/flush_cache", dependencies=admin)(self.flush_cache)
-        app.get("/v1/state", dependencies=admin)(self.state)
-        # ops
-        app.get("/health")(self.health)
-        app.get("/metrics")(self.metrics_endpoint)
+            return engine_error(e).response()
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -375,31 +377,51 @@ class _Server:
         raise APIError(404, f"model={model!r} does not exist: this server serves {self.model_name!r}",
                        "not_found_error", "model")
 
-    def _params(self, body: S._SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def _check_openai_extras(self, body: S._SamplingFields) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name):
                 raise APIError(400, f"{name}={getattr(body, name)} is not supported: expected 0", param=name)
         if body.logit_bias:
             raise APIError(400, "logit_bias is not supported: expected null or {}", param="logit_bias")
-        try:
-            return SamplingParams(
-                n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                min_p=body.min_p, seed=body.seed, max_tokens=max_tokens, min_tokens=body.min_tokens,
-                stop=_stops(body.stop), stop_token_ids=list(body.stop_token_ids or []),
-                ignore_eos=body.ignore_eos, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
-        except ValueError as e:
-            raise APIError(400, str(e), param=_field_of(str(e))) from None
 
-    def _prepare(self, prompt: str | list[int], params: SamplingParams) -> tuple[str | None, list[int]]:
+    def _precheck(self, prompts: list, field: str) -> None:
+        """Bounds that need no tokeniser: they stop a huge prompt before any work on it."""
+        limit = self.engine.max_model_len
+        for p in prompts:
+            if isinstance(p, str) and self.max_prompt_chars and len(p) > self.max_prompt_chars:
+                raise APIError(400, f"{field} is {len(p)} characters: expected at most {self.max_prompt_chars} "
+                                    f"(it cannot fit in max_model_len={limit} tokens)", param=field)
+            if isinstance(p, list) and len(p) >= limit:
+                raise APIError(400, f"{field} has {len(p)} token ids: expected fewer than "
+                                    f"max_model_len={limit}", param=field)
+
+    async def _prepare(self, prompts: list, params: SamplingParams,
+                       fields: _Fields) -> list[tuple[str | None, list[int]]]:
+        """Token ids of each prompt; large ones are tokenised off the event loop."""
+        self._precheck(prompts, fields.prompt)
+        chars = sum(len(p) for p in prompts if isinstance(p, str))
+        if chars > _INLINE_CHARS:
+            return await asyncio.to_thread(self._prepare_now, prompts, params, fields)
+        return self._prepare_now(prompts, params, fields)
+
+    def _prepare_now(self, prompts: list, params: SamplingParams, fields: _Fields) -> list:
+        engine = self.engine
         try:
-            return self.engine.process_prompt(prompt, params)
-        except ValueError as e:
-            raise APIError(400, str(e), param=_param_of(str(e))) from None
-        except EngineError as e:
-            raise _engine_error(e) from None
+            return [engine.process_prompt(p, params) for p in prompts]
+        except EngineInvalidInput as e:
+            raise engine_error(e, fields.param) from None
+        except ValueError as e:   # InputProcessor's checks are all about the prompt
+            raise APIError(400, str(e), param=fields.prompt) from None
+        except Exception as e:
+            raise engine_error(e) from None
 
     def _request_id(self, given: str | None, prefix: str) -> str:
-        return given or self.engine.new_request_id(prefix)
+        if given is None:
+            return f"{prefix}-{secrets.token_hex(16)}"
+        if _SERVER_ID.fullmatch(given):
+            raise APIError.invalid("request_id", given, "an id not of the form <cmpl|chatcmpl|gen>-<32 hex "
+                                   "digits>, which is reserved for ids the server generates")
+        return given
 
     def _start(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams, rid: str,
                stream: bool, timeout_s: float | None = None) -> list[AsyncIterator[RequestOutput]]:
@@ -408,9 +430,17 @@ class _Server:
                                      timeout_s=timeout_s, prompt_token_ids=toks)
                 for r, (text, toks) in zip(ids, prompts)]
 
+    def _generation_error(self, e: BaseException, rid: str, fields: _Fields, timeout_s: float | None) -> APIError:
+        if isinstance(e, ValueError) and not isinstance(e, EngineInvalidInput):
+            # Given token ids, the one input check EngineClient.generate makes is the id's uniqueness.
+            return APIError(400, str(e), param="request_id")
+        timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
+        deadline = f"request {rid} did not finish within its deadline of {timeout:g}s (timeout_s)"
+        return engine_error(e, fields.param, deadline)
+
     async def _collect(self, gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
         finals: list[RequestOutput | None] = [None] * len(gens)
-        async for i, out in _merge(gens):
+        async for i, out in merge(gens):
             finals[i] = out
         return finals  # type: ignore[return-value]
 
@@ -421,42 +451,50 @@ class _Server:
                 self.metrics.on_tokens(len(c.token_ids))
             self.metrics.prompt_tokens.labels(self.model_name).inc(len(o.prompt_token_ids))
 
-    async def _run_collect(self, request: Request, gens) -> list[RequestOutput]:
+    async def _run_collect(self, request: Request, gens, rid: str, fields: _Fields, samples: int,
+                           timeout_s: float | None = None) -> list[RequestOutput]:
         inflight = self.metrics.inflight.labels(self.model_name)
         inflight.inc()
         t0 = time.perf_counter()
         try:
-            outs = await _until_disconnect(request, self._collect(gens))
-        except APIError:
+            outs = await until_disconnect(request, self._collect(gens))
+        except APIError:   # the client went away: its requests were aborted
+            self.metrics.on_finish("abort", 0, samples)
             raise
         except Exception as e:
-            self.metrics.on_finish(_failure_reason(e), 0)
-            raise _engine_error(e) from None
+            self.metrics.on_finish(failure_reason(e), 0, samples)
+            raise self._generation_error(e, rid, fields, timeout_s) from None
         finally:
             inflight.dec()
         self.metrics.e2e.labels(self.model_name).observe(time.perf_counter() - t0)
         self._account(outs)
         return outs
 
-    async def _sse(self, request: Request, events: AsyncIterator[bytes]) -> Response:
+    async def _respond(self, build: Callable[[], Any], work: int) -> Response:
+        """JSON of `build()`; a large one is built and encoded in a worker thread."""
+        if work <= _INLINE_WORK:
+            return Response(_json(build()), media_type="application/json")
+        data = await asyncio.to_thread(lambda: _json(build()))
+        return Response(data, media_type="application/json")
+
+    async def _sse(self, request: Request, events: AsyncIterator[bytes], track: _Track, rid: str,
+                   fields: _Fields, timeout_s: float | None = None) -> Response:
         """Wait for the first event before sending headers, so early failures get a status."""
         inflight = self.metrics.inflight.labels(self.model_name)
         inflight.inc()
-        t0 = time.perf_counter()
         try:
-            first = await _until_disconnect(request, events.__anext__())
+            first = await until_disconnect(request, events.__anext__())
         except StopAsyncIteration:
             inflight.dec()
-            first = b"data: [DONE]\n\n"
-            return SSEResponse(_once(first))
+            return SSEResponse(once(b"data: [DONE]\n\n"))
         except BaseException as e:
             inflight.dec()
-            with contextlib.suppress(Exception):
-                await events.aclose()
-            if isinstance(e, APIError):
+            await _aclose(events)
+            if isinstance(e, (APIError, asyncio.CancelledError)):   # the client or the server went away
+                track.end("abort")
                 raise
-            self.metrics.on_finish(_failure_reason(e), 0)
-            raise _engine_error(e) from None
+            track.end(failure_reason(e))
+            raise self._generation_error(e, rid, fields, timeout_s) from None
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -464,15 +502,15 @@ class _Server:
                 async for ev in events:
                     yield ev
             except Exception as e:  # after the headers: tell the client in-band
-                err = _engine_error(e)
-                self.metrics.on_finish(_failure_reason(e), 0)
-                yield b"data: " + _json(_error_body(err.status, err.message, err.type)) + b"\n\n"
+                track.end(failure_reason(e))
+                err = self._generation_error(e, rid, fields, timeout_s)
+                yield event(err.body())
                 yield b"data: [DONE]\n\n"
             finally:
+                track.end("abort")   # still unfinished here: the client went away
                 inflight.dec()
-                self.metrics.e2e.labels(self.model_name).observe(time.perf_counter() - t0)
-                with contextlib.suppress(Exception):
-                    await events.aclose()
+                self.metrics.e2e.labels(self.model_name).observe(time.perf_counter() - track.t0)
+                await _aclose(events)
 
         return SSEResponse(body())
 
@@ -486,30 +524,37 @@ class _Server:
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, f"best_of={body.best_of} is not supported: expected null or n={body.n}",
                            param="best_of")
-        params = self._params(body, body.max_tokens or 16, body.logprobs)
+        self._check_openai_extras(body)
+        params = sampling_params(body, body.max_tokens or 16, body.logprobs)
         p = body.prompt
         prompts: list = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
-        prepared = [self._prepare(x, params) for x in prompts]
+        fields = _Fields("prompt")
+        prepared = await self._prepare(prompts, params, fields)
         rid = self._request_id(body.request_id, "cmpl")
         gens = self._start(prepared, params, rid, body.stream)
+        track = _Track(self.metrics, len(prepared) * params.n)
         if body.stream:
-            return await self._sse(request, self._completion_events(body, rid, prepared, gens))
-        outs = await self._run_collect(request, gens)
-        choices = []
-        for i, o in enumerate(outs):
-            for c in o.outputs:
-                choice = {"index": i * body.n + c.index, "text": c.text,
-                          "logprobs": self._completion_logprobs(c, c.text, 0) if body.logprobs is not None else None,
-                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                if body.return_token_ids:
-                    choice.update(token_ids=c.token_ids, prompt_token_ids=o.prompt_token_ids,
-                                  weight_version=c.weight_version,
-                                  weight_spans=[[s.version, s.start, s.end] for s in c.weight_spans])
-                choices.append(choice)
-        return _json_response({"id": rid, "object": "text_completion", "created": int(time.time()),
-                               "model": self.model_name, "choices": choices, "usage": _usage(outs)})
+            return await self._sse(request, self._completion_events(body, rid, prepared, gens, track),
+                                   track, rid, fields)
+        outs = await self._run_collect(request, gens, rid, fields, track.left)
 
-    def _completion_logprobs(self, c: CompletionOutput, text: str, offset0: int) -> dict:
+        def build() -> dict:
+            choices = []
+            for i, o in enumerate(outs):
+                for c in o.outputs:
+                    choice = {"index": i * body.n + c.index, "text": c.text,
+                              "logprobs": self._completion_logprobs(c, 0) if body.logprobs is not None else None,
+                              "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                    if body.return_token_ids:
+                        choice.update(token_ids=c.token_ids, prompt_token_ids=o.prompt_token_ids,
+                                      weight_version=c.weight_version,
+                                      weight_spans=[[s.version, s.start, s.end] for s in c.weight_spans])
+                    choices.append(choice)
+            return {"id": rid, "object": "text_completion", "created": int(time.time()),
+                    "model": self.model_name, "choices": choices, "usage": _usage(outs)}
+        return await self._respond(build, _work(outs, body.logprobs))
+
+    def _completion_logprobs(self, c: CompletionOutput, offset0: int) -> dict:
         tt = self.token_text
         toks = [tt(t) for t in c.token_ids]
         offsets, off = [], offset0
@@ -522,14 +567,13 @@ class _Server:
         return {"tokens": toks, "token_logprobs": list(c.logprobs or []), "top_logprobs": top,
                 "text_offset": offsets}
 
-    async def _completion_events(self, body: S.CompletionRequest, rid: str, prepared, gens) -> AsyncIterator[bytes]:
+    async def _completion_events(self, body: S.CompletionRequest, rid: str, prepared, gens,
+                                 track: _Track) -> AsyncIterator[bytes]:
         created, n = int(time.time()), body.n
-        timing = _Timing(self.metrics)
         offsets: dict[int, int] = {}
-        finals: dict[int, RequestOutput] = {}
         totals: dict[tuple[int, int], int] = {}
-        async for i, out in _merge(gens, timing):
-            timing.tokens(sum(len(c.token_ids) for c in out.outputs))
+        async for i, out in merge(gens, track):
+            track.tokens(sum(len(c.token_ids) for c in out.outputs))
             for c in out.outputs:
                 if not c.token_ids and not c.text and c.finish_reason is None:
                     continue
@@ -538,65 +582,69 @@ class _Server:
                 choice: dict[str, Any] = {"index": idx, "text": c.text, "logprobs": None,
                                           "finish_reason": c.finish_reason}
                 if body.logprobs is not None:
-                    choice["logprobs"] = self._completion_logprobs(c, c.text, offsets.get(idx, 0))
+                    choice["logprobs"] = self._completion_logprobs(c, offsets.get(idx, 0))
                     offsets[idx] = offsets.get(idx, 0) + sum(len(t) for t in choice["logprobs"]["tokens"])
                 if c.finish_reason is not None:
                     choice["stop_reason"] = c.stop_reason
-                    self.metrics.on_finish(c.finish_reason, 0)
+                    track.finish(c.finish_reason)
                 if body.return_token_ids:
                     choice["token_ids"] = c.token_ids
                     choice["weight_version"] = c.weight_version
                     if c.finish_reason is not None:
                         choice["weight_spans"] = [[s.version, s.start, s.end] for s in c.weight_spans]
-                yield _event({"id": rid, "object": "text_completion", "created": created,
-                              "model": self.model_name, "choices": [choice]})
-            if out.finished:
-                finals[i] = out
+                yield event({"id": rid, "object": "text_completion", "created": created,
+                             "model": self.model_name, "choices": [choice]})
         prompt_tokens = sum(len(t) for _, t in prepared)
         self.metrics.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
         if body.stream_options is not None and body.stream_options.include_usage:
             comp = sum(totals.values())
-            yield _event({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                          "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": comp,
-                                                   "total_tokens": prompt_tokens + comp}})
+            yield event({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                         "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": comp,
+                                                  "total_tokens": prompt_tokens + comp}})
         yield b"data: [DONE]\n\n"
 
     # -- /v1/chat/completions ------------------------------------------------------------
     async def chat_completions(self, body: S.ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        ids = self._chat_prompt(body)
+        self._check_openai_extras(body)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        ids = await self._chat_prompt(body)
         limit = self.engine.max_model_len
         if len(ids) >= limit:
             raise APIError(400, f"messages are {len(ids)} tokens after the chat template: expected fewer "
                                 f"than max_model_len={limit}", param="messages")
         max_tokens = body.max_completion_tokens or body.max_tokens or (limit - len(ids))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        if body.top_logprobs and not body.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        params = self._params(body, max_tokens, logprobs)
-        prepared = [self._prepare(ids, params)]
+        params = sampling_params(body, max_tokens, logprobs)
+        fields = _Fields("messages")
+        prepared = await self._prepare([ids], params, fields)
         rid = self._request_id(body.request_id, "chatcmpl")
         gens = self._start(prepared, params, rid, body.stream)
+        track = _Track(self.metrics, params.n)
         if body.stream:
-            return await self._sse(request, self._chat_events(body, rid, prepared, gens))
-        outs = await self._run_collect(request, gens)
-        o = outs[0]
-        choices = []
-        for c in o.outputs:
-            choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                      "logprobs": self._chat_logprobs(c) if body.logprobs else None,
-                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-            if body.return_token_ids:
-                choice.update(token_ids=c.token_ids, weight_version=c.weight_version,
-                              weight_spans=[[s.version, s.start, s.end] for s in c.weight_spans])
-            choices.append(choice)
-        resp = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
-                "choices": choices, "usage": _usage(outs)}
-        if body.return_token_ids:
-            resp["prompt_token_ids"] = o.prompt_token_ids
-        return _json_response(resp)
+            return await self._sse(request, self._chat_events(body, rid, prepared, gens, track), track, rid, fields)
+        outs = await self._run_collect(request, gens, rid, fields, track.left)
 
-    def _chat_prompt(self, body: S.ChatCompletionRequest) -> list[int]:
+        def build() -> dict:
+            o = outs[0]
+            choices = []
+            for c in o.outputs:
+                choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                          "logprobs": self._chat_logprobs(c) if body.logprobs else None,
+                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if body.return_token_ids:
+                    choice.update(token_ids=c.token_ids, weight_version=c.weight_version,
+                                  weight_spans=[[s.version, s.start, s.end] for s in c.weight_spans])
+                choices.append(choice)
+            resp = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+                    "choices": choices, "usage": _usage(outs)}
+            if body.return_token_ids:
+                resp["prompt_token_ids"] = o.prompt_token_ids
+            return resp
+        return await self._respond(build, _work(outs, logprobs))
+
+    async def _chat_prompt(self, body: S.ChatCompletionRequest) -> list[int]:
         tok = self.engine.tokenizer
         if tok is None or not getattr(tok, "chat_template", None):
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
@@ -609,12 +657,21 @@ class _Server:
             if m.name:
                 msg["name"] = m.name
             messages.append(msg)
-        try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt)
-            return list(tok.encode(text, add_special_tokens=False))
-        except Exception as e:  # a template may reject roles or orderings
-            raise APIError(400, f"messages could not be rendered with the chat template: {e}",
-                           param="messages") from None
+        chars = sum(len(m["content"]) for m in messages)
+        if self.max_prompt_chars and chars > self.max_prompt_chars:
+            raise APIError(400, f"messages are {chars} characters: expected at most {self.max_prompt_chars} "
+                                f"(they cannot fit in max_model_len={self.engine.max_model_len} tokens)",
+                           param="messages")
+
+        def render() -> list[int]:
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=body.add_generation_prompt)
+                return list(tok.encode(text, add_special_tokens=False))
+            except Exception as e:  # a template may reject roles or orderings
+                raise APIError(400, f"messages could not be rendered with the chat template: {e}",
+                               param="messages") from None
+        return await asyncio.to_thread(render) if chars > _INLINE_CHARS else render()
 
     def _chat_logprobs(self, c: CompletionOutput) -> dict:
         tt = self.token_text
@@ -628,19 +685,19 @@ class _Server:
             content.append({"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": top})
         return {"content": content}
 
-    async def _chat_events(self, body: S.ChatCompletionRequest, rid: str, prepared, gens) -> AsyncIterator[bytes]:
+    async def _chat_events(self, body: S.ChatCompletionRequest, rid: str, prepared, gens,
+                           track: _Track) -> AsyncIterator[bytes]:
         created = int(time.time())
-        timing = _Timing(self.metrics)
         started: set[int] = set()
         total = 0
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
-        async for _, out in _merge(gens, timing):
-            timing.tokens(sum(len(c.token_ids) for c in out.outputs))
+        async for _, out in merge(gens, track):
+            track.tokens(sum(len(c.token_ids) for c in out.outputs))
             for c in out.outputs:
                 if c.index not in started:
                     started.add(c.index)
-                    yield _event({**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                                       "logprobs": None, "finish_reason": None}]})
+                    yield event({**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]})
                 if not c.token_ids and not c.text and c.finish_reason is None:
                     continue
                 total += len(c.token_ids)
@@ -650,18 +707,18 @@ class _Server:
                                           "finish_reason": c.finish_reason}
                 if c.finish_reason is not None:
                     choice["stop_reason"] = c.stop_reason
-                    self.metrics.on_finish(c.finish_reason, 0)
+                    track.finish(c.finish_reason)
                 if body.return_token_ids:
                     choice["token_ids"] = c.token_ids
                     choice["weight_version"] = c.weight_version
                     if c.finish_reason is not None:
                         choice["weight_spans"] = [[s.version, s.start, s.end] for s in c.weight_spans]
-                yield _event({**base, "choices": [choice]})
+                yield event({**base, "choices": [choice]})
         prompt_tokens = len(prepared[0][1])
         self.metrics.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield _event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": total,
-                                                           "total_tokens": prompt_tokens + total}})
+            yield event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": total,
+                                                          "total_tokens": prompt_tokens + total}})
         yield b"data: [DONE]\n\n"
 
     # -- /generate -----------------------------------------------------------------------
@@ -670,22 +727,22 @@ class _Server:
             raise APIError(400, "give exactly one of input_ids or text", param="input_ids")
         sp = body.sampling_params
         logprobs = sp.logprobs if sp.logprobs is not None else (0 if body.return_logprob else None)
-        try:
-            params = SamplingParams(
-                n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
-                seed=sp.seed, max_tokens=sp.max_tokens, min_tokens=sp.min_tokens, stop=_stops(sp.stop),
-                stop_token_ids=list(sp.stop_token_ids or []), ignore_eos=sp.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=sp.skip_special_tokens)
-        except ValueError as e:
-            raise APIError(400, str(e), param="sampling_params." + (_field_of(str(e)) or "")) from None
-        prepared = [self._prepare(body.input_ids if body.input_ids is not None else body.text, params)]
+        params = sampling_params(sp, sp.max_tokens, logprobs, prefix="sampling_params.")
+        fields = _Fields("input_ids" if body.input_ids is not None else "text", "sampling_params.")
+        prompt = body.input_ids if body.input_ids is not None else body.text
+        prepared = await self._prepare([prompt], params, fields)
         rid = self._request_id(body.request_id, "gen")
         gens = self._start(prepared, params, rid, body.stream, body.timeout_s)
+        track = _Track(self.metrics, params.n)
         if body.stream:
-            return await self._sse(request, self._generate_events(rid, prepared, gens))
-        o = (await self._run_collect(request, gens))[0]
-        samples = [self._generate_sample(rid, c, len(o.prompt_token_ids), final=True) for c in o.outputs]
-        return _json_response(samples[0] if len(samples) == 1 else samples)
+            return await self._sse(request, self._generate_events(rid, prepared, gens, track), track, rid,
+                                   fields, body.timeout_s)
+        o = (await self._run_collect(request, gens, rid, fields, track.left, body.timeout_s))[0]
+
+        def build() -> Any:
+            samples = [self._generate_sample(rid, c, len(o.prompt_token_ids), final=True) for c in o.outputs]
+            return samples[0] if len(samples) == 1 else samples
+        return await self._respond(build, _work([o], logprobs))
 
     @staticmethod
     def _generate_sample(rid: str, c: CompletionOutput, prompt_tokens: int, final: bool,
@@ -700,20 +757,19 @@ class _Server:
             d["weight_spans"] = [[s.version, s.start, s.end] for s in c.weight_spans]
         return d
 
-    async def _generate_events(self, rid: str, prepared, gens) -> AsyncIterator[bytes]:
-        timing = _Timing(self.metrics)
+    async def _generate_events(self, rid: str, prepared, gens, track: _Track) -> AsyncIterator[bytes]:
         counts: dict[int, int] = {}
         prompt_tokens = len(prepared[0][1])
-        async for _, out in _merge(gens, timing):
-            timing.tokens(sum(len(c.token_ids) for c in out.outputs))
+        async for _, out in merge(gens, track):
+            track.tokens(sum(len(c.token_ids) for c in out.outputs))
             for c in out.outputs:
                 if not c.token_ids and not c.text and c.finish_reason is None:
                     continue
                 counts[c.index] = counts.get(c.index, 0) + len(c.token_ids)
                 if c.finish_reason is not None:
-                    self.metrics.on_finish(c.finish_reason, 0)
-                yield _event(self._generate_sample(rid, c, prompt_tokens, final=False,
-                                                   completion_tokens=counts[c.index]))
+                    track.finish(c.finish_reason)
+                yield event(self._generate_sample(rid, c, prompt_tokens, final=False,
+                                                  completion_tokens=counts[c.index]))
         self.metrics.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
         yield b"data: [DONE]\n\n"
 
@@ -741,12 +797,20 @@ class _Server:
     async def _control(self, call: Callable[[], Awaitable[dict]]) -> Response:
         try:
             return _json_response(await call())
-        except APIError:
-            raise
         except Exception as e:
-            raise _engine_error(e) from None
+            raise engine_error(e) from None
 
-    async def pause(self, body: S.PauseRequest | None = None) -> Response:
+    async def pause(self, body: S.PauseRequest | None = None,
+                    mode: Literal["abort", "retract", "keep", "drain"] | None = Query(
+                        None, description="the same as the body's mode (vLLM's form); not both"),
+                    timeout_s: float | None = Query(None, ge=0.0, le=7 * 86400,
+                                                    description="the same as the body's timeout_s; not both")
+                    ) -> Response:
+        if mode is not None or timeout_s is not None:
+            if body is not None:
+                raise APIError(400, "pause options were given both in the query and in the body: expected "
+                                    "one of them", param="mode" if mode is not None else "timeout_s")
+            body = S.PauseRequest(mode=mode or "abort", timeout_s=timeout_s)
         body = body or S.PauseRequest()
         return await self._control(lambda: self.engine.pause(body.mode, body.timeout_s))
 
@@ -802,12 +866,69 @@ class _Server:
         return await self._control(lambda: self.engine.state())
 
 
-def _event(obj: Any) -> bytes:
-    return b"data: " + _escape_line_breaks(_json(obj)) + b"\n\n"
+# -- request errors FastAPI raises before a route runs ---------------------------------------
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
-async def _once(item: bytes) -> AsyncIterator[bytes]:
-    yield item
+def _param_of_loc(loc: tuple) -> str:
+    """The field a pydantic error location names, without union-member tags (`prompt.str`)."""
+    parts: list[str] = []
+    for x in loc:
+        if x in ("body", "query") and not parts:
+            continue
+        if isinstance(x, str) and (x in _TYPE_TAGS or "[" in x or "-" in x):
+            break
+        parts.append(str(x))
+    return ".".join(parts) or "body"
+
+
+def _validation_api_error(errs: list[dict]) -> APIError:
+    if len(errs) == 1 and errs[0].get("type") == "json_invalid":
+        pos = errs[0]["loc"][-1]
+        reason = (errs[0].get("ctx") or {}).get("error", "invalid JSON")
+        return APIError(400, f"the request body is not valid JSON: {reason} (at character {pos})", param="body")
+    if len(errs) == 1 and tuple(errs[0].get("loc", ())) == ("body",) and isinstance(errs[0].get("input"), bytes):
+        return APIError(400, "the request body must be a JSON object (send 'Content-Type: application/json')",
+                        param="body")
+    parts, param = [], None
+    for err in errs[:5]:
+        field = _param_of_loc(tuple(err.get("loc", ())))
+        param = param or field
+        got = err.get("input")
+        got_s = "" if isinstance(got, (dict, list)) or got is None else f" (got {str(got)[:80]!r})"
+        parts.append(f"{field}: {err.get('msg')}{got_s}")
+    return APIError(400, "; ".join(parts) or "invalid request", param=param)
+
+
+def _http_api_error(request: Request, e: StarletteHTTPException) -> APIError:
+    cause = e.__cause__
+    if isinstance(cause, _BodyTooLarge):
+        return _too_large(request.app.state.server.settings.max_body_bytes)
+    if isinstance(cause, UnicodeDecodeError):
+        return APIError(400, f"the request body is not valid UTF-8: {cause.reason} at byte {cause.start}: "
+                             "expected UTF-8 JSON", param="body")
+    if isinstance(cause, RecursionError):
+        return APIError(400, "the request body nests too deeply: expected JSON nested less than about "
+                             "1,000 levels", param="body")
+    if e.status_code == 404:
+        return APIError(404, f"no route {request.method} {request.url.path}: see /docs for the routes",
+                        "not_found_error")
+    if e.status_code == 405:
+        return APIError(405, f"method {request.method} is not allowed on {request.url.path}",
+                        headers=getattr(e, "headers", None))
+    return APIError(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+
+# -- small helpers ------------------------------------------------------------------------------
+async def _aclose(gen) -> None:
+    try:
+        await gen.aclose()
+    except Exception:
+        pass
+
+
+def _json_response(obj: Any, status: int = 200) -> Response:
+    return Response(_json(obj), status, media_type="application/json")
 
 
 def _stops(stop: str | list[str] | None) -> list[str]:
@@ -816,25 +937,26 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-def _field_of(message: str) -> str | None:
-    # SamplingParams errors read "SamplingParams.<field>=... is invalid: ..."
-    if message.startswith("SamplingParams."):
-        return message[len("SamplingParams."):].split("=", 1)[0]
-    return None
-
-
 def _usage(outs: list[RequestOutput]) -> dict:
     prompt = sum(len(o.prompt_token_ids) for o in outs)
     comp = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": comp, "total_tokens": prompt + comp}
 
 
-def _failure_reason(e: BaseException) -> str:
-    if isinstance(e, EngineNotServing):
-        return "rejected"
-    if isinstance(e, (RequestTimeout, asyncio.TimeoutError)):
-        return "timeout"
-    return "error"
+def _work(outs: list[RequestOutput], logprobs: int | None) -> int:
+    """How many entries a response will hold: tokens, times the top-logprobs per token."""
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return tokens * (1 + (logprobs or 0))
+
+
+def _longest_token_chars(tokenizer) -> int:
+    if tokenizer is None:
+        return 1
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:   # no vocabulary to read: assume long tokens rather than reject real prompts
+        return 256
+    return max((len(t) for t in vocab), default=1)
 
 
 def _default_name(model: str | None) -> str:

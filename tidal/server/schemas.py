@@ -1,7 +1,8 @@
 """Request bodies of the HTTP API (pydantic), validated before anything reaches the engine.
 
-Numbers are bounded (no NaN, no infinities, no integers the wire cannot carry), so bad input
-gets a 400 naming the field instead of an error deeper down.
+Numbers are bounded (no NaN, no infinities, no integers the wire cannot carry) and every known
+field is checked strictly (no bool or string where a number belongs, no number where a string
+does), so bad input gets a 400 naming the field instead of an error deeper down.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]],
 
 class _Body(BaseModel):
     # Unknown fields are ignored (OpenAI clients send extras); known ones are checked strictly.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Body):
@@ -105,6 +106,7 @@ class GenerateSamplingParams(_Body):
 
 
 class GenerateRequest(_Body):
+    """Exactly one of `input_ids` and `text` is given (400 otherwise, param `input_ids`)."""
     input_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
     text: Annotated[str, Field(min_length=1)] | None = None
     sampling_params: GenerateSamplingParams = Field(default_factory=GenerateSamplingParams)
@@ -116,6 +118,7 @@ class GenerateRequest(_Body):
 
 # -- control ---------------------------------------------------------------------------------
 class PauseRequest(_Body):
+    """The same options may come as query parameters instead (`POST /v1/pause?mode=keep`), not both."""
     mode: Literal["abort", "retract", "keep", "drain"] = "abort"
     timeout_s: DrainTimeout | None = None
 
@@ -125,6 +128,7 @@ class ControlRequest(_Body):
 
 
 class AbortRequest(_Body):
+    """Exactly one of `request_ids` and `abort_all=true` is given (400 otherwise, param `request_ids`)."""
     request_ids: Annotated[list[RequestId], Field(max_length=100_000)] | None = None
     abort_all: StrictBool = False
     timeout_s: Timeout | None = None
