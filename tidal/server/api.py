@@ -384,7 +384,8 @@ class _Server:
                 n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 min_p=body.min_p, seed=body.seed, max_tokens=max_tokens, min_tokens=body.min_tokens,
                 stop=_stops(body.stop), stop_token_ids=list(body.stop_token_ids or []),
-                ignore_eos=body.ignore_eos, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens)
+                ignore_eos=body.ignore_eos, logprobs=logprobs, skip_special_tokens=body.skip_special_tokens,
+                logprobs_mode=body.logprobs_mode)
         except ValueError as e:
             raise APIError(400, str(e), param=_field_of(str(e))) from None
 
@@ -673,7 +674,7 @@ class _Server:
                 n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
                 seed=sp.seed, max_tokens=sp.max_tokens, min_tokens=sp.min_tokens, stop=_stops(sp.stop),
                 stop_token_ids=list(sp.stop_token_ids or []), ignore_eos=sp.ignore_eos, logprobs=logprobs,
-                skip_special_tokens=sp.skip_special_tokens)
+                skip_special_tokens=sp.skip_special_tokens, logprobs_mode=sp.logprobs_mode)
         except ValueError as e:
             raise APIError(400, str(e), param="sampling_params." + (_field_of(str(e)) or "")) from None
         prepared = [self._prepare(body.input_ids if body.input_ids is not None else body.text, params)]
