@@ -132,3 +132,19 @@ def test_attention_of_a_query_is_the_same_in_decode_chunks_and_whole_prompts(seq
         for end in sorted({ctx + 1, (ctx + seq_len + 1) // 2, seq_len}):
             part = invariant_attention(q[ctx:end], kv_cache, _meta(ctx, end - ctx, table), 0.25)
             assert torch.equal(part, whole[ctx:end]), (ctx, end)
+
+
+def test_outputs_survive_preemption_by_recompute_bitwise(path, make_llm):
+    rng = random.Random(7)
+    targets = _targets(rng, 2)
+    alone_llm = make_llm(path, enable_prefix_caching=False)
+    alone = [_run(alone_llm, [t])[0] for t in targets]
+    # 30 blocks of 4 tokens, 12 requests growing to ~40 tokens each: requests get preempted.
+    llm = make_llm(path, num_kv_blocks=30, enable_prefix_caching=False, max_num_batched_tokens=64)
+    batch = [([rng.randrange(VOCAB) for _ in range(8)], SamplingParams(max_tokens=32, seed=i, ignore_eos=True))
+             for i in range(10)]
+    batch[3:3] = [targets[0]]
+    batch[8:8] = [targets[1]]
+    got = _run(llm, batch)
+    assert llm.engine.core.scheduler.num_preemptions > 0
+    assert [got[3], got[8]] == alone

@@ -43,7 +43,7 @@ class Linear(nn.Module):
         self._fp32: tuple[tuple[int, int], torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply(x, self.weight, self.bias)
+        return self._project(x, self.weight, self.bias)
 
     def forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T (+ b) with x, W and b in float32 (the fp32 LM head). The fp32 copy of W is kept
@@ -51,15 +51,15 @@ class Linear(nn.Module):
         updates (copy_) bump."""
         w = self.weight
         if w.dtype == torch.float32:
-            return self._apply(x.float(), w, self.bias)
+            return self._project(x.float(), w, self.bias)
         key = (w.data_ptr(), w._version)
         if self._fp32 is None or self._fp32[0] != key:
             self._fp32 = None  # free the stale copy before making the new one
             self._fp32 = (key, w.float(), None if self.bias is None else self.bias.float())
         _, w32, b32 = self._fp32
-        return self._apply(x.float(), w32, b32)
+        return self._project(x.float(), w32, b32)
 
-    def _apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.batch_invariant or x.dim() != 2:
             return F.linear(x, w, b)
         return invariant_linear(x, w, b, self.ROW_TILE)
