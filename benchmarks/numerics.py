@@ -5,7 +5,8 @@ the fp32 LM head's time and memory (CPU, and CUDA when present).
     python benchmarks/numerics.py --skip-engine        # only the LM-head part (e.g. on a GPU)
 
 Engine part: one LLM.generate over the same random workload with batch_invariant off and on
-(same engine shape, fp32, random weights), output tokens / wall time, best of --repeats.
+(same engine shape, fp32, random weights, prompt + output tokens / wall time), best of --repeats
+interleaved runs.
 LM-head part: compute_logits of N rows, bf16 head vs fp32 head, for head shapes of real models
 (random weights), median time per call and the bytes the fp32 copy of the weight holds.
 """
@@ -29,26 +30,30 @@ ENGINE_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4
 HEADS = {"qwen3-0.6b": (1024, 151936), "qwen2.5-7b": (3584, 152064), "llama3-8b": (4096, 128256)}
 
 
-def engine_run(path: str, batch_invariant: bool, num_seqs: int, prompt_len: int, out_len: int,
-               repeats: int) -> dict:
+def engine_runs(path: str, num_seqs: int, prompt_len: int, out_len: int, repeats: int) -> list[dict]:
+    """Both modes in one process, their runs interleaved (a loaded machine slows both alike)."""
     from tidal import LLM, SamplingParams
-    llm = LLM(path, dtype="float32", device="cpu", num_kv_blocks=4096, block_size=16, max_num_seqs=64,
-              max_num_batched_tokens=1024, batch_invariant=batch_invariant, enable_prefix_caching=False)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (prompt_len,), generator=g).tolist() for _ in range(num_seqs)]
     params = SamplingParams(max_tokens=out_len, temperature=1.0, top_p=0.9, seed=1, ignore_eos=True, logprobs=0)
+    modes = (False, True)
+    llms = [LLM(path, dtype="float32", device="cpu", num_kv_blocks=4096, block_size=16, max_num_seqs=64,
+                max_num_batched_tokens=1024, batch_invariant=bi, enable_prefix_caching=False) for bi in modes]
+    times: dict[bool, list[float]] = {bi: [] for bi in modes}
     try:
-        llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
-        times = []
+        for llm in llms:
+            llm.generate(prompts[:2], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            llm.generate(prompts, params, use_tqdm=False)
-            times.append(time.perf_counter() - t0)
+            for bi, llm in zip(modes, llms):
+                t0 = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                times[bi].append(time.perf_counter() - t0)
     finally:
-        llm.shutdown()
-    best = min(times)
-    return {"batch_invariant": batch_invariant, "seconds": best, "tok_s": num_seqs * out_len / best,
-            "total_tok_s": num_seqs * (prompt_len + out_len) / best}
+        for llm in llms:
+            llm.shutdown()
+    return [{"batch_invariant": bi, "seconds": min(times[bi]), "all_seconds": times[bi],
+             "tok_s": num_seqs * out_len / min(times[bi]),
+             "total_tok_s": num_seqs * (prompt_len + out_len) / min(times[bi])} for bi in modes]
 
 
 def head_run(name: str, hidden: int, vocab: int, rows: int, device: str, iters: int) -> dict:
@@ -87,6 +92,7 @@ def main() -> None:
     ap.add_argument("--heads", nargs="+", default=["qwen3-0.6b"], choices=sorted(HEADS))
     ap.add_argument("--head-iters", type=int, default=10)
     ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--head-devices", nargs="+", default=None, help="default: cpu, and cuda when present")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "numerics.json"))
     args = ap.parse_args()
@@ -97,8 +103,7 @@ def main() -> None:
     if not args.skip_engine:
         from tidal.testing import make_tiny_checkpoint
         path = make_tiny_checkpoint(tempfile.mkdtemp(prefix="tidal-numerics-"), "qwen3", **ENGINE_MODEL)
-        rows = [engine_run(path, bi, args.num_seqs, args.prompt_len, args.out_len, args.repeats)
-                for bi in (False, True)]
+        rows = engine_runs(path, args.num_seqs, args.prompt_len, args.out_len, args.repeats)
         overhead = rows[0]["tok_s"] / rows[1]["tok_s"] - 1
         result["engine"] = {"model": ENGINE_MODEL, "num_seqs": args.num_seqs, "prompt_len": args.prompt_len,
                             "out_len": args.out_len, "runs": rows, "batch_invariant_time_overhead": overhead}
@@ -110,7 +115,7 @@ def main() -> None:
             print(f"{mode:<18}{r['seconds']:>10.2f}{r['tok_s']:>12.1f}{r['total_tok_s']:>12.1f}")
         print(f"batch_invariant time overhead: {overhead:+.1%}")
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.head_devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     heads = []
     for device in devices:
         for name in args.heads:

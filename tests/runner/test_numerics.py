@@ -92,6 +92,17 @@ def test_invalid_modes_name_the_field():
         EngineConfig(batch_invariant=1, device="cpu")
 
 
+def test_http_schemas_take_the_same_mode_names():
+    from pydantic import ValidationError
+
+    from tidal.server import schemas as S
+    assert S.GenerateSamplingParams(logprobs_mode="processed").logprobs_mode == "processed"
+    assert S.CompletionRequest(prompt="a", logprobs_mode="raw").logprobs_mode == "raw"
+    assert S.ChatCompletionRequest(messages=[{"role": "user", "content": "a"}]).logprobs_mode is None
+    with pytest.raises(ValidationError, match="logprobs_mode"):
+        S.GenerateSamplingParams(logprobs_mode="sampled")
+
+
 def test_engine_reports_processed_logprobs(tiny_ckpt):
     llm = LLM(tiny_ckpt("llama"), dtype="float32", device="cpu", num_kv_blocks=256, logprobs_mode="processed")
     try:
@@ -143,3 +154,21 @@ def test_engine_runs_a_bf16_model_with_the_fp32_head(tiny_ckpt):
             llm.shutdown()
     assert outs[None].logprobs != outs["float32"].logprobs  # the head really changed
     assert all(abs(a - b) < 0.1 for a, b in zip(outs[None].logprobs, outs["float32"].logprobs))
+
+
+def test_sleep_frees_the_fp32_head_copy_and_wake_restores_the_outputs(tiny_ckpt):
+    llm = LLM(tiny_ckpt("llama"), dtype="bfloat16", device="cpu", num_kv_blocks=256, lm_head_dtype="float32")
+    try:
+        params = SP(max_tokens=4, temperature=0, logprobs=0, ignore_eos=True)
+        before = llm.generate(["hello"], params, use_tqdm=False)[0].outputs[0]
+        head = llm.engine.core.runner.model.lm_head
+        assert head._fp32 is not None
+        llm.pause()
+        llm.sleep(["weights"])
+        assert head._fp32 is None
+        llm.wake_up(["weights"])
+        llm.resume()
+        after = llm.generate(["hello"], params, use_tqdm=False)[0].outputs[0]
+        assert (after.token_ids, after.logprobs) == (before.token_ids, before.logprobs)
+    finally:
+        llm.shutdown()

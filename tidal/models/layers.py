@@ -59,6 +59,10 @@ class Linear(nn.Module):
         _, w32, b32 = self._fp32
         return self._project(x.float(), w32, b32)
 
+    def drop_fp32_copy(self) -> None:
+        """Free the fp32 copy (sleep: the weights leave the device; it is rebuilt on next use)."""
+        self._fp32 = None
+
     def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.batch_invariant or x.dim() != 2:
             return F.linear(x, w, b)

@@ -181,8 +181,10 @@ class ModelRunner:
 
     def invalidate_graphs(self) -> None:
         """Captured graphs hold raw pointers to weights and the KV cache; drop them whenever
-        either moves (sleep/wake)."""
+        either moves (sleep/wake). The fp32 LM-head copy goes too, so that sleep frees it."""
         self.graphs = None
+        if self.model is not None:
+            self.model.lm_head.drop_fp32_copy()
 
     def _ensure_graphs(self) -> None:
         if self.use_graphs and self.graphs is None and self.kv_cache is not None:
