@@ -71,6 +71,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="'dummy': random weights from config.json, for benchmarks (default: auto)")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     g.add_argument("--seed", type=int, default=0, help="engine seed for requests without one (default: 0)")
+    g.add_argument("--logprobs-mode", default="raw", choices=["raw", "processed"],
+                   help="logprobs of requests without their own logprobs_mode (docs/numerics.md; default: raw)")
+    g.add_argument("--lm-head-dtype", default=None, choices=["float32"],
+                   help="run the LM head and log-softmax in float32 (default: the model dtype)")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="outputs bitwise identical whatever else is in the batch (CPU; docs/numerics.md)")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -81,7 +87,8 @@ def _engine_config(args: argparse.Namespace):
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
         gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
         load_format=args.load_format, enforce_eager=args.enforce_eager, seed=args.seed,
-        reject_while_paused=getattr(args, "reject_while_paused", False))
+        reject_while_paused=getattr(args, "reject_while_paused", False), logprobs_mode=args.logprobs_mode,
+        lm_head_dtype=args.lm_head_dtype, batch_invariant=args.batch_invariant)
 
 
 def build_parser() -> argparse.ArgumentParser:

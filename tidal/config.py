@@ -31,6 +31,10 @@ class EngineConfig:
     # update_weights paths (and wake-up reloads) must resolve inside it, every shard included;
     # the server passes its --weights-root here. None: any path the engine process can read.
     weights_root: str | None = None
+    # Numerics for RL (docs/numerics.md).
+    logprobs_mode: str = "raw"              # default of requests without one: "raw" | "processed"
+    lm_head_dtype: str | None = None        # None: the model dtype; "float32": LM head + log-softmax in fp32
+    batch_invariant: bool = False           # outputs bitwise identical whatever else is in the batch
 
     def __post_init__(self) -> None:
         if self.device == "auto":
@@ -56,6 +60,14 @@ class EngineConfig:
                "weights_root", self.weights_root, "None or a directory path")
         _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
                self.gpu_memory_utilization, "a float in (0, 1]")
+        _check(self.logprobs_mode in ("raw", "processed"), "logprobs_mode", self.logprobs_mode,
+               "'raw' or 'processed'")
+        _check(self.lm_head_dtype in (None, "float32"), "lm_head_dtype", self.lm_head_dtype,
+               "None (the model dtype) or 'float32'")
+        _check(isinstance(self.batch_invariant, bool), "batch_invariant", self.batch_invariant, "a bool")
+        # On CUDA the cuBLAS matmuls and the decode/prefill kernel choice still depend on the batch.
+        _check(not self.batch_invariant or self.device == "cpu", "batch_invariant", self.batch_invariant,
+               f"False on device {self.device!r} (batch-invariant mode runs on the CPU for now)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+LOGPROBS_MODES = (None, "raw", "processed")
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -19,6 +21,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; 0: sampled token only; k: plus top-k
     skip_special_tokens: bool = True
+    # "raw" | "processed" (docs/numerics.md); None: the engine's EngineConfig.logprobs_mode.
+    logprobs_mode: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -40,6 +44,8 @@ class SamplingParams:
                "min_tokens", self.min_tokens, f"an integer in [0, max_tokens={self.max_tokens}]")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                "logprobs", self.logprobs, "None or an integer in [0, 20]")
+        _check(self.logprobs_mode in LOGPROBS_MODES, "logprobs_mode", self.logprobs_mode,
+               "None (the engine's default), 'raw' or 'processed'")
         _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "None or an integer")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "a list of non-empty strings")

@@ -98,3 +98,94 @@ def test_backend_matches_torch_backend(dtype, kind):
     assert torch.equal(cache, ref_cache)
     n = sum(q_lens)  # padding rows belong to no sequence: their output is unspecified
     assert rel_err(out[:n].float(), ref[:n].float()) < TOL[dtype]
+
+
+# --- batch invariance (EngineConfig.batch_invariant; docs/numerics.md) ---------------------------
+
+def _pool(num_blocks: int, block_size: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, num_blocks, block_size, 2, 32, generator=gen).to(DEVICE)
+
+
+def _tables(lens: list[int], block_size: int, num_blocks: int, rng, width: int = 0) -> torch.Tensor:
+    width = max(width, max(-(-n // block_size) for n in lens) + 1)
+    tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    for i, n in enumerate(lens):
+        tables[i, : -(-n // block_size)] = torch.tensor(rng.sample(range(num_blocks), -(-n // block_size)))
+    return tables.to(DEVICE)
+
+
+def test_decode_with_a_fixed_split_size_is_bitwise_batch_invariant():
+    import random
+
+    from tidal.attention.triton_decode import fixed_num_splits
+    rng = random.Random(0)
+    block_size, split, nb = 16, 32, 64
+    cache = _pool(nb, block_size, seed=1)
+    target_len, target_q = 77, torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    target_table = _tables([target_len], block_size, nb, rng)
+    seq_lens = torch.tensor([target_len], dtype=torch.int32, device=DEVICE)
+    alone = paged_decode(target_q, cache, target_table, seq_lens, 0.2, split_size=split,
+                         num_splits=fixed_num_splits(target_len, split))
+    b = make_paged_batch([target_len - 1], [1], num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=16)
+    ref = paged_attention_ref(target_q, cache, type(b.meta)(
+        slot_mapping=b.meta.slot_mapping, query_start_loc=b.meta.query_start_loc, seq_lens=seq_lens,
+        block_tables=target_table, max_query_len=1, max_seq_len=target_len, query_lens_cpu=[1],
+        seq_lens_cpu=[target_len]), 0.2)
+    assert rel_err(alone, ref) < TOL[torch.float32]
+    for size in (2, 5, 9):
+        lens = [rng.randrange(0, 200) for _ in range(size)]
+        pos = rng.randrange(size)
+        lens[pos] = target_len
+        tables = _tables(lens, block_size, nb, rng, width=target_table.shape[1])
+        tables[pos, :] = 0
+        tables[pos, :target_table.shape[1]] = target_table[0]
+        q = torch.randn(size, 4, 32).to(DEVICE)
+        q[pos] = target_q[0]
+        lens_d = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        for splits in (fixed_num_splits(max(lens), split), fixed_num_splits(512, split)):
+            out = paged_decode(q, cache, tables, lens_d, 0.2, split_size=split, num_splits=splits)
+            assert torch.equal(out[pos], alone[0]), (size, pos, splits)
+
+
+def test_decode_rejects_a_split_size_off_the_tile():
+    b = make_paged_batch([8], [1], num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=16)
+    with pytest.raises(ValueError, match="split_size=24"):
+        paged_decode(b.q, b.kv_cache, b.meta.block_tables, b.meta.seq_lens, 0.2, split_size=24, block_n=16)
+
+
+def test_prefill_rows_are_bitwise_invariant_to_chunking_and_batch():
+    import random
+
+    rng = random.Random(3)
+    block_size, nb = 16, 48
+    cache = _pool(nb, block_size, seed=4)
+    prompt = 70
+    table = _tables([prompt], block_size, nb, rng)
+    q_all = torch.randn(prompt, 4, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+
+    def run(pieces: list[tuple[int, int]], target: int) -> torch.Tensor:
+        """pieces: (ctx, q_len) per sequence; sequence `target` is the prompt, the others random."""
+        lens = [c + n for c, n in pieces]
+        tables = _tables(lens, block_size, nb, rng, width=table.shape[1])
+        tables[target, :] = 0
+        tables[target, :table.shape[1]] = table[0]
+        qs = []
+        for i, (c, n) in enumerate(pieces):
+            qs.append(q_all[c:c + n] if i == target else torch.randn(n, 4, 32).to(DEVICE))
+        qsl = torch.tensor([0] + torch.tensor([n for _, n in pieces]).cumsum(0).tolist(), dtype=torch.int32)
+        q = torch.cat(qs)
+        out = paged_prefill(q, cache, tables, torch.tensor(lens, dtype=torch.int32, device=DEVICE), qsl.to(DEVICE),
+                            max(n for _, n in pieces), 0.2, aligned=True)
+        start = int(qsl[target])
+        return out[start:start + pieces[target][1]]
+
+    whole = run([(0, prompt)], 0)
+    b = make_paged_batch([0], [prompt], num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=block_size)
+    meta = type(b.meta)(slot_mapping=b.meta.slot_mapping, query_start_loc=b.meta.query_start_loc,
+                        seq_lens=b.meta.seq_lens, block_tables=table, max_query_len=prompt, max_seq_len=prompt,
+                        query_lens_cpu=[prompt], seq_lens_cpu=[prompt])
+    assert rel_err(whole, paged_attention_ref(q_all, cache, meta, 0.2)) < TOL[torch.float32]
+    for ctx, end in [(0, 30), (30, 70), (17, 18), (69, 70), (40, 57)]:
+        got = run([(5, 9), (ctx, end - ctx), (0, 33)], 1)
+        assert torch.equal(got, whole[ctx:end]), (ctx, end)

@@ -5,6 +5,12 @@ through its block table and attends with all the query heads that share that KV 
 are loaded once per GQA group. With several splits, a second kernel merges the partial
 results by their log-sum-exp. Everything the kernels need comes from device tensors and the
 grid from static shapes, so a decode step can be captured in a CUDA graph.
+
+Batch invariance (`split_size`): by default the chunk of a split is seq_len / num_splits, and
+num_splits depends on the batch (`default_num_splits`), so a sequence's reduction order changes
+with what else is in the batch. With a fixed split size, split j of every sequence covers tokens
+[j * split_size, (j + 1) * split_size), and the merge walks the sequence's own splits in order
+(online log-sum-exp), so the grid's split count only adds empty programs.
 """
 from __future__ import annotations
 
@@ -28,13 +34,16 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT_SIZE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    if SPLIT_SIZE > 0:
+        chunk = SPLIT_SIZE
+    else:
+        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
 
@@ -93,24 +102,41 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, stride_ot, stride_oh,
+    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_SIZE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq.to(tl.int64) * tl.num_programs(1) + head
-    s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    s_mask = s < NUM_SPLITS
-    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)   # empty sequence: every weight is 0
-    w = tl.exp2(lse - m)
-    parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s)[:, None] * BLOCK_D + d[None, :],
-                    mask=s_mask[:, None], other=0.0)
-    total = tl.sum(w, 0)
-    o = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    if SPLIT_SIZE > 0:
+        # In order over this sequence's own splits only: the same sums whatever NUM_SPLITS is.
+        own = tl.cdiv(tl.load(seq_lens_ptr + seq), SPLIT_SIZE)
+        m = tl.full([1], float("-inf"), tl.float32)
+        total = tl.zeros([1], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s in range(0, own):
+            lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s)
+            part = tl.load(part_out_ptr + (row * NUM_SPLITS + s) * BLOCK_D + d)
+            m_new = tl.maximum(m, lse)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            acc = acc * alpha + part * w
+            total = total * alpha + w
+            m = m_new
+        o = acc / tl.where(total > 0.0, total, 1.0)
+    else:
+        s = tl.arange(0, BLOCK_S)
+        s_mask = s < NUM_SPLITS
+        lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=s_mask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m = tl.where(m == float("-inf"), 0.0, m)   # empty sequence: every weight is 0
+        w = tl.exp2(lse - m)
+        parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s)[:, None] * BLOCK_D + d[None, :],
+                        mask=s_mask[:, None], other=0.0)
+        total = tl.sum(w, 0)
+        o = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)
 
@@ -125,11 +151,15 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, devic
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
                  num_splits: int = 1, block_n: int | None = None, num_warps: int = 4,
-                 num_stages: int = 2) -> torch.Tensor:
+                 num_stages: int = 2, split_size: int | None = None) -> torch.Tensor:
     """q: [B, Hq, D], one query per sequence; reads the paged cache [2, NB, BS, Hkv, D].
 
     seq_lens (device, int32) include the new token, which must already be in the cache.
     A sequence of length 0 gets zeros. Returns out [B, Hq, D] in q's dtype.
+
+    split_size (batch-invariant mode): every split covers exactly that many tokens (a multiple
+    of block_n); num_splits must then cover the longest sequence (`fixed_num_splits`), and a
+    sequence's output no longer depends on num_splits or on the rest of the batch.
     """
     check_cache(kv_cache)
     num_seqs, num_q_heads, head_dim = q.shape
@@ -148,6 +178,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     interp = interpreting()
     if block_n is None:
         block_n = 16 if interp else 64
+    if split_size is not None and (split_size <= 0 or split_size % block_n):
+        raise ValueError(f"split_size={split_size}: expected a positive multiple of block_n={block_n}")
     grid = (num_seqs, num_kv_heads, num_splits)
     if num_splits > 1:
         part_out = torch.empty(num_seqs, num_q_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
@@ -163,13 +195,18 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DOT_FP32=interp,
+        NUM_SPLITS=num_splits, DOT_FP32=interp, SPLIT_SIZE=split_size or 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
-            out, part_out, part_lse, out.stride(0), out.stride(1),
+            out, part_out, part_lse, seq_lens, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits),
+            NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), SPLIT_SIZE=split_size or 0,
         )
     return out
+
+
+def fixed_num_splits(max_seq_len: int, split_size: int) -> int:
+    """Splits of `split_size` tokens that cover max_seq_len (pass max_model_len under CUDA graphs)."""
+    return max(1, triton.cdiv(max_seq_len, split_size))

@@ -3,6 +3,12 @@
 Handles any mix of sequences: a sequence with q_len new tokens and seq_len - q_len tokens of
 cached context (a prefix-cache hit, or earlier chunks) attends to the whole context plus the new
 tokens causally; decode rows (q_len 1) are the special case. Grid (query tile, seq, q head).
+
+Batch invariance (`aligned=True`): query tiles start at absolute positions that are multiples of
+BLOCK_M, so a query at position p sits in row p % BLOCK_M of its tile however the prompt was
+chunked; key tiles already start at multiples of BLOCK_N, and fully masked key tiles add exact
+zeros. A matmul's row can depend on where it sits in the tile (the interpreter's BLAS micro-
+kernels do), never on the other rows' values, so every query is then computed the same way.
 """
 from __future__ import annotations
 
@@ -24,23 +30,27 @@ def _prefill_kernel(
     stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if m_block * BLOCK_M >= q_len:
-        return
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_len = seq_len - q_len
+    # First position of this tile: ctx_len + m_block * BLOCK_M, or tile-aligned (ALIGNED).
+    tile_pos = ctx_len + m_block * BLOCK_M
+    if ALIGNED:
+        tile_pos = (ctx_len // BLOCK_M + m_block) * BLOCK_M
+    if tile_pos >= seq_len:
+        return
 
-    m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_pos = tile_pos + tl.arange(0, BLOCK_M)
+    m = q_pos - ctx_len
     d = tl.arange(0, BLOCK_D)
-    m_mask = m < q_len
+    m_mask = (m >= 0) & (m < q_len)
     d_mask = d < HEAD_DIM
-    q_pos = ctx_len + m
     rows = (q_start + m).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -53,7 +63,7 @@ def _prefill_kernel(
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
     head_off = (head // GROUP) * stride_cache_head
     # Keys past the tile's last query are masked for every row: stop there.
-    end = tl.minimum(seq_len, ctx_len + (m_block + 1) * BLOCK_M)
+    end = tl.minimum(seq_len, tile_pos + BLOCK_M)
     for n0 in range(0, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         n_mask = pos < end
@@ -89,10 +99,11 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
                   seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
                   scale: float, out: torch.Tensor | None = None, block_m: int | None = None,
                   block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int = 2) -> torch.Tensor:
+                  num_stages: int = 2, aligned: bool = False) -> torch.Tensor:
     """q: [T, Hq, D] (new tokens of all sequences, concatenated); K/V already stored in the cache.
 
     Returns out [T, Hq, D] in q's dtype. Rows of sequences with q_len 0 are not written.
+    aligned: query tiles at absolute multiples of block_m (batch-invariant mode, module doc).
     """
     check_cache(kv_cache)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -115,14 +126,15 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
         block_n = 16 if interp else 64
     if num_warps is None:
         num_warps = 4
-    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_q_heads)
+    # An aligned chunk may start mid-tile, so it can touch one tile more.
+    grid = (triton.cdiv(max_query_len, block_m) + int(aligned), num_seqs, num_q_heads)
     _prefill_kernel[grid](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc, out,
         scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=interp,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=interp, ALIGNED=aligned,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

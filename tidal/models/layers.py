@@ -22,7 +22,17 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 
 class Linear(nn.Module):
     """y = x W^T (+ b). Fused projections (qkv, gate_up) are one Linear whose rows the
-    loader fills slice by slice."""
+    loader fills slice by slice.
+
+    batch_invariant (set by `set_batch_invariant`): every row's result is independent of how many
+    rows there are. BLAS libraries pick their blocking from the number of rows M (on this CPU's
+    MKL, rows in the last partial micro-tile and M < 4 take other code paths, with another
+    summation order), so the rows are padded to a multiple of ROW_TILE: every row then sits in a
+    full tile. On CUDA, cuBLAS picks whole kernels by M, so each tile is its own fixed-shape call.
+    """
+
+    ROW_TILE = 16
+    batch_invariant = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  weight: nn.Parameter | None = None):
@@ -30,9 +40,56 @@ class Linear(nn.Module):
         # ``weight`` shares an existing parameter (tied embeddings).
         self.weight = _param(out_features, in_features, dtype=dtype) if weight is None else weight
         self.bias = _param(out_features, dtype=dtype) if bias else None
+        self._fp32: tuple[tuple[int, int], torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._project(x, self.weight, self.bias)
+
+    def forward_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T (+ b) with x, W and b in float32 (the fp32 LM head). The fp32 copy of W is kept
+        until W changes: the key is W's storage and version counter, which in-place weight
+        updates (copy_) bump."""
+        w = self.weight
+        if w.dtype == torch.float32:
+            return self._project(x.float(), w, self.bias)
+        key = (w.data_ptr(), w._version)
+        if self._fp32 is None or self._fp32[0] != key:
+            self._fp32 = None  # free the stale copy before making the new one
+            self._fp32 = (key, w.float(), None if self.bias is None else self.bias.float())
+        _, w32, b32 = self._fp32
+        return self._project(x.float(), w32, b32)
+
+    def drop_fp32_copy(self) -> None:
+        """Free the fp32 copy (sleep: the weights leave the device; it is rebuilt on next use)."""
+        self._fp32 = None
+
+    def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        if not self.batch_invariant or x.dim() != 2:
+            return F.linear(x, w, b)
+        return invariant_linear(x, w, b, self.ROW_TILE)
+
+
+def invariant_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: int) -> torch.Tensor:
+    """F.linear whose row i depends only on x[i]: rows padded to whole tiles of `tile`."""
+    rows = x.shape[0]
+    padded = max(tile, -(-rows // tile) * tile)
+    if padded != rows:
+        x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
+    if not x.is_cuda:
+        return F.linear(x, w, b)[:rows]
+    out = torch.empty(padded, w.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, padded, tile):
+        out[start:start + tile] = F.linear(x[start:start + tile], w, b)
+    return out[:rows]
+
+
+def set_batch_invariant(model: nn.Module, on: bool) -> None:
+    """Switch every Linear of `model` to (or from) its batch-invariant path. (Norms, activations and
+    RoPE need no switch: per-row reductions and element-wise ops are row-invariant on the CPU, as
+    tests/runner/test_numerics_invariance.py checks.)"""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.batch_invariant = on
 
 
 class Embedding(nn.Module):

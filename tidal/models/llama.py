@@ -129,6 +129,7 @@ class _Slot:
 
 class LlamaForCausalLM(nn.Module):
     arch: ModelArch
+    lm_head_dtype: torch.dtype | None = None  # None: the model's dtype (EngineConfig.lm_head_dtype)
 
     def __init__(self, arch: ModelArch, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -153,7 +154,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden_size] -> [N, vocab_size] float32."""
+        """[N, hidden_size] -> [N, vocab_size] float32. With lm_head_dtype float32 the projection
+        itself runs in float32 (hidden states and weights upcast), not only its output."""
+        if self.lm_head_dtype == torch.float32:
+            return self.lm_head.forward_fp32(hidden)
         return self.lm_head(hidden).float()
 
     # ---- weights ----------------------------------------------------------------------

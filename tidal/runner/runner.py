@@ -22,6 +22,7 @@ from tidal.attention.base import AttentionMetadata, get_backend
 from tidal.config import EngineConfig
 from tidal.engine.request import PLACEHOLDER, Request
 from tidal.engine.scheduler import SampledToken, ScheduledBatch
+from tidal.models.layers import set_batch_invariant
 from tidal.models.loader import load_model
 from tidal.runner.context import ForwardContext
 from tidal.runner.sampler import Sampler, SamplingTensors, apply_token_bans
@@ -109,10 +110,11 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         self.model = load_model(model_path, self.dtype, self.device, config.load_format, config.seed)
+        self._set_numerics()
         self.arch = self.model.arch
         self.max_model_len = min(config.max_model_len or self.arch.max_model_len, self.arch.max_model_len)
         self.block_size = config.block_size
-        self.backend = get_backend(config.attention_backend)
+        self.backend = self._attention_backend()
         self.sampler = Sampler()
         self.num_blocks = config.num_kv_blocks or self._profile_num_blocks()
         self.kv_cache: torch.Tensor | None = None
@@ -121,6 +123,17 @@ class ModelRunner:
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
         self.graphs = None  # CUDA-graph runner for decode (GPU only); rebuilt after sleep / wake
         self._ensure_graphs()
+
+    def _set_numerics(self) -> None:
+        """EngineConfig.lm_head_dtype and batch_invariant (docs/numerics.md), on the model."""
+        self.model.lm_head_dtype = torch.float32 if self.config.lm_head_dtype == "float32" else None
+        set_batch_invariant(self.model, self.config.batch_invariant)
+
+    def _attention_backend(self):
+        if not self.config.batch_invariant:
+            return get_backend(self.config.attention_backend)
+        import tidal.attention.invariant  # noqa: F401  (registers the "invariant" backend)
+        return get_backend("invariant")
 
     # -- KV cache ------------------------------------------------------------------------
     @property
@@ -168,8 +181,10 @@ class ModelRunner:
 
     def invalidate_graphs(self) -> None:
         """Captured graphs hold raw pointers to weights and the KV cache; drop them whenever
-        either moves (sleep/wake)."""
+        either moves (sleep/wake). The fp32 LM-head copy goes too, so that sleep frees it."""
         self.graphs = None
+        if self.model is not None:
+            self.model.lm_head.drop_fp32_copy()
 
     def _ensure_graphs(self) -> None:
         if self.use_graphs and self.graphs is None and self.kv_cache is not None:
@@ -282,7 +297,7 @@ class ModelRunner:
         for r in targets:
             row = r.sampling_row
             if row is None:
-                row = r.sampling_row = SamplingTensors.row(r.params, r.seed)
+                row = r.sampling_row = SamplingTensors.row(r.params, r.seed, self.config.logprobs_mode)
             rows.append(row)
         return SamplingTensors.from_rows(rows, [r.num_output_tokens for r in targets], self.staging)
 
@@ -295,15 +310,13 @@ class ModelRunner:
                 banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(req.eos_token_ids))
                 ban_rows.extend([i] * len(banned))
                 ban_ids.extend(banned)
-        raw = logits
+        raw = None
         if ban_rows:
-            logits = logits.clone()
+            # Raw logprobs are the model's, not the bans'; processed ones include the bans.
+            raw, logits = logits, logits.clone()
             apply_token_bans(logits, torch.tensor(ban_rows, device=logits.device),
                              torch.tensor(ban_ids, device=logits.device))
-        out = self.sampler(logits, self._sampling_tensors(targets))
-        if ban_rows and out.logprobs is not None:  # report logprobs of the model, not of the bans
-            lse = torch.logsumexp(raw, dim=-1)
-            out.logprobs = raw.gather(1, out.token_ids[:, None]).squeeze(1) - lse
+        out = self.sampler(logits, self._sampling_tensors(targets), raw_logits=raw)
         n = len(targets)
         h = StepHandle(step, out.token_ids, want_logprobs=[r.params.logprobs is not None for r in targets])
         h.host_ids = self._to_host("ids", out.token_ids)

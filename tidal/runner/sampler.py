@@ -16,6 +16,11 @@ Filtering keeps ties: top-k keeps every token whose scaled logit is >= the k-th 
 min-p drops tokens whose probability is < min_p * max probability. top-p walks the tokens in order
 of (probability descending, token id ascending) and keeps the shortest prefix whose cumulative
 probability reaches top_p (the top token is always kept).
+
+Logprobs come in two modes (docs/numerics.md), chosen per row: "raw" is log_softmax of the model's
+logits; "processed" is the log-probability under the distribution the token was drawn from,
+log_softmax of x with every filtered token at -inf (greedy rows: temperature 1, no filters, so
+processed = raw apart from token bans, as vLLM's "processed_logprobs").
 """
 from __future__ import annotations
 
@@ -57,24 +62,29 @@ class SamplingTensors:
     any_min_p: bool
     max_num_logprobs: int  # -1: none; 0: sampled token's logprob; k: also the top-k
     max_top_k: int = 0     # largest top_k of a sampled (non-greedy) row, 0 if none
+    processed: Tensor | None = None  # [B] bool: row reports processed logprobs (None: no row does)
+    all_processed: bool = False
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int],
-              device: torch.device | str) -> SamplingTensors:
+              device: torch.device | str, logprobs_mode: str = "raw") -> SamplingTensors:
         if not (len(params) == len(seeds) == len(steps)):
             raise ValueError(f"SamplingTensors.build: params, seeds and steps must have one entry "
                              f"per row, got {len(params)}, {len(seeds)} and {len(steps)}")
-        return cls.from_rows([cls.row(p, seed) for p, seed in zip(params, seeds)], [int(s) for s in steps],
-                             _DirectUpload(torch.device(device)))
+        rows = [cls.row(p, seed, logprobs_mode) for p, seed in zip(params, seeds)]
+        return cls.from_rows(rows, [int(s) for s in steps], _DirectUpload(torch.device(device)))
 
     @staticmethod
-    def row(p: SamplingParams, seed: int) -> tuple:
+    def row(p: SamplingParams, seed: int, logprobs_mode: str = "raw") -> tuple:
         """A request's constant sampling parameters, as `from_rows` takes them:
-        (temperature, top_p, min_p, top_k, seed, logprobs or -1)."""
+        (temperature, top_p, min_p, top_k, seed, logprobs or -1, processed). logprobs_mode is the
+        engine's default, for a request whose own `logprobs_mode` is None."""
         lp = -1 if p.logprobs is None else p.logprobs
+        processed = (p.logprobs_mode or logprobs_mode) == "processed"
         if p.greedy:
-            return (0.0, 1.0, 0.0, 0, _as_int64(seed), lp)
-        return (float(p.temperature), float(p.top_p), float(p.min_p), max(p.top_k, 0), _as_int64(seed), lp)
+            return (0.0, 1.0, 0.0, 0, _as_int64(seed), lp, processed)
+        return (float(p.temperature), float(p.top_p), float(p.min_p), max(p.top_k, 0), _as_int64(seed), lp,
+                processed)
 
     @classmethod
     def from_rows(cls, rows: list[tuple], steps: list[int], staging) -> SamplingTensors:
@@ -93,6 +103,10 @@ class SamplingTensors:
         f_dev, = staging.upload("sampling_f32", [floats], torch.float32)
         i_dev, = staging.upload("sampling_i64", [ints], torch.int64)
         temps, top_ps, min_ps, top_ks = floats[0, :n], floats[1, :n], floats[2, :n], ints[0, :n]
+        flags = [bool(r[6]) for r in rows]
+        processed = None
+        if any(flags):
+            processed, = staging.upload("sampling_bool", [np.array(flags, dtype=np.bool_)], torch.bool)
         return cls(
             temperature=f_dev[0, :n], top_p=f_dev[1, :n], min_p=f_dev[2, :n],
             top_k=i_dev[0, :n], seeds=i_dev[1, :n], steps=i_dev[2, :n],
@@ -100,6 +114,7 @@ class SamplingTensors:
             any_top_k=bool((top_ks > 0).any()), any_min_p=bool((min_ps > 0.0).any()),
             max_num_logprobs=max((r[5] for r in rows), default=-1),
             max_top_k=int(top_ks.max(initial=0)),
+            processed=processed, all_processed=all(flags) and n > 0,
         )
 
 
@@ -116,7 +131,7 @@ class _DirectUpload:
 @dataclass(slots=True)
 class SamplerOutput:
     token_ids: Tensor                  # [B] int64
-    logprobs: Tensor | None            # [B] float32: log_softmax(raw logits) at the sampled token
+    logprobs: Tensor | None            # [B] float32: the sampled token's logprob (raw or processed)
     top_token_ids: Tensor | None       # [B, k] int64, k = max_num_logprobs; a row asking for
     top_logprobs: Tensor | None        # [B, k] float32  fewer takes the first ones
 
@@ -133,27 +148,31 @@ class Sampler:
         self._token_codes: dict[tuple[int, torch.device], Tensor] = {}
         self._cpu_workspace: _Workspace | None = None
 
-    def __call__(self, logits: Tensor, t: SamplingTensors) -> SamplerOutput:
+    def __call__(self, logits: Tensor, t: SamplingTensors, raw_logits: Tensor | None = None) -> SamplerOutput:
+        """logits: [B, V], after token bans; raw_logits: the model's logits before the bans, for
+        raw-mode logprobs (None: the same as logits)."""
         if logits.dtype != torch.float32:
             logits = logits.float()
         greedy_ids = logits.argmax(dim=-1)
+        want_processed = t.max_num_logprobs >= 0 and t.processed is not None
+        processed = None
         if t.all_greedy:
             token_ids = greedy_ids
         else:
-            sampled = self._sample(logits, t)
+            sampled, processed = self._sample(logits, t, want_processed)
             token_ids = torch.where(t.temperature == 0, greedy_ids, sampled)
+        if t.max_num_logprobs < 0:
+            return SamplerOutput(token_ids, None, None, None)
+        src = logits if raw_logits is None else raw_logits.float()
+        if want_processed:
+            # Greedy rows: temperature 1 and no filters, so their processed logits are the logits.
+            proc = logits if processed is None else processed
+            src = proc if t.all_processed else torch.where(t.processed[:, None], proc, src)
+        return _logprobs(src, token_ids, t.max_num_logprobs)
 
-        logprobs = top_ids = top_logprobs = None
-        if t.max_num_logprobs >= 0:
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            logprobs = (logits.gather(1, token_ids[:, None]) - lse).squeeze(1)
-            if t.max_num_logprobs > 0:
-                k = min(t.max_num_logprobs, logits.shape[-1])
-                top_vals, top_ids = logits.topk(k, dim=-1)
-                top_logprobs = top_vals - lse
-        return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
-
-    def _sample(self, logits: Tensor, t: SamplingTensors) -> Tensor:
+    def _sample(self, logits: Tensor, t: SamplingTensors, want_processed: bool) -> tuple[Tensor, Tensor | None]:
+        """Sampled token ids [B], and with want_processed the filtered scaled logits [B, V] that
+        they were drawn from (-inf where a filter dropped the token)."""
         vocab = logits.shape[-1]
         x = logits / torch.where(t.temperature > 0, t.temperature, 1.0)[:, None]
         if t.any_top_k:
@@ -171,7 +190,11 @@ class Sampler:
             xs[:, 1:].masked_fill_(drop, -_INF)
             floor = xs[:, :1] + log_min_p if t.any_min_p else None
             winner = self._race(xs, floor, t, order)
-            return order.gather(1, winner[:, None]).squeeze(1)
+            processed = None
+            if want_processed:
+                kept = xs if floor is None else xs.masked_fill(xs < floor, -_INF)
+                processed = torch.empty_like(kept).scatter_(1, order, kept)
+            return order.gather(1, winner[:, None]).squeeze(1), processed
 
         # Unsorted: every filter is a per-row floor on x (the k-th largest value, the min-p bar).
         floor = None
@@ -183,7 +206,10 @@ class Sampler:
         if t.any_min_p:
             bar = x.amax(dim=-1, keepdim=True) + log_min_p
             floor = bar if floor is None else torch.maximum(floor, bar)
-        return self._race(x, floor, t, None)
+        processed = None
+        if want_processed:
+            processed = x if floor is None else x.masked_fill(x < floor, -_INF)
+        return self._race(x, floor, t, None), processed
 
     def _race(self, x: Tensor, floor: Tensor | None, t: SamplingTensors,
               ids: Tensor | None) -> Tensor:
@@ -258,6 +284,17 @@ def _race_torch(x: Tensor, floor: Tensor | None, keys: Tensor, codes: Tensor,
             score.masked_fill_(torch.lt(x[a:b], floor[a:b], out=ws.mask[:m]), -_INF)
         out[a:b] = score.argmax(dim=-1)
     return out
+
+
+def _logprobs(src: Tensor, token_ids: Tensor, k: int) -> SamplerOutput:
+    """log_softmax(src) at the sampled tokens, and the k best of each row (k > 0)."""
+    lse = torch.logsumexp(src, dim=-1, keepdim=True)
+    logprobs = (src.gather(1, token_ids[:, None]) - lse).squeeze(1)
+    top_ids = top_logprobs = None
+    if k > 0:
+        top_vals, top_ids = src.topk(min(k, src.shape[-1]), dim=-1)
+        top_logprobs = top_vals - lse
+    return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
 
 
 def apply_token_bans(logits: Tensor, rows: Tensor, token_ids: Tensor) -> None:

@@ -245,7 +245,7 @@ def sampling_params(body: Any, max_tokens: int, logprobs: int | None, prefix: st
         n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         seed=body.seed, max_tokens=max_tokens, min_tokens=body.min_tokens, stop=_stops(body.stop),
         stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, logprobs=logprobs,
-        skip_special_tokens=body.skip_special_tokens)
+        skip_special_tokens=body.skip_special_tokens, logprobs_mode=body.logprobs_mode)
 
 
 class _Server:

@@ -20,6 +20,7 @@ Seed = Annotated[int, Field(ge=0, le=_I63)]
 Timeout = Annotated[float, Field(ge=0.1, le=7 * 86400)]        # a deadline for the reply
 DrainTimeout = Annotated[float, Field(ge=0.0, le=7 * 86400)]    # how long a drain may last
 RequestId = Annotated[str, Field(min_length=1, max_length=256)]
+LogprobsMode = Literal["raw", "processed"]  # docs/numerics.md
 StopList = Annotated[list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(max_length=64)]
 
 
@@ -53,6 +54,7 @@ class _SamplingFields(_Body):
     ignore_eos: StrictBool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=1024)] | None = None
     skip_special_tokens: StrictBool = True
+    logprobs_mode: LogprobsMode | None = None
     return_token_ids: StrictBool = False
     request_id: RequestId | None = None
 
@@ -103,6 +105,7 @@ class GenerateSamplingParams(_Body):
     ignore_eos: StrictBool = False
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     skip_special_tokens: StrictBool = True
+    logprobs_mode: LogprobsMode | None = None
 
 
 class GenerateRequest(_Body):
