@@ -34,34 +34,36 @@ def gather_kv_batch(kv_cache: torch.Tensor, block_tables: torch.Tensor,
     return kv[0], kv[1]
 
 
-def _attend(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, q_rows: torch.Tensor,
-            q_pos: torch.Tensor, max_seq_len: int, scale: float) -> torch.Tensor:
-    """One padded group. q_rows [B, L]: the token row of each query slot (padding repeats a real
-    row); q_pos [B, L]: its position. Returns [B, L, Hq, D] in float32."""
+def _attend(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, q_pos: torch.Tensor,
+            max_seq_len: int, scale: float) -> torch.Tensor:
+    """One padded group: q [B, L, Hq, D] with positions q_pos [B, L]. Returns [B, L, Hq, D] in
+    float32; query slots past a sequence's own rows are padding (any finite result)."""
     k, v = gather_kv_batch(kv_cache, block_tables, max_seq_len)
-    batch, length = q_rows.shape
-    num_kv_heads, group, dim = k.shape[1], q.shape[1] // k.shape[1], q.shape[2]
+    batch, length, num_q_heads, dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
     # The `group` query heads that share a KV head become extra query rows of that head, so SDPA
     # reads each KV head once ([B, Hkv, L*G, D] against [B, Hkv, S, D]).
-    qg = q[q_rows].view(batch, length, num_kv_heads, group, dim).transpose(1, 2)
-    qg = qg.reshape(batch, num_kv_heads, length * group, dim)
+    qg = q.unflatten(2, (num_kv_heads, group)).transpose(1, 2).reshape(batch, num_kv_heads, length * group, dim)
     k_pos = torch.arange(k.shape[2], device=q.device)
     # Causal mask; every query sees key 0, so no row is fully masked (padding slots included).
     mask = k_pos[None, None, :] <= q_pos[:, :, None]                               # [B, L, S]
-    if group > 1:
+    if group > 1 and length > 1:  # one query per sequence (decode): the mask broadcasts instead
         mask = mask.repeat_interleave(group, dim=1)
     o = F.scaled_dot_product_attention(qg.float(), k.float(), v.float(), attn_mask=mask[:, None], scale=scale)
-    return o.view(batch, num_kv_heads, length, group, dim).transpose(1, 2).reshape(batch, length, -1, dim)
+    return o.view(batch, num_kv_heads, length, group, dim).transpose(1, 2).reshape(batch, length, num_q_heads, dim)
 
 
 def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                         scale: float) -> torch.Tensor:
-    q_lens, seq_lens = meta.query_lens_cpu, meta.seq_lens_cpu
+    q_lens = meta.query_lens_cpu
     num_tokens = sum(q_lens)
+    if meta.max_query_len == 1 and num_tokens == len(q_lens) == q.shape[0]:
+        # Pure decode, no padding rows: token i is sequence i's query.
+        o = _attend(q[:, None], kv_cache, meta.block_tables, (meta.seq_lens.long() - 1)[:, None],
+                    meta.max_seq_len, scale)
+        return o[:, 0].to(q.dtype)
     out = torch.empty_like(q) if num_tokens == q.shape[0] else torch.zeros_like(q)
-    if meta.max_query_len == 1 and num_tokens == len(q_lens):
-        _decode_group(q, kv_cache, meta, scale, out, list(range(len(q_lens))))
-        return out
     decode = [i for i, n in enumerate(q_lens) if n == 1]
     prefill = [i for i, n in enumerate(q_lens) if n > 1]
     if decode:
@@ -73,15 +75,11 @@ def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 
 def _decode_group(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                   out: torch.Tensor, seqs: list[int]) -> None:
-    starts = meta.query_start_loc
-    if len(seqs) == meta.num_seqs:
-        rows, tables, lens = starts[:-1].long(), meta.block_tables, meta.seq_lens
-        max_len = meta.max_seq_len
-    else:
-        idx = torch.tensor(seqs, device=q.device)
-        rows, tables, lens = starts[idx].long(), meta.block_tables[idx], meta.seq_lens[idx]
-        max_len = max(meta.seq_lens_cpu[i] for i in seqs)
-    o = _attend(q, kv_cache, tables, rows[:, None], (lens.long() - 1)[:, None], max_len, scale)
+    idx = torch.tensor(seqs, device=q.device)
+    rows = meta.query_start_loc[idx].long()
+    max_len = max(meta.seq_lens_cpu[i] for i in seqs)
+    o = _attend(q[rows][:, None], kv_cache, meta.block_tables[idx], (meta.seq_lens[idx].long() - 1)[:, None],
+                max_len, scale)
     out[rows] = o[:, 0].to(out.dtype)
 
 
@@ -95,9 +93,9 @@ def _prefill_group(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetad
     max_q = max(meta.query_lens_cpu[i] for i in seqs)
     j = torch.arange(max_q, device=device)[None, :]                               # [1, L]
     valid = j < q_lens[:, None]                                                    # [B, L]
-    q_rows = starts[:, None] + torch.minimum(j, q_lens[:, None] - 1)
+    q_rows = starts[:, None] + torch.minimum(j, q_lens[:, None] - 1)              # padding repeats a row
     max_len = max(meta.seq_lens_cpu[i] for i in seqs)
-    o = _attend(q, kv_cache, meta.block_tables[idx], q_rows, ctx[:, None] + j, max_len, scale)
+    o = _attend(q[q_rows], kv_cache, meta.block_tables[idx], ctx[:, None] + j, max_len, scale)
     out[q_rows[valid]] = o[valid].to(out.dtype)
 
 
