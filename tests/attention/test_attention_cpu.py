@@ -32,13 +32,15 @@ def _random_mix(rng: random.Random, block_size: int) -> tuple[list[int], list[in
     for _ in range(rng.randint(2, 9)):
         kind = rng.choice(["decode", "prefill", "chunk", "prefix"])
         if kind == "decode":
-            ctx.append(rng.randint(0, 5 * block_size)); q.append(1)
+            c, n = rng.randint(0, 5 * block_size), 1
         elif kind == "prefill":
-            ctx.append(0); q.append(rng.randint(2, 3 * block_size))
+            c, n = 0, rng.randint(2, 3 * block_size)
         elif kind == "chunk":
-            ctx.append(rng.randint(1, 4 * block_size)); q.append(rng.randint(2, 2 * block_size))
+            c, n = rng.randint(1, 4 * block_size), rng.randint(2, 2 * block_size)
         else:
-            ctx.append(block_size * rng.randint(1, 3)); q.append(rng.randint(1, 2 * block_size))
+            c, n = block_size * rng.randint(1, 3), rng.randint(1, 2 * block_size)
+        ctx.append(c)
+        q.append(n)
     return ctx, q
 
 
