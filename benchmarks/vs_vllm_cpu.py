@@ -69,13 +69,13 @@ def make_prompts(num: int, min_len: int, max_len: int, seed: int = 0) -> list[li
 
 
 # -- the engines, offline -------------------------------------------------------------------------
-def run_tidal(path: str, prompts: list[list[int]], max_tokens: int, threads: int) -> dict:
+def run_tidal(path: str, prompts: list[list[int]], max_tokens: int, threads: int, backend: str = "auto") -> dict:
     import torch
 
     from tidal import LLM, SamplingParams
 
     torch.set_num_threads(threads)
-    llm = LLM(path, dtype="float32", device="cpu", **ENGINE_ARGS)
+    llm = LLM(path, dtype="float32", device="cpu", attention_backend=backend, **ENGINE_ARGS)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
         llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -270,12 +270,15 @@ def checkpoint(name: str, root: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS),
+                    help="offline workloads (none: only the HTTP comparison)")
     ap.add_argument("--vllm-python", default="/work/venvs/vllm-cpu/bin/python")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each engine")
     ap.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "tidal-vs-vllm-ckpts"))
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--ablate-backends", nargs="*", default=[], metavar="BACKEND",
+                    help="also run Tidal with these attention backends (e.g. torch: the reference)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_vllm_cpu.json"))
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -291,6 +294,12 @@ def main() -> None:
         row = dict(w, tidal=run_tidal(path, prompts, w["max_tokens"], args.threads))
         row["tidal"]["tok_s"] = total / row["tidal"]["elapsed_s"]
         row["tidal"]["tok_per_cpu_s"] = total / row["tidal"]["cpu_s"]
+        for backend in args.ablate_backends:
+            extra = row[f"tidal_{backend}"] = run_tidal(path, prompts, w["max_tokens"], args.threads, backend)
+            extra["tok_s"], extra["tok_per_cpu_s"] = total / extra["elapsed_s"], total / extra["cpu_s"]
+            extra["identical_to_tidal"] = compare(row["tidal"], extra)[0]
+            print(f"{name}: tidal with attention_backend={backend}: {extra['tok_s']:,.0f} tok/s, "
+                  f"{extra['tok_per_cpu_s']:,.0f} tok/CPU-s", flush=True)
         if not args.skip_vllm:
             row["vllm"] = run_vllm(args.vllm_python, path, prompts, w["max_tokens"], args.threads, 1800)
             row["vllm"]["tok_s"] = total / row["vllm"]["elapsed_s"]
@@ -299,6 +308,7 @@ def main() -> None:
             row["ratio"] = row["tidal"]["tok_s"] / row["vllm"]["tok_s"]
         results["offline"][name] = row
         print_offline(name, row, flush=True)
+        save(results, args.out)
     if not args.skip_http:
         import httpx
 
@@ -315,23 +325,28 @@ def main() -> None:
                 results["http"][f"{engine}_error"] = repr(e)
                 print(f"HTTP run of {engine} failed: {e!r}", flush=True)
     print_table(results)
-    for row in results["offline"].values():
-        for engine in ("tidal", "vllm"):
-            if engine in row:
-                row[engine].pop("token_ids"), row[engine].pop("logprobs")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    save(results, args.out)
     print(f"wrote {args.out}")
 
 
+def save(results: dict, out: str) -> None:
+    """Write what is measured so far (without the token ids and logprobs)."""
+    slim = dict(results, offline={name: {k: ({f: x for f, x in v.items() if f not in ("token_ids", "logprobs")}
+                                             if isinstance(v, dict) else v) for k, v in row.items()}
+                                  for name, row in results["offline"].items()})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(slim, indent=2))
+
+
 def print_offline(name: str, row: dict, flush: bool = False) -> None:
-    t = row["tidal"]["tok_s"]
+    t, tc = row["tidal"]["tok_s"], row["tidal"]["tok_per_cpu_s"]
     if "vllm" in row:
-        v = row["vllm"]["tok_s"]
-        print(f"{name}: tidal {t:,.0f} tok/s, vllm {v:,.0f} tok/s, ratio {row['ratio']:.2f}x, identical "
-              f"{row['identical']}/{row['num_prompts']}, max|dlogprob| {row['max_abs_dlogprob']:.2e}", flush=flush)
+        v, vc = row["vllm"]["tok_s"], row["vllm"]["tok_per_cpu_s"]
+        print(f"{name}: tidal {t:,.0f} tok/s ({tc:,.0f} tok/CPU-s), vllm {v:,.0f} tok/s ({vc:,.0f} tok/CPU-s), "
+              f"ratio {row['ratio']:.2f}x, identical {row['identical']}/{row['num_prompts']}, "
+              f"max|dlogprob| {row['max_abs_dlogprob']:.2e}", flush=flush)
     else:
-        print(f"{name}: tidal {t:,.0f} tok/s", flush=flush)
+        print(f"{name}: tidal {t:,.0f} tok/s ({tc:,.0f} tok/CPU-s)", flush=flush)
 
 
 def print_table(results: dict) -> None:
