@@ -24,7 +24,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None        # default: sized from kv_cache_memory_gb / GPU memory
     kv_cache_memory_gb: float = 0.25        # CPU KV pool size when num_kv_blocks is None
     gpu_memory_utilization: float = 0.85
-    attention_backend: str = "auto"         # auto: cuda on GPU, torch on CPU
+    attention_backend: str = "auto"         # auto: cuda on GPU, cpu (batched torch) on CPU
     enforce_eager: bool = False             # disable CUDA graphs
     overlap_scheduling: bool = True         # schedule step N+1 while step N runs (EngineCore.step)
     reject_while_paused: bool = False       # new requests while not serving: queue (False) or reject
@@ -46,7 +46,7 @@ class EngineConfig:
         if self.device.startswith("cuda"):
             _check(torch.cuda.is_available(), "device", self.device, "a visible CUDA device (none found)")
         if self.attention_backend == "auto":
-            self.attention_backend = "cuda" if self.device.startswith("cuda") else "torch"
+            self.attention_backend = "cuda" if self.device.startswith("cuda") else "cpu"
         _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
                "block_size", self.block_size, "a power of two")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")

@@ -187,7 +187,7 @@ class PagedRunner:
     """Minimal paged-KV driver for model tests: each sequence owns a fixed run of blocks (block 0
     is never handed out, so padding bugs show up), new tokens are fed via ``step``."""
 
-    def __init__(self, model, num_seqs: int, max_len: int, block_size: int = 4, backend: str = "torch"):
+    def __init__(self, model, num_seqs: int, max_len: int, block_size: int = 4, backend: str = "cpu"):
         from tidal.attention.base import get_backend
 
         arch = model.arch

@@ -44,6 +44,9 @@ class AttentionBackend(ABC):
     """Stores the new K/V into the paged cache, then attends over the cached context."""
 
     name: str = "abstract"
+    # True when a row's output depends only on its own sequence, bitwise, whatever else is in the
+    # batch (the engine's batch-invariant mode picks such a backend).
+    batch_invariant: bool = False
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -64,6 +67,7 @@ def register_backend(name: str):
 def get_backend(name: str) -> AttentionBackend:
     if name not in _BACKENDS:
         # Backends register on import; import the known modules lazily.
+        import tidal.attention.cpu  # noqa: F401
         import tidal.attention.torch_ref  # noqa: F401
         if name == "cuda":
             import tidal.attention.cuda  # noqa: F401

