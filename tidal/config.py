@@ -46,7 +46,13 @@ class EngineConfig:
         if self.device.startswith("cuda"):
             _check(torch.cuda.is_available(), "device", self.device, "a visible CUDA device (none found)")
         if self.attention_backend == "auto":
-            self.attention_backend = "cuda" if self.device.startswith("cuda") else "cpu"
+            if self.batch_invariant:
+                self.attention_backend = "invariant"
+            else:
+                self.attention_backend = "cuda" if self.device.startswith("cuda") else "cpu"
+        _check(not self.batch_invariant or self.attention_backend == "invariant", "attention_backend",
+               self.attention_backend, "'auto' or 'invariant' when batch_invariant=True (the only backend whose "
+               "rows do not depend on the batch)")
         _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
                "block_size", self.block_size, "a power of two")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")

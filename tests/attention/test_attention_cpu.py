@@ -92,4 +92,8 @@ def test_cpu_is_the_auto_default_on_cpu_and_declares_batch_invariance():
     assert EngineConfig(device="cpu").attention_backend == "cpu"
     assert EngineConfig(device="cpu", attention_backend="torch").attention_backend == "torch"
     assert get_backend("cpu").batch_invariant is False
-    assert get_backend("torch").batch_invariant is True
+    assert get_backend("torch").batch_invariant is False
+    assert get_backend("invariant").batch_invariant is True
+    assert EngineConfig(device="cpu", batch_invariant=True).attention_backend == "invariant"
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(device="cpu", batch_invariant=True, attention_backend="cpu")

@@ -68,6 +68,7 @@ def get_backend(name: str) -> AttentionBackend:
     if name not in _BACKENDS:
         # Backends register on import; import the known modules lazily.
         import tidal.attention.cpu  # noqa: F401
+        import tidal.attention.invariant  # noqa: F401
         import tidal.attention.torch_ref  # noqa: F401
         if name == "cuda":
             import tidal.attention.cuda  # noqa: F401

@@ -46,7 +46,9 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 @register_backend("torch")
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
-    batch_invariant = True  # each sequence is computed on its own, over exactly its own length
+    # Not invariant: SDPA's reduction differs between a decode row, a chunk's end and a whole prompt
+    # (tests/runner/test_numerics_invariance.py shows it); EngineConfig.batch_invariant uses "invariant".
+    batch_invariant = False
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         store_kv(k, v, kv_cache, meta.slot_mapping)

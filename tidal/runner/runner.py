@@ -130,10 +130,7 @@ class ModelRunner:
         set_batch_invariant(self.model, self.config.batch_invariant)
 
     def _attention_backend(self):
-        if not self.config.batch_invariant:
-            return get_backend(self.config.attention_backend)
-        import tidal.attention.invariant  # noqa: F401  (registers the "invariant" backend)
-        return get_backend("invariant")
+        return get_backend(self.config.attention_backend)
 
     # -- KV cache ------------------------------------------------------------------------
     @property
