@@ -369,10 +369,13 @@ class RolloutWorker(threading.Thread):
             self.pushed = version
             self.cond.notify_all()
 
-    def stop(self) -> None:
+    def close(self) -> None:
+        """Stop after the rollout in flight (each is bounded by the HTTP timeout) and wait for it."""
         self.stopping.set()
         with self.cond:
             self.cond.notify_all()
+        if self.is_alive():
+            self.join(self.timeout_s)
 
     def run(self) -> None:
         try:
@@ -458,92 +461,106 @@ def header() -> str:
     return " ".join(f"{c:>{w}}" for c, w in zip(COLUMNS, widths))
 
 
-def run(args: argparse.Namespace) -> dict:
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class GRPORun:
+    """One run: the policy and its optimiser, the task, the Tidal server and the weight pusher.
+    Whatever it starts is closed by `stack` (the caller's ExitStack), even if setup fails."""
 
+    def __init__(self, args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.args = args
+        work = tempfile.mkdtemp(prefix="tidal-grpo-")
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        model_dir = args.model or _tiny_checkpoint(args.arch)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        with _quiet_transformers():
+            self.policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.trainer_device)
+        self.policy.train()
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.task = DigitsTask(self.tokenizer, self.policy.config.vocab_size, args.prompt_letters, args.seed)
+        url = args.url
+        if url is None:
+            server = TidalServer(model_dir, args.device, args.dtype, args.prompts * args.n, work)
+            stack.callback(server.stop)
+            url = server.url
+        self.client = TidalClient(url, args.admin_key)
+        self.base = self.client.state()["weight_version"]
+        self.pusher = (SyncPush(url, args.admin_key, args.sync_backend, args.push_timeout) if args.push == "sync"
+                       else DiskPush(self.client, args.push_dir))
+        stack.callback(self.pusher.close)
+        if args.url is not None:
+            # A server we did not start may serve other weights: make it serve ours first.
+            self.base = self.push(self.base + 1).version
+        self.worker: RolloutWorker | None = None
+        if args.async_steps > 0:
+            self.worker = RolloutWorker(self.rollout, args.steps, self.base,
+                                        min(args.async_steps, args.max_staleness), args.push_timeout * 2)
+            stack.callback(self.worker.close)
+
+    def rollout(self, step: int) -> Rollout:
+        a = self.args
+        ro = self.client.rollout(step, self.task.prompts(step, a.prompts), a.n, a.max_tokens, a.seed + step)
+        for s in ro.samples:
+            s.reward = self.task.reward(s.output_ids, a.max_tokens)
+        group_advantages(ro.samples)
+        return ro
+
+    def push(self, version: int) -> PushReport:
+        """Push, then read back the version the engine serves (the trainer is the only pusher)."""
+        with _quiet_transformers():
+            push = self.pusher.push(self.policy, version)
+        push.served = self.client.state()["weight_version"]
+        if push.version != version or push.served != version:
+            raise RuntimeError(f"push of version {version}: the push reported {push.version}, "
+                               f"the engine serves {push.served}")
+        return push
+
+    def step(self, step: int) -> dict:
+        """Train on step `step`'s rollout (made under version base+step-1 or, async, one older),
+        then push version base+step."""
+        ro = self.worker.get() if self.worker is not None else self.rollout(step)
+        stats = train_step(self.policy, self.opt, ro.samples, self.base + step - 1, self.args, self.pad_id)
+        push = self.push(self.base + step)
+        if self.worker is not None:
+            self.worker.notify_pushed(push.version)
+        return _record(step, ro, stats, push)
+
+    def train(self) -> list[dict]:
+        from tqdm import tqdm
+
+        if self.worker is not None:
+            self.worker.start()
+        records = []
+        print(header())
+        with tqdm(range(1, self.args.steps + 1), desc="grpo", unit="step", file=sys.stderr,
+                  disable=self.args.no_progress) as bar:
+            for step in bar:
+                records.append(self.step(step))
+                bar.write(table_line(records[-1]))
+                bar.set_postfix(reward=f"{records[-1]['reward_mean']:.3f}")
+        return records
+
+
+def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = tempfile.mkdtemp(prefix="tidal-grpo-")
-    server = pusher = worker = None
-    try:
-        model_dir = args.model or _tiny_checkpoint(os.path.join(work, "init"), args.arch, args.seed)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        with _quiet_transformers():
-            policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.trainer_device)
-        policy.train()
-        opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        task = DigitsTask(tokenizer, policy.config.vocab_size, args.prompt_letters, args.seed)
-        if args.url is None:
-            server = TidalServer(model_dir, args.device, args.dtype, args.prompts * args.n, work)
-        client = TidalClient(args.url or server.url, args.admin_key)
-        base = client.state()["weight_version"]
-        pusher = (SyncPush(client.url, args.admin_key, args.sync_backend, args.push_timeout) if args.push == "sync"
-                  else DiskPush(client, args.push_dir))
-        if args.url is not None:
-            # A server we did not start may serve other weights: make it serve ours first.
-            base = _push_checked(pusher, client, policy, base + 1).version
-
-        def make_rollout(step: int) -> Rollout:
-            ro = client.rollout(step, task.prompts(step, args.prompts), args.n, args.max_tokens, args.seed + step)
-            for s in ro.samples:
-                s.reward = task.reward(s.output_ids, args.max_tokens)
-            group_advantages(ro.samples)
-            return ro
-
-        if args.async_steps > 0:
-            worker = RolloutWorker(make_rollout, args.steps, base, min(args.async_steps, args.max_staleness),
-                                   args.push_timeout * 2)
-            worker.start()
-        records: list[dict] = []
-        print(header())
-        bar = tqdm(range(1, args.steps + 1), desc="grpo", unit="step", file=sys.stderr, disable=args.no_progress)
-        for step in bar:
-            ro = worker.get() if worker is not None else make_rollout(step)
-            stats = train_step(policy, opt, ro.samples, base + step - 1, args, pad_id)
-            push = _push_checked(pusher, client, policy, base + step)
-            if worker is not None:
-                worker.notify_pushed(push.version)
-            rec = _record(step, ro, stats, push)
-            records.append(rec)
-            bar.write(table_line(rec))
-            bar.set_postfix(reward=f"{rec['reward_mean']:.3f}")
-        bar.close()
-        result = _summary(args, task, base, records)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
-        if args.plot:
-            plot(result, args.plot)
-        return result
-    finally:
-        if worker is not None:
-            worker.stop()
-            worker.join(timeout=args.push_timeout)
-        if pusher is not None:
-            pusher.close()
-        if server is not None:
-            server.stop()
-        shutil.rmtree(work, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        g = GRPORun(args, stack)
+        result = _summary(args, g.task, g.base, g.train())
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        plot(result, args.plot)
+    return result
 
 
-def _tiny_checkpoint(path: str, arch: str, seed: int) -> str:
-    from tidal.testing import make_tiny_checkpoint
-    return make_tiny_checkpoint(path, arch, seed=seed)
-
-
-def _push_checked(pusher: DiskPush | SyncPush, client: TidalClient, policy: torch.nn.Module,
-                  version: int) -> PushReport:
-    """Push, then read back the version the engine serves (the trainer is the only pusher)."""
-    with _quiet_transformers():
-        push = pusher.push(policy, version)
-    push.served = client.state()["weight_version"]
-    if push.version != version or push.served != version:
-        raise RuntimeError(f"push of version {version}: the push reported {push.version}, "
-                           f"the engine serves {push.served}")
-    return push
+def _tiny_checkpoint(arch: str) -> str:
+    # The qwen3 one is the model `tidal serve` runs when given no MODEL_DIR.
+    from tidal.testing import tiny_checkpoint_cached
+    return tiny_checkpoint_cached(arch)
 
 
 @contextlib.contextmanager
@@ -571,7 +588,7 @@ def _summary(args: argparse.Namespace, task: DigitsTask, base: int, records: lis
     k = max(1, min(args.last, len(records)))
     tail = records[-k:]
     mism = [r["mismatch_mean"] for r in records if r["mismatch_mean"] is not None]
-    config = {k2: v for k2, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    config = {k2: v for k2, v in vars(args).items() if k2 != "admin_key"}   # never write the key
     return {
         "config": config, "task": "digits", "base_version": base,
         "random_policy_reward": task.random_policy_reward,
@@ -617,7 +634,8 @@ def plot(result: dict, path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="A minimal GRPO run on Tidal (see the module docstring).")
     p.add_argument("--model", default=None, help="HF checkpoint dir (Llama/Qwen2/Qwen3); default: a tiny random one")
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2", "qwen3"], help="the tiny model's architecture")
+    p.add_argument("--arch", default="qwen3", choices=["llama", "qwen2", "qwen3"],
+                   help="without --model: the tiny random model's architecture (qwen3: Tidal's embedded default)")
     p.add_argument("--url", default=None, help="a running Tidal server serving --model (default: start one)")
     p.add_argument("--admin-key", default=os.environ.get("TIDAL_ADMIN_KEY"))
     p.add_argument("--device", default="cpu", help="the engine's device (default: cpu)")
