@@ -155,9 +155,11 @@ class TidalClient:
         samples = []
         for g, (prompt, outs) in enumerate(zip(prompts, groups)):
             for o in outs:
-                ids = o["output_ids"]
-                samples.append(Sample(g, prompt, ids, o["output_logprobs"] or [],
-                                      token_versions(o["weight_spans"], len(ids))))
+                ids, logprobs = o["output_ids"], o["output_logprobs"] or []
+                if len(logprobs) != len(ids):
+                    raise RuntimeError(f"/generate returned {len(logprobs)} output_logprobs for {len(ids)} "
+                                       "output_ids: expected one per token")
+                samples.append(Sample(g, prompt, ids, logprobs, token_versions(o["weight_spans"], len(ids))))
         return Rollout(step, samples, seconds, submit_version)
 
     async def _generate_all(self, prompts: list[list[int]], n: int, max_tokens: int, seed: int) -> list[list[dict]]:
