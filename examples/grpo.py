@@ -29,7 +29,9 @@ step's reward.
 Mismatch: before the first update of a step, the trainer's logprobs of the sampled tokens (its
 weights are exactly the version it pushed last) are compared with Tidal's, on the samples whose
 every token came from that same version: mean and max |delta|. In fp32 on CPU both compute the
-same function, so the mean is ~1e-7.
+same function, so the mean is ~3e-7. `mixed_mismatch_*` does the same for the same-version tokens
+of samples that straddle a commit (async mode): it is ~1e-7 only if the engine recomputes the
+running requests' KV under the new weights at commit, and shows the error when it keeps the old KV.
 
 Asynchronous mode (--async-steps 1): a thread generates the rollouts of step k+1 while the main
 thread trains step k, and the push of step k lands while those requests are running (Tidal commits
@@ -305,9 +307,12 @@ def token_logprobs(policy: torch.nn.Module, b: Batch) -> torch.Tensor:
 class TrainStats:
     loss: float
     clip_frac: float
-    mismatch_mean: float | None
+    mismatch_mean: float | None      # same-version tokens of single-version samples
     mismatch_max: float | None
     mismatch_tokens: int
+    mixed_mismatch_mean: float | None  # same-version tokens of samples that straddle a commit
+    mixed_mismatch_max: float | None
+    mixed_mismatch_tokens: int
     stale_tokens: int
     masked_tokens: int
     max_staleness_seen: int
@@ -316,41 +321,54 @@ class TrainStats:
 
 def train_step(policy: torch.nn.Module, opt: torch.optim.Optimizer, samples: list[Sample],
                trainer_version: int, args: argparse.Namespace, pad_id: int) -> TrainStats:
+    """`args.ppo_epochs` clipped policy-gradient updates on one rollout; the policy's weights on
+    entry are version `trainer_version`, so the first pass's logprobs measure the mismatch."""
     t0 = time.perf_counter()
-    device = next(policy.parameters()).device
-    b = Batch.pack(samples, pad_id, device)
+    b = Batch.pack(samples, pad_id, next(policy.parameters()).device)
     valid = b.versions >= 0
     staleness = torch.where(valid, trainer_version - b.versions, 0)
     used = valid & (staleness <= args.max_staleness)
-    same = valid & (b.versions == trainer_version) & b.one_version[:, None]
-    denom = max(int(used.sum()), 1)
-    deltas: list[torch.Tensor] = []
-    loss_sum = clipped = 0.0
-    for epoch in range(args.ppo_epochs):
-        opt.zero_grad(set_to_none=True)
-        for lo in range(0, len(samples), args.micro_batch):
-            mb = slice(lo, lo + args.micro_batch)
-            part, m_used = b.rows(mb), used[mb]
-            logp = token_logprobs(policy, part)
-            if epoch == 0:
-                deltas.append((logp.detach() - part.behaviour)[same[mb]].abs())
-            ratio = torch.exp(logp - part.behaviour)
-            adv = part.advantages[:, None]
-            surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - args.clip, 1 + args.clip) * adv)
-            loss = -(surrogate * m_used).sum() / denom
-            loss.backward()
-            loss_sum += float(loss.detach())
-            clipped += float((((ratio - 1).abs() > args.clip) & m_used).sum())
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        opt.step()
-    delta = torch.cat(deltas) if deltas else torch.empty(0)
+    passes = [_update(policy, opt, b, used, args) for _ in range(args.ppo_epochs)]
+    loss, clipped, first_delta = sum(p[0] for p in passes), sum(p[1] for p in passes), passes[0][2]
+    same = valid & (b.versions == trainer_version)
+    one = b.one_version[:, None]
     return TrainStats(
-        loss=loss_sum / args.ppo_epochs, clip_frac=clipped / (denom * args.ppo_epochs),
-        mismatch_mean=float(delta.mean()) if delta.numel() else None,
-        mismatch_max=float(delta.max()) if delta.numel() else None, mismatch_tokens=int(delta.numel()),
+        loss / args.ppo_epochs, clipped / (max(int(used.sum()), 1) * args.ppo_epochs),
+        *_abs_stats(first_delta[same & one]), *_abs_stats(first_delta[same & ~one]),
         stale_tokens=int((valid & (staleness > 0)).sum()), masked_tokens=int((valid & ~used).sum()),
         max_staleness_seen=int(staleness[valid].max()) if bool(valid.any()) else 0,
         seconds=time.perf_counter() - t0)
+
+
+def _update(policy: torch.nn.Module, opt: torch.optim.Optimizer, b: Batch, used: torch.Tensor,
+            args: argparse.Namespace) -> tuple[float, int, torch.Tensor]:
+    """One optimiser step over the whole rollout (micro-batched); the loss is the token mean of
+    the clipped surrogate over `used` tokens. Returns (loss, clipped tokens, logp - behaviour)."""
+    denom = max(int(used.sum()), 1)
+    opt.zero_grad(set_to_none=True)
+    loss_sum, clipped, deltas = 0.0, 0, []
+    for lo in range(0, b.input_ids.shape[0], args.micro_batch):
+        mb = slice(lo, lo + args.micro_batch)
+        part, m_used = b.rows(mb), used[mb]
+        log_ratio = token_logprobs(policy, part) - part.behaviour
+        ratio = torch.exp(log_ratio)
+        adv = part.advantages[:, None]
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - args.clip, 1 + args.clip) * adv)
+        loss = -(surrogate * m_used).sum() / denom
+        loss.backward()
+        loss_sum += float(loss.detach())
+        clipped += int((((ratio - 1).abs() > args.clip) & m_used).sum())
+        deltas.append(log_ratio.detach())
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    opt.step()
+    return loss_sum, clipped, torch.cat(deltas)
+
+
+def _abs_stats(delta: torch.Tensor) -> tuple[float | None, float | None, int]:
+    """(mean |d|, max |d|, count), None where there is nothing to measure."""
+    if not delta.numel():
+        return None, None, 0
+    return float(delta.abs().mean()), float(delta.abs().max()), int(delta.numel())
 
 
 # -- asynchronous rollouts -------------------------------------------------------------------
@@ -589,15 +607,21 @@ def _record(step: int, ro: Rollout, stats: TrainStats, push: PushReport) -> dict
 def _summary(args: argparse.Namespace, task: DigitsTask, base: int, records: list[dict]) -> dict:
     k = max(1, min(args.last, len(records)))
     tail = records[-k:]
-    mism = [r["mismatch_mean"] for r in records if r["mismatch_mean"] is not None]
+    def tokens_mean(key: str) -> float | None:     # token-weighted over the steps that measured it
+        n = sum(r[key + "_tokens"] for r in records)
+        return sum(r[key + "_mean"] * r[key + "_tokens"] for r in records if r[key + "_tokens"]) / n if n else None
+
     config = {k2: v for k2, v in vars(args).items() if k2 != "admin_key"}   # never write the key
     return {
         "config": config, "task": "digits", "base_version": base,
         "random_policy_reward": task.random_policy_reward,
         "first_step_reward": records[0]["reward_mean"],
         "last_steps": k, "last_steps_reward": sum(r["reward_mean"] for r in tail) / k,
-        "mismatch_mean": sum(mism) / len(mism) if mism else None,
-        "mismatch_max": max((r["mismatch_max"] for r in records if r["mismatch_max"] is not None), default=None),
+        "mismatch_mean": tokens_mean("mismatch"),
+        "mismatch_max": max((r["mismatch_max"] for r in records if r["mismatch_tokens"]), default=None),
+        "mixed_mismatch_mean": tokens_mean("mixed_mismatch"),
+        "mixed_mismatch_max": max((r["mixed_mismatch_max"] for r in records if r["mixed_mismatch_tokens"]),
+                                  default=None),
         "stale_tokens": sum(r["stale_tokens"] for r in records),
         "masked_tokens": sum(r["masked_tokens"] for r in records),
         "max_staleness_seen": max(r["max_staleness_seen"] for r in records),
