@@ -134,6 +134,7 @@ def test_group_advantages_and_token_versions():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_grpo_default_run_learns(tmp_path):
     """The README's command as it is (its own server, 16 prompts x 8 samples, 30 steps)."""
     res = grpo.main(["--threads", "0", "--no-progress", "--out", str(tmp_path / "grpo.json")])
