@@ -9,7 +9,6 @@ the same output path as a normal finish, on this thread, before it replies.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 
 from tidal.engine.messages import ControlCall, EngineError, EngineState, PauseMode
 from tidal.engine.request import Request, RequestStatus
+from tidal.engine.weights import WeightManager, tensor_sha256  # noqa: F401 (tensor_sha256: re-exported)
 
 if TYPE_CHECKING:
     from tidal.engine.core import EngineCore
@@ -55,6 +55,7 @@ class ControlPlane:
         self.last_op: dict[str, Any] | None = None
         self.op_counts: dict[str, int] = {}
         self.op_seconds: dict[str, float] = {}
+        self.weights = WeightManager(core)
 
     # -- what the loop asks ---------------------------------------------------------------
     @property
@@ -62,7 +63,7 @@ class ControlPlane:
         return self.core.state
 
     def can_schedule(self) -> bool:
-        return self.state in (EngineState.SERVING, EngineState.DRAINING)
+        return self.state in (EngineState.SERVING, EngineState.DRAINING) and self.weights.fenced is None
 
     def can_admit(self) -> bool:
         return self.can_schedule()
@@ -71,7 +72,7 @@ class ControlPlane:
         return self.state is not EngineState.SERVING
 
     def rejecting(self) -> bool:
-        return self.holding() and self.core.config.reject_while_paused
+        return self.weights.fenced is not None or (self.holding() and self.core.config.reject_while_paused)
 
     def idle_timeout(self) -> float | None:
         if self.drain is None:
@@ -255,36 +256,41 @@ class ControlPlane:
                 "sleeping": sorted(self.sleeping)}
 
     # -- weights -------------------------------------------------------------------------
-    def op_update_weights(self, reply: Future, path: str | None = None,
-                          named_tensors: Iterable[tuple[str, torch.Tensor]] | dict | None = None,
-                          version: int | None = None, checksums: dict[str, str] | None = None) -> dict:
-        core = self.core
-        if (path is None) == (named_tensors is None):
-            raise EngineError("update_weights: give exactly one of path= or named_tensors=")
-        if "weights" in self.sleeping:
-            raise EngineError("update_weights: weights are asleep; wake_up(['weights']) first")
-        if self.state is EngineState.DRAINING:
-            raise EngineError("update_weights: a drain is in progress; wait for pause to return")
-        if version is not None and version == core.weight_version:
-            return {"weight_version": version, "skipped": True, "reason": "already at this version"}
-        prev = core.state
-        core.state = EngineState.UPDATING
-        t0 = time.monotonic()
-        try:
-            staged = _stage(core.runner.model, path, named_tensors, checksums)
-        finally:
-            core.state = prev
-        t1 = time.monotonic()
-        model = core.runner.model
-        model.load_weights(staged.items())   # the commit: every tensor validated above
-        if core.runner.device.type == "cuda":
-            torch.cuda.synchronize(core.runner.device)
-        core.weight_version = version if version is not None else core.weight_version + 1
-        core.weight_source = path
-        core.block_manager.reset_prefix_cache()
-        return {"weight_version": core.weight_version, "num_tensors": len(staged),
-                "bytes": sum(t.numel() * t.element_size() for t in staged.values()),
-                "stage_s": t1 - t0, "commit_s": time.monotonic() - t1, "skipped": False}
+    def op_update_weights(self, reply: Future, **kwargs: Any) -> dict | None:
+        return self.weights.update(reply, **kwargs)   # None: the worker stages, weights_done replies
+
+    def op_weights_done(self, reply: Future, job: object = None, result: object = None) -> None:
+        done = self.weights.finish(job, result)
+        if done is None:
+            reply.set_exception(EngineError("weights_done: no such weight job (an internal message)"))
+            return
+        job, outcome = done
+        if isinstance(outcome, BaseException):
+            self._record(job.op, {"error": f"{type(outcome).__name__}: {outcome}"}, job.started)
+            err = outcome if isinstance(outcome, EngineError) else EngineError(f"{job.op} failed: {type(outcome).__name__}: {outcome}")
+            job.reply.set_exception(err)
+        else:
+            self._record(job.op, outcome, job.started)
+            job.reply.set_result(outcome)
+
+    def op_init_weight_transfer(self, reply: Future, **kwargs: Any) -> None:
+        self.weights.init_transfer(reply, **kwargs)
+
+    def op_destroy_weight_transfer(self, reply: Future, group_name: str | None = None) -> dict:
+        return self.weights.destroy_transfer(group_name)
+
+    def op_check_weights(self, reply: Future, tensors: list | None = None) -> dict:
+        from tidal.engine.weight_transfer import parse_specs
+        return self.weights.check_specs(parse_specs(tensors))
+
+    def op_commit_weights(self, reply: Future, version: int | None = None) -> dict:
+        return self.weights.commit_staged(version)
+
+    def op_abort_staged(self, reply: Future) -> dict:
+        return self.weights.abort_staged()
+
+    def op_fence(self, reply: Future, reason: str = "unspecified") -> dict:
+        return self.weights.fence(str(reason)[:500])
 
     def op_flush_cache(self, reply: Future) -> dict:
         self.core.block_manager.reset_prefix_cache()
@@ -319,39 +325,9 @@ class ControlPlane:
             "control_ops": dict(self.op_counts),
             "control_op_seconds": dict(self.op_seconds),
             "last_control_op": self.last_op,
+            "fenced": self.weights.fenced,
+            "weight_transfer": self.weights.snapshot(),
         }
-
-
-def _stage(model, path: str | None, named_tensors, checksums: dict[str, str] | None) -> dict[str, torch.Tensor]:
-    """Read and validate every tensor without touching the model. Raises on any problem."""
-    from tidal.models.loader import iter_checkpoint
-    source = iter_checkpoint(path) if path is not None else (
-        named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
-    staged: dict[str, torch.Tensor] = {}
-    for name, tensor in source:
-        model.check_weight(name, tensor)
-        if name in staged:
-            raise EngineError(f"update_weights: tensor {name!r} appears twice in the source")
-        staged[name] = tensor
-    if path is not None:
-        specs = model.weight_specs()
-        optional = {"lm_head.weight"} if model.arch.tie_word_embeddings else set()
-        missing = sorted(set(specs) - set(staged) - optional)
-        if missing:
-            raise EngineError(f"update_weights: {path} is missing {len(missing)} tensors: {missing[:8]}")
-    for name, digest in (checksums or {}).items():
-        if name not in staged:
-            raise EngineError(f"update_weights: checksum given for {name!r}, which the source lacks")
-        actual = tensor_sha256(staged[name])
-        if actual != digest:
-            raise EngineError(f"update_weights: checksum of {name!r} is {actual}, expected {digest}")
-    return staged
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes (contiguous, on the CPU)."""
-    data = t.detach().contiguous().cpu()
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
 
 
 def _memory_in_use(runner) -> int | None:
