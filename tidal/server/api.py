@@ -31,6 +31,7 @@ from tidal.engine.client import ControlTimeout
 from tidal.engine.messages import EngineDead, EngineError, EngineNotServing
 from tidal.outputs import CompletionOutput, RequestOutput
 from tidal.sampling_params import SamplingParams
+from tidal.server import weight_routes
 from tidal.server import schemas as S
 from tidal.server.engine_client import EngineClient, RequestTimeout
 from tidal.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -354,6 +355,7 @@ class _Server:
         app.post("/v1/update_weights", dependencies=admin)(self.update_weights)
         app.post("/v1/flush_cache", dependencies=admin)(self.flush_cache)
         app.get("/v1/state", dependencies=admin)(self.state)
+        weight_routes.register(app, self)
         # ops
         app.get("/health")(self.health)
         app.get("/metrics")(self.metrics_endpoint)

@@ -33,8 +33,8 @@ import zmq.asyncio
 from tidal.config import EngineConfig
 from tidal.engine.client import DEFAULT_CONTROL_TIMEOUT_S, ControlTimeout
 from tidal.engine.io import InputProcessor, Prompt, RequestState
-from tidal.engine.messages import (AddRequest, EngineDead, EngineError, EngineNotServing,
-                                   EngineOutput)
+from tidal.engine.messages import (AddRequest, EngineDead, EngineError, EngineInvalidInput,
+                                   EngineNotServing, EngineOutput)
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
 from tidal.server import protocol as P
@@ -42,7 +42,9 @@ from tidal.server.engine_proc import run_engine_process
 
 log = logging.getLogger("tidal.server")
 
-_ERRORS = {"EngineDead": EngineDead, "EngineNotServing": EngineNotServing, "ControlTimeout": ControlTimeout}
+_ERRORS = {"EngineDead": EngineDead, "EngineNotServing": EngineNotServing, "ControlTimeout": ControlTimeout,
+           # a control op's bad input (weight updates): a 400, not an engine failure
+           "EngineInvalidInput": lambda msg: EngineInvalidInput(msg.partition("=")[0], None, "", msg)}
 
 
 class RequestTimeout(EngineError, TimeoutError):
@@ -314,6 +316,8 @@ class EngineClient:
         detail.update(state=hb.state, probe_age_s=round(hb.probe_age_s, 3))
         if not hb.core_alive:
             return Health(False, f"engine core loop is dead: {hb.error or 'stopped'}", detail)
+        if (hb.stats or {}).get("fenced"):
+            return Health(False, f"engine is fenced: {hb.stats['fenced']}", detail)
         if hb.probe_age_s > self.stuck_after_s:
             return Health(False, f"engine core loop is stuck: it has not read its inbox for "
                                  f"{hb.probe_age_s:.1f}s (limit {self.stuck_after_s:.0f}s)", detail)
