@@ -5,8 +5,9 @@ broadcasts, a shared-memory segment) is slow, so it runs on one worker thread ow
 module; the worker touches no engine state and hands its result back as an inbox message
 (`weights_done`), which the core thread applies between two steps. So a commit is one message:
 copy the staged tensors into the live parameters (same storage, so captured CUDA graphs stay
-valid), bump the version, invalidate the prefix cache. Requests running across it record a new
-weight span, because every token carries the version that was live when it was resolved.
+valid), bump the version, invalidate the prefix cache, and send running requests back to
+recompute their KV under the new weights (their tokens are kept). Requests running across it
+record a new weight span, since every token carries the version live when it was resolved.
 
 A failure anywhere before the commit leaves the old weights and the engine state as they were,
 tears a trainer group down (it may be out of step), and is reported by state(). `commit=False`
@@ -285,11 +286,14 @@ class WeightManager:
                               "commits") from None
         core.weight_version = held.version
         core.weight_source = held.source
+        # Running requests' KV came from the old weights: they recompute it (keeping their
+        # tokens), so what they generate from here on is exactly the new weights' continuation.
+        recomputed = core.scheduler.retract_all()
         core.block_manager.reset_prefix_cache()
         self.fenced = None
         return {"weight_version": held.version, "num_tensors": len(held.tensors), "bytes": _nbytes(held.tensors),
                 "stage_s": held.stage_s, "commit_s": time.monotonic() - t0, "skipped": False,
-                "committed": True}
+                "committed": True, "recomputed": len(recomputed)}
 
     def commit_staged(self, version: int | None = None) -> dict:
         held = self.staged
