@@ -232,14 +232,15 @@ class WeightManager:
             self._precheck("update_weights")
             self.check_specs(specs)
             _check_checksum_names(checksums, specs)
-        except EngineError as err:
+        except EngineError as e:
             if source != "distributed":
                 raise
+            rejected = e  # `e` itself is cleared when this block ends
             # Rejected before anything is applied: still take part in the declared broadcasts,
             # so a trainer that did not wait for our answer is not left blocked in a collective.
             def discard() -> None:
                 wt.discard_declared(g, specs, parsed, deadline)
-                raise err
+                raise rejected
             self._start("update_weights", reply, discard, lambda _, job: {}, lambda e: self._teardown())
             return None
         if source == "distributed":
