@@ -216,13 +216,12 @@ def discard_declared(group: TransferGroup, specs: list[TensorSpec], buckets: lis
                      deadline: float) -> None:
     """Take part in every declared broadcast and drop the bytes, so a trainer that broadcasts
     without waiting for our answer is not left blocked when we reject its update."""
-    sizes = [b.nbytes for b in buckets] if buckets else [s.nbytes for s in specs]
     if buckets is None:
         for s in specs:
             _broadcast(group, torch.empty(s.shape, dtype=s.dtype), deadline)
         return
-    for n in sizes:
-        _broadcast(group, torch.empty(n, dtype=torch.uint8), deadline)
+    for b in buckets:
+        _broadcast(group, torch.empty(b.nbytes, dtype=torch.uint8), deadline)
 
 
 # -- colocated: shared memory (CPU) ------------------------------------------------------------

@@ -276,6 +276,9 @@ class WeightManager:
 
     def _commit(self, held: _Staged) -> dict:
         core = self.core
+        if "weights" in core.control.sleeping:  # slept while staging: nothing to copy into
+            raise EngineError(f"update_weights: weights went to sleep before version {held.version} "
+                              "could commit; wake_up(['weights']) and update again")
         t0 = time.monotonic()
         try:
             core.runner.model.load_weights(held.tensors.items())  # copy_ into the live parameters
