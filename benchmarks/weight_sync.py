@@ -34,13 +34,14 @@ SHAPES = {"tiny": TINY, "qwen2.5-0.5b": CONFIGS["qwen2.5-0.5b"]}
 
 RAW_RECEIVER = r"""
 import sys, torch, torch.distributed as dist
-from tidal.engine.weight_transfer import join_group
+from tidal.engine.weight_transfer import destroy_group, join_group
 port, nbytes = int(sys.argv[1]), int(sys.argv[2])
 g = join_group("127.0.0.1", port, 1, 2, "raw-bench", "gloo", 120)
 dist.broadcast(torch.empty(1), 0, group=g.pg)
 buf = torch.empty(nbytes, dtype=torch.uint8)
 dist.broadcast(buf, 0, group=g.pg)
 dist.broadcast(torch.empty(1), 0, group=g.pg)
+destroy_group(g)
 """
 
 

@@ -27,7 +27,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 TRAINER = r"""
 import json, sys, time, torch
 import torch.distributed as dist
-from tidal.engine.weight_transfer import join_group
+from tidal.engine.weight_transfer import destroy_group, join_group
 from tidal.models.loader import iter_checkpoint
 from tidal.sync import _pack, _plan, _bucket_bytes
 
@@ -46,6 +46,7 @@ else:
         if a.get("wrong_shape") == n:
             t = torch.zeros(3, 3)
         dist.broadcast(t.contiguous(), 0, group=g.pg)
+destroy_group(g)   # a gloo group left alive at interpreter exit aborts the process
 print("sent", flush=True)
 """
 
