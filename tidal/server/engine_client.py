@@ -312,9 +312,7 @@ class EngineClient:
         if age > self.heartbeat_timeout_s:
             return Health(False, f"no heartbeat from the engine process for {age:.1f}s", detail)
         if hb is None:
-            if (hb.stats or {}).get("fenced"):  # alive but refusing generation (503 engine_not_serving)
-            detail["fenced"] = hb.stats["fenced"]
-        return Health(True, "ok", detail)
+            return Health(True, "ok", detail)
         detail.update(state=hb.state, probe_age_s=round(hb.probe_age_s, 3))
         if not hb.core_alive:
             return Health(False, f"engine core loop is dead: {hb.error or 'stopped'}", detail)
