@@ -9,7 +9,6 @@ the same output path as a normal finish, on this thread, before it replies.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from contextlib import contextmanager
 from concurrent.futures import Future
@@ -21,6 +20,7 @@ import torch
 from tidal.engine.messages import ControlCall, EngineError, EngineInvalidInput, EngineState, PauseMode
 from tidal.engine.request import Request, RequestStatus
 from tidal.models.loader import FileStamp, checkpoint_fingerprint, fingerprint_change
+from tidal.engine.weights import WeightManager, stage, tensor_sha256  # noqa: F401 (tensor_sha256: re-exported)
 
 if TYPE_CHECKING:
     from tidal.engine.core import EngineCore
@@ -59,6 +59,7 @@ class ControlPlane:
         self.last_op: dict[str, Any] | None = None
         self.op_counts: dict[str, int] = {}
         self.op_seconds: dict[str, float] = {}
+        self.weights = WeightManager(core)
 
     # -- what the loop asks ---------------------------------------------------------------
     @property
@@ -66,7 +67,8 @@ class ControlPlane:
         return self.core.state
 
     def can_schedule(self) -> bool:
-        return self.state in (EngineState.SERVING, EngineState.DRAINING) and self.core.weights_loaded
+        return (self.state in (EngineState.SERVING, EngineState.DRAINING) and self.core.weights_loaded
+                and self.weights.fenced is None)
 
     def can_admit(self) -> bool:
         return self.can_schedule()
@@ -75,7 +77,7 @@ class ControlPlane:
         return self.state is not EngineState.SERVING
 
     def rejecting(self) -> bool:
-        return self.holding() and self.core.config.reject_while_paused
+        return self.weights.fenced is not None or (self.holding() and self.core.config.reject_while_paused)
 
     def idle_timeout(self) -> float | None:
         if self.drain is None:
@@ -269,7 +271,51 @@ class ControlPlane:
                 "sleeping": sorted(self.sleeping)}
 
     # -- weights -------------------------------------------------------------------------
-    def op_update_weights(self, reply: Future, path: str | None = None,
+    def op_update_weights(self, reply: Future, **kwargs: Any) -> dict | None:
+        asleep = self.sleeping.get("weights")
+        if asleep is not None and asleep.cpu_copies is None and kwargs.get("path") is not None:
+            # Discarded weights: nothing is serving, so the new checkpoint loads here, in full.
+            extra = set(kwargs) - {"path", "version", "checksums", "source", "timeout_s"}
+            if extra or kwargs.get("source", "path") != "path":
+                raise EngineInvalidInput("source", kwargs.get("source"), "'path' (alone) while the weights "
+                                         "are discarded")
+            return self._update_discarded(kwargs["path"], None, kwargs.get("version"), kwargs.get("checksums"))
+        return self.weights.update(reply, **kwargs)   # None: the worker stages, weights_done replies
+
+    def op_weights_done(self, reply: Future, job: object = None, result: object = None) -> None:
+        done = self.weights.finish(job, result)
+        if done is None:
+            reply.set_exception(EngineError("weights_done: no such weight job (an internal message)"))
+            return
+        job, outcome = done
+        if isinstance(outcome, BaseException):
+            self._record(job.op, {"error": f"{type(outcome).__name__}: {outcome}"}, job.started)
+            err = outcome if isinstance(outcome, EngineError) else EngineError(f"{job.op} failed: {type(outcome).__name__}: {outcome}")
+            job.reply.set_exception(err)
+        else:
+            self._record(job.op, outcome, job.started)
+            job.reply.set_result(outcome)
+
+    def op_init_weight_transfer(self, reply: Future, **kwargs: Any) -> None:
+        self.weights.init_transfer(reply, **kwargs)
+
+    def op_destroy_weight_transfer(self, reply: Future, group_name: str | None = None) -> dict:
+        return self.weights.destroy_transfer(group_name)
+
+    def op_check_weights(self, reply: Future, tensors: list | None = None) -> dict:
+        from tidal.engine.weight_transfer import parse_specs
+        return self.weights.check_specs(parse_specs(tensors))
+
+    def op_commit_weights(self, reply: Future, version: int | None = None) -> dict:
+        return self.weights.commit_staged(version)
+
+    def op_abort_staged(self, reply: Future) -> dict:
+        return self.weights.abort_staged()
+
+    def op_fence(self, reply: Future, reason: str = "unspecified") -> dict:
+        return self.weights.fence(str(reason)[:500])
+
+    def _update_discarded(self, path: str | None = None,
                           named_tensors: Iterable[tuple[str, torch.Tensor]] | dict | None = None,
                           version: int | None = None, checksums: dict[str, str] | None = None) -> dict:
         core = self.core
@@ -289,7 +335,7 @@ class ControlPlane:
         try:
             stamp = checkpoint_fingerprint(path, root) if path is not None else None
             with _shaped_placeholders(core.runner, asleep):
-                staged = _stage(core.runner.model, path, named_tensors, checksums, root)
+                staged = stage(core.runner.model, path, named_tensors, checksums, root=root)
         except EngineError:
             raise
         except (ValueError, OSError) as e:  # a bad checkpoint is bad input, not a state conflict
@@ -352,50 +398,9 @@ class ControlPlane:
             "control_ops": dict(self.op_counts),
             "control_op_seconds": dict(self.op_seconds),
             "last_control_op": self.last_op,
+            "fenced": self.weights.fenced,
+            "weight_transfer": self.weights.snapshot(),
         }
-
-
-def _stage(model, path: str | None, named_tensors, checksums: dict[str, str] | None,
-           root: str | None = None) -> dict[str, torch.Tensor]:
-    """Read and validate every tensor without touching the model. Raises on any problem: bad
-    input (EngineInvalidInput naming `path`, `named_tensors` or `checksums`) or a failing source."""
-    from tidal.models.loader import iter_checkpoint
-    field = "path" if path is not None else "named_tensors"
-    source = iter_checkpoint(path, root) if path is not None else (
-        named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
-    staged: dict[str, torch.Tensor] = {}
-    for name, tensor in source:
-        try:
-            model.check_weight(name, tensor)
-        except ValueError as e:
-            raise EngineInvalidInput(field, path, "tensors matching the model",
-                                     f"update_weights: {e}") from None
-        if name in staged:
-            raise EngineInvalidInput(field, path, "each tensor once",
-                                     f"update_weights: tensor {name!r} appears twice in the source")
-        staged[name] = tensor
-    if path is not None:
-        specs = model.weight_specs()
-        optional = {"lm_head.weight"} if model.arch.tie_word_embeddings else set()
-        missing = sorted(set(specs) - set(staged) - optional)
-        if missing:
-            raise EngineInvalidInput("path", path, "every tensor of the model",
-                                     f"update_weights: {path} is missing {len(missing)} tensors: {missing[:8]}")
-    for name, digest in (checksums or {}).items():
-        if name not in staged:
-            raise EngineInvalidInput("checksums", name, "names of tensors in the source",
-                                     f"update_weights: checksum given for {name!r}, which the source lacks")
-        actual = tensor_sha256(staged[name])
-        if actual != digest:
-            raise EngineInvalidInput("checksums", name, digest,
-                                     f"update_weights: checksum of {name!r} is {actual}, expected {digest}")
-    return staged
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 of a tensor's raw bytes (contiguous, on the CPU)."""
-    data = t.detach().contiguous().cpu()
-    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
 
 
 def _memory_in_use(runner) -> int | None:
@@ -457,7 +462,7 @@ def _reread_source(core: "EngineCore") -> dict[str, torch.Tensor]:
     try:
         _check_unchanged(core, what, checkpoint_fingerprint(source, root))
         with _shaped_placeholders(core.runner, core.control.sleeping.get("weights")):
-            staged = _stage(core.runner.model, source, None, None, root)
+            staged = stage(core.runner.model, source, None, None, root=root)
         _check_unchanged(core, what, checkpoint_fingerprint(source, root))
     except _SourceChanged as e:
         raise EngineError(str(e)) from None

@@ -129,6 +129,7 @@ class EngineCore:
         if self._thread is not None:
             self._thread.join(timeout_s)
         if not self.alive:  # the loop is gone: nothing touches the runner any more
+            self.control.weights.close()
             self.runner.release()
 
     @property

@@ -95,9 +95,34 @@ class LLM:
         return self._control("wake_up", timeout_s, tags=None if tags is None else list(tags))
 
     def update_weights(self, path: str | None = None, named_tensors=None, version: int | None = None,
-                       checksums: dict[str, str] | None = None, timeout_s: float | None = None) -> dict:
-        return self._control("update_weights", timeout_s, path=path, named_tensors=named_tensors,
-                             version=version, checksums=checksums)
+                       checksums: dict[str, str] | None = None, timeout_s: float | None = None,
+                       source: str | None = None, **transfer: Any) -> dict:
+        """From a checkpoint directory, in-process named tensors, or (source="distributed" |
+        "shm" | "ipc") a trainer: `transfer` holds group_name, tensors, layout, buckets, shm_path,
+        ipc_handles, commit, staging (tidal/engine/weights.py). `timeout_s` is the engine's deadline."""
+        wait = None if timeout_s is None else timeout_s + 10.0
+        return self._control("update_weights", wait, path=path, named_tensors=named_tensors, version=version,
+                             checksums=checksums, source=source, timeout_s=timeout_s, **transfer)
+
+    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                             group_name: str, backend: str = "gloo", timeout_s: float | None = None) -> dict:
+        """Join the trainer's process group at rank `rank_offset` (the join runs off the core thread)."""
+        wait = None if timeout_s is None else timeout_s + 10.0
+        return self._control("init_weight_transfer", wait, master_address=master_address, master_port=master_port,
+                             rank_offset=rank_offset, world_size=world_size, group_name=group_name,
+                             backend=backend, timeout_s=timeout_s)
+
+    def destroy_weight_transfer(self, group_name: str | None = None, timeout_s: float | None = None) -> dict:
+        return self._control("destroy_weight_transfer", timeout_s, group_name=group_name)
+
+    def check_weights(self, tensors: list[dict], timeout_s: float | None = None) -> dict:
+        return self._control("check_weights", timeout_s, tensors=tensors)
+
+    def commit_weights(self, version: int | None = None, timeout_s: float | None = None) -> dict:
+        return self._control("commit_weights", timeout_s, version=version)
+
+    def abort_staged(self, timeout_s: float | None = None) -> dict:
+        return self._control("abort_staged", timeout_s)
 
     def flush_cache(self, timeout_s: float | None = None) -> dict:
         return self._control("flush_cache", timeout_s)

@@ -35,6 +35,7 @@ from tidal.config import EngineConfig
 from tidal.engine.messages import EngineInvalidInput
 from tidal.outputs import CompletionOutput, RequestOutput
 from tidal.sampling_params import SamplingParams
+from tidal.server import weight_routes
 from tidal.server import schemas as S
 from tidal.server.engine_client import EngineClient
 from tidal.server.errors import APIError, engine_error, error_responses, failure_reason
@@ -339,6 +340,7 @@ class _Server:
         app.post("/v1/update_weights", **control)(self.update_weights)
         app.post("/v1/flush_cache", **control)(self.flush_cache)
         app.get("/v1/state", **control)(self.state)
+        weight_routes.register(app, self)
         # ops; HEAD for load balancers
         app.get("/health", responses=error_responses(503), operation_id="health")(self.health)
         app.head("/health", responses=error_responses(503), operation_id="health_head")(self.health)

@@ -396,6 +396,8 @@ class EngineClient:
         if hb.probe_age_s > self.stuck_after_s:
             return Health(False, f"engine core loop is stuck: it has not read its inbox for "
                                  f"{hb.probe_age_s:.1f}s (limit {self.stuck_after_s:.0f}s)", detail)
+        if (hb.stats or {}).get("fenced"):  # alive but refusing generation (503 engine_not_serving)
+            detail["fenced"] = hb.stats["fenced"]
         return Health(True, "ok", detail)
 
     # -- sending -------------------------------------------------------------------------

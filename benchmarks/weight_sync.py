@@ -1,0 +1,187 @@
+"""Weight sync benchmark: tidal.sync.WeightSender pushing into a running `tidal serve`, against a
+raw torch.distributed broadcast of the same bytes in the same run, and the generation stall.
+
+  python benchmarks/weight_sync.py                                  # CPU, gloo: tiny + qwen2.5-0.5b shapes
+  python benchmarks/weight_sync.py --shapes tiny --backend shm
+
+For each shape (random weights, load_format=dummy): push time and its phases (pack, wire, stage,
+commit), the raw broadcast time of the same byte count (rank 0 here, rank 1 a helper process,
+same gloo transport), their ratio; and the stall: a greedy request streams tokens through a push
+with no pause, and the longest gap between two of its tokens during the push is compared with
+its median gap (one decode step). Prints a table and writes benchmarks/results/weight_sync_<dev>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.throughput import CONFIGS, TINY, write_config  # noqa: E402
+from tidal.sync import WeightSender  # noqa: E402
+
+SHAPES = {"tiny": TINY, "qwen2.5-0.5b": CONFIGS["qwen2.5-0.5b"]}
+
+RAW_RECEIVER = r"""
+import sys, torch, torch.distributed as dist
+from tidal.engine.weight_transfer import destroy_group, join_group
+port, nbytes = int(sys.argv[1]), int(sys.argv[2])
+g = join_group("127.0.0.1", port, 1, 2, "raw-bench", "gloo", 120)
+dist.broadcast(torch.empty(1), 0, group=g.pg)
+buf = torch.empty(nbytes, dtype=torch.uint8)
+dist.broadcast(buf, 0, group=g.pg)
+dist.broadcast(torch.empty(1), 0, group=g.pg)
+destroy_group(g)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(path: str, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tidal.cli", "serve", path, "--port", str(port), "--load-format", "dummy",
+           "--max-num-seqs", "8", "--log-level", "warning", "--kv-cache-memory-gb", "0.5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tidal serve exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("tidal serve did not become healthy")
+
+
+def raw_broadcast_s(nbytes: int) -> float:
+    """One gloo broadcast of nbytes to a helper process (after a warm-up message)."""
+    from tidal.engine.weight_transfer import destroy_group, join_group
+    import torch.distributed as dist
+    port = free_port()
+    helper = subprocess.Popen([sys.executable, "-c", RAW_RECEIVER, str(port), str(nbytes)])
+    g = join_group("127.0.0.1", port, 0, 2, "raw-bench", "gloo", 120)
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    dist.broadcast(torch.zeros(1), 0, group=g.pg)
+    t0 = time.perf_counter()
+    dist.broadcast(buf, 0, group=g.pg)
+    dist.broadcast(torch.zeros(1), 0, group=g.pg)   # returns once the receiver has the bytes
+    elapsed = time.perf_counter() - t0
+    helper.wait(60)
+    destroy_group(g)
+    return elapsed
+
+
+def stream_gaps(url: str, into: dict, started: threading.Event) -> None:
+    body = {"input_ids": [5, 6, 7, 8], "stream": True,
+            "sampling_params": {"max_tokens": 3000, "temperature": 0, "ignore_eos": True}}
+    stamps = into.setdefault("stamps", [])
+    with httpx.stream("POST", url + "/generate", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                ev = json.loads(line[6:])
+                stamps.extend([time.perf_counter()] * max(1, len(ev["output_ids"])))
+                if len(stamps) > 20:
+                    started.set()
+                if into.get("stop") or ev.get("finish_reason"):
+                    break
+
+
+def state_dict(path: str, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors under the checkpoint (HF) names of the model at `path`, as a trainer has them."""
+    from tidal.models.config import read_hf_config
+    from tidal.models.registry import get_model_class
+    cfg, gen = read_hf_config(path)
+    cls = get_model_class(cfg)
+    with torch.device("meta"):
+        model = cls(cls.arch_from_config(cfg, gen), dtype)
+    g = torch.Generator().manual_seed(seed)
+    return {name: (torch.randn(shape, generator=g) * 0.02).to(dtype)
+            for name, (shape, _) in model.weight_specs().items() if name not in model.optional_weights()}
+
+
+def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root: Path) -> dict:
+    cfg = SHAPES[shape]
+    path = write_config(shape, cfg, root)
+    port = free_port()
+    server = start_server(path, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        tensors = state_dict(path, dtype, 1)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        with WeightSender([url], backend=backend, bucket_bytes=bucket_bytes, timeout_s=300) as sender:
+            warm = sender.push(tensors, 1)   # joins the group; the second push is the measured one
+            assert warm.ok, warm.replicas
+            gaps: dict = {}
+            started = threading.Event()
+            t = threading.Thread(target=stream_gaps, args=(url, gaps, started), daemon=True)
+            t.start()
+            started.wait(120)
+            time.sleep(0.5)   # a steady decode before the push (benchmark, not a test)
+            t_push0 = time.perf_counter()
+            res = sender.push(tensors, 2)
+            t_push1 = time.perf_counter()
+            time.sleep(0.5)
+            gaps["stop"] = True
+            t.join(60)
+        assert res.ok, res.replicas
+        stamps = gaps["stamps"]
+        deltas = [b - a for a, b in zip(stamps, stamps[1:]) if b > a]
+        steady = [b - a for a, b in zip(stamps, stamps[1:]) if b < t_push0 and b > a]
+        during = [b - a for a, b in zip(stamps, stamps[1:]) if a <= t_push1 and b >= t_push0]
+        step = statistics.median(steady) if steady else float("nan")
+        stall = max(during) if during else 0.0
+        commit = res.replicas[url].get("commit_s", 0.0)
+    finally:
+        server.terminate()
+        server.wait(60)
+    raw = raw_broadcast_s(nbytes)
+    return {"shape": shape, "backend": backend, "dtype": str(dtype), "bytes": nbytes, "bucket_bytes": bucket_bytes,
+            "push_s": res.phases["total"], "phases": res.phases, "raw_broadcast_s": raw,
+            "ratio": res.phases["total"] / raw, "decode_step_s": step, "stall_s": stall,
+            "stall_steps": stall / step if step == step and step > 0 else None, "engine_commit_s": commit,
+            "num_gaps": len(deltas)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--backend", default="gloo", choices=["gloo", "shm"])
+    ap.add_argument("--bucket-mb", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="the trainer's tensor dtype (the CPU engine serves float32 and casts at commit)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "weight_sync_cpu.json"))
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for shape in args.shapes:
+            rows.append(bench(shape, args.backend, args.bucket_mb << 20, getattr(torch, args.dtype), Path(d)))
+    print(f"{'shape':14} {'MB':>8} {'push s':>8} {'pack':>7} {'wire':>7} {'stage':>7} {'commit':>7} "
+          f"{'raw s':>8} {'ratio':>6} {'step ms':>8} {'stall ms':>9} {'stall/step':>10}")
+    for r in rows:
+        p = r["phases"]
+        print(f"{r['shape']:14} {r['bytes'] / 2**20:8.1f} {r['push_s']:8.3f} {p['pack']:7.3f} {p['wire']:7.3f} "
+              f"{p['stage']:7.3f} {p['commit']:7.3f} {r['raw_broadcast_s']:8.3f} {r['ratio']:6.2f} "
+              f"{r['decode_step_s'] * 1e3:8.2f} {r['stall_s'] * 1e3:9.1f} {r['stall_steps'] or 0:10.1f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": "cpu", "torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

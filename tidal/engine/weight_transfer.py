@@ -1,0 +1,298 @@
+"""Receiving weights from a trainer process (DESIGN.md §8): joining its process group, and the
+wire formats (per tensor, flattened buckets, a shared-memory segment, CUDA IPC handles).
+
+Everything here runs on the weights worker thread (tidal/engine/weights.py), never on the core
+thread, and touches no engine state: it returns received tensors or raises.
+
+The group is created the way SGLang, slime, OpenRLHF and AReaL create theirs, so their trainer
+code joins it unchanged: a `tcp://` rendezvous whose store is wrapped in a PrefixStore named after
+the group, then a *named* group that is not the default group (the trainer has its own).
+"""
+from __future__ import annotations
+
+import base64
+import mmap
+import os
+import stat
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tidal.engine.messages import EngineError, EngineInvalidInput
+
+BACKENDS = ("gloo", "nccl")
+LAYOUTS = ("per_tensor", "bucketed")
+SHM_DIR = "/dev/shm"
+_POLL_S = 0.05  # how often the NCCL watchdog looks at a pending broadcast
+
+
+@dataclass(slots=True)
+class TensorSpec:
+    """One declared tensor: its checkpoint (HF) name, dtype and shape, and where it lies in its
+    bucket or segment (offset in bytes; 0 for per-tensor broadcasts)."""
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * _itemsize(self.dtype)
+
+
+@dataclass(slots=True)
+class Bucket:
+    nbytes: int
+    tensors: list[TensorSpec]
+
+
+@dataclass(slots=True)
+class TransferGroup:
+    name: str
+    backend: str
+    rank: int
+    world_size: int
+    timeout_s: float
+    pg: Any
+
+
+# -- parsing what the caller declared ------------------------------------------------------
+def parse_dtype(value: object, field: str) -> torch.dtype:
+    name = str(value).removeprefix("torch.")
+    dtype = getattr(torch, name, None) if name.isidentifier() else None
+    if not isinstance(dtype, torch.dtype):
+        raise EngineInvalidInput(field, value, "a torch dtype name such as 'bfloat16' or 'float32'")
+    return dtype
+
+
+def parse_specs(items: object, field: str = "tensors", with_offsets: bool = False) -> list[TensorSpec]:
+    if not isinstance(items, list) or not items:
+        raise EngineInvalidInput(field, items, "a non-empty list of {name, dtype, shape}")
+    specs = []
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            raise EngineInvalidInput(where, item, "an object {name, dtype, shape}")
+        name, shape = item.get("name"), item.get("shape")
+        if not isinstance(name, str) or not name:
+            raise EngineInvalidInput(f"{where}.name", name, "a tensor name")
+        if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and 0 <= d < 2**40 for d in shape):
+            raise EngineInvalidInput(f"{where}.shape", shape, "a list of non-negative integers")
+        offset = item.get("offset", 0)
+        if with_offsets and (not isinstance(offset, int) or offset < 0):
+            raise EngineInvalidInput(f"{where}.offset", offset, "a non-negative byte offset")
+        dtype = parse_dtype(item.get("dtype"), f"{where}.dtype")
+        if with_offsets and offset % _itemsize(dtype):
+            raise EngineInvalidInput(f"{where}.offset", offset, f"a multiple of {dtype}'s item size")
+        specs.append(TensorSpec(name, dtype, tuple(shape), offset if with_offsets else 0))
+    names = [s.name for s in specs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise EngineInvalidInput(field, dup, "each tensor name at most once")
+    return specs
+
+
+def parse_buckets(items: object) -> list[Bucket]:
+    if not isinstance(items, list) or not items:
+        raise EngineInvalidInput("buckets", items, "a non-empty list of {nbytes, tensors}")
+    buckets = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("nbytes"), int) or item["nbytes"] <= 0:
+            raise EngineInvalidInput(f"buckets[{i}].nbytes", None if not isinstance(item, dict) else item.get("nbytes"),
+                                     "a positive byte count")
+        specs = parse_specs(item.get("tensors"), f"buckets[{i}].tensors", with_offsets=True)
+        check_extent(specs, item["nbytes"], f"buckets[{i}]")
+        buckets.append(Bucket(item["nbytes"], specs))
+    return buckets
+
+
+def check_extent(specs: list[TensorSpec], nbytes: int, field: str) -> None:
+    for s in specs:
+        if s.offset + s.nbytes > nbytes:
+            raise EngineInvalidInput(f"{field}.tensors[{s.name!r}]", s.offset + s.nbytes,
+                                     f"a tensor ending within the {nbytes} bytes declared")
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# -- the group -------------------------------------------------------------------------------
+def join_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
+               backend: str, timeout_s: float) -> TransferGroup:
+    """Rendezvous at tcp://master_address:master_port as `rank` and build the named group. Blocks
+    until every rank has arrived or `timeout_s` passes."""
+    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper,
+                                                    _world, rendezvous)
+    timeout = timedelta(seconds=timeout_s)
+    host = f"[{master_address}]" if ":" in master_address else master_address
+    store, rank, world_size = next(rendezvous(f"tcp://{host}:{master_port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    # The prefix keeps our keys apart from anything else using the trainer's store; the trainer
+    # side (SGLang's init_custom_process_group and its copies) uses the same one.
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
+                                      group_name=group_name, timeout=timeout)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}  # group rank == rank in the group
+    return TransferGroup(group_name, backend, rank, world_size, timeout_s, pg)
+
+
+def destroy_group(group: TransferGroup) -> None:
+    if group.backend == "nccl":
+        _abort_nccl(group)
+    try:
+        dist.destroy_process_group(group.pg)
+    except Exception:  # already gone with its peer; nothing else holds it
+        pass
+
+
+def _abort_nccl(group: TransferGroup) -> None:
+    try:
+        group.pg._get_backend(torch.device("cuda")).abort()
+    except Exception:
+        pass
+
+
+def _broadcast(group: TransferGroup, t: torch.Tensor, deadline: float) -> None:
+    """Receive `t` from rank 0 of the group, or raise once `deadline` (monotonic) has passed."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise EngineError("update_weights: the call's deadline passed before the transfer finished")
+    work = dist.broadcast(t, src=0, group=group.pg, async_op=True)
+    if group.backend == "gloo":
+        try:
+            work.wait(timeout=timedelta(seconds=remaining))
+        except RuntimeError as e:
+            raise EngineError(f"update_weights: broadcast from the trainer failed: {e}") from None
+        return
+    # NCCL: wait() would only order streams; watch the work and abort the communicator at the
+    # deadline, so a dead trainer cannot hold us for NCCL's own (minutes-long) timeout.
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            _abort_nccl(group)
+            raise EngineError("update_weights: broadcast did not finish by the call's deadline; "
+                              "the communicator was aborted")
+        time.sleep(_POLL_S)
+    work.wait()
+
+
+def _wire_device(group: TransferGroup, device: torch.device) -> torch.device:
+    return device if group.backend == "nccl" else torch.device("cpu")
+
+
+def receive_per_tensor(group: TransferGroup, specs: list[TensorSpec], device: torch.device,
+                       deadline: float) -> dict[str, torch.Tensor]:
+    """Each declared tensor broadcast on its own, in the declared order (SGLang's protocol)."""
+    wire = _wire_device(group, device)
+    out = {}
+    for s in specs:
+        t = torch.empty(s.shape, dtype=s.dtype, device=wire)
+        _broadcast(group, t, deadline)
+        out[s.name] = t.to(device)
+    return out
+
+
+def receive_buckets(group: TransferGroup, buckets: list[Bucket], device: torch.device,
+                    deadline: float) -> dict[str, torch.Tensor]:
+    """One uint8 broadcast per bucket; tensors are views into it at their offsets."""
+    wire = _wire_device(group, device)
+    out = {}
+    for b in buckets:
+        buf = torch.empty(b.nbytes, dtype=torch.uint8, device=wire)
+        _broadcast(group, buf, deadline)
+        buf = buf.to(device)
+        for s in b.tensors:
+            out[s.name] = buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+    return out
+
+
+def discard_declared(group: TransferGroup, specs: list[TensorSpec], buckets: list[Bucket] | None,
+                     deadline: float) -> None:
+    """Take part in every declared broadcast and drop the bytes, so a trainer that broadcasts
+    without waiting for our answer is not left blocked when we reject its update."""
+    if buckets is None:
+        for s in specs:
+            _broadcast(group, torch.empty(s.shape, dtype=s.dtype), deadline)
+        return
+    for b in buckets:
+        _broadcast(group, torch.empty(b.nbytes, dtype=torch.uint8), deadline)
+
+
+# -- colocated: shared memory (CPU) ------------------------------------------------------------
+def check_shm_path(path: object) -> str:
+    if not isinstance(path, str) or os.path.dirname(path) != SHM_DIR or "\x00" in path:
+        raise EngineInvalidInput("shm_path", path, f"a file directly under {SHM_DIR}")
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise EngineInvalidInput("shm_path", path, f"an existing file ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise EngineInvalidInput("shm_path", path, "a regular file (not a link, FIFO or device)")
+    return path
+
+
+def receive_shm(path: str, specs: list[TensorSpec], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy the declared tensors out of a shared-memory file the trainer wrote (metadata came as
+    JSON; the file holds raw bytes only)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise EngineInvalidInput("shm_path", path, "a regular file")
+        size = os.fstat(fd).st_size
+        check_extent(specs, size, "shm")
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mm:
+            raw = torch.frombuffer(bytearray(mm), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
+    finally:
+        os.close(fd)
+    return {s.name: raw[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape).to(device) for s in specs}
+
+
+# -- colocated: CUDA IPC (GPU) ------------------------------------------------------------------
+# A CUDA tensor shared by torch.multiprocessing.reductions.reduce_tensor is rebuilt from these
+# fields; the trainer sends them as JSON (bytes as base64), so no body is ever unpickled.
+IPC_FIELDS = ("size", "stride", "offset", "dtype", "device", "handle", "storage_size_bytes",
+              "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle",
+              "event_sync_required")
+
+
+def receive_ipc(handles: object, specs: list[TensorSpec], device: torch.device) -> dict[str, torch.Tensor]:
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+    if device.type != "cuda":
+        raise EngineInvalidInput("source", "ipc", "an engine on a CUDA device (use shm on the CPU)")
+    if not isinstance(handles, list) or len(handles) != len(specs):
+        raise EngineInvalidInput("ipc_handles", type(handles).__name__, f"a list of {len(specs)} handle objects")
+    out = {}
+    for i, (h, s) in enumerate(zip(handles, specs)):
+        if not isinstance(h, dict) or sorted(h) != sorted(IPC_FIELDS):
+            raise EngineInvalidInput(f"ipc_handles[{i}]", sorted(h) if isinstance(h, dict) else h,
+                                     f"an object with the fields {list(IPC_FIELDS)}")
+        if tuple(h["size"]) != s.shape or parse_dtype(h["dtype"], f"ipc_handles[{i}].dtype") != s.dtype:
+            raise EngineInvalidInput(f"ipc_handles[{i}]", (h["size"], h["dtype"]), f"shape {list(s.shape)}, {s.dtype}")
+        b64 = lambda k: base64.b64decode(h[k]) if h[k] is not None else None  # noqa: E731
+        t = rebuild_cuda_tensor(torch.Tensor, torch.Size(h["size"]), tuple(h["stride"]), int(h["offset"]),
+                                torch.storage.UntypedStorage, s.dtype, int(h["device"]), b64("handle"),
+                                int(h["storage_size_bytes"]), int(h["storage_offset_bytes"]), False,
+                                b64("ref_counter_handle"), int(h["ref_counter_offset"]), b64("event_handle"),
+                                bool(h["event_sync_required"]))
+        out[s.name] = t.to(device, copy=True)  # our own copy: the trainer may free its buffer
+    torch.cuda.synchronize(device)
+    return out
+
+
+def encode_ipc_handle(t: torch.Tensor) -> dict[str, Any]:
+    """The trainer side of receive_ipc: a CUDA tensor's sharing handle as JSON-able fields."""
+    from torch.multiprocessing.reductions import reduce_tensor
+    _, args = reduce_tensor(t)
+    (_, size, stride, offset, _, dtype, dev, handle, storage_size, storage_offset, _,
+     ref_handle, ref_offset, event_handle, event_sync) = args
+    b64 = lambda v: None if v is None else base64.b64encode(v).decode()  # noqa: E731
+    return {"size": list(size), "stride": list(stride), "offset": offset, "dtype": str(dtype).removeprefix("torch."),
+            "device": dev, "handle": b64(handle), "storage_size_bytes": storage_size,
+            "storage_offset_bytes": storage_offset, "ref_counter_handle": b64(ref_handle),
+            "ref_counter_offset": ref_offset, "event_handle": b64(event_handle), "event_sync_required": event_sync}

@@ -1,0 +1,402 @@
+"""Weight updates (DESIGN.md §5, §8): validate, stage, commit — with generation running meanwhile.
+
+The core thread owns this object's state. Reading tensors (a checkpoint directory, a trainer's
+broadcasts, a shared-memory segment) is slow, so it runs on one worker thread owned by this
+module; the worker touches no engine state and hands its result back as an inbox message
+(`weights_done`), which the core thread applies between two steps. So a commit is one message:
+copy the staged tensors into the live parameters (same storage, so captured CUDA graphs stay
+valid), bump the version, invalidate the prefix cache, and send running requests back to
+recompute their KV under the new weights (their tokens are kept). Requests running across it
+record a new weight span, since every token carries the version live when it was resolved.
+
+A failure anywhere before the commit leaves the old weights and the engine state as they were,
+tears a trainer group down (it may be out of step), and is reported by state(). `commit=False`
+stages and holds the tensors until commit_weights(version) or abort_staged(), which is how a
+trainer makes an update transactional across replicas. A commit that fails part-way fences the
+engine: it refuses generation until a later update commits, rather than serve mixed weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+import torch
+
+from tidal.engine import weight_transfer as wt
+from tidal.engine.messages import ControlCall, EngineError, EngineInvalidInput, EngineState
+
+if TYPE_CHECKING:
+    from tidal.engine.core import EngineCore
+
+SOURCES = ("path", "tensors", "distributed", "shm", "ipc")
+STAGING = ("copy", "in_place")
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(slots=True)
+class _Job:
+    """Work running on the worker thread; `done` runs on the core thread with its result."""
+    op: str
+    reply: Future
+    started: float
+    done: Callable[[Any, "_Job"], dict]
+    failed: Callable[[BaseException], None] | None = None
+
+
+@dataclass(slots=True)
+class _Staged:
+    version: int
+    tensors: dict[str, torch.Tensor]
+    source: str | None
+    stage_s: float
+    fingerprint: Any = None   # loader.checkpoint_fingerprint of a path source, kept at commit
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's raw bytes (contiguous, on the CPU)."""
+    data = t.detach().contiguous().cpu()
+    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").hexdigest()
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+class WeightManager:
+    def __init__(self, core: "EngineCore") -> None:
+        self.core = core
+        self.group: wt.TransferGroup | None = None
+        self.job: _Job | None = None
+        self.staged: _Staged | None = None
+        self.fenced: str | None = None
+        self.last_failure: dict[str, Any] | None = None
+
+    # -- what the control plane asks ------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        g = self.group
+        return {"group": None if g is None else {"name": g.name, "backend": g.backend, "rank": g.rank,
+                                                 "world_size": g.world_size},
+                "busy": None if self.job is None else self.job.op,
+                "staged_version": None if self.staged is None else self.staged.version,
+                "fenced": self.fenced, "last_failure": self.last_failure}
+
+    def _start(self, op: str, reply: Future, work: Callable[[], Any], done: Callable[[Any, _Job], dict],
+               failed: Callable[[BaseException], None] | None = None) -> None:
+        if self.job is not None:
+            raise EngineError(f"{op}: {self.job.op} is still in progress; one weight operation at a time")
+        job = _Job(op, reply, time.monotonic(), done, failed)
+        self.job = job
+        fut: Future = Future()
+        fut.add_done_callback(lambda f: self.core.submit(ControlCall("weights_done", {"job": job, "result": f})))
+        # A daemon thread: one stuck in a collective must not hold the process at exit.
+        threading.Thread(target=_run, args=(work, fut), name="tidal-weights", daemon=True).start()
+
+    def finish(self, job: object, result: Future) -> tuple[_Job, dict | BaseException] | None:
+        """Core thread: the worker finished `job`; apply or clean up. Returns what to reply."""
+        if job is not self.job:  # not ours (or forged over the wire): nothing to do
+            return None
+        self.job = None
+        try:
+            return job, job.done(result.result(), job)
+        except BaseException as e:
+            if job.failed is not None:
+                job.failed(e)
+            self.last_failure = {"op": job.op, "error": f"{type(e).__name__}: {e}", "at": time.time()}
+            return job, e
+
+    # -- process group --------------------------------------------------------------------
+    def init_transfer(self, reply: Future, master_address: str, master_port: int, rank_offset: int,
+                      world_size: int, group_name: str, backend: str = "gloo", timeout_s: float | None = None) -> None:
+        if backend not in wt.BACKENDS:
+            raise EngineInvalidInput("backend", backend, f"one of {list(wt.BACKENDS)}")
+        if backend == "nccl" and self.core.runner.device.type != "cuda":
+            raise EngineInvalidInput("backend", backend, "'gloo' on an engine without a CUDA device")
+        if not isinstance(master_port, int) or not 0 < master_port < 65536:
+            raise EngineInvalidInput("master_port", master_port, "a TCP port in 1..65535")
+        if not isinstance(world_size, int) or world_size < 2:
+            raise EngineInvalidInput("world_size", world_size, "at least 2 (the trainer and this engine)")
+        if not isinstance(rank_offset, int) or not 1 <= rank_offset < world_size:
+            raise EngineInvalidInput("rank_offset", rank_offset, f"a rank in 1..{world_size - 1} (rank 0 is the trainer)")
+        if not isinstance(group_name, str) or not group_name:
+            raise EngineInvalidInput("group_name", group_name, "a non-empty group name")
+        if self.group is not None:  # re-init replaces the old group: the trainer made a new one
+            wt.destroy_group(self.group)
+            self.group = None
+        timeout = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
+
+        def done(group: wt.TransferGroup, job: _Job) -> dict:
+            self.group = group
+            return {"group_name": group.name, "rank": group.rank, "world_size": group.world_size,
+                    "backend": group.backend}
+
+        self._start("init_weight_transfer", reply, lambda: wt.join_group(
+            master_address, master_port, rank_offset, world_size, group_name, backend, timeout), done)
+
+    def destroy_transfer(self, group_name: str | None = None) -> dict:
+        g = self.group
+        if g is None or (group_name is not None and group_name != g.name):
+            return {"destroyed": False, "group_name": group_name}
+        if self.job is not None:
+            raise EngineError(f"destroy_weight_transfer: {self.job.op} is using the group; it ends at its deadline")
+        wt.destroy_group(g)
+        self.group = None
+        return {"destroyed": True, "group_name": g.name}
+
+    def _teardown(self) -> None:
+        if self.group is not None:
+            wt.destroy_group(self.group)
+            self.group = None
+
+    # -- validation ----------------------------------------------------------------------
+    def check_specs(self, specs: list[wt.TensorSpec]) -> dict:
+        """Every declared name, shape and dtype against the model; raises naming the first bad one."""
+        model = self.core.runner.model
+        for s in specs:
+            if not s.dtype.is_floating_point:
+                raise EngineInvalidInput(f"tensors[{s.name!r}].dtype", str(s.dtype), "a floating-point dtype")
+            try:
+                model.check_weight_spec(s.name, s.shape, s.dtype)
+            except ValueError as e:
+                raise EngineInvalidInput(f"tensors[{s.name!r}]", list(s.shape), str(e)) from None
+        return {"ok": True, "num_tensors": len(specs), "bytes": sum(s.nbytes for s in specs)}
+
+    def _precheck(self, op: str) -> None:
+        if "weights" in self.core.control.sleeping:
+            raise EngineError(f"{op}: weights are asleep; wake_up(['weights']) first")
+        if self.core.state is EngineState.DRAINING:
+            raise EngineError(f"{op}: a drain is in progress; wait for pause to return")
+        if self.staged is not None:
+            raise EngineError(f"{op}: version {self.staged.version} is staged; commit_weights or "
+                              "abort_staged first")
+
+    # -- update --------------------------------------------------------------------------
+    def update(self, reply: Future, source: str | None = None, path: str | None = None,
+               named_tensors: Iterable[tuple[str, torch.Tensor]] | dict | None = None,
+               version: int | None = None, checksums: dict[str, str] | None = None,
+               group_name: str | None = None, tensors: list | None = None, layout: str = "per_tensor",
+               buckets: list | None = None, shm_path: str | None = None, ipc_handles: list | None = None,
+               commit: bool = True, staging: str = "copy", timeout_s: float | None = None,
+               flush_cache: bool = True) -> dict | None:
+        source = source or ("path" if path is not None else "tensors" if named_tensors is not None else None)
+        if source not in SOURCES:
+            raise EngineInvalidInput("source", source, f"one of {list(SOURCES)}")
+        if (path is not None) + (named_tensors is not None) > 1 or (source == "path") != (path is not None) \
+                or (source == "tensors") != (named_tensors is not None):
+            raise EngineError("update_weights: give exactly one of path= or named_tensors=, matching source=")
+        if staging not in STAGING:
+            raise EngineInvalidInput("staging", staging, f"one of {list(STAGING)}")
+        if staging == "in_place":
+            raise EngineInvalidInput("staging", staging, "'copy' (in-place staging is not implemented yet)")
+        if version is not None and (not isinstance(version, int) or version < 0):
+            raise EngineInvalidInput("version", version, "a non-negative integer")
+        deadline = time.monotonic() + (DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s))
+        if source in ("distributed", "shm", "ipc"):
+            return self._update_declared(reply, source, version, checksums, group_name, tensors, layout,
+                                         buckets, shm_path, ipc_handles, commit, deadline)
+        self._precheck("update_weights")
+        core = self.core
+        if version is not None and version == core.weight_version and self.fenced is None:
+            return {"weight_version": version, "skipped": True, "reason": "already at this version"}
+        model, device = core.runner.model, core.runner.device
+
+        root = core.config.weights_root
+
+        def work() -> tuple[dict[str, torch.Tensor], Any]:
+            from tidal.models.loader import checkpoint_fingerprint
+            stamp = checkpoint_fingerprint(path, root) if path is not None else None
+            staged = stage(model, path, named_tensors, checksums, deadline, root=root)
+            return ({n: t.to(device) for n, t in staged.items()} if device.type == "cuda" else staged), stamp
+
+        def done(result: tuple[dict[str, torch.Tensor], Any], job: _Job) -> dict:
+            staged, stamp = result
+            return self._staged(staged, version, path, commit, job, fingerprint=stamp)
+
+        self._start("update_weights", reply, work, done)
+        return None
+
+    def _update_declared(self, reply: Future, source: str, version: int | None, checksums: dict | None,
+                         group_name: str | None, tensors: list | None, layout: str, buckets: list | None,
+                         shm_path: str | None, ipc_handles: list | None, commit: bool, deadline: float) -> None:
+        device = self.core.runner.device
+        if layout not in wt.LAYOUTS:
+            raise EngineInvalidInput("layout", layout, f"one of {list(wt.LAYOUTS)}")
+        if source == "distributed":
+            g = self.group
+            if g is None or (group_name is not None and group_name != g.name):
+                raise EngineInvalidInput("group_name", group_name, "the name of a group joined with "
+                                         f"init_weight_transfer (now: {None if g is None else g.name!r})")
+            parsed = wt.parse_buckets(buckets) if layout == "bucketed" else None
+            specs = [s for b in parsed for s in b.tensors] if parsed else wt.parse_specs(tensors)
+        else:
+            specs = wt.parse_specs(tensors, with_offsets=source == "shm")
+            parsed = None
+        try:
+            self._precheck("update_weights")
+            self.check_specs(specs)
+            _check_checksum_names(checksums, specs)
+        except EngineError as e:
+            if source != "distributed":
+                raise
+            rejected = e  # `e` itself is cleared when this block ends
+            # Rejected before anything is applied: still take part in the declared broadcasts,
+            # so a trainer that did not wait for our answer is not left blocked in a collective.
+            def discard() -> None:
+                wt.discard_declared(g, specs, parsed, deadline)
+                raise rejected
+            self._start("update_weights", reply, discard, lambda _, job: {}, lambda e: self._teardown())
+            return None
+        if source == "distributed":
+            recv = (lambda: wt.receive_buckets(g, parsed, device, deadline)) if parsed else \
+                (lambda: wt.receive_per_tensor(g, specs, device, deadline))
+        elif source == "shm":
+            path = wt.check_shm_path(shm_path)
+            recv = lambda: wt.receive_shm(path, specs, device)  # noqa: E731
+        else:
+            recv = lambda: wt.receive_ipc(ipc_handles, specs, device)  # noqa: E731
+
+        def work() -> dict[str, torch.Tensor]:
+            staged = recv()
+            _verify(staged, checksums)
+            return staged
+
+        torn = (lambda e: self._teardown()) if source == "distributed" else None
+        self._start("update_weights", reply, work,
+                    lambda staged, job: self._staged(staged, version, None, commit, job), torn)
+        return None
+
+    def _staged(self, staged: dict[str, torch.Tensor], version: int | None, source: str | None,
+                commit: bool, job: _Job, fingerprint: Any = None) -> dict:
+        """Core thread: the worker staged every tensor. Commit now, or hold for commit_weights."""
+        stage_s = time.monotonic() - job.started
+        version = self.core.weight_version + 1 if version is None else version
+        held = _Staged(version, staged, source, stage_s, fingerprint)
+        if not commit:
+            self.staged = held
+            return {"staged": True, "weight_version": self.core.weight_version, "staged_version": version,
+                    "num_tensors": len(staged), "bytes": _nbytes(staged), "stage_s": stage_s}
+        return self._commit(held)
+
+    def _commit(self, held: _Staged) -> dict:
+        core = self.core
+        if "weights" in core.control.sleeping:  # slept while staging: nothing to copy into
+            raise EngineError(f"update_weights: weights went to sleep before version {held.version} "
+                              "could commit; wake_up(['weights']) and update again")
+        t0 = time.monotonic()
+        try:
+            core.runner.model.load_weights(held.tensors.items())  # copy_ into the live parameters
+            if core.runner.device.type == "cuda":
+                torch.cuda.synchronize(core.runner.device)
+        except BaseException as e:  # part of the weights may be new: never serve them mixed
+            self.fenced = f"commit of version {held.version} failed part-way: {type(e).__name__}: {e}"
+            raise EngineError(f"update_weights: {self.fenced}; the engine is fenced until an update "
+                              "commits") from None
+        core.weight_version = held.version
+        core.weight_source = held.source
+        core.weight_fingerprint = held.fingerprint
+        # Running requests' KV came from the old weights: they recompute it (keeping their
+        # tokens), so what they generate from here on is exactly the new weights' continuation.
+        recomputed = core.scheduler.retract_all()
+        core.block_manager.reset_prefix_cache()
+        self.fenced = None
+        return {"weight_version": held.version, "num_tensors": len(held.tensors), "bytes": _nbytes(held.tensors),
+                "stage_s": held.stage_s, "commit_s": time.monotonic() - t0, "skipped": False,
+                "committed": True, "recomputed": len(recomputed)}
+
+    def commit_staged(self, version: int | None = None) -> dict:
+        held = self.staged
+        if held is None:
+            if version is not None and version == self.core.weight_version and self.fenced is None:
+                return {"weight_version": version, "skipped": True, "reason": "already committed"}
+            raise EngineError("commit_weights: nothing is staged")
+        if version is not None and version != held.version:
+            raise EngineInvalidInput("version", version, f"the staged version {held.version}")
+        self.staged = None
+        return self._commit(held)
+
+    def abort_staged(self) -> dict:
+        held, self.staged = self.staged, None
+        return {"aborted": held is not None, "staged_version": None if held is None else held.version,
+                "weight_version": self.core.weight_version}
+
+    def fence(self, reason: str) -> dict:
+        self.fenced = f"fenced by the caller: {reason}"
+        return {"fenced": self.fenced}
+
+    def close(self) -> None:
+        if self.group is not None:
+            wt.destroy_group(self.group)
+            self.group = None
+
+
+def _run(work: Callable[[], Any], fut: Future) -> None:
+    try:
+        fut.set_result(work())
+    except BaseException as e:
+        fut.set_exception(e)
+
+
+def _check_checksum_names(checksums: dict | None, specs: list[wt.TensorSpec]) -> None:
+    if checksums is None:
+        return
+    if not isinstance(checksums, dict):
+        raise EngineInvalidInput("checksums", type(checksums).__name__, "an object {name: sha256 hex}")
+    names = {s.name for s in specs}
+    for name in checksums:
+        if name not in names:
+            raise EngineInvalidInput("checksums", name, "names of declared tensors")
+
+
+def _verify(staged: dict[str, torch.Tensor], checksums: dict[str, str] | None, invalid_input: bool = False) -> None:
+    """A checkpoint's wrong checksum is bad input (400); a trainer's wrong bytes fail the update."""
+    for name, digest in (checksums or {}).items():
+        if name not in staged:
+            msg = f"update_weights: checksum given for {name!r}, which the source lacks"
+            raise EngineInvalidInput("checksums", name, "names of tensors in the source", msg) if invalid_input \
+                else EngineError(msg)
+        actual = tensor_sha256(staged[name])
+        if actual != digest:
+            msg = f"update_weights: checksum of {name!r} is {actual}, expected {digest}"
+            raise EngineInvalidInput("checksums", name, digest, msg) if invalid_input else EngineError(msg)
+
+
+def stage(model, path: str | None, named_tensors, checksums: dict[str, str] | None,
+          deadline: float = float("inf"), root: str | None = None) -> dict[str, torch.Tensor]:
+    """Read and validate every tensor without touching the model. Raises on any problem: bad
+    input (EngineInvalidInput naming `path`, `named_tensors` or `checksums`) or a failing source.
+    The loader confines every file to `root` and refuses non-regular ones (a FIFO named
+    *.safetensors would block the reader forever)."""
+    from tidal.models.loader import iter_checkpoint
+    field = "path" if path is not None else "named_tensors"
+    try:
+        source = iter_checkpoint(path, root) if path is not None else (
+            named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        staged: dict[str, torch.Tensor] = {}
+        for name, tensor in source:
+            if time.monotonic() > deadline:
+                raise EngineError("update_weights: the call's deadline passed while reading the tensors")
+            try:
+                model.check_weight(name, tensor)
+            except ValueError as e:
+                raise EngineInvalidInput(field, path, "tensors matching the model", f"update_weights: {e}") from None
+            if name in staged:
+                raise EngineInvalidInput(field, path, "each tensor once",
+                                         f"update_weights: tensor {name!r} appears twice in the source")
+            staged[name] = tensor
+    except (EngineError, EngineInvalidInput):
+        raise
+    except (ValueError, OSError) as e:  # a bad checkpoint is bad input, not a state conflict
+        raise EngineInvalidInput(field, path, "a readable checkpoint matching the model",
+                                 f"update_weights: {type(e).__name__}: {e}") from None
+    if path is not None:
+        missing = sorted(set(model.weight_specs()) - set(staged) - model.optional_weights())
+        if missing:
+            raise EngineInvalidInput("path", path, "every tensor of the model",
+                                     f"update_weights: {path} is missing {len(missing)} tensors: {missing[:8]}")
+    _verify(staged, checksums, invalid_input=True)
+    return staged
