@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -65,8 +66,10 @@ def fleet(tiny_ckpt, tmp_path_factory):
     """(router, [replica A, replica B]); B only accepts weight updates under an empty directory."""
     model = tiny_ckpt("llama")
     root = str(tmp_path_factory.mktemp("weights-root"))
-    a = Server(model, "--max-num-seqs", "64")
-    b = Server(model, "--max-num-seqs", "64", "--weights-root", root)
+    with ThreadPoolExecutor(2) as pool:      # both start at once: each start waits on its own health
+        fa = pool.submit(Server, model, "--max-num-seqs", "64")
+        fb = pool.submit(Server, model, "--max-num-seqs", "64", "--weights-root", root)
+        a, b = fa.result(), fb.result()
     r = RouterProc([a.url, b.url])
     yield r, [a, b]
     r.stop()
