@@ -12,7 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.server.conftest import Server, free_port, pid_alive
+from tests.server.conftest import Server as _Server
+from tests.server.conftest import free_port, pid_alive
+
+
+class Server(_Server):
+    def _wait_ready(self, timeout: float = 400.0) -> None:   # two start at once on a busy 2-core machine
+        super()._wait_ready(timeout)
 
 
 class RouterProc:

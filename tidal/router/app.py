@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import httpx
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -44,8 +45,11 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 def _json(obj: Any, status: int = 200) -> Response:
-    return Response(json.dumps(obj), status_code=status, media_type="application/json")
+    return Response(_encode(obj), status_code=status, media_type="application/json")
 
 
 def _error(status: int, message: str, param: str | None = None) -> Response:
@@ -119,7 +123,7 @@ class Router:
         events = flight.events()
         try:
             async for ev in events:
-                yield b"data: " + json.dumps(ev).encode() + b"\n\n"
+                yield b"data: " + (ev.encode() if isinstance(ev, str) else _encode(ev)) + b"\n\n"
             if flight.wants_usage and flight.surface != "generate":
                 yield b"data: " + json.dumps({"id": flight.rid, "object": _chunk_object(flight), "created": flight.created,
                                               "model": flight.model, "choices": [],

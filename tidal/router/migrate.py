@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import httpx
+import msgspec
 
 from tidal.router.replicas import NoReplica, Replica, prefix_key
 
@@ -84,6 +85,7 @@ class Flight:
         self.prompt_tokens: int | None = None
         self.created, self.model = int(time.time()), body.get("model")
         self.replica: Replica | None = None
+        self.streaming = body.get("stream") is True
         self.moving = False
         self.moves = 0
         self._weight = 0
@@ -233,15 +235,15 @@ class Flight:
                 data = line[6:]
                 if data == "[DONE]":
                     break
-                obj = json.loads(data)
+                obj = _decode(data)
                 if "error" in obj:
                     queue.put_nowait(("fail", sample, f"upstream error: {obj['error']}"))
                     return
-                queue.put_nowait(("event", sample, obj))
+                queue.put_nowait(("event", sample, (obj, data)))
             queue.put_nowait(("end", sample, None))
         except httpx.HTTPError as e:
             queue.put_nowait(("fail", sample, f"connection: {type(e).__name__}: {e}"))
-        except ValueError as e:
+        except (ValueError, msgspec.DecodeError) as e:
             queue.put_nowait(("fail", sample, f"bad upstream event: {e}"))
         finally:
             if resp is not None:
@@ -262,7 +264,9 @@ class Flight:
             self._queue.put_nowait(("moved", None, None))
 
     # -- upstream event -> client event ------------------------------------------------------
-    def _absorb(self, cont: Sample | None, obj: dict) -> list[dict]:
+    def _absorb(self, cont: Sample | None, event: tuple[dict, str]) -> list[dict | str]:
+        """Client events for one upstream event; the upstream's own text when it can go as-is."""
+        obj, raw = event
         if cont is not None:
             return self._absorb_continuation(cont, obj)
         if self.surface == "generate":
@@ -270,6 +274,8 @@ class Flight:
             s.add(obj.get("output_ids") or [], obj.get("weight_version"))
             s.finish = obj.get("finish_reason")
             self.prompt_tokens = obj.get("prompt_tokens", self.prompt_tokens)
+            if self.streaming and s.finish is None:
+                return [raw]
             return [{**obj, "request_id": self.rid, **self._spans_if_final(s)}]
         self.model = obj.get("model", self.model)
         self.created = obj.get("created", self.created)
@@ -286,6 +292,9 @@ class Flight:
                     continue
                 s.started = True
             s.finish = c.get("finish_reason")
+            if self.streaming and self.wants_ids and s.finish is None and len(obj["choices"]) == 1:
+                out.append(raw)
+                continue
             c = c if self.wants_ids else {k: v for k, v in c.items() if k not in _ROUTER_FIELDS}
             out.append({**obj, "choices": [{**c, **self._spans_if_final(s)}]})
         return out
@@ -400,6 +409,9 @@ class Flight:
                   min_tokens=max(0, int(sp.get("min_tokens") or 0) - produced))
         return {"input_ids": ids, "sampling_params": sp, "stream": True, "request_id": rid,
                 "return_logprob": bool(return_logprob)}
+
+
+_decode = msgspec.json.Decoder().decode
 
 
 def _num_prompts(body: dict) -> int:
