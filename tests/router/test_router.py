@@ -10,7 +10,6 @@ import json
 
 import httpx
 import openai
-import pytest
 
 from tests.router.conftest import kill_replica
 

@@ -218,9 +218,8 @@ class Router:
         upstream = [u for rid in ids if (f := self.flights.get(rid)) for u in f.upstream_ids]
         if upstream:
             await control.call(self, rep, "POST", "/v1/abort_requests", {"request_ids": upstream}, timeout_s)
-        deadline = t0 + timeout_s
-        while rep.flights and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)       # flights leave within one event-loop turn of their pump ending
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(rep.idle(), max(0.0, t0 + timeout_s - time.monotonic()))
         return {"moved": ids, "left": sorted(rep.flights), "seconds": round(time.monotonic() - t0, 3)}
 
     async def undrain(self, request: Request) -> Response:

@@ -140,7 +140,7 @@ class Flight:
         rep, self.replica = self.replica, None
         if rep is not None:
             rep.outstanding -= self._weight
-            rep.flights.discard(self.rid)
+            rep.leave(self.rid)
         self._weight = 0
 
     # -- events in the client's surface ------------------------------------------------------

@@ -33,6 +33,19 @@ class Replica:
     weights: dict = field(default_factory=dict)   # {"path", "version"} the router last saw it serve
     last_ok: float = 0.0
     flights: set = field(default_factory=set)     # request ids of the flights it serves now
+    _idle: asyncio.Event | None = None
+
+    def leave(self, rid: str) -> None:
+        self.flights.discard(rid)
+        if not self.flights and self._idle is not None:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Returns once no flight is on this replica."""
+        if self.flights:
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
+            await self._idle.wait()
 
     def summary(self) -> dict:
         return {"state": self.state, "outstanding": self.outstanding, "reason": self.reason,
