@@ -1,0 +1,139 @@
+"""Replicas benchmark: N `tidal serve` replicas through `tidal router` vs the same N hit directly
+(router overhead), and 1 vs N replicas (scaling), side by side in one run.
+
+    python benchmarks/replicas.py --replicas 2 --num-prompts 256 --concurrency 128 --device cpu
+
+Phases, on the same replicas and the same workload (random token-id prompts, fixed output
+lengths, ignore_eos, greedy, streaming /v1/completions with token ids):
+  1. one replica, hit directly                     (the scaling baseline)
+  2. N replicas, hit directly, requests round-robin (the overhead baseline)
+  3. N replicas through the router                 (least-outstanding routing)
+Overhead = 1 - (3) / (2) output tokens/s (goal < 10% at 128 streams); scaling = (2) / (1) (goal
+>= 1.8x for 2 replicas where the machine has the cores: one GPU each). Prints a table and writes
+JSON (default benchmarks/results/replicas_<device>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import msgspec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.serving import (_get, free_port, make_workload, model_vocab, start_server,  # noqa: E402
+                                stop_server, stream_request, summarize)
+
+
+def start_router(urls: list[str], port: int, log_path: str, timeout_s: float) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tidal.router.cli", "router", "--port", str(port), "--log-level", "warning"]
+    for u in urls:
+        cmd += ["--replica", u]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"router exited with {proc.returncode}; see {log_path}")
+        try:
+            if asyncio.run(_get("127.0.0.1", port, "/health", 5.0))[0] == 200:
+                return proc
+        except (OSError, asyncio.TimeoutError, ValueError, IndexError):
+            pass
+        time.sleep(0.25)
+    stop_server(proc, 0)
+    raise RuntimeError(f"router not healthy in {timeout_s:.0f}s; see {log_path}")
+
+
+async def load(ports: list[int], prompts, lengths, concurrency: int, timeout_s: float):
+    """`concurrency` streams in flight; request i goes to ports[i % len(ports)]."""
+    sem = asyncio.Semaphore(concurrency)
+    enc = msgspec.json.Encoder()
+
+    async def one(i: int, p: list[int], n: int):
+        body = enc.encode({"prompt": p, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
+                           "stream": True, "return_token_ids": True})
+        async with sem:
+            return await stream_request("127.0.0.1", ports[i % len(ports)], body)
+
+    t0 = time.perf_counter()
+    tasks = [asyncio.ensure_future(one(i, p, n)) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    await asyncio.wait(tasks, timeout=timeout_s)
+    duration = time.perf_counter() - t0
+    for t in tasks:
+        t.cancel()
+    results = [r for r in await asyncio.gather(*tasks, return_exceptions=True) if not isinstance(r, BaseException)]
+    return results, duration
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the embedded tiny model)")
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--num-kv-blocks", type=int, default=4096)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--timeout", type=float, default=600.0, help="deadline of each load phase (s)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from tidal.testing import tiny_checkpoint_cached
+    model = args.model or tiny_checkpoint_cached("llama")
+    prompts, lengths = make_workload(model_vocab(model), args.num_prompts, args.input_len, args.output_len, 0.0, 0)
+    kw = dict(device=args.device, max_num_seqs=args.concurrency, num_kv_blocks=args.num_kv_blocks,
+              block_size=args.block_size)
+    logs = tempfile.mkdtemp(prefix="tidal-replicas-bench-")
+    procs, ports = [], [free_port() for _ in range(args.replicas)]
+    result: dict = {"config": vars(args) | {"model": model}, "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "phases": {}}
+    try:
+        for i, port in enumerate(ports):
+            env_kw = dict(kw)
+            procs.append(start_server(model, env_kw, port, os.path.join(logs, f"replica{i}.log"), 600))
+        rport = free_port()
+        procs.append(start_router([f"http://127.0.0.1:{p}" for p in ports], rport, os.path.join(logs, "router.log"), 120))
+        # warm-up: every replica compiles/allocates once before anything is timed
+        asyncio.run(load(ports, prompts[:8], [4] * 8, 8, 120))
+        phases = [("1 replica direct", [ports[0]]), (f"{args.replicas} replicas direct", ports),
+                  (f"{args.replicas} replicas via router", [rport])]
+        for name, target in phases:
+            results, duration = asyncio.run(load(target, prompts, lengths, args.concurrency, args.timeout))
+            result["phases"][name] = summarize(results, duration)
+    finally:
+        for p in procs:
+            stop_server(p, 10)
+    ph = result["phases"]
+    one, direct, routed = (ph.get(n, {}).get("output_tok_s", 0.0) for n, _ in phases)
+    result["router_overhead"] = 1 - routed / direct if direct else None
+    result["scaling"] = direct / one if one else None
+    print(f"\n{args.replicas} replicas, {args.num_prompts} prompts x {args.output_len} tokens, "
+          f"{args.concurrency} streams, {args.device}, {os.cpu_count()} CPUs")
+    print(f"{'phase':<28}{'tok/s':>10}{'done':>6}{'fail':>6}{'ttft p50 ms':>13}{'itl p50 ms':>12}")
+    for name, s in ph.items():
+        print(f"{name:<28}{s['output_tok_s']:>10.1f}{s['completed']:>6}{s['failed']:>6}"
+              f"{s['ttft_ms'].get('p50', 0):>13.1f}{s['itl_ms'].get('p50', 0):>12.2f}")
+    if result["router_overhead"] is not None:
+        print(f"router overhead: {100 * result['router_overhead']:.1f}%   scaling 1 -> {args.replicas}: "
+              f"{result['scaling']:.2f}x")
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"replicas_{args.device}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

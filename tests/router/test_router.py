@@ -1,0 +1,197 @@
+"""Two `tidal serve` replicas behind `tidal router`: surfaces, affinity, fan-out control,
+transactional weight updates, and streams that survive a drained or killed replica.
+
+Tests run in file order on one fleet; the last one kills both replicas.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+
+from tests.router.conftest import kill_replica
+
+PROMPTS = [f"request {i:02d}:" for i in range(64)]
+GREEDY = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict, seen: list[int] | None = None,
+                  progress: asyncio.Event | None = None, first: asyncio.Event | None = None) -> dict:
+    """One streaming completion: every chunk's token ids, text, final finish_reason and extras."""
+    out = {"chunks": [], "text": "", "finish": None, "final": None}
+    async with client.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            for c in ev["choices"]:
+                out["chunks"].append(c.get("token_ids") or [])
+                if first is not None and c.get("token_ids"):
+                    first.set()
+                out["text"] += c["text"]
+                if seen is not None:
+                    seen[0] += len(c.get("token_ids") or [])
+                    if progress is not None and seen[0] >= seen[1]:
+                        progress.set()
+                if c["finish_reason"] is not None:
+                    out["finish"], out["final"] = c["finish_reason"], c
+    out["ids"] = [t for ch in out["chunks"] for t in ch]
+    return out
+
+
+async def _reference(url: str, prompts: list[str], body: dict) -> list[list[int]]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        rs = await asyncio.gather(*(client.post(url + "/v1/completions", json={**body, "prompt": p}) for p in prompts))
+    return [r.json()["choices"][0]["token_ids"] for r in rs]
+
+
+def test_surfaces_and_n8_affinity(fleet):
+    router, (a, b) = fleet
+    c = openai.OpenAI(base_url=router.url + "/v1", api_key="x")
+    model = c.models.list().data[0].id
+    cmpl = c.completions.create(model=model, prompt="hello", max_tokens=4, temperature=0)
+    assert cmpl.choices[0].finish_reason == "length" and cmpl.usage.completion_tokens == 4
+    chat = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                     temperature=0)
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 4
+    parts = [ch.choices[0].text for ch in c.completions.create(model=model, prompt="hello", max_tokens=4,
+                                                                temperature=0, stream=True) if ch.choices]
+    assert "".join(parts) == cmpl.choices[0].text
+    # the token API, and no router-added field leaks to a client that did not ask for it
+    g = httpx.post(router.url + "/generate", json={"input_ids": [1, 2, 3], "sampling_params": {
+        "max_tokens": 4, "temperature": 0}}, timeout=60).json()
+    direct = httpx.post(a.url + "/generate", json={"input_ids": [1, 2, 3], "sampling_params": {
+        "max_tokens": 4, "temperature": 0}}, timeout=60).json()
+    assert g["output_ids"] == direct["output_ids"] and g["finish_reason"] == "length"
+    assert "token_ids" not in httpx.post(router.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                         timeout=60).json()["choices"][0]
+    # an n=8 group: all samples on one replica, and only that one saw the prompt
+    before = {s.url: s.control("/v1/state", method="GET")["prefix_cache_query_tokens"] for s in (a, b)}
+    r = httpx.post(router.url + "/v1/completions", json={"prompt": "group prompt " * 4, "n": 8, "max_tokens": 3,
+                                                         "temperature": 1.0, "seed": 3}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8
+    after = {s.url: s.control("/v1/state", method="GET")["prefix_cache_query_tokens"] for s in (a, b)}
+    touched = [u for u in before if after[u] != before[u]]
+    assert touched == [r.headers["x-tidal-replica"]]
+    # the same routing key lands on the same replica
+    pinned = {httpx.post(router.url + "/v1/completions", json={"prompt": f"s{i}", "max_tokens": 1},
+                         headers={"X-Session-Id": "trainer-7"}, timeout=60).headers["x-tidal-replica"]
+              for i in range(4)}
+    assert len(pinned) == 1
+
+
+async def test_pause_abort_returns_partial_outputs_from_both(fleet):
+    router, (a, b) = fleet
+    body = {"max_tokens": 300, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+    firsts = [asyncio.Event() for _ in range(8)]
+    async with httpx.AsyncClient(timeout=120) as client:
+        tasks = [asyncio.create_task(_stream(client, router.url, {**body, "prompt": f"long {i}"}, first=firsts[i]))
+                 for i in range(8)]
+        await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 60)
+        r = await client.post(router.url + "/v1/pause", json={"mode": "abort"})
+        outs = await asyncio.gather(*tasks)
+        assert r.status_code == 200, r.text
+        reply = r.json()
+        assert reply["ok"] and set(reply["replicas"]) == {a.url, b.url}
+        assert all(len(res["aborted"]) >= 1 for res in reply["replicas"].values()), reply
+        for o in outs:
+            assert o["finish"] == "abort" and 0 < len(o["ids"]) < 300
+        assert (await client.post(router.url + "/v1/resume")).json()["ok"]
+
+
+def test_failed_weight_update_on_one_replica_leaves_both_on_old_version(fleet, tiny_ckpt):
+    router, (a, b) = fleet
+    new = tiny_ckpt("llama", seed=1)            # B refuses it: outside B's --weights-root
+    probe = {"prompt": "weights?", **GREEDY}
+    old_out = httpx.post(a.url + "/v1/completions", json=probe, timeout=60).json()["choices"][0]["token_ids"]
+    r = httpx.post(router.url + "/v1/update_weights", json={"path": new, "version": 5}, timeout=120)
+    assert r.status_code == 502
+    reply = r.json()
+    assert not reply["ok"] and "error" in reply["replicas"][b.url] and "error" not in reply["replicas"][a.url]
+    assert "error" not in reply["rolled_back"][a.url]
+    for s in (a, b):
+        st = s.control("/v1/state", method="GET")
+        assert st["weight_version"] == 0 and st["state"] == "serving"
+    assert httpx.post(a.url + "/v1/completions", json=probe, timeout=60).json()["choices"][0]["token_ids"] == old_out
+    health = httpx.get(router.url + "/health").json()
+    assert {v["state"] for v in health["replicas"].values()} == {"up"}
+
+
+async def _run_64_and_disturb(router, disturb, extra: list[dict] | None = None):
+    """64 greedy streams (+ extra bodies); `disturb()` once the streams have 3 tokens each on average."""
+    seen, progress = [0, 64 * 3], asyncio.Event()
+    async with httpx.AsyncClient(timeout=180) as client:
+        bodies = [{**GREEDY, "prompt": p} for p in PROMPTS] + (extra or [])
+        tasks = [asyncio.create_task(_stream(client, router.url, body, seen, progress)) for body in bodies]
+        await asyncio.wait_for(progress.wait(), 120)
+        result = await disturb(client)
+        outs = await asyncio.gather(*tasks)
+    return outs, result
+
+
+async def test_drain_mid_run_moves_streams_without_duplicate_or_gap(fleet):
+    router, (a, b) = fleet
+    ref = await _reference(b.url, PROMPTS, GREEDY)
+    seeded = {"prompt": "seeded", "max_tokens": 12, "temperature": 1.0, "seed": 11, "ignore_eos": True,
+              "return_token_ids": True}
+    seeded_ref = (await _reference(a.url, ["seeded"], seeded))[0]
+
+    async def drain(client):
+        r = await client.post(router.url + "/v1/replicas/drain", json={"url": a.url, "timeout_s": 60})
+        return r.json()
+
+    outs, drained = await _run_64_and_disturb(router, drain, [seeded])
+    assert drained["moved"] and not drained["left"], drained
+    moved = 0
+    for o, want in zip(outs[:64], ref):
+        assert o["finish"] == "length" and o["ids"] == want        # no duplicate, no gap, same tokens
+        moved += bool(o["final"]["moved_at"])
+    assert moved >= 1
+    # seeded: exact up to the move; after it, the continuation restarts the sampler's step counter,
+    # so it equals a fresh seeded request over prompt + prefix (what the router guarantees)
+    s = outs[64]
+    assert s["finish"] == "length" and len(s["ids"]) == 12
+    cut = s["final"]["moved_at"][0] if s["final"]["moved_at"] else 12
+    assert s["ids"][:cut] == seeded_ref[:cut]
+    if cut < 12:
+        prompt_ids = httpx.post(b.url + "/v1/completions", json={**seeded, "max_tokens": 1},
+                                timeout=60).json()["choices"][0]["prompt_token_ids"]
+        cont = httpx.post(b.url + "/generate", json={"input_ids": prompt_ids + s["ids"][:cut], "sampling_params": {
+            "max_tokens": 12 - cut, "temperature": 1.0, "seed": 11, "ignore_eos": True}}, timeout=60).json()
+        assert s["ids"][cut:] == cont["output_ids"]
+    state = httpx.get(router.url + "/v1/state").json()
+    assert state["replicas"][a.url]["router"]["state"] == "draining"
+    r = httpx.post(router.url + "/v1/replicas/undrain", json={"url": a.url}, timeout=30).json()
+    assert r["state"] == "up"
+
+
+async def test_killed_replica_streams_continue_then_abort_when_none_left(fleet):
+    router, (a, b) = fleet
+    ref = await _reference(b.url, PROMPTS, GREEDY)
+
+    async def kill(client):
+        kill_replica(a)
+
+    outs, _ = await _run_64_and_disturb(router, kill)
+    for o, want in zip(outs, ref):
+        assert o["finish"] == "length" and o["ids"] == want
+    assert sum(bool(o["final"]["moved_at"]) for o in outs) >= 1
+    health = httpx.get(router.url + "/health").json()
+    assert health["replicas"][a.url]["state"] == "down" and health["replicas"][b.url]["state"] == "up"
+    state = httpx.get(router.url + "/v1/state").json()
+    assert "error" in state["replicas"][a.url] and state["replicas"][a.url]["router"]["state"] == "down"
+    # the last replica dies too: streams end with finish_reason="abort" and the tokens they had
+    firsts = [asyncio.Event() for _ in range(4)]
+    long = {"max_tokens": 300, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+    async with httpx.AsyncClient(timeout=120) as client:
+        tasks = [asyncio.create_task(_stream(client, router.url, {**long, "prompt": f"last {i}"}, first=firsts[i]))
+                 for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 60)
+        kill_replica(b)
+        outs = await asyncio.gather(*tasks)
+    for o in outs:
+        assert o["finish"] == "abort" and 0 < len(o["ids"]) < 300
+    assert httpx.get(router.url + "/health").status_code == 503

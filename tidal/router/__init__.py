@@ -1,0 +1,1 @@
+"""One endpoint over N `tidal serve` replicas: routing, fan-out control, request migration."""

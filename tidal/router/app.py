@@ -1,0 +1,393 @@
+"""The router's HTTP app: one endpoint in front of N `tidal serve` replicas.
+
+Generation (/v1/completions, /v1/chat/completions, /generate) runs as a Flight (migrate.py);
+control calls fan out (control.py); replica admin: GET/POST/DELETE /v1/replicas,
+POST /v1/replicas/drain; any other path is proxied as-is to one replica.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import httpx
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from tidal.router import control
+from tidal.router.migrate import SURFACES, Flight, UpstreamRejected
+from tidal.router.replicas import DRAINING, UP, NoReplica, ReplicaSet, normalise_url
+
+SESSION_HEADERS = ("x-session-id", "x-routing-key")
+_HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "accept-encoding"}
+
+
+@dataclass(slots=True)
+class RouterSettings:
+    replicas: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    admin_key: str | None = None
+    control_timeout_s: float = 60.0
+    update_timeout_s: float = 600.0
+    probe_interval_s: float = 0.5
+    prefix_slack: int = 4
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(_encode(obj), status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str, param: str | None = None) -> Response:
+    kind = "invalid_request_error" if status < 500 else "service_unavailable"
+    return _json({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+class Router:
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.log = logging.getLogger("tidal.router")
+        key = settings.admin_key or settings.api_key
+        self.upstream_headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.replicas = ReplicaSet(settings.probe_interval_s, prefix_slack=settings.prefix_slack,
+                                   headers=self.upstream_headers)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), limits=limits)
+        self.flights: dict[str, Flight] = {}
+
+    async def start(self) -> None:
+        for url in self.settings.replicas:
+            await self.replicas.add(url)
+        self.replicas.start()
+
+    async def stop(self) -> None:
+        await self.replicas.close()
+        await self.http.aclose()
+
+    # -- auth ----------------------------------------------------------------------------
+    def _check(self, request: Request, key: str | None) -> None:
+        if key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
+            raise APIError(401, "missing or wrong 'Authorization: Bearer KEY' header", "authorization")
+
+    def check_user(self, request: Request) -> None:
+        self._check(request, self.settings.api_key)
+
+    def check_admin(self, request: Request) -> None:
+        self._check(request, self.settings.admin_key or self.settings.api_key)
+
+    # -- generation ----------------------------------------------------------------------
+    async def generate(self, request: Request) -> Response:
+        self.check_user(request)
+        path = request.url.path
+        body = await _body(request)
+        stream = body.get("stream") is True
+        session = next((request.headers[h] for h in SESSION_HEADERS if h in request.headers), None)
+        flight = Flight(self, path, body, session)
+        if flight.rid in self.flights:
+            raise APIError(400, f"request_id={flight.rid!r} is already in flight", "request_id")
+        try:
+            await flight.open()
+        except NoReplica as e:
+            return _error(503, str(e))
+        except UpstreamRejected as e:
+            return Response(e.body, status_code=e.status, media_type=e.content_type)
+        headers = {"x-tidal-replica": flight.replica.url if flight.replica else ""}
+        if stream:
+            return StreamingResponse(self._sse(flight), media_type="text/event-stream", headers=headers)
+        events = flight.events()
+        try:
+            resp = _json(_aggregate(flight, [ev async for ev in events]))
+        finally:
+            await events.aclose()
+        resp.headers.update(headers)
+        return resp
+
+    async def _sse(self, flight: Flight) -> AsyncIterator[bytes]:
+        events = flight.events()
+        try:
+            async for ev in events:
+                yield b"data: " + (ev.encode() if isinstance(ev, str) else _encode(ev)) + b"\n\n"
+            if flight.wants_usage and flight.surface != "generate":
+                yield b"data: " + json.dumps({"id": flight.rid, "object": _chunk_object(flight), "created": flight.created,
+                                              "model": flight.model, "choices": [],
+                                              "usage": flight.usage()}).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        finally:
+            await events.aclose()
+
+    # -- control -------------------------------------------------------------------------
+    async def fan_out(self, request: Request) -> Response:
+        self.check_admin(request)
+        path = request.url.path
+        body = await _body(request, optional=True) if request.method == "POST" else None
+        timeout = float((body or {}).get("timeout_s") or self.settings.control_timeout_s)
+        if path == "/v1/pause":
+            timeout += float((body or {}).get("timeout_s") or 0)    # a drain's own duration plus the reply
+        bodies = control.abort_bodies(self, body) if path == "/v1/abort_requests" and body else None
+        reply = await control.fan_out(self, request.method, path, body, timeout, bodies=bodies)
+        return _json(reply, 200 if reply["ok"] else 502)
+
+    async def update_weights(self, request: Request) -> Response:
+        self.check_admin(request)
+        body = await _body(request)
+        if not isinstance(body.get("path"), str):
+            raise APIError(400, f"path={body.get('path')!r}: expected a checkpoint directory string", "path")
+        timeout = float(body.get("timeout_s") or self.settings.update_timeout_s)
+        reply = await control.update_weights(self, body, timeout)
+        return _json(reply, 200 if reply["ok"] else 502)
+
+    async def staged_update(self, request: Request) -> Response:
+        self.check_admin(request)
+        body = await _body(request)
+        timeout = float(body.get("timeout_s") or self.settings.update_timeout_s)
+        reply = await control.staged_update(self, request.url.path, body, timeout)
+        return _json(reply, 200 if reply["ok"] else 502)
+
+    async def health(self, request: Request) -> Response:
+        reps = self.replicas.summary()
+        up = sum(1 for r in reps.values() if r["state"] == UP)
+        return _json({"status": "ok" if up else "unhealthy", "replicas_up": up, "replicas": reps},
+                     200 if up else 503)
+
+    async def state(self, request: Request) -> Response:
+        self.check_admin(request)
+        reply = await control.fan_out(self, "GET", "/v1/state", None, self.settings.control_timeout_s)
+        for url, res in reply["replicas"].items():
+            res["router"] = self.replicas.replicas[url].summary()
+        return _json({**reply, "in_flight": len(self.flights)}, 200 if reply["ok"] else 502)
+
+    # -- replica admin -------------------------------------------------------------------
+    async def list_replicas(self, request: Request) -> Response:
+        self.check_admin(request)
+        return _json({"replicas": self.replicas.summary()})
+
+    async def add_replica(self, request: Request) -> Response:
+        self.check_admin(request)
+        url = _url(await _body(request))
+        rep = await self.replicas.add(url)
+        return _json({"url": rep.url, **rep.summary()})
+
+    async def remove_replica(self, request: Request) -> Response:
+        self.check_admin(request)
+        url = _url(await _body(request))
+        try:
+            rep = self.replicas.get(url)
+        except KeyError:
+            raise APIError(404, f"url={url!r} is not a registered replica", "url") from None
+        moved = await self._drain(rep, self.settings.control_timeout_s)
+        self.replicas.remove(url)
+        return _json({"url": rep.url, "removed": True, **moved})
+
+    async def drain(self, request: Request) -> Response:
+        self.check_admin(request)
+        body = await _body(request)
+        url = _url(body)
+        timeout = float(body.get("timeout_s") or self.settings.control_timeout_s)
+        try:
+            rep = self.replicas.get(url)
+        except KeyError:
+            raise APIError(404, f"url={url!r} is not a registered replica", "url") from None
+        return _json({"url": rep.url, **await self._drain(rep, timeout)})
+
+    async def _drain(self, rep, timeout_s: float) -> dict:
+        """Out of routing; every flight on it moves to the others; returns when it serves none."""
+        t0 = time.monotonic()
+        rep.state, rep.reason = DRAINING, "drained by the admin API"
+        ids = sorted(rep.flights)
+        for rid in ids:
+            f = self.flights.get(rid)
+            if f is not None:
+                f.move()
+        upstream = [u for rid in ids if (f := self.flights.get(rid)) for u in f.upstream_ids]
+        if upstream:
+            await control.call(self, rep, "POST", "/v1/abort_requests", {"request_ids": upstream}, timeout_s)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(rep.idle(), max(0.0, t0 + timeout_s - time.monotonic()))
+        return {"moved": ids, "left": sorted(rep.flights), "seconds": round(time.monotonic() - t0, 3)}
+
+    async def undrain(self, request: Request) -> Response:
+        self.check_admin(request)
+        url = _url(await _body(request))
+        rep = self.replicas.get(url)
+        if rep.state == DRAINING:
+            rep.state = "down"
+        await self.replicas.probe(rep)
+        return _json({"url": rep.url, **rep.summary()})
+
+    # -- everything else -----------------------------------------------------------------
+    async def proxy(self, request: Request) -> Response:
+        try:
+            rep = self.replicas.pick()
+        except NoReplica as e:
+            return _error(503, str(e))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        req = self.http.build_request(request.method, rep.url + request.url.path, params=request.query_params,
+                                      headers=headers, content=await request.body())
+        try:
+            resp = await self.http.send(req, stream=True)
+        except httpx.HTTPError as e:
+            self.replicas.mark_down(rep, f"{type(e).__name__}: {e}")
+            return _error(502, f"replica {rep.url} failed: {type(e).__name__}")
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS | {"content-encoding"}}
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            finally:
+                await resp.aclose()
+        return StreamingResponse(body(), status_code=resp.status_code, headers=out_headers)
+
+
+def create_app(settings: RouterSettings) -> FastAPI:
+    router = Router(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await router.start()
+        try:
+            yield
+        finally:
+            await router.stop()
+
+    app = FastAPI(title="Tidal router", lifespan=lifespan)
+    app.state.router = router
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return _error(e.status, e.message, e.param)
+
+    for path in SURFACES:
+        app.post(path)(router.generate)
+    for path in control.FANOUT_POST:
+        app.post(path)(router.fan_out)
+    app.get("/v1/is_paused")(router.fan_out)
+    app.get("/v1/state")(router.state)
+    app.get("/health")(router.health)
+    app.post("/v1/update_weights")(router.update_weights)
+    for path in ("/v1/update_weights_from_distributed", "/v1/update_weights_from_shm", "/v1/update_weights_from_ipc"):
+        app.post(path)(router.staged_update)
+    app.get("/v1/replicas")(router.list_replicas)
+    app.post("/v1/replicas")(router.add_replica)
+    app.delete("/v1/replicas")(router.remove_replica)
+    app.post("/v1/replicas/drain")(router.drain)
+    app.post("/v1/replicas/undrain")(router.undrain)
+    app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])(router.proxy)
+    return app
+
+
+async def _body(request: Request, optional: bool = False) -> dict:
+    raw = await request.body()
+    if not raw and optional:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise APIError(400, f"body is not JSON: {e}", "body") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"body is a JSON {type(body).__name__}: expected an object", "body")
+    return body
+
+
+def _url(body: dict) -> str:
+    url = body.get("url")
+    if not isinstance(url, str):
+        raise APIError(400, f"url={url!r}: expected a replica URL string", "url")
+    try:
+        return normalise_url(url)
+    except ValueError as e:
+        raise APIError(400, str(e), "url") from None
+
+
+def _chunk_object(flight: Flight) -> str:
+    return "chat.completion.chunk" if flight.surface == "chat" else "text_completion"
+
+
+def _aggregate(flight: Flight, events: list[dict]) -> Any:
+    """The non-streaming reply, assembled from the flight's client events."""
+    if flight.surface == "generate":
+        return _aggregate_generate(flight, events)
+    choices: dict[int, dict] = {}
+    for ev in events:
+        for c in ev.get("choices", []):
+            acc = choices.setdefault(c["index"], {"index": c["index"], "text": [], "lp": [], "ids": []})
+            piece = c.get("text") if flight.surface == "completions" else (c.get("delta") or {}).get("content")
+            acc["text"].append(piece or "")
+            if c.get("logprobs"):
+                acc["lp"].append(c["logprobs"])
+            acc["ids"] += c.get("token_ids") or []
+            for k in ("finish_reason", "stop_reason", "weight_version", "weight_spans", "moved_at"):
+                if c.get(k) is not None:
+                    acc[k] = c[k]
+    out = []
+    for idx in sorted(choices):
+        acc = choices[idx]
+        text = "".join(acc["text"])
+        choice: dict[str, Any] = {"index": idx, "finish_reason": acc.get("finish_reason"),
+                                  "stop_reason": acc.get("stop_reason")}
+        if flight.surface == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+            choice["logprobs"] = {"content": [x for lp in acc["lp"] for x in lp.get("content") or []]} \
+                if flight.body.get("logprobs") else None
+        else:
+            choice["text"] = text
+            choice["logprobs"] = _merge_completion_logprobs(acc["lp"]) if flight.body.get("logprobs") is not None else None
+        if flight.wants_ids:
+            choice.update(token_ids=acc["ids"], weight_version=acc.get("weight_version"),
+                          weight_spans=acc.get("weight_spans"), moved_at=acc.get("moved_at", []))
+            if flight.surface == "completions" and flight.prompt_ids is not None:
+                choice["prompt_token_ids"] = flight.prompt_ids[flight.samples[idx].prompt_index]
+        out.append(choice)
+    return {"id": flight.rid, "object": "chat.completion" if flight.surface == "chat" else "text_completion",
+            "created": flight.created, "model": flight.model, "choices": out, "usage": flight.usage()}
+
+
+def _merge_completion_logprobs(pieces: list[dict]) -> dict:
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": None, "text_offset": []}
+    for p in pieces:
+        out["tokens"] += p.get("tokens") or []
+        out["token_logprobs"] += p.get("token_logprobs") or []
+        if p.get("top_logprobs") is not None:
+            out["top_logprobs"] = (out["top_logprobs"] or []) + p["top_logprobs"]
+        out["text_offset"] += p.get("text_offset") or []
+    return out
+
+
+def _aggregate_generate(flight: Flight, events: list[dict]) -> Any:
+    samples: dict[int, dict] = {}
+    for ev in events:
+        acc = samples.setdefault(ev.get("index", 0), {"request_id": flight.rid, "index": ev.get("index", 0),
+                                                      "output_ids": [], "text": "", "output_logprobs": None})
+        acc["output_ids"] += ev.get("output_ids") or []
+        acc["text"] += ev.get("text") or ""
+        if ev.get("output_logprobs") is not None:
+            acc["output_logprobs"] = (acc["output_logprobs"] or []) + ev["output_logprobs"]
+        if ev.get("output_top_logprobs") is not None:
+            acc["output_top_logprobs"] = acc.get("output_top_logprobs", []) + ev["output_top_logprobs"]
+        for k in ("finish_reason", "stop_reason", "weight_version", "prompt_tokens", "weight_spans", "moved_at"):
+            if ev.get(k) is not None:
+                acc[k] = ev[k]
+    out = []
+    for idx in sorted(samples):
+        acc = samples[idx]
+        acc.setdefault("finish_reason", None)
+        acc["completion_tokens"] = len(acc["output_ids"])
+        out.append(acc)
+    return out[0] if len(out) == 1 else out

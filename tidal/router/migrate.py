@@ -1,0 +1,443 @@
+"""A request through the router (a Flight): it survives its replica.
+
+Every generation request goes upstream as a stream with token ids on, whatever the client asked,
+so the router always holds each sample's tokens so far. When the replica is drained or its
+connection fails, every unfinished sample continues on another replica as one `/generate` stream
+over prompt + tokens so far, with `max_tokens` reduced by what was produced and the same sampling
+parameters; the router converts those events back into the client's surface. The client sees one
+stream: the router forwards each token once, and nothing the router had not forwarded was lost
+(a greedy continuation regenerates it).
+
+What continuation keeps and what it cannot:
+- greedy output equals an uninterrupted run; logprobs continue (text tokens of continued
+  OpenAI logprobs are named `token_id:N`, text_offset is omitted there);
+- a seeded sample is deterministic given where it moved, but the engine's counter-based sampler
+  keys noise on (seed, output step), and a continuation restarts the step at 0: the tokens after
+  the move differ from an unmoved run. The prefix before the move is kept exactly.
+- a stop string spanning the seam is not seen (each replica checks only the text it produced).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import httpx
+import msgspec
+
+from tidal.router.replicas import NoReplica, Replica, prefix_key
+
+if TYPE_CHECKING:
+    from tidal.router.app import Router
+
+SURFACES = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/generate": "generate"}
+_PREFIX = {"completions": "cmpl", "chat": "chatcmpl", "generate": "gen"}
+_ROUTER_FIELDS = ("token_ids", "weight_version", "weight_spans", "prompt_token_ids")
+MAX_SEGMENTS = 16
+
+
+class UpstreamRejected(Exception):
+    """The first replica refused the request (4xx/5xx): the client gets that reply as-is."""
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        super().__init__(status)
+        self.status, self.body, self.content_type = status, body, content_type
+
+
+@dataclass(slots=True)
+class Sample:
+    index: int
+    prompt_index: int
+    tokens: list[int] = field(default_factory=list)
+    spans: list[list[int]] = field(default_factory=list)    # [version, start, end] over tokens
+    finish: str | None = None
+    started: bool = False       # chat: the role delta went out
+    moved_at: list[int] = field(default_factory=list)     # token counts at which it changed replica
+
+    def add(self, ids: list[int], version: int | None) -> None:
+        if ids and version is not None:
+            n = len(self.tokens)
+            if self.spans and self.spans[-1][0] == version and self.spans[-1][2] == n:
+                self.spans[-1][2] = n + len(ids)
+            else:
+                self.spans.append([version, n, n + len(ids)])
+        self.tokens += ids
+
+
+class Flight:
+    """One client request: its samples, the replica serving them now, and the upstream streams."""
+
+    def __init__(self, router: Router, path: str, body: dict, session: str | None) -> None:
+        self.router, self.path, self.body, self.session = router, path, body, session
+        self.surface = SURFACES[path]
+        self.rid = body.get("request_id") or f"{_PREFIX[self.surface]}-{uuid.uuid4().hex[:16]}"
+        sp = (body.get("sampling_params") or {}) if self.surface == "generate" else body
+        self.n = int(sp.get("n") or 1)
+        self.num_prompts = _num_prompts(body) if self.surface == "completions" else 1
+        self.samples = {p * self.n + i: Sample(p * self.n + i, p) for p in range(self.num_prompts)
+                        for i in range(self.n)}
+        self.wants_ids = bool(body.get("return_token_ids")) or self.surface == "generate"
+        self.wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.prompt_ids: list[list[int]] | None = _known_prompt_ids(self.surface, body)
+        self.prompt_tokens: int | None = None
+        self.created, self.model = int(time.time()), body.get("model")
+        self.replica: Replica | None = None
+        self.streaming = body.get("stream") is True
+        self.moving = False
+        self.moves = 0
+        self._weight = 0
+        self.upstream_ids: list[str] = []
+        self._pumps: list[asyncio.Task] = []
+        self._queue: asyncio.Queue | None = None
+        self._first: httpx.Response | None = None
+
+    @property
+    def weight(self) -> int:
+        return sum(1 for s in self.samples.values() if s.finish is None)
+
+    def unfinished(self) -> list[Sample]:
+        return [s for s in self.samples.values() if s.finish is None]
+
+    # -- the first segment: opened before the client's response starts, so refusals keep their status
+    async def open(self) -> None:
+        tried: set[str] = set()
+        while True:
+            rep = self.router.replicas.pick(self.session, prefix_key(_prompt_of(self.surface, self.body)),
+                                            exclude=frozenset(tried))
+            body = {**self.body, "stream": True, "request_id": self.rid}
+            if self.surface != "generate":
+                body.update(return_token_ids=True, stream_options={"include_usage": True})
+            self._attach(rep, [self.rid] + [f"{self.rid}-{i}" for i in range(self.num_prompts)])
+            try:
+                resp = await self._send(rep, self.path, body)
+            except httpx.HTTPError as e:
+                self._release()
+                self.router.replicas.mark_down(rep, f"{type(e).__name__}: {e}")
+                tried.add(rep.url)
+                continue
+            if resp.status_code != 200:
+                data = await resp.aread()
+                await resp.aclose()
+                self._release()
+                raise UpstreamRejected(resp.status_code, data, resp.headers.get("content-type", "application/json"))
+            self._first = resp
+            return
+
+    async def _send(self, rep: Replica, path: str, body: dict) -> httpx.Response:
+        req = self.router.http.build_request("POST", rep.url + path, json=body, headers=self.router.upstream_headers)
+        return await self.router.http.send(req, stream=True)
+
+    def _attach(self, rep: Replica, upstream_ids: list[str]) -> None:
+        self.replica, self.upstream_ids, self._weight = rep, upstream_ids, self.weight
+        rep.outstanding += self._weight
+        rep.flights.add(self.rid)
+        self.router.flights[self.rid] = self
+
+    def _release(self) -> None:
+        rep, self.replica = self.replica, None
+        if rep is not None:
+            rep.outstanding -= self._weight
+            rep.leave(self.rid)
+        self._weight = 0
+
+    # -- events in the client's surface ------------------------------------------------------
+    async def events(self) -> AsyncIterator[dict]:
+        """Every event the client should see, in its surface's shape, ending each sample once."""
+        try:
+            segment = 0
+            while self.unfinished() and segment < MAX_SEGMENTS:
+                if segment > 0 and not await self._place_continuation():
+                    break
+                async for ev in self._run_segment(segment):
+                    yield ev
+                segment += 1
+            for s in self.unfinished():       # no replica left: end with what the client already has
+                s.finish = "abort"
+                yield self._final_abort(s)
+        finally:
+            self._stop_pumps()
+            self._release()
+            self.router.flights.pop(self.rid, None)
+
+    async def _place_continuation(self) -> bool:
+        self._release()
+        try:
+            rep = self.router.replicas.pick()
+        except NoReplica:
+            return False
+        self._attach(rep, [])
+        if self.prompt_ids is None:
+            try:
+                self.prompt_ids = await self._resolve_prompt_ids(rep)
+            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+                self.router.log.warning("%s: could not read the prompt's token ids from %s: %s", self.rid, rep.url, e)
+                self.router.replicas.mark_down(rep, f"prompt token ids: {e}")
+                return await self._place_continuation()
+        self.moves += 1
+        for s in self.unfinished():
+            s.moved_at.append(len(s.tokens))
+        return True
+
+    async def _run_segment(self, segment: int) -> AsyncIterator[dict]:
+        rep = self.replica
+        assert rep is not None
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queue = queue
+        if segment > 0:
+            self.moving = False
+        elif self.moving:            # drained while the first segment was opening
+            queue.put_nowait(("moved", None, None))
+        if segment == 0:
+            self._pumps = [asyncio.get_running_loop().create_task(self._pump(queue, None, self._first, None))]
+            self._first = None
+        else:
+            self._pumps = []
+            for s in self.unfinished():
+                rid = f"{self.rid}.m{segment}.{s.index}"
+                self.upstream_ids.append(rid)
+                self._pumps.append(asyncio.get_running_loop().create_task(
+                    self._pump(queue, s, None, (rep, self._continuation_body(s, rid, rep)))))
+        live, failure = len(self._pumps), None
+        while live:
+            kind, sample, payload = await queue.get()
+            if kind == "event":
+                for ev in self._absorb(sample, payload):
+                    yield ev
+            elif kind == "moved":
+                break
+            else:
+                live -= 1
+                if kind == "fail" and failure is None:
+                    failure = payload
+        self._stop_pumps()
+        if failure is not None and not self.moving:
+            self.router.log.warning("%s: replica %s failed mid-request (%s); continuing elsewhere",
+                                    self.rid, rep.url, failure)
+            if failure.startswith("connection"):
+                self.router.replicas.mark_down(rep, failure)
+
+    async def _pump(self, queue: asyncio.Queue, sample: Sample | None, resp: httpx.Response | None,
+                    request: tuple[Replica, dict] | None) -> None:
+        try:
+            if resp is None:
+                rep, body = request
+                resp = await self._send(rep, "/generate", body)
+                if resp.status_code != 200:
+                    text = (await resp.aread())[:300]
+                    queue.put_nowait(("fail", sample, f"status {resp.status_code}: {text!r}"))
+                    return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                obj = _decode(data)
+                if "error" in obj:
+                    queue.put_nowait(("fail", sample, f"upstream error: {obj['error']}"))
+                    return
+                queue.put_nowait(("event", sample, (obj, data)))
+            queue.put_nowait(("end", sample, None))
+        except httpx.HTTPError as e:
+            queue.put_nowait(("fail", sample, f"connection: {type(e).__name__}: {e}"))
+        except (ValueError, msgspec.DecodeError) as e:
+            queue.put_nowait(("fail", sample, f"bad upstream event: {e}"))
+        finally:
+            if resp is not None:
+                await resp.aclose()
+
+    def _stop_pumps(self) -> None:
+        for t in self._pumps:
+            t.cancel()
+        self._pumps = []
+        if self._first is not None:
+            asyncio.get_running_loop().create_task(self._first.aclose())
+            self._first = None
+
+    def move(self) -> None:
+        """Drain: stop reading from this replica; `events` continues the samples elsewhere."""
+        self.moving = True
+        if self._queue is not None:
+            self._queue.put_nowait(("moved", None, None))
+
+    # -- upstream event -> client event ------------------------------------------------------
+    def _absorb(self, cont: Sample | None, event: tuple[dict, str]) -> list[dict | str]:
+        """Client events for one upstream event; the upstream's own text when it can go as-is."""
+        obj, raw = event
+        if cont is not None:
+            return self._absorb_continuation(cont, obj)
+        if self.surface == "generate":
+            s = self.samples[int(obj.get("index", 0))]
+            s.add(obj.get("output_ids") or [], obj.get("weight_version"))
+            s.finish = obj.get("finish_reason")
+            self.prompt_tokens = obj.get("prompt_tokens", self.prompt_tokens)
+            if self.streaming and s.finish is None:
+                return [raw]
+            return [{**obj, "request_id": self.rid, **self._spans_if_final(s)}]
+        self.model = obj.get("model", self.model)
+        self.created = obj.get("created", self.created)
+        if not obj.get("choices"):
+            usage = obj.get("usage") or {}
+            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+            return []
+        out = []
+        for c in obj["choices"]:
+            s = self.samples[int(c["index"])]
+            s.add(c.get("token_ids") or [], c.get("weight_version"))
+            if self.surface == "chat" and "role" in (c.get("delta") or {}):
+                if s.started:
+                    continue
+                s.started = True
+            s.finish = c.get("finish_reason")
+            if self.streaming and self.wants_ids and s.finish is None and len(obj["choices"]) == 1:
+                out.append(raw)
+                continue
+            c = c if self.wants_ids else {k: v for k, v in c.items() if k not in _ROUTER_FIELDS}
+            out.append({**obj, "choices": [{**c, **self._spans_if_final(s)}]})
+        return out
+
+    def _spans_if_final(self, s: Sample) -> dict:
+        if s.finish is None or not self.wants_ids:
+            return {}
+        return {"weight_spans": [list(x) for x in s.spans], "moved_at": list(s.moved_at)}
+
+    def _absorb_continuation(self, s: Sample, obj: dict) -> list[dict]:
+        ids = obj.get("output_ids") or []
+        s.add(ids, obj.get("weight_version"))
+        s.finish = obj.get("finish_reason")
+        text, lps = obj.get("text") or "", obj.get("output_logprobs")
+        if self.surface == "generate":
+            ev = {**obj, "request_id": self.rid, "index": s.index, "completion_tokens": len(s.tokens),
+                  "prompt_tokens": len(self.prompt_ids[0]) if self.prompt_ids else self.prompt_tokens}
+            return [{**ev, **self._spans_if_final(s)}]
+        if not ids and not text and s.finish is None:
+            return []
+        choice: dict[str, Any] = {"index": s.index, "finish_reason": s.finish}
+        if self.surface == "chat":
+            choice["delta"] = {"content": text} if (text or s.finish is None) else {}
+            choice["logprobs"] = None
+            if self.body.get("logprobs") and lps is not None:
+                choice["logprobs"] = {"content": [{"token": f"token_id:{t}", "logprob": lp, "bytes": None,
+                                                   "top_logprobs": []} for t, lp in zip(ids, lps)]}
+        else:
+            choice["text"] = text
+            choice["logprobs"] = None
+            if self.body.get("logprobs") is not None and lps is not None:
+                top = obj.get("output_top_logprobs")
+                choice["logprobs"] = {"tokens": [f"token_id:{t}" for t in ids], "token_logprobs": lps,
+                                      "top_logprobs": top, "text_offset": None}
+        if s.finish is not None:
+            choice["stop_reason"] = obj.get("stop_reason")
+        if self.wants_ids:
+            choice.update(token_ids=ids, weight_version=obj.get("weight_version"), **self._spans_if_final(s))
+        obj_name = "chat.completion.chunk" if self.surface == "chat" else "text_completion"
+        return [{"id": self.rid, "object": obj_name, "created": self.created, "model": self.model,
+                 "choices": [choice]}]
+
+    def _final_abort(self, s: Sample) -> dict:
+        if self.surface == "generate":
+            return {"request_id": self.rid, "index": s.index, "output_ids": [], "text": "",
+                    "output_logprobs": [] if self.body.get("return_logprob", True) else None,
+                    "finish_reason": "abort", "stop_reason": None, "weight_version": None,
+                    "prompt_tokens": self.prompt_tokens, "completion_tokens": len(s.tokens),
+                    "weight_spans": [list(x) for x in s.spans]}
+        choice: dict[str, Any] = {"index": s.index, "logprobs": None, "finish_reason": "abort", "stop_reason": None}
+        if self.surface == "chat":
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        if self.wants_ids:
+            choice.update(token_ids=[], weight_spans=[list(x) for x in s.spans])
+        return {"id": self.rid, "object": "chat.completion.chunk" if self.surface == "chat" else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice]}
+
+    def usage(self) -> dict:
+        prompt = self.prompt_tokens
+        if prompt is None and self.prompt_ids is not None:
+            prompt = sum(len(p) for p in self.prompt_ids) * 1
+        prompt = prompt or 0
+        comp = sum(len(s.tokens) for s in self.samples.values())
+        return {"prompt_tokens": prompt, "completion_tokens": comp, "total_tokens": prompt + comp}
+
+    # -- continuation ------------------------------------------------------------------------
+    async def _resolve_prompt_ids(self, rep: Replica) -> list[list[int]]:
+        """The prompt's token ids as the replicas tokenize it: a 1-token non-streaming request."""
+        if self.surface == "generate":
+            path, body = "/v1/completions", {"prompt": self.body["text"], "max_tokens": 1, "temperature": 0.0,
+                                             "return_token_ids": True, "model": None}
+        else:
+            path = self.path
+            body = {**self.body, "stream": False, "stream_options": None, "n": 1, "max_tokens": 1,
+                    "min_tokens": 0, "return_token_ids": True, "request_id": f"{self.rid}.prompt"}
+            body.pop("max_completion_tokens", None)
+            body.pop("best_of", None)
+        r = await self.router.http.post(rep.url + path, json=body, headers=self.router.upstream_headers)
+        r.raise_for_status()
+        data = r.json()
+        if self.surface == "chat":
+            return [data["prompt_token_ids"]]
+        return [c["prompt_token_ids"] for c in sorted(data["choices"], key=lambda c: c["index"])]
+
+    def _continuation_body(self, s: Sample, rid: str, rep: Replica) -> dict:
+        b = self.body
+        ids = self.prompt_ids[s.prompt_index] + s.tokens
+        if self.surface == "generate":
+            sp = dict(b.get("sampling_params") or {})
+            budget = int(sp.get("max_tokens") or 16)
+            return_logprob = b.get("return_logprob", True)
+        else:
+            keys = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
+                    "skip_special_tokens", "min_tokens")
+            sp = {k: b[k] for k in keys if b.get(k) is not None}
+            if self.surface == "chat":
+                budget = b.get("max_completion_tokens") or b.get("max_tokens")
+                sp["logprobs"] = (b.get("top_logprobs") or 0) if b.get("logprobs") else None
+            else:
+                budget = b.get("max_tokens", 16) or 16
+                sp["logprobs"] = b.get("logprobs")
+            return_logprob = sp["logprobs"] is not None
+            if sp["logprobs"] is None:
+                sp.pop("logprobs")
+        produced = len(s.tokens)
+        if budget is None:
+            limit = rep.weights.get("max_model_len") or (len(ids) + 1)
+            budget = limit - len(self.prompt_ids[s.prompt_index])
+        sp.update(n=1, max_tokens=max(1, int(budget) - produced),
+                  min_tokens=max(0, int(sp.get("min_tokens") or 0) - produced))
+        return {"input_ids": ids, "sampling_params": sp, "stream": True, "request_id": rid,
+                "return_logprob": bool(return_logprob)}
+
+
+_decode = msgspec.json.Decoder().decode
+
+
+def _num_prompts(body: dict) -> int:
+    p = body.get("prompt")
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        return len(p)
+    return 1
+
+
+def _known_prompt_ids(surface: str, body: dict) -> list[list[int]] | None:
+    if surface == "generate":
+        ids = body.get("input_ids")
+        return [list(ids)] if isinstance(ids, list) else None
+    if surface == "completions":
+        p = body.get("prompt")
+        if isinstance(p, list) and p and isinstance(p[0], int):
+            return [list(p)]
+        if isinstance(p, list) and p and all(isinstance(x, list) for x in p):
+            return [list(x) for x in p]
+    return None
+
+
+def _prompt_of(surface: str, body: dict) -> object:
+    if surface == "generate":
+        return body.get("input_ids") or body.get("text")
+    if surface == "chat":
+        msgs = body.get("messages") or []
+        return json.dumps(msgs[:2], sort_keys=True) if msgs else None
+    return body.get("prompt")
