@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights-root", default=None,
                    help="only allow /v1/update_weights from directories under this one")
     serve.set_defaults(func=cmd_serve)
+    from tidal.router.cli import add_data_parallel_option, add_router_parser
+    add_data_parallel_option(serve)
 
     gen = sub.add_parser("generate", help="generate from prompts offline and print the results",
                          description="Generate from one or more prompts with the offline engine and print "
@@ -162,10 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     o.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     gen.set_defaults(func=cmd_generate)
+    add_router_parser(sub)
     return parser
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "data_parallel_size", 1) > 1:  # N replicas behind one router (tidal/router/)
+        from tidal.router.cli import serve_data_parallel
+        return serve_data_parallel(args, args.argv)
     level = args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("tidal.server")
@@ -317,6 +323,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.command is None:
         parser.print_help()
         return 0
