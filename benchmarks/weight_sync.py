@@ -3,6 +3,10 @@ raw torch.distributed broadcast of the same bytes in the same run, and the gener
 
   python benchmarks/weight_sync.py                                  # CPU, gloo: tiny + qwen2.5-0.5b shapes
   python benchmarks/weight_sync.py --shapes tiny --backend shm
+  python benchmarks/weight_sync.py --device cuda --backend ipc --shapes qwen3-0.6b qwen2.5-7b   # colocated GPU
+
+On a GPU with `--backend ipc` the trainer's tensors live on the same GPU as the engine and the
+baseline is a device-to-device copy of the same bytes (what an ideal colocated push costs).
 
 For each shape (random weights, load_format=dummy): push time and its phases (pack, wire, stage,
 commit), the raw broadcast time of the same byte count (rank 0 here, rank 1 a helper process,
@@ -30,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.throughput import CONFIGS, TINY, write_config  # noqa: E402
 from tidal.sync import WeightSender  # noqa: E402
 
-SHAPES = {"tiny": TINY, "qwen2.5-0.5b": CONFIGS["qwen2.5-0.5b"]}
+SHAPES = {"tiny": TINY, "qwen2.5-0.5b": CONFIGS["qwen2.5-0.5b"], "qwen3-0.6b": CONFIGS["qwen3-0.6b"],
+          "qwen2.5-7b": CONFIGS["qwen2.5-7b"]}
 
 RAW_RECEIVER = r"""
 import sys, torch, torch.distributed as dist
@@ -51,9 +56,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: str, port: int) -> subprocess.Popen:
+def start_server(path: str, port: int, device: str = "cpu") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tidal.cli", "serve", path, "--port", str(port), "--load-format", "dummy",
-           "--max-num-seqs", "8", "--log-level", "warning", "--kv-cache-memory-gb", "0.5"]
+           "--max-num-seqs", "8", "--log-level", "warning"]
+    cmd += ["--kv-cache-memory-gb", "0.5"] if device == "cpu" else ["--gpu-memory-utilization", "0.4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -87,6 +93,22 @@ def raw_broadcast_s(nbytes: int) -> float:
     return elapsed
 
 
+def d2d_copy_s(nbytes: int) -> float:
+    """A device-to-device copy of nbytes (median of 5), the floor of a colocated push."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
 def stream_gaps(url: str, into: dict, started: threading.Event) -> None:
     body = {"input_ids": [5, 6, 7, 8], "stream": True,
             "sampling_params": {"max_tokens": 3000, "temperature": 0, "ignore_eos": True}}
@@ -115,14 +137,14 @@ def state_dict(path: str, dtype: torch.dtype, seed: int) -> dict[str, torch.Tens
             for name, (shape, _) in model.weight_specs().items() if name not in model.optional_weights()}
 
 
-def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root: Path) -> dict:
+def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root: Path, device: str = "cpu") -> dict:
     cfg = SHAPES[shape]
     path = write_config(shape, cfg, root)
     port = free_port()
-    server = start_server(path, port)
+    server = start_server(path, port, device)
     url = f"http://127.0.0.1:{port}"
     try:
-        tensors = state_dict(path, dtype, 1)
+        tensors = {n: t.to(device) for n, t in state_dict(path, dtype, 1).items()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         with WeightSender([url], backend=backend, bucket_bytes=bucket_bytes, timeout_s=300) as sender:
             warm = sender.push(tensors, 1)   # joins the group; the second push is the measured one
@@ -150,8 +172,9 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
     finally:
         server.terminate()
         server.wait(60)
-    raw = raw_broadcast_s(nbytes)
-    return {"shape": shape, "backend": backend, "dtype": str(dtype), "bytes": nbytes, "bucket_bytes": bucket_bytes,
+    del tensors
+    raw = d2d_copy_s(nbytes) if device == "cuda" and backend == "ipc" else raw_broadcast_s(nbytes)
+    return {"shape": shape, "device": device, "baseline": "d2d_copy" if device == "cuda" and backend == "ipc" else "gloo_broadcast", "backend": backend, "dtype": str(dtype), "bytes": nbytes, "bucket_bytes": bucket_bytes,
             "push_s": res.phases["total"], "phases": res.phases, "raw_broadcast_s": raw,
             "ratio": res.phases["total"] / raw, "decode_step_s": step, "stall_s": stall,
             "stall_steps": stall / step if step == step and step > 0 else None, "engine_commit_s": commit,
@@ -161,7 +184,8 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--backend", default="gloo", choices=["gloo", "shm"])
+    ap.add_argument("--backend", default="gloo", choices=["gloo", "shm", "ipc", "nccl"])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--bucket-mb", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="the trainer's tensor dtype (the CPU engine serves float32 and casts at commit)")
@@ -170,7 +194,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for shape in args.shapes:
-            rows.append(bench(shape, args.backend, args.bucket_mb << 20, getattr(torch, args.dtype), Path(d)))
+            rows.append(bench(shape, args.backend, args.bucket_mb << 20, getattr(torch, args.dtype), Path(d),
+                              args.device))
     print(f"{'shape':14} {'MB':>8} {'push s':>8} {'pack':>7} {'wire':>7} {'stage':>7} {'commit':>7} "
           f"{'raw s':>8} {'ratio':>6} {'step ms':>8} {'stall ms':>9} {'stall/step':>10}")
     for r in rows:
@@ -179,7 +204,8 @@ def main() -> None:
               f"{p['stage']:7.3f} {p['commit']:7.3f} {r['raw_broadcast_s']:8.3f} {r['ratio']:6.2f} "
               f"{r['decode_step_s'] * 1e3:8.2f} {r['stall_s'] * 1e3:9.1f} {r['stall_steps'] or 0:10.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": "cpu", "torch": torch.__version__, "rows": rows}, indent=1))
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
 
