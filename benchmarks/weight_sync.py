@@ -60,11 +60,13 @@ def start_server(path: str, port: int, device: str = "cpu") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tidal.cli", "serve", path, "--port", str(port), "--load-format", "dummy",
            "--max-num-seqs", "8", "--log-level", "warning"]
     cmd += ["--kv-cache-memory-gb", "0.5"] if device == "cpu" else ["--gpu-memory-utilization", "0.4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.NamedTemporaryFile("w+", prefix="tidal-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"tidal serve exited with {proc.returncode}")
+            log.seek(0)
+            raise RuntimeError(f"tidal serve exited with {proc.returncode}: {log.read()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
