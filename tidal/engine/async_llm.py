@@ -2,7 +2,7 @@
 
 Every operation is a message through the core's inbox completed by a future; no lock is held
 around engine state. A request's output route is registered before the request is sent, so a
-reply can never arrive before someone is listening (seed 002).
+reply can never arrive before someone is listening (docs/architecture.md, "Data flow").
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The same methods and semantics as AsyncLLM (generate, abort, pause, resume, sleep, wake_up,
 update_weights, flush_cache, state), over ZeroMQ instead of a thread.
 
-Why no reply can be lost (seed 002): every reply channel, a request's output stream or a
+Why no reply can be lost (docs/architecture.md, "Data flow"): every reply channel, a request's output stream or a
 control call's future, is put in the route table *before* its message is sent, and both happen
 on the event loop thread with no await in between; the receiver task runs on that same loop,
 so it cannot see a reply before the route exists. Routes are removed when the request finishes,
