@@ -186,6 +186,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.weights_root is not None and not os.path.isdir(args.weights_root):
         print(f"tidal serve: --weights-root {args.weights_root!r} is not a directory", file=sys.stderr)
         return 2
+    if args.weights_root is not None:  # the engine confines every file it opens for an update (shards too)
+        config.weights_root = os.path.realpath(args.weights_root)
     for name in ("heartbeat_timeout", "shutdown_grace_s", "timeout_keep_alive", "header_timeout",
                  "limit_concurrency", "max_body_bytes"):
         if getattr(args, name) <= 0:

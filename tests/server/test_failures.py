@@ -79,7 +79,7 @@ def test_update_weights_confined_to_weights_root(secured, weights_root, server_m
     before = httpx.post(secured.url + "/generate", json=gen, headers=secured.headers(), timeout=30).json()
     bad = {"model.embed_tokens.weight": "0" * 64}
     r = httpx.post(url, json={"path": str(weights_root / "v2"), "version": 2, "checksums": bad}, headers=h, timeout=60)
-    assert r.status_code == 409 and "checksum" in r.json()["error"]["message"], r.text
+    assert r.status_code == 400 and "checksum" in r.json()["error"]["message"], r.text  # bad input (issue 10, 14)
     r = httpx.post(url, json={"path": str(weights_root / "v2"), "version": 2}, headers=h, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["weight_version"] == 2

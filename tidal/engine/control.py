@@ -275,8 +275,9 @@ class ControlPlane:
         asleep = self.sleeping.get("weights")
         if asleep is not None and asleep.cpu_copies is None and kwargs.get("path") is not None:
             # Discarded weights: nothing is serving, so the new checkpoint loads here, in full.
-            extra = set(kwargs) - {"path", "version", "checksums", "source", "timeout_s"}
-            if extra or kwargs.get("source", "path") != "path":
+            extra = {k for k, v in kwargs.items()
+                     if v is not None and k not in ("path", "version", "checksums", "source", "timeout_s")}
+            if extra or kwargs.get("source") not in (None, "path"):
                 raise EngineInvalidInput("source", kwargs.get("source"), "'path' (alone) while the weights "
                                          "are discarded")
             return self._update_discarded(kwargs["path"], None, kwargs.get("version"), kwargs.get("checksums"))

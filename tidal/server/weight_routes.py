@@ -105,6 +105,11 @@ def _tensors(items: list[TensorMeta] | None) -> list[dict] | None:
     return None if items is None else [t.model_dump(exclude_none=True) for t in items]
 
 
+class SGLangReply(BaseModel):
+    success: bool
+    message: str
+
+
 def register(app: FastAPI, server: "_Server") -> None:
     """Install the routes on `app`, guarded by the admin key like every control route."""
     from tidal.server.api import _CONTROL_ERRORS, APIError, _json_response
@@ -190,5 +195,13 @@ def register(app: FastAPI, server: "_Server") -> None:
               ("/v1/commit_weights", commit), ("/v1/abort_staged", abort), ("/v1/fence", fence),
               ("/init_weights_update_group", sgl_init), ("/destroy_weights_update_group", sgl_destroy),
               ("/update_weights_from_distributed", sgl_update)]
+    # A failed operation answers SGLang's {success: false, message}; a body that does not parse
+    # answers Tidal's error object, like every route.
+    sglang_reply = {"description": "SGLang's {success: false, message} when the operation fails; Tidal's error "
+                                   "object when the body does not parse",
+                    "content": {"application/json": {"schema": {"anyOf": [
+                        {"$ref": "#/components/schemas/ErrorResponse"}, SGLangReply.model_json_schema()]}}}}
     for path, handler in routes:
-        app.post(path, dependencies=admin, responses=_CONTROL_ERRORS)(handler)
+        sglang = not path.startswith("/v1/")
+        responses = {**_CONTROL_ERRORS, 400: sglang_reply} if sglang else _CONTROL_ERRORS
+        app.post(path, dependencies=admin, responses=responses)(handler)
