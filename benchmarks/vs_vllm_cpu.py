@@ -24,7 +24,8 @@ fairer figure than wall time on a shared machine), prompts whose greedy token id
 the sampled tokens over the identical prefix of each pair. Through the HTTP servers (the small
 checkpoint; vLLM: `python -m vllm.entrypoints.openai.api_server`, Tidal: `tidal serve`): output
 tok/s at 32 concurrent non-streaming /v1/completions requests (64 requests, the small workload's
-prompts), and single-stream decode latency (a streamed request: time between the first and last
+prompts) and the CPU-seconds each process of the server's tree spent meanwhile (read from /proc),
+and single-stream decode latency (a streamed request: time between the first and last
 token over the tokens in between). Both engines run with --threads intra-op threads: Tidal via
 torch.set_num_threads / OMP_NUM_THREADS, vLLM with VLLM_CPU_OMP_THREADS_BIND=nobind and
 OMP_NUM_THREADS. Prints a table and writes benchmarks/results/vs_vllm_cpu.json.
@@ -243,13 +244,41 @@ async def decode_latency(port: int, prompt: list[int], max_tokens: int) -> dict:
                 ms_per_chunk=(stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3)
 
 
+def proc_tree_cpu_s(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) of process `root` and each of its descendants, keyed
+    "pid name", read from /proc (Linux; the system python here has no psutil)."""
+    stats = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:  # exited while we looked
+                continue
+            name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            stats[int(d.name)] = (name, int(rest[1]), int(rest[11]) + int(rest[12]))  # ppid, utime + stime
+    tree, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in stats:
+            name, _, ticks = stats[pid]
+            tree[f"{pid} {name}"] = ticks / os.sysconf("SC_CLK_TCK")
+            frontier += [c for c, (_, ppid, _) in stats.items() if ppid == pid]
+    return tree
+
+
 def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, threads: int,
              python: str) -> dict:
     port = free_port()
     proc = start_server(kind, path, port, threads, python)
     try:
         asyncio.run(wait_healthy(proc, port, timeout_s=900.0))
+        before = proc_tree_cpu_s(proc.pid)
         load = asyncio.run(load_test(port, prompts, max_tokens, HTTP_CONCURRENCY))
+        after = proc_tree_cpu_s(proc.pid)
+        # Per process of the server's tree (API server, engine core, workers): where the CPU went.
+        load["cpu_s_by_process"] = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+        load["cpu_s"] = sum(load["cpu_s_by_process"].values())
+        load["tok_per_cpu_s"] = load["output_tokens"] / load["cpu_s"]
         lat = asyncio.run(decode_latency(port, prompts[0], LATENCY_TOKENS))
     finally:
         proc.terminate()
@@ -367,12 +396,15 @@ def print_table(results: dict) -> None:
     if h:
         print(f"\nHTTP ({h['checkpoint']}, {h['requests']} requests, {h['concurrency']} concurrent, "
               f"{h['max_tokens']} tokens each; single stream: {LATENCY_TOKENS} tokens)")
-        print("| engine | output tok/s | single-stream TTFT ms | single-stream decode ms/token |")
-        print("|---|---|---|---|")
+        print("| engine | output tok/s | tok/CPU-s (server tree) | single-stream TTFT ms | "
+              "single-stream decode ms/token |")
+        print("|---|---|---|---|---|")
         for engine in ("tidal", "vllm"):
             if engine in h:
                 e = h[engine]
-                print(f"| {engine} | {e['tok_s']:,.0f} | {e['latency']['ttft_ms']:.1f} | {e['latency']['decode_ms']:.2f} |")
+                print(f"| {engine} | {e['tok_s']:,.0f} | {e['tok_per_cpu_s']:,.0f} | {e['latency']['ttft_ms']:.1f} | "
+                      f"{e['latency']['decode_ms']:.2f} |")
+                print(f"  {engine} CPU-s by process during the load: {e['cpu_s_by_process']}")
 
 
 if __name__ == "__main__":
