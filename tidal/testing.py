@@ -208,7 +208,7 @@ class PagedRunner:
         """Feed ``new_tokens[i]`` to sequence i (may be empty); returns each sequence's logits
         [len(new_tokens[i]), vocab] float32."""
         from tidal.attention.base import AttentionMetadata
-        from tidal.runner.context import ForwardContext
+        from tidal.attention.context import ForwardContext
 
         device = self.kv_cache.device
         ids, positions, slots, q_lens, seq_lens = [], [], [], [], []

@@ -7,7 +7,7 @@ import torch
 
 from tidal.attention.base import AttentionMetadata, get_backend
 from tidal.models import load_model
-from tidal.runner.context import ForwardContext
+from tidal.attention.context import ForwardContext
 from tidal.testing import PagedRunner
 
 pytestmark = [pytest.mark.gpu,

@@ -6,10 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from tidal.outputs import WeightSpan
+from tidal.runner.batch import PLACEHOLDER
 from tidal.sampling_params import SamplingParams
-
-
-PLACEHOLDER = -1  # token id of a sampled token not yet copied back from the device
 
 
 class RequestStatus(enum.Enum):
