@@ -101,7 +101,7 @@ def main() -> None:
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
     if not args.skip_engine:
-        from tidal.testing import make_tiny_checkpoint
+        from tidal.models.tiny import make_tiny_checkpoint
         path = make_tiny_checkpoint(tempfile.mkdtemp(prefix="tidal-numerics-"), "qwen3", **ENGINE_MODEL)
         rows = engine_runs(path, args.num_seqs, args.prompt_len, args.out_len, args.repeats)
         overhead = rows[0]["tok_s"] / rows[1]["tok_s"] - 1

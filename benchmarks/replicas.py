@@ -89,7 +89,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="deadline of each load phase (s)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from tidal.testing import tiny_checkpoint_cached
+    from tidal.models.tiny import tiny_checkpoint_cached
     model = args.model or tiny_checkpoint_cached("llama")
     prompts, lengths = make_workload(model_vocab(model), args.num_prompts, args.input_len, args.output_len, 0.0, 0)
     kw = dict(device=args.device, max_num_seqs=args.concurrency, num_kv_blocks=args.num_kv_blocks,

@@ -77,8 +77,8 @@ def write_word_tokenizer(path: str, vocab_size: int, specials: dict[int, str]) -
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from tidal.testing import _bytes_to_unicode
-    b2u = _bytes_to_unicode()
+    from tidal.models.tiny import bytes_to_unicode
+    b2u = bytes_to_unicode()
     vocab = {b2u[b]: b for b in range(256)}
     letters = "abcdefghijklmnopqrstuvwxyz"
     words = ("\u0120" + "".join(w) for n in itertools.count(2) for w in itertools.product(letters, repeat=n))

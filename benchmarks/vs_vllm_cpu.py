@@ -12,7 +12,7 @@ vLLM lives in its own virtual environment (it pins its own torch and transformer
 and this script runs it in a subprocess with --vllm-python (this same file, `--worker vllm`).
 vLLM's CPU attention needs head_dim >= 32, so the checkpoints here use head_dim 64.
 
-Workloads (random-weight checkpoints written by tidal.testing.make_tiny_checkpoint, fp32, random
+Workloads (random-weight checkpoints written by tidal.models.tiny.make_tiny_checkpoint, fp32, random
 byte token ids as prompts, greedy, ignore_eos, prefix cache flushed before each timed run):
   small   4 layers, hidden 256     64 prompts of 8-64 tokens, 128 output tokens each
   medium  8 layers, hidden 1024    the same prompts
@@ -263,7 +263,7 @@ def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, th
 
 # -- driver ---------------------------------------------------------------------------------------
 def checkpoint(name: str, root: Path) -> str:
-    from tidal.testing import make_tiny_checkpoint
+    from tidal.models.tiny import make_tiny_checkpoint
 
     path = root / f"{name}-v1"
     if not (path / "config.json").is_file():

@@ -8,7 +8,7 @@ import torch
 from tidal.attention.base import AttentionMetadata, get_backend
 from tidal.models import load_model
 from tidal.attention.context import ForwardContext
-from tidal.testing import PagedRunner
+from tests.helpers import PagedRunner
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

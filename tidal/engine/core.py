@@ -43,7 +43,7 @@ OutputHandler = Callable[[list[EngineOutput]], None]
 
 def resolve_model_path(model: str | None) -> str:
     if model is None:
-        from tidal.testing import tiny_checkpoint_cached
+        from tidal.models.tiny import tiny_checkpoint_cached
         return tiny_checkpoint_cached("qwen3")
     return model
 
