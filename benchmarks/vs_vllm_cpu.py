@@ -27,7 +27,7 @@ tok/s at 32 concurrent non-streaming /v1/completions requests (64 requests, the 
 prompts), and single-stream decode latency (a streamed request: time between the first and last
 token over the tokens in between). Both engines run with --threads intra-op threads: Tidal via
 torch.set_num_threads / OMP_NUM_THREADS, vLLM with VLLM_CPU_OMP_THREADS_BIND=nobind and
-OMP_NUM_THREADS. Prints a table and writes benchmarks/results/vs_vllm_cpu.json.
+OMP_NUM_THREADS. Prints a table and writes vs_vllm_cpu.json into benchmarks/results/local/ (--publish: results/).
 """
 from __future__ import annotations
 
@@ -282,8 +282,11 @@ def main() -> None:
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--ablate-backends", nargs="*", default=[], metavar="BACKEND",
                     help="also run Tidal with these attention backends (e.g. torch: the reference)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_vllm_cpu.json"))
+    ap.add_argument("--out", default=None, help="default: vs_vllm_cpu.json in the results dir")
+    ap.add_argument("--publish", action="store_true",
+                    help="write into benchmarks/results/ (the committed results); default: benchmarks/results/local/")
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / ("" if args.publish else "local") / "vs_vllm_cpu.json")
     sys.path.insert(0, str(ROOT))
     root = Path(args.ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
