@@ -23,14 +23,22 @@ import random
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 from tidal.config import EngineConfig
 from tidal.engine.control import ControlPlane
 from tidal.engine.kv_cache import BlockManager
-from tidal.engine.messages import (AbortRequests, AddRequest, ControlCall, EngineDead, EngineInvalidInput,
-                                   EngineOutput, EngineState, Shutdown)
+from tidal.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    ControlCall,
+    EngineDead,
+    EngineInvalidInput,
+    EngineOutput,
+    EngineState,
+    Shutdown,
+)
 from tidal.engine.request import Request
 from tidal.engine.scheduler import Scheduler
 from tidal.models.loader import checkpoint_fingerprint

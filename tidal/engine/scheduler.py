@@ -16,7 +16,7 @@ returns what it has with `needs_sync` set, and the next schedule runs after step
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from tidal.config import EngineConfig
 from tidal.engine.kv_cache import BlockManager
