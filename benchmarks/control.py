@@ -3,7 +3,8 @@ time against bytes moved (and a device copy of the same bytes), sleep/wake times
 
   python benchmarks/control.py                       # CPU, tiny model
   python benchmarks/control.py --device cuda --shapes qwen2.5-0.5b qwen3-0.6b   # GPU, dummy weights
-Prints a table and writes benchmarks/results/control_<device>.json.
+Prints a table and writes control_<device>.json into benchmarks/results/local/
+(--publish: benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.outdir import add_publish_flag, results_dir  # noqa: E402
 from benchmarks.throughput import CONFIGS, TINY, write_config  # noqa: E402
 from tidal import LLM, SamplingParams  # noqa: E402
 
@@ -106,6 +108,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", default=None, help=f"of {list(CONFIGS)}; default: tiny on CPU")
     ap.add_argument("--inflight", nargs="*", type=int, default=[8, 64, 256])
     ap.add_argument("--out", default=None)
+    add_publish_flag(ap)
     args = ap.parse_args()
     shapes = {n: CONFIGS[n] for n in args.shapes} if args.shapes else {"tiny": dict(TINY, torch_dtype="float32")}
     root = Path(tempfile.mkdtemp(prefix="tidal-control-"))
@@ -118,7 +121,7 @@ def main() -> None:
         print(f"{r['shape']}: update_weights {u['bytes'] / 2**20:.1f} MiB in {u['update_s'] * 1e3:.1f} ms "
               f"(device copy {u['copy_s'] * 1e3:.1f} ms, ratio {u['ratio']:.2f}); sleep {s['sleep_s'] * 1e3:.1f} ms "
               f"freed {s['bytes_freed']}, wake {s['wake_s'] * 1e3:.1f} ms")
-    out = Path(args.out or Path(__file__).parent / "results" / f"control_{args.device.split(':')[0]}.json")
+    out = Path(args.out or results_dir(args.publish) / f"control_{args.device.split(':')[0]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"wrote {out}")

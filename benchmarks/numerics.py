@@ -1,7 +1,7 @@
 """Cost of the RL numerics options (docs/numerics.md): batch_invariant vs default on the CPU, and
 the fp32 LM head's time and memory (CPU, and CUDA when present).
 
-    python benchmarks/numerics.py                      # both parts, JSON to benchmarks/results/
+    python benchmarks/numerics.py                      # both parts, JSON to benchmarks/results/local/ (--publish: results/)
     python benchmarks/numerics.py --skip-engine        # only the LM-head part (e.g. on a GPU)
 
 Engine part: one LLM.generate over the same random workload with batch_invariant off and on
@@ -23,6 +23,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from benchmarks.outdir import add_publish_flag, results_dir  # noqa: E402
 
 # A small but not dispatch-bound shape for the CPU engine run.
 ENGINE_MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
@@ -93,15 +95,16 @@ def main() -> None:
     ap.add_argument("--head-iters", type=int, default=10)
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--head-devices", nargs="+", default=None, help="default: cpu, and cuda when present")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "numerics.json"))
+    ap.add_argument("--out", default=None, help="default: numerics.json in the results dir")
+    add_publish_flag(ap)
     args = ap.parse_args()
+    args.out = args.out or str(results_dir(args.publish) / "numerics.json")
     torch.manual_seed(0)
     result: dict = {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
     if not args.skip_engine:
-        from tidal.testing import make_tiny_checkpoint
+        from tidal.models.tiny import make_tiny_checkpoint
         path = make_tiny_checkpoint(tempfile.mkdtemp(prefix="tidal-numerics-"), "qwen3", **ENGINE_MODEL)
         rows = engine_runs(path, args.num_seqs, args.prompt_len, args.out_len, args.repeats)
         overhead = rows[0]["tok_s"] / rows[1]["tok_s"] - 1

@@ -10,7 +10,7 @@ lengths, ignore_eos, greedy, streaming /v1/completions with token ids):
   3. N replicas through the router                 (least-outstanding routing)
 Overhead = 1 - (3) / (2) output tokens/s (goal < 10% at 128 streams); scaling = (2) / (1) (goal
 >= 1.8x for 2 replicas where the machine has the cores: one GPU each). Prints a table and writes
-JSON (default benchmarks/results/replicas_<device>.json).
+JSON (default benchmarks/results/local/replicas_<device>.json; --publish: results/).
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import msgspec
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.outdir import add_publish_flag, results_dir  # noqa: E402
 from benchmarks.serving import (_get, free_port, make_workload, model_vocab, start_server,  # noqa: E402
                                 stop_server, stream_request, summarize)
 
@@ -89,7 +90,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600.0, help="deadline of each load phase (s)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from tidal.testing import tiny_checkpoint_cached
+    from tidal.models.tiny import tiny_checkpoint_cached
     model = args.model or tiny_checkpoint_cached("llama")
     prompts, lengths = make_workload(model_vocab(model), args.num_prompts, args.input_len, args.output_len, 0.0, 0)
     kw = dict(device=args.device, max_num_seqs=args.concurrency, num_kv_blocks=args.num_kv_blocks,
@@ -128,7 +129,7 @@ def main() -> int:
     if result["router_overhead"] is not None:
         print(f"router overhead: {100 * result['router_overhead']:.1f}%   scaling 1 -> {args.replicas}: "
               f"{result['scaling']:.2f}x")
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"replicas_{args.device}.json")
+    out = args.out or str(results_dir(args.publish) / f"replicas_{args.device}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {out}")

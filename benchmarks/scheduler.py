@@ -9,7 +9,8 @@
 
     python benchmarks/scheduler.py [--quick]
 
-Prints tables; writes benchmarks/results/scheduler.json and scheduler_timeline.png.
+Prints tables; writes scheduler.json and scheduler_timeline.png into
+benchmarks/results/local/ (--publish: benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from tidal.cluster import ClusterSpec, PipelineSpec, PlannerConfig, Priority, SchedulerState, plan, validate_plan  # noqa: E402,E501
+from benchmarks.outdir import add_publish_flag, results_dir  # noqa: E402
 from tidal.cluster.sim import SimConfig, Workload, compare, plot_timeline  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 SIZES = [(8, 64), (64, 512), (256, 4096)]
 
 
@@ -215,8 +216,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats and a shorter horizon")
     ap.add_argument("--sweep", action="store_true",
                     help="only the rollout-size x env-time sweep (results/scheduler_sweep.json)")
+    add_publish_flag(ap)
     args = ap.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    RESULTS = results_dir(args.publish)
     if args.sweep:
         rows = sweep()
         (RESULTS / "scheduler_sweep.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -18,7 +18,7 @@ decode to short words, so the server streams text as it would for a real model),
 the embedded tiny model. Every request has a fixed length (random token-id prompts, ignore_eos),
 so both runs do the same work. The load generator is a minimal asyncio HTTP/1.1 client. Every
 phase has a deadline and the server is killed on exit; its log goes to --server-log. Prints a
-table and writes JSON (default benchmarks/results/serving.json), also when a phase failed.
+table and writes JSON (default benchmarks/results/local/serving.json; --publish: results/), also when a phase failed.
 """
 from __future__ import annotations
 
@@ -77,8 +77,8 @@ def write_word_tokenizer(path: str, vocab_size: int, specials: dict[int, str]) -
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from tidal.testing import _bytes_to_unicode
-    b2u = _bytes_to_unicode()
+    from tidal.models.tiny import bytes_to_unicode
+    b2u = bytes_to_unicode()
     vocab = {b2u[b]: b for b in range(256)}
     letters = "abcdefghijklmnopqrstuvwxyz"
     words = ("\u0120" + "".join(w) for n in itertools.count(2) for w in itertools.product(letters, repeat=n))
@@ -462,9 +462,12 @@ def main() -> int:
     ap.add_argument("--offline-timeout", type=float, default=600.0, help="seconds for the whole offline run")
     ap.add_argument("--load-timeout", type=float, default=600.0, help="seconds for the server's load run")
     ap.add_argument("--work-dir", default=None, help="where --shape writes its model (default: a temp dir)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "serving.json"))
+    ap.add_argument("--out", default=None, help="default: serving.json in the results dir")
+    ap.add_argument("--publish", action="store_true",
+                    help="write into benchmarks/results/ (the committed results); default: benchmarks/results/local/")
     ap.add_argument("--server-log", default=None, help="the server's output (default: next to --out)")
     args = ap.parse_args()
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "results", "" if args.publish else "local", "serving.json")
     args.server_log = args.server_log or os.path.splitext(args.out)[0] + "_server.log"
     for p in (args.out, args.server_log):
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)

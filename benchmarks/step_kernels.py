@@ -22,7 +22,7 @@ from benchmarks.throughput import (CONFIGS, copy_bandwidth, fill_decode_batch, m
                                    write_config)
 from tidal import LLM  # noqa: E402
 from tidal.models.fused import set_fused_kernels  # noqa: E402
-from tidal.runner.context import ForwardContext  # noqa: E402
+from tidal.attention.context import ForwardContext  # noqa: E402
 from tidal.runner.sampler import SamplingTensors  # noqa: E402
 from tidal.sampling_params import SamplingParams  # noqa: E402
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import random
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.outdir import add_publish_flag, results_dir  # noqa: E402
 from tidal import LLM, SamplingParams  # noqa: E402
 from tidal.models.fused import set_fused_kernels  # noqa: E402
 
@@ -71,6 +73,15 @@ def make_workload(num_seqs: int, lo: int, max_in: int, max_out: int, vocab: int,
                for _ in range(num_seqs)]
     out_lens = [rng.randint(lo, max_out) for _ in range(num_seqs)]
     return prompts, out_lens
+
+
+def _num(x: float, width: int, fmt: str) -> str:
+    """`x` formatted, or "-" where there is no number (the CPU has no bandwidth ceiling)."""
+    return f"{'-':>{width}s}" if not math.isfinite(x) else f"{x:{width}{fmt}}"
+
+
+def _pct(a: float, b: float, width: int) -> str:
+    return f"{'-':>{width}s}" if not (math.isfinite(b) and b > 0) else f"{100 * a / b:{width - 1}.1f}%"
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -494,7 +505,8 @@ def main() -> None:
     ap.add_argument("--unfused", nargs="*", default=[], metavar="MODEL",
                     help="also run these models with the fused layer kernels off (torch ops), side by side")
     ap.add_argument("--tiny", action="store_true", help="a tiny model in place of each config (smoke run)")
-    ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out-dir", default=None, help="default: benchmarks/results/local/ (--publish: results/)")
+    add_publish_flag(ap)
     ap.add_argument("--tag", default="throughput", help="file name stem of the JSON and PNG")
     ap.add_argument("--plot-only", metavar="JSON", help="redraw the PNG of a saved result and exit")
     args = ap.parse_args()
@@ -506,7 +518,7 @@ def main() -> None:
     bw = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict = dict(device=name, copy_bandwidth_bytes_s=bw, torch=torch.__version__, args=vars(args), models={})
-    out_dir = Path(args.out_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else results_dir(args.publish)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="tidal-bench-"))
     hf_seqs = args.hf_seqs
@@ -548,8 +560,8 @@ def main() -> None:
         t, hf, c = r["tidal"]["tok_s"], r.get("hf", {}).get("tok_s"), r["ceiling"]["tok_s"]
         b1, b1c = r["tidal"]["batch1_tok_s"], r["batch1_ceiling_tok_s"]
         hf_s = f"{hf:10.0f} {t / hf:6.1f}" if hf else f"{'-':>10s} {'-':>6s}"
-        print(f"{model:14s} {t:12.0f} {r['tidal']['tok_s_second_run']:8.0f} {hf_s} {c:9.0f} {100 * t / c:6.1f}% "
-              f"{b1:9.1f} {b1c:8.1f} {100 * b1 / b1c:5.1f}%")
+        print(f"{model:14s} {t:12.0f} {r['tidal']['tok_s_second_run']:8.0f} {hf_s} {_num(c, 9, '.0f')} "
+              f"{_pct(t, c, 7)} {b1:9.1f} {_num(b1c, 8, '.1f')} {_pct(b1, b1c, 6)}")
     for model, r in results["models"].items():
         cb = r.get("hf_cb", {})
         if cb.get("tok_s"):

@@ -12,7 +12,7 @@ vLLM lives in its own virtual environment (it pins its own torch and transformer
 and this script runs it in a subprocess with --vllm-python (this same file, `--worker vllm`).
 vLLM's CPU attention needs head_dim >= 32, so the checkpoints here use head_dim 64.
 
-Workloads (random-weight checkpoints written by tidal.testing.make_tiny_checkpoint, fp32, random
+Workloads (random-weight checkpoints written by tidal.models.tiny.make_tiny_checkpoint, fp32, random
 byte token ids as prompts, greedy, ignore_eos, prefix cache flushed before each timed run):
   small   4 layers, hidden 256     64 prompts of 8-64 tokens, 128 output tokens each
   medium  8 layers, hidden 1024    the same prompts
@@ -28,7 +28,7 @@ prompts) and the CPU-seconds each process of the server's tree spent meanwhile (
 and single-stream decode latency (a streamed request: time between the first and last
 token over the tokens in between). Both engines run with --threads intra-op threads: Tidal via
 torch.set_num_threads / OMP_NUM_THREADS, vLLM with VLLM_CPU_OMP_THREADS_BIND=nobind and
-OMP_NUM_THREADS. Prints a table and writes benchmarks/results/vs_vllm_cpu.json.
+OMP_NUM_THREADS. Prints a table and writes vs_vllm_cpu.json into benchmarks/results/local/ (--publish: results/).
 """
 from __future__ import annotations
 
@@ -292,7 +292,7 @@ def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, th
 
 # -- driver ---------------------------------------------------------------------------------------
 def checkpoint(name: str, root: Path) -> str:
-    from tidal.testing import make_tiny_checkpoint
+    from tidal.models.tiny import make_tiny_checkpoint
 
     path = root / f"{name}-v1"
     if not (path / "config.json").is_file():
@@ -314,8 +314,11 @@ def main() -> None:
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--ablate-backends", nargs="*", default=[], metavar="BACKEND",
                     help="also run Tidal with these attention backends (e.g. torch: the reference)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "vs_vllm_cpu.json"))
+    ap.add_argument("--out", default=None, help="default: vs_vllm_cpu.json in the results dir")
+    ap.add_argument("--publish", action="store_true",
+                    help="write into benchmarks/results/ (the committed results); default: benchmarks/results/local/")
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / ("" if args.publish else "local") / "vs_vllm_cpu.json")
     sys.path.insert(0, str(ROOT))
     root = Path(args.ckpt_root)
     root.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ For each shape (random weights, load_format=dummy): push time and its phases (pa
 commit), the raw broadcast time of the same byte count (rank 0 here, rank 1 a helper process,
 same gloo transport), their ratio; and the stall: a greedy request streams tokens through a push
 with no pause, and the longest gap between two of its tokens during the push is compared with
-its median gap (one decode step). Prints a table and writes benchmarks/results/weight_sync_<dev>.json.
+its median gap (one decode step). Prints a table and writes weight_sync_<dev>.json into benchmarks/results/local/
+(--publish: benchmarks/results/).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.outdir import add_publish_flag, results_dir  # noqa: E402
 from benchmarks.throughput import CONFIGS, TINY, write_config  # noqa: E402
 from tidal.sync import WeightSender  # noqa: E402
 
@@ -191,8 +193,10 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="the trainer's tensor dtype (the CPU engine serves float32 and casts at commit)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "weight_sync_cpu.json"))
+    ap.add_argument("--out", default=None, help="default: weight_sync_cpu.json in the results dir")
+    add_publish_flag(ap)
     args = ap.parse_args()
+    args.out = args.out or str(results_dir(args.publish) / "weight_sync_cpu.json")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for shape in args.shapes:

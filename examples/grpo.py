@@ -579,7 +579,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _tiny_checkpoint(arch: str) -> str:
     # The qwen3 one is the model `tidal serve` runs when given no MODEL_DIR.
-    from tidal.testing import tiny_checkpoint_cached
+    from tidal.models.tiny import tiny_checkpoint_cached
     return tiny_checkpoint_cached(arch)
 
 

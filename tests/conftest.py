@@ -21,7 +21,7 @@ def _few_threads():
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """tiny_ckpt(arch="llama", **overrides) -> path of a tiny HF checkpoint (cached per session)."""
-    from tidal.testing import make_tiny_checkpoint
+    from tidal.models.tiny import make_tiny_checkpoint
 
     cache: dict[tuple, str] = {}
 

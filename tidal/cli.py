@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 _DESCRIPTION = """\
 Tidal: an LLM rollout engine for RL, with a control plane a trainer can drive.
@@ -52,7 +52,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
                    help="HF-format checkpoint directory (default: the embedded tiny model)")
     g = p.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
+    g.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
                    help="weight and activation dtype (default: bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'cuda:N' (default: cuda if available)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default: 64)")

@@ -21,9 +21,10 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import httpx
 import torch
@@ -219,7 +220,8 @@ class WeightSender:
             n = _bucket_bytes(bucket)
             slot = k % 2
             if bufs[slot] is None or bufs[slot].numel() < n:
-                bufs[slot] = torch.empty(max(n, min(self.bucket_bytes, _total(buckets))), dtype=torch.uint8, device=device)
+                size = max(n, min(self.bucket_bytes, _total(buckets)))
+                bufs[slot] = torch.empty(size, dtype=torch.uint8, device=device)
             buf = bufs[slot][:n]
             _pack(bucket, buf)
             phases["pack"] += time.perf_counter() - tp
@@ -281,7 +283,7 @@ class WeightSender:
             self._pool.shutdown(wait=False)
             self._http.close()
 
-    def __enter__(self) -> "WeightSender":
+    def __enter__(self) -> WeightSender:
         return self
 
     def __exit__(self, *exc: object) -> None:

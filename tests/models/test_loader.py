@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from tidal.engine.messages import EngineInvalidInput
 from tidal.models import get_model_class, iter_checkpoint, load_arch, load_model
 from tidal.models.loader import weight_files
-from tidal.testing import IM_END_ID, EOS_ID, PagedRunner
+from tests.helpers import PagedRunner
+from tidal.models.tiny import EOS_ID, IM_END_ID
 
 PROMPT = [3, 14, 15, 92, 65, 35]
 

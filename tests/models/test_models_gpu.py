@@ -7,8 +7,8 @@ import torch
 
 from tidal.attention.base import AttentionMetadata, get_backend
 from tidal.models import load_model
-from tidal.runner.context import ForwardContext
-from tidal.testing import PagedRunner
+from tidal.attention.context import ForwardContext
+from tests.helpers import PagedRunner
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

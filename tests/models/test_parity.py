@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tidal.models import load_model
-from tidal.testing import LLAMA3_ROPE, YARN_ROPE, PagedRunner
+from tests.helpers import LLAMA3_ROPE, YARN_ROPE, PagedRunner
 
 ATOL = 1e-4
 PROMPTS = [[7, 100, 3, 42, 250, 9, 18], [5], [200, 31, 64, 2, 77, 12, 90, 33, 150, 8, 61, 4, 255, 19]]

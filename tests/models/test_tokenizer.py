@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tidal.testing import BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, PAD_ID, tiny_checkpoint_cached
+from tidal.models.tiny import BOS_ID, EOS_ID, IM_END_ID, IM_START_ID, PAD_ID, tiny_checkpoint_cached
 from tidal.tokenizer import load_tokenizer
 
 

@@ -9,7 +9,7 @@ import torch
 
 from tidal.attention.base import AttentionMetadata, get_backend
 from tidal.models import load_model
-from tidal.runner.context import ForwardContext
+from tidal.attention.context import ForwardContext
 from tidal.runner.cuda_graph import CudaGraphRunner, default_batch_sizes
 from tidal.runner.runner import StepInputs
 

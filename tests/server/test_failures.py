@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tidal.testing import make_tiny_checkpoint
+from tidal.models.tiny import make_tiny_checkpoint
 
 CONTROL = [("POST", "/v1/pause", {"mode": "abort"}), ("POST", "/v1/resume", None), ("GET", "/v1/is_paused", None),
            ("POST", "/v1/abort_requests", {"abort_all": True}), ("POST", "/v1/sleep", {"tags": ["kv_cache"]}),

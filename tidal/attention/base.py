@@ -12,8 +12,8 @@ The KV cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -8,9 +8,19 @@
 from tidal.cluster.planner import PlannerConfig, plan
 from tidal.cluster.scheduler import GpuScheduler
 from tidal.cluster.state import Plan, SchedulerState, validate_plan
-from tidal.cluster.types import (ClusterSpec, ControllerError, GenerationController, PipelineDeadError,
-                                 PipelineSpec, PlanInvariantError, Priority, SchedulerError,
-                                 SchedulerTimeoutError, SpecError, UnknownPipelineError)
+from tidal.cluster.types import (
+                                 ClusterSpec,
+                                 ControllerError,
+                                 GenerationController,
+                                 PipelineDeadError,
+                                 PipelineSpec,
+                                 PlanInvariantError,
+                                 Priority,
+                                 SchedulerError,
+                                 SchedulerTimeoutError,
+                                 SpecError,
+                                 UnknownPipelineError,
+)
 
 __all__ = [
     "ClusterSpec", "ControllerError", "GenerationController", "GpuScheduler", "PipelineDeadError",

@@ -17,8 +17,16 @@ from typing import Any
 
 from tidal.cluster.planner import PlannerConfig, plan
 from tidal.cluster.state import SchedulerState, validate_plan
-from tidal.cluster.types import (ControllerError, GenerationController, PipelineDeadError, PipelineSpec,
-                                 Priority, SchedulerError, SchedulerTimeoutError, SpecError)
+from tidal.cluster.types import (
+    ControllerError,
+    GenerationController,
+    PipelineDeadError,
+    PipelineSpec,
+    Priority,
+    SchedulerError,
+    SchedulerTimeoutError,
+    SpecError,
+)
 
 log = logging.getLogger(__name__)
 

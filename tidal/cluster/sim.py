@@ -277,7 +277,8 @@ def layout(workloads: list[Workload], cfg: SimConfig, mode: str) -> list[Pipelin
     return specs
 
 
-def simulate(workloads: list[Workload], cfg: SimConfig = SimConfig(), mode: str = "shared") -> SimResult:
+def simulate(workloads: list[Workload], cfg: SimConfig | None = None, mode: str = "shared") -> SimResult:
+    cfg = cfg or SimConfig()
     if mode not in ("static", "shared"):
         raise ValueError(f"mode={mode!r}: expected 'static' or 'shared'")
     return run_virtual(_simulate(workloads, cfg, mode))
@@ -341,7 +342,8 @@ def jain(xs: list[float]) -> float:
     return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if xs else 1.0
 
 
-def compare(workloads: list[Workload], cfg: SimConfig = SimConfig()) -> dict:
+def compare(workloads: list[Workload], cfg: SimConfig | None = None) -> dict:
+    cfg = cfg or SimConfig()
     static, shared = simulate(workloads, cfg, "static"), simulate(workloads, cfg, "shared")
     ratios = {p: shared.mean_step(p) / static.mean_step(p) for p in static.step_times}
     return {"static": static, "shared": shared, "utilization_ratio": shared.utilization / static.utilization,

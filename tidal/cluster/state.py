@@ -22,8 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tidal.cluster.types import (ClusterSpec, PipelineDeadError, PipelineSpec, PlanInvariantError,
-                                 Priority, SpecError, UnknownPipelineError)
+from tidal.cluster.types import (
+    ClusterSpec,
+    PipelineDeadError,
+    PipelineSpec,
+    PlanInvariantError,
+    Priority,
+    SpecError,
+    UnknownPipelineError,
+)
 
 
 @dataclass(slots=True)
@@ -232,7 +239,9 @@ class SchedulerState:
         self._topology = None
         ps.held.clear()
         if ps.gen is not None:
-            ps.gen.active.clear(); ps.gen.shrinking.clear(); ps.gen.expanding.clear()
+            ps.gen.active.clear()
+            ps.gen.shrinking.clear()
+            ps.gen.expanding.clear()
             ps.gen.open = False
             ps.gen.releasing = False
         return self._drop_requests(pipeline_id)

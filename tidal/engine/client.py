@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from tidal.config import EngineConfig
 from tidal.engine.core import EngineCore

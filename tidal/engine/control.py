@@ -2,25 +2,26 @@
 updates, state. Every method here runs on the core thread, invoked through a ControlCall in the
 inbox, so nothing in it needs a lock and nothing can run a forward pass concurrently.
 
-Why drain cannot deadlock (docs/architecture.md, "Control plane"): pausing never blocks the loop. `pause(drain)` only flips
-the state to DRAINING and records a deadline; the loop keeps stepping and `poll()` completes
+Why drain cannot deadlock (docs/architecture.md, "Control plane"): pausing never blocks the
+loop. `pause(drain)` only flips the state to DRAINING and records a deadline; the loop keeps stepping and `poll()` completes
 the reply when the work is done or the deadline passes. `pause(abort)` ends requests through
 the same output path as a normal finish, on this thread, before it replies.
 """
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from collections.abc import Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tidal.engine.messages import ControlCall, EngineError, EngineInvalidInput, EngineState, PauseMode
 from tidal.engine.request import Request, RequestStatus
-from tidal.models.loader import FileStamp, checkpoint_fingerprint, fingerprint_change
 from tidal.engine.weights import WeightManager, stage, tensor_sha256  # noqa: F401 (tensor_sha256: re-exported)
+from tidal.models.loader import FileStamp, checkpoint_fingerprint, fingerprint_change
 
 if TYPE_CHECKING:
     from tidal.engine.core import EngineCore
@@ -51,7 +52,7 @@ def _summary(reqs: Iterable[Request]) -> list[dict[str, Any]]:
 
 
 class ControlPlane:
-    def __init__(self, core: "EngineCore") -> None:
+    def __init__(self, core: EngineCore) -> None:
         self.core = core
         self.pause_mode: PauseMode | None = None
         self.sleeping: dict[str, Any] = {}        # tag -> what wake_up needs
@@ -130,7 +131,8 @@ class ControlPlane:
             return
         except Exception as e:  # the op failed; it has restored the state it changed
             self._record(call.op, {"error": f"{type(e).__name__}: {e}"}, t0)
-            reply.set_exception(e if isinstance(e, EngineError) else EngineError(f"{call.op} failed: {type(e).__name__}: {e}"))
+            reply.set_exception(e if isinstance(e, EngineError)
+                                else EngineError(f"{call.op} failed: {type(e).__name__}: {e}"))
             return
         if result is not None:  # None: the op completes `reply` later (drain)
             if call.op in QUERY_OPS:
@@ -291,7 +293,8 @@ class ControlPlane:
         job, outcome = done
         if isinstance(outcome, BaseException):
             self._record(job.op, {"error": f"{type(outcome).__name__}: {outcome}"}, job.started)
-            err = outcome if isinstance(outcome, EngineError) else EngineError(f"{job.op} failed: {type(outcome).__name__}: {outcome}")
+            err = (outcome if isinstance(outcome, EngineError)
+                   else EngineError(f"{job.op} failed: {type(outcome).__name__}: {outcome}"))
             job.reply.set_exception(err)
         else:
             self._record(job.op, outcome, job.started)
@@ -440,7 +443,7 @@ def _nbytes(saved: int | _SleepingWeights) -> int:
     return saved.bytes if isinstance(saved, _SleepingWeights) else saved
 
 
-def _restore_weights(core: "EngineCore", saved: _SleepingWeights) -> None:
+def _restore_weights(core: EngineCore, saved: _SleepingWeights) -> None:
     """Put the slept weights back, or raise with the parameters untouched (still placeholders)."""
     runner = core.runner
     params = dict(runner.model.named_parameters())
@@ -455,7 +458,7 @@ def _restore_weights(core: "EngineCore", saved: _SleepingWeights) -> None:
     core.weights_loaded = True
 
 
-def _reread_source(core: "EngineCore") -> dict[str, torch.Tensor]:
+def _reread_source(core: EngineCore) -> dict[str, torch.Tensor]:
     """The discarded weights, read again from their checkpoint, refused unless the files are the
     ones that were loaded (before and after the read: an overwrite mid-read is caught too)."""
     source, root = core.weight_source, core.config.weights_root
@@ -480,7 +483,7 @@ class _SourceChanged(Exception):
     pass
 
 
-def _check_unchanged(core: "EngineCore", what: str, now: dict[str, FileStamp]) -> None:
+def _check_unchanged(core: EngineCore, what: str, now: dict[str, FileStamp]) -> None:
     change = fingerprint_change(core.weight_fingerprint or {}, now)
     if change is not None:
         raise _SourceChanged(f"{what} is not the one loaded as weight_version={core.weight_version}: "

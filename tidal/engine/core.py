@@ -23,14 +23,22 @@ import random
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 from tidal.config import EngineConfig
 from tidal.engine.control import ControlPlane
 from tidal.engine.kv_cache import BlockManager
-from tidal.engine.messages import (AbortRequests, AddRequest, ControlCall, EngineDead, EngineInvalidInput,
-                                   EngineOutput, EngineState, Shutdown)
+from tidal.engine.messages import (
+    AbortRequests,
+    AddRequest,
+    ControlCall,
+    EngineDead,
+    EngineInvalidInput,
+    EngineOutput,
+    EngineState,
+    Shutdown,
+)
 from tidal.engine.request import Request
 from tidal.engine.scheduler import Scheduler
 from tidal.models.loader import checkpoint_fingerprint
@@ -43,7 +51,7 @@ OutputHandler = Callable[[list[EngineOutput]], None]
 
 def resolve_model_path(model: str | None) -> str:
     if model is None:
-        from tidal.testing import tiny_checkpoint_cached
+        from tidal.models.tiny import tiny_checkpoint_cached
         return tiny_checkpoint_cached("qwen3")
     return model
 

@@ -19,7 +19,7 @@ clean_up_tokenization_spaces=False)``. The prompt is not part of the output text
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 _REPLACEMENT = "\ufffd"
 

@@ -13,8 +13,8 @@ Only the core loop thread calls into this class; it has no locks on purpose.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import xxhash

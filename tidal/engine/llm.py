@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import queue
-import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from tqdm import tqdm
 

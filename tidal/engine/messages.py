@@ -7,6 +7,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidal.errors import EngineDead, EngineError, EngineInvalidInput, EngineNotServing  # noqa: F401 (re-exported)
 from tidal.sampling_params import SamplingParams
 
 
@@ -72,26 +73,3 @@ class EngineOutput:
     # "invalid_input" (a 400: `error_param` names the field), "not_serving", "engine_dead".
     error_type: str | None = None
     error_param: str | None = None
-
-
-class EngineError(RuntimeError):
-    """A control operation or request failed inside the engine; the message says why."""
-
-
-class EngineInvalidInput(EngineError, ValueError):
-    """The caller's input can never be served as given (a 400 over HTTP): `field` names what was
-    wrong, `value` what was sent, `expected` what would have been accepted."""
-
-    def __init__(self, field: str, value: object, expected: str, message: str | None = None) -> None:
-        self.field = field
-        self.value = value
-        self.expected = expected
-        super().__init__(message or f"{field}={value!r} is invalid: expected {expected}")
-
-
-class EngineNotServing(EngineError):
-    """The engine rejects new requests while paused (reject_while_paused=True)."""
-
-
-class EngineDead(EngineError):
-    """The engine core loop has stopped; nothing more will be served."""

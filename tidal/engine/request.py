@@ -6,10 +6,8 @@ import time
 from dataclasses import dataclass, field
 
 from tidal.outputs import WeightSpan
+from tidal.runner.batch import PLACEHOLDER
 from tidal.sampling_params import SamplingParams
-
-
-PLACEHOLDER = -1  # token id of a sampled token not yet copied back from the device
 
 
 class RequestStatus(enum.Enum):
@@ -40,7 +38,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     # Samples 1..n-1 of a prompt wait here until sample 0 finishes the prompt's prefill; then they
     # fork from it, sharing its blocks (see Scheduler.update).
-    pending_forks: list["Request"] = field(default_factory=list)
+    pending_forks: list[Request] = field(default_factory=list)
     num_preemptions: int = 0
     detokenizer: object | None = None  # only for requests with stop strings
     num_sent_tokens: int = 0           # outputs already handed to the output path

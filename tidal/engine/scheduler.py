@@ -16,42 +16,12 @@ returns what it has with `needs_sync` set, and the next schedule runs after step
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from tidal.config import EngineConfig
 from tidal.engine.kv_cache import BlockManager
 from tidal.engine.request import Request, RequestStatus
-
-
-@dataclass(slots=True)
-class ScheduledBatch:
-    reqs: list[Request] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    # Per row: the requests whose next token is sampled from this row's last logits. Empty
-    # while a prefill is mid-way; [req] normally; [req, *forks] when an n-sample prompt
-    # finishes its prefill.
-    sample_for: list[list[Request]] = field(default_factory=list)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    needs_sync: bool = False  # a lookahead schedule stopped early: resolve before the next one
-
-    def __len__(self) -> int:
-        return len(self.reqs)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    @property
-    def targets(self) -> list[Request]:
-        return [r for group in self.sample_for for r in group]
-
-
-@dataclass(slots=True)
-class SampledToken:
-    token_id: int
-    logprob: float | None
-    top_logprobs: dict[int, float] | None
+from tidal.runner.batch import SampledToken, ScheduledBatch  # noqa: F401 (SampledToken: re-exported)
 
 
 class Scheduler:

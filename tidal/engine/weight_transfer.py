@@ -129,8 +129,7 @@ def join_group(master_address: str, master_port: int, rank: int, world_size: int
                backend: str, timeout_s: float) -> TransferGroup:
     """Rendezvous at tcp://master_address:master_port as `rank` and build the named group. Blocks
     until every rank has arrived or `timeout_s` passes."""
-    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper,
-                                                    _world, rendezvous)
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
     timeout = timedelta(seconds=timeout_s)
     host = f"[{master_address}]" if ":" in master_address else master_address
     store, rank, world_size = next(rendezvous(f"tcp://{host}:{master_port}", rank, world_size, timeout=timeout))
@@ -261,6 +260,10 @@ IPC_FIELDS = ("size", "stride", "offset", "dtype", "device", "handle", "storage_
               "event_sync_required")
 
 
+def _b64(handle: dict, key: str) -> bytes | None:
+    return base64.b64decode(handle[key]) if handle[key] is not None else None
+
+
 def receive_ipc(handles: object, specs: list[TensorSpec], device: torch.device) -> dict[str, torch.Tensor]:
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
     if device.type != "cuda":
@@ -274,11 +277,10 @@ def receive_ipc(handles: object, specs: list[TensorSpec], device: torch.device) 
                                      f"an object with the fields {list(IPC_FIELDS)}")
         if tuple(h["size"]) != s.shape or parse_dtype(h["dtype"], f"ipc_handles[{i}].dtype") != s.dtype:
             raise EngineInvalidInput(f"ipc_handles[{i}]", (h["size"], h["dtype"]), f"shape {list(s.shape)}, {s.dtype}")
-        b64 = lambda k: base64.b64decode(h[k]) if h[k] is not None else None  # noqa: E731
         t = rebuild_cuda_tensor(torch.Tensor, torch.Size(h["size"]), tuple(h["stride"]), int(h["offset"]),
-                                torch.storage.UntypedStorage, s.dtype, int(h["device"]), b64("handle"),
+                                torch.storage.UntypedStorage, s.dtype, int(h["device"]), _b64(h, "handle"),
                                 int(h["storage_size_bytes"]), int(h["storage_offset_bytes"]), False,
-                                b64("ref_counter_handle"), int(h["ref_counter_offset"]), b64("event_handle"),
+                                _b64(h, "ref_counter_handle"), int(h["ref_counter_offset"]), _b64(h, "event_handle"),
                                 bool(h["event_sync_required"]))
         out[s.name] = t.to(device, copy=True)  # our own copy: the trainer may free its buffer
     torch.cuda.synchronize(device)

@@ -18,13 +18,12 @@ engine: it refuses generation until a later update commits, rather than serve mi
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
-import time
 import threading
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,7 +44,7 @@ class _Job:
     op: str
     reply: Future
     started: float
-    done: Callable[[Any, "_Job"], dict]
+    done: Callable[[Any, _Job], dict]
     failed: Callable[[BaseException], None] | None = None
 
 
@@ -69,7 +68,7 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 class WeightManager:
-    def __init__(self, core: "EngineCore") -> None:
+    def __init__(self, core: EngineCore) -> None:
         self.core = core
         self.group: wt.TransferGroup | None = None
         self.job: _Job | None = None
@@ -122,7 +121,8 @@ class WeightManager:
         if not isinstance(world_size, int) or world_size < 2:
             raise EngineInvalidInput("world_size", world_size, "at least 2 (the trainer and this engine)")
         if not isinstance(rank_offset, int) or not 1 <= rank_offset < world_size:
-            raise EngineInvalidInput("rank_offset", rank_offset, f"a rank in 1..{world_size - 1} (rank 0 is the trainer)")
+            raise EngineInvalidInput("rank_offset", rank_offset,
+                                     f"a rank in 1..{world_size - 1} (rank 0 is the trainer)")
         if not isinstance(group_name, str) or not group_name:
             raise EngineInvalidInput("group_name", group_name, "a non-empty group name")
         if self.group is not None:  # re-init replaces the old group: the trainer made a new one

@@ -163,7 +163,8 @@ def qk_norm_rope(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_di
         raise ValueError(f"qkv.shape={tuple(qkv.shape)}, head_dim={head_dim}: expected at least "
                          f"{heads} heads of a power-of-two head_dim")
     if cos_sin.shape[-1] != head_dim or cos_sin.dtype != torch.float32:
-        raise ValueError(f"cos_sin: shape {tuple(cos_sin.shape)} {cos_sin.dtype}, expected [max_pos, {head_dim}] float32")
+        raise ValueError(f"cos_sin: shape {tuple(cos_sin.shape)} {cos_sin.dtype}, "
+                         f"expected [max_pos, {head_dim}] float32")
     if (q_weight is None) != (k_weight is None):
         raise ValueError("q_weight and k_weight: give both (Qwen3 q/k norm) or neither")
     out = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tidal.attention.context import ForwardContext
 from tidal.models.config import ModelArch, as_config_dict, parse_arch
 from tidal.models.fused import fused_enabled, qk_norm_rope, silu_mul
 from tidal.models.layers import Embedding, Linear, RMSNorm, RopeInputs, RotaryEmbedding, apply_rope
-from tidal.runner.context import ForwardContext
 
 # Checkpoint tensors that carry no weights (buffers saved by old exports); accepted and skipped.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)

@@ -17,8 +17,7 @@ import torch
 import xxhash
 from safetensors import SafetensorError, safe_open
 
-from tidal.engine.messages import EngineInvalidInput
-
+from tidal.errors import EngineInvalidInput
 from tidal.models.config import ModelArch, read_hf_config, read_json
 from tidal.models.registry import get_model_class
 

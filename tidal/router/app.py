@@ -12,8 +12,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 import msgspec
@@ -125,9 +126,9 @@ class Router:
             async for ev in events:
                 yield b"data: " + (ev.encode() if isinstance(ev, str) else _encode(ev)) + b"\n\n"
             if flight.wants_usage and flight.surface != "generate":
-                yield b"data: " + json.dumps({"id": flight.rid, "object": _chunk_object(flight), "created": flight.created,
-                                              "model": flight.model, "choices": [],
-                                              "usage": flight.usage()}).encode() + b"\n\n"
+                last = {"id": flight.rid, "object": _chunk_object(flight), "created": flight.created,
+                        "model": flight.model, "choices": [], "usage": flight.usage()}
+                yield b"data: " + json.dumps(last).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
             await events.aclose()
@@ -348,7 +349,8 @@ def _aggregate(flight: Flight, events: list[dict]) -> Any:
                 if flight.body.get("logprobs") else None
         else:
             choice["text"] = text
-            choice["logprobs"] = _merge_completion_logprobs(acc["lp"]) if flight.body.get("logprobs") is not None else None
+            wants_lp = flight.body.get("logprobs") is not None
+            choice["logprobs"] = _merge_completion_logprobs(acc["lp"]) if wants_lp else None
         if flight.wants_ids:
             choice.update(token_ids=acc["ids"], weight_version=acc.get("weight_version"),
                           weight_spans=acc.get("weight_spans"), moved_at=acc.get("moved_at", []))

@@ -129,7 +129,8 @@ class ReplicaSet:
     async def probe(self, rep: Replica) -> None:
         try:
             r = await self.http.get(rep.url + "/health")
-            ok, reason = r.status_code == 200, None if r.status_code == 200 else f"/health {r.status_code}: {r.text[:200]}"
+            ok = r.status_code == 200
+            reason = None if ok else f"/health {r.status_code}: {r.text[:200]}"
         except httpx.HTTPError as e:
             ok, reason = False, f"{type(e).__name__}: {e}"
         if rep.state in (FENCED, DRAINING):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tidal.attention.base import AttentionBackend, AttentionMetadata
-from tidal.runner.context import ForwardContext
+from tidal.attention.context import ForwardContext
 
 if TYPE_CHECKING:
     from tidal.runner.runner import StepInputs

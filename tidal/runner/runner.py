@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from tidal.attention.base import AttentionMetadata, get_backend
+from tidal.attention.context import ForwardContext
 from tidal.config import EngineConfig
-from tidal.engine.request import PLACEHOLDER, Request
-from tidal.engine.scheduler import SampledToken, ScheduledBatch
 from tidal.models.layers import set_batch_invariant
 from tidal.models.loader import load_model
-from tidal.runner.context import ForwardContext
+from tidal.runner.batch import PLACEHOLDER, BatchRequest, SampledToken, ScheduledBatch
 from tidal.runner.sampler import Sampler, SamplingTensors, apply_token_bans
 
 _ALIGN_BYTES = 16
@@ -245,7 +244,7 @@ class ModelRunner:
         return StepInputs(input_ids=input_ids, positions=pos_d, meta=meta, logits_rows=rows_d)
 
     @staticmethod
-    def _pending_row(req: Request, prev: StepHandle | None) -> int:
+    def _pending_row(req: BatchRequest, prev: StepHandle | None) -> int:
         if prev is None or req.pending_step != prev.step or req.num_pending != 1:
             raise RuntimeError(f"request {req.request_id!r}: its input token is a placeholder of step "
                                f"{req.pending_step}, but the step in flight is "
@@ -289,7 +288,7 @@ class ModelRunner:
         return [SampledToken(tok, lp if want else None, top)
                 for tok, lp, want, top in zip(ids, lps, h.want_logprobs, tops)]
 
-    def _sampling_tensors(self, targets: list[Request]) -> SamplingTensors:
+    def _sampling_tensors(self, targets: list[BatchRequest]) -> SamplingTensors:
         rows = []
         for r in targets:
             row = r.sampling_row
@@ -298,7 +297,7 @@ class ModelRunner:
             rows.append(row)
         return SamplingTensors.from_rows(rows, [r.num_output_tokens for r in targets], self.staging)
 
-    def _sample(self, logits: torch.Tensor, targets: list[Request], step: int) -> StepHandle:
+    def _sample(self, logits: torch.Tensor, targets: list[BatchRequest], step: int) -> StepHandle:
         ban_rows: list[int] = []
         ban_ids: list[int] = []
         for i, req in enumerate(targets):
@@ -343,7 +342,7 @@ class ModelRunner:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
 
-def _block_tables(reqs: list[Request]) -> np.ndarray:
+def _block_tables(reqs: list[BatchRequest]) -> np.ndarray:
     """[rows, max blocks] int32, each row a request's block table padded with 0."""
     lens = np.fromiter((len(r.block_table) for r in reqs), dtype=np.int64, count=len(reqs))
     width = max(int(lens.max()), 1)

@@ -21,9 +21,10 @@ import os
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Literal
+from typing import Any, Literal
 
 import msgspec
 from fastapi import Depends, FastAPI, Query, Request
@@ -35,8 +36,8 @@ from tidal.config import EngineConfig
 from tidal.engine.messages import EngineInvalidInput
 from tidal.outputs import CompletionOutput, RequestOutput
 from tidal.sampling_params import SamplingParams
-from tidal.server import weight_routes
 from tidal.server import schemas as S
+from tidal.server import weight_routes
 from tidal.server.engine_client import EngineClient
 from tidal.server.errors import APIError, engine_error, error_responses, failure_reason
 from tidal.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics

@@ -29,8 +29,9 @@ import multiprocessing
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -38,8 +39,14 @@ import zmq.asyncio
 from tidal.config import EngineConfig
 from tidal.engine.client import DEFAULT_CONTROL_TIMEOUT_S, ControlTimeout
 from tidal.engine.io import InputProcessor, Prompt, RequestState
-from tidal.engine.messages import (AddRequest, EngineDead, EngineError, EngineInvalidInput,
-                                   EngineNotServing, EngineOutput)
+from tidal.engine.messages import (
+    AddRequest,
+    EngineDead,
+    EngineError,
+    EngineInvalidInput,
+    EngineNotServing,
+    EngineOutput,
+)
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
 from tidal.server import ipc_dir
@@ -161,7 +168,7 @@ class EngineClient:
         self._ctx: zmq.asyncio.Context | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
-    async def start(self) -> "EngineClient":
+    async def start(self) -> EngineClient:
         loop = asyncio.get_running_loop()
         ipc_dir.clean_stale()
         self._tmpdir = ipc_dir.create()
@@ -541,7 +548,8 @@ class EngineClient:
 
     async def sleep(self, tags: Sequence[str] | None = None, discard: bool = False,
                     timeout_s: float | None = None) -> dict:
-        return await self.control("sleep", {"tags": None if tags is None else list(tags), "discard": discard}, timeout_s)
+        kwargs = {"tags": None if tags is None else list(tags), "discard": discard}
+        return await self.control("sleep", kwargs, timeout_s)
 
     async def wake_up(self, tags: Sequence[str] | None = None, timeout_s: float | None = None) -> dict:
         return await self.control("wake_up", {"tags": None if tags is None else list(tags)}, timeout_s)

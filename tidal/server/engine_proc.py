@@ -136,6 +136,7 @@ class EngineProcess:
 
     def _reject_undecodable(self, kind: bytes, payload: bytes, err: Exception) -> None:
         import msgspec
+
         from tidal.engine.messages import EngineOutput
         log.error("could not decode a %r message: %s", kind, err)
         try:

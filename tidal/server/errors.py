@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from fastapi.responses import Response
@@ -33,7 +34,7 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
     @classmethod
-    def invalid(cls, field: str, value: object, expected: str) -> "APIError":
+    def invalid(cls, field: str, value: object, expected: str) -> APIError:
         """400 for `field`: says what was sent and what would have been accepted."""
         return cls(400, f"{field}={_short(value)} is invalid: expected {expected}", param=field)
 

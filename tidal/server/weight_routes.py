@@ -110,7 +110,7 @@ class SGLangReply(BaseModel):
     message: str
 
 
-def register(app: FastAPI, server: "_Server") -> None:
+def register(app: FastAPI, server: _Server) -> None:
     """Install the routes on `app`, guarded by the admin key like every control route."""
     from tidal.server.api import _CONTROL_ERRORS, APIError, _json_response
     admin = [Depends(server.require_admin_key)]
@@ -134,13 +134,15 @@ def register(app: FastAPI, server: "_Server") -> None:
                 "timeout_s": body.timeout_s or UPDATE_TIMEOUT_S}
 
     async def update_distributed(body: UpdateDistributed) -> Response:
-        if (body.layout == "bucketed") != (body.buckets is not None) or (body.buckets is None) == (body.tensors is None):
+        bucketed = body.layout == "bucketed"
+        if bucketed != (body.buckets is not None) or (body.buckets is None) == (body.tensors is None):
             raise APIError(400, "give tensors with layout='per_tensor' or buckets with layout='bucketed'",
                            param="layout")
         kw = common(body, "distributed") | {"group_name": body.group_name, "layout": body.layout,
                                              "tensors": _tensors(body.tensors),
                                              "buckets": None if body.buckets is None else
-                                             [{"nbytes": b.nbytes, "tensors": _tensors(b.tensors)} for b in body.buckets]}
+                                             [{"nbytes": b.nbytes, "tensors": _tensors(b.tensors)}
+                                              for b in body.buckets]}
         return await server._control(lambda: control("update_weights", kw, kw["timeout_s"]))
 
     async def update_shm(body: UpdateShm) -> Response:

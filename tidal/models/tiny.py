@@ -1,5 +1,6 @@
-"""Test helpers: tiny random HF-format checkpoints (Llama / Qwen2 / Qwen3) with a byte-level
-tokenizer, so tests and the CLI's embedded default need no download.
+"""Tiny random-weight HF-format checkpoints (Llama / Qwen2 / Qwen3) with a byte-level tokenizer:
+the default model when none is given (its output is gibberish), and what tests build on, so
+neither needs a download.
 
 The weights come from the transformers model class itself and are written with
 ``save_pretrained``, so HF can load exactly the same checkpoint for parity tests.
@@ -24,11 +25,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# For tests of scaled RoPE: make_tiny_checkpoint(path, "llama", rope_parameters=dict(LLAMA3_ROPE)).
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128}
-
 _TINY = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, vocab_size=272, max_position_embeddings=512,
@@ -44,7 +40,7 @@ _ARCH_DEFAULTS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """Byte -> printable character, the alphabet the byte-level pre-tokenizer works in:
     printable Latin-1 bytes map to themselves, the rest to code points from 256 up."""
     keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
@@ -67,7 +63,7 @@ def make_tokenizer(vocab_size: int, model_max_length: int = 512):
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size = {vocab_size}, expected >= {256 + len(SPECIAL_TOKENS)} "
                          "(256 bytes + special tokens)")
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -181,58 +177,3 @@ def tiny_checkpoint_cached(arch: str = "qwen3") -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-class PagedRunner:
-    """Minimal paged-KV driver for model tests: each sequence owns a fixed run of blocks (block 0
-    is never handed out, so padding bugs show up), new tokens are fed via ``step``."""
-
-    def __init__(self, model, num_seqs: int, max_len: int, block_size: int = 4, backend: str = "cpu"):
-        from tidal.attention.base import get_backend
-
-        arch = model.arch
-        param = next(model.parameters())
-        self.model, self.block_size = model, block_size
-        self.blocks_per_seq = -(-max_len // block_size)
-        num_blocks = 1 + num_seqs * self.blocks_per_seq
-        self.kv_cache = torch.zeros(arch.num_layers, 2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim,
-                                    dtype=param.dtype, device=param.device)
-        self.block_tables = torch.tensor(
-            [[1 + i * self.blocks_per_seq + j for j in range(self.blocks_per_seq)] for i in range(num_seqs)],
-            dtype=torch.int32, device=param.device)
-        self.backend = get_backend(backend)
-        self.lens = [0] * num_seqs
-
-    @torch.no_grad()
-    def step(self, new_tokens: list[list[int]]) -> list[torch.Tensor]:
-        """Feed ``new_tokens[i]`` to sequence i (may be empty); returns each sequence's logits
-        [len(new_tokens[i]), vocab] float32."""
-        from tidal.attention.base import AttentionMetadata
-        from tidal.runner.context import ForwardContext
-
-        device = self.kv_cache.device
-        ids, positions, slots, q_lens, seq_lens = [], [], [], [], []
-        for i, toks in enumerate(new_tokens):
-            start = self.lens[i]
-            for p in range(start, start + len(toks)):
-                positions.append(p)
-                block = int(self.block_tables[i, p // self.block_size])
-                slots.append(block * self.block_size + p % self.block_size)
-            ids += toks
-            q_lens.append(len(toks))
-            seq_lens.append(start + len(toks))
-            self.lens[i] += len(toks)
-        qsl = [0]
-        for n in q_lens:
-            qsl.append(qsl[-1] + n)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=self.block_tables, max_query_len=max(q_lens), max_seq_len=max(seq_lens),
-            query_lens_cpu=q_lens, seq_lens_cpu=seq_lens)
-        ctx = ForwardContext(meta=meta, kv_cache=self.kv_cache, backend=self.backend)
-        hidden = self.model(torch.tensor(ids, dtype=torch.int64, device=device),
-                            torch.tensor(positions, dtype=torch.int64, device=device), ctx)
-        logits = self.model.compute_logits(hidden)
-        return list(logits.split(q_lens))
