@@ -4,8 +4,9 @@ inbox, so nothing in it needs a lock and nothing can run a forward pass concurre
 
 Why drain cannot deadlock (docs/architecture.md, "Control plane"): pausing never blocks the
 loop. `pause(drain)` only flips the state to DRAINING and records a deadline; the loop keeps
-stepping and `poll()` completes the reply when the work is done or the deadline passes. `pause(abort)` ends requests through
-the same output path as a normal finish, on this thread, before it replies.
+stepping and `poll()` completes the reply when the work is done or the deadline passes.
+`pause(abort)` ends requests through the same output path as a normal finish, on this thread,
+before it replies.
 """
 from __future__ import annotations
 
