@@ -120,11 +120,11 @@ def test_failed_weight_update_on_one_replica_leaves_both_on_old_version(fleet, t
     assert {v["state"] for v in health["replicas"].values()} == {"up"}
 
 
-async def _run_64_and_disturb(router, disturb, extra: list[dict] | None = None):
+async def _run_64_and_disturb(router, disturb, extra: list[dict] | None = None, params: dict = GREEDY):
     """64 greedy streams (+ extra bodies); `disturb()` once the streams have 3 tokens each on average."""
     seen, progress = [0, 64 * 3], asyncio.Event()
     async with httpx.AsyncClient(timeout=180) as client:
-        bodies = [{**GREEDY, "prompt": p} for p in PROMPTS] + (extra or [])
+        bodies = [{**params, "prompt": p} for p in PROMPTS] + (extra or [])
         tasks = [asyncio.create_task(_stream(client, router.url, body, seen, progress)) for body in bodies]
         await asyncio.wait_for(progress.wait(), 120)
         result = await disturb(client)
@@ -170,12 +170,15 @@ async def test_drain_mid_run_moves_streams_without_duplicate_or_gap(fleet):
 
 async def test_killed_replica_streams_continue_then_abort_when_none_left(fleet):
     router, (a, b) = fleet
-    ref = await _reference(b.url, PROMPTS, GREEDY)
+    # Longer streams than the drain test's: on an idle machine the killed replica must still have
+    # streams in flight when the kill lands (with 12 tokens it had sometimes finished them all).
+    long = {**GREEDY, "max_tokens": 48}
+    ref = await _reference(b.url, PROMPTS, long)
 
     async def kill(client):
         kill_replica(a)
 
-    outs, _ = await _run_64_and_disturb(router, kill)
+    outs, _ = await _run_64_and_disturb(router, kill, params=long)
     for o, want in zip(outs, ref):
         assert o["finish"] == "length" and o["ids"] == want
     assert sum(bool(o["final"]["moved_at"]) for o in outs) >= 1
