@@ -97,7 +97,7 @@ async def test_stopped_engine_fails_requests_in_flight_and_serves_again(server_m
 async def test_sigterm_ends_every_request_with_its_output_and_exits_0(server_model, make_server):
     """One sequence at a time: the short request finishes within the grace period, the long
     ones (one running, two waiting) end with finish_reason "abort" and their partial output."""
-    s = make_server(server_model, "--max-num-seqs", "1", "--shutdown-grace-s", "2", "--log-level", "info")
+    s = make_server(server_model, "--max-num-seqs", "1", "--shutdown-grace-s", "0.3", "--log-level", "info")
     try:
         await _sigterm_with_requests_in_flight(s)
     finally:
