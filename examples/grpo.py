@@ -70,6 +70,8 @@ from typing import Any, Callable, Sequence
 import httpx
 import torch
 
+from tidal.models.tiny import quiet_progress_bars
+
 
 # -- the task --------------------------------------------------------------------------------
 class DigitsTask:
@@ -493,7 +495,7 @@ class GRPORun:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         model_dir = args.model or _tiny_checkpoint(args.arch)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        with _quiet_transformers():
+        with quiet_progress_bars():
             self.policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.trainer_device)
         self.policy.train()
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -528,7 +530,7 @@ class GRPORun:
 
     def push(self, version: int) -> PushReport:
         """Push, then read back the version the engine serves (the trainer is the only pusher)."""
-        with _quiet_transformers():
+        with quiet_progress_bars():
             push = self.pusher.push(self.policy, version)
         push.served = self.client.state()["weight_version"]
         if push.version != version or push.served != version:
@@ -581,18 +583,6 @@ def _tiny_checkpoint(arch: str) -> str:
     # The qwen3 one is the model `tidal serve` runs when given no MODEL_DIR.
     from tidal.models.tiny import tiny_checkpoint_cached
     return tiny_checkpoint_cached(arch)
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging as hf_logging
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _record(step: int, ro: Rollout, stats: TrainStats, push: PushReport) -> dict:

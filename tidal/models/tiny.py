@@ -101,7 +101,7 @@ def _randomise(model: torch.nn.Module, seed: int, std: float) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_progress_bars():
+def quiet_progress_bars():
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -148,7 +148,7 @@ def make_tiny_checkpoint(path: str, arch: str = "llama", seed: int = 0, num_shar
         model = getattr(transformers, _ARCH_DEFAULTS[arch][1])(config).float()
     _randomise(model, seed, config.initializer_range)
     os.makedirs(path, exist_ok=True)
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model.save_pretrained(path)
     if num_shards > 1:
         _shard(path, num_shards)
