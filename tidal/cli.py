@@ -8,6 +8,7 @@ With no MODEL_DIR both use the embedded tiny default model (random weights: for 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -48,48 +49,43 @@ endpoints:
 Keys can also come from the environment: TIDAL_API_KEY, TIDAL_ADMIN_KEY."""
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def _engine_args(p: argparse.ArgumentParser, server: argparse._ArgumentGroup | None = None) -> None:
+    """The engine options, one per EngineConfig field that has CLI metadata (tidal/config.py).
+    Fields of the "server" group go into `server` (tidal serve only)."""
+    from tidal.config import EngineConfig
     p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
                    help="HF-format checkpoint directory (default: the embedded tiny model)")
-    g = p.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto",
-                   choices=["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
-                   help="weight and activation dtype (default: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'cuda:N' (default: cuda if available)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch (default: 64)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one engine step (default: 2048)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output in tokens (default: the model's context length)")
-    g.add_argument("--block-size", type=int, default=16, help="KV cache block size in tokens (default: 16)")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache size in blocks (default: from memory)")
-    g.add_argument("--kv-cache-memory-gb", type=float, default=0.25,
-                   help="KV cache size on CPU when --num-kv-blocks is not given (default: 0.25)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
-                   help="fraction of GPU memory the engine may use (default: 0.85)")
-    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
-                   help="'dummy': random weights from config.json, for benchmarks (default: auto)")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--seed", type=int, default=0, help="engine seed for requests without one (default: 0)")
-    g.add_argument("--logprobs-mode", default="raw", choices=["raw", "processed"],
-                   help="logprobs of requests without their own logprobs_mode (docs/numerics.md; default: raw)")
-    g.add_argument("--lm-head-dtype", default=None, choices=["float32"],
-                   help="run the LM head and log-softmax in float32 (default: the model dtype)")
-    g.add_argument("--batch-invariant", action="store_true",
-                   help="outputs bitwise identical whatever else is in the batch (CPU; docs/numerics.md)")
+    groups = {"engine": p.add_argument_group("engine"), "server": server}
+    for f in dataclasses.fields(EngineConfig):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        g = groups[meta.get("group", "engine")]
+        if g is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            if f.default:   # --x / --no-x, and a short alias where one is customary
+                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=True,
+                               help=f"{meta['help']} (default: on)")
+                if "negation" in meta:
+                    g.add_argument(meta["negation"], dest=f.name, action="store_false", help=argparse.SUPPRESS)
+            else:
+                g.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        kind = _FLAG_TYPES[f.type.removesuffix(" | None")]
+        shown = "" if f.default is None and "default:" in meta["help"] else f" (default: {f.default})"
+        g.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"), help=meta["help"] + shown)
+
+
+_FLAG_TYPES = {"int": int, "float": float, "str": str}
 
 
 def _engine_config(args: argparse.Namespace):
     from tidal.config import EngineConfig
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
-        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
-        load_format=args.load_format, enforce_eager=args.enforce_eager, seed=args.seed,
-        reject_while_paused=getattr(args, "reject_while_paused", False), logprobs_mode=args.logprobs_mode,
-        lm_head_dtype=args.lm_head_dtype, batch_invariant=args.batch_invariant)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)
+             and f.name != "model"}
+    return EngineConfig(model=args.model, **given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,15 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a model over HTTP", epilog=_SERVE_EPILOG,
                            description="Serve a model over HTTP: the OpenAI API, /generate and the control API.",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    _engine_args(serve)
     h = serve.add_argument_group("server")
+    _engine_args(serve, h)
     h.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
     h.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     h.add_argument("--served-model-name", default=None,
                    help="the model name clients use (default: the model directory's name)")
-    h.add_argument("--reject-while-paused", action="store_true",
-                   help="answer new requests with 503 while the engine is paused (default: queue them)")
     h.add_argument("--request-timeout", type=float, default=1800.0,
                    help="deadline of one generation request in seconds (default: 1800)")
     h.add_argument("--control-timeout", type=float, default=60.0,
@@ -184,6 +178,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model is not None and not os.path.isdir(args.model):
         print(f"tidal serve: MODEL_DIR {args.model!r} is not a directory", file=sys.stderr)
         return 2
+    try:   # what the model's config.json can tell, before the server and its engine process start
+        _check_against_model(config)
+    except ValueError as e:
+        print(f"tidal serve: {e}", file=sys.stderr)
+        return 2
     if args.weights_root is not None and not os.path.isdir(args.weights_root):
         print(f"tidal serve: --weights-root {args.weights_root!r} is not a directory", file=sys.stderr)
         return 2
@@ -208,6 +207,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _check_against_model(config) -> None:
+    """The engine checks these too, but from inside its process a failure reaches the terminal
+    as a traceback; here it is one line."""
+    if config.model is None:
+        return
+    from tidal.models.config import parse_arch, read_hf_config
+    arch = parse_arch(*read_hf_config(config.model))
+    if config.max_model_len is not None and config.max_model_len > arch.max_model_len:
+        raise ValueError(f"--max-model-len {config.max_model_len} is invalid: expected at most the model's "
+                         f"context length, max_position_embeddings={arch.max_model_len}")
 
 
 def _bind(host: str, port: int):
@@ -289,6 +300,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tidal generate: {e}", file=sys.stderr)
         return 2
+    if args.model is not None and not os.path.isdir(args.model):
+        print(f"tidal generate: MODEL_DIR {args.model!r} is not a directory", file=sys.stderr)
+        return 2
     try:
         params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_tokens=args.max_tokens, stop=args.stop or [], logprobs=0)
@@ -296,7 +310,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"tidal generate: {e}", file=sys.stderr)
         return 2
     kwargs = {f: getattr(config, f) for f in config.__slots__ if f != "model"}
-    llm = LLM(config.model, **kwargs)
+    try:
+        llm = LLM(config.model, **kwargs)
+    except ValueError as e:   # a config the model cannot take (e.g. --max-model-len beyond its context)
+        print(f"tidal generate: {e}", file=sys.stderr)
+        return 2
     try:
         prompts = args.prompt or ["Hello, Tidal"]
         if args.chat:

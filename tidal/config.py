@@ -1,47 +1,70 @@
-"""Engine configuration: one validated dataclass shared by LLM, AsyncLLM and the server."""
+"""Engine configuration: one validated dataclass shared by LLM, AsyncLLM, the server and the CLI.
+
+Each field that the command line sets carries its help text (and choices) in its metadata:
+`tidal serve` and `tidal generate` build their engine options from these fields, so a new
+field is a new flag with the same default, and the two cannot drift apart.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+ATTENTION_BACKENDS = ("auto", "cpu", "cuda", "invariant", "torch_ref")
+
+
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A field with a CLI flag: `help`, optional `choices`, `negation` (an extra --no-... alias
+    for a True-by-default bool), `group` ("engine" unless given)."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str | None = None               # HF-format directory; None: the embedded tiny default
-    dtype: str = "auto"                     # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"                    # auto: cuda if available, else cpu
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None        # default: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    load_format: str = "auto"               # "auto" (safetensors) | "dummy" (random from config)
-    seed: int = 0
-    num_kv_blocks: int | None = None        # default: sized from kv_cache_memory_gb / GPU memory
-    kv_cache_memory_gb: float = 0.25        # CPU KV pool size when num_kv_blocks is None
-    gpu_memory_utilization: float = 0.85
-    attention_backend: str = "auto"         # auto: cuda on GPU, cpu (batched torch) on CPU
-    enforce_eager: bool = False             # disable CUDA graphs
-    overlap_scheduling: bool = True         # schedule step N+1 while step N runs (EngineCore.step)
-    reject_while_paused: bool = False       # new requests while not serving: queue (False) or reject
+    model: str | None = None               # HF-format directory; None: the embedded tiny default (positional)
+    dtype: str = _opt("auto", "weight and activation dtype; auto: bfloat16 on GPU, float32 on CPU",
+                      choices=("auto", *DTYPES))
+    device: str = _opt("auto", "'cpu', 'cuda' or 'cuda:N'; auto: cuda if available")
+    block_size: int = _opt(16, "KV cache block size in tokens (a power of two)")
+    max_num_seqs: int = _opt(64, "most sequences in one batch")
+    max_num_batched_tokens: int = _opt(2048, "token budget of one engine step")
+    max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's context "
+                                           "length; larger is an error)")
+    enable_prefix_caching: bool = _opt(True, "reuse the KV of shared prompt prefixes",
+                                       negation="--no-prefix-caching")
+    load_format: str = _opt("auto", "'dummy': random weights from config.json, for benchmarks",
+                            choices=("auto", "safetensors", "dummy"))
+    seed: int = _opt(0, "engine seed for requests without one")
+    num_kv_blocks: int | None = _opt(None, "KV cache size in blocks (default: from memory)")
+    kv_cache_memory_gb: float = _opt(0.25, "KV cache size on CPU when --num-kv-blocks is not given")
+    gpu_memory_utilization: float = _opt(0.85, "fraction of GPU memory the engine may use")
+    attention_backend: str = _opt("auto", "attention implementation; auto: cuda on GPU, cpu on CPU, "
+                                          "invariant with --batch-invariant", choices=ATTENTION_BACKENDS)
+    enforce_eager: bool = _opt(False, "no CUDA graphs")
+    overlap_scheduling: bool = _opt(True, "schedule step N+1 while step N runs")
+    reject_while_paused: bool = _opt(False, "answer new requests with 503 while the engine is paused "
+                                            "(default: queue them)", group="server")
     # update_weights paths (and wake-up reloads) must resolve inside it, every shard included;
     # the server passes its --weights-root here. None: any path the engine process can read.
     weights_root: str | None = None
     # Numerics for RL (docs/numerics.md).
-    logprobs_mode: str = "raw"              # default of requests without one: "raw" | "processed"
-    lm_head_dtype: str | None = None        # None: the model dtype; "float32": LM head + log-softmax in fp32
-    batch_invariant: bool = False           # outputs bitwise identical whatever else is in the batch
+    logprobs_mode: str = _opt("raw", "logprobs of requests without their own logprobs_mode (docs/numerics.md)",
+                              choices=("raw", "processed"))
+    lm_head_dtype: str | None = _opt(None, "run the LM head and log-softmax in float32 (default: the model "
+                                           "dtype)", choices=("float32",))
+    batch_invariant: bool = _opt(False, "outputs bitwise identical whatever else is in the batch (CPU; "
+                                        "docs/numerics.md)")
 
     def __post_init__(self) -> None:
+        import torch
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype == "auto":
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-        _check(self.dtype in _DTYPES, "dtype", self.dtype, f"one of {sorted(_DTYPES)}")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {sorted(DTYPES)}")
         _check(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "'cpu' or 'cuda[:N]'")
         if self.device.startswith("cuda"):
             _check(torch.cuda.is_available(), "device", self.device, "a visible CUDA device (none found)")
@@ -55,6 +78,11 @@ class EngineConfig:
                "rows do not depend on the batch)")
         _check(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
                "block_size", self.block_size, "a power of two")
+        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
+               f"one of {list(ATTENTION_BACKENDS)}")
+        _check(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 2),
+               "max_model_len", self.max_model_len, "None (the model's context length) or an integer >= 2 "
+               "(one prompt token and one output token)")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                self.max_num_batched_tokens, "an integer >= 1")
@@ -77,7 +105,9 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        import torch as t
+        return {"float32": t.float32, "float16": t.float16, "bfloat16": t.bfloat16,
+                "fp32": t.float32, "fp16": t.float16, "bf16": t.bfloat16}[self.dtype]
 
 
 def _check(ok: bool, name: str, value: object, expected: str) -> None:

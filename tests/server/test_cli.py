@@ -60,3 +60,38 @@ def test_bad_arguments_are_reported():
     assert r.returncode == 2 and "/no/such/dir" in r.stderr
     r = _run("generate", "--max-tokens", "0", timeout=60)
     assert r.returncode == 2 and "max_tokens" in r.stderr
+
+
+def test_engine_flags_are_generated_from_engine_config():
+    """Every EngineConfig field with CLI metadata is a flag with the dataclass's default, on both
+    commands, and sets its field (tidal/config.py is the one definition)."""
+    import dataclasses
+
+    from tidal.cli import _engine_config
+    from tidal.config import EngineConfig
+    parser = build_parser()
+    flagged = [f for f in dataclasses.fields(EngineConfig) if "help" in f.metadata]
+    assert {"overlap_scheduling", "attention_backend", "batch_invariant", "max_model_len"} <= {f.name for f in flagged}
+    for command in ("serve", "generate"):
+        args = parser.parse_args([command])
+        for f in flagged:
+            if f.metadata.get("group") == "server" and command == "generate":
+                assert not hasattr(args, f.name)
+                continue
+            assert getattr(args, f.name) == f.default, (command, f.name)
+    assert _engine_config(parser.parse_args(["serve"])) == EngineConfig()
+    cfg = _engine_config(parser.parse_args(["serve", "--no-overlap-scheduling", "--attention-backend", "torch_ref",
+                                            "--no-prefix-caching", "--max-model-len", "64", "--enforce-eager"]))
+    assert (cfg.overlap_scheduling, cfg.attention_backend, cfg.enable_prefix_caching, cfg.max_model_len,
+            cfg.enforce_eager) == (False, "torch_ref", False, 64, True)
+
+
+def test_model_limits_are_one_line_errors(server_model):
+    r = _run("generate", "/no/such/dir", timeout=60)
+    assert r.returncode == 2 and "/no/such/dir" in r.stderr and "Traceback" not in r.stderr
+    for command in ("serve", "generate"):
+        r = _run(command, server_model, "--max-model-len", "100000", timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert "max_position_embeddings" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _run("generate", "--max-model-len", "1", timeout=60)
+    assert r.returncode == 2 and "max_model_len" in r.stderr and "Traceback" not in r.stderr

@@ -111,7 +111,10 @@ class ModelRunner:
         self.model = load_model(model_path, self.dtype, self.device, config.load_format, config.seed)
         self._set_numerics()
         self.arch = self.model.arch
-        self.max_model_len = min(config.max_model_len or self.arch.max_model_len, self.arch.max_model_len)
+        if config.max_model_len is not None and config.max_model_len > self.arch.max_model_len:
+            raise ValueError(f"EngineConfig.max_model_len={config.max_model_len} is invalid: expected at most the "
+                             f"model's context length, max_position_embeddings={self.arch.max_model_len}")
+        self.max_model_len = config.max_model_len or self.arch.max_model_len
         self.block_size = config.block_size
         self.backend = self._attention_backend()
         self.sampler = Sampler()
