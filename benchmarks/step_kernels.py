@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.throughput import (CONFIGS, copy_bandwidth, fill_decode_batch, model_bytes,  # noqa: E402
                                    write_config)
 from tidal import LLM  # noqa: E402
-from tidal.models.fused import set_fused_kernels  # noqa: E402
 from tidal.attention.context import ForwardContext  # noqa: E402
 from tidal.runner.sampler import SamplingTensors  # noqa: E402
 from tidal.sampling_params import SamplingParams  # noqa: E402
@@ -96,11 +95,11 @@ def main() -> None:
     ap.add_argument("--unfused", action="store_true", help="the layers' small ops as torch ops")
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args()
-    set_fused_kernels(False if args.unfused else None)
     cfg = CONFIGS[args.model]
     path = write_config(args.model, cfg, Path(tempfile.mkdtemp(prefix="tidal-kernels-")))
     llm = LLM(path, load_format="dummy", device="cuda", block_size=256, max_num_seqs=max(args.batch),
-              max_num_batched_tokens=16384, max_model_len=4096, gpu_memory_utilization=0.9, seed=0)
+              max_num_batched_tokens=16384, max_model_len=4096, gpu_memory_utilization=0.9, seed=0,
+              fused_kernels="off" if args.unfused else "auto")
     bw = copy_bandwidth(torch.device("cuda"))
     w_bytes, kv_tok = model_bytes(cfg)
     rows = []

@@ -31,7 +31,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.outdir import add_publish_flag, results_dir  # noqa: E402
 from tidal import LLM, SamplingParams  # noqa: E402
-from tidal.models.fused import set_fused_kernels  # noqa: E402
 
 _COMMON = dict(hidden_act="silu", initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=1000000.0,
                rope_scaling=None, attention_dropout=0.0, use_cache=True, use_sliding_window=False,
@@ -133,12 +132,12 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, ov
               extras: bool = True, fused: bool = True) -> dict:
     """Tidal on the workload; extras: also the stage profile (--profile) and the batch-1 rate;
     fused=False: the decoder layers' small ops as torch ops instead of the fused Triton kernels."""
-    set_fused_kernels(None if fused else False)
     t0 = time.perf_counter()
     llm = LLM(path, load_format="dummy", device=args.device, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, overlap_scheduling=overlap, seed=0,
+              fused_kernels="auto" if fused else "off",
               **({"num_kv_blocks": 512} if args.tiny else {}))
     core = llm.engine.core
     mode = "cuda_graph" if core.runner.graphs is not None else "eager"
@@ -187,7 +186,6 @@ def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, ov
         res["batch1_tok_s"] = args.batch1_tokens / (times[args.batch1_tokens + 1] - times[1])
         res["batch1_ctx"] = len(prompt) + args.batch1_tokens // 2
     llm.shutdown()
-    set_fused_kernels(None)
     del llm, outs, core
     free_memory()
     if torch.cuda.is_available():

@@ -44,6 +44,9 @@ class EngineConfig:
     attention_backend: str = _opt("auto", "attention implementation; auto: cuda on GPU, cpu on CPU, "
                                           "invariant with --batch-invariant", choices=ATTENTION_BACKENDS)
     enforce_eager: bool = _opt(False, "no CUDA graphs")
+    fused_kernels: str = _opt("auto", "the decoder layers' fused Triton kernels (tidal/models/fused.py); auto: on "
+                                      "CUDA, on: also on CPU through Triton's interpreter (tests), off: torch ops",
+                              choices=("auto", "on", "off"))
     overlap_scheduling: bool = _opt(True, "schedule step N+1 while step N runs")
     reject_while_paused: bool = _opt(False, "answer new requests with 503 while the engine is paused "
                                             "(default: queue them)", group="server")
@@ -83,6 +86,8 @@ class EngineConfig:
         _check(self.max_model_len is None or (isinstance(self.max_model_len, int) and self.max_model_len >= 2),
                "max_model_len", self.max_model_len, "None (the model's context length) or an integer >= 2 "
                "(one prompt token and one output token)")
+        _check(self.fused_kernels in ("auto", "on", "off"), "fused_kernels", self.fused_kernels,
+               "'auto', 'on' or 'off'")
         _check(self.max_num_seqs >= 1, "max_num_seqs", self.max_num_seqs, "an integer >= 1")
         _check(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
                self.max_num_batched_tokens, "an integer >= 1")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tidal.models import fused
-from tidal.models.fused import add_rms_norm, qk_norm_rope, set_fused_kernels, silu_mul
+from tidal.models.fused import add_rms_norm, qk_norm_rope, silu_mul, use_fused_kernels
 from tidal.models.layers import RMSNorm, RopeInputs, RotaryEmbedding, apply_rope
 from tidal.models.config import RopeConfig
 
@@ -21,14 +21,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-@pytest.fixture
-def torch_ops():
-    """Run the layers' torch ops (the reference) inside the test, then restore the default."""
-    set_fused_kernels(False)
-    yield
-    set_fused_kernels(None)
-
-
 def randn(*shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(DEVICE, dtype)
@@ -36,7 +28,7 @@ def randn(*shape, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_add_rms_norm_matches_module(torch_ops, dtype, with_residual):
+def test_add_rms_norm_matches_module(dtype, with_residual):
     norm = RMSNorm(96, 1e-6, dtype).to(DEVICE)
     norm.weight.copy_(randn(96, dtype=dtype, seed=1))
     # x as a strided view (rows of a wider buffer), as a projection's slice would be.
@@ -62,7 +54,7 @@ def test_silu_mul_matches_torch(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,with_norm", [((4, 2), True), ((6, 2), False), ((3, 1), True)])
-def test_qk_norm_rope_matches_torch_ops(torch_ops, dtype, heads, with_norm):
+def test_qk_norm_rope_matches_torch_ops(dtype, heads, with_norm):
     hq, hkv = heads
     d, tokens = 32, 7
     rope = RotaryEmbedding(RopeConfig(theta=10000.0), d, 64).to(DEVICE)
@@ -86,8 +78,8 @@ def test_qk_norm_rope_matches_torch_ops(torch_ops, dtype, heads, with_norm):
 
 
 def test_bad_inputs_name_the_field():
-    with pytest.raises(ValueError, match="mode"):
-        set_fused_kernels("yes")
+    with pytest.raises(ValueError, match="fused_kernels='yes'"):
+        use_fused_kernels(torch.nn.Linear(2, 2), "yes", torch.device("cpu"))
     with pytest.raises(ValueError, match="q_weight and k_weight"):
         qk_norm_rope(torch.zeros(1, 64), 1, 1, 16, torch.zeros(1, dtype=torch.int64), torch.zeros(4, 16),
                      torch.ones(16), None, 1e-6)
@@ -106,7 +98,6 @@ def test_model_with_fused_kernels_matches_hf(tiny_ckpt, arch):
 
     calls = {"n": 0}
     kernel = fused._qk_norm_rope_kernel
-    set_fused_kernels(True)
     try:
         # Count launches, so the test fails if the model stopped taking the fused path.
         class Counting:
@@ -114,8 +105,7 @@ def test_model_with_fused_kernels_matches_hf(tiny_ckpt, arch):
                 calls["n"] += 1
                 return kernel[grid]
         fused._qk_norm_rope_kernel = Counting()
-        check_against_hf(tiny_ckpt(arch), decode_steps=2)
+        check_against_hf(tiny_ckpt(arch), decode_steps=2, fused="on")
     finally:
         fused._qk_norm_rope_kernel = kernel
-        set_fused_kernels(None)
     assert calls["n"] > 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tidal.models import load_model
+from tidal.models.fused import use_fused_kernels
 from tests.helpers import LLAMA3_ROPE, YARN_ROPE, PagedRunner
 
 ATOL = 1e-4
@@ -25,10 +26,11 @@ def hf_logits(path: str, tokens: list[int]) -> torch.Tensor:
 _HF_CACHE: dict[str, torch.nn.Module] = {}
 
 
-def check_against_hf(path: str, decode_steps: int = 4, block_size: int = 4) -> list[list[int]]:
+def check_against_hf(path: str, decode_steps: int = 4, block_size: int = 4, fused: str = "auto") -> list[list[int]]:
     """Prefill PROMPTS together, decode greedily; compare every step's logits with HF's on the
-    whole sequence so far. Returns the full token sequences."""
+    whole sequence so far. Returns the full token sequences. `fused`: EngineConfig.fused_kernels."""
     model = load_model(path, torch.float32, "cpu")
+    use_fused_kernels(model, fused, torch.device("cpu"))
     runner = PagedRunner(model, len(PROMPTS), max_len=64, block_size=block_size)
     seqs = [list(p) for p in PROMPTS]
     logits = runner.step(PROMPTS)

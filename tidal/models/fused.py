@@ -14,10 +14,10 @@ benchmarks/step_kernels.py). These kernels do the same math in three (296 kernel
 Each matches the torch ops of tidal.models.layers to bf16 rounding (tested in Triton's
 interpreter on the CPU). The torch ops remain the reference and the CPU path.
 
-Which path runs: `fused_enabled(x)`. By default the kernels run on CUDA tensors only;
-`set_fused_kernels(True)` also runs them on the CPU (Triton's interpreter, for tests), and
-`set_fused_kernels(False)` turns them off (the A/B measurement in benchmarks/throughput.py).
-CUDA graphs keep whatever path they were captured with.
+Which path runs is a property of each model, from EngineConfig.fused_kernels: "auto" (the
+default) runs the kernels on CUDA only, "on" also on the CPU (Triton's interpreter, for tests),
+"off" nowhere (the A/B measurement in benchmarks/throughput.py). `use_fused_kernels` sets it on
+every layer of a model; CUDA graphs keep whatever path they were captured with.
 """
 from __future__ import annotations
 
@@ -29,23 +29,21 @@ try:
 except ImportError:  # the CPU-only install: the torch ops serve
     triton = None
 
-_mode: bool | None = None  # None: CUDA only; True: always (CPU through the interpreter); False: never
+FUSED_MODES = ("auto", "on", "off")
 
 
-def set_fused_kernels(mode: bool | None) -> None:
-    """None: fused kernels on CUDA tensors (the default); True: everywhere; False: nowhere."""
-    global _mode
-    if mode is not None and not isinstance(mode, bool):
-        raise ValueError(f"set_fused_kernels(mode={mode!r}): expected None, True or False")
-    if mode and triton is None:
-        raise RuntimeError("set_fused_kernels(True): Triton is not installed")
-    _mode = mode
-
-
-def fused_enabled(x: torch.Tensor) -> bool:
-    if triton is None or _mode is False:
-        return False
-    return _mode is True or x.is_cuda
+def use_fused_kernels(model: torch.nn.Module, mode: str, device: torch.device) -> bool:
+    """Set every layer of `model` that has a fused path (a `fused` attribute) to take it or not,
+    as `mode` says for a model on `device`; returns the choice."""
+    if mode not in FUSED_MODES:
+        raise ValueError(f"fused_kernels={mode!r} is invalid: expected one of {list(FUSED_MODES)}")
+    if mode == "on" and triton is None:
+        raise ValueError("fused_kernels='on' needs Triton, which is not installed: expected 'auto' or 'off'")
+    on = triton is not None and (mode == "on" or (mode == "auto" and device.type == "cuda"))
+    for m in model.modules():
+        if hasattr(m, "fused"):
+            m.fused = on
+    return on
 
 
 def _pow2(n: int) -> int:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tidal.models.config import RopeConfig
-from tidal.models.fused import add_rms_norm, fused_enabled
+from tidal.models.fused import add_rms_norm
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -104,15 +104,16 @@ class Embedding(nn.Module):
 class RMSNorm(nn.Module):
     """x / rms(x) * weight over the last dim, computed in float32. With ``residual`` the add
     happens first and the sum is returned as the new residual. Rows of a 2-D x go through one
-    fused kernel where `fused_enabled` (tidal.models.fused)."""
+    fused kernel when `fused` (set by tidal.models.fused.use_fused_kernels)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.eps = eps
         self.weight = _param(dim, dtype=dtype)
+        self.fused = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if x.dim() == 2 and fused_enabled(x):
+        if self.fused and x.dim() == 2:
             out, residual = add_rms_norm(x, residual, self.weight, self.eps)
             return out if residual is None else (out, residual)
         if residual is not None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from tidal.attention.context import ForwardContext
 from tidal.models.config import ModelArch, as_config_dict, parse_arch
-from tidal.models.fused import fused_enabled, qk_norm_rope, silu_mul
+from tidal.models.fused import qk_norm_rope, silu_mul
 from tidal.models.layers import Embedding, Linear, RMSNorm, RopeInputs, RotaryEmbedding, apply_rope
 
 # Checkpoint tensors that carry no weights (buffers saved by old exports); accepted and skipped.
@@ -41,6 +41,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
+        self.fused = False   # tidal.models.fused.use_fused_kernels
 
     def forward(self, x: torch.Tensor, rope: RopeInputs, ctx: ForwardContext) -> torch.Tensor:
         T, Hq = x.shape[0], self.num_heads
@@ -48,7 +49,7 @@ class Attention(nn.Module):
         # q and k side by side as [T, Hq + Hkv, D] so RoPE runs once over both; the attention
         # backends take strided q/k/v (contiguous head_dim only), so no copies are needed.
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        if fused_enabled(x):
+        if self.fused:
             norm = self.q_norm is not None
             qk = qk_norm_rope(qkv, Hq, self.num_kv_heads, self.head_dim, rope.positions, rope.table,
                               self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
@@ -68,10 +69,11 @@ class MLP(nn.Module):
         self.intermediate_size = arch.intermediate_size
         self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, arch.mlp_bias, dtype)
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, arch.mlp_bias, dtype)
+        self.fused = False   # tidal.models.fused.use_fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if fused_enabled(gate_up):
+        if self.fused:
             return self.down_proj(silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -21,6 +21,7 @@ import torch
 from tidal.attention.base import AttentionMetadata, get_backend
 from tidal.attention.context import ForwardContext
 from tidal.config import EngineConfig
+from tidal.models.fused import use_fused_kernels
 from tidal.models.layers import set_batch_invariant
 from tidal.models.loader import load_model
 from tidal.runner.batch import PLACEHOLDER, BatchRequest, SampledToken, ScheduledBatch
@@ -110,6 +111,7 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         self.model = load_model(model_path, self.dtype, self.device, config.load_format, config.seed)
         self._set_numerics()
+        self.fused = use_fused_kernels(self.model, config.fused_kernels, self.device)
         self.arch = self.model.arch
         if config.max_model_len is not None and config.max_model_len > self.arch.max_model_len:
             raise ValueError(f"EngineConfig.max_model_len={config.max_model_len} is invalid: expected at most the "
