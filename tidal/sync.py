@@ -57,15 +57,18 @@ class ReplicaError(RuntimeError):
 class WeightSender:
     def __init__(self, urls: list[str], backend: str = "gloo", bucket_bytes: int = 512 << 20,
                  admin_key: str | None = None, timeout_s: float = 120.0, master_address: str = "127.0.0.1",
-                 master_port: int | None = None, group_name: str = "tidal-weights") -> None:
+                 master_port: int | None = None, group_name: str = "tidal-weights", staging: str = "copy") -> None:
         if not urls:
             raise ValueError("urls is empty: expected at least one replica URL")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is invalid: expected one of {list(BACKENDS)}")
+        if staging not in ("copy", "in_place"):
+            raise ValueError(f"staging={staging!r} is invalid: expected 'copy' or 'in_place' (no second copy of "
+                             "the weights on the engine; it holds generation while it writes)")
         if bucket_bytes < _ALIGN:
             raise ValueError(f"bucket_bytes={bucket_bytes} is invalid: expected at least {_ALIGN}")
         self.urls = [u.rstrip("/") for u in urls]
-        self.backend, self.bucket_bytes, self.timeout_s = backend, bucket_bytes, timeout_s
+        self.backend, self.bucket_bytes, self.timeout_s, self.staging = backend, bucket_bytes, timeout_s, staging
         self.master_address, self.master_port, self.group_name = master_address, master_port, group_name
         self._headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
         self._http = httpx.Client(timeout=timeout_s + 30.0, headers=self._headers)
@@ -190,7 +193,7 @@ class WeightSender:
             self._connect()
         meta = [{"nbytes": _bucket_bytes(b), "tensors": [_meta(p) for p in b]} for b in buckets]
         body = {"group_name": self.group_name, "layout": "bucketed", "buckets": meta, "version": version,
-                "commit": False, "timeout_s": self.timeout_s}
+                "commit": False, "timeout_s": self.timeout_s, "staging": self.staging}
         futs = {u: self._pool.submit(self._post, u, "/v1/update_weights_from_distributed", body) for u in self.urls}
         try:
             self._broadcast(buckets, phases)
@@ -249,7 +252,7 @@ class WeightSender:
             del seg
             phases["pack"] += time.perf_counter() - tp
             body = {"shm_path": path, "tensors": [_meta(p) for p in placed], "version": version,
-                    "commit": False, "timeout_s": self.timeout_s}
+                    "commit": False, "timeout_s": self.timeout_s, "staging": self.staging}
             ts = time.perf_counter()
             out = self._all("/v1/update_weights_from_shm", lambda i, u: body)
             phases["stage"] = time.perf_counter() - ts
@@ -268,7 +271,7 @@ class WeightSender:
         phases["pack"] += time.perf_counter() - tp
         body = {"tensors": [{"name": p.name, "dtype": _dtype_name(p.tensor), "shape": list(p.tensor.shape)}
                             for p in flat], "ipc_handles": handles, "version": version, "commit": False,
-                "timeout_s": self.timeout_s}
+                "timeout_s": self.timeout_s, "staging": self.staging}
         ts = time.perf_counter()
         out = self._all("/v1/update_weights_from_ipc", lambda i, u: body)
         phases["stage"] = time.perf_counter() - ts

@@ -32,7 +32,7 @@ from tidal.models.loader import iter_checkpoint
 
 args = json.loads(sys.argv[1])
 sender = WeightSender(args["urls"], backend=args["backend"], bucket_bytes=args.get("bucket_bytes", 64 << 10),
-                      timeout_s=args.get("timeout_s", 30.0))
+                      timeout_s=args.get("timeout_s", 30.0), staging=args.get("staging", "copy"))
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
@@ -229,6 +229,25 @@ def test_push_b_into_two_servers(servers, refs, ckpts):
         trainer.close()
     for s in servers:
         assert state(s)["weight_transfer"]["group"] is None   # close() destroyed it
+
+
+@pytest.mark.parametrize("backend", ["gloo", "shm"])
+def test_in_place_push_into_two_servers(servers, refs, ckpts, backend):
+    """staging="in_place" over HTTP, transactional as ever: stage (written in place, generation
+    held) on both, then commit on both."""
+    a, b = ckpts
+    version = state(servers[0])["weight_version"] + 1
+    trainer = Trainer([s.url for s in servers], backend=backend, staging="in_place")
+    try:
+        r = trainer.push(b, version)
+        assert r["ok"], r
+        assert all(state(s)["weight_version"] == version for s in servers)
+        serving(servers, refs, "B")
+        assert trainer.push(a, version + 1)["ok"]
+        assert all(not state(s)["weight_transfer"]["writing_in_place"] for s in servers)
+        serving(servers, refs, "A")
+    finally:
+        trainer.close()
 
 
 def test_plain_torch_distributed_trainer(servers, refs, ckpts):

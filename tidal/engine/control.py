@@ -70,7 +70,7 @@ class ControlPlane:
 
     def can_schedule(self) -> bool:
         return (self.state in (EngineState.SERVING, EngineState.DRAINING) and self.core.weights_loaded
-                and self.weights.fenced is None)
+                and self.weights.fenced is None and self.weights.writing is None)
 
     def can_admit(self) -> bool:
         return self.can_schedule()
@@ -227,6 +227,9 @@ class ControlPlane:
             raise EngineError(f"sleep tags={bad!r} are unknown: expected a subset of {list(SLEEP_TAGS)}")
         if self.state not in (EngineState.PAUSED, EngineState.SLEEPING):
             raise EngineError(f"sleep: engine is {self.state.value}; pause it first")
+        if "weights" in tags and self.weights.writing is not None:
+            raise EngineError("sleep: an in-place weight update owns the parameters; commit_weights or "
+                              "abort_staged (or wait for it to finish) first")
         runner = self.core.runner
         result: dict[str, Any] = {"tags": [], "bytes_freed": {}, "retracted": []}
         for tag in tags:

@@ -15,6 +15,7 @@ import mmap
 import os
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -185,30 +186,37 @@ def _wire_device(group: TransferGroup, device: torch.device) -> torch.device:
     return device if group.backend == "nccl" else torch.device("cpu")
 
 
-def receive_per_tensor(group: TransferGroup, specs: list[TensorSpec], device: torch.device,
-                       deadline: float) -> dict[str, torch.Tensor]:
-    """Each declared tensor broadcast on its own, in the declared order (SGLang's protocol)."""
+def iter_per_tensor(group: TransferGroup, specs: list[TensorSpec], device: torch.device,
+                    deadline: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each declared tensor broadcast on its own, in the declared order (SGLang's protocol);
+    yields each as it arrives, on the wire's device."""
     wire = _wire_device(group, device)
-    out = {}
     for s in specs:
         t = torch.empty(s.shape, dtype=s.dtype, device=wire)
         _broadcast(group, t, deadline)
-        out[s.name] = t.to(device)
-    return out
+        yield s.name, t
 
 
-def receive_buckets(group: TransferGroup, buckets: list[Bucket], device: torch.device,
-                    deadline: float) -> dict[str, torch.Tensor]:
-    """One uint8 broadcast per bucket; tensors are views into it at their offsets."""
+def iter_buckets(group: TransferGroup, buckets: list[Bucket], device: torch.device,
+                 deadline: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """One uint8 broadcast per bucket; yields its tensors as views into it at their offsets."""
     wire = _wire_device(group, device)
-    out = {}
     for b in buckets:
         buf = torch.empty(b.nbytes, dtype=torch.uint8, device=wire)
         _broadcast(group, buf, deadline)
         buf = buf.to(device)
         for s in b.tensors:
-            out[s.name] = buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
-    return out
+            yield s.name, buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+
+
+def receive_per_tensor(group: TransferGroup, specs: list[TensorSpec], device: torch.device,
+                       deadline: float) -> dict[str, torch.Tensor]:
+    return {name: t.to(device) for name, t in iter_per_tensor(group, specs, device, deadline)}
+
+
+def receive_buckets(group: TransferGroup, buckets: list[Bucket], device: torch.device,
+                    deadline: float) -> dict[str, torch.Tensor]:
+    return dict(iter_buckets(group, buckets, device, deadline))
 
 
 def discard_declared(group: TransferGroup, specs: list[TensorSpec], buckets: list[Bucket] | None,
@@ -236,9 +244,9 @@ def check_shm_path(path: object) -> str:
     return path
 
 
-def receive_shm(path: str, specs: list[TensorSpec], device: torch.device) -> dict[str, torch.Tensor]:
-    """Copy the declared tensors out of a shared-memory file the trainer wrote (metadata came as
-    JSON; the file holds raw bytes only)."""
+def iter_shm(path: str, specs: list[TensorSpec]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The declared tensors of a shared-memory file the trainer wrote (metadata came as JSON;
+    the file holds raw bytes only), as views into one host copy of it."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -249,7 +257,12 @@ def receive_shm(path: str, specs: list[TensorSpec], device: torch.device) -> dic
             raw = torch.frombuffer(bytearray(mm), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
     finally:
         os.close(fd)
-    return {s.name: raw[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape).to(device) for s in specs}
+    for s in specs:
+        yield s.name, raw[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+
+
+def receive_shm(path: str, specs: list[TensorSpec], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: t.to(device) for name, t in iter_shm(path, specs)}
 
 
 # -- colocated: CUDA IPC (GPU) ------------------------------------------------------------------
@@ -264,25 +277,29 @@ def _b64(handle: dict, key: str) -> bytes | None:
     return base64.b64decode(handle[key]) if handle[key] is not None else None
 
 
-def receive_ipc(handles: object, specs: list[TensorSpec], device: torch.device) -> dict[str, torch.Tensor]:
+def iter_ipc(handles: object, specs: list[TensorSpec], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """The trainer's CUDA tensors themselves, opened from their IPC handles (no copy)."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
     if device.type != "cuda":
         raise EngineInvalidInput("source", "ipc", "an engine on a CUDA device (use shm on the CPU)")
     if not isinstance(handles, list) or len(handles) != len(specs):
         raise EngineInvalidInput("ipc_handles", type(handles).__name__, f"a list of {len(specs)} handle objects")
-    out = {}
     for i, (h, s) in enumerate(zip(handles, specs)):
         if not isinstance(h, dict) or sorted(h) != sorted(IPC_FIELDS):
             raise EngineInvalidInput(f"ipc_handles[{i}]", sorted(h) if isinstance(h, dict) else h,
                                      f"an object with the fields {list(IPC_FIELDS)}")
         if tuple(h["size"]) != s.shape or parse_dtype(h["dtype"], f"ipc_handles[{i}].dtype") != s.dtype:
             raise EngineInvalidInput(f"ipc_handles[{i}]", (h["size"], h["dtype"]), f"shape {list(s.shape)}, {s.dtype}")
-        t = rebuild_cuda_tensor(torch.Tensor, torch.Size(h["size"]), tuple(h["stride"]), int(h["offset"]),
-                                torch.storage.UntypedStorage, s.dtype, int(h["device"]), _b64(h, "handle"),
-                                int(h["storage_size_bytes"]), int(h["storage_offset_bytes"]), False,
-                                _b64(h, "ref_counter_handle"), int(h["ref_counter_offset"]), _b64(h, "event_handle"),
-                                bool(h["event_sync_required"]))
-        out[s.name] = t.to(device, copy=True)  # our own copy: the trainer may free its buffer
+        yield s.name, rebuild_cuda_tensor(
+            torch.Tensor, torch.Size(h["size"]), tuple(h["stride"]), int(h["offset"]), torch.storage.UntypedStorage,
+            s.dtype, int(h["device"]), _b64(h, "handle"), int(h["storage_size_bytes"]),
+            int(h["storage_offset_bytes"]), False, _b64(h, "ref_counter_handle"), int(h["ref_counter_offset"]),
+            _b64(h, "event_handle"), bool(h["event_sync_required"]))
+
+
+def receive_ipc(handles: object, specs: list[TensorSpec], device: torch.device) -> dict[str, torch.Tensor]:
+    # our own copies: the trainer may free its buffers once we answer
+    out = {name: t.to(device, copy=True) for name, t in iter_ipc(handles, specs, device)}
     torch.cuda.synchronize(device)
     return out
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,7 @@ class _Staged:
     source: str | None
     stage_s: float
     fingerprint: Any = None   # loader.checkpoint_fingerprint of a path source, kept at commit
+    in_place: _InPlace | None = None   # staging="in_place": already written, `tensors` is empty
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -67,6 +68,66 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _count(held: _Staged) -> int:
+    return len(held.tensors) if held.in_place is None else len(held.in_place.names)
+
+
+def _held_bytes(held: _Staged) -> int:
+    return _nbytes(held.tensors) if held.in_place is None else held.in_place.bytes
+
+
+class _InPlace:
+    """staging="in_place", for when a second copy of the weights does not fit: each arriving
+    tensor is written straight into the live parameters, after a host copy is kept of the
+    region it overwrites, so a failure or abort_staged() puts the old weights back exactly.
+    Generation is held while a writer is active (WeightManager.writing gates scheduling)."""
+
+    def __init__(self, model, checksums: dict[str, str] | None, field: str | None) -> None:
+        self.model, self.checksums = model, checksums or {}
+        self.field = field    # bad input is EngineInvalidInput naming it; None: a failed transfer
+        self.backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.names: set[str] = set()
+        self.bytes = 0
+        self.restore_error: str | None = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        try:
+            self.model.check_weight(name, tensor)
+        except ValueError as e:
+            raise self._error(str(e)) from None
+        if name in self.names:
+            raise self._error(f"tensor {name!r} appears twice in the source")
+        digest = self.checksums.get(name)
+        if digest is not None and tensor_sha256(tensor) != digest:
+            raise self._error(f"checksum of {name!r} is {tensor_sha256(tensor)}, expected {digest}")
+        self.names.add(name)
+        dst = self.model.live_view(name)
+        if dst is None:   # a buffer the model recomputes (rotary tables)
+            return
+        self.backup.append((dst, dst.detach().to("cpu", copy=True)))
+        dst.copy_(tensor)
+        self.bytes += tensor.numel() * tensor.element_size()
+
+    def _error(self, msg: str) -> EngineError:
+        msg = f"update_weights: {msg}"
+        return EngineError(msg) if self.field is None else EngineInvalidInput(self.field, None, "tensors matching "
+                                                                              "the model", msg)
+
+    def restore(self) -> None:
+        """Put back every overwritten region (reverse order: tied weights share storage)."""
+        try:
+            with torch.no_grad():
+                for dst, old in reversed(self.backup):
+                    dst.copy_(old)
+            if self.backup and self.backup[0][0].is_cuda:
+                torch.cuda.synchronize(self.backup[0][0].device)
+        except BaseException as e:
+            self.restore_error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            self.backup = []
+
+
 class WeightManager:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
@@ -75,6 +136,7 @@ class WeightManager:
         self.staged: _Staged | None = None
         self.fenced: str | None = None
         self.last_failure: dict[str, Any] | None = None
+        self.writing: _InPlace | None = None   # an in-place update owns the live parameters
 
     # -- what the control plane asks ------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -83,6 +145,7 @@ class WeightManager:
                                                  "world_size": g.world_size},
                 "busy": None if self.job is None else self.job.op,
                 "staged_version": None if self.staged is None else self.staged.version,
+                "writing_in_place": self.writing is not None,
                 "fenced": self.fenced, "last_failure": self.last_failure}
 
     def _start(self, op: str, reply: Future, work: Callable[[], Any], done: Callable[[Any, _Job], dict],
@@ -191,14 +254,12 @@ class WeightManager:
             raise EngineError("update_weights: give exactly one of path= or named_tensors=, matching source=")
         if staging not in STAGING:
             raise EngineInvalidInput("staging", staging, f"one of {list(STAGING)}")
-        if staging == "in_place":
-            raise EngineInvalidInput("staging", staging, "'copy' (in-place staging is not implemented yet)")
         if version is not None and (not isinstance(version, int) or version < 0):
             raise EngineInvalidInput("version", version, "a non-negative integer")
         deadline = time.monotonic() + (DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s))
         if source in ("distributed", "shm", "ipc"):
             return self._update_declared(reply, source, version, checksums, group_name, tensors, layout,
-                                         buckets, shm_path, ipc_handles, commit, deadline)
+                                         buckets, shm_path, ipc_handles, commit, deadline, staging)
         self._precheck("update_weights")
         core = self.core
         if version is not None and version == core.weight_version and self.fenced is None:
@@ -206,6 +267,20 @@ class WeightManager:
         model, device = core.runner.model, core.runner.device
 
         root = core.config.weights_root
+        if staging == "in_place":
+            field = "path" if path is not None else "named_tensors"
+
+            def items() -> Iterable[tuple[str, torch.Tensor]]:
+                yield from iter_source(model, path, named_tensors, deadline, root)
+
+            def complete(writer: _InPlace) -> Any:
+                if path is None:
+                    return None
+                from tidal.models.loader import checkpoint_fingerprint
+                _check_complete(model, path, writer.names)
+                return checkpoint_fingerprint(path, root)
+            self._write_in_place(reply, items, checksums, field, version, path, commit, complete)
+            return None
 
         def work() -> tuple[dict[str, torch.Tensor], Any]:
             from tidal.models.loader import checkpoint_fingerprint
@@ -222,7 +297,8 @@ class WeightManager:
 
     def _update_declared(self, reply: Future, source: str, version: int | None, checksums: dict | None,
                          group_name: str | None, tensors: list | None, layout: str, buckets: list | None,
-                         shm_path: str | None, ipc_handles: list | None, commit: bool, deadline: float) -> None:
+                         shm_path: str | None, ipc_handles: list | None, commit: bool, deadline: float,
+                         staging: str = "copy") -> None:
         device = self.core.runner.device
         if layout not in wt.LAYOUTS:
             raise EngineInvalidInput("layout", layout, f"one of {list(wt.LAYOUTS)}")
@@ -251,6 +327,18 @@ class WeightManager:
                 raise rejected
             self._start("update_weights", reply, discard, lambda _, job: {}, lambda e: self._teardown())
             return None
+        torn = (lambda e: self._teardown()) if source == "distributed" else None
+        if staging == "in_place":
+            if source == "distributed":
+                items = (lambda: wt.iter_buckets(g, parsed, device, deadline)) if parsed else \
+                    (lambda: wt.iter_per_tensor(g, specs, device, deadline))
+            elif source == "shm":
+                shm = wt.check_shm_path(shm_path)
+                items = lambda: wt.iter_shm(shm, specs)  # noqa: E731
+            else:
+                items = lambda: wt.iter_ipc(ipc_handles, specs, device)  # noqa: E731
+            self._write_in_place(reply, items, checksums, None, version, None, commit, lambda w: None, torn)
+            return None
         if source == "distributed":
             recv = (lambda: wt.receive_buckets(g, parsed, device, deadline)) if parsed else \
                 (lambda: wt.receive_per_tensor(g, specs, device, deadline))
@@ -265,21 +353,56 @@ class WeightManager:
             _verify(staged, checksums)
             return staged
 
-        torn = (lambda e: self._teardown()) if source == "distributed" else None
         self._start("update_weights", reply, work,
                     lambda staged, job: self._staged(staged, version, None, commit, job), torn)
         return None
 
+    def _write_in_place(self, reply: Future, items: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+                        checksums: dict[str, str] | None, field: str | None, version: int | None,
+                        source: str | None, commit: bool, complete: Callable[[_InPlace], Any],
+                        torn: Callable[[BaseException], None] | None = None) -> None:
+        """The worker writes into the live parameters; nothing is scheduled until it commits,
+        or until a failure (or abort_staged) has put the old weights back."""
+        writer = _InPlace(self.core.runner.model, checksums, field)
+        device = self.core.runner.device
+
+        def work() -> Any:
+            try:
+                with torch.no_grad():
+                    for name, t in items():
+                        writer.write(name, t)
+                stamp = complete(writer)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                return stamp
+            except BaseException:
+                writer.restore()   # raises (and sets restore_error) if it cannot
+                raise
+
+        def failed(e: BaseException) -> None:
+            self.writing = None
+            if writer.restore_error is not None:
+                self.fenced = ("in-place update failed and the old weights could not be restored: "
+                               f"{writer.restore_error}")
+            if torn is not None:
+                torn(e)
+
+        self.writing = writer
+        self._start("update_weights", reply, work,
+                    lambda stamp, job: self._staged({}, version, source, commit, job, stamp, writer), failed)
+
     def _staged(self, staged: dict[str, torch.Tensor], version: int | None, source: str | None,
-                commit: bool, job: _Job, fingerprint: Any = None) -> dict:
-        """Core thread: the worker staged every tensor. Commit now, or hold for commit_weights."""
+                commit: bool, job: _Job, fingerprint: Any = None, in_place: _InPlace | None = None) -> dict:
+        """Core thread: the worker staged every tensor. Commit now, or hold for commit_weights
+        (an in-place update holds generation meanwhile: the live parameters are already new)."""
         stage_s = time.monotonic() - job.started
         version = self.core.weight_version + 1 if version is None else version
-        held = _Staged(version, staged, source, stage_s, fingerprint)
+        held = _Staged(version, staged, source, stage_s, fingerprint, in_place)
         if not commit:
             self.staged = held
             return {"staged": True, "weight_version": self.core.weight_version, "staged_version": version,
-                    "num_tensors": len(staged), "bytes": _nbytes(staged), "stage_s": stage_s}
+                    "num_tensors": _count(held), "bytes": _held_bytes(held), "stage_s": stage_s,
+                    "staging": "copy" if in_place is None else "in_place"}
         return self._commit(held)
 
     def _commit(self, held: _Staged) -> dict:
@@ -289,7 +412,8 @@ class WeightManager:
                               "could commit; wake_up(['weights']) and update again")
         t0 = time.monotonic()
         try:
-            core.runner.model.load_weights(held.tensors.items())  # copy_ into the live parameters
+            # copy_ into the live parameters (an in-place update has written them already)
+            core.runner.model.load_weights(held.tensors.items())
             if core.runner.device.type == "cuda":
                 torch.cuda.synchronize(core.runner.device)
         except BaseException as e:  # part of the weights may be new: never serve them mixed
@@ -304,9 +428,11 @@ class WeightManager:
         recomputed = core.scheduler.retract_all()
         core.block_manager.reset_prefix_cache()
         self.fenced = None
-        return {"weight_version": held.version, "num_tensors": len(held.tensors), "bytes": _nbytes(held.tensors),
+        self.writing = None   # the in-place backup is dropped with `held`
+        return {"weight_version": held.version, "num_tensors": _count(held), "bytes": _held_bytes(held),
                 "stage_s": held.stage_s, "commit_s": time.monotonic() - t0, "skipped": False,
-                "committed": True, "recomputed": len(recomputed)}
+                "committed": True, "recomputed": len(recomputed),
+                "staging": "copy" if held.in_place is None else "in_place"}
 
     def commit_staged(self, version: int | None = None) -> dict:
         held = self.staged
@@ -321,6 +447,14 @@ class WeightManager:
 
     def abort_staged(self) -> dict:
         held, self.staged = self.staged, None
+        if held is not None and held.in_place is not None:
+            self.writing = None
+            try:
+                held.in_place.restore()
+            except BaseException as e:
+                self.fenced = f"abort_staged could not restore the weights an in-place update overwrote: {e}"
+                raise EngineError(f"abort_staged: {self.fenced}; the engine is fenced until an update "
+                                  "commits") from None
         return {"aborted": held is not None, "staged_version": None if held is None else held.version,
                 "weight_version": self.core.weight_version}
 
@@ -365,18 +499,19 @@ def _verify(staged: dict[str, torch.Tensor], checksums: dict[str, str] | None, i
             raise EngineInvalidInput("checksums", name, digest, msg) if invalid_input else EngineError(msg)
 
 
-def stage(model, path: str | None, named_tensors, checksums: dict[str, str] | None,
-          deadline: float = float("inf"), root: str | None = None) -> dict[str, torch.Tensor]:
-    """Read and validate every tensor without touching the model. Raises on any problem: bad
-    input (EngineInvalidInput naming `path`, `named_tensors` or `checksums`) or a failing source.
-    The loader confines every file to `root` and refuses non-regular ones (a FIFO named
-    *.safetensors would block the reader forever)."""
+def iter_source(model, path: str | None, named_tensors, deadline: float = float("inf"),
+                root: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of a checkpoint directory (or of `named_tensors`), checked against the model
+    as it is read, without touching the model. Raises on any problem: bad input
+    (EngineInvalidInput naming `path` or `named_tensors`) or a failing source. The loader
+    confines every file to `root` and refuses non-regular ones (a FIFO named *.safetensors would
+    block the reader forever)."""
     from tidal.models.loader import iter_checkpoint
     field = "path" if path is not None else "named_tensors"
+    seen: set[str] = set()
     try:
         source = iter_checkpoint(path, root) if path is not None else (
             named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
-        staged: dict[str, torch.Tensor] = {}
         for name, tensor in source:
             if time.monotonic() > deadline:
                 raise EngineError("update_weights: the call's deadline passed while reading the tensors")
@@ -384,19 +519,30 @@ def stage(model, path: str | None, named_tensors, checksums: dict[str, str] | No
                 model.check_weight(name, tensor)
             except ValueError as e:
                 raise EngineInvalidInput(field, path, "tensors matching the model", f"update_weights: {e}") from None
-            if name in staged:
+            if name in seen:
                 raise EngineInvalidInput(field, path, "each tensor once",
                                          f"update_weights: tensor {name!r} appears twice in the source")
-            staged[name] = tensor
+            seen.add(name)
+            yield name, tensor
     except (EngineError, EngineInvalidInput):
         raise
     except (ValueError, OSError) as e:  # a bad checkpoint is bad input, not a state conflict
         raise EngineInvalidInput(field, path, "a readable checkpoint matching the model",
                                  f"update_weights: {type(e).__name__}: {e}") from None
+
+
+def _check_complete(model, path: str, names: Iterable[str]) -> None:
+    missing = sorted(set(model.weight_specs()) - set(names) - model.optional_weights())
+    if missing:
+        raise EngineInvalidInput("path", path, "every tensor of the model",
+                                 f"update_weights: {path} is missing {len(missing)} tensors: {missing[:8]}")
+
+
+def stage(model, path: str | None, named_tensors, checksums: dict[str, str] | None,
+          deadline: float = float("inf"), root: str | None = None) -> dict[str, torch.Tensor]:
+    """Read and validate every tensor (iter_source) into a staging copy, without touching the model."""
+    staged = dict(iter_source(model, path, named_tensors, deadline, root))
     if path is not None:
-        missing = sorted(set(model.weight_specs()) - set(staged) - model.optional_weights())
-        if missing:
-            raise EngineInvalidInput("path", path, "every tensor of the model",
-                                     f"update_weights: {path} is missing {len(missing)} tensors: {missing[:8]}")
+        _check_complete(model, path, staged)
     _verify(staged, checksums, invalid_input=True)
     return staged

@@ -212,6 +212,14 @@ class LlamaForCausalLM(nn.Module):
     def check_weight(self, name: str, tensor: torch.Tensor) -> None:
         self.check_weight_spec(name, tuple(tensor.shape), tensor.dtype)
 
+    def live_view(self, name: str) -> torch.Tensor | None:
+        """The live storage a checkpoint tensor is copied into (a slice of a fused parameter);
+        None for buffers the model ignores. Call check_weight first."""
+        if name.endswith(IGNORED_SUFFIXES):
+            return None
+        slot = self._weight_map[name]
+        return slot.param if slot.size is None else slot.param.narrow(0, slot.start, slot.size)
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy tensors into the parameters, casting to the model dtype; each tensor is checked
@@ -221,9 +229,7 @@ class LlamaForCausalLM(nn.Module):
             self.check_weight(name, tensor)
             if name.endswith(IGNORED_SUFFIXES):
                 continue
-            slot = self._weight_map[name]
-            dst = slot.param if slot.size is None else slot.param.narrow(0, slot.start, slot.size)
-            dst.copy_(tensor)
+            self.live_view(name).copy_(tensor)
             loaded.add(name)
         return loaded
 

@@ -555,10 +555,11 @@ class EngineClient:
         return await self.control("wake_up", {"tags": None if tags is None else list(tags)}, timeout_s)
 
     async def update_weights(self, path: str, version: int | None = None,
-                             checksums: dict[str, str] | None = None, timeout_s: float | None = None) -> dict:
+                             checksums: dict[str, str] | None = None, timeout_s: float | None = None,
+                             staging: str = "copy") -> dict:
         """From an HF/safetensors directory; named tensors do not cross the process boundary."""
-        return await self.control("update_weights", {"path": path, "version": version, "checksums": checksums},
-                                  timeout_s)
+        return await self.control("update_weights", {"path": path, "version": version, "checksums": checksums,
+                                                     "staging": staging}, timeout_s)
 
     async def flush_cache(self, timeout_s: float | None = None) -> dict:
         return await self.control("flush_cache", None, timeout_s)

@@ -153,3 +153,5 @@ class UpdateWeightsRequest(_Body):
     version: Annotated[int, Field(ge=0, le=_I63)] | None = None
     checksums: dict[str, Annotated[str, Field(min_length=64, max_length=64)]] | None = None
     timeout_s: Timeout | None = None
+    # "in_place" when a second copy of the weights does not fit (generation is held while it writes)
+    staging: Literal["copy", "in_place"] = "copy"

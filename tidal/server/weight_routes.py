@@ -64,6 +64,7 @@ class _Update(_Body):
     checksums: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] | None = None
     commit: StrictBool = True
     timeout_s: Timeout | None = None
+    staging: Literal["copy", "in_place"] = "copy"   # in_place: no second copy, generation held meanwhile
 
 
 class UpdateDistributed(_Update):
@@ -130,7 +131,7 @@ def register(app: FastAPI, server: ServerCore) -> None:
 
     def common(body: _Update, source: str) -> dict[str, Any]:
         return {"source": source, "version": body.version, "checksums": body.checksums, "commit": body.commit,
-                "timeout_s": body.timeout_s or UPDATE_TIMEOUT_S}
+                "timeout_s": body.timeout_s or UPDATE_TIMEOUT_S, "staging": body.staging}
 
     async def update_distributed(body: UpdateDistributed) -> Response:
         bucketed = body.layout == "bucketed"
