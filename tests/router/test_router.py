@@ -120,6 +120,43 @@ def test_failed_weight_update_on_one_replica_leaves_both_on_old_version(fleet, t
     assert {v["state"] for v in health["replicas"].values()} == {"up"}
 
 
+def test_transactional_push_through_the_router(fleet, tiny_ckpt):
+    """A trainer's WeightSender pointed at the router: its stage (commit=false) is held on every
+    replica and its commit fans out; when one replica cannot stage, every replica keeps its version."""
+    from tidal.models.loader import iter_checkpoint
+    from tidal.sync import WeightSender
+
+    router, (a, b) = fleet
+    new = tiny_ckpt("llama", seed=2)
+    probe = {"prompt": "push?", **GREEDY}
+    old = httpx.post(a.url + "/v1/completions", json=probe, timeout=60).json()["choices"][0]["token_ids"]
+    v0 = a.control("/v1/state", method="GET")["weight_version"]
+    sender = WeightSender([router.url], backend="shm", timeout_s=60)
+    try:
+        b.control("/v1/pause", {"mode": "keep"})
+        b.control("/v1/sleep", {"tags": ["weights"]})      # B cannot stage while its weights sleep
+        r = sender.push(dict(iter_checkpoint(new)), v0 + 1)
+        assert not r.ok
+        b.control("/v1/wake_up", {})
+        b.control("/v1/resume", {})
+        for s in (a, b):
+            st = s.control("/v1/state", method="GET")
+            assert st["weight_version"] == v0 and st["weight_transfer"]["staged_version"] is None
+        r = sender.push(dict(iter_checkpoint(new)), v0 + 1)
+        assert r.ok, r
+        committed = r.replicas[router.url]      # the sender's own commit reached every replica
+        assert committed["phase"] == "commit" and set(committed["replicas"]) == {a.url, b.url}
+        assert all(res["committed"] and not res["skipped"] for res in committed["replicas"].values())
+    finally:
+        sender.close()
+    outs = []
+    for s in (a, b):
+        assert s.control("/v1/state", method="GET")["weight_version"] == v0 + 1
+        outs.append(httpx.post(s.url + "/v1/completions", json=probe, timeout=60).json()["choices"][0]["token_ids"])
+    assert outs[0] == outs[1] != old
+    assert {v["state"] for v in httpx.get(router.url + "/health").json()["replicas"].values()} == {"up"}
+
+
 async def _run_64_and_disturb(router, disturb, extra: list[dict] | None = None, params: dict = GREEDY):
     """64 greedy streams (+ extra bodies); `disturb()` once the streams have 3 tokens each on average."""
     seen, progress = [0, 64 * 3], asyncio.Event()

@@ -161,6 +161,16 @@ class Router:
         reply = await control.staged_update(self, request.url.path, body, timeout)
         return _json(reply, 200 if reply["ok"] else 502)
 
+    async def commit_weights(self, request: Request) -> Response:
+        self.check_admin(request)
+        body = await _body(request, optional=True)
+        version = body.get("version")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
+            raise APIError(400, f"version={version!r}: expected a non-negative integer or null", "version")
+        timeout = float(body.get("timeout_s") or self.settings.update_timeout_s)
+        reply = await control.commit_all(self, version, timeout)
+        return _json(reply, 200 if reply["ok"] else 502)
+
     async def health(self, request: Request) -> Response:
         reps = self.replicas.summary()
         up = sum(1 for r in reps.values() if r["state"] == UP)
@@ -285,6 +295,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     app.post("/v1/update_weights")(router.update_weights)
     for path in ("/v1/update_weights_from_distributed", "/v1/update_weights_from_shm", "/v1/update_weights_from_ipc"):
         app.post(path)(router.staged_update)
+    app.post("/v1/commit_weights")(router.commit_weights)
     app.get("/v1/replicas")(router.list_replicas)
     app.post("/v1/replicas")(router.add_replica)
     app.delete("/v1/replicas")(router.remove_replica)

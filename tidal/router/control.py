@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from tidal.router.app import Router
 
 FANOUT_GET = ("/v1/state", "/v1/is_paused", "/health")
-FANOUT_POST = ("/v1/pause", "/v1/resume", "/v1/abort_requests", "/v1/sleep", "/v1/wake_up", "/v1/flush_cache")
+FANOUT_POST = ("/v1/pause", "/v1/resume", "/v1/abort_requests", "/v1/sleep", "/v1/wake_up", "/v1/flush_cache",
+               "/v1/abort_staged")
 
 
 async def call(router: Router, rep: Replica, method: str, path: str, body: dict | None,
@@ -117,20 +118,35 @@ async def _roll_back(router: Router, reps: list[Replica], before: dict[str, dict
     return {r.url: back["replicas"].get(r.url, {"error": r.reason}) for r in reps}
 
 
+def _live(router: Router) -> list[Replica]:
+    return [r for r in router.replicas.replicas.values() if r.state not in (DOWN, FENCED)]
+
+
 async def staged_update(router: Router, path: str, body: dict, timeout_s: float) -> dict:
-    """Stage on all (commit=false) → commit on all, or abort the staged copies on all."""
-    reps = [r for r in router.replicas.replicas.values() if r.state not in (DOWN, FENCED)]
+    """Stage on all (commit=false) → commit on all, or abort the staged copies on all. A caller
+    that asked for commit=false itself (a transactional trainer) gets the staged state held on
+    every replica, for its own /v1/commit_weights or /v1/abort_staged through the router."""
+    reps = _live(router)
     staged = await fan_out(router, "POST", path, {**body, "commit": False}, timeout_s, reps)
     if not staged["ok"]:
         aborted = await fan_out(router, "POST", "/v1/abort_staged", {}, timeout_s, reps)
         return {"ok": False, "phase": "stage", "replicas": staged["replicas"], "aborted": aborted["replicas"]}
-    commit = {"version": body["version"]} if body.get("version") is not None else {}
-    committed = await fan_out(router, "POST", "/v1/commit_weights", commit, timeout_s, reps)
+    if body.get("commit", True) is False:
+        return {"ok": True, "phase": "stage", "staged": True, "replicas": staged["replicas"]}
+    return await commit_all(router, body.get("version"), timeout_s, reps)
+
+
+async def commit_all(router: Router, version: int | None, timeout_s: float,
+                     reps: list[Replica] | None = None) -> dict:
+    """Commit the staged version on every replica; one that fails at commit is fenced."""
+    reps = _live(router) if reps is None else reps
+    committed = await fan_out(router, "POST", "/v1/commit_weights", {} if version is None else {"version": version},
+                              timeout_s, reps)
     for r in reps:
         res = committed["replicas"][r.url]
         if "error" in res:
             router.replicas.fence(r, f"weight commit failed: {res['error']}")
             await call(router, r, "POST", "/v1/fence", {"reason": "weight commit failed on this replica"}, timeout_s)
         else:
-            r.weights = {**r.weights, "version": res.get("weight_version", body.get("version"))}
+            r.weights = {**r.weights, "version": res.get("weight_version", version)}
     return {"ok": committed["ok"], "phase": "commit", "replicas": committed["replicas"]}
