@@ -29,7 +29,10 @@ sys.stdin.readline()   # keep the tensors alive until the engine has copied them
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_ipc_push_matches_b(tiny_ckpt):
+@pytest.mark.parametrize("staging", ["copy", "in_place"])
+def test_ipc_push_matches_b(tiny_ckpt, staging):
+    """Both stagings; in place with CUDA graphs captured (the live storage is written, so the
+    graphs replay the new weights without recapture)."""
     a, b = tiny_ckpt("qwen2", seed=0), tiny_ckpt("qwen2", seed=1)
     ref = LLM(b, device="cuda", dtype="bfloat16", block_size=16, num_kv_blocks=256)
     on_b = [o.outputs[0].token_ids for o in ref.generate(PROMPTS, GREEDY, use_tqdm=False)]
@@ -39,8 +42,8 @@ def test_ipc_push_matches_b(tiny_ckpt):
     try:
         msg = json.loads(proc.stdout.readline())
         res = llm.update_weights(source="ipc", tensors=msg["tensors"], ipc_handles=msg["handles"], version=2,
-                                 timeout_s=120)
-        assert res["weight_version"] == 2
+                                 timeout_s=120, staging=staging)
+        assert res["weight_version"] == 2 and res["staging"] == staging
     finally:
         proc.stdin.write("\n")
         proc.stdin.flush()
