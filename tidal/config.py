@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import torch
 
 DTYPES = ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
-ATTENTION_BACKENDS = ("auto", "cpu", "cuda", "invariant", "torch_ref")
+ATTENTION_BACKENDS = ("auto", "cpu", "cuda", "invariant", "torch")
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:

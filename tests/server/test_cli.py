@@ -80,10 +80,10 @@ def test_engine_flags_are_generated_from_engine_config():
                 continue
             assert getattr(args, f.name) == f.default, (command, f.name)
     assert _engine_config(parser.parse_args(["serve"])) == EngineConfig()
-    cfg = _engine_config(parser.parse_args(["serve", "--no-overlap-scheduling", "--attention-backend", "torch_ref",
+    cfg = _engine_config(parser.parse_args(["serve", "--no-overlap-scheduling", "--attention-backend", "torch",
                                             "--no-prefix-caching", "--max-model-len", "64", "--enforce-eager"]))
     assert (cfg.overlap_scheduling, cfg.attention_backend, cfg.enable_prefix_caching, cfg.max_model_len,
-            cfg.enforce_eager) == (False, "torch_ref", False, 64, True)
+            cfg.enforce_eager) == (False, "torch", False, 64, True)
 
 
 def test_model_limits_are_one_line_errors(server_model):
