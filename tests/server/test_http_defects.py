@@ -194,7 +194,7 @@ async def test_a_clash_of_client_ids_fails_only_the_second_client(server):
 
 # -- 13: engine death is 503 ----------------------------------------------------------------------
 def test_engine_errors_map_by_type():
-    from tidal.server.api import _Fields
+    from tidal.server.service import Fields as _Fields
     from tidal.server.errors import engine_error
     e = engine_error(EngineInvalidInput("n", 100, "n <= max_num_seqs=64"), _Fields("input_ids", "sampling_params.").param)
     assert (e.status, e.param) == (400, "sampling_params.n")

@@ -9,14 +9,14 @@ unknown fields are refused (no field is silently ignored).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-if TYPE_CHECKING:
-    from tidal.server.api import _Server
+from tidal.server.errors import APIError
+from tidal.server.service import CONTROL_ERRORS, ServerCore, json_response
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Timeout = Annotated[float, Field(ge=0.1, le=86400)]
@@ -110,9 +110,8 @@ class SGLangReply(BaseModel):
     message: str
 
 
-def register(app: FastAPI, server: _Server) -> None:
+def register(app: FastAPI, server: ServerCore) -> None:
     """Install the routes on `app`, guarded by the admin key like every control route."""
-    from tidal.server.api import _CONTROL_ERRORS, APIError, _json_response
     admin = [Depends(server.require_admin_key)]
 
     async def control(op: str, kwargs: dict[str, Any], timeout_s: float | None = None) -> dict:
@@ -120,14 +119,14 @@ def register(app: FastAPI, server: _Server) -> None:
         return await server.engine.control(op, kwargs, wait)
 
     async def init(body: InitTransfer) -> Response:
-        return await server._control(lambda: control("init_weight_transfer", body.model_dump(), body.timeout_s))
+        return await server.control(lambda: control("init_weight_transfer", body.model_dump(), body.timeout_s))
 
     async def destroy(body: DestroyTransfer | None = None) -> Response:
         body = body or DestroyTransfer()
-        return await server._control(lambda: control("destroy_weight_transfer", body.model_dump()))
+        return await server.control(lambda: control("destroy_weight_transfer", body.model_dump()))
 
     async def check(body: CheckWeights) -> Response:
-        return await server._control(lambda: control("check_weights", {"tensors": _tensors(body.tensors)}))
+        return await server.control(lambda: control("check_weights", {"tensors": _tensors(body.tensors)}))
 
     def common(body: _Update, source: str) -> dict[str, Any]:
         return {"source": source, "version": body.version, "checksums": body.checksums, "commit": body.commit,
@@ -143,34 +142,34 @@ def register(app: FastAPI, server: _Server) -> None:
                                              "buckets": None if body.buckets is None else
                                              [{"nbytes": b.nbytes, "tensors": _tensors(b.tensors)}
                                               for b in body.buckets]}
-        return await server._control(lambda: control("update_weights", kw, kw["timeout_s"]))
+        return await server.control(lambda: control("update_weights", kw, kw["timeout_s"]))
 
     async def update_shm(body: UpdateShm) -> Response:
         kw = common(body, "shm") | {"shm_path": body.shm_path, "tensors": _tensors(body.tensors)}
-        return await server._control(lambda: control("update_weights", kw, kw["timeout_s"]))
+        return await server.control(lambda: control("update_weights", kw, kw["timeout_s"]))
 
     async def update_ipc(body: UpdateIpc) -> Response:
         kw = common(body, "ipc") | {"tensors": _tensors(body.tensors), "ipc_handles": body.ipc_handles}
-        return await server._control(lambda: control("update_weights", kw, kw["timeout_s"]))
+        return await server.control(lambda: control("update_weights", kw, kw["timeout_s"]))
 
     async def commit(body: CommitWeights | None = None) -> Response:
         body = body or CommitWeights()
-        return await server._control(lambda: control("commit_weights", {"version": body.version}, body.timeout_s))
+        return await server.control(lambda: control("commit_weights", {"version": body.version}, body.timeout_s))
 
     async def abort() -> Response:
-        return await server._control(lambda: control("abort_staged", {}))
+        return await server.control(lambda: control("abort_staged", {}))
 
     async def fence(body: Fence | None = None) -> Response:
         body = body or Fence()
-        return await server._control(lambda: control("fence", {"reason": body.reason}))
+        return await server.control(lambda: control("fence", {"reason": body.reason}))
 
     # -- SGLang's shapes -------------------------------------------------------------------
     async def sgl_reply(op: str, kwargs: dict[str, Any], timeout_s: float | None = None) -> Response:
         try:
             result = await control(op, kwargs, timeout_s)
         except Exception as e:
-            return _json_response({"success": False, "message": f"{type(e).__name__}: {e}"}, 400)
-        return _json_response({"success": True, "message": "ok", **result})
+            return json_response({"success": False, "message": f"{type(e).__name__}: {e}"}, 400)
+        return json_response({"success": True, "message": "ok", **result})
 
     async def sgl_init(body: InitTransfer) -> Response:
         return await sgl_reply("init_weight_transfer", body.model_dump(), body.timeout_s)
@@ -205,5 +204,5 @@ def register(app: FastAPI, server: _Server) -> None:
                         {"$ref": "#/components/schemas/ErrorResponse"}, SGLangReply.model_json_schema()]}}}}
     for path, handler in routes:
         sglang = not path.startswith("/v1/")
-        responses = {**_CONTROL_ERRORS, 400: sglang_reply} if sglang else _CONTROL_ERRORS
+        responses = {**CONTROL_ERRORS, 400: sglang_reply} if sglang else CONTROL_ERRORS
         app.post(path, dependencies=admin, responses=responses)(handler)
