@@ -122,6 +122,14 @@ def test_sleep_level_and_wake_up(path, make_llm, level):
     assert llm.state()["state"] == "serving"
 
 
+def test_sleep_level_2_needs_weights_it_can_re_read(path, make_llm):
+    llm = make_llm(path, load_format="dummy")
+    with pytest.raises(ValueError, match="level=1"):
+        llm.sleep(level=2)
+    assert llm.state()["state"] == "serving" and llm.state()["sleeping"] == []
+    assert llm.generate(["hi"], GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"
+
+
 def test_tidal_sleep_form_still_needs_a_pause(path, make_llm):
     llm = make_llm(path)
     with pytest.raises(Exception, match="pause it first"):
