@@ -75,8 +75,8 @@ def main() -> None:
     rows = []
     try:
         greedy = dict(max_tokens=args.out_len, temperature=0.0, ignore_eos=True)
-        for name, extra in (("decode", {}), ("decode + penalties",
-                                             dict(repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.2))):
+        penalties = dict(repetition_penalty=1.1, presence_penalty=0.2, frequency_penalty=0.2)
+        for name, extra in (("decode", {}), ("decode + penalties", penalties)):
             s = _best(llm, prompts, SamplingParams(**greedy, **extra), args.repeats)
             rows.append({"run": name, "seconds": s, "tok_s": args.num_seqs * args.out_len / s, "unit": "out tok/s"})
         for name, params in (("prefill (max_tokens=1)", SamplingParams(max_tokens=1)),

@@ -19,7 +19,6 @@ from tidal.engine.messages import AddRequest, EngineDead, EngineState
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
 
-
 PromptInput = Prompt | Mapping[str, Any]
 _PROMPT_KEYS = ("prompt", "prompt_token_ids")
 # sleep(level=...) as vLLM defines it: 1 offloads the weights to host memory and drops the KV
@@ -37,7 +36,8 @@ def _engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
         raise ValueError(f"LLM(tensor_parallel_size={tp!r}) is invalid: expected 1 (Tidal runs one GPU per engine)")
     sleep_mode = kwargs.pop("enable_sleep_mode", True)
     if not isinstance(sleep_mode, bool):
-        raise ValueError(f"LLM(enable_sleep_mode={sleep_mode!r}) is invalid: expected a bool (sleep is always available)")
+        raise ValueError(f"LLM(enable_sleep_mode={sleep_mode!r}) is invalid: expected a bool "
+                         "(sleep is always available)")
     unknown = sorted(set(kwargs) - _ENGINE_FIELDS)
     if unknown:
         raise ValueError(f"LLM() got unknown keyword arguments {unknown}: expected EngineConfig fields "
