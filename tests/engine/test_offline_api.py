@@ -191,3 +191,13 @@ async def test_include_stop_str_in_streamed_deltas(stop_case, make_engine, inclu
     deltas = [out.outputs[0].text async for out in eng.generate("hello", params, delta=True)]
     assert "".join(deltas) == (text[:at + len(stop)] if include else text[:at])
     assert len(deltas) > 1, "streamed in several deltas"
+
+
+async def test_async_llm_takes_prompt_dicts(path, make_engine):
+    eng = make_engine(path)
+    plain = [o async for o in eng.generate("hello", GREEDY)][-1]
+    shaped = [o async for o in eng.generate({"prompt": "hello"}, GREEDY)][-1]
+    assert shaped.outputs[0].token_ids == plain.outputs[0].token_ids
+    with pytest.raises(ValueError, match="cache_salt"):
+        async for _ in eng.generate({"prompt": "hello", "cache_salt": "x"}, GREEDY):
+            pass
