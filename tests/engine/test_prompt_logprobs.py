@@ -165,11 +165,13 @@ def test_bad_prompt_logprobs_name_the_field(value):
         SamplingParams(prompt_logprobs=value)
 
 
-def test_max_tokens_zero_with_n_samples_is_refused():
+def test_max_tokens_zero_is_refused_where_there_is_nothing_to_do():
+    with pytest.raises(ValueError, match=r"SamplingParams\.max_tokens=0 .*prompt_logprobs"):
+        SamplingParams(max_tokens=0)  # nothing would be computed that the caller gets back
     with pytest.raises(ValueError, match=r"SamplingParams\.n=2"):
         SamplingParams(max_tokens=0, n=2, prompt_logprobs=0)
     with pytest.raises(ValueError, match="min_tokens"):
-        SamplingParams(max_tokens=0, min_tokens=1)
+        SamplingParams(max_tokens=0, min_tokens=1, prompt_logprobs=0)
 
 
 async def test_streamed_deltas_carry_prompt_logprobs_once(tiny_ckpt, make_engine, make_llm):
