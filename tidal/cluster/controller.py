@@ -119,6 +119,7 @@ class ReplicaController:
         self.http = httpx.AsyncClient(timeout=config.call_timeout_s, headers=headers)
         self.log_dir = config.log_dir or tempfile.mkdtemp(prefix=f"tidal-{pipeline_id}-")
         self._lock = asyncio.Lock()           # weight pushes vs shrink/expand
+        self.closed = False
 
     # ---- GenerationController ------------------------------------------------------------------
 
@@ -133,6 +134,8 @@ class ReplicaController:
 
     async def expand(self, ranks: list[int]) -> None:
         async with self._lock:
+            if self.closed:
+                raise ControllerError(f"pipeline {self.pipeline_id!r}: expand({ranks}) after close()")
             recs = {r: Record("expand", r, self.spec.replica(r), self._now()) for r in ranks}
             await asyncio.gather(*(self._bring_up(r, recs[r]) for r in ranks))
             await self._sync(ranks, recs)
@@ -293,7 +296,12 @@ class ReplicaController:
         if self.config.admin_key:
             cmd += ["--admin-key", self.config.admin_key]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        if self.config.device == "cuda":
+        if self.config.device == "cpu":
+            # glibc raises its mmap threshold after large frees, so a later KV cache can land on
+            # the heap and a sleep would not give it back to the OS (RSS stays; verify fails).
+            # A fixed threshold keeps large tensors mmapped: freeing them unmaps them.
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(4 << 20))
+        else:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, slot))
             cmd[cmd.index("--device") + 1] = "cuda"
         with open(log_path, "w") as log:
@@ -321,7 +329,13 @@ class ReplicaController:
     # ---- lifetime ------------------------------------------------------------------------------
 
     async def close(self) -> list[dict[str, Any]]:
-        """Stop every replica process; returns, per replica, whether its process exited."""
+        """Stop every replica process (after any shrink/expand in flight); returns, per replica,
+        whether its processes exited. Expands after this raise."""
+        async with self._lock:
+            self.closed = True
+            return await self._close()
+
+    async def _close(self) -> list[dict[str, Any]]:
         out = []
         for rank in sorted(self.replicas):
             rep = self.replicas[rank]
