@@ -8,7 +8,8 @@ Each pipeline has its own endpoint (`tidal router`) and a ReplicaController
 drain through the router, sleep (kv_cache + weights), verify the release, and on expand wake or
 start a replica, bring it to the pipeline's weight version by a selective push of the pipeline's
 host-memory copy, and add it to the router. Seed 003's topology: pipeline A trains on the first
-half of the slots, B on the second half, both generate on all of them.
+half of the slots, B on the second half, both generate on all of them (an odd pool's last slot
+only generates).
 
 One step of a pipeline: rollout through its router (GRPO groups at temperature 1, plus one greedy
 probe per prompt whose output is later checked against an uninterrupted reference engine) →
@@ -273,10 +274,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = make_tiny_checkpoint(os.path.join(work, "model"), "llama", seed=args.seed)
     sched = GpuScheduler(args.slots, default_timeout_s=args.timeout, controller_timeout_s=args.start_timeout + 60)
     t0 = time.monotonic()
-    half = args.slots // 2
+    half = args.slots // 2                    # an odd pool's last slot only generates
     slots = tuple(range(args.slots))
     pipes = [Pipeline("A", sched, slots[:half], slots, model_dir, args, t0, work),
-             Pipeline("B", sched, slots[half:], slots, model_dir, args, t0, work)]
+             Pipeline("B", sched, slots[half:2 * half], slots, model_dir, args, t0, work)]
     events: list[dict[str, Any]] = []
     try:
         await asyncio.gather(*(p.start() for p in pipes))
@@ -311,22 +312,35 @@ async def kill_pipeline(p: Pipeline, task: asyncio.Task, sched: GpuScheduler, t0
 
 
 async def kill_replica(p: Pipeline, t0: float) -> dict[str, Any]:
-    """SIGKILL one serving replica's server and engine processes mid-rollout."""
+    """SIGKILL the server and engine of one of p's replicas while it has requests in flight and p
+    has another replica serving: those requests continue there."""
     await _mid_rollout(p, step=0)
-    rank = min(p.ctrl.serving)
+    deadline = time.monotonic() + p.args.timeout
+    async with httpx.AsyncClient(timeout=10) as http:
+        while time.monotonic() < deadline:
+            busy = (await http.get(p.router.url + "/v1/replicas")).json()["replicas"]
+            live = {r: p.ctrl.replicas[r] for r in sorted(p.ctrl.serving)}
+            target = [r for r, rep in live.items() if busy.get(rep.url, {}).get("in_flight", 0) > 0]
+            if len(live) >= 2 and target:
+                break
+            await asyncio.sleep(0.02)         # polling the router, bounded by the deadline
+        else:
+            raise TimeoutError(f"pipeline {p.pid} never had two replicas with one busy")
+    rank = target[0]
     rep = p.ctrl.replicas[rank]
     os.kill(rep.proc.pid, signal.SIGKILL)
     os.kill(rep.engine_pid, signal.SIGKILL)
     await asyncio.to_thread(rep.proc.wait, 10)
-    return {"event": "kill-replica", "pipeline": p.pid, "rank": rank, "at_s": round(time.monotonic() - t0, 3)}
+    return {"event": "kill-replica", "pipeline": p.pid, "rank": rank, "slot": list(rep.slot),
+            "at_s": round(time.monotonic() - t0, 3)}
 
 
 async def _mid_rollout(p: Pipeline, step: int) -> None:
-    """Until pipeline p's rollout of `step` has some, not all, samples done and >= 2 replicas serve."""
+    """Until pipeline p's rollout of `step` has some, not all, samples done."""
     deadline = time.monotonic() + p.args.timeout
     while time.monotonic() < deadline:
         gen = p.sched.snapshot()["generation"].get(p.pid, {})
-        if len(p.steps) == step and gen.get("open") and 0 < gen.get("completed", 0) and len(p.ctrl.serving) >= 2:
+        if len(p.steps) == step and gen.get("open") and 0 < gen.get("completed", 0) < gen.get("step_target", 0):
             return
         await asyncio.sleep(0.02)             # polling the scheduler's progress, bounded by the deadline
     raise TimeoutError(f"pipeline {p.pid} never reached the middle of rollout {step}")
@@ -347,6 +361,8 @@ def summarize(args: argparse.Namespace, pipes: list[Pipeline], sched: GpuSchedul
         "phase_table": table, "records": records, "events": events,
         "steps_done": {p.pid: p.steps for p in pipes},
         "samples": len(finals), "final_outputs_not_one": [k for k, n in finals.items() if n != 1],
+        "moved_samples": {p.pid: sum(bool(o.moved_at) for o in p.outcomes) for p in pipes},
+        "resumed_samples": {p.pid: sum(bool(o.resumed_at) for o in p.outcomes) for p in pipes},
         "reference": checks, "scheduler": {"plans": snap["plans"], "broken": snap["broken"], "dead": snap["dead"],
                                            "quarantined": snap["quarantined"]},
         "closed": closed,
@@ -393,11 +409,11 @@ def print_table(result: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Two RL pipelines on real Tidal replicas (see the module docstring).")
     p.add_argument("--scenario", default="boundary", choices=SCENARIOS)
-    p.add_argument("--slots", type=int, default=4, help="device slots in the pool (even, >= 2)")
+    p.add_argument("--slots", type=int, default=4, help="device slots in the pool (>= 2)")
     p.add_argument("--steps", type=int, default=3, help="rollout -> train -> push cycles per pipeline")
-    p.add_argument("--prompts", type=int, default=3, help="prompts (GRPO groups) per rollout")
+    p.add_argument("--prompts", type=int, default=4, help="prompts (GRPO groups) per rollout")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of every wait, seconds")
@@ -408,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.slots < 2 or args.slots % 2:
-        raise SystemExit(f"--slots = {args.slots}, expected an even number >= 2")
+    if args.slots < 2:
+        raise SystemExit(f"--slots = {args.slots}, expected >= 2")
     for name in ("steps", "prompts", "max_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} = {getattr(args, name)}, expected >= 1")

@@ -284,7 +284,7 @@ class ReplicaController:
         await self._router("POST", "/v1/replicas", {"url": rep.url})
         self.serving.add(rank)
         rec.phases["join"] = time.monotonic() - t
-        rec.detail["weight_version"] = state["weight_version"]
+        rec.detail.update(weight_version=state["weight_version"], pipeline_version=self.weights.version)
 
     async def _start(self, rank: int) -> Replica:
         slot = self.spec.replica(rank)
