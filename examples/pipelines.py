@@ -112,6 +112,8 @@ class Pipeline:
         cfg = ControllerConfig(model=self.model_dir, serve_args=SERVE_ARGS, start_timeout_s=self.args.start_timeout,
                                log_dir=tempfile.mkdtemp(prefix=f"{self.pid}-", dir=self.work))
         self.ctrl = ReplicaController(self.pid, self.spec.clusters["gen"], self.router.url, cfg, self.weights)
+        if self.args.prestart:    # CPU: every replica starts at once, then expands only wake them
+            await self.ctrl.prestart(list(range(self.ctrl.spec.num_replicas)))
         await self.sched.register_pipeline(self.spec, generation=self.ctrl)
 
     async def close(self) -> list[dict]:
@@ -180,8 +182,8 @@ class Pipeline:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.pid} sample {o.key}: no final output within {a.timeout}s")
             left = a.max_tokens - len(o.output_ids)
-            sp = {"max_tokens": left, "ignore_eos": True, "logprobs": 0,
-                  **({"temperature": 0.0} if o.greedy else {"temperature": 1.0, "seed": seed + 7919 * len(o.output_ids)})}
+            temp = {"temperature": 0.0} if o.greedy else {"temperature": 1.0, "seed": seed + 7919 * len(o.output_ids)}
+            sp = {"max_tokens": left, "ignore_eos": True, "logprobs": 0, **temp}
             body = {"input_ids": o.prompt_ids + o.output_ids, "sampling_params": sp}
             try:
                 r = await http.post(self.router.url + "/generate", json=body)
@@ -234,6 +236,8 @@ class Pipeline:
         off = self.ctrl.t0 - self.t0
         serving_since: dict[int, float] = {}
         for rec in sorted(self.ctrl.records, key=lambda r: r.start):
+            if rec.op == "prestart":
+                continue
             start, end = rec.start + off, rec.start + off + sum(rec.phases.values())
             slot = rec.slot[0]
             if rec.op == "shrink" and rec.rank in serving_since:
@@ -246,25 +250,31 @@ class Pipeline:
         return out
 
 
-def reference_check(p: Pipeline) -> dict[str, Any]:
-    """Greedy probes against an uninterrupted in-process engine at the same weight version."""
+def reference_check(pipes: list[Pipeline]) -> dict[str, Any]:
+    """Greedy probes against an uninterrupted in-process engine at the same weights."""
+    from safetensors.torch import load_file
+
     from tidal import LLM, SamplingParams
 
-    probes = [o for o in p.outcomes if o.greedy and o.finish is not None]
-    llm = LLM(p.model_dir, device="cpu", block_size=16, num_kv_blocks=1024)
-    sp = SamplingParams(temperature=0.0, max_tokens=p.args.max_tokens, ignore_eos=True)
-    mismatched, checked, moved = [], 0, 0
-    for v in sorted({o.version for o in probes}):
-        if p.history[v] is not None:
-            llm.update_weights(named_tensors=p.history[v], version=v)
-        group = [o for o in probes if o.version == v]
-        outs = llm.generate([o.prompt_ids for o in group], sp, use_tqdm=False)
-        for o, ref in zip(group, outs):
-            checked += 1
-            moved += bool(o.moved_at or o.resumed_at)
-            if o.output_ids != ref.outputs[0].token_ids:
-                mismatched.append(o.key)
-    return {"checked": checked, "migrated_or_resumed": moved, "mismatched": mismatched}
+    p0 = pipes[0]
+    llm = LLM(p0.model_dir, device="cpu", block_size=16, num_kv_blocks=1024)
+    base = load_file(os.path.join(p0.model_dir, "model.safetensors"))
+    sp = SamplingParams(temperature=0.0, max_tokens=p0.args.max_tokens, ignore_eos=True)
+    out, loaded = {}, 0
+    for p in pipes:
+        probes = [o for o in p.outcomes if o.greedy and o.finish is not None]
+        mismatched, checked, moved = [], 0, 0
+        for v in sorted({o.version for o in probes}):
+            loaded += 1
+            llm.update_weights(named_tensors=p.history[v] if p.history[v] is not None else base, version=loaded)
+            group = [o for o in probes if o.version == v]
+            for o, ref in zip(group, llm.generate([o.prompt_ids for o in group], sp, use_tqdm=False)):
+                checked += 1
+                moved += bool(o.moved_at or o.resumed_at)
+                if o.output_ids != ref.outputs[0].token_ids:
+                    mismatched.append(o.key)
+        out[p.pid] = {"checked": checked, "migrated_or_resumed": moved, "mismatched": mismatched}
+    return out
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -293,7 +303,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise res
         snap = sched.snapshot()
         sched.state.check()
-        checks = {p.pid: reference_check(p) for p in pipes}
+        checks = reference_check(pipes)
     finally:
         closed = {p.pid: await p.close() for p in pipes}
         await sched.close()
@@ -418,8 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of every wait, seconds")
     p.add_argument("--start-timeout", type=float, default=300.0, help="deadline of a replica's start, seconds")
-    p.add_argument("--out", default="results/pipelines_timeline.json")
-    p.add_argument("--plot", default="results/pipelines_timeline.png")
+    p.add_argument("--no-prestart", dest="prestart", action="store_false",
+                   help="start each replica at its first expand instead of all at the beginning")
+    p.add_argument("--out", default="benchmarks/results/pipelines_timeline.json")
+    p.add_argument("--plot", default="benchmarks/results/pipelines_timeline.png")
     return p
 
 

@@ -80,6 +80,7 @@ async def test_replica_killed_mid_rollout_requests_continue():
     _check_common(r)
     (ev,) = r["events"]
     a = [x for x in r["records"] if x["pipeline"] == "A"]
-    dead_shrink = [x for x in a if x["op"] == "shrink" and x["rank"] == ev["rank"] and x["detail"].get("released") == "stop"]
+    dead_shrink = [x for x in a if x["op"] == "shrink" and x["rank"] == ev["rank"]
+                   and x["detail"].get("released") == "stop"]
     assert dead_shrink and dead_shrink[0]["detail"]["process_exited"] is True
     assert r["moved_samples"]["A"] > 0, "no request of A continued on another replica"

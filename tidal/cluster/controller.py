@@ -144,6 +144,21 @@ class ReplicaController:
             self.records += recs.values()
             self._changed()
 
+    async def prestart(self, ranks: list[int]) -> None:
+        """Start these replicas now and put them to sleep at once, out of the router, so a later
+        expand only wakes them. For CPU slots, or a pool no pipeline is using yet: a starting
+        replica briefly holds its weights and KV cache on its slot."""
+        async with self._lock:
+            recs = {r: Record("prestart", r, self.spec.replica(r), self._now()) for r in ranks}
+            await asyncio.gather(*(self._prestart(r, recs[r]) for r in ranks if r not in self.replicas))
+            self.records += recs.values()
+
+    async def _prestart(self, rank: int, rec: Record) -> None:
+        t = time.monotonic()
+        self.replicas[rank] = await self._start(rank)
+        rec.phases["start"] = time.monotonic() - t
+        await self._sleep(self.replicas[rank], rec)
+
     # ---- weights -------------------------------------------------------------------------------
 
     async def push(self, state: dict[str, torch.Tensor], version: int) -> dict[str, Any]:
