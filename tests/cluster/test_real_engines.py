@@ -13,6 +13,10 @@ import importlib.util
 import os
 import sys
 
+import pytest
+
+from tidal.cluster import ClusterSpec, ControllerError, PipelineSpec, Priority, ReleaseUnverified, SchedulerTimeoutError
+
 _PATH = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "pipelines.py")
 _spec = importlib.util.spec_from_file_location("tidal_example_pipelines", _PATH)
 pipelines = importlib.util.module_from_spec(_spec)
@@ -67,9 +71,9 @@ async def test_pipeline_killed_mid_rollout_other_takes_its_slots():
     (ev,) = r["events"]
     assert ev["closed"] and all(c["exited"] for c in ev["closed"])
     assert len(r["steps_done"]["A"]) == 1 and len(r["steps_done"]["B"]) == 3
-    after = [x for x in r["timeline"] if x["pipeline"] == "B" and x["stage"] == "expand"
-             and x["slot"] == 0 and x["start"] >= ev["at_s"]]
-    assert after, "B never expanded onto slot 0, which A used to share"
+    after = {x["slot"] for x in r["timeline"] if x["pipeline"] == "B" and x["stage"] == "rollout"
+             and x["end"] > ev["at_s"]}
+    assert after == {0, 1}, f"after A died B generated only on slots {sorted(after)}"
 
 
 async def test_replica_killed_mid_rollout_requests_continue():
@@ -84,3 +88,44 @@ async def test_replica_killed_mid_rollout_requests_continue():
                    and x["detail"].get("released") == "stop"]
     assert dead_shrink and dead_shrink[0]["detail"]["process_exited"] is True
     assert r["moved_samples"]["A"] > 0, "no request of A continued on another replica"
+
+
+class _UnverifiedOnGpu0:
+    """Shrinking the replica on GPU 0 reports a release that could not be verified (what
+    ReplicaController raises when the counters do not show the memory freed)."""
+
+    def __init__(self) -> None:
+        self.active: set[int] = set()
+
+    async def shrink(self, ranks: list[int]) -> None:
+        self.active -= set(ranks)
+        if 0 in ranks:
+            raise ReleaseUnverified("replica 0: RSS did not drop", gpus=(0,))
+
+    async def expand(self, ranks: list[int]) -> None:
+        self.active |= set(ranks)
+
+
+async def test_unverified_release_quarantines_the_gpu(make_sched):
+    """The pipeline dies, but GPU 0 is never handed on: another pipeline's rollout gets the other
+    GPUs only, and a training request that needs GPU 0 is never granted."""
+    s = await make_sched(4)
+    spec = lambda pid, train: PipelineSpec(pid, clusters={  # noqa: E731
+        "train": ClusterSpec(gpus=train), "gen": ClusterSpec(gpus=(0, 1, 2, 3), generation=True)})
+    bad, good = _UnverifiedOnGpu0(), _UnverifiedOnGpu0()
+    await s.register_pipeline(spec("p1", (0, 1)), generation=bad)
+    await s.register_pipeline(spec("p2", (2, 3)), generation=good)
+    assert await s.request_gpus("p1", "gen", Priority.GENERATION, step_target=8) == [0, 1, 2, 3]
+    with pytest.raises(ControllerError, match="RSS did not drop"):
+        await s.release_gpus("p1", "gen", timeout_s=5)
+    snap = s.snapshot()
+    assert "p1" in snap["dead"] and len(snap["quarantined"]) == 1
+    assert 0 not in snap["idle"] and snap["gpus"][0][0].startswith("quarantine-")
+    ranks = await s.request_gpus("p2", "gen", Priority.GENERATION, step_target=64, timeout_s=5)
+    assert ranks and 0 not in ranks
+    await s.unregister_pipeline("p1")
+    await s.register_pipeline(spec("p3", (0, 1)), generation=_UnverifiedOnGpu0())
+    with pytest.raises(SchedulerTimeoutError):
+        await s.request_gpus("p3", "train", Priority.ACTOR_TRAINING, timeout_s=0.5)
+    assert 0 not in good.active
+    await s.release_gpus("p2", "gen", timeout_s=5)
