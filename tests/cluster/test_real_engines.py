@@ -36,7 +36,7 @@ async def _run(*argv: str) -> dict:
 def _check_common(r: dict) -> None:
     assert r["samples"] > 0 and r["final_outputs_not_one"] == []
     for pid, ref in r["reference"].items():
-        assert ref["checked"] > 0 and ref["mismatched"] == [], (pid, ref)
+        assert (ref["checked"] > 0 or not r["steps_done"][pid]) and ref["mismatched"] == [], (pid, ref)
     shrinks = [x for x in r["records"] if x["op"] == "shrink" and x["detail"].get("released") != "never started"]
     expands = [x for x in r["records"] if x["op"] == "expand"]
     assert shrinks and expands
@@ -70,7 +70,7 @@ async def test_pipeline_killed_mid_rollout_other_takes_its_slots():
     _check_common(r)
     (ev,) = r["events"]
     assert ev["closed"] and all(c["exited"] for c in ev["closed"])
-    assert len(r["steps_done"]["A"]) == 1 and len(r["steps_done"]["B"]) == 3
+    assert len(r["steps_done"]["A"]) == 0 and len(r["steps_done"]["B"]) == 3
     after = {x["slot"] for x in r["timeline"] if x["pipeline"] == "B" and x["stage"] == "rollout"
              and x["end"] > ev["at_s"]}
     assert after == {0, 1}, f"after A died B generated only on slots {sorted(after)}"

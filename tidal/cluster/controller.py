@@ -343,19 +343,22 @@ class ReplicaController:
 
     # ---- lifetime ------------------------------------------------------------------------------
 
-    async def close(self) -> list[dict[str, Any]]:
-        """Stop every replica process (after any shrink/expand in flight); returns, per replica,
-        whether its processes exited. Expands after this raise."""
+    async def close(self, kill: bool = False) -> list[dict[str, Any]]:
+        """Stop every replica process (after any shrink/expand in flight; kill: SIGKILL at once, as
+        when the pipeline crashes); returns, per replica, whether its processes exited. Expands
+        after this raise."""
         async with self._lock:
             self.closed = True
-            return await self._close()
+            return await self._close(kill)
 
-    async def _close(self) -> list[dict[str, Any]]:
+    async def _close(self, kill: bool) -> list[dict[str, Any]]:
         out = []
         for rank in sorted(self.replicas):
             rep = self.replicas[rank]
             self.serving.discard(rank)
             await self._router("DELETE", "/v1/replicas", {"url": rep.url}, missing_ok=True, quiet=True)
+            if kill:
+                kill_process(rep.proc, rep.engine_pid)
             await stop_process(rep.proc, rep.engine_pid, self.config.call_timeout_s)
             out.append({"rank": rank, "slot": list(rep.slot), "exited": rep.proc.poll() is not None
                         and not pid_alive(rep.engine_pid)})
@@ -511,6 +514,14 @@ async def stop_process(proc: subprocess.Popen, engine_pid: int | None, timeout_s
     while pid_alive(engine_pid) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)             # the engine exits after its server: bounded wait
     if pid_alive(engine_pid):
+        os.kill(engine_pid, signal.SIGKILL)
+
+
+def kill_process(proc: subprocess.Popen, engine_pid: int | None) -> None:
+    """SIGKILL a replica's server and engine processes (each only if still running)."""
+    if proc.poll() is None:
+        proc.kill()
+    if engine_pid is not None and pid_alive(engine_pid):
         os.kill(engine_pid, signal.SIGKILL)
 
 
