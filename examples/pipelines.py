@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -307,6 +308,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         closed = {p.pid: await p.close() for p in pipes}
         await sched.close()
+        shutil.rmtree(work, ignore_errors=True)
     return summarize(args, pipes, sched, snap, checks, closed, events)
 
 
