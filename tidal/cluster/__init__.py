@@ -16,6 +16,7 @@ from tidal.cluster.types import (
                                  PipelineSpec,
                                  PlanInvariantError,
                                  Priority,
+                                 ReleaseUnverified,
                                  SchedulerError,
                                  SchedulerTimeoutError,
                                  SpecError,
@@ -25,5 +26,6 @@ from tidal.cluster.types import (
 __all__ = [
     "ClusterSpec", "ControllerError", "GenerationController", "GpuScheduler", "PipelineDeadError",
     "PipelineSpec", "Plan", "PlanInvariantError", "PlannerConfig", "Priority", "SchedulerError",
-    "SchedulerState", "SchedulerTimeoutError", "SpecError", "UnknownPipelineError", "plan", "validate_plan",
+    "ReleaseUnverified", "SchedulerState", "SchedulerTimeoutError", "SpecError", "UnknownPipelineError", "plan",
+    "validate_plan",
 ]

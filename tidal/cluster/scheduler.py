@@ -18,11 +18,13 @@ from typing import Any
 from tidal.cluster.planner import PlannerConfig, plan
 from tidal.cluster.state import SchedulerState, validate_plan
 from tidal.cluster.types import (
+    ClusterSpec,
     ControllerError,
     GenerationController,
     PipelineDeadError,
     PipelineSpec,
     Priority,
+    ReleaseUnverified,
     SchedulerError,
     SchedulerTimeoutError,
     SpecError,
@@ -48,6 +50,7 @@ class GpuScheduler:
         self._loop_task: asyncio.Task | None = None
         self._broken: BaseException | None = None
         self.plans = 0
+        self.quarantined: dict[str, str] = {}   # placeholder pipeline id -> why its GPUs are held
 
     # ---- public API ----------------------------------------------------------------------------
 
@@ -197,6 +200,7 @@ class GpuScheduler:
                          "waited_s": round(self._now() - q.enqueued_at, 3)} for q in st.pending.values()],
             "dead": {pid: ps.dead for pid, ps in st.pipelines.items() if ps.dead is not None},
             "plans": self.plans,
+            "quarantined": dict(self.quarantined),
             "broken": repr(self._broken) if self._broken else None,
         }
 
@@ -264,7 +268,8 @@ class GpuScheduler:
         gen = st.live_gen(pid)
         if gen is None:
             return
-        if not st.expand_ready(pid, ranks) or not gen.open or gen.releasing:
+        if (not st.expand_ready(pid, ranks) or not gen.open or gen.releasing
+                or not set(ranks) <= gen.expanding):  # also: cancelled by a quarantine
             st.cancel_expand(pid, ranks)  # no longer wanted (released, cleared) or handoff never came
         elif await self._call(pid, "expand", ranks):
             st.finish_expand(pid, ranks)
@@ -290,8 +295,24 @@ class GpuScheduler:
             err.__cause__ = e
             log.warning("%s", err)
             dropped = self.state.kill(pid, str(err))
+            if isinstance(e, ReleaseUnverified):
+                self._quarantine(e.gpus, str(e))
             self._fail_pipeline(pid, dropped, err)
             return False
+
+    def _quarantine(self, gpus: tuple[int, ...], reason: str) -> None:
+        """Memory not shown released: a placeholder pipeline holds these GPUs until an operator
+        unregisters it, and expands already planned onto them are cancelled."""
+        gpus = tuple(g for g in gpus if 0 <= g < self.state.num_gpus)
+        st = self.state
+        for pid, ps in st.pipelines.items():
+            if ps.gen is not None and ps.dead is None:
+                st.cancel_expand(pid, [r for r in ps.gen.expanding if set(ps.gen.spec.replica(r)) & set(gpus)])
+        qid = f"quarantine-{'-'.join(map(str, gpus))}-{self.plans}"
+        st.register(PipelineSpec(qid, clusters={"unverified": ClusterSpec(gpus=gpus)}))
+        st.pipelines[qid].held["unverified"] = gpus
+        self.quarantined[qid] = reason
+        log.error("GPUs %s quarantined as %r: %s", list(gpus), qid, reason)
 
     def _committed(self) -> None:
         self.state.check()

@@ -135,6 +135,14 @@ class ControllerError(SchedulerError):
     """A pipeline's generation controller raised or timed out during shrink/expand."""
 
 
+class ReleaseUnverified(ControllerError):
+    """A shrunk replica's memory could not be shown released: the scheduler never hands `gpus` on."""
+
+    def __init__(self, message: str, gpus: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.gpus = tuple(gpus)
+
+
 class PlanInvariantError(SchedulerError, AssertionError):
     """A plan, or the state after applying one, broke an invariant. Always a bug."""
 
