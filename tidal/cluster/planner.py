@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tidal.cluster.state import Generation, Plan, Request, SchedulerState
@@ -162,8 +163,7 @@ class _Planner:
                           if gens[pid].remaining <= pf * gens[pid].step_target}
         self.free = _NextFree(self.mark, lambda g: mark[g] == FREE)
         self.free_unreserved = _NextFree(self.mark, lambda g: mark[g] == FREE and not self.reserved[g])
-        self.first_gpu: dict[str, int] = {}
-        self.donor_heaps: dict[int, list[tuple[bool, float, str, int]]] = {}
+        self.donor_heaps: dict[tuple[int, str], list[tuple[bool, float, str, int]]] = {}
         self.version = dict.fromkeys(gens, 0)
         heap = [(self.key(pid), pid) for pid in eligible if cap[pid] > self.cur[pid]]
         heapq.heapify(heap)
@@ -221,9 +221,7 @@ class _Planner:
         then idle now but reserved, then the lowest (reserved, rank) one that a shrink frees."""
         spec = self.gens[pid].spec
         cut = self.shrinks.get(pid, ())
-        first = self.first_gpu.get(pid)
-        if first is None:
-            first = self.first_gpu[pid] = min(spec.gpus)
+        first = self.topo.first_gpu[pid]
         for free in (self.free_unreserved, self.free):
             r = self.first_replica(spec, cut, free, first)
             if r is not None:
@@ -264,17 +262,10 @@ class _Planner:
         mark, owner, gens = self.mark, self.owner, self.gens
         spec = gens[pid].spec
         cut = self.shrinks.get(pid, ())
-        heap, popped = self.donor_heap(pid), []
         best = None
         tried: set[int] = set()
-        while heap:  # donors best first: (protected, most surplus, id), as a lazily updated heap
-            entry = heapq.heappop(heap)
-            d = entry[2]
-            if entry[3] != self.version[d]:
-                continue  # stale: d's surplus changed since; its current entry is in the heap
-            popped.append(entry)
-            if d == pid or self.cur[d] <= 0 or not self.donor_ok(d, 1, min_one, excess):
-                continue
+        order = self.donors(pid, min_one, excess)
+        for d in order:
             dcut = self.shrinks.get(d, ())
             for dr in sorted(gens[d].active):
                 if dr in dcut:
@@ -310,8 +301,7 @@ class _Planner:
             # donors come best first: a one-victim, unreserved pick cannot be beaten by later ones
             if best is not None and best[0][0] == 1 and not best[0][3]:
                 break
-        for entry in popped:
-            heapq.heappush(heap, entry)
+        order.close()  # puts the donors it popped back
         if best is None:
             return False
         _, r, gpus, victims = best
@@ -322,23 +312,62 @@ class _Planner:
         self.claim(pid, r, gpus)
         return True
 
-    def donor_heap(self, pid: str) -> list[tuple[bool, float, str, int]]:
+    def donors(self, pid: str, min_one: bool, excess: bool) -> Iterator[str]:
+        """The pipelines donor_ok(d, 1, min_one, excess) accepts, by (protected, most surplus, id),
+        read off lazily updated heaps so a plan that moves little does not sort every peer."""
+        if excess:  # only replicas past the donor's need move
+            passes = [("over", False)]
+        elif min_one:
+            passes = [("any", False)]
+        else:  # unprotected donors while their surplus clears the band, then protected ones past need
+            passes = [("any", True), ("over", True)]
+        band = 0.5 + self.cfg.hysteresis
+        for i, (kind, staged) in enumerate(passes):
+            heap, popped = self.donor_heap(pid, kind), []
+            try:
+                while heap:
+                    entry = heapq.heappop(heap)
+                    protected, neg_surplus, d, version = entry
+                    if version != self.version[d]:
+                        continue  # stale: d's surplus changed since; its current entry is in the heap
+                    popped.append(entry)
+                    if d == pid:
+                        continue
+                    if staged and i == 0 and (protected or -neg_surplus <= band):
+                        break  # every later unprotected donor has less surplus
+                    if staged and i == 1 and not protected:
+                        continue
+                    yield d
+            finally:
+                for entry in popped:
+                    heapq.heappush(heap, entry)
+
+    def donor_heap(self, pid: str, kind: str) -> list[tuple[bool, float, str, int]]:
         grp = self.topo.group[pid]
-        heap = self.donor_heaps.get(grp)
+        heap = self.donor_heaps.get((grp, kind))
         if heap is None:
-            heap = self.donor_heaps[grp] = [self.donor_entry(d) for d in self.peers[grp]]
+            heap = [self.donor_entry(d) for d in self.peers[grp] if self.can_donate(d, kind)]
             heapq.heapify(heap)
+            self.donor_heaps[(grp, kind)] = heap
         return heap
 
     def donor_entry(self, d: str) -> tuple[bool, float, str, int]:
         return (d in self.protected, -self.surplus(d), d, self.version[d])
 
+    def can_donate(self, d: str, kind: str) -> bool:
+        """"any": donor_ok's floor whatever the receiver (an open pipeline keeps one replica);
+        "over": and the replica is one its remaining samples cannot fill."""
+        if d not in self.eligible:
+            return self.cur[d] > 0
+        return self.cur[d] > 1 and (kind == "any" or self.cur[d] - 1 >= self.need[d])
+
     def requeue(self, pid: str) -> None:
         """pid's replica count changed: its old donor entry goes stale, a new one is pushed."""
         self.version[pid] += 1
-        heap = self.donor_heaps.get(self.topo.group[pid])
-        if heap is not None:
-            heapq.heappush(heap, self.donor_entry(pid))
+        for kind in ("any", "over"):
+            heap = self.donor_heaps.get((self.topo.group[pid], kind))
+            if heap is not None and self.can_donate(pid, kind):
+                heapq.heappush(heap, self.donor_entry(pid))
 
     def surplus(self, pid: str) -> float:
         if pid not in self.eligible:

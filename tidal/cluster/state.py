@@ -120,13 +120,15 @@ class Topology:
     `group[pid]` numbers the groups of pipelines whose generation clusters overlap (transitively);
     `gpu_group[g]` is the group whose generation GPUs include g (-1: none); `gpu_replicas[g]` lists
     every (pipeline, rank) whose replica contains g; `shape[pid]` numbers the distinct generation
-    clusters (same GPUs, same tp), so per-cluster work is done once for pipelines that share one.
+    clusters (same GPUs, same tp), so per-cluster work is done once for pipelines that share one;
+    `first_gpu[pid]` is the lowest GPU of its generation cluster.
     """
 
     group: dict[str, int]
     gpu_group: list[int]
     gpu_replicas: list[list[tuple[str, int]]]
     shape: dict[str, int] = field(default_factory=dict)
+    first_gpu: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def build(cls, num_gpus: int, pipelines: dict[str, PipelineState]) -> Topology:
@@ -153,7 +155,8 @@ class Topology:
         gpu_group = [group[reps[0][0]] if reps else -1 for reps in gpu_replicas]
         shapes: dict[tuple[tuple[int, ...], int], int] = {}
         shape = {pid: shapes.setdefault((spec.gpus, spec.tp), len(shapes)) for pid, spec in gens.items()}
-        return cls(group, gpu_group, gpu_replicas, shape)
+        lowest = {i: min(gpus) for (gpus, _), i in shapes.items()}
+        return cls(group, gpu_group, gpu_replicas, shape, {pid: lowest[i] for pid, i in shape.items()})
 
 
 @dataclass(slots=True)
