@@ -21,8 +21,8 @@ import asyncio
 import math
 import random
 import selectors
-from collections import deque
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
