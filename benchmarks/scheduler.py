@@ -135,13 +135,13 @@ def planning(quick: bool, config: PlannerConfig = PlannerConfig()) -> list[dict]
 # ---- simulation ---------------------------------------------------------------------------------
 
 WORKLOADS = ("agentic", "agentic-offset", "balanced", "long-tail", "gen-bound")
-# (name, PlannerConfig, declare max_num_seqs): the default gap-ratio planner, shortest-remaining-first
-# surplus with the full static-share floor, the same with half that floor, and that last one
-# without max_num_seqs (no tail packing) to show what packing adds
-POLICIES = [("proportional", PlannerConfig(), True),
-            ("shortest_first", PlannerConfig(surplus="shortest_first"), True),
-            ("shortest_first g=0.5", PlannerConfig(surplus="shortest_first", guarantee=0.5), True),
-            ("shortest_first g=0.5, no packing", PlannerConfig(surplus="shortest_first", guarantee=0.5), False)]
+# (name, PlannerConfig, declare max_num_seqs): the default (shortest-remaining-first surplus over
+# half the static-share floor), the previous default (gap ratio over the full floor), shortest-first
+# over the full floor, and the default without max_num_seqs (no tail packing) to show what packing adds
+POLICIES = [("default (shortest_first g=0.5)", PlannerConfig(), True),
+            ("proportional g=1 (old default)", PlannerConfig(surplus="proportional", guarantee=1.0), True),
+            ("shortest_first g=1", PlannerConfig(surplus="shortest_first", guarantee=1.0), True),
+            ("default, no packing", PlannerConfig(), False)]
 
 
 def workloads(kind: str) -> list[Workload]:
@@ -236,7 +236,7 @@ def sweep() -> list[dict]:
                 jobs = [Workload(f"p{i}", rollout_size=int(n * f), sample_median_s=6.0, sample_sigma=0.5,
                                  reward_s=env * e, train_s=40.0 * t, start_s=offset * i)
                         for i, (f, e, t) in enumerate(mix)]
-                for policy, planner, declare in (POLICIES[0], POLICIES[2]):
+                for policy, planner, declare in (POLICIES[0], POLICIES[1]):
                     cfg = SimConfig(num_gpus=8, tp=1, slots=16, horizon_s=2000.0, planner=planner,
                                     declare_slots=declare)
                     c = compare(jobs, cfg)

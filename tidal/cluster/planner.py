@@ -40,11 +40,13 @@ class PlannerConfig:
     """Replicas of slack beyond 0.5 that both receiver and donor must be off target to move one."""
     protect_fraction: float = 0.05
     """Open pipelines with remaining <= this fraction of step_target are not shrunk to rebalance."""
-    guarantee: float = 1.0
+    guarantee: float = 0.5
     """Floor on each open pipeline's share, as a fraction of an equal split of its group's usable
     generation GPUs among the group's pipelines (capped by its remaining samples). 0 = pure gap
-    ratio; 1 = never below what a static equal split would give it while it generates."""
-    surplus: str = "proportional"
+    ratio; 1 = never below what a static equal split would give it while it generates. The default
+    half floor lets shortest-first stagger the pipelines' phases (benchmarks/scheduler.py: the best
+    worst-workload fraction of the fluid bound of the configurations measured)."""
+    surplus: str = "shortest_first"
     """How GPUs above the floors are split: "proportional" to remaining x tp (the gap ratio), or
     "shortest_first" (fewest remaining samples first, each up to one replica per sample), which
     staggers pipelines' phases instead of making their rollouts finish together."""
