@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tidal.cluster import (ClusterSpec, ControllerError, PipelineDeadError, PipelineSpec, PlanInvariantError,
-                           Priority, SchedulerError, SchedulerTimeoutError, SpecError, UnknownPipelineError)
+                           PlannerConfig, Priority, SchedulerError, SchedulerTimeoutError, SpecError, UnknownPipelineError)
 from tidal.cluster.state import Plan
 
 
@@ -49,9 +49,9 @@ def two_pipeline_spec(pid: str, train: list[int], infer: list[int], tp: int = 1)
                                        "actor_infer": ClusterSpec(gpus=infer, tp=tp, generation=True)})
 
 
-async def setup_two(make_sched, tp: int = 1, delay_s: float = 0.0):
+async def setup_two(make_sched, tp: int = 1, delay_s: float = 0.0, **kw):
     """Seed 003's topology: 4 GPUs, P1 trains on [0,1], P2 on [2,3], both generate on [0..3]."""
-    s = await make_sched(4)
+    s = await make_sched(4, **kw)
     ctrls = {}
     for pid, train in (("p1", [0, 1]), ("p2", [2, 3])):
         ctrls[pid] = FakeController(pid, delay_s)
@@ -83,8 +83,10 @@ async def test_seed003_rollout_boundary_both_pipelines_get_replicas(make_sched):
 
 async def test_seed003_late_requester_is_not_starved(make_sched):
     """P1 opens demand first and takes every replica; P2 asking later still gets one (min-one), and
-    its demand stays visible while it waits: no `begin_progress_batch` race decides who runs."""
-    s, ctrls = await setup_two(make_sched)
+    its demand stays visible while it waits: no `begin_progress_batch` race decides who runs.
+    The gap-ratio split over the full floor (the default before the fluid-bound search) evens out
+    equal demand; the default shortest-first split keeps >= 1 each (the min-one part holds)."""
+    s, ctrls = await setup_two(make_sched, config=PlannerConfig(surplus="proportional", guarantee=1.0))
     assert await s.request_gpus("p1", "actor_infer", GEN, step_target=100) == [0, 1, 2, 3]
     ranks = await s.request_gpus("p2", "actor_infer", GEN, step_target=100, timeout_s=5)
     assert len(ranks) >= 1

@@ -19,9 +19,11 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tidal.cluster.state import Generation, Plan, Request, SchedulerState
+from tidal.cluster.types import ClusterSpec
 
 FREE, HELD, BLOCKED, SETTLED, BUSY, HANDOFF = range(6)
 # FREE     idle now
@@ -38,11 +40,13 @@ class PlannerConfig:
     """Replicas of slack beyond 0.5 that both receiver and donor must be off target to move one."""
     protect_fraction: float = 0.05
     """Open pipelines with remaining <= this fraction of step_target are not shrunk to rebalance."""
-    guarantee: float = 1.0
+    guarantee: float = 0.5
     """Floor on each open pipeline's share, as a fraction of an equal split of its group's usable
     generation GPUs among the group's pipelines (capped by its remaining samples). 0 = pure gap
-    ratio; 1 = never below what a static equal split would give it while it generates."""
-    surplus: str = "proportional"
+    ratio; 1 = never below what a static equal split would give it while it generates. The default
+    half floor lets shortest-first stagger the pipelines' phases (benchmarks/scheduler.py: the best
+    worst-workload fraction of the fluid bound of the configurations measured)."""
+    surplus: str = "shortest_first"
     """How GPUs above the floors are split: "proportional" to remaining x tp (the gap ratio), or
     "shortest_first" (fewest remaining samples first, each up to one replica per sample), which
     staggers pipelines' phases instead of making their rollouts finish together."""
@@ -69,7 +73,7 @@ class _Planner:
         self.gens: dict[str, Generation] = {}
         self.shrinks: dict[str, set[int]] = {}
         self.expands: dict[str, set[int]] = {}
-        self.handoffs = 0
+        self.handoff: set[int] = set()  # GPUs marked HANDOFF
         for pid, ps in state.pipelines.items():
             if ps.dead is not None:
                 continue
@@ -119,17 +123,18 @@ class _Planner:
                         self.shrink(pid, r)
                 for g in gpus:
                     mark[g] = BLOCKED
+                    self.handoff.discard(g)
             for g in gpus:
                 reserved[g] = 1
         return grants
 
     def shrink(self, pid: str, rank: int) -> None:
-        self.handoffs += 1
         self.shrinks.setdefault(pid, set()).add(rank)
         for g in self.gens[pid].spec.replica(rank):
             if self.mark[g] == SETTLED:
                 self.mark[g] = HANDOFF
                 self.owner[g] = None
+                self.handoff.add(g)
 
     # ---- 3. generation split --------------------------------------------------------------------
 
@@ -144,19 +149,24 @@ class _Planner:
         self.peers: dict[int, list[str]] = {}
         for pid in gens:
             self.peers.setdefault(self.topo.group[pid], []).append(pid)
-        lost: dict[str, set[int]] = {}  # replicas that touch a training-side or preempted GPU
-        for g, m in enumerate(mark):
-            if m == HELD or m == BLOCKED:
-                for pid, r in self.topo.gpu_replicas[g]:
-                    lost.setdefault(pid, set()).add(r)
+        taken = [g for g, m in enumerate(mark) if m == HELD or m == BLOCKED]
+        lost: dict[int, int] = {}  # replicas that touch a training-side or preempted GPU
+        for pid in eligible:
+            shape, spec = self.topo.shape[pid], gens[pid].spec
+            if shape not in lost:  # pipelines often declare one and the same generation cluster
+                lost[shape] = len({spec.rank_of[g] for g in taken if g in spec.rank_of})
         self.need = {pid: gens[pid].needed for pid in eligible}
         # a pipeline never wants more replicas than it can place, nor than its remaining samples fill
-        cap = {pid: min(gens[pid].spec.num_replicas - len(lost.get(pid, ())), self.need[pid]) for pid in eligible}
+        cap = {pid: min(gens[pid].spec.num_replicas - lost[self.topo.shape[pid]], self.need[pid])
+               for pid in eligible}
         self.want = self.shares(eligible, cap)
         pf = self.cfg.protect_fraction
         self.protected = {pid for pid in eligible
                           if gens[pid].remaining <= pf * gens[pid].step_target}
-        self.cursor: dict[str, tuple[int, int]] = {}
+        self.free = _NextFree(self.mark, lambda g: mark[g] == FREE)
+        self.free_unreserved = _NextFree(self.mark, lambda g: mark[g] == FREE and not self.reserved[g])
+        self.donor_heaps: dict[tuple[int, str], list[tuple[bool, float, str, int]]] = {}
+        self.version = dict.fromkeys(gens, 0)
         heap = [(self.key(pid), pid) for pid in eligible if cap[pid] > self.cur[pid]]
         heapq.heapify(heap)
         while heap:
@@ -167,6 +177,7 @@ class _Planner:
                 continue
             if self.place_idle(pid) or self.place_from_donors(pid):
                 self.cur[pid] += 1
+                self.requeue(pid)
                 if self.cur[pid] < cap[pid]:
                     heapq.heappush(heap, (self.key(pid), pid))
 
@@ -208,38 +219,41 @@ class _Planner:
         return want
 
     def place_idle(self, pid: str) -> bool:
-        """Claim a replica whose GPUs are all free, preferring idle-now and unreserved ones."""
-        mark, reserved = self.mark, self.reserved
-        reps = self.gens[pid].spec.replicas
+        """Claim a replica whose GPUs are all free: idle now and unreserved first (lowest GPU id),
+        then idle now but reserved, then the lowest (reserved, rank) one that a shrink frees."""
+        spec = self.gens[pid].spec
         cut = self.shrinks.get(pid, ())
-        # ranks below the cursor were all unavailable last time; only a shrink can change that
-        start, seen = self.cursor.get(pid, (0, -1))
-        if seen != self.handoffs:
-            start = 0
+        first = self.topo.first_gpu[pid]
+        for free in (self.free_unreserved, self.free):
+            r = self.first_replica(spec, cut, free, first)
+            if r is not None:
+                self.claim(pid, r, spec.replicas[r])
+                return True
         best = None
-        first = len(reps)
-        for r in range(start, len(reps)):
-            if r in cut:
-                continue  # shrunk in this plan: not to be re-expanded in the same breath
-            handoff = False
-            for g in reps[r]:
-                m = mark[g]
-                if m == HANDOFF:
-                    handoff = True
-                elif m != FREE:
-                    break
-            else:
-                first = min(first, r)
-                res = any(reserved[g] for g in reps[r])
-                if best is None or (handoff, res) < best[0]:
-                    best = ((handoff, res), r)
-                    if not handoff and not res:
-                        break
-        self.cursor[pid] = (first, self.handoffs)
+        for g in self.handoff:  # few: shrinks of this plan whose GPUs no expansion claimed
+            r = spec.rank_of.get(g)
+            if r is None or r in cut:
+                continue
+            gpus = spec.replicas[r]
+            if all(self.mark[h] == FREE or self.mark[h] == HANDOFF for h in gpus):
+                key = (any(self.reserved[h] for h in gpus), r)
+                if best is None or key < best:
+                    best = key
         if best is None:
             return False
-        self.claim(pid, best[1], reps[best[1]])
+        self.claim(pid, best[1], spec.replicas[best[1]])
         return True
+
+    def first_replica(self, spec: ClusterSpec, cut, free: _NextFree, g: int) -> int | None:
+        """The replica of the lowest GPU >= g that `free` holds whose GPUs `free` all hold."""
+        rank_of, n = spec.rank_of, self.state.num_gpus
+        g = free.find(g)
+        while g < n:
+            r = rank_of.get(g)
+            if r is not None and r not in cut and all(free.has(h) for h in spec.replicas[r]):
+                return r
+            g = free.find(g + 1)
+        return None
 
     def place_from_donors(self, pid: str) -> bool:
         """Claim a replica by shrinking donors' replicas that sit on it, most surplus first."""
@@ -250,12 +264,10 @@ class _Planner:
         mark, owner, gens = self.mark, self.owner, self.gens
         spec = gens[pid].spec
         cut = self.shrinks.get(pid, ())
-        peers = self.peers[self.topo.group[pid]]  # only pipelines whose generation GPUs overlap ours
-        donors = [d for d in peers if d != pid and self.cur[d] > 0 and self.donor_ok(d, 1, min_one, excess)]
-        donors.sort(key=lambda d: (d in self.protected, -self.surplus(d), d))
         best = None
         tried: set[int] = set()
-        for d in donors:
+        order = self.donors(pid, min_one, excess)
+        for d in order:
             dcut = self.shrinks.get(d, ())
             for dr in sorted(gens[d].active):
                 if dr in dcut:
@@ -291,14 +303,73 @@ class _Planner:
             # donors come best first: a one-victim, unreserved pick cannot be beaten by later ones
             if best is not None and best[0][0] == 1 and not best[0][3]:
                 break
+        order.close()  # puts the donors it popped back
         if best is None:
             return False
         _, r, gpus, victims = best
         for d, dr in sorted(victims):
             self.shrink(d, dr)
             self.cur[d] -= 1
+            self.requeue(d)
         self.claim(pid, r, gpus)
         return True
+
+    def donors(self, pid: str, min_one: bool, excess: bool) -> Iterator[str]:
+        """The pipelines donor_ok(d, 1, min_one, excess) accepts, by (protected, most surplus, id),
+        read off lazily updated heaps so a plan that moves little does not sort every peer."""
+        if excess:  # only replicas past the donor's need move
+            passes = [("over", False)]
+        elif min_one:
+            passes = [("any", False)]
+        else:  # unprotected donors while their surplus clears the band, then protected ones past need
+            passes = [("any", True), ("over", True)]
+        band = 0.5 + self.cfg.hysteresis
+        for i, (kind, staged) in enumerate(passes):
+            heap, popped = self.donor_heap(pid, kind), []
+            try:
+                while heap:
+                    entry = heapq.heappop(heap)
+                    protected, neg_surplus, d, version = entry
+                    if version != self.version[d]:
+                        continue  # stale: d's surplus changed since; its current entry is in the heap
+                    popped.append(entry)
+                    if d == pid:
+                        continue
+                    if staged and i == 0 and (protected or -neg_surplus <= band):
+                        break  # every later unprotected donor has less surplus
+                    if staged and i == 1 and not protected:
+                        continue
+                    yield d
+            finally:
+                for entry in popped:
+                    heapq.heappush(heap, entry)
+
+    def donor_heap(self, pid: str, kind: str) -> list[tuple[bool, float, str, int]]:
+        grp = self.topo.group[pid]
+        heap = self.donor_heaps.get((grp, kind))
+        if heap is None:
+            heap = [self.donor_entry(d) for d in self.peers[grp] if self.can_donate(d, kind)]
+            heapq.heapify(heap)
+            self.donor_heaps[(grp, kind)] = heap
+        return heap
+
+    def donor_entry(self, d: str) -> tuple[bool, float, str, int]:
+        return (d in self.protected, -self.surplus(d), d, self.version[d])
+
+    def can_donate(self, d: str, kind: str) -> bool:
+        """"any": donor_ok's floor whatever the receiver (an open pipeline keeps one replica);
+        "over": and the replica is one its remaining samples cannot fill."""
+        if d not in self.eligible:
+            return self.cur[d] > 0
+        return self.cur[d] > 1 and (kind == "any" or self.cur[d] - 1 >= self.need[d])
+
+    def requeue(self, pid: str) -> None:
+        """pid's replica count changed: its old donor entry goes stale, a new one is pushed."""
+        self.version[pid] += 1
+        for kind in ("any", "over"):
+            heap = self.donor_heaps.get((self.topo.group[pid], kind))
+            if heap is not None and self.can_donate(pid, kind):
+                heapq.heappush(heap, self.donor_entry(pid))
 
     def surplus(self, pid: str) -> float:
         if pid not in self.eligible:
@@ -322,6 +393,9 @@ class _Planner:
         self.expands.setdefault(pid, set()).add(rank)
         for g in gpus:
             self.mark[g] = BUSY
+            self.handoff.discard(g)
+            self.free.remove(g)
+            self.free_unreserved.remove(g)
 
 
 def _water_fill(total: float, demand: dict[str, float], lo: dict[str, float], hi: dict[str, float]) -> dict[str, float]:
@@ -341,3 +415,27 @@ def _water_fill(total: float, demand: dict[str, float], lo: dict[str, float], hi
         else:
             b = mid
     return {p: min(max(b * d, lo[p]), hi[p]) for p, d in demand.items()}
+
+
+class _NextFree:
+    """The lowest GPU >= g that still satisfies a predicate that, once false, stays false during
+    the plan (idle GPUs only get claimed): a skip list with path halving, near O(1) per query."""
+
+    __slots__ = ("up",)
+
+    def __init__(self, mark: bytearray, pred) -> None:
+        n = len(mark)
+        self.up = [g if pred(g) else g + 1 for g in range(n)] + [n]
+
+    def find(self, g: int) -> int:
+        up = self.up
+        while up[g] != g:
+            up[g] = up[up[g]]
+            g = up[g]
+        return g
+
+    def has(self, g: int) -> bool:
+        return self.up[g] == g
+
+    def remove(self, g: int) -> None:
+        self.up[g] = g + 1

@@ -11,7 +11,8 @@ Modes: "static" gives every pipeline fixed disjoint GPUs for both training and g
 the same scheduler code and pay the same load/offload costs.
 
 Utilization counts useful GPU time only: training GPUs while training, and a replica's GPUs
-scaled by its occupancy (running samples / slots). Loading, offloading and empty slots are waste.
+scaled by its occupancy (running samples / slots). Loading, offloading, empty slots and samples
+re-running the `retract_s` a retraction cost them are waste.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import asyncio
 import math
 import random
 import selectors
+from bisect import bisect_right
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tidal.cluster.planner import PlannerConfig
@@ -172,6 +175,8 @@ class Recorder:
 @dataclass(slots=True)
 class _Sample:
     left: float
+    redo: float = 0.0
+    """Seconds of `left` that re-run retracted work (a restart's cost): running, but not useful."""
 
 
 class SimEngine:
@@ -191,6 +196,7 @@ class SimEngine:
         for r in ranks:
             for s in self.up.pop(r):
                 s.left += self.cfg.retract_s
+                s.redo += self.cfg.retract_s
                 self.queue.appendleft(s)
             self._segment(r, "offload")
         self._dispatch()
@@ -215,7 +221,8 @@ class SimEngine:
         self._dispatch()
         target = len(durations)
         while self.done < target:
-            running = [s.left for run in self.up.values() for s in run]
+            # wake when a sample finishes or stops re-running retracted work (its occupancy counts again)
+            running = [s.redo if s.redo > 1e-9 else s.left for run in self.up.values() for s in run]
             self._poke = asyncio.get_running_loop().create_future()
             timeout = min(running) if running else None
             await asyncio.wait({self._poke}, timeout=timeout)
@@ -232,6 +239,7 @@ class SimEngine:
             for run in self.up.values():
                 for s in run:
                     s.left -= dt
+                    s.redo = max(0.0, s.redo - dt)
 
     def _dispatch(self) -> None:
         """Retire finished samples, fill free slots least-loaded replica first, and log occupancy."""
@@ -244,7 +252,7 @@ class SimEngine:
             while self.queue and len(run) < self.cfg.slots:
                 run.append(self.queue.popleft())
         for r, run in self.up.items():
-            occ = len(run) / self.cfg.slots
+            occ = sum(1 for s in run if s.redo <= 1e-9) / self.cfg.slots
             if self.segs[r].occupancy != occ:
                 self._segment(r, "gen", occ)
         if self._poke is not None and not self._poke.done():
@@ -277,6 +285,14 @@ def layout(workloads: list[Workload], cfg: SimConfig, mode: str) -> list[Pipelin
     return specs
 
 
+def rollouts(w: Workload, cfg: SimConfig, index: int) -> Iterator[list[float]]:
+    """Pipeline `index`'s sample durations, one list per step: the same draws in every mode."""
+    rng = random.Random(cfg.seed * 1_000_003 + index)
+    while True:
+        yield [min(w.sample_max_s, w.sample_median_s * math.exp(rng.gauss(0.0, w.sample_sigma)))
+               for _ in range(w.rollout_size)]
+
+
 def simulate(workloads: list[Workload], cfg: SimConfig | None = None, mode: str = "shared") -> SimResult:
     cfg = cfg or SimConfig()
     if mode not in ("static", "shared"):
@@ -303,14 +319,13 @@ async def _simulate(workloads: list[Workload], cfg: SimConfig, mode: str) -> Sim
     async def pipeline(i: int, w: Workload) -> None:
         pid = w.name
         engine = sched._controllers[pid]
-        rng = random.Random(cfg.seed * 1_000_003 + i)
+        draws = rollouts(w, cfg, i)
         times = step_times.setdefault(pid, [])
         step = 0
         await asyncio.sleep(w.start_s)
         while (loop.time() < cfg.horizon_s) if cfg.horizon_s is not None else step < w.steps:
             t0 = loop.time()
-            durations = [min(w.sample_max_s, w.sample_median_s * math.exp(rng.gauss(0.0, w.sample_sigma)))
-                         for _ in range(w.rollout_size)]
+            durations = next(draws)
             if step == 0:
                 await waited(pid, sched.request_gpus(pid, "actor_infer", Priority.GENERATION,
                                                      step_target=w.rollout_size))
@@ -337,6 +352,106 @@ async def _simulate(workloads: list[Workload], cfg: SimConfig, mode: str) -> Sim
                      window_start_s=max(w.start_s for w in workloads))
 
 
+# ---- the fluid upper bound --------------------------------------------------------------------
+# Derivation: docs/architecture.md, "The planner and its bound". In short: relax the pool to a fluid
+# (a pipeline may generate on any fraction of it, handoffs are free, nothing is retracted) and bound
+# each pipeline alone by its fastest possible run, then the pool by its capacity.
+
+
+@dataclass(slots=True)
+class _Curve:
+    """Cumulative useful GPU-seconds of back-to-back phases: linear through (times[i], work[i]),
+    flat after the last point."""
+
+    times: list[float]
+    work: list[float]
+
+    @classmethod
+    def of(cls, pieces: list[tuple[float, float]]) -> _Curve:
+        times, work = [0.0], [0.0]
+        for seconds, gpus in pieces:
+            times.append(times[-1] + seconds)
+            work.append(work[-1] + seconds * gpus)
+        return cls(times, work)
+
+    def at(self, t: float) -> float:
+        i = bisect_right(self.times, t) - 1
+        if i < 0:
+            return 0.0
+        if i >= len(self.times) - 1:
+            return self.work[-1]
+        t0, t1 = self.times[i], self.times[i + 1]
+        return self.work[i] + (self.work[i + 1] - self.work[i]) * (t - t0) / (t1 - t0)
+
+    def window_max(self, span: float, last_start: float) -> float:
+        """Most work in any [x, x + span] with 0 <= x <= last_start. The work is piecewise linear in
+        x, so its maximum sits where x or x + span is a breakpoint."""
+        xs = {0.0, last_start}
+        xs.update(x for x in self.times if x <= last_start)
+        xs.update(x - span for x in self.times if 0.0 <= x - span <= last_start)
+        return max(self.at(x + span) - self.at(x) for x in xs)
+
+
+def _phases(steps: list[tuple[float, float]], pool: float, train_gpus: int, w: Workload,
+            squeeze_first: bool = False) -> list[tuple[float, float]]:
+    """(seconds, GPUs doing useful work) of each phase of the fastest run through `steps`: a rollout
+    of work W at the whole pool for W/pool s, then idle until its longest sample is done (g), then
+    the reward (no GPU), then training. squeeze_first: the first rollout is already under way and
+    its remaining work needs no more than the pool's time."""
+    out: list[tuple[float, float]] = []
+    for i, (work, g) in enumerate(steps):
+        out.append((work / pool, pool))
+        if not (squeeze_first and i == 0):
+            out.append((g - work / pool, 0.0))
+        out += [(w.reward_s, 0.0), (w.train_s, float(train_gpus))]
+    return out
+
+
+def _pipeline_bound(w: Workload, cfg: SimConfig, index: int, pool: float, train_gpus: int,
+                    window: tuple[float, float]) -> float:
+    """Most useful GPU-seconds pipeline `index` can do inside `window`, whatever the others do."""
+    a, end = window
+    steps: list[tuple[float, float]] = []
+    starts, t = [], 0.0  # when each step's rollout starts in the fastest run (from w.start_s)
+    draws = rollouts(w, cfg, index)
+    while t < end - w.start_s and (cfg.horizon_s is not None or len(steps) < w.steps):
+        d = next(draws)
+        work = sum(d) * cfg.tp / cfg.slots
+        steps.append((work, max(max(d), work / pool)))
+        starts.append(t)
+        t += steps[-1][1] + w.reward_s + w.train_s
+    # everything it can do from its start to the window's end ...
+    best = _Curve.of(_phases(steps, pool, train_gpus, w)).at(end - w.start_s)
+    # ... and, starting late, what it can do from whatever step it is in at the window's start
+    # (no further than the fastest run's; anywhere inside that step's rollout, reward or training)
+    late = 0.0
+    for j, t0 in enumerate(starts):
+        if t0 > a - w.start_s:
+            break
+        curve = _Curve.of(_phases(steps[j:], pool, train_gpus, w, squeeze_first=True))
+        late = max(late, curve.window_max(end - a, curve.times[3]))
+    return min(best, late)
+
+
+def fluid_bound(workloads: list[Workload], cfg: SimConfig, mode: str = "shared",
+                window: tuple[float, float] | None = None) -> float:
+    """An upper bound on `SimResult.utilization` over `window` (default: [last start, horizon]) for
+    every scheduler: each pipeline's useful work is capped by its fastest possible run on a fluid
+    pool (the whole pool in "shared" mode, its own GPUs in "static"), the sum by the pool."""
+    if window is None:
+        if cfg.horizon_s is None:
+            raise ValueError("window=None needs SimConfig.horizon_s, expected a (start, end) window otherwise")
+        window = (max(w.start_s for w in workloads), cfg.horizon_s)
+    a, end = window
+    if not end > a:
+        raise ValueError(f"window={window!r}: expected start < end")
+    k = cfg.num_gpus // len(workloads)
+    pool = float(cfg.num_gpus if mode == "shared" else k)
+    capacity = cfg.num_gpus * (end - a)
+    work = sum(_pipeline_bound(w, cfg, i, pool, k, window) for i, w in enumerate(workloads))
+    return min(capacity, work) / capacity
+
+
 def jain(xs: list[float]) -> float:
     """Jain's fairness index: 1 when all equal, 1/n when one gets everything."""
     return sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)) if xs else 1.0
@@ -346,7 +461,9 @@ def compare(workloads: list[Workload], cfg: SimConfig | None = None) -> dict:
     cfg = cfg or SimConfig()
     static, shared = simulate(workloads, cfg, "static"), simulate(workloads, cfg, "shared")
     ratios = {p: shared.mean_step(p) / static.mean_step(p) for p in static.step_times}
+    bound = fluid_bound(workloads, cfg, "shared", (shared.window_start_s, shared.window_s))
     return {"static": static, "shared": shared, "utilization_ratio": shared.utilization / static.utilization,
+            "bound": bound, "bound_ratio": bound / static.utilization, "of_bound": shared.utilization / bound,
             "makespan_ratio": shared.makespan_s / static.makespan_s, "step_time_ratio": ratios,
             "fairness": jain([1 / r for r in ratios.values()])}
 

@@ -119,12 +119,16 @@ class Topology:
 
     `group[pid]` numbers the groups of pipelines whose generation clusters overlap (transitively);
     `gpu_group[g]` is the group whose generation GPUs include g (-1: none); `gpu_replicas[g]` lists
-    every (pipeline, rank) whose replica contains g.
+    every (pipeline, rank) whose replica contains g; `shape[pid]` numbers the distinct generation
+    clusters (same GPUs, same tp), so per-cluster work is done once for pipelines that share one;
+    `first_gpu[pid]` is the lowest GPU of its generation cluster.
     """
 
     group: dict[str, int]
     gpu_group: list[int]
     gpu_replicas: list[list[tuple[str, int]]]
+    shape: dict[str, int] = field(default_factory=dict)
+    first_gpu: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def build(cls, num_gpus: int, pipelines: dict[str, PipelineState]) -> Topology:
@@ -149,7 +153,10 @@ class Topology:
         ids: dict[str, int] = {}
         group = {pid: ids.setdefault(find(pid), len(ids)) for pid in gens}
         gpu_group = [group[reps[0][0]] if reps else -1 for reps in gpu_replicas]
-        return cls(group, gpu_group, gpu_replicas)
+        shapes: dict[tuple[tuple[int, ...], int], int] = {}
+        shape = {pid: shapes.setdefault((spec.gpus, spec.tp), len(shapes)) for pid, spec in gens.items()}
+        lowest = {i: min(gpus) for (gpus, _), i in shapes.items()}
+        return cls(group, gpu_group, gpu_replicas, shape, {pid: lowest[i] for pid, i in shape.items()})
 
 
 @dataclass(slots=True)
@@ -205,6 +212,24 @@ class SchedulerState:
                     for g in gen.spec.replica(r):
                         own[g].append((pid, r, status))
         return own
+
+    def occupancy(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        """Per GPU, how many training-side allocations, active, shrinking and expanding replicas
+        sit on it: owners() as counts, without a tuple per owner (checked after every plan)."""
+        n = self.num_gpus
+        held, active, shrinking, expanding = [0] * n, [0] * n, [0] * n, [0] * n
+        for ps in self.pipelines.values():
+            for gpus in ps.held.values():
+                for g in gpus:
+                    held[g] += 1
+            gen = ps.gen
+            if gen is None:
+                continue
+            for count, ranks in ((active, gen.active), (shrinking, gen.shrinking), (expanding, gen.expanding)):
+                for r in ranks:
+                    for g in gen.spec.replica(r):
+                        count[g] += 1
+        return held, active, shrinking, expanding
 
     def idle_gpus(self) -> list[int]:
         return [g for g, o in enumerate(self.owners()) if not o]
@@ -393,23 +418,15 @@ class SchedulerState:
                     if not (isinstance(r, int) and 0 <= r < n) or len(gen.spec.replica(r)) != gen.spec.tp:
                         _fail("I3", f"pipeline {pid!r}: rank {r!r} is not a replica of {gen.spec.tp} GPUs "
                                     f"(expected 0 <= rank < {n})", plan)
-        own = self.owners()
-        allocated = 0
-        for g, os in enumerate(own):
-            if not os:
+        held, active, shrinking, expanding = self.occupancy()
+        for g, h, a, sh, e in zip(range(self.num_gpus), held, active, shrinking, expanding):
+            if h + a + sh + e <= 1:
                 continue
-            allocated += 1
-            if len(os) == 1:
-                continue
-            if any(o[2] == "held" for o in os):
-                _fail("I1", f"gpu {g} owned twice: {os}", plan)
-            settled = [o for o in os if o[2] in ("active", "shrinking")]
-            expanding = [o for o in os if o[2] == "expanding"]
-            if len(settled) > 1 or len(expanding) > 1 or settled[0][2] != "shrinking":
-                _fail("I2", f"gpu {g} owned twice: {os}", plan)
-        idle = sum(1 for os in own if not os)
-        if idle + allocated != self.num_gpus:
-            _fail("I4", f"idle {idle} + allocated {allocated} != {self.num_gpus} GPUs", plan)
+            if h:
+                _fail("I1", f"gpu {g} owned twice: {self.owners()[g]}", plan)
+            if a + sh > 1 or e > 1 or sh != 1:
+                _fail("I2", f"gpu {g} owned twice: {self.owners()[g]}", plan)
+        # I4 (idle and allocated partition the pool) holds by construction of the counts above
         for s, q in self.pending.items():
             ps = self.pipelines.get(q.pipeline_id)
             if s != q.seq or ps is None or ps.dead is not None or q.cluster in ps.held:
@@ -418,7 +435,7 @@ class SchedulerState:
 
 def validate_plan(state: SchedulerState, plan: Plan) -> None:
     """Check a plan against the state before it is applied; raise PlanInvariantError naming it."""
-    own = state.owners()
+    held, active, shrinking, expanding = state.occupancy()
     claimed: set[int] = set()
     for q in plan.grants:
         cur = state.pending.get(q.seq)
@@ -430,9 +447,9 @@ def validate_plan(state: SchedulerState, plan: Plan) -> None:
             _fail("P1", f"grant {q.pipeline_id}/{q.cluster}={list(q.gpus)} is not the cluster's declared "
                         f"training-side GPUs {list(spec.gpus)}", plan)
         for g in q.gpus:
-            if own[g] or g in claimed:
+            if held[g] or active[g] or shrinking[g] or expanding[g] or g in claimed:
                 _fail("P1", f"grant {q.pipeline_id}/{q.cluster} takes gpu {g}, which is not idle: "
-                            f"{own[g] or 'granted twice in this plan'}", plan)
+                            f"{state.owners()[g] or 'granted twice in this plan'}", plan)
             claimed.add(g)
     shrunk: set[int] = set()
     for pid, ranks in plan.shrinks.items():
@@ -458,10 +475,9 @@ def validate_plan(state: SchedulerState, plan: Plan) -> None:
                 if g in claimed:
                     _fail("P3", f"expand {pid} rank {r} claims gpu {g} twice in this plan", plan)
                 claimed.add(g)
-                for o in own[g]:
-                    # only a replica that is shrinking (already, or in this plan) may hand a GPU over
-                    if o[2] in ("held", "expanding") or (o[2] == "active" and g not in shrunk):
-                        _fail("P3", f"expand {pid} rank {r} claims gpu {g} owned by {o}", plan)
+                # only a replica that is shrinking (already, or in this plan) may hand a GPU over
+                if held[g] or expanding[g] or (active[g] and g not in shrunk):
+                    _fail("P3", f"expand {pid} rank {r} claims gpu {g} owned by {state.owners()[g]}", plan)
 
 
 def _plan_gen(state: SchedulerState, pid: str, plan: Plan) -> Generation:
