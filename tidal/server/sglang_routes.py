@@ -75,6 +75,7 @@ class SGLangRoutes:
     def __init__(self, core: ServerCore, generate: GenerateRoutes, control: ControlRoutes,
                  labels: WeightLabels) -> None:
         self.core, self.generate, self.control, self.labels = core, generate, control, labels
+        self.slept_serving = False   # release_memory paused a serving engine: resume_memory resumes it
 
     def register(self, app: FastAPI, user: list, admin: list) -> None:
         op = dict(dependencies=admin, responses=CONTROL_ERRORS)
@@ -120,12 +121,36 @@ class SGLangRoutes:
         return await self._reply(lambda: self.core.engine.flush_cache())
 
     async def release_memory(self, body: MemoryTags | None = None) -> Response:
+        """SGLang releases memory on a serving engine; Tidal sleeps a paused one. So a serving
+        engine is paused in place first, and resumed once everything is awake again."""
         tags = self._tags(body)
-        return await self._reply(lambda: self.core.engine.sleep(tags))
+
+        async def call() -> dict:
+            engine = self.core.engine
+            if (await engine.state())["state"] == "serving":
+                await engine.pause("keep")
+                self.slept_serving = True
+            try:
+                return await engine.sleep(tags)
+            except Exception:
+                if self.slept_serving and not (await engine.state())["sleeping"]:
+                    await engine.resume()
+                    self.slept_serving = False
+                raise
+        return await self._reply(call)
 
     async def resume_memory(self, body: MemoryTags | None = None) -> Response:
         tags = self._tags(body)
-        return await self._reply(lambda: self.core.engine.wake_up(tags))
+
+        async def call() -> dict:
+            engine = self.core.engine
+            result = await engine.wake_up(tags)
+            if self.slept_serving and not (await engine.state())["sleeping"]:
+                await engine.resume()
+                self.slept_serving = False
+                result = {**result, "resumed": True}
+            return result
+        return await self._reply(call)
 
     @staticmethod
     def _tags(body: MemoryTags | None) -> list[str] | None:
