@@ -222,9 +222,10 @@ class SGLangRoutes:
     async def model_info(self) -> Response:
         st = await self._state()
         engine = self.core.engine
+        label = self.labels.label(st["weight_version"])
         return json_response({"model_path": engine.model_path, "tokenizer_path": engine.model_path,
                               "served_model_name": self.core.model_name, "is_generation": True,
-                              "preferred_sampling_params": None, "weight_version": self.labels.label(st["weight_version"]),
+                              "preferred_sampling_params": None, "weight_version": label,
                               "has_image_understanding": False, "has_audio_understanding": False,
                               "model_type": None, "architectures": None})
 
