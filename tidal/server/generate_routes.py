@@ -47,10 +47,9 @@ class WeightLabels:
             return given
         if given.isdigit():
             return int(given)
-        for v, label in self.by_version.items():
-            if label == given:
-                return v
-        return (await core.engine.state())["weight_version"] + 1
+        current = (await core.engine.state())["weight_version"]
+        # The label of the weights serving now names them (the update is skipped); any other, the next.
+        return current if self.by_version.get(current) == given else current + 1
 
     def record(self, result: dict, given: str | int | None) -> dict:
         v = result.get("weight_version")
