@@ -34,25 +34,25 @@ MemoryTag = Literal["kv_cache", "weights", "cuda_graph"]
 PAUSE_MODES = {"abort": "abort", "retract": "retract", "in_place": "keep"}
 
 
-class _Body(BaseModel):
+class _SGLangBody(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
-class AbortRequest(_Body):
+class SGLangAbort(_SGLangBody):
     """Exactly one of `rid` and `abort_all=true` (400 otherwise, param `rid`)."""
     rid: RequestId | None = None
     abort_all: StrictBool = False
 
 
-class PauseGeneration(_Body):
+class SGLangPause(_SGLangBody):
     mode: Literal["abort", "retract", "in_place"] = "abort"
 
 
-class MemoryTags(_Body):
+class SGLangMemoryTags(_SGLangBody):
     tags: list[MemoryTag] | None = None
 
 
-class UpdateFromDisk(_Body):
+class SGLangUpdateFromDisk(_SGLangBody):
     model_path: Annotated[str, Field(min_length=1, max_length=4096)]
     load_format: Literal["auto", "safetensors"] | None = None
     weight_version: Label | None = None
@@ -60,7 +60,7 @@ class UpdateFromDisk(_Body):
     abort_all_requests: StrictBool = False
 
 
-class UpdateFromTensor(_Body):
+class SGLangUpdateFromTensor(_SGLangBody):
     serialized_named_tensors: Annotated[list[str], Field(min_length=1, max_length=1)]
     load_format: str | None = None
     weight_version: Label | None = None
@@ -104,14 +104,14 @@ class SGLangRoutes:
         return json_response({"success": True, "message": "ok", **extra, **(result or {})})
 
     # -- generation control ----------------------------------------------------------------
-    async def abort_request(self, body: AbortRequest) -> Response:
+    async def abort_request(self, body: SGLangAbort) -> Response:
         if body.abort_all == (body.rid is not None):
             raise APIError(400, "give exactly one of rid or abort_all=true", param="rid")
         ids = None if body.abort_all else self.generate.engine_ids(body.rid)
         return await self._reply(lambda: self.core.engine.abort(ids))
 
-    async def pause_generation(self, body: PauseGeneration | None = None) -> Response:
-        mode = PAUSE_MODES[(body or PauseGeneration()).mode]
+    async def pause_generation(self, body: SGLangPause | None = None) -> Response:
+        mode = PAUSE_MODES[(body or SGLangPause()).mode]
         return await self._reply(lambda: self.core.engine.pause(mode))
 
     async def continue_generation(self) -> Response:
@@ -120,7 +120,7 @@ class SGLangRoutes:
     async def flush_cache(self) -> Response:
         return await self._reply(lambda: self.core.engine.flush_cache())
 
-    async def release_memory(self, body: MemoryTags | None = None) -> Response:
+    async def release_memory(self, body: SGLangMemoryTags | None = None) -> Response:
         """SGLang releases memory on a serving engine; Tidal sleeps a paused one. So a serving
         engine is paused in place first, and resumed once everything is awake again."""
         tags = self._tags(body)
@@ -139,7 +139,7 @@ class SGLangRoutes:
                 raise
         return await self._reply(call)
 
-    async def resume_memory(self, body: MemoryTags | None = None) -> Response:
+    async def resume_memory(self, body: SGLangMemoryTags | None = None) -> Response:
         tags = self._tags(body)
 
         async def call() -> dict:
@@ -153,19 +153,19 @@ class SGLangRoutes:
         return await self._reply(call)
 
     @staticmethod
-    def _tags(body: MemoryTags | None) -> list[str] | None:
+    def _tags(body: SGLangMemoryTags | None) -> list[str] | None:
         if body is None or body.tags is None:
             return None
         return sorted({t for t in body.tags if t != "cuda_graph"}) or []
 
     # -- weights ---------------------------------------------------------------------------
-    async def update_from_disk(self, body: UpdateFromDisk) -> Response:
+    async def update_from_disk(self, body: SGLangUpdateFromDisk) -> Response:
         self._flush_required(body.flush_cache)
         path = self.control._weights_path(body.model_path)
         return await self._update(body, lambda version: self.core.engine.update_weights(
             path, version, None, max(self.core.settings.control_timeout_s, 600.0)))
 
-    async def update_from_tensor(self, body: UpdateFromTensor) -> Response:
+    async def update_from_tensor(self, body: SGLangUpdateFromTensor) -> Response:
         if body.load_format != "safetensors":
             raise APIError.invalid("load_format", body.load_format,
                                    "'safetensors' (serialized_named_tensors[0] is base64 safetensors bytes); "
@@ -191,7 +191,7 @@ class SGLangRoutes:
             raise APIError(400, "flush_cache=false is not supported: a weight commit always invalidates the prefix "
                                 "cache (its KV came from the old weights)", param="flush_cache")
 
-    async def _update(self, body: UpdateFromDisk | UpdateFromTensor, push) -> Response:
+    async def _update(self, body: SGLangUpdateFromDisk | SGLangUpdateFromTensor, push) -> Response:
         async def call() -> dict:
             version = await self.labels.version_for(self.core, body.weight_version)
             aborted = (await self.core.engine.abort(None))["num_aborted_samples"] if body.abort_all_requests else 0
