@@ -111,6 +111,8 @@ def test_update_from_disk_with_string_and_integer_labels(sgl, tiny_ckpt):
     assert out["meta_info"]["weight_version"] == "step-1" and out["weight_version"] == v0 + 1
     r = op(sgl, "/update_weights_from_disk", {"model_path": other, "weight_version": 9, "abort_all_requests": True})
     assert r["weight_version"] == "9" and gen(sgl)["weight_version"] == 9
+    r = op(sgl, "/update_weights_from_disk", {"model_path": other, "weight_version": "9", "allow_interrupt": True})
+    assert r["skipped"] is True and r["weight_version"] == "9"
     assert op(sgl, "/update_weights_from_disk", {"model_path": other, "flush_cache": False}, 400)["error"]["param"] \
         == "flush_cache"
     assert op(sgl, "/update_weights_from_disk", {"model_path": "/nonexistent"}, 400)["error"]["param"] == "path"

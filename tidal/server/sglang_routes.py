@@ -58,6 +58,7 @@ class SGLangUpdateFromDisk(_SGLangBody):
     weight_version: Label | None = None
     flush_cache: StrictBool = True
     abort_all_requests: StrictBool = False
+    allow_interrupt: StrictBool = False       # AReaL's patched SGLang: the same as abort_all_requests
 
 
 class SGLangUpdateFromTensor(_SGLangBody):
@@ -194,7 +195,8 @@ class SGLangRoutes:
     async def _update(self, body: SGLangUpdateFromDisk | SGLangUpdateFromTensor, push) -> Response:
         async def call() -> dict:
             version = await self.labels.version_for(self.core, body.weight_version)
-            aborted = (await self.core.engine.abort(None))["num_aborted_samples"] if body.abort_all_requests else 0
+            interrupt = body.abort_all_requests or getattr(body, "allow_interrupt", False)
+            aborted = (await self.core.engine.abort(None))["num_aborted_samples"] if interrupt else 0
             result = self.labels.record(await push(version), body.weight_version)
             return {**result, "num_paused_requests": 0, "num_aborted_samples": aborted}
         return await self._reply(call)
