@@ -414,11 +414,9 @@ class Flight:
             budget = limit - len(self.prompt_ids[s.prompt_index])
         sp.update(n=1, max_tokens=max(1, int(budget) - produced),
                   min_tokens=max(0, int(sp.get("min_tokens") or 0) - produced))
-        body = {"input_ids": ids, "sampling_params": sp, "stream": True, "request_id": rid,
-                "return_logprob": bool(return_logprob)}
-        if self.surface == "generate":
-            body["incremental_streaming_output"] = True
-        return body
+        # every continuation is a /generate stream: the router reads each event's new tokens
+        return {"input_ids": ids, "sampling_params": sp, "stream": True, "request_id": rid,
+                "return_logprob": bool(return_logprob), "incremental_streaming_output": True}
 
 
 _decode = msgspec.json.Decoder().decode
