@@ -48,7 +48,10 @@ class SamplingParams:
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "a float in [0, 1]")
         _check(isinstance(self.max_tokens, int) and self.max_tokens >= 0,
                "max_tokens", self.max_tokens, "an integer >= 0 (0: score the prompt, generate nothing)")
-        # n identical empty samples: nothing to sample, so nothing to tell apart.
+        # max_tokens=0 is for scoring: without prompt logprobs it would compute nothing anyone gets
+        # back, and n identical empty samples would have nothing to tell them apart.
+        _check(self.max_tokens > 0 or self.prompt_logprobs is not None, "max_tokens", self.max_tokens,
+               "an integer >= 1, or 0 together with prompt_logprobs (scoring only)")
         _check(self.max_tokens > 0 or self.n == 1, "n", self.n, "1 when max_tokens=0 (nothing is sampled)")
         _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
                "min_tokens", self.min_tokens, f"an integer in [0, max_tokens={self.max_tokens}]")

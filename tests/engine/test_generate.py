@@ -106,7 +106,7 @@ def test_top_logprobs(path, make_llm):
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(max_tokens=-1), "max_tokens"), (dict(max_tokens=0, n=2), "n"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=0), "max_tokens"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(n=0), "n"), (dict(temperature=-1.0), "temperature"), (dict(min_p=2.0), "min_p"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
