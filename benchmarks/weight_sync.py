@@ -114,7 +114,7 @@ def d2d_copy_s(nbytes: int) -> float:
 
 
 def stream_gaps(url: str, into: dict, started: threading.Event) -> None:
-    body = {"input_ids": [5, 6, 7, 8], "stream": True,
+    body = {"input_ids": [5, 6, 7, 8], "stream": True, "incremental_streaming_output": True,
             "sampling_params": {"max_tokens": 3000, "temperature": 0, "ignore_eos": True}}
     stamps = into.setdefault("stamps", [])
     with httpx.stream("POST", url + "/generate", json=body, timeout=600) as r:

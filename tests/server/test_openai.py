@@ -229,7 +229,8 @@ def test_generate_n_and_stream(server):
     assert isinstance(samples, list) and [s["index"] for s in samples] == [0, 1, 2, 3]
     streamed: dict[int, list[int]] = {i: [] for i in range(4)}
     finished = {}
-    with httpx.stream("POST", server.url + "/generate", json={**body, "stream": True}, timeout=60) as resp:
+    deltas = {**body, "stream": True, "incremental_streaming_output": True}
+    with httpx.stream("POST", server.url + "/generate", json=deltas, timeout=60) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

@@ -266,8 +266,8 @@ def test_plain_torch_distributed_trainer(servers, refs, ckpts):
 
 
 def _stream(server, prompt: list[int], n: int, first: threading.Event, into: dict) -> None:
-    body = {"input_ids": prompt, "stream": True, "sampling_params": {"max_tokens": n, "temperature": 0,
-                                                                      "ignore_eos": True}}
+    body = {"input_ids": prompt, "stream": True, "incremental_streaming_output": True,
+            "sampling_params": {"max_tokens": n, "temperature": 0, "ignore_eos": True}}
     with httpx.stream("POST", server.url + "/generate", json=body, timeout=120) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

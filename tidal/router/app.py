@@ -397,10 +397,17 @@ def _aggregate_generate(flight: Flight, events: list[dict]) -> Any:
         for k in ("finish_reason", "stop_reason", "weight_version", "prompt_tokens", "weight_spans", "moved_at"):
             if ev.get(k) is not None:
                 acc[k] = ev[k]
+        if ev.get("meta_info") is not None:   # SGLang's meta_info: the last one, its logprob lists joined
+            meta = acc.get("meta_info") or {}
+            joined = {k: meta.get(k, []) + ev["meta_info"][k] for k in ("output_token_logprobs", "output_top_logprobs")
+                      if ev["meta_info"].get(k) is not None}
+            acc["meta_info"] = {**meta, **ev["meta_info"], **joined}
     out = []
     for idx in sorted(samples):
         acc = samples[idx]
         acc.setdefault("finish_reason", None)
         acc["completion_tokens"] = len(acc["output_ids"])
+        if "meta_info" in acc:
+            acc["meta_info"]["completion_tokens"] = len(acc["output_ids"])
         out.append(acc)
     return out[0] if len(out) == 1 else out

@@ -74,7 +74,7 @@ class Flight:
     def __init__(self, router: Router, path: str, body: dict, session: str | None) -> None:
         self.router, self.path, self.body, self.session = router, path, body, session
         self.surface = SURFACES[path]
-        self.rid = body.get("request_id") or f"{_PREFIX[self.surface]}-{uuid.uuid4().hex[:16]}"
+        self.rid = body.get("request_id") or body.get("rid") or f"{_PREFIX[self.surface]}-{uuid.uuid4().hex[:16]}"
         sp = (body.get("sampling_params") or {}) if self.surface == "generate" else body
         self.n = int(sp.get("n") or 1)
         self.num_prompts = _num_prompts(body) if self.surface == "completions" else 1
@@ -109,7 +109,10 @@ class Flight:
             rep = self.router.replicas.pick(self.session, prefix_key(_prompt_of(self.surface, self.body)),
                                             exclude=frozenset(tried))
             body = {**self.body, "stream": True, "request_id": self.rid}
-            if self.surface != "generate":
+            if self.surface == "generate":   # the router reads each event's new tokens (SGLang's incremental form)
+                body.pop("rid", None)
+                body["incremental_streaming_output"] = True
+            else:
                 body.update(return_token_ids=True, stream_options={"include_usage": True})
             self._attach(rep, [self.rid] + [f"{self.rid}-{i}" for i in range(self.num_prompts)])
             try:
@@ -387,7 +390,10 @@ class Flight:
         ids = self.prompt_ids[s.prompt_index] + s.tokens
         if self.surface == "generate":
             sp = dict(b.get("sampling_params") or {})
-            budget = int(sp.get("max_tokens") or 16)
+            budget = int(sp.pop("max_new_tokens", None) or sp.get("max_tokens") or 16)
+            for alias in ("min_new_tokens", "sampling_seed"):   # SGLang's names: sent under Tidal's
+                if alias in sp:
+                    sp[{"min_new_tokens": "min_tokens", "sampling_seed": "seed"}[alias]] = sp.pop(alias)
             return_logprob = b.get("return_logprob", True)
         else:
             keys = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
@@ -408,8 +414,9 @@ class Flight:
             budget = limit - len(self.prompt_ids[s.prompt_index])
         sp.update(n=1, max_tokens=max(1, int(budget) - produced),
                   min_tokens=max(0, int(sp.get("min_tokens") or 0) - produced))
+        # every continuation is a /generate stream: the router reads each event's new tokens
         return {"input_ids": ids, "sampling_params": sp, "stream": True, "request_id": rid,
-                "return_logprob": bool(return_logprob)}
+                "return_logprob": bool(return_logprob), "incremental_streaming_output": True}
 
 
 _decode = msgspec.json.Decoder().decode

@@ -19,10 +19,11 @@ from tidal.config import EngineConfig
 from tidal.server import weight_routes
 from tidal.server.control_routes import ControlRoutes
 from tidal.server.errors import APIError, engine_error
-from tidal.server.generate_routes import GenerateRoutes
+from tidal.server.generate_routes import GenerateRoutes, WeightLabels
 from tidal.server.metrics import ServerMetrics
 from tidal.server.openai_routes import OpenAIRoutes
 from tidal.server.service import ServerCore, ServerSettings
+from tidal.server.sglang_routes import SGLangRoutes
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -128,10 +129,14 @@ def _install(app: FastAPI, core: ServerCore) -> None:
     user = [Depends(core.require_api_key)]
     admin = [Depends(core.require_admin_key)]
     _install_errors(app)
+    labels = WeightLabels()
     OpenAIRoutes(core).register(app, user)
-    GenerateRoutes(core).register(app, user)
-    ControlRoutes(core).register(app, admin)
-    weight_routes.register(app, core)
+    generate = GenerateRoutes(core, labels)
+    generate.register(app, user)
+    control = ControlRoutes(core)
+    control.register(app, admin)
+    SGLangRoutes(core, generate, control, labels).register(app, user, admin)
+    weight_routes.register(app, core, labels)
 
 
 def _install_errors(app: FastAPI) -> None:
@@ -164,6 +169,8 @@ def _param_of_loc(loc: tuple) -> str:
             continue
         if isinstance(x, str) and (x in _TYPE_TAGS or "[" in x or "-" in x):
             break
+        if isinstance(x, str) and x[:1].isupper():   # a union member's model name, not a field
+            continue
         parts.append(str(x))
     return ".".join(parts) or "body"
 

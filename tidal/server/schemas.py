@@ -91,31 +91,59 @@ class ChatCompletionRequest(_SamplingFields):
     add_generation_prompt: StrictBool = True
 
 
-class GenerateSamplingParams(_Body):
+class _SGLangBody(BaseModel):
+    # SGLang's /generate: an unknown field is refused (400 naming it), never silently dropped.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+class GenerateSamplingParams(_SGLangBody):
+    """SGLang's sampling_params names, plus Tidal's (`max_tokens`, `seed`, `min_tokens`,
+    `logprobs`, `logprobs_mode`); an alias pair given together is a 400."""
+    max_new_tokens: NonNegInt | None = None
+    max_tokens: NonNegInt | None = None          # Tidal's name for max_new_tokens
+    min_new_tokens: NonNegInt | None = None
+    min_tokens: NonNegInt | None = None          # Tidal's name for min_new_tokens
     n: Annotated[int, Field(ge=1, le=128)] = 1
     temperature: Annotated[float, Field(ge=0.0, le=1e4)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=-1, le=_I32)] = -1
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    seed: Seed | None = None
-    max_tokens: PosInt = 16
-    min_tokens: NonNegInt = 0
+    sampling_seed: Seed | None = None
+    seed: Seed | None = None                     # Tidal's name for sampling_seed
     stop: str | StopList | None = None
     stop_token_ids: Annotated[list[TokenId], Field(max_length=1024)] | None = None
     ignore_eos: StrictBool = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     skip_special_tokens: StrictBool = True
+    spaces_between_special_tokens: StrictBool = True
+    no_stop_trim: StrictBool = False
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=1e4)] = 1.0
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None   # Tidal's: top-k per output token
     logprobs_mode: LogprobsMode | None = None
 
 
-class GenerateRequest(_Body):
-    """Exactly one of `input_ids` and `text` is given (400 otherwise, param `input_ids`)."""
-    input_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
-    text: Annotated[str, Field(min_length=1)] | None = None
-    sampling_params: GenerateSamplingParams = Field(default_factory=GenerateSamplingParams)
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Text = Annotated[str, Field(min_length=1)]
+Batch = Field(min_length=1, max_length=1024)
+
+
+class GenerateRequest(_SGLangBody):
+    """SGLang's GenerateReqInput: exactly one of `text` and `input_ids`, each one prompt or a
+    batch (400 otherwise, param `input_ids`). A batch, or n > 1, answers a list."""
+    text: Text | Annotated[list[Text], Batch] | None = None
+    input_ids: TokenIds | Annotated[list[TokenIds], Batch] | None = None
+    sampling_params: GenerateSamplingParams | Annotated[list[GenerateSamplingParams], Batch] = Field(
+        default_factory=GenerateSamplingParams)
+    rid: RequestId | Annotated[list[RequestId], Batch] | None = None
+    request_id: RequestId | None = None          # Tidal's name for rid
+    return_logprob: StrictBool = True            # SGLang's default is false; Tidal's is true
+    logprob_start_len: Annotated[int, Field(ge=-1, le=_I32)] = -1
+    top_logprobs_num: Annotated[int, Field(ge=0, le=20)] = 0
+    return_text_in_logprobs: StrictBool = False
     stream: StrictBool = False
-    request_id: RequestId | None = None
-    return_logprob: StrictBool = True
+    incremental_streaming_output: StrictBool = False   # per request, SGLang's server flag
+    log_metrics: StrictBool = True                     # accepted and ignored (docs/compatibility.md)
     timeout_s: Timeout | None = None
 
 

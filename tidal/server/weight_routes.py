@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from tidal.server.errors import APIError
+from tidal.server.generate_routes import WeightLabels
 from tidal.server.service import CONTROL_ERRORS, ServerCore, json_response
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -98,7 +99,7 @@ class SGLangUpdate(_Body):
     dtypes: list[Annotated[str, Field(max_length=32)]]
     shapes: list[list[Annotated[int, Field(ge=0, le=2**40)]]]
     group_name: Name = "weight_update_group"
-    weight_version: Annotated[str, Field(pattern=r"^\d{1,18}$")] | Version | None = None
+    weight_version: Annotated[str, Field(min_length=1, max_length=256)] | Version | None = None
     flush_cache: StrictBool = True
 
 
@@ -111,9 +112,10 @@ class SGLangReply(BaseModel):
     message: str
 
 
-def register(app: FastAPI, server: ServerCore) -> None:
+def register(app: FastAPI, server: ServerCore, labels: WeightLabels | None = None) -> None:
     """Install the routes on `app`, guarded by the admin key like every control route."""
     admin = [Depends(server.require_admin_key)]
+    labels = labels or WeightLabels()
 
     async def control(op: str, kwargs: dict[str, Any], timeout_s: float | None = None) -> dict:
         wait = None if timeout_s is None else timeout_s + 10.0
@@ -165,9 +167,14 @@ def register(app: FastAPI, server: ServerCore) -> None:
         return await server.control(lambda: control("fence", {"reason": body.reason}))
 
     # -- SGLang's shapes -------------------------------------------------------------------
-    async def sgl_reply(op: str, kwargs: dict[str, Any], timeout_s: float | None = None) -> Response:
+    async def sgl_reply(op: str, kwargs: dict[str, Any], timeout_s: float | None = None,
+                        label: str | int | None = None) -> Response:
         try:
+            if op == "update_weights":
+                kwargs["version"] = await labels.version_for(server, label)
             result = await control(op, kwargs, timeout_s)
+            if op == "update_weights":
+                result = labels.record(result, label)
         except Exception as e:
             return json_response({"success": False, "message": f"{type(e).__name__}: {e}"}, 400)
         return json_response({"success": True, "message": "ok", **result})
@@ -186,10 +193,9 @@ def register(app: FastAPI, server: ServerCore) -> None:
             raise APIError(400, "flush_cache=false is not supported: a weight commit always invalidates "
                                 "the prefix cache (its KV came from the old weights)", param="flush_cache")
         tensors = [{"name": n, "dtype": d, "shape": s} for n, d, s in zip(body.names, body.dtypes, body.shapes)]
-        version = None if body.weight_version is None else int(body.weight_version)
         return await sgl_reply("update_weights", {"source": "distributed", "group_name": body.group_name,
-                                                  "tensors": tensors, "version": version,
-                                                  "timeout_s": UPDATE_TIMEOUT_S}, UPDATE_TIMEOUT_S)
+                                                  "tensors": tensors, "timeout_s": UPDATE_TIMEOUT_S},
+                               UPDATE_TIMEOUT_S, body.weight_version)
 
     routes = [("/v1/init_weight_transfer", init), ("/v1/destroy_weight_transfer", destroy),
               ("/v1/check_weights", check), ("/v1/update_weights_from_distributed", update_distributed),
