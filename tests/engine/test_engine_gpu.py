@@ -50,7 +50,7 @@ def test_logprobs_match_hf_on_the_same_tokens(engine_and_hf):
         with torch.no_grad():
             logits = hf(ids).logits[0, len(prompt) - 1:-1].float()
         ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids, device=DEVICE)[:, None])[:, 0]
-        diffs.append((ref.cpu() - torch.tensor(c.logprobs)).abs())
+        diffs.append((ref.cpu() - torch.tensor(c.token_logprobs)).abs())
     mean = torch.cat(diffs).mean().item()
     assert mean <= 0.02, f"mean |logprob - HF| = {mean:.4f}"
     assert llm.state()["overlapped_steps"] > 0

@@ -101,12 +101,12 @@ def test_top_logprobs(path, make_llm):
     llm = make_llm(path)
     c = llm.generate(["abc"], SamplingParams(max_tokens=4, temperature=0, logprobs=3), use_tqdm=False)[0].outputs[0]
     assert len(c.top_logprobs) == 4
-    for tok, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
+    for tok, lp, top in zip(c.token_ids, c.token_logprobs, c.top_logprobs):
         assert len(top) == 3 and tok in top and abs(top[tok] - lp) < 1e-6  # greedy = the top-1
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(max_tokens=0), "max_tokens"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=-1), "max_tokens"), (dict(max_tokens=0, n=2), "n"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(n=0), "n"), (dict(temperature=-1.0), "temperature"), (dict(min_p=2.0), "min_p"),
 ])
 def test_bad_sampling_params_name_the_field(kwargs, field):
@@ -183,4 +183,4 @@ def test_offline_generate_gets_one_output_per_sample(path, make_llm):
     assert len(seen) == 4 and all(o.finish_reason == "length" for o in seen)
     for o in outs:
         for c in o.outputs:
-            assert len(c.token_ids) == 12 and len(c.logprobs) == 12
+            assert len(c.token_ids) == 12 and len(c.token_logprobs) == 12

@@ -63,7 +63,7 @@ def test_greedy_matches_hf(reference, scenario, make_llm):
         assert c.token_ids == exp, f"prompt len {len(p)}"
         assert c.finish_reason == ("stop" if len(exp) < MAX_TOKENS else "length")
         ref = _hf_logprobs(hf, p, c.token_ids)
-        assert max(abs(a - b) for a, b in zip(c.logprobs, ref)) < 1e-4
+        assert max(abs(a - b) for a, b in zip(c.token_logprobs, ref)) < 1e-4
     st = llm.state()
     if scenario == "preemption":
         assert st["num_preemptions"] > 0, "the tiny KV pool should have forced preemption"

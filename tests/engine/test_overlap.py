@@ -50,7 +50,7 @@ def workload(eos: int):
 
 
 def summary(outs):
-    return [[(c.token_ids, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs] for o in outs]
+    return [[(c.token_ids, c.finish_reason, c.stop_reason, c.token_logprobs) for c in o.outputs] for o in outs]
 
 
 def assert_same(got, expected):

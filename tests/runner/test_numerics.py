@@ -110,8 +110,8 @@ def test_engine_reports_processed_logprobs(tiny_ckpt):
                 SP(max_tokens=5, temperature=1.0, top_k=1, seed=1, logprobs=0, ignore_eos=True, logprobs_mode="raw")]
         proc, raw = (o.outputs[0] for o in llm.generate(["abc", "abc"], reqs, use_tqdm=False))
         assert proc.token_ids == raw.token_ids
-        assert proc.logprobs == [0.0] * 5
-        assert all(lp < 0.0 for lp in raw.logprobs)
+        assert proc.token_logprobs == [0.0] * 5
+        assert all(lp < 0.0 for lp in raw.token_logprobs)
     finally:
         llm.shutdown()
 
@@ -152,8 +152,8 @@ def test_engine_runs_a_bf16_model_with_the_fp32_head(tiny_ckpt):
                                       use_tqdm=False)[0].outputs[0]
         finally:
             llm.shutdown()
-    assert outs[None].logprobs != outs["float32"].logprobs  # the head really changed
-    assert all(abs(a - b) < 0.1 for a, b in zip(outs[None].logprobs, outs["float32"].logprobs))
+    assert outs[None].token_logprobs != outs["float32"].token_logprobs  # the head really changed
+    assert all(abs(a - b) < 0.1 for a, b in zip(outs[None].token_logprobs, outs["float32"].token_logprobs))
 
 
 def test_sleep_frees_the_fp32_head_copy_and_wake_restores_the_outputs(tiny_ckpt):
@@ -169,6 +169,6 @@ def test_sleep_frees_the_fp32_head_copy_and_wake_restores_the_outputs(tiny_ckpt)
         llm.wake_up(["weights"])
         llm.resume()
         after = llm.generate(["hello"], params, use_tqdm=False)[0].outputs[0]
-        assert (after.token_ids, after.logprobs) == (before.token_ids, before.logprobs)
+        assert (after.token_ids, after.token_logprobs) == (before.token_ids, before.token_logprobs)
     finally:
         llm.shutdown()

@@ -218,7 +218,8 @@ class EngineCore:
 
     def _resolve(self, batch, handle: StepHandle) -> None:
         sampled = self.runner.collect(handle)
-        touched = self.scheduler.resolve(batch, sampled, self.weight_version, self._check_stop)
+        prompt = self.runner.collect_prompt_logprobs(handle)
+        touched = self.scheduler.resolve(batch, sampled, self.weight_version, self._check_stop, prompt)
         self._emit(touched)
 
     # -- requests ------------------------------------------------------------------------
@@ -253,7 +254,8 @@ class EngineCore:
         if n > seqs:
             return EngineInvalidInput("n", n, f"at most max_num_seqs={seqs}",
                                       f"n={n} is invalid: expected at most max_num_seqs={seqs} samples")
-        need = len(msg.prompt_token_ids) + 1  # the prompt and the first sampled token
+        # The prompt and the first sampled token (a scoring request samples none).
+        need = len(msg.prompt_token_ids) + (1 if msg.params.max_tokens else 0)
         if need > self.max_model_len:
             return EngineInvalidInput("prompt", len(msg.prompt_token_ids), f"at most {self.max_model_len - 1} tokens",
                                       f"prompt has {need - 1} tokens: expected at most {self.max_model_len - 1} "
@@ -348,16 +350,33 @@ class EngineCore:
                 continue
             req.num_sent_tokens = end
             want_lp = req.params.logprobs is not None
-            outs.append(EngineOutput(
+            out = EngineOutput(
                 request_id=req.request_id, index=req.index, new_token_ids=new,
                 new_logprobs=req.output_logprobs[start:] if want_lp else None,
                 new_top_logprobs=req.output_top_logprobs[start:] if req.params.logprobs else None,
                 finish_reason=req.finish_reason, stop_reason=req.stop_reason,
                 weight_version=self.weight_version,
                 weight_spans=[(s.version, s.start, s.end) for s in req.weight_spans] if req.finished else None,
-                num_prompt_tokens=req.num_prompt_tokens, error=error, error_type=error_type))
+                num_prompt_tokens=req.num_prompt_tokens, error=error, error_type=error_type,
+                new_ranks=req.output_ranks[start:] if want_lp else None,
+                num_cached_tokens=max(req.num_cached_tokens, 0))
+            self._attach_prompt_logprobs(req, out)
+            outs.append(out)
         if outs:
             self.output_handler(outs)
+
+    @staticmethod
+    def _attach_prompt_logprobs(req: Request, out: EngineOutput) -> None:
+        """Once per request: when sample 0's prompt is scored, or when it ends (then with what
+        was scored, e.g. an abort mid-prefill)."""
+        if (req.index != 0 or req.params.prompt_logprobs is None or req.prompt_logprobs_sent
+                or (req.needs_prompt_logprobs and not req.finished)):
+            return
+        req.prompt_logprobs_sent = True
+        out.prompt_logprobs = list(req.prompt_logprobs)
+        out.prompt_ranks = list(req.prompt_ranks)
+        if req.params.prompt_logprobs:
+            out.prompt_top_logprobs = list(req.prompt_top_logprobs)
 
     # -- failure -------------------------------------------------------------------------
     def _die(self, reason: str, tb: str) -> None:

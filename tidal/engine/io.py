@@ -2,10 +2,11 @@
 sent, and assembling the core's token deltas into RequestOutputs (with detokenization) after."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from tidal.engine.messages import EngineOutput
-from tidal.outputs import CompletionOutput, RequestOutput, WeightSpan
+from tidal.outputs import CompletionOutput, Decoder, RequestOutput, WeightSpan
 from tidal.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -59,11 +60,21 @@ class RequestState:
     error_param: str | None = None
     sent_tokens: list[int] = field(default_factory=list)   # per sample, for delta outputs
     sent_text: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    # Prompt logprobs (SamplingParams.prompt_logprobs), vLLM's layout: entry 0 is None.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_ranks: list[int | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    prompt_sent: bool = False   # delta outputs carry the prompt logprobs once
+    decode: Decoder | None = None
 
     def __post_init__(self) -> None:
         want_lp = self.params.logprobs is not None
-        self.completions = [CompletionOutput(i, logprobs=[] if want_lp else None,
-                                             top_logprobs=[] if self.params.logprobs else None)
+        if self.tokenizer is not None:
+            self.decode = _token_decoder(self.tokenizer)
+        self.completions = [CompletionOutput(i, token_logprobs=[] if want_lp else None,
+                                             top_logprobs=[] if self.params.logprobs else None,
+                                             token_ranks=[] if want_lp else None, decode=self.decode)
                             for i in range(self.params.n)]
         self.sent_tokens = [0] * self.params.n
         self.sent_text = [0] * self.params.n
@@ -80,10 +91,19 @@ class RequestState:
     def apply(self, out: EngineOutput) -> None:
         c = self.completions[out.index]
         c.token_ids.extend(out.new_token_ids)
-        if c.logprobs is not None and out.new_logprobs is not None:
-            c.logprobs.extend(out.new_logprobs)
+        if c.token_logprobs is not None and out.new_logprobs is not None:
+            c.token_logprobs.extend(out.new_logprobs)
+        if c.token_ranks is not None and out.new_ranks is not None:
+            c.token_ranks.extend(out.new_ranks)
         if c.top_logprobs is not None and out.new_top_logprobs is not None:
             c.top_logprobs.extend(out.new_top_logprobs)
+        if out.index == 0:
+            self.num_cached_tokens = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = [None, *out.prompt_logprobs]
+            self.prompt_ranks = [None, *(out.prompt_ranks or [])]
+            if out.prompt_top_logprobs is not None:
+                self.prompt_top_logprobs = [None, *out.prompt_top_logprobs]
         c.weight_version = out.weight_version
         if self.detoks:
             c.text += self.detoks[out.index].push(out.new_token_ids)
@@ -102,7 +122,8 @@ class RequestState:
             if isinstance(c.stop_reason, str):
                 cut = c.text.find(c.stop_reason)
                 if cut >= 0:
-                    c.text = c.text[:cut]
+                    keep = len(c.stop_reason) if self.params.include_stop_str_in_output else 0
+                    c.text = c.text[:cut + keep]
 
     def delta_output(self) -> RequestOutput:
         """Only what is new since the last delta. Text that could still turn out to be the
@@ -114,15 +135,27 @@ class RequestState:
             x1 = len(c.text) if c.finished else max(x0, len(c.text) - hold)
             outs.append(CompletionOutput(
                 c.index, c.token_ids[t0:], c.text[x0:x1],
-                None if c.logprobs is None else c.logprobs[t0:],
+                None if c.token_logprobs is None else c.token_logprobs[t0:],
                 None if c.top_logprobs is None else c.top_logprobs[t0:],
-                c.finish_reason, c.stop_reason, c.weight_version, list(c.weight_spans)))
+                c.finish_reason, c.stop_reason, c.weight_version, list(c.weight_spans),
+                None if c.token_ranks is None else c.token_ranks[t0:], c.decode))
             self.sent_tokens[i], self.sent_text[i] = len(c.token_ids), x1
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished)
+        out = self._request_output(outs, with_prompt=not self.prompt_sent)
+        self.prompt_sent = self.prompt_sent or self.prompt_logprobs is not None
+        return out
 
     def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [_copy(c) for c in self.completions], self.finished)
+        return self._request_output([_copy(c) for c in self.completions], with_prompt=True)
+
+    def _request_output(self, outs: list[CompletionOutput], with_prompt: bool) -> RequestOutput:
+        out = RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
+                            self.num_cached_tokens, decode=self.decode)
+        if with_prompt and self.prompt_logprobs is not None:
+            out.prompt_token_logprobs = list(self.prompt_logprobs)
+            out.prompt_token_ranks = list(self.prompt_ranks)
+            if self.prompt_top_logprobs is not None:
+                out.prompt_top_logprobs = list(self.prompt_top_logprobs)
+        return out
 
 
 def raise_for_error(state: RequestState) -> None:
@@ -140,6 +173,15 @@ def raise_for_error(state: RequestState) -> None:
 
 def _copy(c: CompletionOutput) -> CompletionOutput:
     return CompletionOutput(c.index, list(c.token_ids), c.text,
-                            None if c.logprobs is None else list(c.logprobs),
+                            None if c.token_logprobs is None else list(c.token_logprobs),
                             None if c.top_logprobs is None else list(c.top_logprobs),
-                            c.finish_reason, c.stop_reason, c.weight_version, list(c.weight_spans))
+                            c.finish_reason, c.stop_reason, c.weight_version, list(c.weight_spans),
+                            None if c.token_ranks is None else list(c.token_ranks), c.decode)
+
+
+def _token_decoder(tokenizer) -> Decoder:
+    """One token's text, for Logprob.decoded_token (special tokens spelled out, as vLLM does)."""
+    @functools.lru_cache(maxsize=4096)
+    def decode(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+    return decode

@@ -64,8 +64,12 @@ class BlockManager:
 
     def get_computed_blocks(self, req: Request) -> list[int]:
         """Leading full blocks of `req` already in the prefix cache. At least one token is
-        always left to compute, so the last token's logits can be sampled."""
+        always left to compute, so the last token's logits can be sampled. A request that still
+        needs prompt logprobs gets none: its prompt is recomputed to score every token."""
         if not self.enable_prefix_caching:
+            return []
+        if req.needs_prompt_logprobs:
+            self.prefix_queries += req.num_tokens
             return []
         hits: list[int] = []
         parent: int | None = None

@@ -1,8 +1,13 @@
-"""LLM: the offline API (vLLM-compatible where vLLM has the same thing)."""
+"""LLM: the offline API (vLLM-compatible where vLLM has the same thing).
+
+vLLM's shapes that Tidal takes: prompt dicts (`{"prompt": ...}`, `{"prompt_token_ids": [...]}`),
+`chat(messages)`, `get_tokenizer()`, `reset_prefix_cache()`, `sleep(level=1|2)` / `wake_up(tags)`
+(docs/compatibility.md, "vLLM offline API").
+"""
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -15,18 +20,48 @@ from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
 
 
+PromptInput = Prompt | Mapping[str, Any]
+_PROMPT_KEYS = ("prompt", "prompt_token_ids")
+# sleep(level=...) as vLLM defines it: 1 offloads the weights to host memory and drops the KV
+# cache; 2 drops both (Tidal re-reads the weights from their checkpoint on wake_up).
+_SLEEP_LEVELS = {1: False, 2: True}  # level -> discard the weights
+_ENGINE_FIELDS = frozenset(EngineConfig.__slots__)
+
+
+def _engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
+    """EngineConfig from LLM's keyword arguments; vLLM's with a Tidal meaning are mapped, any other
+    unknown one is an error naming it."""
+    kwargs = dict(kwargs)
+    tp = kwargs.pop("tensor_parallel_size", 1)
+    if tp != 1:
+        raise ValueError(f"LLM(tensor_parallel_size={tp!r}) is invalid: expected 1 (Tidal runs one GPU per engine)")
+    sleep_mode = kwargs.pop("enable_sleep_mode", True)
+    if not isinstance(sleep_mode, bool):
+        raise ValueError(f"LLM(enable_sleep_mode={sleep_mode!r}) is invalid: expected a bool (sleep is always available)")
+    unknown = sorted(set(kwargs) - _ENGINE_FIELDS)
+    if unknown:
+        raise ValueError(f"LLM() got unknown keyword arguments {unknown}: expected EngineConfig fields "
+                         f"{sorted(_ENGINE_FIELDS - {'model'})} (or tensor_parallel_size=1, enable_sleep_mode)")
+    return EngineConfig(model=model, **kwargs)
+
+
 class LLM:
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
-        self.config = EngineConfig(model=model, **engine_kwargs)
+        self.config = _engine_config(model, engine_kwargs)
         self.engine = InprocEngine(self.config)
         self.tokenizer = self.engine.tokenizer
+        self._paused_for_sleep = False  # sleep(level=...) paused the engine: wake_up resumes it
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, request_ids: Sequence[str] | None = None) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if (isinstance(prompts, (str, Mapping))
+                or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))):
             prompts = [prompts]
-        prompts = list(prompts)
+        prompts = [_unwrap_prompt(p) for p in prompts]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -49,6 +84,36 @@ class LLM:
             for rid in ids:
                 self.engine.unregister(rid)
         return [states[rid].output() for rid in ids]
+
+    def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False,
+             chat_template_kwargs: Mapping[str, Any] | None = None) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"} messages) or a list of them, rendered
+        with the tokenizer's chat template (or `chat_template`), then generated."""
+        if self.tokenizer is None:
+            raise ValueError("chat: the model has no tokenizer, so no chat template: use generate with token ids")
+        if isinstance(messages, Sequence) and messages and isinstance(messages[0], Mapping):
+            conversations = [messages]
+        else:
+            conversations = list(messages)
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("chat: add_generation_prompt=True and continue_final_message=True are invalid "
+                             "together: expected at most one of them")
+        extra = dict(chat_template_kwargs or {})
+        clash = sorted(set(extra) & {"add_generation_prompt", "continue_final_message", "chat_template", "tokenize"})
+        if clash:
+            raise ValueError(f"chat_template_kwargs keys {clash} are invalid: expected them as chat() arguments")
+        prompts = []
+        for i, conv in enumerate(conversations):
+            if not isinstance(conv, Sequence) or not all(isinstance(m, Mapping) for m in conv) or not conv:
+                raise ValueError(f"messages[{i}] is invalid: expected a non-empty list of {{'role', 'content'}} dicts")
+            ids = self.tokenizer.apply_chat_template(
+                [dict(m) for m in conv], tokenize=True, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, chat_template=chat_template, **extra)
+            prompts.append(list(ids["input_ids"] if isinstance(ids, Mapping) else ids))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _collect(self, states: dict[str, RequestState], inbox: queue.SimpleQueue, progress: bool) -> None:
         pending = len(states)
@@ -88,11 +153,41 @@ class LLM:
         ids = None if request_ids is None else list(request_ids)
         return wait_result(self.engine.abort_future(ids), "abort", timeout_s)
 
-    def sleep(self, tags: Sequence[str] | None = None, discard: bool = False, timeout_s: float | None = None) -> dict:
-        return self._control("sleep", timeout_s, tags=None if tags is None else list(tags), discard=discard)
+    def sleep(self, tags: Sequence[str] | int | None = None, discard: bool = False, timeout_s: float | None = None,
+              *, level: int | None = None) -> dict:
+        """Tidal's form: sleep(tags, discard) from `paused`. vLLM's form: sleep(level=1|2) (or
+        sleep(1)) from anywhere: pauses first (offline, nothing is running between generate
+        calls; anything that is ends with "abort"), then sleeps kv_cache and weights (level 2:
+        discarded); wake_up resumes once nothing sleeps."""
+        if isinstance(tags, int) and not isinstance(tags, bool):
+            tags, level = None, tags
+        if level is None:
+            return self._control("sleep", timeout_s, tags=None if tags is None else list(tags), discard=discard)
+        if level not in _SLEEP_LEVELS or tags is not None or discard:
+            raise ValueError(f"sleep(level={level!r}) is invalid: expected level 1 or 2, without tags or discard")
+        paused_here = self.engine.core.state is EngineState.SERVING
+        if paused_here:
+            self.pause("abort", timeout_s)
+        try:
+            result = self._control("sleep", timeout_s, tags=None, discard=_SLEEP_LEVELS[level])
+        except BaseException:
+            if paused_here:  # nothing sleeps: serve again rather than hold every later request
+                self.resume(timeout_s)
+            raise
+        self._paused_for_sleep = self._paused_for_sleep or paused_here
+        return result
 
     def wake_up(self, tags: Sequence[str] | None = None, timeout_s: float | None = None) -> dict:
-        return self._control("wake_up", timeout_s, tags=None if tags is None else list(tags))
+        result = self._control("wake_up", timeout_s, tags=None if tags is None else list(tags))
+        if self._paused_for_sleep and not result["sleeping"]:
+            self.resume(timeout_s)
+            self._paused_for_sleep = False
+            result["state"] = "serving"
+        return result
+
+    def reset_prefix_cache(self, timeout_s: float | None = None) -> bool:
+        """vLLM's name for flush_cache: forget every cached prefix block."""
+        return bool(self.flush_cache(timeout_s)["flushed"])
 
     def update_weights(self, path: str | None = None, named_tensors=None, version: int | None = None,
                        checksums: dict[str, str] | None = None, timeout_s: float | None = None,
@@ -132,3 +227,24 @@ class LLM:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def _unwrap_prompt(prompt: PromptInput) -> Prompt:
+    """A text or token-id prompt; vLLM's prompt dicts give theirs (one of the two keys, no other)."""
+    if not isinstance(prompt, Mapping):
+        return prompt
+    keys = set(prompt)
+    unknown = sorted(keys - set(_PROMPT_KEYS))
+    if unknown:
+        raise ValueError(f"prompt dict keys {unknown} are not supported: expected exactly one of {list(_PROMPT_KEYS)}")
+    if len(keys) != 1:
+        raise ValueError(f"prompt dict has keys {sorted(keys)}: expected exactly one of {list(_PROMPT_KEYS)}")
+    if "prompt" in prompt:
+        text = prompt["prompt"]
+        if not isinstance(text, str):
+            raise ValueError(f"prompt dict 'prompt'={text!r} is invalid: expected a string")
+        return text
+    ids = prompt["prompt_token_ids"]
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"prompt dict 'prompt_token_ids'={ids!r} is invalid: expected a list of token ids")
+    return list(ids)

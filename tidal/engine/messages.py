@@ -73,3 +73,10 @@ class EngineOutput:
     # "invalid_input" (a 400: `error_param` names the field), "not_serving", "engine_dead".
     error_type: str | None = None
     error_param: str | None = None
+    new_ranks: list[int] | None = None    # with new_logprobs: each token's rank (1: the most likely)
+    num_cached_tokens: int = 0            # prompt tokens served by the prefix cache
+    # Sample 0 of a request with SamplingParams.prompt_logprobs, once (when its prompt is scored,
+    # or at its end): prompt tokens 1.. in order (token 0 has no prefix).
+    prompt_logprobs: list[float] | None = None
+    prompt_ranks: list[int] | None = None
+    prompt_top_logprobs: list[dict[int, float]] | None = None

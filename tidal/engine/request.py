@@ -28,6 +28,14 @@ class Request:
     token_ids: list[int] = field(default_factory=list)   # prompt + output, grows as we decode
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    output_ranks: list[int] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: entries for prompt tokens 1.. (token 0 has no prefix),
+    # filled chunk by chunk as the prefill runs (computed by sample 0 only).
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_ranks: list[int] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+    num_cached_tokens: int = -1   # prompt tokens served by the prefix cache at first admission
     weight_spans: list[WeightSpan] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
@@ -74,6 +82,24 @@ class Request:
         """Output tokens whose values are known (placeholders excluded)."""
         return len(self.token_ids) - self.num_prompt_tokens - self.num_pending
 
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Sample 0 of a request asking for prompt logprobs, until it has them all."""
+        return (self.index == 0 and self.params.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens - 1)
+
+    @property
+    def scoring_only(self) -> bool:
+        """max_tokens=0: the request ends when its prompt is computed, nothing is sampled."""
+        return self.params.max_tokens == 0
+
+    def add_prompt_logprobs(self, logprobs: list[float], ranks: list[int],
+                            tops: list[dict[int, float]] | None) -> None:
+        self.prompt_logprobs.extend(logprobs)
+        self.prompt_ranks.extend(ranks)
+        if tops is not None:
+            self.prompt_top_logprobs.extend(tops)
+
     def ends_by_length(self, num_output_tokens: int) -> bool:
         """Whether a request with this many output tokens is done: max_tokens or the model's length."""
         return (num_output_tokens >= self.params.max_tokens
@@ -95,7 +121,7 @@ class Request:
             self.num_pending = 0
 
     def append_token(self, token_id: int, logprob: float | None, top: dict[int, float] | None,
-                     weight_version: int) -> None:
+                     weight_version: int, rank: int | None = None) -> None:
         """Record a sampled token: it fills the oldest placeholder if there is one."""
         n = self.num_resolved_output_tokens
         if self.num_pending:
@@ -107,6 +133,8 @@ class Request:
             self.output_logprobs.append(logprob)
         if top is not None:
             self.output_top_logprobs.append(top)
+        if rank is not None:
+            self.output_ranks.append(rank)
         if self.weight_spans and self.weight_spans[-1].version == weight_version:
             self.weight_spans[-1].end = n + 1
         else:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from tidal.config import EngineConfig
 from tidal.engine.kv_cache import BlockManager
 from tidal.engine.request import Request, RequestStatus
-from tidal.runner.batch import SampledToken, ScheduledBatch  # noqa: F401 (SampledToken: re-exported)
+from tidal.runner.batch import PromptLogprobs, SampledToken, ScheduledBatch  # noqa: F401 (SampledToken: re-exported)
 
 
 class Scheduler:
@@ -59,8 +59,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             i += 1
-            if lookahead and req.ends_by_length(req.num_output_tokens):
-                continue  # the step in flight ends it
+            if lookahead and (req.num_computed_tokens >= req.num_tokens
+                              or (req.num_output_tokens and req.ends_by_length(req.num_output_tokens))):
+                continue  # the step in flight ends it (a scoring request's last chunk, or its length)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if lookahead:
                 if not self.bm.allocate_slots(req, n, batch.blocks_to_copy):
@@ -86,6 +87,8 @@ class Scheduler:
             n = min(req.num_tokens - len(hits) * self.bm.block_size, budget)
             if not self.bm.allocate_slots(req, n, batch.blocks_to_copy, hits, admit=True):
                 break
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = len(hits) * self.bm.block_size
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -96,8 +99,10 @@ class Scheduler:
     def _add_row(self, batch: ScheduledBatch, req: Request, n: int) -> None:
         batch.reqs.append(req)
         batch.num_new_tokens.append(n)
-        samples = req.num_computed_tokens + n == req.num_tokens
-        batch.sample_for.append([req, *req.pending_forks] if samples else [])
+        done = req.num_computed_tokens + n == req.num_tokens
+        if done and req.scoring_only:
+            batch.scored.append(req)
+        batch.sample_for.append([req, *req.pending_forks] if done and not req.scoring_only else [])
 
     def advance(self, batch: ScheduledBatch, step: int) -> None:
         """At launch: count the rows' tokens as computed and give each row that samples a
@@ -110,11 +115,17 @@ class Scheduler:
                 row += len(group)
 
     def resolve(self, batch: ScheduledBatch, sampled: list[SampledToken], weight_version: int,
-                check_stop: Callable[[Request], tuple[str, int | str | None] | None]) -> list[Request]:
-        """When the step's tokens are back: fill the placeholders, fork n-sample prompts, cache
-        full blocks, check stops. Returns the requests that got a token (finished ones included).
+                check_stop: Callable[[Request], tuple[str, int | str | None] | None],
+                prompt: dict[int, PromptLogprobs] | None = None) -> list[Request]:
+        """When the step's tokens are back: record prompt logprobs, fill the placeholders, fork
+        n-sample prompts, cache full blocks, check stops, end scoring requests whose prompt is
+        done ("length"). Returns the requests that got a token or ended (finished ones included).
         Rows of requests that ended while the step was in flight are dropped."""
         touched: list[Request] = []
+        for b, chunk in (prompt or {}).items():
+            req = batch.reqs[b]
+            if not req.finished:
+                req.add_prompt_logprobs(chunk.logprobs, chunk.ranks, chunk.top_logprobs)
         it = iter(sampled)
         for req, group in zip(batch.reqs, batch.sample_for):
             if not group:
@@ -125,7 +136,7 @@ class Scheduler:
                     continue
                 if target is not req:
                     self._fork(req, target)
-                target.append_token(tok.token_id, tok.logprob, tok.top_logprobs, weight_version)
+                target.append_token(tok.token_id, tok.logprob, tok.top_logprobs, weight_version, tok.rank)
                 touched.append(target)
             req.pending_forks = []
         for req in batch.reqs:
@@ -135,11 +146,16 @@ class Scheduler:
             stop = check_stop(req)
             if stop is not None:
                 self.finish(req, *stop)
+        for req in batch.scored:
+            if not req.finished:
+                self.finish(req, "length")
+                touched.append(req)
         return touched
 
     def _fork(self, parent: Request, child: Request) -> None:
         self.bm.fork(parent, child)
         child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
         child.status = RequestStatus.RUNNING
         self.running.append(child)
 

@@ -23,9 +23,14 @@ class BatchRequest(Protocol):
     pending_row: int
     pending_step: int
     sampling_row: tuple | None
+    num_prompt_tokens: int
+    prompt_logprobs: list[float]
 
     @property
     def num_output_tokens(self) -> int: ...
+
+    @property
+    def needs_prompt_logprobs(self) -> bool: ...
 
 
 R = TypeVar("R", bound=BatchRequest)
@@ -40,6 +45,7 @@ class ScheduledBatch(Generic[R]):
     # finishes its prefill.
     sample_for: list[list[R]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    scored: list[R] = field(default_factory=list)  # scoring requests (max_tokens=0) this step completes
     needs_sync: bool = False  # a lookahead schedule stopped early: resolve before the next one
 
     def __len__(self) -> int:
@@ -59,3 +65,12 @@ class SampledToken:
     token_id: int
     logprob: float | None
     top_logprobs: dict[int, float] | None
+    rank: int | None = None  # 1 + tokens with a strictly higher logprob (with logprobs only)
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """One step's prompt logprobs for one batch row: tokens in order, continuing the request's."""
+    logprobs: list[float]
+    ranks: list[int]
+    top_logprobs: list[dict[int, float]] | None

@@ -23,12 +23,22 @@ from tidal.attention.context import ForwardContext
 from tidal.config import EngineConfig
 from tidal.models.layers import set_batch_invariant
 from tidal.models.loader import load_model
-from tidal.runner.batch import PLACEHOLDER, BatchRequest, SampledToken, ScheduledBatch
-from tidal.runner.sampler import Sampler, SamplingTensors, apply_token_bans
+from tidal.runner.batch import PLACEHOLDER, BatchRequest, PromptLogprobs, SampledToken, ScheduledBatch
+from tidal.runner.sampler import (
+    PenaltyTensors,
+    Sampler,
+    SamplingTensors,
+    apply_penalties,
+    apply_token_bans,
+    logprobs_of,
+)
 
 _ALIGN_BYTES = 16
 # Rows longer than this get their positions and slots computed with numpy instead of Python ints.
 _NUMPY_ROW = 64
+# Prompt logprobs take the LM head over this many positions at a time: a [rows, vocab] float32
+# block per pass instead of one for the whole chunk.
+_PROMPT_ROWS_PER_PASS = 256
 
 
 @dataclass(slots=True)
@@ -37,6 +47,11 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # [num_targets] row in the flattened batch whose logits each target samples
+    # Prompt logprobs (SamplingParams.prompt_logprobs): flat rows whose logits score the next
+    # prompt token, those tokens, and per batch row how many of them it owns.
+    prompt_rows: torch.Tensor | None = None
+    prompt_targets: torch.Tensor | None = None
+    prompt_spans: list[tuple[int, int, int]] | None = None  # (batch row, count, top-k)
 
 
 @dataclass(slots=True)
@@ -50,6 +65,9 @@ class StepHandle:
     host_top_logprobs: torch.Tensor | None = None
     top_k: list[int] | None = None         # per target: how many alternatives it asked for
     want_logprobs: list[bool] | None = None
+    host_ranks: torch.Tensor | None = None
+    prompt_spans: list[tuple[int, int, int]] | None = None  # StepInputs.prompt_spans
+    host_prompt: list[torch.Tensor] | None = None  # logprobs, ranks[, top ids, top logprobs]
     ready: torch.cuda.Event | None = None  # recorded after the copies (CUDA only)
 
 
@@ -202,8 +220,13 @@ class ModelRunner:
         logits_rows: list[int] = []
         fix_rows: list[int] = []   # flat token index whose id comes from prev
         fix_from: list[int] = []   # ... and its row in prev's sampled tokens
-        for req, n, group in zip(batch.reqs, batch.num_new_tokens, batch.sample_for):
+        prompt_rows: list[int] = []
+        prompt_targets: list[int] = []
+        prompt_spans: list[tuple[int, int, int]] = []
+        for b, (req, n, group) in enumerate(zip(batch.reqs, batch.num_new_tokens, batch.sample_for)):
             start = req.num_computed_tokens
+            if req.needs_prompt_logprobs:
+                self._prompt_rows(req, b, len(ids), n, prompt_rows, prompt_targets, prompt_spans)
             table = req.block_table
             if n == 1:
                 ids.append(req.token_ids[start])
@@ -241,7 +264,28 @@ class ModelRunner:
             slot_mapping=slots_d, query_start_loc=qsl_d, seq_lens=seq_lens_d, block_tables=tables_d,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
-        return StepInputs(input_ids=input_ids, positions=pos_d, meta=meta, logits_rows=rows_d)
+        inputs = StepInputs(input_ids=input_ids, positions=pos_d, meta=meta, logits_rows=rows_d)
+        if prompt_rows:
+            inputs.prompt_rows, inputs.prompt_targets = self.staging.upload(
+                "prompt64", [np.asarray(prompt_rows, dtype=np.int64), np.asarray(prompt_targets, dtype=np.int64)],
+                torch.int64)
+            inputs.prompt_spans = prompt_spans
+        return inputs
+
+    @staticmethod
+    def _prompt_rows(req: BatchRequest, b: int, base: int, n: int, rows: list[int], targets: list[int],
+                     spans: list[tuple[int, int, int]]) -> None:
+        """The positions of this chunk whose logits score a prompt token not yet scored: position
+        p scores token p + 1. Tokens scored by a step still in flight sit below `start`, and a
+        recompute after preemption skips what was already scored."""
+        start = req.num_computed_tokens
+        lo = max(start, len(req.prompt_logprobs))
+        hi = min(start + n, req.num_prompt_tokens - 1)
+        if hi <= lo:
+            return
+        rows.extend(range(base + lo - start, base + hi - start))
+        targets.extend(req.token_ids[lo + 1:hi + 1])
+        spans.append((b, hi - lo, req.params.prompt_logprobs))
 
     @staticmethod
     def _pending_row(req: BatchRequest, prev: StepHandle | None) -> int:
@@ -266,10 +310,48 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, ctx)
         targets = batch.targets
-        if not targets:
-            return StepHandle(step, None)
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))
-        return self._sample(logits, targets, step)
+        h = StepHandle(step, None)
+        if targets:
+            logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))
+            h = self._sample(logits, targets, step, prev)
+        if inputs.prompt_rows is not None:
+            self._score_prompt(hidden, inputs, h)
+        if self.device.type == "cuda" and (h.token_ids is not None or h.host_prompt is not None):
+            h.ready = torch.cuda.Event()
+            h.ready.record()
+        return h
+
+    def _score_prompt(self, hidden: torch.Tensor, inputs: StepInputs, h: StepHandle) -> None:
+        """Raw logprobs (the model's distribution) of the prompt tokens this step scores."""
+        k = max(span[2] for span in inputs.prompt_spans)
+        parts: list[list[torch.Tensor]] = []
+        rows, targets = inputs.prompt_rows, inputs.prompt_targets
+        for a in range(0, rows.shape[0], _PROMPT_ROWS_PER_PASS):
+            logits = self.model.compute_logits(hidden.index_select(0, rows[a:a + _PROMPT_ROWS_PER_PASS])).float()
+            out = logprobs_of(logits, targets[a:a + _PROMPT_ROWS_PER_PASS], k)
+            parts.append([out.logprobs, out.ranks] + ([out.top_token_ids, out.top_logprobs] if k else []))
+        keys = ("p_lps", "p_ranks", "p_top_ids", "p_top_lps")
+        h.host_prompt = [self._to_host(key, torch.cat([p[i] for p in parts]))
+                         for i, key in enumerate(keys[:len(parts[0])])]
+        h.prompt_spans = inputs.prompt_spans
+
+    def collect_prompt_logprobs(self, h: StepHandle) -> dict[int, PromptLogprobs]:
+        """Per batch row, the prompt logprobs a collected step computed (after `collect`)."""
+        if h.host_prompt is None:
+            return {}
+        if h.ready is not None:
+            h.ready.synchronize()
+        cols = [t.tolist() for t in h.host_prompt]
+        out: dict[int, PromptLogprobs] = {}
+        at = 0
+        for b, count, k in h.prompt_spans:
+            sl = slice(at, at + count)
+            tops = None
+            if k:
+                tops = [dict(zip(ids[:k], lps[:k])) for ids, lps in zip(cols[2][sl], cols[3][sl])]
+            out[b] = PromptLogprobs(cols[0][sl], cols[1][sl], tops)
+            at += count
+        return out
 
     def collect(self, h: StepHandle) -> list[SampledToken]:
         """Wait for a launched step's tokens (the one host sync of a step)."""
@@ -279,14 +361,15 @@ class ModelRunner:
             h.ready.synchronize()
         ids = h.host_ids.tolist()
         lps = h.host_logprobs.tolist() if h.host_logprobs is not None else [None] * len(ids)
+        ranks = h.host_ranks.tolist() if h.host_ranks is not None else [None] * len(ids)
         tops: list[dict[int, float] | None] = [None] * len(ids)
         if h.host_top_ids is not None:
             top_ids, top_lps = h.host_top_ids.tolist(), h.host_top_logprobs.tolist()
             for i, k in enumerate(h.top_k):
                 if k > 0:
                     tops[i] = dict(zip(top_ids[i][:k], top_lps[i][:k]))
-        return [SampledToken(tok, lp if want else None, top)
-                for tok, lp, want, top in zip(ids, lps, h.want_logprobs, tops)]
+        return [SampledToken(tok, lp if want else None, top, rank if want else None)
+                for tok, lp, want, top, rank in zip(ids, lps, h.want_logprobs, tops, ranks)]
 
     def _sampling_tensors(self, targets: list[BatchRequest]) -> SamplingTensors:
         rows = []
@@ -297,7 +380,40 @@ class ModelRunner:
             rows.append(row)
         return SamplingTensors.from_rows(rows, [r.num_output_tokens for r in targets], self.staging)
 
-    def _sample(self, logits: torch.Tensor, targets: list[BatchRequest], step: int) -> StepHandle:
+    def _penalty_tensors(self, targets: list[BatchRequest], prev: StepHandle | None) -> PenaltyTensors | None:
+        """The penalties of a step whose targets use any, with the tokens each row counts. A
+        target's newest token may still be a placeholder: it is read from `prev` on the device."""
+        if not any(r.params.has_penalties for r in targets):
+            return None
+        floats = np.zeros((3, len(targets)), dtype=np.float32)
+        floats[0] = 1.0
+        prompt_rows, prompt_ids, out_rows, out_ids, pend_rows, pend_from = [], [], [], [], [], []
+        for i, r in enumerate(targets):
+            p = r.params
+            if not p.has_penalties:
+                continue
+            floats[:, i] = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+            n_prompt = r.num_prompt_tokens
+            outputs = r.token_ids[n_prompt:]
+            if outputs and outputs[-1] == PLACEHOLDER:
+                outputs = outputs[:-1]
+                pend_rows.append(i)
+                pend_from.append(self._pending_row(r, prev))
+            if p.repetition_penalty != 1.0:
+                prompt_rows.extend([i] * n_prompt)
+                prompt_ids.extend(r.token_ids[:n_prompt])
+            out_rows.extend([i] * len(outputs))
+            out_ids.extend(outputs)
+        f_dev, = self.staging.upload("penalty_f32", [floats], torch.float32)
+        arrays = [np.asarray(a, dtype=np.int64) for a in (prompt_rows, prompt_ids, out_rows, out_ids, pend_rows, pend_from)]
+        pr, pi, orows, oids, prow, pfrom = self.staging.upload("penalty_i64", arrays, torch.int64)
+        if pend_rows:
+            orows = torch.cat([orows, prow])
+            oids = torch.cat([oids, prev.token_ids.index_select(0, pfrom)])
+        return PenaltyTensors(f_dev[0], f_dev[1], f_dev[2], pr, pi, orows, oids)
+
+    def _sample(self, logits: torch.Tensor, targets: list[BatchRequest], step: int,
+                prev: StepHandle | None = None) -> StepHandle:
         ban_rows: list[int] = []
         ban_ids: list[int] = []
         for i, req in enumerate(targets):
@@ -307,9 +423,13 @@ class ModelRunner:
                 ban_rows.extend([i] * len(banned))
                 ban_ids.extend(banned)
         raw = None
+        penalties = self._penalty_tensors(targets, prev)
+        if penalties is not None:
+            # Raw logprobs are the model's; processed ones include the penalties and the bans.
+            raw, logits = logits, apply_penalties(logits.float(), penalties)
         if ban_rows:
-            # Raw logprobs are the model's, not the bans'; processed ones include the bans.
-            raw, logits = logits, logits.clone()
+            if raw is None:
+                raw, logits = logits, logits.clone()
             apply_token_bans(logits, torch.tensor(ban_rows, device=logits.device),
                              torch.tensor(ban_ids, device=logits.device))
         out = self.sampler(logits, self._sampling_tensors(targets), raw_logits=raw)
@@ -318,13 +438,11 @@ class ModelRunner:
         h.host_ids = self._to_host("ids", out.token_ids)
         if out.logprobs is not None:
             h.host_logprobs = self._to_host("lps", out.logprobs.float())
+            h.host_ranks = self._to_host("ranks", out.ranks)
         if out.top_token_ids is not None:
             h.top_k = [r.params.logprobs or 0 for r in targets]
             h.host_top_ids = self._to_host("top_ids", out.top_token_ids)
             h.host_top_logprobs = self._to_host("top_lps", out.top_logprobs.float())
-        if self.device.type == "cuda":
-            h.ready = torch.cuda.Event()
-            h.ready.record()
         assert h.host_ids.shape[0] == n
         return h
 

@@ -21,6 +21,9 @@ Logprobs come in two modes (docs/numerics.md), chosen per row: "raw" is log_soft
 logits; "processed" is the log-probability under the distribution the token was drawn from,
 log_softmax of x with every filtered token at -inf (greedy rows: temperature 1, no filters, so
 processed = raw apart from token bans, as vLLM's "processed_logprobs").
+
+Penalties (vLLM's semantics, `apply_penalties`) change the logits before all of this, so greedy
+and sampled tokens and processed logprobs see them; raw logprobs do not.
 """
 from __future__ import annotations
 
@@ -134,6 +137,7 @@ class SamplerOutput:
     logprobs: Tensor | None            # [B] float32: the sampled token's logprob (raw or processed)
     top_token_ids: Tensor | None       # [B, k] int64, k = max_num_logprobs; a row asking for
     top_logprobs: Tensor | None        # [B, k] float32  fewer takes the first ones
+    ranks: Tensor | None = None        # [B] int64: 1 + tokens with a strictly higher logprob
 
 
 class Sampler:
@@ -168,7 +172,7 @@ class Sampler:
             # Greedy rows: temperature 1 and no filters, so their processed logits are the logits.
             proc = logits if processed is None else processed
             src = proc if t.all_processed else torch.where(t.processed[:, None], proc, src)
-        return _logprobs(src, token_ids, t.max_num_logprobs)
+        return logprobs_of(src, token_ids, t.max_num_logprobs)
 
     def _sample(self, logits: Tensor, t: SamplingTensors, want_processed: bool) -> tuple[Tensor, Tensor | None]:
         """Sampled token ids [B], and with want_processed the filtered scaled logits [B, V] that
@@ -286,15 +290,43 @@ def _race_torch(x: Tensor, floor: Tensor | None, keys: Tensor, codes: Tensor,
     return out
 
 
-def _logprobs(src: Tensor, token_ids: Tensor, k: int) -> SamplerOutput:
-    """log_softmax(src) at the sampled tokens, and the k best of each row (k > 0)."""
+def logprobs_of(src: Tensor, token_ids: Tensor, k: int) -> SamplerOutput:
+    """log_softmax(src) at `token_ids` with their ranks, and the k best of each row (k > 0)."""
     lse = torch.logsumexp(src, dim=-1, keepdim=True)
-    logprobs = (src.gather(1, token_ids[:, None]) - lse).squeeze(1)
+    chosen = src.gather(1, token_ids[:, None])
+    logprobs = (chosen - lse).squeeze(1)
+    ranks = (src > chosen).sum(dim=-1) + 1
     top_ids = top_logprobs = None
     if k > 0:
         top_vals, top_ids = src.topk(min(k, src.shape[-1]), dim=-1)
         top_logprobs = top_vals - lse
-    return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
+    return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs, ranks)
+
+
+@dataclass(slots=True)
+class PenaltyTensors:
+    """Per-row penalties of one step and the tokens they count, as (row, token id) pairs."""
+    repetition: Tensor   # [B] float32 (1.0: off)
+    presence: Tensor     # [B] float32 (0.0: off)
+    frequency: Tensor    # [B] float32 (0.0: off)
+    prompt_rows: Tensor  # [Np] int64: prompt tokens (repetition only)
+    prompt_ids: Tensor   # [Np] int64
+    output_rows: Tensor  # [No] int64: output tokens, once per occurrence
+    output_ids: Tensor   # [No] int64
+
+
+def apply_penalties(logits: Tensor, p: PenaltyTensors) -> Tensor:
+    """vLLM's penalties, out of place. Repetition: a token seen in the prompt or the output has a
+    positive logit divided by the penalty, a non-positive one multiplied by it. Then frequency
+    (times the token's count in the output) and presence (once if it occurs) are subtracted."""
+    counts = torch.zeros_like(logits)
+    counts.index_put_((p.output_rows, p.output_ids), counts.new_ones(()), accumulate=True)
+    occurs = counts > 0
+    seen = occurs.clone()
+    seen.index_put_((p.prompt_rows, p.prompt_ids), seen.new_ones(()))
+    rep = p.repetition[:, None]
+    out = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return out - p.frequency[:, None] * counts - p.presence[:, None] * occurs
 
 
 def apply_token_bans(logits: Tensor, rows: Tensor, token_ids: Tensor) -> None:
