@@ -132,7 +132,7 @@ class RequestState:
         outs = []
         for i, c in enumerate(self.completions):
             t0, x0 = self.sent_tokens[i], self.sent_text[i]
-            x1 = len(c.text) if c.finished else max(x0, len(c.text) - hold)
+            x1 = len(c.text) if c.finished() else max(x0, len(c.text) - hold)
             outs.append(CompletionOutput(
                 c.index, c.token_ids[t0:], c.text[x0:x1],
                 None if c.token_logprobs is None else c.token_logprobs[t0:],

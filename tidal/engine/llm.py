@@ -165,6 +165,10 @@ class LLM:
             return self._control("sleep", timeout_s, tags=None if tags is None else list(tags), discard=discard)
         if level not in _SLEEP_LEVELS or tags is not None or discard:
             raise ValueError(f"sleep(level={level!r}) is invalid: expected level 1 or 2, without tags or discard")
+        if _SLEEP_LEVELS[level] and self.engine.core.weight_source is None:
+            raise ValueError(f"sleep(level={level}) is invalid for this model: its weights came from memory "
+                             "(load_format='dummy' or update_weights with tensors) and could not be re-read "
+                             "after being discarded; expected level=1")
         paused_here = self.engine.core.state is EngineState.SERVING
         if paused_here:
             self.pause("abort", timeout_s)
