@@ -98,11 +98,11 @@ def test_pause_keep_and_wait(srv):
 
 
 def test_pause_and_sleep_refuse_bad_queries(srv):
-    for path, params, param in [("/pause", {"mode": "retract"}, "mode"), ("/pause", {"clear_cache": "maybe"},
-                                "clear_cache"), ("/sleep", {"level": 3}, "level"), ("/sleep", {"tags": "gpu"}, "tags.0"),
-                                ("/sleep", {"level": 1, "tags": "weights"}, "tags"), ("/wake_up", {"tags": "x"}, "tags.0"),
-                                ("/pause", {"mode": "keep", "wait_for_inflight_requests": "true"},
-                                 "wait_for_inflight_requests")]:
+    cases = [("/pause", {"mode": "retract"}, "mode"), ("/pause", {"clear_cache": "maybe"}, "clear_cache"),
+             ("/sleep", {"level": 3}, "level"), ("/sleep", {"tags": "gpu"}, "tags.0"),
+             ("/sleep", {"level": 1, "tags": "weights"}, "tags"), ("/wake_up", {"tags": "x"}, "tags.0"),
+             ("/pause", {"mode": "keep", "wait_for_inflight_requests": "true"}, "wait_for_inflight_requests")]
+    for path, params, param in cases:
         r = post(srv, path, params=params)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (path, params, r.text)
     assert get(srv, "/is_paused") == {"is_paused": False}

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import free_port
-from tests.server.test_weight_sync import PROMPT, N_TOKENS, hf_greedy
+from tests.server.test_weight_sync import N_TOKENS, PROMPT, hf_greedy
 
 # vLLM's flow from a trainer: init (the server joins while the trainer rendezvous), then
 # start -> update_weights (the trainer broadcasts while the call is open) -> finish(version).

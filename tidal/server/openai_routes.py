@@ -131,13 +131,15 @@ class OpenAIRoutes:
         text = (self._prompt_text(o) if echo else "") + c.text
         logprobs = None
         if body.logprobs is not None:
-            k = body.logprobs
-            logprobs = completion_logprobs(self.core.token_text, c.token_ids, c.token_logprobs or [],
-                                           c.top_logprobs, k, as_ids, offset)
+            tt, k = self.core.token_text, body.logprobs
             if echo:
-                head = completion_logprobs(self.core.token_text, o.prompt_token_ids, o.prompt_token_logprobs
+                head = completion_logprobs(tt, o.prompt_token_ids, o.prompt_token_logprobs
                                            or [None] * len(o.prompt_token_ids), o.prompt_top_logprobs, k,
                                            as_ids, offset)
+                offset += sum(len(tt(t)) for t in o.prompt_token_ids)
+            logprobs = completion_logprobs(tt, c.token_ids, c.token_logprobs or [], c.top_logprobs, k, as_ids,
+                                           offset)
+            if echo:
                 logprobs = join_completion_logprobs(head, logprobs)
         choice: dict[str, Any] = {"index": i * body.n + c.index, "text": text, "logprobs": logprobs,
                                   "finish_reason": c.finish_reason}
