@@ -19,10 +19,10 @@ from tidal.config import EngineConfig
 from tidal.server import weight_routes
 from tidal.server.control_routes import ControlRoutes
 from tidal.server.errors import APIError, engine_error
-from tidal.server.generate_routes import GenerateRoutes, WeightLabels
+from tidal.server.generate_routes import GenerateRoutes
 from tidal.server.metrics import ServerMetrics
 from tidal.server.openai_routes import OpenAIRoutes
-from tidal.server.service import ServerCore, ServerSettings
+from tidal.server.service import ServerCore, ServerSettings, WeightLabels
 from tidal.server.sglang_routes import SGLangRoutes
 from tidal.server.vllm_routes import VLLMRoutes
 
@@ -138,7 +138,7 @@ def _install(app: FastAPI, core: ServerCore) -> None:
     control.register(app, admin)
     SGLangRoutes(core, generate, control, labels).register(app, user, admin)
     weight_routes.register(app, core, labels)
-    VLLMRoutes(core).register(app, user, admin)
+    VLLMRoutes(core, labels).register(app, user, admin)
 
 
 def _install_errors(app: FastAPI) -> None:

@@ -9,7 +9,7 @@ request) sends only what is new, which is Tidal's original form and what its rou
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,37 +25,12 @@ from tidal.server.service import (
     Fields,
     ServerCore,
     Track,
+    WeightLabels,
     _stops,
     event,
     merge,
     work_of,
 )
-
-
-@dataclass(slots=True)
-class WeightLabels:
-    """SGLang names weight versions with strings; the engine counts them with integers (its
-    weight spans need an order). A label that is an integer is that version; any other label
-    names the next version, and is reported back wherever that version is."""
-    by_version: dict[int, str] = field(default_factory=dict)
-
-    def label(self, version: int | None) -> str | None:
-        return None if version is None else self.by_version.get(version, str(version))
-
-    async def version_for(self, core: ServerCore, given: str | int | None) -> int | None:
-        if given is None or isinstance(given, int):
-            return given
-        if given.isdigit():
-            return int(given)
-        current = (await core.engine.state())["weight_version"]
-        # The label of the weights serving now names them (the update is skipped); any other, the next.
-        return current if self.by_version.get(current) == given else current + 1
-
-    def record(self, result: dict, given: str | int | None) -> dict:
-        v = result.get("weight_version")
-        if given is not None and isinstance(v, int):
-            self.by_version[v] = str(given)
-        return {**result, "weight_version": self.label(v) if isinstance(v, int) else v}
 
 
 @dataclass(slots=True)
@@ -85,6 +60,7 @@ class GenerateRoutes:
 
     # -- request -------------------------------------------------------------------------
     async def generate(self, body: S.GenerateRequest, request: Request) -> Response:
+        self.core.check_model(body.model)
         prompts, batch = self._prompts(body)
         sps = self._sampling_list(body.sampling_params, len(prompts), batch)
         rids, label = self._rids(body, len(prompts), batch)

@@ -159,6 +159,14 @@ class GenerateRequest(_SGLangBody):
     incremental_streaming_output: StrictBool = False   # per request, SGLang's server flag
     log_metrics: StrictBool = True                     # accepted and ignored (docs/compatibility.md)
     timeout_s: Timeout | None = None
+    # What sglang-router (and SGLang's own clients) send at their defaults: accepted at those
+    # values, refused otherwise (Tidal has no hidden states, byte outputs, entropy or background jobs).
+    model: str | None = None                           # checked against the served model name
+    return_hidden_states: Literal[False] = False
+    return_bytes: Literal[False] = False
+    return_entropy: Literal[False] = False
+    background: Literal[False] = False
+    no_logs: StrictBool = False                        # accepted: Tidal logs no request content
 
 
 # -- control ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -422,3 +422,29 @@ def _default_name(model: str | None) -> str:
     if model is None:
         return "tidal-default"
     return os.path.basename(os.path.normpath(model)) or model
+
+
+@dataclass(slots=True)
+class WeightLabels:
+    """SGLang names weight versions with strings; the engine counts them with integers (its
+    weight spans need an order). A label that is an integer is that version; any other label
+    names the next version, and is reported back wherever that version is."""
+    by_version: dict[int, str] = field(default_factory=dict)
+
+    def label(self, version: int | None) -> str | None:
+        return None if version is None else self.by_version.get(version, str(version))
+
+    async def version_for(self, core: ServerCore, given: str | int | None) -> int | None:
+        if given is None or isinstance(given, int):
+            return given
+        if given.isdigit():
+            return int(given)
+        current = (await core.engine.state())["weight_version"]
+        # The label of the weights serving now names them (the update is skipped); any other, the next.
+        return current if self.by_version.get(current) == given else current + 1
+
+    def record(self, result: dict, given: str | int | None) -> dict:
+        v = result.get("weight_version")
+        if given is not None and isinstance(v, int):
+            self.by_version[v] = str(given)
+        return {**result, "weight_version": self.label(v) if isinstance(v, int) else v}

@@ -23,8 +23,8 @@ from tidal.engine.weight_transfer import SHM_DIR
 from tidal.sampling_params import SamplingParams
 from tidal.server.control_routes import ControlRoutes
 from tidal.server.errors import APIError
-from tidal.server.generate_routes import GenerateRoutes, WeightLabels
-from tidal.server.service import CONTROL_ERRORS, ServerCore, json_response
+from tidal.server.generate_routes import GenerateRoutes
+from tidal.server.service import CONTROL_ERRORS, ServerCore, WeightLabels, json_response
 
 Label = Annotated[str, Field(min_length=1, max_length=256)] | Annotated[int, Field(ge=0, le=2**62)]
 RequestId = Annotated[str, Field(min_length=1, max_length=256)]

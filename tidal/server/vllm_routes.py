@@ -29,6 +29,7 @@ from tidal.server.service import (
     Fields,
     ServerCore,
     Track,
+    WeightLabels,
     event,
     json_response,
     merge,
@@ -133,9 +134,9 @@ class VLLMRoutes:
     """vLLM's RL routes. Inference (/inference/v1/generate) takes the API key, every other route
     the admin key, as Tidal's own control routes do."""
 
-    def __init__(self, core: ServerCore) -> None:
+    def __init__(self, core: ServerCore, labels: WeightLabels) -> None:
         self.core = core
-        self.label: tuple[int, str] | None = None   # (engine version, the caller's label for it)
+        self.labels = labels   # shared with the SGLang routes: one label per engine version
         self.round_open = False                     # between start_weight_update and finish
         self.paused_for_sleep = False               # /sleep paused a serving engine: wake_up resumes it
 
@@ -249,11 +250,10 @@ class VLLMRoutes:
 
     async def weight_info(self) -> Response:
         version = await self._version()
-        label = self.label[1] if self.label is not None and self.label[0] == version else str(version)
-        return json_response({"weight_version": label, "engine_weight_version": version})
+        return json_response({"weight_version": self.labels.label(version), "engine_weight_version": version})
 
     async def update_weight_version(self, body: UpdateWeightVersion) -> Response:
-        self.label = (await self._version(), body.new_version)
+        self.labels.by_version[await self._version()] = body.new_version
         return json_response({"success": True, "new_version": body.new_version})
 
     # -- weight transfer -----------------------------------------------------------------
@@ -297,7 +297,7 @@ class VLLMRoutes:
         self.round_open = False
         label = body.weight_version if body is not None else None
         if label is not None:
-            self.label = (int(result["weight_version"]), label)
+            self.labels.by_version[int(result["weight_version"])] = label
         return json_response({"message": "Weight update finished", "weight_version": label
                               or str(result["weight_version"]), "detail": result})
 

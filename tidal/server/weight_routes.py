@@ -16,8 +16,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from tidal.server.errors import APIError
-from tidal.server.generate_routes import WeightLabels
-from tidal.server.service import CONTROL_ERRORS, ServerCore, json_response
+from tidal.server.service import CONTROL_ERRORS, ServerCore, WeightLabels, json_response
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Timeout = Annotated[float, Field(ge=0.1, le=86400)]
