@@ -88,7 +88,7 @@ def run_tidal(path: str, prompts: list[list[int]], max_tokens: int, threads: int
         llm.shutdown()
     return dict(elapsed_s=elapsed, cpu_s=cpu, threads=torch.get_num_threads(),
                 token_ids=[o.outputs[0].token_ids for o in outs],
-                logprobs=[o.outputs[0].logprobs for o in outs])
+                logprobs=[o.outputs[0].token_logprobs for o in outs])
 
 
 def vllm_worker(spec_path: str, out_path: str) -> None:

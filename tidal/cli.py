@@ -313,7 +313,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for prompt, out in zip(args.prompt or ["Hello, Tidal"], outs):
             if args.json:
                 print(json.dumps({"prompt": prompt, "outputs": [
-                    {"text": c.text, "token_ids": c.token_ids, "logprobs": c.logprobs,
+                    {"text": c.text, "token_ids": c.token_ids, "logprobs": c.token_logprobs,
                      "finish_reason": c.finish_reason} for c in out.outputs]}))
             else:
                 for c in out.outputs:

@@ -28,7 +28,8 @@ class Logprob:
 
 
 def logprob_dicts(token_ids: list[int], logprobs: list[float | None], ranks: list[int | None] | None,
-                  tops: list[dict[int, float] | None] | None, decode: Decoder | None) -> list[dict[int, Logprob] | None]:
+                  tops: list[dict[int, float] | None] | None,
+                  decode: Decoder | None) -> list[dict[int, Logprob] | None]:
     """Per position {chosen token: Logprob, top-k tokens: Logprob}; None where logprobs[i] is None.
     The chosen token comes first; a top-k entry gets its place in the top-k as its rank."""
     out: list[dict[int, Logprob] | None] = []

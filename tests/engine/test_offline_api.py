@@ -122,6 +122,14 @@ def test_sleep_level_and_wake_up(path, make_llm, level):
     assert llm.state()["state"] == "serving"
 
 
+def test_sleep_level_2_needs_weights_it_can_re_read(path, make_llm):
+    llm = make_llm(path, load_format="dummy")
+    with pytest.raises(ValueError, match="level=1"):
+        llm.sleep(level=2)
+    assert llm.state()["state"] == "serving" and llm.state()["sleeping"] == []
+    assert llm.generate(["hi"], GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"
+
+
 def test_tidal_sleep_form_still_needs_a_pause(path, make_llm):
     llm = make_llm(path)
     with pytest.raises(Exception, match="pause it first"):
@@ -183,3 +191,13 @@ async def test_include_stop_str_in_streamed_deltas(stop_case, make_engine, inclu
     deltas = [out.outputs[0].text async for out in eng.generate("hello", params, delta=True)]
     assert "".join(deltas) == (text[:at + len(stop)] if include else text[:at])
     assert len(deltas) > 1, "streamed in several deltas"
+
+
+async def test_async_llm_takes_prompt_dicts(path, make_engine):
+    eng = make_engine(path)
+    plain = [o async for o in eng.generate("hello", GREEDY)][-1]
+    shaped = [o async for o in eng.generate({"prompt": "hello"}, GREEDY)][-1]
+    assert shaped.outputs[0].token_ids == plain.outputs[0].token_ids
+    with pytest.raises(ValueError, match="cache_salt"):
+        async for _ in eng.generate({"prompt": "hello", "cache_salt": "x"}, GREEDY):
+            pass

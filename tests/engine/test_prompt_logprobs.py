@@ -170,3 +170,18 @@ def test_max_tokens_zero_with_n_samples_is_refused():
         SamplingParams(max_tokens=0, n=2, prompt_logprobs=0)
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(max_tokens=0, min_tokens=1)
+
+
+async def test_streamed_deltas_carry_prompt_logprobs_once(tiny_ckpt, make_engine, make_llm):
+    path = tiny_ckpt("llama")
+    prompt = list(range(5, 30))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+    offline = make_llm(path, max_num_batched_tokens=8).generate([prompt], params, use_tqdm=False)[0]
+    eng = make_engine(path, max_num_batched_tokens=8)
+    deltas = [out async for out in eng.generate(prompt, params, delta=True)]
+    carrying = [d for d in deltas if d.prompt_token_logprobs is not None]
+    assert len(carrying) == 1 and carrying[0] is deltas[0]
+    assert carrying[0].prompt_token_logprobs == offline.prompt_token_logprobs
+    assert carrying[0].prompt_top_logprobs == offline.prompt_top_logprobs
+    cumulative = [out async for out in eng.generate(prompt, params)]
+    assert all(o.prompt_token_logprobs == offline.prompt_token_logprobs for o in cumulative)

@@ -63,7 +63,7 @@ def _fillers(rng: random.Random, count: int, prefix: list[int]) -> list[tuple[li
 
 def _result(out) -> tuple[list[int], list[float], list[dict[int, float]]]:
     c = out.outputs[0]
-    return c.token_ids, c.logprobs, c.top_logprobs
+    return c.token_ids, c.token_logprobs, c.top_logprobs
 
 
 def _run(llm: LLM, reqs: list[tuple[list[int], SamplingParams]]):

@@ -152,7 +152,7 @@ def test_logprobs_completions(oai, llm, model_name):
                                logprobs=2).choices[0]
     lp = c.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
-    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(lp.token_logprobs, ref.logprobs))
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(lp.token_logprobs, ref.token_logprobs))
     assert all(1 <= len(t) <= 2 for t in lp.top_logprobs)
     assert all(x <= 0 for x in lp.token_logprobs)
 
@@ -216,7 +216,7 @@ def test_generate_token_in_token_out(server, llm):
     out = r.json()
     assert out["output_ids"] == ref.outputs[0].token_ids
     assert len(out["output_logprobs"]) == len(out["output_ids"])
-    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(out["output_logprobs"], ref.outputs[0].logprobs))
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(out["output_logprobs"], ref.outputs[0].token_logprobs))
     assert out["weight_version"] == 0 and out["weight_spans"] == [[0, 0, len(out["output_ids"])]]
     assert out["prompt_tokens"] == 5 and out["completion_tokens"] == len(out["output_ids"])
     assert out["finish_reason"] in ("stop", "length") and out["text"] == ref.outputs[0].text

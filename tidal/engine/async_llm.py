@@ -12,7 +12,7 @@ from typing import Any
 
 from tidal.config import EngineConfig
 from tidal.engine.client import DEFAULT_CONTROL_TIMEOUT_S, ControlTimeout, InprocEngine
-from tidal.engine.io import Prompt, RequestState, raise_for_error
+from tidal.engine.io import PromptInput, RequestState, raise_for_error, unwrap_prompt
 from tidal.engine.messages import AddRequest, EngineOutput
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
@@ -25,7 +25,7 @@ class AsyncLLM:
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
 
-    async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+    async def generate(self, prompt: PromptInput, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, stream: bool = True,
                        delta: bool = False) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs as tokens arrive (cumulative, or only the new part with
@@ -33,7 +33,7 @@ class AsyncLLM:
         request. A rejected request raises EngineNotServing, one that can never be scheduled
         EngineInvalidInput, a dead engine EngineDead."""
         params = sampling_params or SamplingParams()
-        text, ids = self.engine.input.process(prompt, params)
+        text, ids = self.engine.input.process(unwrap_prompt(prompt), params)
         rid = request_id or self.engine.new_request_id()
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[EngineOutput] = asyncio.Queue()

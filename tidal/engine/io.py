@@ -3,13 +3,17 @@ sent, and assembling the core's token deltas into RequestOutputs (with detokeniz
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from tidal.engine.messages import EngineOutput
 from tidal.outputs import CompletionOutput, Decoder, RequestOutput, WeightSpan
 from tidal.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+PromptInput = Prompt | Mapping[str, Any]  # also vLLM's prompt dicts (unwrap_prompt)
+_PROMPT_KEYS = ("prompt", "prompt_token_ids")
 
 
 class InputProcessor:
@@ -185,3 +189,24 @@ def _token_decoder(tokenizer) -> Decoder:
     def decode(token_id: int) -> str:
         return tokenizer.decode([token_id], skip_special_tokens=False)
     return decode
+
+
+def unwrap_prompt(prompt: PromptInput) -> Prompt:
+    """A text or token-id prompt; vLLM's prompt dicts give theirs (one of the two keys, no other)."""
+    if not isinstance(prompt, Mapping):
+        return prompt
+    keys = set(prompt)
+    unknown = sorted(keys - set(_PROMPT_KEYS))
+    if unknown:
+        raise ValueError(f"prompt dict keys {unknown} are not supported: expected exactly one of {list(_PROMPT_KEYS)}")
+    if len(keys) != 1:
+        raise ValueError(f"prompt dict has keys {sorted(keys)}: expected exactly one of {list(_PROMPT_KEYS)}")
+    if "prompt" in prompt:
+        text = prompt["prompt"]
+        if not isinstance(text, str):
+            raise ValueError(f"prompt dict 'prompt'={text!r} is invalid: expected a string")
+        return text
+    ids = prompt["prompt_token_ids"]
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"prompt dict 'prompt_token_ids'={ids!r} is invalid: expected a list of token ids")
+    return list(ids)

@@ -14,14 +14,11 @@ from tqdm import tqdm
 
 from tidal.config import EngineConfig
 from tidal.engine.client import InprocEngine, wait_result
-from tidal.engine.io import Prompt, RequestState, raise_for_error
+from tidal.engine.io import PromptInput, RequestState, raise_for_error, unwrap_prompt
 from tidal.engine.messages import AddRequest, EngineDead, EngineState
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
 
-
-PromptInput = Prompt | Mapping[str, Any]
-_PROMPT_KEYS = ("prompt", "prompt_token_ids")
 # sleep(level=...) as vLLM defines it: 1 offloads the weights to host memory and drops the KV
 # cache; 2 drops both (Tidal re-reads the weights from their checkpoint on wake_up).
 _SLEEP_LEVELS = {1: False, 2: True}  # level -> discard the weights
@@ -37,7 +34,8 @@ def _engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
         raise ValueError(f"LLM(tensor_parallel_size={tp!r}) is invalid: expected 1 (Tidal runs one GPU per engine)")
     sleep_mode = kwargs.pop("enable_sleep_mode", True)
     if not isinstance(sleep_mode, bool):
-        raise ValueError(f"LLM(enable_sleep_mode={sleep_mode!r}) is invalid: expected a bool (sleep is always available)")
+        raise ValueError(f"LLM(enable_sleep_mode={sleep_mode!r}) is invalid: expected a bool "
+                         "(sleep is always available)")
     unknown = sorted(set(kwargs) - _ENGINE_FIELDS)
     if unknown:
         raise ValueError(f"LLM() got unknown keyword arguments {unknown}: expected EngineConfig fields "
@@ -61,7 +59,7 @@ class LLM:
         if (isinstance(prompts, (str, Mapping))
                 or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))):
             prompts = [prompts]
-        prompts = [_unwrap_prompt(p) for p in prompts]
+        prompts = [unwrap_prompt(p) for p in prompts]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -165,6 +163,10 @@ class LLM:
             return self._control("sleep", timeout_s, tags=None if tags is None else list(tags), discard=discard)
         if level not in _SLEEP_LEVELS or tags is not None or discard:
             raise ValueError(f"sleep(level={level!r}) is invalid: expected level 1 or 2, without tags or discard")
+        if _SLEEP_LEVELS[level] and self.engine.core.weight_source is None:
+            raise ValueError(f"sleep(level={level}) is invalid for this model: its weights came from memory "
+                             "(load_format='dummy' or update_weights with tensors) and could not be re-read "
+                             "after being discarded; expected level=1")
         paused_here = self.engine.core.state is EngineState.SERVING
         if paused_here:
             self.pause("abort", timeout_s)
@@ -228,23 +230,3 @@ class LLM:
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-
-def _unwrap_prompt(prompt: PromptInput) -> Prompt:
-    """A text or token-id prompt; vLLM's prompt dicts give theirs (one of the two keys, no other)."""
-    if not isinstance(prompt, Mapping):
-        return prompt
-    keys = set(prompt)
-    unknown = sorted(keys - set(_PROMPT_KEYS))
-    if unknown:
-        raise ValueError(f"prompt dict keys {unknown} are not supported: expected exactly one of {list(_PROMPT_KEYS)}")
-    if len(keys) != 1:
-        raise ValueError(f"prompt dict has keys {sorted(keys)}: expected exactly one of {list(_PROMPT_KEYS)}")
-    if "prompt" in prompt:
-        text = prompt["prompt"]
-        if not isinstance(text, str):
-            raise ValueError(f"prompt dict 'prompt'={text!r} is invalid: expected a string")
-        return text
-    ids = prompt["prompt_token_ids"]
-    if not isinstance(ids, (list, tuple)):
-        raise ValueError(f"prompt dict 'prompt_token_ids'={ids!r} is invalid: expected a list of token ids")
-    return list(ids)

@@ -405,7 +405,8 @@ class ModelRunner:
             out_rows.extend([i] * len(outputs))
             out_ids.extend(outputs)
         f_dev, = self.staging.upload("penalty_f32", [floats], torch.float32)
-        arrays = [np.asarray(a, dtype=np.int64) for a in (prompt_rows, prompt_ids, out_rows, out_ids, pend_rows, pend_from)]
+        arrays = [np.asarray(a, dtype=np.int64)
+                  for a in (prompt_rows, prompt_ids, out_rows, out_ids, pend_rows, pend_from)]
         pr, pi, orows, oids, prow, pfrom = self.staging.upload("penalty_i64", arrays, torch.int64)
         if pend_rows:
             orows = torch.cat([orows, prow])

@@ -59,7 +59,7 @@ class GenerateRoutes:
     def _generate_sample(rid: str, c: CompletionOutput, prompt_tokens: int, final: bool,
                          completion_tokens: int | None = None) -> dict:
         d = {"request_id": rid, "index": c.index, "output_ids": c.token_ids, "text": c.text,
-             "output_logprobs": c.logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+             "output_logprobs": c.token_logprobs, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
              "weight_version": c.weight_version, "prompt_tokens": prompt_tokens,
              "completion_tokens": len(c.token_ids) if completion_tokens is None else completion_tokens}
         if c.top_logprobs is not None:

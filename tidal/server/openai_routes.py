@@ -97,7 +97,7 @@ class OpenAIRoutes:
         top = None
         if c.top_logprobs is not None:
             top = [{tt(t): lp for t, lp in d.items()} for d in c.top_logprobs]
-        return {"tokens": toks, "token_logprobs": list(c.logprobs or []), "top_logprobs": top,
+        return {"tokens": toks, "token_logprobs": list(c.token_logprobs or []), "top_logprobs": top,
                 "text_offset": offsets}
 
     async def _completion_events(self, body: S.CompletionRequest, rid: str, prepared, gens,
@@ -209,7 +209,7 @@ class OpenAIRoutes:
     def _chat_logprobs(self, c: CompletionOutput) -> dict:
         tt = self.core.token_text
         content = []
-        for k, (t, lp) in enumerate(zip(c.token_ids, c.logprobs or [])):
+        for k, (t, lp) in enumerate(zip(c.token_ids, c.token_logprobs or [])):
             s = tt(t)
             top = []
             if c.top_logprobs is not None and k < len(c.top_logprobs):
