@@ -178,7 +178,7 @@ def test_oversize_prompt_is_400_with_limit(oai, model_name):
 
 
 @pytest.mark.parametrize("body,field", [
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),     # 0 is vLLM's scoring call (issue 13)
     ({"prompt": "x", "temperature": -1}, "temperature"),
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "n": 0}, "n"),
@@ -188,7 +188,7 @@ def test_oversize_prompt_is_400_with_limit(oai, model_name):
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"max_tokens": 3}, "prompt"),
-    ({"prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),   # [-2, 2] is served (issue 13)
     ({"prompt": "x", "top_k": -5}, "top_k"),
 ])
 def test_bad_completion_input_names_the_field(server, body, field):
@@ -263,3 +263,143 @@ def test_metrics(server, oai, model_name):
         assert series in text, series
     assert 'finish_reason="length"' in text
     assert 'op="flush_cache",outcome="ok"' in text
+
+
+# -- vLLM's OpenAI extras (issue 13) -------------------------------------------------------------
+IDS = [72, 101, 108, 108, 111, 44, 32, 84, 105, 100]   # "Hello, Tid" as byte tokens
+
+
+def test_top_logprobs_keep_every_entry(oai, llm, model_name):
+    """Byte tokens 0x80..0xff all decode to U+FFFD alone: keyed by text, 20 asked gave fewer."""
+    ref = llm.generate([IDS], SamplingParams(max_tokens=12, temperature=0, logprobs=20, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    c = oai.completions.create(model=model_name, prompt=IDS, max_tokens=12, temperature=0, logprobs=20,
+                               extra_body={"ignore_eos": True}).choices[0]
+    assert all(len(top) == 20 for top in c.logprobs.top_logprobs)
+    for top, want in zip(c.logprobs.top_logprobs, ref.top_logprobs):   # no entry lost, none with another's value
+        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(sorted(top.values()), sorted(want.values())))
+        for key, lp in top.items():
+            if key.startswith("token_id:"):   # the later of two tokens that decode alike
+                assert math.isclose(lp, want[int(key.removeprefix("token_id:"))], abs_tol=1e-4)
+    chat = oai.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "\xe9\xe8"}],
+                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=20)
+    assert all(len(t.top_logprobs) == 20 for t in chat.choices[0].logprobs.content)
+
+
+def test_return_tokens_as_token_ids(oai, model_name):
+    c = oai.completions.create(model=model_name, prompt=IDS, max_tokens=6, temperature=0, logprobs=5,
+                               extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True}).choices[0]
+    assert c.logprobs.tokens == [f"token_id:{t}" for t in c.model_extra["token_ids"]]
+    assert all(len(top) == 5 and all(k.startswith("token_id:") for k in top) for top in c.logprobs.top_logprobs)
+    assert c.model_extra["prompt_token_ids"] == IDS
+    chat = oai.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       temperature=0, logprobs=True, top_logprobs=2,
+                                       extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
+    content = chat.choices[0].logprobs.content
+    assert [t.token for t in content] == [f"token_id:{t}" for t in chat.choices[0].model_extra["token_ids"]]
+    assert all(x.token.startswith("token_id:") for t in content for x in t.top_logprobs)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_with_logprobs_is_lm_eval_loglikelihood(oai, llm, model_name, max_tokens):
+    """What lm-eval's local-completions reads: prompt tokens with their logprobs, the first null."""
+    ref = llm.generate([IDS], SamplingParams(max_tokens=max(max_tokens, 1), temperature=0, prompt_logprobs=1,
+                                             logprobs=1), use_tqdm=False)[0]
+    c = oai.completions.create(model=model_name, prompt=IDS, max_tokens=max_tokens, temperature=0, logprobs=1,
+                               echo=True).choices[0]
+    lp = c.logprobs
+    n = len(IDS) + max_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for got, want in zip(lp.token_logprobs[1:len(IDS)], ref.prompt_token_logprobs[1:]):
+        assert math.isclose(got, want, abs_tol=1e-4)
+    assert c.text.startswith(llm.tokenizer.decode(IDS)) and lp.text_offset[0] == 0
+    greedy = [max(t.values()) for t in lp.top_logprobs[1:len(IDS)]]
+    assert all(g >= x - 1e-6 for g, x in zip(greedy, lp.token_logprobs[1:len(IDS)]))
+    if max_tokens == 0:
+        assert c.text == llm.tokenizer.decode(IDS) and c.finish_reason == "length"
+    else:
+        assert math.isclose(lp.token_logprobs[-1], ref.outputs[0].token_logprobs[0], abs_tol=1e-4)
+
+
+def test_echo_streams_like_non_streaming(oai, model_name):
+    kw = dict(model=model_name, prompt=IDS, max_tokens=8, temperature=0, logprobs=2, echo=True,
+              extra_body={"ignore_eos": True})
+    full = oai.completions.create(**kw).choices[0]
+    text, tokens, lps, offsets = "", [], [], []
+    for chunk in oai.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                lps += c.logprobs.token_logprobs
+                offsets += c.logprobs.text_offset
+    assert text == full.text and tokens == full.logprobs.tokens and offsets == full.logprobs.text_offset
+    assert lps[0] is None
+    assert all(math.isclose(a, b, abs_tol=1e-5) for a, b in zip(lps[1:], full.logprobs.token_logprobs[1:]))
+
+
+def test_prompt_logprobs_field(oai, llm, model_name):
+    ref = llm.generate([IDS], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3), use_tqdm=False)[0]
+    c = oai.completions.create(model=model_name, prompt=[IDS, IDS], max_tokens=2, temperature=0,
+                               extra_body={"prompt_logprobs": 3})
+    for choice in c.choices:   # a token-id batch: one choice per prompt, each with its prompt logprobs
+        pl = choice.model_extra["prompt_logprobs"]
+        assert len(pl) == len(IDS) and pl[0] is None
+        for entry, tid, want, top in zip(pl[1:], IDS[1:], ref.prompt_token_logprobs[1:], ref.prompt_top_logprobs[1:]):
+            assert math.isclose(entry[str(tid)]["logprob"], want, abs_tol=1e-4)
+            assert set(entry) == {str(tid), *(str(t) for t in top)}
+            assert entry[str(tid)]["decoded_token"] == llm.tokenizer.decode([tid])
+    chat = oai.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       temperature=0, extra_body={"prompt_logprobs": 0})
+    pl = chat.model_extra["prompt_logprobs"]
+    assert pl[0] is None and all(len(e) == 1 for e in pl[1:]) and len(pl) == chat.usage.prompt_tokens
+
+
+def test_penalties_and_include_stop_str_match_offline(oai, llm, model_name):
+    pen = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.7)
+    ref = llm.generate([IDS], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, **pen),
+                       use_tqdm=False)[0].outputs[0]
+    plain = llm.generate([IDS], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0]
+    assert ref.token_ids != plain.token_ids   # the penalties change this output
+    c = oai.completions.create(model=model_name, prompt=IDS, max_tokens=24, temperature=0,
+                               presence_penalty=0.5, frequency_penalty=0.7,
+                               extra_body={"ignore_eos": True, "repetition_penalty": 1.3,
+                                           "return_token_ids": True}).choices[0]
+    assert c.model_extra["token_ids"] == ref.token_ids
+    stop = plain.text[5:7]
+    for stream in (False, True):
+        kw = dict(model=model_name, prompt=IDS, max_tokens=24, temperature=0, stop=[stop],
+                  extra_body={"ignore_eos": True, "include_stop_str_in_output": True})
+        if stream:
+            text = "".join(ch.choices[0].text for ch in oai.completions.create(stream=True, **kw) if ch.choices)
+        else:
+            text = oai.completions.create(**kw).choices[0].text
+        cut = plain.text.find(stop)
+        assert text == plain.text[:cut + len(stop)], (stream, stop)
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"guided_json": {}}, "guided_json"),
+    ({"no_such_field": 1}, "no_such_field"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"echo": True}, "echo"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+])
+def test_unsupported_fields_are_refused_by_name(server, extra, param):
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_accepted_and_ignored_fields(server):
+    body = {"prompt": "x", "max_tokens": 2, "user": "u", "metadata": {"k": "v"}, "store": False,
+            "service_tier": "auto", "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+            "parallel_tool_calls": False}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text

@@ -1,6 +1,6 @@
 """The HTTP server (DESIGN.md §6): assembles one FastAPI app from the route module of each API
 surface over one ServerCore (service.py): openai_routes, generate_routes, control_routes,
-weight_routes. Here: the outermost ASGI gate (body limit, request counting), error handlers,
+weight_routes, vllm_routes. Here: the outermost ASGI gate (body limit, request counting), error handlers,
 the OpenAPI document.
 
 Status codes are listed in tidal/server/errors.py. A streaming response sends its headers only
@@ -23,6 +23,7 @@ from tidal.server.generate_routes import GenerateRoutes
 from tidal.server.metrics import ServerMetrics
 from tidal.server.openai_routes import OpenAIRoutes
 from tidal.server.service import ServerCore, ServerSettings
+from tidal.server.vllm_routes import VLLMRoutes
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -132,6 +133,7 @@ def _install(app: FastAPI, core: ServerCore) -> None:
     GenerateRoutes(core).register(app, user)
     ControlRoutes(core).register(app, admin)
     weight_routes.register(app, core)
+    VLLMRoutes(core).register(app, user, admin)
 
 
 def _install_errors(app: FastAPI) -> None:

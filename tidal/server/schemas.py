@@ -33,8 +33,14 @@ class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-class _SamplingFields(_Body):
-    """OpenAI sampling fields plus Tidal's extensions (DESIGN.md §6)."""
+class _OpenAIBody(_Body):
+    # Extra fields are kept (not dropped) so the route can name each one: accepted-and-ignored
+    # ones are listed in docs/compatibility.md, every other one is a 400 (no silent ignores).
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+
+class _SamplingFields(_OpenAIBody):
+    """OpenAI sampling fields plus vLLM's and Tidal's extensions (DESIGN.md §6)."""
     model: str | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
     temperature: Annotated[float, Field(ge=0.0, le=1e4)] = 1.0
@@ -46,16 +52,24 @@ class _SamplingFields(_Body):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    # extensions
+    user: str | None = None                                    # accepted, ignored (docs say why)
+    tools: list[dict] | None = None                            # only null or [] (no tool parser)
+    tool_choice: str | dict | None = None                      # only null or "none"
+    response_format: dict | None = None                        # only {"type": "text"}
+    # vLLM's extensions
     top_k: Annotated[int, Field(ge=-1, le=_I32)] = -1
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     min_tokens: NonNegInt = 0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
     ignore_eos: StrictBool = False
     stop_token_ids: Annotated[list[TokenId], Field(max_length=1024)] | None = None
     skip_special_tokens: StrictBool = True
-    logprobs_mode: LogprobsMode | None = None
+    include_stop_str_in_output: StrictBool = False
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    return_tokens_as_token_ids: StrictBool = False
     return_token_ids: StrictBool = False
+    # Tidal's
+    logprobs_mode: LogprobsMode | None = None
     request_id: RequestId | None = None
 
 
@@ -64,7 +78,7 @@ class CompletionRequest(_SamplingFields):
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1024)]
              | Annotated[list[TokenId], Field(min_length=1)]
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1024)])
-    max_tokens: PosInt | None = 16
+    max_tokens: NonNegInt | None = 16          # 0: score the prompt only (with echo / prompt_logprobs)
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: StrictBool = False
     best_of: Annotated[int, Field(ge=1, le=128)] | None = None

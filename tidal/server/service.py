@@ -133,16 +133,25 @@ class Fields:
         return engine_field
 
 
-def sampling_params(body: Any, max_tokens: int, logprobs: int | None, prefix: str = "") -> SamplingParams:
-    """The one place a request body becomes SamplingParams (both OpenAI surfaces and /generate).
-    The schema has bounded each field; what it cannot see (one field against another) is here."""
+def sampling_params(body: Any, max_tokens: int, logprobs: int | None, prefix: str = "",
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """The one place a request body becomes SamplingParams (every surface). The schema has
+    bounded each field; what it cannot see (one field against another) is here. Fields a
+    surface's schema does not have take SamplingParams' defaults."""
     if body.min_tokens > max_tokens:
         raise APIError.invalid(prefix + "min_tokens", body.min_tokens, f"an integer <= max_tokens={max_tokens}")
+    if max_tokens == 0 and body.n > 1:
+        raise APIError.invalid(prefix + "n", body.n, "1 when max_tokens=0 (nothing is sampled)")
     return SamplingParams(
         n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         seed=body.seed, max_tokens=max_tokens, min_tokens=body.min_tokens, stop=_stops(body.stop),
         stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, logprobs=logprobs,
-        skip_special_tokens=body.skip_special_tokens, logprobs_mode=body.logprobs_mode)
+        skip_special_tokens=body.skip_special_tokens, logprobs_mode=body.logprobs_mode,
+        repetition_penalty=getattr(body, "repetition_penalty", 1.0),
+        presence_penalty=getattr(body, "presence_penalty", 0.0),
+        frequency_penalty=getattr(body, "frequency_penalty", 0.0),
+        include_stop_str_in_output=getattr(body, "include_stop_str_in_output", False),
+        prompt_logprobs=prompt_logprobs)
 
 
 class ServerCore:
