@@ -19,7 +19,8 @@ from tests.compat.conftest import require_module
 pytestmark = [pytest.mark.thirdparty, pytest.mark.timeout(900)]
 
 QUESTIONS = ["Q: 1+1=", "Q: the sky is", "Tidal"]
-CHOICES = [" 2", " 3", " eleven"]
+CHOICES = ["2", "3", "eleven"]
+DELIM = " "  # lm-eval scores target_delimiter + choice after the context
 GEN = {"until": ["\n"], "max_gen_toks": 8}
 
 
@@ -33,7 +34,8 @@ def write_task(tmp_path, name: str, output_type: str, rows: list[dict]) -> None:
     lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {data}",
              "test_split: test", f"output_type: {output_type}", 'doc_to_text: "{{question}}"']
     if output_type == "multiple_choice":
-        lines += ['doc_to_choice: "{{choices}}"', 'doc_to_target: "{{answer}}"', "metric_list:", "  - metric: acc"]
+        lines += ['doc_to_choice: "{{choices}}"', 'doc_to_target: "{{answer}}"', f'target_delimiter: "{DELIM}"',
+                  "metric_list:", "  - metric: acc"]
     else:
         lines += ['doc_to_target: "{{target}}"', "generation_kwargs:", '  until: ["\\n"]',
                   f"  max_gen_toks: {GEN['max_gen_toks']}", "  do_sample: false", "metric_list:",
@@ -88,3 +90,38 @@ def test_local_chat_completions_generate_until(compat_server, tmp_path):
     results, samples = run_lm_eval(tmp_path, "local-chat-completions", args, "tidal_chat", "--apply_chat_template")
     assert [s["resps"][0][0] for s in samples] == [r["target"] for r in rows]
     assert results["tidal_chat"]["exact_match,none"] == 1.0
+
+
+def hf_loglikelihoods(model_dir: str, context: str, choices: list[str]) -> list[float]:
+    """Sum of log p(choice tokens | context) from HF transformers in fp32: the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    out = []
+    for choice in choices:
+        cont = tok(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx + cont])).logits[0].float()
+        logp = torch.log_softmax(logits[len(ctx) - 1:-1], dim=-1)
+        out.append(sum(logp[i, t].item() for i, t in enumerate(cont)))
+    return out
+
+
+def test_local_completions_loglikelihood(compat_server, compat_model, tmp_path):
+    require_module("lm_eval", "lm-eval[api]")
+    scores = [hf_loglikelihoods(compat_model, q, [DELIM + c for c in CHOICES]) for q in QUESTIONS]
+    rows = [{"question": q, "choices": CHOICES, "answer": max(range(len(CHOICES)), key=s.__getitem__)}
+            for q, s in zip(QUESTIONS, scores)]
+    write_task(tmp_path, "tidal_ll", "multiple_choice", rows)
+    args = {"model": model_name(compat_server), "base_url": compat_server.url + "/v1/completions",
+            "tokenizer": compat_model, "tokenizer_backend": "huggingface", "num_concurrent": 1, "max_retries": 1}
+    results, samples = run_lm_eval(tmp_path, "local-completions", args, "tidal_ll")
+    for sample, want in zip(samples, scores):
+        sent = [(a["arg_0"], a["arg_1"]) for a in sample["arguments"].values()]
+        assert sent == [(sample["doc"]["question"], DELIM + c) for c in CHOICES]
+        got = [float(resp[0][0]) for resp in sample["resps"]]  # the samples file writes them as strings
+        assert got == pytest.approx(want, abs=1e-4), sample["doc"]
+    assert results["tidal_ll"]["acc,none"] == 1.0
