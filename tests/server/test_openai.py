@@ -157,6 +157,18 @@ def test_logprobs_completions(oai, llm, model_name):
     assert all(x <= 0 for x in lp.token_logprobs)
 
 
+def test_logprobs_zero_has_the_sampled_token_per_position(oai, model_name):
+    """vLLM's shape (TRL's VLLMClient reads it with its default logprobs=0): each position's top
+    dict holds the sampled token itself, and the k best plus it when it is not among them."""
+    for k, temperature in ((0, 0.0), (0, 1.0), (1, 1.0)):
+        lp = oai.completions.create(model=model_name, prompt=PROMPTS[2], max_tokens=8, temperature=temperature,
+                                    seed=3, logprobs=k, extra_body={"return_tokens_as_token_ids": True}
+                                    ).choices[0].logprobs
+        assert len(lp.top_logprobs) == len(lp.tokens) == 8
+        for tok, tlp, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+            assert top[tok] == tlp and max(k, 1) <= len(top) <= k + 1
+
+
 def test_logprobs_chat(oai, model_name):
     resp = oai.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "x"}],
                                        max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)

@@ -344,9 +344,23 @@ def completion_logprobs(tt: TokenText, ids: list[int], lps: list[float | None],
     for t in ids:
         offsets.append(offset)
         offset += len(tt(t))
-    top = None if tops is None else [None if d is None else top_dict(tt, d, k, as_ids) for d in tops]
+    top = [_with_sampled(tt, t, lp, d, k, as_ids) for t, lp, d in zip(ids, lps, tops or [None] * len(ids))]
     return {"tokens": [token_name(tt, t, as_ids) for t in ids], "token_logprobs": list(lps),
             "top_logprobs": top, "text_offset": offsets}
+
+
+def _with_sampled(tt: TokenText, tid: int, lp: float | None, top: dict[int, float] | None, k: int,
+                  as_ids: bool) -> dict[str, float] | None:
+    """One position's top_logprobs as vLLM gives them: the k best plus the token itself when it
+    is not among them (so logprobs=0 still has an entry per position, as TRL reads it)."""
+    if lp is None:
+        return None
+    best = dict(itertools.islice(top.items(), k)) if top is not None else {}
+    out = top_dict(tt, best, k, as_ids)
+    if tid not in best:
+        key = token_name(tt, tid, as_ids)
+        out[f"token_id:{tid}" if key in out else key] = lp
+    return out
 
 
 def join_completion_logprobs(head: dict, tail: dict) -> dict:
