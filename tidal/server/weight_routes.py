@@ -79,9 +79,29 @@ class UpdateShm(_Update):
     tensors: Annotated[list[TensorMeta], Field(min_length=1)]
 
 
+Count = Annotated[int, Field(ge=0, le=2**62)]
+B64 = Annotated[str, Field(max_length=4096)]
+
+
+class IpcHandle(_Body):
+    """A CUDA tensor's sharing handle as encode_ipc_handle writes it (bytes as base64)."""
+    size: Annotated[list[Count], Field(max_length=16)]
+    stride: Annotated[list[Count], Field(max_length=16)]
+    offset: Count
+    dtype: Annotated[str, Field(max_length=32)]
+    device: Annotated[int, Field(ge=0, le=1024)]
+    handle: B64 | None
+    storage_size_bytes: Count
+    storage_offset_bytes: Count
+    ref_counter_handle: B64 | None
+    ref_counter_offset: Count
+    event_handle: B64 | None
+    event_sync_required: StrictBool
+
+
 class UpdateIpc(_Update):
     tensors: Annotated[list[TensorMeta], Field(min_length=1)]
-    ipc_handles: list[dict[str, Any]]
+    ipc_handles: list[IpcHandle]
 
 
 class CommitWeights(_Body):
@@ -151,7 +171,8 @@ def register(app: FastAPI, server: ServerCore, labels: WeightLabels | None = Non
         return await server.control(lambda: control("update_weights", kw, kw["timeout_s"]))
 
     async def update_ipc(body: UpdateIpc) -> Response:
-        kw = common(body, "ipc") | {"tensors": _tensors(body.tensors), "ipc_handles": body.ipc_handles}
+        kw = common(body, "ipc") | {"tensors": _tensors(body.tensors),
+                                     "ipc_handles": [h.model_dump() for h in body.ipc_handles]}
         return await server.control(lambda: control("update_weights", kw, kw["timeout_s"]))
 
     async def commit(body: CommitWeights | None = None) -> Response:
