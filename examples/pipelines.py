@@ -327,8 +327,9 @@ async def kill_pipeline(p: Pipeline, task: asyncio.Task, sched: GpuScheduler, t0
 
 async def kill_replica(p: Pipeline, t0: float) -> dict[str, Any]:
     """SIGKILL the server and engine of one of p's replicas while it has requests in flight and p
-    has another replica serving: those requests continue there."""
-    await _mid_rollout(p, step=0)
+    has another replica serving: those requests continue there. (Waiting for the middle of the
+    rollout first could miss it: on an idle machine a rollout's progress reports can jump from
+    none to all; a busy replica is the condition itself.)"""
     deadline = time.monotonic() + p.args.timeout
     async with httpx.AsyncClient(timeout=10) as http:
         while time.monotonic() < deadline:
@@ -350,7 +351,7 @@ async def kill_replica(p: Pipeline, t0: float) -> dict[str, Any]:
 
 
 async def _mid_rollout(p: Pipeline, step: int) -> None:
-    """Until pipeline p's rollout of `step` has some, not all, samples done."""
+    """Until pipeline p's rollout of `step` is open and not finished."""
     deadline = time.monotonic() + p.args.timeout
     while time.monotonic() < deadline:
         gen = p.sched.snapshot()["generation"].get(p.pid, {})

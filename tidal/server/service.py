@@ -142,6 +142,14 @@ def sampling_params(body: Any, max_tokens: int, logprobs: int | None, prefix: st
         raise APIError.invalid(prefix + "min_tokens", body.min_tokens, f"an integer <= max_tokens={max_tokens}")
     if max_tokens == 0 and body.n > 1:
         raise APIError.invalid(prefix + "n", body.n, "1 when max_tokens=0 (nothing is sampled)")
+    try:
+        return _build_sampling(body, max_tokens, logprobs, prompt_logprobs)
+    except ValueError as e:   # SamplingParams' own checks (e.g. an empty stop string) name the field
+        field = re.match(r"SamplingParams\.(\w+)=", str(e))
+        raise APIError(400, str(e), param=prefix + field.group(1) if field else None) from None
+
+
+def _build_sampling(body: Any, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
     return SamplingParams(
         n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
         seed=body.seed, max_tokens=max_tokens, min_tokens=body.min_tokens, stop=_stops(body.stop),
