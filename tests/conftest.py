@@ -33,3 +33,14 @@ def tiny_ckpt(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run only when asked for (`pytest -m slow ...`): minutes on 2 CPU cores,
+    or real-process scenarios whose timing windows an idle CI machine can jump over."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

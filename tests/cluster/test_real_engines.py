@@ -70,6 +70,7 @@ async def test_seed003_boundary_neither_pipeline_starves():
 
 
 @REAL
+@pytest.mark.slow   # timing windows an idle machine can miss: run with -m slow
 async def test_pipeline_killed_mid_rollout_other_takes_its_slots():
     r = await _run("--scenario", "kill-pipeline", "--slots", "2", "--steps", "3")
     _check_common(r)
@@ -82,6 +83,7 @@ async def test_pipeline_killed_mid_rollout_other_takes_its_slots():
 
 
 @REAL
+@pytest.mark.slow   # timing windows an idle machine can miss: run with -m slow
 async def test_replica_killed_mid_rollout_requests_continue():
     """3 slots (A trains on 0, B on 1, slot 2 only generates): one of A's two replicas is
     SIGKILLed with requests in flight; they continue on the other, and the dead rank's later
