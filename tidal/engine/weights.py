@@ -98,8 +98,9 @@ class _InPlace:
         if name in self.names:
             raise self._error(f"tensor {name!r} appears twice in the source")
         digest = self.checksums.get(name)
-        if digest is not None and tensor_sha256(tensor) != digest:
-            raise self._error(f"checksum of {name!r} is {tensor_sha256(tensor)}, expected {digest}")
+        actual = None if digest is None else tensor_sha256(tensor)
+        if actual != digest:
+            raise self._error(f"checksum of {name!r} is {actual}, expected {digest}")
         self.names.add(name)
         dst = self.model.live_view(name)
         if dst is None:   # a buffer the model recomputes (rotary tables)
