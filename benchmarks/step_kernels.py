@@ -74,6 +74,7 @@ def profile_step(llm: LLM, batch: int, ctx: int, repeats: int) -> dict:
             kernels.setdefault(ev.name, [0.0, 0])
             kernels[ev.name][0] += ev.device_time / 1e3 / repeats  # ms per step
             kernels[ev.name][1] += 1
+    replay_ms = graph_replay_ms(g, batch) if batch in g.graphs else None
     g.seq_lens.zero_()
     groups: dict[str, float] = {}
     count = 0
@@ -82,8 +83,25 @@ def profile_step(llm: LLM, batch: int, ctx: int, repeats: int) -> dict:
         count += n
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
     return dict(batch=batch, ctx=ctx, total_ms=sum(groups.values()), kernels_per_step=count / repeats,
+                graph_replay_ms=replay_ms,
                 groups_ms=dict(sorted(groups.items(), key=lambda kv: -kv[1])),
                 top=[dict(name=n[:90], ms=v[0], launches=v[1] / repeats) for n, v in top])
+
+
+def graph_replay_ms(g, batch: int, repeats: int = 50) -> float:
+    """Wall time of one replay of the captured decode graph of this batch size (the model's
+    forward only), from CUDA events around back-to-back replays: what a step costs with the
+    launch gaps included, to set beside the kernels' summed GPU time."""
+    graph = g.graphs[batch]
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def main() -> None:
@@ -109,7 +127,8 @@ def main() -> None:
         rows.append(r)
         print(f"\n{args.model} B={b} ctx={args.ctx}: {r['total_ms']:.2f} ms GPU per step, "
               f"{r['kernels_per_step']:.0f} kernels; floors: weights {r['floor_ms']['weights']:.2f} ms, "
-              f"KV {r['floor_ms']['kv']:.2f} ms")
+              f"KV {r['floor_ms']['kv']:.2f} ms; graph replay (forward only) "
+              f"{r['graph_replay_ms'] if r['graph_replay_ms'] is not None else float('nan'):.3f} ms")
         for grp, ms in r["groups_ms"].items():
             print(f"  {grp:14s} {ms:7.3f} ms")
         for k in r["top"][:10]:
