@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -98,6 +99,37 @@ def copy_bandwidth(device: torch.device) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e-3)
     return 2 * src.numel() * src.element_size() / sorted(times[5:])[len(times[5:]) // 2]
+
+
+def matmul_peak_flops(device: torch.device) -> float:
+    """bf16 FLOP/s of a large square matmul (median of 20): the compute roof of the roofline."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    times = []
+    for _ in range(25):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        a @ b
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) * 1e-3)
+    return 2 * 8192 ** 3 / sorted(times[5:])[len(times[5:]) // 2]
+
+
+def roofline_tok_s(prompt_lens: list[int], out_lens: list[int], weight_bytes: int, kv_tok: int, bw: float,
+                   flops_tok: float, attn_flops_ctx: float, peak: float) -> float:
+    """As ceiling_tok_s, but each step takes the longer of its bytes at `bw` and its FLOPs at
+    `peak` (2 x parameters per token, plus attention's 4 x heads x head_dim per context token):
+    large batches of a 7B model are compute-bound, where the bandwidth ceiling alone is unreachable."""
+    total_s = 0.0
+    for s in range(max(out_lens)):
+        live = [p + s for p, o in zip(prompt_lens, out_lens) if o > s]
+        nbytes = weight_bytes + kv_tok * sum(live)
+        flops = flops_tok * len(live) + attn_flops_ctx * sum(live)
+        total_s += max(nbytes / bw, flops / peak)
+    return sum(out_lens) / total_s
 
 
 def model_bytes(cfg: dict, itemsize: int = 2) -> tuple[int, int]:
@@ -381,6 +413,7 @@ def run_hf_cb(cfg: dict, prompts: list[list[int]], out_lens: list[int], args) ->
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
+    free_before = torch.cuda.mem_get_info()[0] if args.device == "cuda" else 0
     results = ctx.Queue()
     child = ctx.Process(target=_hf_cb_child, args=(cfg, prompts, out_lens, args.device, args.hf_max_time, results))
     child.start()
@@ -392,9 +425,31 @@ def run_hf_cb(cfg: dict, prompts: list[list[int]], out_lens: list[int], args) ->
         child.join(timeout=30)
         if child.is_alive():
             child.kill()
+            child.join(timeout=30)
+        wait_gpu_memory_back(args.device, free_before)
+
+
+def wait_gpu_memory_back(device: str, free_before: int, timeout_s: float = 60.0) -> None:
+    """Until the device's free memory is back to within 1 GiB of `free_before`: a killed child's
+    memory is released asynchronously, and a Tidal engine started meanwhile sizes its KV cache
+    from what is free (one H200 run got 450 blocks instead of 4,381 that way, and preempted)."""
+    if device != "cuda":
+        return
+    deadline = time.monotonic() + timeout_s
+    while torch.cuda.mem_get_info()[0] < free_before - (1 << 30):
+        if time.monotonic() > deadline:
+            print(f"warning: GPU memory not back after {timeout_s:.0f} s "
+                  f"({torch.cuda.mem_get_info()[0] / 2**30:.1f} of {free_before / 2**30:.1f} GiB free)", flush=True)
+            return
+        time.sleep(0.2)
 
 
 def _hf_cb_child(cfg: dict, prompts, out_lens, device: str, max_time: float, results) -> None:
+    # TIDAL_HF_CB_SITE: a directory holding another transformers for this child only (the GPU
+    # machine's 5.17 fails inside its continuous-batching manager; 5.23 does not).
+    site = os.environ.get("TIDAL_HF_CB_SITE")
+    if site:
+        sys.path.insert(0, site)
     try:
         results.put(_hf_cb(cfg, prompts, out_lens, argparse.Namespace(device=device, hf_max_time=max_time)))
     except Exception as e:
@@ -514,8 +569,10 @@ def main() -> None:
 
     device = torch.device(args.device)
     bw = copy_bandwidth(device)
+    peak = matmul_peak_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    results: dict = dict(device=name, copy_bandwidth_bytes_s=bw, torch=torch.__version__, args=vars(args), models={})
+    results: dict = dict(device=name, copy_bandwidth_bytes_s=bw, matmul_peak_flops=peak, torch=torch.__version__,
+                         args=vars(args), models={})
     out_dir = Path(args.out_dir) if args.out_dir else results_dir(args.publish)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="tidal-bench-"))
@@ -531,6 +588,10 @@ def main() -> None:
         row: dict = dict(weight_bytes=w_bytes, kv_bytes_per_token=kv_tok,
                          prompt_tokens=sum(map(len, prompts)), output_tokens=sum(out_lens))
         row["ceiling"] = dict(tok_s=ceiling_tok_s([len(p) for p in prompts], out_lens, w_bytes, kv_tok, bw))
+        d = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        attn = 4 * cfg["num_hidden_layers"] * cfg["num_attention_heads"] * d
+        row["roofline"] = dict(tok_s=roofline_tok_s([len(p) for p in prompts], out_lens, w_bytes, kv_tok, bw,
+                                                    2 * (w_bytes / 2), attn, peak))  # bf16: 2 B per parameter
         if not args.skip_hf:  # first: Tidal takes most of the GPU memory for its KV cache
             print(f"[{model}] hf ...", flush=True)
             row["hf"] = run_hf_with_fallback(cfg, prompts, out_lens, args)
@@ -553,13 +614,16 @@ def main() -> None:
 
     print(f"\ndevice: {name}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     print(f"{'model':14s} {'tidal tok/s':>12s} {'2nd run':>8s} {'hf tok/s':>10s} {'x hf':>6s} {'ceiling':>9s} "
-          f"{'% ceil':>7s} {'b1 tok/s':>9s} {'b1 ceil':>8s} {'% b1':>6s}")
+          f"{'% ceil':>7s} {'roofline':>9s} {'% roof':>7s} {'b1 tok/s':>9s} {'b1 ceil':>8s} {'% b1':>6s} {'kv blocks':>9s} "
+          f"{'preempt':>7s}")
     for model, r in results["models"].items():
         t, hf, c = r["tidal"]["tok_s"], r.get("hf", {}).get("tok_s"), r["ceiling"]["tok_s"]
+        roof = r["roofline"]["tok_s"]
         b1, b1c = r["tidal"]["batch1_tok_s"], r["batch1_ceiling_tok_s"]
         hf_s = f"{hf:10.0f} {t / hf:6.1f}" if hf else f"{'-':>10s} {'-':>6s}"
         print(f"{model:14s} {t:12.0f} {r['tidal']['tok_s_second_run']:8.0f} {hf_s} {_num(c, 9, '.0f')} "
-              f"{_pct(t, c, 7)} {b1:9.1f} {_num(b1c, 8, '.1f')} {_pct(b1, b1c, 6)}")
+              f"{_pct(t, c, 7)} {_num(roof, 9, '.0f')} {_pct(t, roof, 7)} {b1:9.1f} {_num(b1c, 8, '.1f')} "
+              f"{_pct(b1, b1c, 6)} {r['tidal']['num_kv_blocks']:9d} {r['tidal']['preemptions']:7d}")
     for model, r in results["models"].items():
         cb = r.get("hf_cb", {})
         if cb.get("tok_s"):

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.attention.triton_utils import check_cache, interpreting, next_pow2, num_sms
+from tidal.attention.triton_utils import check_cache, dot_precision, interpreting, next_pow2, num_sms
 
 _LOG2E = 1.4426950408889634
 
@@ -34,7 +34,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr, SPLIT_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SPLIT_SIZE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -78,13 +78,13 @@ def _decode_split_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     has = l_i > 0.0
@@ -143,8 +143,14 @@ def _decode_reduce_kernel(
 
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
                        min_chunk: int = 256, max_splits: int = 32) -> int:
-    """Enough programs to fill the GPU a few times over, but no chunk shorter than min_chunk."""
-    want = triton.cdiv(4 * num_sms(device), max(1, num_seqs * num_kv_heads))
+    """Split only when (sequence, kv head) programs cannot fill the SMs once: then enough splits to
+    fill them a few times over, but no chunk shorter than min_chunk. On an H200 a batch that
+    fills them already reads at 95-100% of the copy bandwidth unsplit, and 2-3 splits cost 7-25%
+    (benchmarks/decode_attention.py, results/decode_attention_h200.json)."""
+    programs = max(1, num_seqs * num_kv_heads)
+    if programs >= num_sms(device):
+        return 1
+    want = triton.cdiv(4 * num_sms(device), programs)
     return max(1, min(want, triton.cdiv(max_seq_len, min_chunk), max_splits))
 
 
@@ -195,7 +201,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
         GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DOT_FP32=interp, SPLIT_SIZE=split_size or 0,
+        NUM_SPLITS=num_splits, DOT_FP32=interp, PRECISION=dot_precision(q), SPLIT_SIZE=split_size or 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.attention.triton_utils import check_cache, interpreting, next_pow2
+from tidal.attention.triton_utils import check_cache, dot_precision, interpreting, next_pow2
 
 _LOG2E = 1.4426950408889634
 
@@ -30,7 +30,7 @@ def _prefill_kernel(
     stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, ALIGNED: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -80,14 +80,14 @@ def _prefill_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         # Key 0 is visible to every row, so no row is fully masked in the first tile (no NaN).
         s = tl.where((pos[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     o = acc / l_i[:, None]
@@ -134,7 +134,8 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=interp, ALIGNED=aligned,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=interp, PRECISION=dot_precision(q),
+        ALIGNED=aligned,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -29,3 +29,10 @@ def check_cache(kv_cache: torch.Tensor) -> None:
                          "num_kv_heads, head_dim]")
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
+
+
+def dot_precision(q: torch.Tensor) -> str:
+    """tl.dot's input precision: float32 inputs multiply in full precision ("ieee"), not TF32,
+    which Triton uses by default and which put a float32 model's logprobs 4e-4 off HF's; 16-bit
+    inputs are exact either way."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
