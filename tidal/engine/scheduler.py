@@ -52,7 +52,7 @@ class Scheduler:
     # -- one step ------------------------------------------------------------------------
     def schedule(self, admit: bool = True, lookahead: bool = False) -> ScheduledBatch:
         """The next step's rows. lookahead: the previous step is still in flight (see module doc)."""
-        batch = ScheduledBatch()
+        batch: ScheduledBatch[Request] = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
         i = 0
