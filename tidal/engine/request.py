@@ -61,7 +61,6 @@ class Request:
     num_pending: int = 0
     pending_row: int = -1              # row of the newest placeholder in its step's sampled tokens
     pending_step: int = -1             # which step that is
-    sampling_row: tuple | None = None  # cached per-request sampling parameters (ModelRunner)
     num_prompt_tokens: int = field(init=False, default=0)  # the prompt never changes
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ built at start-up and again after the KV cache or the weights moved (sleep / wak
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -142,6 +143,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.backend = self._attention_backend()
         self.sampler = Sampler()
+        # The runner's own per-request cache: each live request's packed sampling parameters,
+        # keyed by the request itself (ids are the client's: the n samples of a prompt share one,
+        # and an ended request's id can come back). The engine frees entries as requests finish.
+        self.sampling_rows: dict[BatchRequest, tuple] = {}
         self.num_blocks = config.num_kv_blocks or self._profile_num_blocks()
         self.kv_cache: torch.Tensor | None = None
         self.allocate_kv_cache()
@@ -196,7 +201,8 @@ class ModelRunner:
         self.invalidate_graphs()
 
     def release(self) -> None:
-        """Drop the KV cache, the graphs and the weights (engine shut down)."""
+        """Drop the KV cache, the graphs, the weights and the per-request caches (engine shut down)."""
+        self.sampling_rows.clear()
         self.free_kv_cache()
         self.model = None
         if self.device.type == "cuda":
@@ -215,6 +221,12 @@ class ModelRunner:
             max_blocks = -(-self.max_model_len // self.block_size)
             self.graphs = CudaGraphRunner(self.model, self.kv_cache, self.backend, self.config.max_num_seqs,
                                           max_blocks, self.block_size)
+
+    # -- per-request caches --------------------------------------------------------------
+    def free_requests(self, reqs: Iterable[BatchRequest]) -> None:
+        """Forget what the runner cached for these requests (they finished)."""
+        for r in reqs:
+            self.sampling_rows.pop(r, None)
 
     # -- one step ------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch, prev: StepHandle | None = None) -> StepInputs:
@@ -386,10 +398,11 @@ class ModelRunner:
 
     def _sampling_tensors(self, targets: list[BatchRequest]) -> SamplingTensors:
         rows = []
+        cache = self.sampling_rows
         for r in targets:
-            row = r.sampling_row
+            row = cache.get(r)
             if row is None:
-                row = r.sampling_row = SamplingTensors.row(r.params, r.seed, self.config.logprobs_mode)
+                row = cache[r] = SamplingTensors.row(r.params, r.seed, self.config.logprobs_mode)
             rows.append(row)
         return SamplingTensors.from_rows(rows, [r.num_output_tokens for r in targets], self.staging)
 
