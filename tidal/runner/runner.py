@@ -9,6 +9,10 @@ was not collected yet) takes the token from that step's sampled tensor, on the d
 
 Decode steps replay CUDA graphs (one per batch-size bucket) unless `enforce_eager`; the graphs are
 built at start-up and again after the KV cache or the weights moved (sleep / wake).
+
+The runner keeps its own per-request state (`sampling_rows`) and writes nothing into the requests
+it is given. One file, past 400 lines, for one job: a batch in, one device step, tokens out; the
+staging buffers and the step handle exist only for that.
 """
 from __future__ import annotations
 

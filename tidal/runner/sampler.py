@@ -24,6 +24,9 @@ processed = raw apart from token bans, as vLLM's "processed_logprobs").
 
 Penalties (vLLM's semantics, `apply_penalties`) change the logits before all of this, so greedy
 and sampled tokens and processed logprobs see them; raw logprobs do not.
+
+One file, past 400 lines, for one job (logits in, tokens and logprobs out): the torch and Triton
+forms of the race must stay the same function, so they sit side by side.
 """
 from __future__ import annotations
 
