@@ -5,7 +5,7 @@ in vLLM's shape (`logprobs`: per token a dict token id -> Logprob) as a read-onl
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 Decoder = Callable[[int], str]  # token id -> its text (for Logprob.decoded_token)
@@ -27,8 +27,8 @@ class Logprob:
     decoded_token: str | None = None
 
 
-def logprob_dicts(token_ids: list[int], logprobs: list[float | None], ranks: list[int | None] | None,
-                  tops: list[dict[int, float] | None] | None,
+def logprob_dicts(token_ids: Sequence[int], logprobs: Sequence[float | None],
+                  ranks: Sequence[int | None] | None, tops: Sequence[dict[int, float] | None] | None,
                   decode: Decoder | None) -> list[dict[int, Logprob] | None]:
     """Per position {chosen token: Logprob, top-k tokens: Logprob}; None where logprobs[i] is None.
     The chosen token comes first; a top-k entry gets its place in the top-k as its rank."""
@@ -65,7 +65,8 @@ class CompletionOutput:
         """vLLM's shape: per token {token_id: Logprob}, the sampled token first, then the top-k."""
         if self.token_logprobs is None:
             return None
-        return logprob_dicts(self.token_ids, self.token_logprobs, self.token_ranks, self.top_logprobs, self.decode)
+        dicts = logprob_dicts(self.token_ids, self.token_logprobs, self.token_ranks, self.top_logprobs, self.decode)
+        return [d for d in dicts if d is not None]   # none is None: every token has a logprob
 
     @property
     def cumulative_logprob(self) -> float | None:

@@ -24,11 +24,14 @@ import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from tidal.engine.weight_transfer import TransferGroup
 
 BACKENDS = ("gloo", "nccl", "shm", "ipc")
 _ALIGN = 256  # byte alignment of each tensor in a bucket (any dtype's item size divides it)
@@ -73,7 +76,7 @@ class WeightSender:
         self._headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
         self._http = httpx.Client(timeout=timeout_s + 30.0, headers=self._headers)
         self._pool = ThreadPoolExecutor(max(2, len(urls) + 1), thread_name_prefix="tidal-sync")
-        self._group = None
+        self._group: TransferGroup | None = None
 
     # -- HTTP -------------------------------------------------------------------------------
     def _post(self, url: str, path: str, body: dict | None = None) -> dict:
@@ -216,22 +219,26 @@ class WeightSender:
     def _broadcast(self, buckets: list[list[_Planned]], phases: dict) -> None:
         """Bucket k goes on the wire while bucket k+1 is packed into the other buffer."""
         device = buckets[0][0].tensor.device if self.backend == "nccl" else torch.device("cpu")
+        group = self._group
+        if group is None:
+            raise ReplicaError("no weight-transfer group: call init_weight_transfer first")
         bufs: list[torch.Tensor | None] = [None, None]
         pending = None
         for k, bucket in enumerate(buckets):
             tp = time.perf_counter()
             n = _bucket_bytes(bucket)
             slot = k % 2
-            if bufs[slot] is None or bufs[slot].numel() < n:
+            held = bufs[slot]
+            if held is None or held.numel() < n:
                 size = max(n, min(self.bucket_bytes, _total(buckets)))
-                bufs[slot] = torch.empty(size, dtype=torch.uint8, device=device)
-            buf = bufs[slot][:n]
+                held = bufs[slot] = torch.empty(size, dtype=torch.uint8, device=device)
+            buf = held[:n]
             _pack(bucket, buf)
             phases["pack"] += time.perf_counter() - tp
             tw = time.perf_counter()
             if pending is not None:
                 pending.wait()
-            pending = dist.broadcast(buf, src=0, group=self._group.pg, async_op=True)
+            pending = dist.broadcast(buf, src=0, group=group.pg, async_op=True)
             phases["wire"] += time.perf_counter() - tw
         tw = time.perf_counter()
         if pending is not None:

@@ -12,6 +12,7 @@ def assert_no_leaks(llm: LLM) -> None:
     assert st["num_running"] == 0 and st["num_waiting"] == 0, st
     assert st["kv_blocks_used"] == 0, st
     core.block_manager.check_invariants([])
+    assert not core.runner.sampling_rows, "the runner still caches rows of finished requests"
 
 
 def _factory(cls, num_kv_blocks: int):

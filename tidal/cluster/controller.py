@@ -185,7 +185,8 @@ class ReplicaController:
             recs[r].detail["synced"] = r in behind
 
     async def _push_to(self, urls: list[str]) -> None:
-        if self.weights.tensors is None:
+        tensors = self.weights.tensors
+        if tensors is None:
             raise ControllerError(f"pipeline {self.pipeline_id!r}: replicas {urls} are not at version "
                                   f"{self.weights.version} and no host copy of it exists")
         from tidal.sync import WeightSender
@@ -193,7 +194,7 @@ class ReplicaController:
         def push() -> Any:
             with WeightSender(urls, backend="shm", admin_key=self.config.admin_key,
                               timeout_s=self.config.call_timeout_s) as sender:
-                return sender.push(self.weights.tensors, version=self.weights.version)
+                return sender.push(tensors, version=self.weights.version)
 
         res = await asyncio.to_thread(push)
         if not res.ok:
@@ -236,7 +237,7 @@ class ReplicaController:
         t = time.monotonic()
         after, rss1, dev1 = await self._state(rep), rss_bytes(rep.engine_pid), self._device_used(rep)
         check = verify_sleep(before["memory_bytes"], reply["bytes_freed"], after["memory_bytes"],
-                             rss0 - rss1, None if dev0 is None else dev0 - dev1, self.config)
+                             rss0 - rss1, None if dev0 is None or dev1 is None else dev0 - dev1, self.config)
         rec.phases["verify"] = time.monotonic() - t
         rec.detail.update(released="sleep", **check)
         if not check["verified"]:
@@ -258,7 +259,7 @@ class ReplicaController:
         t = time.monotonic()
         gone = not pid_alive(rep.engine_pid) and rep.proc.poll() is not None
         dev1 = self._device_used(rep)
-        drop = None if dev0 is None else dev0 - dev1
+        drop = None if dev0 is None or dev1 is None else dev0 - dev1
         dev_ok = drop is None or drop >= self.config.min_release_fraction * expected - self.config.release_slack_bytes
         rec.phases["verify"] = time.monotonic() - t
         rec.detail.update(released="stop", process_exited=gone, expected_bytes=expected, device_drop_bytes=drop,

@@ -19,7 +19,7 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 from tidal.cluster.state import Generation, Plan, Request, SchedulerState
@@ -118,9 +118,9 @@ class _Planner:
                     mark[g] = HELD
             else:
                 for g in gpus:
-                    if mark[g] == SETTLED:
-                        pid, r = self.owner[g]
-                        self.shrink(pid, r)
+                    who = self.owner[g]
+                    if mark[g] == SETTLED and who is not None:
+                        self.shrink(*who)
                 for g in gpus:
                     mark[g] = BLOCKED
                     self.handoff.discard(g)
@@ -200,7 +200,9 @@ class _Planner:
         for grp, members in groups.items():
             total = float(usable.get(grp, 0))
             fair = self.cfg.guarantee * total / len(self.peers[grp])
-            demand, lo, hi = {}, {}, {}
+            demand: dict[str, float] = {}
+            lo: dict[str, float] = {}
+            hi: dict[str, float] = {}
             for p in members:
                 gen = gens[p]
                 demand[p] = max(gen.remaining, 1) * gen.spec.tp
@@ -284,9 +286,9 @@ class _Planner:
                     gpus = spec.replicas[r]
                     victims: set[tuple[str, int]] = set()
                     for g in gpus:
-                        m = mark[g]
-                        if m == SETTLED:
-                            victims.add(owner[g])
+                        m, who = mark[g], owner[g]
+                        if m == SETTLED and who is not None:
+                            victims.add(who)
                         elif m != FREE and m != HANDOFF:
                             break
                     else:
@@ -314,7 +316,7 @@ class _Planner:
         self.claim(pid, r, gpus)
         return True
 
-    def donors(self, pid: str, min_one: bool, excess: bool) -> Iterator[str]:
+    def donors(self, pid: str, min_one: bool, excess: bool) -> Generator[str, None, None]:
         """The pipelines donor_ok(d, 1, min_one, excess) accepts, by (protected, most surplus, id),
         read off lazily updated heaps so a plan that moves little does not sort every peer."""
         if excess:  # only replicas past the donor's need move

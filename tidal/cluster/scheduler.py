@@ -98,6 +98,7 @@ class GpuScheduler:
 
     def _enqueue(self, pipeline_id: str, cluster: str, priority: Priority, step_target: int | None) -> tuple:
         """The synchronous half of a request: after it returns the planner sees the demand."""
+        ticket: tuple   # ("gen", pipeline, cluster, generation) | ("grant", pipeline, cluster, request, future)
         if step_target is not None:
             gen = self.state.open_generation(pipeline_id, step_target)
             ticket = ("gen", pipeline_id, cluster, gen)
@@ -144,8 +145,8 @@ class GpuScheduler:
         self._check_broken()
         must_wait = self.state.release(pipeline_id, cluster)
         self._kick()
-        if must_wait:
-            gen = self.state.pipelines[pipeline_id].gen
+        gen = self.state.pipelines[pipeline_id].gen
+        if must_wait and gen is not None:
             await self._wait_for(pipeline_id, lambda: not gen.releasing, timeout_s,
                                  f"release_gpus({pipeline_id!r}, {cluster!r})")
 
@@ -161,8 +162,8 @@ class GpuScheduler:
         ticket = self._enqueue(pipeline_id, request, priority, step_target)
         got = asyncio.ensure_future(self._await_ticket(ticket, timeout_s))
         try:
-            if must_wait:
-                gen = self.state.pipelines[pipeline_id].gen
+            gen = self.state.pipelines[pipeline_id].gen
+            if must_wait and gen is not None:
                 await self._wait_for(pipeline_id, lambda: not gen.releasing, timeout_s,
                                      f"release_then_request({pipeline_id!r}, release={release!r})")
             return await got
@@ -398,8 +399,9 @@ class GpuScheduler:
 
     def _task_done(self, t: asyncio.Task) -> None:
         self._tasks.discard(t)
-        if not t.cancelled() and t.exception() is not None:
-            self._break(t.exception())
+        exc = None if t.cancelled() else t.exception()
+        if exc is not None:
+            self._break(exc)
 
     def _holders(self, gpus: tuple[int, ...]) -> dict[int, list[str]]:
         own = self.state.owners()

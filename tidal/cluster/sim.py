@@ -279,8 +279,8 @@ def layout(workloads: list[Workload], cfg: SimConfig, mode: str) -> list[Pipelin
         own = list(range(i * k, (i + 1) * k))
         gen = own if mode == "static" else list(range(cfg.num_gpus))
         specs.append(PipelineSpec(w.name, clusters={
-            "actor_train": ClusterSpec(gpus=own),
-            "actor_infer": ClusterSpec(gpus=gen, tp=cfg.tp, generation=True,
+            "actor_train": ClusterSpec(gpus=tuple(own)),
+            "actor_infer": ClusterSpec(gpus=tuple(gen), tp=cfg.tp, generation=True,
                                        max_num_seqs=cfg.slots if cfg.declare_slots else None)}))
     return specs
 
@@ -305,8 +305,9 @@ async def _simulate(workloads: list[Workload], cfg: SimConfig, mode: str) -> Sim
     sched = GpuScheduler(cfg.num_gpus, cfg.planner, default_timeout_s=1e6, controller_timeout_s=1e4)
     step_times: dict[str, list[float]] = {}
     waits: dict[str, float] = {}
+    engines: dict[str, SimEngine] = {}
     for spec in layout(workloads, cfg, mode):
-        engine = SimEngine(spec.pipeline_id, spec.clusters["actor_infer"], cfg, rec)
+        engine = engines[spec.pipeline_id] = SimEngine(spec.pipeline_id, spec.clusters["actor_infer"], cfg, rec)
         await sched.register_pipeline(spec, generation=engine)
     loop = asyncio.get_running_loop()
 
@@ -318,7 +319,7 @@ async def _simulate(workloads: list[Workload], cfg: SimConfig, mode: str) -> Sim
 
     async def pipeline(i: int, w: Workload) -> None:
         pid = w.name
-        engine = sched._controllers[pid]
+        engine = engines[pid]
         draws = rollouts(w, cfg, i)
         times = step_times.setdefault(pid, [])
         step = 0

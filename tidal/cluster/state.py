@@ -21,6 +21,7 @@ handed over by a shrink; no GPU claimed twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from tidal.cluster.types import (
     ClusterSpec,
@@ -106,7 +107,14 @@ class Plan:
         return f"Plan(grants={g}, shrinks={self.shrinks}, expands={self.expands})"
 
 
-def _fail(invariant: str, detail: str, plan: Plan | None = None) -> None:
+def _gen_of(ps: PipelineState, pipeline_id: str) -> Generation:
+    if ps.gen is None:
+        raise SpecError(f"pipeline {pipeline_id!r} has no generation cluster, expected one with "
+                        f"ClusterSpec(generation=True) for generation demand")
+    return ps.gen
+
+
+def _fail(invariant: str, detail: str, plan: Plan | None = None) -> NoReturn:
     msg = f"invariant {invariant} broken: {detail}"
     if plan is not None:
         msg += f"; plan={plan}"
@@ -327,7 +335,7 @@ class SchedulerState:
         if not spec.generation:
             ps.held.pop(cluster, None)
             return False
-        gen = ps.gen
+        gen = _gen_of(ps, pipeline_id)
         gen.open = False
         gen.completed = 0
         gen.step_target = 0
@@ -335,11 +343,7 @@ class SchedulerState:
         return gen.releasing
 
     def _gen(self, pipeline_id: str) -> Generation:
-        ps = self.pipeline(pipeline_id)
-        if ps.gen is None:
-            raise SpecError(f"pipeline {pipeline_id!r} has no generation cluster, expected one with "
-                            f"ClusterSpec(generation=True) for generation demand")
-        return ps.gen
+        return _gen_of(self.pipeline(pipeline_id), pipeline_id)
 
     # ---- plan lifecycle --------------------------------------------------------------------------
 
@@ -349,11 +353,11 @@ class SchedulerState:
             del self.pending[q.seq]
             self.pipelines[q.pipeline_id].held[q.cluster] = q.gpus
         for pid, ranks in plan.shrinks.items():
-            gen = self.pipelines[pid].gen
+            gen = _gen_of(self.pipelines[pid], pid)
             gen.active.difference_update(ranks)
             gen.shrinking.update(ranks)
         for pid, ranks in plan.expands.items():
-            self.pipelines[pid].gen.expanding.update(ranks)
+            _gen_of(self.pipelines[pid], pid).expanding.update(ranks)
 
     def live_gen(self, pipeline_id: str) -> Generation | None:
         ps = self.pipelines.get(pipeline_id)
@@ -427,10 +431,10 @@ class SchedulerState:
             if a + sh > 1 or e > 1 or sh != 1:
                 _fail("I2", f"gpu {g} owned twice: {self.owners()[g]}", plan)
         # I4 (idle and allocated partition the pool) holds by construction of the counts above
-        for s, q in self.pending.items():
-            ps = self.pipelines.get(q.pipeline_id)
-            if s != q.seq or ps is None or ps.dead is not None or q.cluster in ps.held:
-                _fail("I5", f"pending request #{s} {q.pipeline_id}/{q.cluster} is stale", plan)
+        for seq, q in self.pending.items():
+            owner = self.pipelines.get(q.pipeline_id)
+            if seq != q.seq or owner is None or owner.dead is not None or q.cluster in owner.held:
+                _fail("I5", f"pending request #{seq} {q.pipeline_id}/{q.cluster} is stale", plan)
 
 
 def validate_plan(state: SchedulerState, plan: Plan) -> None:

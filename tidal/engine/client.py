@@ -29,7 +29,7 @@ class InprocEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self._routes: dict[str, Callable[[EngineOutput], None]] = {}
+        self._routes: dict[str, Callable[[EngineOutput], object]] = {}
         self._routes_lock = threading.Lock()  # guards the route table only, never engine state
         self._ids = itertools.count()
         self.core = EngineCore(config, self._dispatch)
@@ -43,7 +43,7 @@ class InprocEngine:
         return f"req-{next(self._ids)}"
 
     # -- output routing (called on the core thread) --------------------------------------
-    def register(self, request_id: str, sink: Callable[[EngineOutput], None]) -> None:
+    def register(self, request_id: str, sink: Callable[[EngineOutput], object]) -> None:
         with self._routes_lock:
             if request_id in self._routes:
                 raise ValueError(f"request_id={request_id!r} is already in flight: expected a unique id")

@@ -239,7 +239,8 @@ class ControlPlane:
             if tag == "kv_cache":
                 # Kept requests cannot keep KV that is about to vanish: retract them.
                 result["retracted"] = _summary(self.core.scheduler.retract_all())
-                nbytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+                kv = runner.kv_cache
+                nbytes = 0 if kv is None else kv.numel() * kv.element_size()
                 runner.free_kv_cache()
                 self.core.block_manager.reset()
                 self.sleeping[tag] = nbytes
@@ -289,7 +290,7 @@ class ControlPlane:
             return self._update_discarded(kwargs["path"], None, kwargs.get("version"), kwargs.get("checksums"))
         return self.weights.update(reply, **kwargs)   # None: the worker stages, weights_done replies
 
-    def op_weights_done(self, reply: Future, job: object = None, result: object = None) -> None:
+    def op_weights_done(self, reply: Future, job: object = None, result: Future | None = None) -> None:
         done = self.weights.finish(job, result)
         if done is None:
             reply.set_exception(EngineError("weights_done: no such weight job (an internal message)"))
@@ -466,6 +467,9 @@ def _reread_source(core: EngineCore) -> dict[str, torch.Tensor]:
     """The discarded weights, read again from their checkpoint, refused unless the files are the
     ones that were loaded (before and after the read: an overwrite mid-read is caught too)."""
     source, root = core.weight_source, core.config.weights_root
+    if source is None:
+        raise EngineError("wake_up(weights): the weights came from no checkpoint (load_format='dummy') "
+                          "and no copy was kept: there is nothing to read them back from")
     what = f"wake_up(weights): the checkpoint at {source!r}"
     try:
         _check_unchanged(core, what, checkpoint_fingerprint(source, root))

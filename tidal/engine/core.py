@@ -219,7 +219,8 @@ class EngineCore:
     def _resolve(self, batch, handle: StepHandle) -> None:
         sampled = self.runner.collect(handle)
         prompt = self.runner.collect_prompt_logprobs(handle)
-        touched = self.scheduler.resolve(batch, sampled, self.weight_version, self._check_stop, prompt)
+        touched = self.scheduler.resolve(batch, sampled, self.weight_version, prompt)
+        self.runner.free_requests(r for r in touched if r.finished)
         self._emit(touched)
 
     # -- requests ------------------------------------------------------------------------
@@ -280,28 +281,6 @@ class EngineCore:
             self.tokenizer = load_tokenizer(self.model_path)
         return IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
 
-    def _check_stop(self, req: Request) -> tuple[str, int | str | None] | None:
-        p = req.params
-        n_out = req.num_resolved_output_tokens
-        token = req.token_ids[req.num_prompt_tokens + n_out - 1]
-        if n_out >= p.min_tokens:
-            if token in p.stop_token_ids:
-                return "stop", token
-            if not p.ignore_eos and token in req.eos_token_ids:
-                return "stop", token
-            if req.detokenizer is not None:
-                from tidal.engine.detokenizer import find_stop
-                before = len(req.detokenizer.text)
-                req.detokenizer.push([token])
-                hit = find_stop(req.detokenizer.text, p.stop, before)
-                if hit is not None:
-                    return "stop", hit[1]
-        elif req.detokenizer is not None:
-            req.detokenizer.push([token])
-        if req.ends_by_length(n_out):
-            return "length", None
-        return None
-
     def find_requests(self, request_ids: list[str] | None) -> list[Request]:
         """Every live sample (running, waiting, held, pending forks) of the given ids."""
         live = self.scheduler.live_requests()
@@ -333,6 +312,7 @@ class EngineCore:
             req.pending_forks = []  # they are in `reqs` too (find_requests lists them)
             self.scheduler.finish(req, reason)
             ended.append(req)
+        self.runner.free_requests(ended)
         self._emit(ended, error=error, error_type=error_type)
 
     def _finish_all(self, reason: str, error: str | None = None, error_type: str | None = None) -> None:

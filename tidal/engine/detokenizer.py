@@ -79,19 +79,23 @@ class IncrementalDetokenizer:
 def _decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]:
     """tokenizer.decode without clean-up; straight to the Rust tokenizer when that is all a
     fast tokenizer's decode does (several times less overhead per call)."""
-    try:
-        from transformers import PreTrainedTokenizerFast
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-    except ImportError:
-        PreTrainedTokenizerFast = None
-    cls = type(tokenizer)
-    if (PreTrainedTokenizerFast is not None and isinstance(tokenizer, PreTrainedTokenizerFast)
-            and cls._decode is PreTrainedTokenizerFast._decode
-            and cls.decode is PreTrainedTokenizerBase.decode):
+    if _plain_fast(tokenizer):
         backend = tokenizer.backend_tokenizer
         return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
                                         clean_up_tokenization_spaces=False)
+
+
+def _plain_fast(tokenizer) -> bool:
+    """A fast tokenizer whose decode is transformers' own (no subclass override to honour)."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:
+        return False
+    cls = type(tokenizer)
+    return (isinstance(tokenizer, PreTrainedTokenizerFast) and cls._decode is PreTrainedTokenizerFast._decode
+            and cls.decode is PreTrainedTokenizerBase.decode)
 
 
 def find_stop(text: str, stop: list[str], start: int) -> tuple[int, str] | None:

@@ -22,7 +22,7 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
 
-    def process(self, prompt: Prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+    def process(self, prompt: Prompt | None, params: SamplingParams) -> tuple[str | None, list[int]]:
         """Token ids of `prompt`, or a ValueError naming what is wrong. Changes no state."""
         if isinstance(prompt, str):
             if not prompt:
@@ -55,7 +55,7 @@ class RequestState:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    tokenizer: object | None
+    tokenizer: Any   # a transformers tokenizer, or None
     stream: bool = False
     completions: list[CompletionOutput] = field(default_factory=list)
     detoks: list = field(default_factory=list)
@@ -156,7 +156,7 @@ class RequestState:
                             self.num_cached_tokens, decode=self.decode)
         if with_prompt and self.prompt_logprobs is not None:
             out.prompt_token_logprobs = list(self.prompt_logprobs)
-            out.prompt_token_ranks = list(self.prompt_ranks)
+            out.prompt_token_ranks = list(self.prompt_ranks or ())
             if self.prompt_top_logprobs is not None:
                 out.prompt_top_logprobs = list(self.prompt_top_logprobs)
         return out

@@ -44,11 +44,7 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.watermark_blocks = int(watermark * num_blocks)
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
-        self.prefix_hits = 0       # tokens served from the prefix cache (metrics)
-        self.prefix_queries = 0
+        self.reset()
 
     # -- queries -------------------------------------------------------------------------
     @property
@@ -175,8 +171,12 @@ class BlockManager:
         self.hash_to_block.clear()
 
     def reset(self) -> None:
-        """Every block free and uncached (used when the KV pool itself is released)."""
-        self.__init__(self.num_blocks, self.block_size, self.enable_prefix_caching)
+        """Every block free and uncached (also used when the KV pool itself is released)."""
+        self.blocks = [Block(i) for i in range(self.num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(self.num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.prefix_hits = 0       # tokens served from the prefix cache (metrics)
+        self.prefix_queries = 0
 
     # -- internals -----------------------------------------------------------------------
     def _take(self, b: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -59,7 +59,8 @@ class LLM:
         if (isinstance(prompts, (str, Mapping))
                 or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))):
             prompts = [prompts]
-        prompts = [unwrap_prompt(p) for p in prompts]
+        # a batch now: one text, token-id list or vLLM dict was wrapped just above
+        prompts = [unwrap_prompt(p) for p in cast("Sequence[PromptInput]", prompts)]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -92,10 +93,11 @@ class LLM:
         with the tokenizer's chat template (or `chat_template`), then generated."""
         if self.tokenizer is None:
             raise ValueError("chat: the model has no tokenizer, so no chat template: use generate with token ids")
+        conversations: list[Any]   # each checked below
         if isinstance(messages, Sequence) and messages and isinstance(messages[0], Mapping):
             conversations = [messages]
         else:
-            conversations = list(messages)
+            conversations = [*messages]
         if add_generation_prompt and continue_final_message:
             raise ValueError("chat: add_generation_prompt=True and continue_final_message=True are invalid "
                              "together: expected at most one of them")
@@ -157,7 +159,9 @@ class LLM:
         sleep(1)) from anywhere: pauses first (offline, nothing is running between generate
         calls; anything that is ends with "abort"), then sleeps kv_cache and weights (level 2:
         discarded); wake_up resumes once nothing sleeps."""
-        if isinstance(tags, int) and not isinstance(tags, bool):
+        if isinstance(tags, bool):
+            raise ValueError(f"sleep(tags={tags!r}) is invalid: expected a list of tags or a level (1 or 2)")
+        if isinstance(tags, int):
             tags, level = None, tags
         if level is None:
             return self._control("sleep", timeout_s, tags=None if tags is None else list(tags), discard=discard)

@@ -4,10 +4,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tidal.outputs import WeightSpan
 from tidal.runner.batch import PLACEHOLDER
 from tidal.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tidal.engine.detokenizer import IncrementalDetokenizer
 
 
 class RequestStatus(enum.Enum):
@@ -48,7 +52,7 @@ class Request:
     # fork from it, sharing its blocks (see Scheduler.update).
     pending_forks: list[Request] = field(default_factory=list)
     num_preemptions: int = 0
-    detokenizer: object | None = None  # only for requests with stop strings
+    detokenizer: IncrementalDetokenizer | None = None  # only for requests with stop strings
     num_sent_tokens: int = 0           # outputs already handed to the output path
     final_only: bool = False           # one output, when finished (no per-token deltas)
     # Overlap scheduling (see EngineCore.step): a sampled token whose step is still on the device
@@ -57,7 +61,6 @@ class Request:
     num_pending: int = 0
     pending_row: int = -1              # row of the newest placeholder in its step's sampled tokens
     pending_step: int = -1             # which step that is
-    sampling_row: tuple | None = None  # cached per-request sampling parameters (ModelRunner)
     num_prompt_tokens: int = field(init=False, default=0)  # the prompt never changes
 
     def __post_init__(self) -> None:

@@ -16,11 +16,11 @@ returns what it has with `needs_sync` set, and the next schedule runs after step
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 
 from tidal.config import EngineConfig
 from tidal.engine.kv_cache import BlockManager
 from tidal.engine.request import Request, RequestStatus
+from tidal.engine.stop import check_stop
 from tidal.runner.batch import PromptLogprobs, SampledToken, ScheduledBatch  # noqa: F401 (SampledToken: re-exported)
 
 
@@ -52,7 +52,7 @@ class Scheduler:
     # -- one step ------------------------------------------------------------------------
     def schedule(self, admit: bool = True, lookahead: bool = False) -> ScheduledBatch:
         """The next step's rows. lookahead: the previous step is still in flight (see module doc)."""
-        batch = ScheduledBatch()
+        batch: ScheduledBatch[Request] = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
         i = 0
@@ -115,12 +115,11 @@ class Scheduler:
                 row += len(group)
 
     def resolve(self, batch: ScheduledBatch, sampled: list[SampledToken], weight_version: int,
-                check_stop: Callable[[Request], tuple[str, int | str | None] | None],
                 prompt: dict[int, PromptLogprobs] | None = None) -> list[Request]:
         """When the step's tokens are back: record prompt logprobs, fill the placeholders, fork
-        n-sample prompts, cache full blocks, check stops, end scoring requests whose prompt is
-        done ("length"). Returns the requests that got a token or ended (finished ones included).
-        Rows of requests that ended while the step was in flight are dropped."""
+        n-sample prompts, cache full blocks, check stops (tidal/engine/stop.py), end scoring requests
+        whose prompt is done ("length"). Returns the requests that got a token or ended (finished
+        ones included). Rows of requests that ended while the step was in flight are dropped."""
         touched: list[Request] = []
         for b, chunk in (prompt or {}).items():
             req = batch.reqs[b]

@@ -130,7 +130,14 @@ def join_group(master_address: str, master_port: int, rank: int, world_size: int
                backend: str, timeout_s: float) -> TransferGroup:
     """Rendezvous at tcp://master_address:master_port as `rank` and build the named group. Blocks
     until every rank has arrived or `timeout_s` passes."""
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+    from torch.distributed.distributed_c10d import (
+        Backend,
+        GroupName,
+        PrefixStore,
+        _new_process_group_helper,
+        _world,
+        rendezvous,
+    )
     timeout = timedelta(seconds=timeout_s)
     host = f"[{master_address}]" if ":" in master_address else master_address
     store, rank, world_size = next(rendezvous(f"tcp://{host}:{master_port}", rank, world_size, timeout=timeout))
@@ -138,7 +145,7 @@ def join_group(master_address: str, master_port: int, rank: int, world_size: int
     # The prefix keeps our keys apart from anything else using the trainer's store; the trainer
     # side (SGLang's init_custom_process_group and its copies) uses the same one.
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
-                                      group_name=group_name, timeout=timeout)
+                                      group_name=GroupName(group_name), timeout=timeout)
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}  # group rank == rank in the group
     return TransferGroup(group_name, backend, rank, world_size, timeout_s, pg)
 

@@ -160,11 +160,13 @@ class WeightManager:
         # A daemon thread: one stuck in a collective must not hold the process at exit.
         threading.Thread(target=_run, args=(work, fut), name="tidal-weights", daemon=True).start()
 
-    def finish(self, job: object, result: Future) -> tuple[_Job, dict | BaseException] | None:
+    def finish(self, job: object, result: Future | None) -> tuple[_Job, dict | BaseException] | None:
         """Core thread: the worker finished `job`; apply or clean up. Returns what to reply."""
-        if job is not self.job:  # not ours (or forged over the wire): nothing to do
+        mine = self.job
+        if mine is None or job is not mine or result is None:  # not ours (or forged over the wire): nothing to do
             return None
         self.job = None
+        job = mine
         try:
             return job, job.done(result.result(), job)
         except BaseException as e:
@@ -259,8 +261,9 @@ class WeightManager:
             raise EngineInvalidInput("version", version, "a non-negative integer")
         deadline = time.monotonic() + (DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s))
         if source in ("distributed", "shm", "ipc"):
-            return self._update_declared(reply, source, version, checksums, group_name, tensors, layout,
-                                         buckets, shm_path, ipc_handles, commit, deadline, staging)
+            self._update_declared(reply, source, version, checksums, group_name, tensors, layout,
+                                  buckets, shm_path, ipc_handles, commit, deadline, staging)
+            return None
         self._precheck("update_weights")
         core = self.core
         if version is not None and version == core.weight_version and self.fenced is None:
@@ -308,6 +311,7 @@ class WeightManager:
             if g is None or (group_name is not None and group_name != g.name):
                 raise EngineInvalidInput("group_name", group_name, "the name of a group joined with "
                                          f"init_weight_transfer (now: {None if g is None else g.name!r})")
+            group = g   # narrowed: the closures below see a TransferGroup
             parsed = wt.parse_buckets(buckets) if layout == "bucketed" else None
             specs = [s for b in parsed for s in b.tensors] if parsed else wt.parse_specs(tensors)
         else:
@@ -324,15 +328,15 @@ class WeightManager:
             # Rejected before anything is applied: still take part in the declared broadcasts,
             # so a trainer that did not wait for our answer is not left blocked in a collective.
             def discard() -> None:
-                wt.discard_declared(g, specs, parsed, deadline)
+                wt.discard_declared(group, specs, parsed, deadline)
                 raise rejected
             self._start("update_weights", reply, discard, lambda _, job: {}, lambda e: self._teardown())
             return None
         torn = (lambda e: self._teardown()) if source == "distributed" else None
         if staging == "in_place":
             if source == "distributed":
-                items = (lambda: wt.iter_buckets(g, parsed, device, deadline)) if parsed else \
-                    (lambda: wt.iter_per_tensor(g, specs, device, deadline))
+                items = (lambda: wt.iter_buckets(group, parsed, device, deadline)) if parsed else \
+                    (lambda: wt.iter_per_tensor(group, specs, device, deadline))
             elif source == "shm":
                 shm = wt.check_shm_path(shm_path)
                 items = lambda: wt.iter_shm(shm, specs)  # noqa: E731
@@ -341,8 +345,8 @@ class WeightManager:
             self._write_in_place(reply, items, checksums, None, version, None, commit, lambda w: None, torn)
             return None
         if source == "distributed":
-            recv = (lambda: wt.receive_buckets(g, parsed, device, deadline)) if parsed else \
-                (lambda: wt.receive_per_tensor(g, specs, device, deadline))
+            recv = (lambda: wt.receive_buckets(group, parsed, device, deadline)) if parsed else \
+                (lambda: wt.receive_per_tensor(group, specs, device, deadline))
         elif source == "shm":
             path = wt.check_shm_path(shm_path)
             recv = lambda: wt.receive_shm(path, specs, device)  # noqa: E731

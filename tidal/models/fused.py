@@ -42,7 +42,7 @@ def use_fused_kernels(model: torch.nn.Module, mode: str, device: torch.device) -
     on = triton is not None and (mode == "on" or (mode == "auto" and device.type == "cuda"))
     for m in model.modules():
         if hasattr(m, "fused"):
-            m.fused = on
+            setattr(m, "fused", on)   # noqa: B010 (nn.Module's own __setattr__ types exclude a bool)
     return on
 
 

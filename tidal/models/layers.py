@@ -203,6 +203,8 @@ class RotaryEmbedding(nn.Module):
     """Neox-style RoPE (rotate halves) from a precomputed float32 cos/sin table, indexed by
     position on the device so the forward stays free of host syncs."""
 
+    cos_sin: torch.Tensor   # a buffer: [max_position, head_dim] float32, cos | sin
+
     def __init__(self, rope: RopeConfig, head_dim: int, max_position: int):
         super().__init__()
         target = torch.get_default_device()

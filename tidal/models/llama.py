@@ -37,8 +37,8 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, arch.qkv_bias, dtype)
         self.o_proj = Linear(self.q_size, arch.hidden_size, arch.o_bias, dtype)
         if arch.qk_norm:
-            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
+            self.q_norm: RMSNorm | None = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
+            self.k_norm: RMSNorm | None = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
         self.fused = False   # tidal.models.fused.use_fused_kernels
@@ -49,15 +49,15 @@ class Attention(nn.Module):
         # q and k side by side as [T, Hq + Hkv, D] so RoPE runs once over both; the attention
         # backends take strided q/k/v (contiguous head_dim only), so no copies are needed.
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        qn, kn = self.q_norm, self.k_norm
         if self.fused:
-            norm = self.q_norm is not None
             qk = qk_norm_rope(qkv, Hq, self.num_kv_heads, self.head_dim, rope.positions, rope.table,
-                              self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
-                              self.q_norm.eps if norm else 0.0)
+                              None if qn is None else qn.weight, None if kn is None else kn.weight,
+                              0.0 if qn is None else qn.eps)
         else:
             qk = qkv[:, : self.q_size + self.kv_size].view(T, Hq + self.num_kv_heads, self.head_dim)
-            if self.q_norm is not None:
-                qk = torch.cat([self.q_norm(qk[:, :Hq]), self.k_norm(qk[:, Hq:])], dim=1)
+            if qn is not None and kn is not None:
+                qk = torch.cat([qn(qk[:, :Hq]), kn(qk[:, Hq:])], dim=1)
             qk = apply_rope(qk, *rope.cos_sin())
         o = ctx.attend(self.layer_idx, qk[:, :Hq], qk[:, Hq:], v, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
@@ -227,9 +227,10 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             self.check_weight(name, tensor)
-            if name.endswith(IGNORED_SUFFIXES):
+            view = self.live_view(name)
+            if view is None:   # a buffer the model ignores
                 continue
-            self.live_view(name).copy_(tensor)
+            view.copy_(tensor)
             loaded.add(name)
         return loaded
 

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from tidal.models.config import as_config_dict
 from tidal.models.llama import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
-_MODELS: dict[str, type[nn.Module]] = {
+# Each class has LlamaForCausalLM's interface (arch, load_weights, live_view): the loader uses it.
+_MODELS: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
 
-def register_model(architecture: str, cls: type[nn.Module]) -> None:
+def register_model(architecture: str, cls: type[LlamaForCausalLM]) -> None:
     _MODELS[architecture] = cls
 
 

@@ -114,7 +114,8 @@ class Router:
             return StreamingResponse(self._sse(flight), media_type="text/event-stream", headers=headers)
         events = flight.events()
         try:
-            resp = _json(_aggregate(flight, [ev async for ev in events]))
+            # not streaming: every event is an object (raw upstream text is passed on only to streams)
+            resp = _json(_aggregate(flight, [ev async for ev in events if isinstance(ev, dict)]))
         finally:
             await events.aclose()
         resp.headers.update(headers)
@@ -126,7 +127,7 @@ class Router:
             async for ev in events:
                 yield b"data: " + (ev.encode() if isinstance(ev, str) else _encode(ev)) + b"\n\n"
             if flight.wants_usage and flight.surface != "generate":
-                last = {"id": flight.rid, "object": _chunk_object(flight), "created": flight.created,
+                last: dict[str, Any] = {"id": flight.rid, "object": _chunk_object(flight), "created": flight.created,
                         "model": flight.model, "choices": [], "usage": flight.usage()}
                 yield b"data: " + json.dumps(last).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"

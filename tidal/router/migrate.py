@@ -22,7 +22,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -148,7 +148,7 @@ class Flight:
         self._weight = 0
 
     # -- events in the client's surface ------------------------------------------------------
-    async def events(self) -> AsyncIterator[dict]:
+    async def events(self) -> AsyncGenerator[dict | str, None]:
         """Every event the client should see, in its surface's shape, ending each sample once."""
         try:
             segment = 0
@@ -185,7 +185,7 @@ class Flight:
             s.moved_at.append(len(s.tokens))
         return True
 
-    async def _run_segment(self, segment: int) -> AsyncIterator[dict]:
+    async def _run_segment(self, segment: int) -> AsyncGenerator[dict | str, None]:
         rep = self.replica
         assert rep is not None
         queue: asyncio.Queue = asyncio.Queue()
@@ -227,6 +227,8 @@ class Flight:
                     request: tuple[Replica, dict] | None) -> None:
         try:
             if resp is None:
+                if request is None:
+                    raise ValueError("_pump: expected an open response or a request to send")
                 rep, body = request
                 resp = await self._send(rep, "/generate", body)
                 if resp.status_code != 200:
@@ -287,7 +289,7 @@ class Flight:
             usage = obj.get("usage") or {}
             self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
             return []
-        out = []
+        out: list[dict | str] = []
         for c in obj["choices"]:
             s = self.samples[int(c["index"])]
             s.add(c.get("token_ids") or [], c.get("weight_version"))
@@ -308,7 +310,7 @@ class Flight:
             return {}
         return {"weight_spans": [list(x) for x in s.spans], "moved_at": list(s.moved_at)}
 
-    def _absorb_continuation(self, s: Sample, obj: dict) -> list[dict]:
+    def _absorb_continuation(self, s: Sample, obj: dict) -> list[dict | str]:
         ids = obj.get("output_ids") or []
         s.add(ids, obj.get("weight_version"))
         s.finish = obj.get("finish_reason")
@@ -386,8 +388,11 @@ class Flight:
         return [c["prompt_token_ids"] for c in sorted(data["choices"], key=lambda c: c["index"])]
 
     def _continuation_body(self, s: Sample, rid: str, rep: Replica) -> dict:
-        b = self.body
-        ids = self.prompt_ids[s.prompt_index] + s.tokens
+        b, prompts = self.body, self.prompt_ids
+        if prompts is None:
+            raise ValueError("a continuation needs the prompt's token ids, which are not known yet")
+        ids = prompts[s.prompt_index] + s.tokens
+        budget: int | None
         if self.surface == "generate":
             sp = dict(b.get("sampling_params") or {})
             budget = int(sp.pop("max_new_tokens", None) or sp.get("max_tokens") or 16)
@@ -411,7 +416,7 @@ class Flight:
         produced = len(s.tokens)
         if budget is None:
             limit = rep.weights.get("max_model_len") or (len(ids) + 1)
-            budget = limit - len(self.prompt_ids[s.prompt_index])
+            budget = limit - len(prompts[s.prompt_index])
         sp.update(n=1, max_tokens=max(1, int(budget) - produced),
                   min_tokens=max(0, int(sp.get("min_tokens") or 0) - produced))
         # every continuation is a /generate stream: the router reads each event's new tokens

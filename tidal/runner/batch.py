@@ -11,7 +11,7 @@ PLACEHOLDER = -1  # token id of a sampled token not yet copied back from the dev
 
 
 class BatchRequest(Protocol):
-    """The fields of a request that the runner reads (and `sampling_row`, its cache slot)."""
+    """The fields of a request that the runner reads; it writes none (its caches are its own)."""
     request_id: str
     params: SamplingParams
     seed: int
@@ -22,7 +22,6 @@ class BatchRequest(Protocol):
     num_pending: int
     pending_row: int
     pending_step: int
-    sampling_row: tuple | None
     num_prompt_tokens: int
     prompt_logprobs: list[float]
 

@@ -9,11 +9,17 @@ was not collected yet) takes the token from that step's sampled tensor, on the d
 
 Decode steps replay CUDA graphs (one per batch-size bucket) unless `enforce_eager`; the graphs are
 built at start-up and again after the KV cache or the weights moved (sleep / wake).
+
+The runner keeps its own per-request state (`sampling_rows`) and writes nothing into the requests
+it is given. One file, past 400 lines, for one job: a batch in, one device step, tokens out; the
+staging buffers and the step handle exist only for that.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,8 +37,11 @@ from tidal.runner.sampler import (
     SamplingTensors,
     apply_penalties,
     apply_token_bans,
-    logprobs_of,
+    token_logprobs,
 )
+
+if TYPE_CHECKING:
+    from tidal.runner.cuda_graph import CudaGraphRunner
 
 _ALIGN_BYTES = 16
 # Rows longer than this get their positions and slots computed with numpy instead of Python ints.
@@ -64,8 +73,8 @@ class StepHandle:
     host_logprobs: torch.Tensor | None = None
     host_top_ids: torch.Tensor | None = None
     host_top_logprobs: torch.Tensor | None = None
-    top_k: list[int] | None = None         # per target: how many alternatives it asked for
-    want_logprobs: list[bool] | None = None
+    top_k: list[int] = field(default_factory=list)           # per target: how many alternatives it asked for
+    want_logprobs: list[bool] = field(default_factory=list)  # per target (set with token_ids)
     host_ranks: torch.Tensor | None = None
     prompt_spans: list[tuple[int, int, int]] | None = None  # StepInputs.prompt_spans
     host_prompt: list[torch.Tensor] | None = None  # logprobs, ranks[, top ids, top logprobs]
@@ -138,12 +147,16 @@ class ModelRunner:
         self.block_size = config.block_size
         self.backend = self._attention_backend()
         self.sampler = Sampler()
+        # The runner's own per-request cache: each live request's packed sampling parameters,
+        # keyed by the request itself (ids are the client's: the n samples of a prompt share one,
+        # and an ended request's id can come back). The engine frees entries as requests finish.
+        self.sampling_rows: dict[BatchRequest, tuple] = {}
         self.num_blocks = config.num_kv_blocks or self._profile_num_blocks()
         self.kv_cache: torch.Tensor | None = None
         self.allocate_kv_cache()
         self.staging = _Staging(self.device)
         self.use_graphs = self.device.type == "cuda" and not config.enforce_eager
-        self.graphs = None  # CUDA-graph runner for decode (GPU only); rebuilt after sleep / wake
+        self.graphs: CudaGraphRunner | None = None  # decode graphs (GPU only); rebuilt after sleep / wake
         self._ensure_graphs()
 
     def _set_numerics(self) -> None:
@@ -192,7 +205,8 @@ class ModelRunner:
         self.invalidate_graphs()
 
     def release(self) -> None:
-        """Drop the KV cache, the graphs and the weights (engine shut down)."""
+        """Drop the KV cache, the graphs, the weights and the per-request caches (engine shut down)."""
+        self.sampling_rows.clear()
         self.free_kv_cache()
         self.model = None
         if self.device.type == "cuda":
@@ -211,6 +225,12 @@ class ModelRunner:
             max_blocks = -(-self.max_model_len // self.block_size)
             self.graphs = CudaGraphRunner(self.model, self.kv_cache, self.backend, self.config.max_num_seqs,
                                           max_blocks, self.block_size)
+
+    # -- per-request caches --------------------------------------------------------------
+    def free_requests(self, reqs: Iterable[BatchRequest]) -> None:
+        """Forget what the runner cached for these requests (they finished)."""
+        for r in reqs:
+            self.sampling_rows.pop(r, None)
 
     # -- one step ------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch, prev: StepHandle | None = None) -> StepInputs:
@@ -264,7 +284,7 @@ class ModelRunner:
         input_ids, pos_d, slots_d, rows_d, fix_rows_d, fix_from_d = self.staging.upload("inputs64", longs, torch.int64)
         qsl_d, seq_lens_d, tables_d = self.staging.upload("inputs32", ints, torch.int32)
         if fix_rows:
-            input_ids.index_copy_(0, fix_rows_d, prev.token_ids.index_select(0, fix_from_d))
+            input_ids.index_copy_(0, fix_rows_d, _sampled_ids(prev).index_select(0, fix_from_d))
         meta = AttentionMetadata(
             slot_mapping=slots_d, query_start_loc=qsl_d, seq_lens=seq_lens_d, block_tables=tables_d,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
@@ -290,7 +310,7 @@ class ModelRunner:
             return
         rows.extend(range(base + lo - start, base + hi - start))
         targets.extend(req.token_ids[lo + 1:hi + 1])
-        spans.append((b, hi - lo, req.params.prompt_logprobs))
+        spans.append((b, hi - lo, req.params.prompt_logprobs or 0))
 
     @staticmethod
     def _pending_row(req: BatchRequest, prev: StepHandle | None) -> int:
@@ -303,13 +323,15 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, step: int, prev: StepHandle | None = None) -> StepHandle:
         """Enqueue one step on the device; returns without waiting for it."""
-        assert self.kv_cache is not None, "forward pass while the KV cache is released (asleep)"
+        kv = self.kv_cache
+        if kv is None:
+            raise RuntimeError("forward pass while the KV cache is released (asleep)")
         self._ensure_graphs()
         self.staging.flip()
         if batch.blocks_to_copy:
-            self._copy_blocks(batch.blocks_to_copy)
+            _copy_blocks(kv, batch.blocks_to_copy)
         inputs = self.prepare(batch, prev)
-        ctx = ForwardContext(inputs.meta, self.kv_cache, self.backend)
+        ctx = ForwardContext(inputs.meta, kv, self.backend)
         if self.graphs is not None and self.graphs.can_run(inputs):
             hidden = self.graphs.run(inputs)
         else:
@@ -328,21 +350,23 @@ class ModelRunner:
 
     def _score_prompt(self, hidden: torch.Tensor, inputs: StepInputs, h: StepHandle) -> None:
         """Raw logprobs (the model's distribution) of the prompt tokens this step scores."""
-        k = max(span[2] for span in inputs.prompt_spans)
+        rows, targets, spans = inputs.prompt_rows, inputs.prompt_targets, inputs.prompt_spans
+        if rows is None or targets is None or spans is None:
+            return
+        k = max(span[2] for span in spans)
         parts: list[list[torch.Tensor]] = []
-        rows, targets = inputs.prompt_rows, inputs.prompt_targets
         for a in range(0, rows.shape[0], _PROMPT_ROWS_PER_PASS):
             logits = self.model.compute_logits(hidden.index_select(0, rows[a:a + _PROMPT_ROWS_PER_PASS])).float()
-            out = logprobs_of(logits, targets[a:a + _PROMPT_ROWS_PER_PASS], k)
-            parts.append([out.logprobs, out.ranks] + ([out.top_token_ids, out.top_logprobs] if k else []))
+            lps, ranks, top_ids, top_lps = token_logprobs(logits, targets[a:a + _PROMPT_ROWS_PER_PASS], k)
+            parts.append([lps, ranks, *(t for t in (top_ids, top_lps) if t is not None)])
         keys = ("p_lps", "p_ranks", "p_top_ids", "p_top_lps")
         h.host_prompt = [self._to_host(key, torch.cat([p[i] for p in parts]))
                          for i, key in enumerate(keys[:len(parts[0])])]
-        h.prompt_spans = inputs.prompt_spans
+        h.prompt_spans = spans
 
     def collect_prompt_logprobs(self, h: StepHandle) -> dict[int, PromptLogprobs]:
         """Per batch row, the prompt logprobs a collected step computed (after `collect`)."""
-        if h.host_prompt is None:
+        if h.host_prompt is None or h.prompt_spans is None:
             return {}
         if h.ready is not None:
             h.ready.synchronize()
@@ -360,7 +384,7 @@ class ModelRunner:
 
     def collect(self, h: StepHandle) -> list[SampledToken]:
         """Wait for a launched step's tokens (the one host sync of a step)."""
-        if h.token_ids is None:
+        if h.token_ids is None or h.host_ids is None:
             return []
         if h.ready is not None:
             h.ready.synchronize()
@@ -368,7 +392,7 @@ class ModelRunner:
         lps = h.host_logprobs.tolist() if h.host_logprobs is not None else [None] * len(ids)
         ranks = h.host_ranks.tolist() if h.host_ranks is not None else [None] * len(ids)
         tops: list[dict[int, float] | None] = [None] * len(ids)
-        if h.host_top_ids is not None:
+        if h.host_top_ids is not None and h.host_top_logprobs is not None:
             top_ids, top_lps = h.host_top_ids.tolist(), h.host_top_logprobs.tolist()
             for i, k in enumerate(h.top_k):
                 if k > 0:
@@ -378,10 +402,11 @@ class ModelRunner:
 
     def _sampling_tensors(self, targets: list[BatchRequest]) -> SamplingTensors:
         rows = []
+        cache = self.sampling_rows
         for r in targets:
-            row = r.sampling_row
+            row = cache.get(r)
             if row is None:
-                row = r.sampling_row = SamplingTensors.row(r.params, r.seed, self.config.logprobs_mode)
+                row = cache[r] = SamplingTensors.row(r.params, r.seed, self.config.logprobs_mode)
             rows.append(row)
         return SamplingTensors.from_rows(rows, [r.num_output_tokens for r in targets], self.staging)
 
@@ -415,7 +440,7 @@ class ModelRunner:
         pr, pi, orows, oids, prow, pfrom = self.staging.upload("penalty_i64", arrays, torch.int64)
         if pend_rows:
             orows = torch.cat([orows, prow])
-            oids = torch.cat([oids, prev.token_ids.index_select(0, pfrom)])
+            oids = torch.cat([oids, _sampled_ids(prev).index_select(0, pfrom)])
         return PenaltyTensors(f_dev[0], f_dev[1], f_dev[2], pr, pi, orows, oids)
 
     def _sample(self, logits: torch.Tensor, targets: list[BatchRequest], step: int,
@@ -442,10 +467,10 @@ class ModelRunner:
         n = len(targets)
         h = StepHandle(step, out.token_ids, want_logprobs=[r.params.logprobs is not None for r in targets])
         h.host_ids = self._to_host("ids", out.token_ids)
-        if out.logprobs is not None:
+        if out.logprobs is not None and out.ranks is not None:
             h.host_logprobs = self._to_host("lps", out.logprobs.float())
             h.host_ranks = self._to_host("ranks", out.ranks)
-        if out.top_token_ids is not None:
+        if out.top_token_ids is not None and out.top_logprobs is not None:
             h.top_k = [r.params.logprobs or 0 for r in targets]
             h.host_top_ids = self._to_host("top_ids", out.top_token_ids)
             h.host_top_logprobs = self._to_host("top_lps", out.top_logprobs.float())
@@ -460,10 +485,19 @@ class ModelRunner:
         buf.copy_(t, non_blocking=True)
         return buf
 
-    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
-        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+
+def _copy_blocks(kv: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    src = torch.tensor([s for s, _ in pairs], device=kv.device)
+    dst = torch.tensor([d for _, d in pairs], device=kv.device)
+    kv[:, :, dst] = kv[:, :, src]
+
+
+def _sampled_ids(prev: StepHandle | None) -> torch.Tensor:
+    """The device token ids of the step in flight, which placeholder inputs are read from."""
+    if prev is None or prev.token_ids is None:
+        raise RuntimeError("a placeholder input token, but the step in flight sampled nothing")
+    return prev.token_ids
 
 
 def _block_tables(reqs: list[BatchRequest]) -> np.ndarray:

@@ -24,6 +24,9 @@ processed = raw apart from token bans, as vLLM's "processed_logprobs").
 
 Penalties (vLLM's semantics, `apply_penalties`) change the logits before all of this, so greedy
 and sampled tokens and processed logprobs see them; raw logprobs do not.
+
+One file, past 400 lines, for one job (logits in, tokens and logprobs out): the torch and Triton
+forms of the race must stay the same function, so they sit side by side.
 """
 from __future__ import annotations
 
@@ -168,7 +171,7 @@ class Sampler:
         if t.max_num_logprobs < 0:
             return SamplerOutput(token_ids, None, None, None)
         src = logits if raw_logits is None else raw_logits.float()
-        if want_processed:
+        if want_processed and t.processed is not None:
             # Greedy rows: temperature 1 and no filters, so their processed logits are the logits.
             proc = logits if processed is None else processed
             src = proc if t.all_processed else torch.where(t.processed[:, None], proc, src)
@@ -192,7 +195,7 @@ class Sampler:
             cum = xs.softmax(dim=-1).cumsum_(dim=-1)
             drop = (cum[:, :-1] >= t.top_p[:, None]) & (t.top_p < 1.0)[:, None]
             xs[:, 1:].masked_fill_(drop, -_INF)
-            floor = xs[:, :1] + log_min_p if t.any_min_p else None
+            floor = None if log_min_p is None else xs[:, :1] + log_min_p
             winner = self._race(xs, floor, t, order)
             processed = None
             if want_processed:
@@ -207,7 +210,7 @@ class Sampler:
             top_vals = x.topk(kmax, dim=-1, sorted=True).values
             kth = top_vals.gather(1, (t.top_k.clamp(1, kmax) - 1)[:, None])
             floor = torch.where(top_k_on, kth, -_INF)
-        if t.any_min_p:
+        if log_min_p is not None:
             bar = x.amax(dim=-1, keepdim=True) + log_min_p
             floor = bar if floor is None else torch.maximum(floor, bar)
         processed = None
@@ -233,7 +236,8 @@ class Sampler:
             codes = self._codes(x.shape[1], x.device)[None, :]
         else:
             codes = token_codes(ids)
-        return _race_torch(x, floor, keys, codes, self._workspace(*x.shape, x.device))
+        rows, n = x.shape
+        return _race_torch(x, floor, keys, codes, self._workspace(rows, n, x.device))
 
     def _workspace(self, rows: int, n: int, device: torch.device) -> _Workspace:
         if device.type != "cpu":  # the caching allocator makes buffers cheap: don't hold them
@@ -292,15 +296,20 @@ def _race_torch(x: Tensor, floor: Tensor | None, keys: Tensor, codes: Tensor,
 
 def logprobs_of(src: Tensor, token_ids: Tensor, k: int) -> SamplerOutput:
     """log_softmax(src) at `token_ids` with their ranks, and the k best of each row (k > 0)."""
+    logprobs, ranks, top_ids, top_logprobs = token_logprobs(src, token_ids, k)
+    return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs, ranks)
+
+
+def token_logprobs(src: Tensor, token_ids: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(logprobs, ranks, top ids, top logprobs) of logprobs_of; the top pair is None unless k > 0."""
     lse = torch.logsumexp(src, dim=-1, keepdim=True)
     chosen = src.gather(1, token_ids[:, None])
     logprobs = (chosen - lse).squeeze(1)
     ranks = (src > chosen).sum(dim=-1) + 1
-    top_ids = top_logprobs = None
-    if k > 0:
-        top_vals, top_ids = src.topk(min(k, src.shape[-1]), dim=-1)
-        top_logprobs = top_vals - lse
-    return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs, ranks)
+    if k <= 0:
+        return logprobs, ranks, None, None
+    top_vals, top_ids = src.topk(min(k, src.shape[-1]), dim=-1)
+    return logprobs, ranks, top_ids, top_vals - lse
 
 
 @dataclass(slots=True)

@@ -9,7 +9,9 @@ status code; a later failure is an SSE `error` event.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -108,7 +110,8 @@ def create_app(engine_config: EngineConfig, settings: ServerSettings | None = No
                               "Errors answer {\"error\": {message, type, param, code}}.")
     app.state.server = server
     _install(app, server)
-    app.openapi = lambda: _openapi_without_422(app)   # bad input answers 400 here, never 422
+    # Bad input answers 400 here, never 422; replacing app.openapi is FastAPI's documented hook.
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     app.add_middleware(_HTTPGate, metrics=server.metrics, max_body_bytes=settings.max_body_bytes)
     return app
 
@@ -177,7 +180,7 @@ def _param_of_loc(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-def _validation_api_error(errs: list[dict]) -> APIError:
+def _validation_api_error(errs: Sequence[Any]) -> APIError:
     if len(errs) == 1 and errs[0].get("type") == "json_invalid":
         pos = errs[0]["loc"][-1]
         reason = (errs[0].get("ctx") or {}).get("error", "invalid JSON")

@@ -3,7 +3,7 @@ from disk, flush, state; and /health, /metrics."""
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query
 from fastapi.responses import Response
@@ -21,7 +21,7 @@ class ControlRoutes:
         self.core = core
 
     def register(self, app: FastAPI, admin: list) -> None:
-        control = dict(dependencies=admin, responses=CONTROL_ERRORS)
+        control: dict[str, Any] = dict(dependencies=admin, responses=CONTROL_ERRORS)
         app.post("/v1/pause", **control)(self.pause)
         app.post("/v1/resume", **control)(self.resume)
         app.get("/v1/is_paused", **control)(self.is_paused)

@@ -22,12 +22,15 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from tidal.engine.messages import EngineInvalidInput
 from tidal.server import protocol as P
+
+if TYPE_CHECKING:
+    from tidal.engine.core import EngineCore
 
 log = logging.getLogger("tidal.engine_proc")
 
@@ -72,7 +75,7 @@ class EngineProcess:
         self.push = push
         self.heartbeat_s = heartbeat_s
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.core = None
+        self.core: EngineCore | None = None
         self.stats: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._outbox_thread = threading.Thread(target=self._send_loop, name="tidal-outbox", daemon=True)
@@ -101,9 +104,15 @@ class EngineProcess:
         log.debug("engine core started: %s (max_model_len=%d)", core.model_path, core.max_model_len)
         return True
 
+    def _started(self) -> EngineCore:
+        if self.core is None:
+            raise RuntimeError("the engine core has not started: start() failed or was not called")
+        return self.core
+
     # -- intake (main thread) ------------------------------------------------------------
     def serve(self, pull: zmq.Socket, parent_pid: int) -> None:
         from tidal.engine.messages import AbortRequests, ControlCall
+        core = self._started()
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
         while True:
@@ -122,11 +131,11 @@ class EngineProcess:
                 self._reject_undecodable(kind, payload, e)
                 continue
             if kind == P.ADD:
-                self.core.submit(msg)
+                core.submit(msg)
             elif kind == P.ABORT:
-                self.core.submit(AbortRequests(msg.request_ids, self._reply_future(msg.call_id)))
+                core.submit(AbortRequests(msg.request_ids, self._reply_future(msg.call_id)))
             elif kind == P.CONTROL:
-                self.core.submit(ControlCall(msg.op, msg.kwargs, self._reply_future(msg.call_id)))
+                core.submit(ControlCall(msg.op, msg.kwargs, self._reply_future(msg.call_id)))
 
     def _reply_future(self, call_id: int) -> Future:
         fut: Future = Future()
@@ -172,7 +181,7 @@ class EngineProcess:
     def _snapshot(self) -> dict[str, Any] | None:
         # Runs where the reply is completed: the core thread (or anywhere once the core is dead).
         try:
-            snap = self.core.control.snapshot()
+            snap = self._started().control.snapshot()
             snap.pop("last_control_op", None)
             self.stats = snap
             return snap
@@ -182,6 +191,7 @@ class EngineProcess:
     # -- heartbeat -----------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
         from tidal.engine.messages import AbortRequests
+        core = self._started()
         probe: Future | None = None
         sent = 0.0
         while not self._stop.wait(self.heartbeat_s):
@@ -189,8 +199,7 @@ class EngineProcess:
             if probe is None or probe.done():
                 probe, sent = Future(), now
                 probe.add_done_callback(lambda f: self._snapshot())
-                self.core.submit(AbortRequests([], probe))  # a no-op the loop must answer
-            core = self.core
+                core.submit(AbortRequests([], probe))  # a no-op the loop must answer
             self.outbox.put((P.HEARTBEAT, P.Heartbeat(
                 time.time(), core.alive, core.state.value, core.error,
                 0.0 if probe.done() else now - sent, self.stats)))

@@ -8,7 +8,7 @@ request) sends only what is new, which is Tidal's original form and what its rou
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,12 +94,12 @@ class GenerateRoutes:
 
     @staticmethod
     def _prompts(body: S.GenerateRequest) -> tuple[list, bool]:
-        if (body.input_ids is None) == (body.text is None):
-            raise APIError(400, "give exactly one of input_ids or text", param="input_ids")
-        if body.text is not None:
-            return ([body.text], False) if isinstance(body.text, str) else (list(body.text), True)
-        ids = body.input_ids
-        return (list(ids), True) if isinstance(ids[0], list) else ([ids], False)
+        text, ids = body.text, body.input_ids
+        if text is not None and ids is None:
+            return ([text], False) if isinstance(text, str) else (list(text), True)
+        if ids is not None and text is None:
+            return (list(ids), True) if isinstance(ids[0], list) else ([ids], False)
+        raise APIError(400, "give exactly one of input_ids or text", param="input_ids")
 
     @staticmethod
     def _sampling_list(sp, count: int, batch: bool) -> list[S.GenerateSamplingParams]:
@@ -199,7 +199,7 @@ class GenerateRoutes:
     def _entry(self, lp: float | None, tid: int, text: bool) -> list:
         return [lp, tid, self.core.token_text(tid) if text else None]
 
-    def _tops(self, tops: list[dict[int, float] | None], text: bool) -> list:
+    def _tops(self, tops: Sequence[dict[int, float] | None], text: bool) -> list:
         return [None if t is None else [self._entry(v, k, text) for k, v in t.items()] for t in tops]
 
     def _output_logprobs(self, meta: dict, c: CompletionOutput, body: S.GenerateRequest) -> None:
@@ -211,7 +211,7 @@ class GenerateRoutes:
 
     def _input_logprobs(self, meta: dict, o: RequestOutput, start: int, body: S.GenerateRequest) -> None:
         text = body.return_text_in_logprobs
-        ids, lps = o.prompt_token_ids[start:], o.prompt_token_logprobs[start:]
+        ids, lps = o.prompt_token_ids[start:], (o.prompt_token_logprobs or [])[start:]
         meta["input_token_logprobs"] = [self._entry(lp, t, text) for lp, t in zip(lps, ids)]
         if body.top_logprobs_num > 0:
             meta["input_top_logprobs"] = self._tops((o.prompt_top_logprobs or [None] * len(o.prompt_token_ids))[start:],

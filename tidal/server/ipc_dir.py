@@ -30,7 +30,7 @@ def create() -> str:
 def clean_stale(root: str | None = None) -> list[str]:
     """Remove this user's ipc directories whose owner process is gone; returns their paths."""
     root = root or tempfile.gettempdir()
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(root)
     except OSError:

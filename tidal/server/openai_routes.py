@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -61,7 +61,7 @@ class OpenAIRoutes:
         self.core = core
 
     def register(self, app: FastAPI, user: list) -> None:
-        inference = dict(dependencies=user, responses={**JSON_OR_SSE, **INFERENCE_ERRORS})
+        inference: dict[str, Any] = dict(dependencies=user, responses={**JSON_OR_SSE, **INFERENCE_ERRORS})
         app.post("/v1/completions", **inference)(self.completions)
         app.post("/v1/chat/completions", **inference)(self.chat_completions)
         app.get("/v1/models", dependencies=user, responses=error_responses(401, 405))(self.models)
@@ -337,8 +337,8 @@ def top_dict(tt: TokenText, top: dict[int, float], k: int, as_ids: bool) -> dict
     return out
 
 
-def completion_logprobs(tt: TokenText, ids: list[int], lps: list[float | None],
-                        tops: list[dict[int, float] | None] | None, k: int, as_ids: bool, offset: int) -> dict:
+def completion_logprobs(tt: TokenText, ids: list[int], lps: Sequence[float | None],
+                        tops: Sequence[dict[int, float] | None] | None, k: int, as_ids: bool, offset: int) -> dict:
     """/v1/completions' logprobs object for tokens `ids`; text offsets count from `offset`."""
     offsets = []
     for t in ids:

@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +45,9 @@ _PROMPT_FIELDS = ("prompt", "prompt_token_ids")
 _SAMPLING_FIELDS = frozenset(SamplingParams.__slots__)
 INFERENCE_ERRORS = error_responses(400, 401, 404, 405, 409, 413, 503, 504)
 CONTROL_ERRORS = error_responses(400, 401, 403, 405, 409, 413, 503, 504)
-JSON_OR_SSE = {200: {"description": "The result (JSON), or server-sent events with stream=true.",
-                      "content": {"application/json": {}, "text/event-stream": {}}}}
+JSON_OR_SSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The result (JSON), or server-sent events with stream=true.",
+          "content": {"application/json": {}, "text/event-stream": {}}}}
 
 
 @dataclass(slots=True)
@@ -170,7 +171,7 @@ class ServerCore:
         self.model_name = settings.served_model_name or _default_name(engine_config.model)
         self.metrics = ServerMetrics(self.model_name)
         self.client: EngineClient | None = None
-        self.token_text: TokenText | None = None
+        self.token_text = TokenText(None)   # the tokenizer's, once start() has it
         self.max_prompt_chars = 0
         self.created = int(time.time())
 
@@ -289,7 +290,7 @@ class ServerCore:
         return given
 
     def start_requests(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams, rid: str,
-               stream: bool, timeout_s: float | None = None) -> list[AsyncIterator[RequestOutput]]:
+               stream: bool, timeout_s: float | None = None) -> list[AsyncGenerator[RequestOutput, None]]:
         ids = [rid] if len(prompts) == 1 else [f"{rid}-{i}" for i in range(len(prompts))]
         return [self.engine.generate(text, params, request_id=r, stream=stream, delta=stream,
                                      timeout_s=timeout_s, prompt_token_ids=toks)
@@ -303,7 +304,7 @@ class ServerCore:
         deadline = f"request {rid} did not finish within its deadline of {timeout:g}s (timeout_s)"
         return engine_error(e, fields.param, deadline)
 
-    async def _collect(self, gens: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    async def _collect(self, gens: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:
         finals: list[RequestOutput | None] = [None] * len(gens)
         async for i, out in merge(gens):
             finals[i] = out

@@ -79,7 +79,7 @@ class SGLangRoutes:
         self.slept_serving = False   # release_memory paused a serving engine: resume_memory resumes it
 
     def register(self, app: FastAPI, user: list, admin: list) -> None:
-        op = dict(dependencies=admin, responses=CONTROL_ERRORS)
+        op: dict[str, Any] = dict(dependencies=admin, responses=CONTROL_ERRORS)
         app.post("/abort_request", **op)(self.abort_request)
         app.post("/pause_generation", **op)(self.pause_generation)
         app.post("/continue_generation", **op)(self.continue_generation)
@@ -88,7 +88,7 @@ class SGLangRoutes:
         app.post("/resume_memory_occupation", **op)(self.resume_memory)
         app.post("/update_weights_from_disk", **op)(self.update_from_disk)
         app.post("/update_weights_from_tensor", **op)(self.update_from_tensor)
-        info = dict(dependencies=user, responses=CONTROL_ERRORS)
+        info: dict[str, Any] = dict(dependencies=user, responses=CONTROL_ERRORS)
         app.get("/get_server_info", **info)(self.server_info)
         app.get("/get_model_info", **info)(self.model_info)
         app.get("/get_weight_version", **info)(self.weight_version)
@@ -108,7 +108,7 @@ class SGLangRoutes:
     async def abort_request(self, body: SGLangAbort) -> Response:
         if body.abort_all == (body.rid is not None):
             raise APIError(400, "give exactly one of rid or abort_all=true", param="rid")
-        ids = None if body.abort_all else self.generate.engine_ids(body.rid)
+        ids = None if body.rid is None else self.generate.engine_ids(body.rid)
         return await self._reply(lambda: self.core.engine.abort(ids))
 
     async def pause_generation(self, body: SGLangPause | None = None) -> Response:

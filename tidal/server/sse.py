@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any
 
 import msgspec
@@ -46,8 +46,9 @@ class SSEResponse(StreamingResponse):
             for t in (stream, watch):
                 t.cancel()
             await asyncio.gather(stream, watch, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await self.body_iterator.aclose()
+            if isinstance(self.body_iterator, AsyncGenerator):
+                with contextlib.suppress(Exception):
+                    await self.body_iterator.aclose()
         if stream.done() and not stream.cancelled() and stream.exception() is not None:
             exc = stream.exception()
             if not isinstance(exc, OSError):
@@ -77,8 +78,8 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
-async def merge(gens: list[AsyncIterator[RequestOutput]],
-                 timing: Any = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge(gens: list[AsyncGenerator[RequestOutput, None]],
+                 timing: Any = None) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Outputs of several requests as they come, tagged with the request's position. One
     request (the common case) is iterated in place: no task, no queue, no extra generator."""
     try:
@@ -95,10 +96,11 @@ async def merge(gens: list[AsyncIterator[RequestOutput]],
             timing.close()
 
 
-async def _merge_many(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merge_many(gens: list[AsyncGenerator[RequestOutput, None]]
+                      ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     q: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, gen: AsyncIterator[RequestOutput]) -> None:
+    async def pump(i: int, gen: AsyncGenerator[RequestOutput, None]) -> None:
         try:
             async with contextlib.aclosing(gen) as g:
                 async for out in g:

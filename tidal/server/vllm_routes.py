@@ -141,7 +141,7 @@ class VLLMRoutes:
         self.paused_for_sleep = False               # /sleep paused a serving engine: wake_up resumes it
 
     def register(self, app: FastAPI, user: list, admin: list) -> None:
-        control = dict(dependencies=admin, responses=CONTROL_ERRORS)
+        control: dict[str, Any] = dict(dependencies=admin, responses=CONTROL_ERRORS)
         app.post("/pause", **control)(self.pause)
         app.post("/resume", **control)(self.resume)
         app.get("/is_paused", **control)(self.is_paused)

@@ -9,6 +9,7 @@ unknown fields are refused (no field is silently ignored).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI
@@ -217,7 +218,8 @@ def register(app: FastAPI, server: ServerCore, labels: WeightLabels | None = Non
                                                   "tensors": tensors, "timeout_s": UPDATE_TIMEOUT_S},
                                UPDATE_TIMEOUT_S, body.weight_version)
 
-    routes = [("/v1/init_weight_transfer", init), ("/v1/destroy_weight_transfer", destroy),
+    routes: list[tuple[str, Callable[..., Any]]] = [
+              ("/v1/init_weight_transfer", init), ("/v1/destroy_weight_transfer", destroy),
               ("/v1/check_weights", check), ("/v1/update_weights_from_distributed", update_distributed),
               ("/v1/update_weights_from_shm", update_shm), ("/v1/update_weights_from_ipc", update_ipc),
               ("/v1/commit_weights", commit), ("/v1/abort_staged", abort), ("/v1/fence", fence),
