@@ -138,6 +138,7 @@ class WeightManager:
         self.fenced: str | None = None
         self.last_failure: dict[str, Any] | None = None
         self.writing: _InPlace | None = None   # an in-place update owns the live parameters
+        self.arena = wt.StagingArena()   # copy staging from a trainer group lands here
 
     # -- what the control plane asks ------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -341,8 +342,8 @@ class WeightManager:
             self._write_in_place(reply, items, checksums, None, version, None, commit, lambda w: None, torn)
             return None
         if source == "distributed":
-            recv = (lambda: wt.receive_buckets(g, parsed, device, deadline)) if parsed else \
-                (lambda: wt.receive_per_tensor(g, specs, device, deadline))
+            recv = (lambda: wt.receive_buckets(g, parsed, device, deadline, self.arena)) if parsed else \
+                (lambda: wt.receive_per_tensor(g, specs, device, deadline, self.arena))
         elif source == "shm":
             path = wt.check_shm_path(shm_path)
             recv = lambda: wt.receive_shm(path, specs, device)  # noqa: E731
@@ -464,6 +465,7 @@ class WeightManager:
         return {"fenced": self.fenced}
 
     def close(self) -> None:
+        self.arena.release()
         if self.group is not None:
             wt.destroy_group(self.group)
             self.group = None
