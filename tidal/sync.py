@@ -44,7 +44,7 @@ class PushResult:
     ok: bool
     version: int
     replicas: dict[str, dict] = field(default_factory=dict)   # url -> the replica's result or {"error": ...}
-    phases: dict[str, float] = field(default_factory=dict)    # pack, wire, stage, commit, total (seconds)
+    phases: dict[str, float] = field(default_factory=dict)    # check, pack, wire, stage, commit, total (s)
 
 
 @dataclass(slots=True)
@@ -151,12 +151,14 @@ class WeightSender:
         t0 = time.perf_counter()
         items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
         items = [(n, t.detach()) for n, t in items]
-        phases = {"pack": 0.0, "wire": 0.0, "stage": 0.0, "commit": 0.0}
+        phases = {"check": 0.0, "pack": 0.0, "wire": 0.0, "stage": 0.0, "commit": 0.0}
         result = PushResult(False, version, phases=phases)
         specs = [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for n, t in items]
         if specs != self._checked:
             self._checked = None
+            tk = time.perf_counter()
             checked = self._all("/v1/check_weights", lambda i, u: {"tensors": specs})
+            phases["check"] = time.perf_counter() - tk
             if self._failed(result, checked, "check"):
                 return self._done(result, t0)
         direct = self.direct_bytes if self.backend in ("gloo", "nccl") else None
