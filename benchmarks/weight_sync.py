@@ -14,7 +14,10 @@ broadcast time of the same byte count (rank 0 here, rank 1 a helper process, sam
 transport, into a buffer already touched: the median of the warm repeats; the first, cold one
 is recorded too), their ratio; and the stall: a greedy request streams tokens through the pushes
 with no pause, and the longest gap between two of its tokens during a push is compared with its
-median gap before the pushes (one decode step), with and without the engine's commit copy. Prints a table and writes weight_sync_<dev>.json into benchmarks/results/local/
+median gap before the pushes (one decode step), with and without the engine's commit copy, and
+the time an n-token prefill takes on the idle engine (n: the request's length at the last push),
+which is what recomputing its KV under the new weights costs. Two more pushes with nothing
+generating give the push time without decode steps competing for the cores (idle s). Prints a table and writes weight_sync_<dev>.json into benchmarks/results/local/
 (--publish: benchmarks/results/).
 """
 from __future__ import annotations
@@ -184,6 +187,8 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
                 wait_tokens(stamps, t_push1, 5)
             gaps["stop"] = True
             t.join(60)
+            idle = [sender.push(tensors, 2 + repeats + i) for i in range(2)]   # nothing generating
+            assert all(r.ok for r in idle), [r.replicas for r in idle]
         steady = [b - a for a, b in zip(stamps, stamps[1:]) if b < pushes[0][0] and b > a]
         step = statistics.median(steady) if steady else float("nan")
         runs = [measure_push(stamps, t0, t1, res, url, step) for t0, t1, res in pushes]
@@ -203,7 +208,9 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
             "backend": backend, "dtype": str(dtype), "bytes": nbytes, "bucket_bytes": bucket_bytes,
             "push_s": push, "push_min_s": min(r["push_s"] for r in runs), "push_max_s": max(r["push_s"] for r in runs),
             "phases": mid["phases"], "raw_broadcast_s": raw, "raw_broadcast_cold_s": raw_cold,
-            "ratio": push / raw, "decode_step_s": step,
+            "ratio": push / raw, "push_idle_s": min(r.phases["total"] for r in idle),
+            "ratio_idle": min(r.phases["total"] for r in idle) / raw, "idle_phases": min(idle, key=lambda r: r.phases["total"]).phases,
+            "decode_step_s": step,
             "stall_s": max(r["stall_s"] for r in runs), "stall_steps": max(r["stall_steps"] or 0 for r in runs),
             "engine_commit_s": mid["engine_commit_s"],
             "stall_excess_steps": max(r["stall_excess_steps"] or 0 for r in runs),
@@ -255,15 +262,16 @@ def main() -> None:
             rows.append(bench(shape, args.backend, args.bucket_mb << 20, getattr(torch, args.dtype), Path(d),
                               args.device, args.repeats))
     print(f"{'shape':14} {'MB':>8} {'push s':>8} {'min-max':>13} {'pack':>7} {'wire':>7} {'stage':>7} "
-          f"{'commit':>7} {'raw s':>8} {'ratio':>6} {'step ms':>8} {'stall ms':>9} {'stall/step':>10} "
-          f"{'(-commit)':>9}")
+          f"{'commit':>7} {'raw s':>8} {'ratio':>6} {'idle s':>7} {'ratio':>6} {'step ms':>8} {'stall ms':>9} "
+          f"{'stall/step':>10} {'(-commit)':>9} {'recompute s':>11}")
     for r in rows:
         p = r["phases"]
         print(f"{r['shape']:14} {r['bytes'] / 2**20:8.1f} {r['push_s']:8.3f} "
               f"{r['push_min_s']:6.3f}-{r['push_max_s']:<6.3f} {p['pack']:7.3f} {p['wire']:7.3f} "
               f"{p['stage']:7.3f} {p['commit']:7.3f} {r['raw_broadcast_s']:8.3f} {r['ratio']:6.2f} "
+              f"{r['push_idle_s']:7.3f} {r['ratio_idle']:6.2f} "
               f"{r['decode_step_s'] * 1e3:8.2f} {r['stall_s'] * 1e3:9.1f} {r['stall_steps'] or 0:10.1f} "
-              f"{r['stall_excess_steps'] or 0:9.1f}")
+              f"{r['stall_excess_steps'] or 0:9.1f} {r['recompute_prefill_s']:11.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))

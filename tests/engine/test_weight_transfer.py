@@ -18,6 +18,7 @@ import torch
 from tidal import SamplingParams
 from tidal.engine.messages import EngineError, EngineInvalidInput
 from tidal.models.loader import iter_checkpoint
+from tidal.engine.weight_transfer import parse_buckets as wt_parse
 from tidal.sync import _meta, _plan
 from tests.server.conftest import free_port
 
@@ -129,6 +130,16 @@ def test_plan_sends_large_contiguous_tensors_directly_and_packs_the_rest():
             assert torch.equal(got, p.tensor), p.name
     # without direct_bytes every tensor is packed (the layout older senders produce)
     assert not any(p.direct for bk in _plan(items, 2048) for p in bk)
+
+
+def test_a_name_in_two_buckets_is_rejected(ckpts, make_llm):
+    a, _ = ckpts
+    llm = make_llm(a)
+    name, t = next(iter(iter_checkpoint(a)))
+    spec = {"name": name, "dtype": "float32", "shape": list(t.shape), "offset": 0}
+    buckets = wt_parse([{"nbytes": t.numel() * 4, "tensors": [spec]}] * 2)
+    with pytest.raises(EngineInvalidInput, match="at most once"):
+        llm.engine.core.control.weights.check_specs([s for b in buckets for s in b.tensors])
 
 
 def test_staging_arena_is_reused_across_updates(ckpts, make_llm):

@@ -96,10 +96,14 @@ def parse_specs(items: object, field: str = "tensors", with_offsets: bool = Fals
         if with_offsets and offset % _itemsize(dtype):
             raise EngineInvalidInput(f"{where}.offset", offset, f"a multiple of {dtype}'s item size")
         specs.append(TensorSpec(name, dtype, tuple(shape), offset if with_offsets else 0))
-    names = [s.name for s in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    seen: set[str] = set()
+    dup: set[str] = set()
+    for s in specs:   # linear: this runs on the core thread, and MoE checkpoints have ~10^4 names
+        if s.name in seen:
+            dup.add(s.name)
+        seen.add(s.name)
     if dup:
-        raise EngineInvalidInput(field, dup, "each tensor name at most once")
+        raise EngineInvalidInput(field, sorted(dup), "each tensor name at most once")
     return specs
 
 

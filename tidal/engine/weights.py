@@ -222,7 +222,11 @@ class WeightManager:
     def check_specs(self, specs: list[wt.TensorSpec]) -> dict:
         """Every declared name, shape and dtype against the model; raises naming the first bad one."""
         model = self.core.runner.model
+        seen: set[str] = set()
         for s in specs:
+            if s.name in seen:   # in two buckets: the second would silently replace the first
+                raise EngineInvalidInput(f"tensors[{s.name!r}]", s.name, "each tensor name at most once")
+            seen.add(s.name)
             if not s.dtype.is_floating_point:
                 raise EngineInvalidInput(f"tensors[{s.name!r}].dtype", str(s.dtype), "a floating-point dtype")
             try:
