@@ -370,7 +370,9 @@ def _plan(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, direct_bytes
             used = 0
         buckets[-1].append(_Planned(name, t, used, n))
         used = _align(used + n)
-    return direct + [b for b in buckets if b]
+    # packed first: the first pack then runs before anything is on the wire (packing while gloo's
+    # threads send starves it of the cores); later packs overlap the broadcasts before them
+    return [b for b in buckets if b] + direct
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
