@@ -17,8 +17,9 @@ with no pause, and the longest gap between two of its tokens during a push is co
 median gap before the pushes (one decode step), with and without the engine's commit copy, and
 the time an n-token prefill takes on the idle engine (n: the request's length at the last push),
 which is what recomputing its KV under the new weights costs. Two more pushes with nothing
-generating give the push time without decode steps competing for the cores (idle s). Prints a table and writes weight_sync_<dev>.json into benchmarks/results/local/
-(--publish: benchmarks/results/).
+generating give the push time without decode steps competing for the cores (idle s). Prints a
+table and writes weight_sync_cpu.json into benchmarks/results/local/ (--publish:
+benchmarks/results/; --out: any path).
 """
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ def start_server(path: str, port: int, device: str = "cpu") -> subprocess.Popen:
 def raw_broadcast_s(nbytes: int, reps: int = 3) -> list[float]:
     """gloo broadcasts of nbytes to a helper process into the same buffer, `reps` times: the
     first touches fresh pages on both sides (cold), the later ones are the warm baseline."""
-    from tidal.engine.weight_transfer import destroy_group, join_group
     import torch.distributed as dist
+
+    from tidal.engine.weight_transfer import destroy_group, join_group
     port = free_port()
     helper = subprocess.Popen([sys.executable, "-c", RAW_RECEIVER, str(port), str(nbytes), str(reps)])
     g = join_group("127.0.0.1", port, 0, 2, "raw-bench", "gloo", 300)
@@ -204,12 +206,13 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
         raw, raw_cold = statistics.median(times[1:]), times[0]
     push = statistics.median(r["push_s"] for r in runs)
     mid = sorted(runs, key=lambda r: r["push_s"])[len(runs) // 2]
+    idle_best = min(idle, key=lambda r: r.phases["total"])
     return {"shape": shape, "device": device, "baseline": "d2d_copy" if raw_cold is None else "gloo_broadcast_warm",
             "backend": backend, "dtype": str(dtype), "bytes": nbytes, "bucket_bytes": bucket_bytes,
             "push_s": push, "push_min_s": min(r["push_s"] for r in runs), "push_max_s": max(r["push_s"] for r in runs),
             "phases": mid["phases"], "raw_broadcast_s": raw, "raw_broadcast_cold_s": raw_cold,
-            "ratio": push / raw, "push_idle_s": min(r.phases["total"] for r in idle),
-            "ratio_idle": min(r.phases["total"] for r in idle) / raw, "idle_phases": min(idle, key=lambda r: r.phases["total"]).phases,
+            "ratio": push / raw, "push_idle_s": idle_best.phases["total"],
+            "ratio_idle": idle_best.phases["total"] / raw, "idle_phases": idle_best.phases,
             "decode_step_s": step,
             "stall_s": max(r["stall_s"] for r in runs), "stall_steps": max(r["stall_steps"] or 0 for r in runs),
             "engine_commit_s": mid["engine_commit_s"],

@@ -17,8 +17,9 @@ into two buffers kept across pushes, double-buffered: bucket k+1 is packed while
 wire. The check round trip runs once per set of declared tensors: a later push of the same
 names, shapes and dtypes goes straight to staging (a replica that would now refuse it still
 consumes the broadcasts and answers with the error). With one replica the commit rides on the
-staging call (there is no peer to wait for). "shm" writes one shared-memory file in /dev/shm that colocated CPU replicas copy from;
-"ipc" sends CUDA IPC handles (as JSON) to colocated GPU replicas.
+staging call (there is no peer to wait for). "shm" writes one shared-memory file in /dev/shm
+that colocated CPU replicas copy from; "ipc" sends CUDA IPC handles (as JSON) to colocated GPU
+replicas.
 """
 from __future__ import annotations
 

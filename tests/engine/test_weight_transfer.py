@@ -15,12 +15,12 @@ import time
 import pytest
 import torch
 
+from tests.server.conftest import free_port
 from tidal import SamplingParams
 from tidal.engine.messages import EngineError, EngineInvalidInput
-from tidal.models.loader import iter_checkpoint
 from tidal.engine.weight_transfer import parse_buckets as wt_parse
+from tidal.models.loader import iter_checkpoint
 from tidal.sync import _meta, _plan
-from tests.server.conftest import free_port
 
 PROMPTS = [[5, 6, 7], [42] * 9]
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
