@@ -248,7 +248,7 @@ def measure_push(stamps: list[float], t0: float, t1: float, res, url: str, step:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["tiny", "qwen2.5-0.5b"], choices=list(SHAPES))
     ap.add_argument("--backend", default="gloo", choices=["gloo", "shm", "ipc", "nccl"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--bucket-mb", type=int, default=64)
