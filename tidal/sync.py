@@ -11,9 +11,15 @@ A replica that fails at commit is fenced (it refuses generation) rather than ser
 its peers do not have.
 
 Backends: "gloo" / "nccl" broadcast flattened buckets over a process group the sender creates
-(rank 0; replica i joins at rank i+1), double-buffered: bucket k+1 is packed while k is on the
-wire. "shm" writes one shared-memory file in /dev/shm that colocated CPU replicas copy from;
-"ipc" sends CUDA IPC handles (as JSON) to colocated GPU replicas.
+(rank 0; replica i joins at rank i+1). A contiguous tensor of at least `direct_bytes` is a bucket
+of its own, broadcast straight from the trainer's memory (no copy); the small ones are packed
+into two buffers kept across pushes, double-buffered: bucket k+1 is packed while k is on the
+wire. The check round trip runs once per set of declared tensors: a later push of the same
+names, shapes and dtypes goes straight to staging (a replica that would now refuse it still
+consumes the broadcasts and answers with the error). With one replica the commit rides on the
+staging call (there is no peer to wait for). "shm" writes one shared-memory file in /dev/shm
+that colocated CPU replicas copy from; "ipc" sends CUDA IPC handles (as JSON) to colocated GPU
+replicas.
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ class PushResult:
     ok: bool
     version: int
     replicas: dict[str, dict] = field(default_factory=dict)   # url -> the replica's result or {"error": ...}
-    phases: dict[str, float] = field(default_factory=dict)    # pack, wire, stage, commit, total (seconds)
+    phases: dict[str, float] = field(default_factory=dict)    # check, pack, wire, stage, commit, total (s)
 
 
 @dataclass(slots=True)
@@ -51,6 +57,7 @@ class _Planned:
     tensor: torch.Tensor
     offset: int
     nbytes: int
+    direct: bool = False   # a bucket of its own, broadcast from the tensor's own memory
 
 
 class ReplicaError(RuntimeError):
@@ -60,7 +67,8 @@ class ReplicaError(RuntimeError):
 class WeightSender:
     def __init__(self, urls: list[str], backend: str = "gloo", bucket_bytes: int = 512 << 20,
                  admin_key: str | None = None, timeout_s: float = 120.0, master_address: str = "127.0.0.1",
-                 master_port: int | None = None, group_name: str = "tidal-weights", staging: str = "copy") -> None:
+                 master_port: int | None = None, group_name: str = "tidal-weights", staging: str = "copy",
+                 direct_bytes: int | None = 1 << 20) -> None:
         if not urls:
             raise ValueError("urls is empty: expected at least one replica URL")
         if backend not in BACKENDS:
@@ -70,9 +78,15 @@ class WeightSender:
                              "the weights on the engine; it holds generation while it writes)")
         if bucket_bytes < _ALIGN:
             raise ValueError(f"bucket_bytes={bucket_bytes} is invalid: expected at least {_ALIGN}")
+        if direct_bytes is not None and direct_bytes < 1:
+            raise ValueError(f"direct_bytes={direct_bytes} is invalid: expected a positive byte count or None "
+                             "(pack every tensor)")
         self.urls = [u.rstrip("/") for u in urls]
         self.backend, self.bucket_bytes, self.timeout_s, self.staging = backend, bucket_bytes, timeout_s, staging
         self.master_address, self.master_port, self.group_name = master_address, master_port, group_name
+        self.direct_bytes = direct_bytes
+        self._checked: list[dict] | None = None   # the specs every replica accepted in the last push
+        self._bufs: list[torch.Tensor | None] = [None, None]   # pack buffers, kept across pushes
         self._headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
         self._http = httpx.Client(timeout=timeout_s + 30.0, headers=self._headers)
         self._pool = ThreadPoolExecutor(max(2, len(urls) + 1), thread_name_prefix="tidal-sync")
@@ -141,24 +155,41 @@ class WeightSender:
         t0 = time.perf_counter()
         items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
         items = [(n, t.detach()) for n, t in items]
-        phases = {"pack": 0.0, "wire": 0.0, "stage": 0.0, "commit": 0.0}
+        phases = {"check": 0.0, "pack": 0.0, "wire": 0.0, "stage": 0.0, "commit": 0.0}
         result = PushResult(False, version, phases=phases)
         specs = [{"name": n, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for n, t in items]
-        checked = self._all("/v1/check_weights", lambda i, u: {"tensors": specs})
-        if self._failed(result, checked, "check"):
-            return self._done(result, t0)
-        buckets = _plan(items, self.bucket_bytes)
-        staged = self._stage(buckets, version, phases)
+        if specs != self._checked:
+            self._checked = None
+            tk = time.perf_counter()
+            checked = self._all("/v1/check_weights", lambda i, u: {"tensors": specs})
+            phases["check"] = time.perf_counter() - tk
+            if self._failed(result, checked, "check"):
+                return self._done(result, t0)
+        direct = self.direct_bytes if self.backend in ("gloo", "nccl") else None
+        buckets = _plan(items, self.bucket_bytes, direct, self._wire_device(items))
+        commit_now = len(self.urls) == 1
+        staged = self._stage(buckets, version, phases, commit_now)
         if self._failed(result, staged, "stage"):
+            self._checked = None
             ok_urls = [u for u, r in staged.items() if isinstance(r, dict)]
-            self._all("/v1/abort_staged", lambda i, u: {}, ok_urls)
+            if not commit_now:
+                self._all("/v1/abort_staged", lambda i, u: {}, ok_urls)
             if self.backend in ("gloo", "nccl"):
                 self._drop_group()
+            return self._done(result, t0)
+        self._checked = specs
+        if commit_now:   # the replica committed at the end of staging
+            reply = staged[self.urls[0]]
+            phases["commit"] = reply.get("commit_s", 0.0)
+            phases["stage"] = max(0.0, phases["stage"] - phases["commit"])
+            result.replicas, result.ok = dict(staged), True
             return self._done(result, t0)
         tc = time.perf_counter()
         committed = self._all("/v1/commit_weights", lambda i, u: {"version": version})
         phases["commit"] = time.perf_counter() - tc
         bad = [u for u, r in committed.items() if isinstance(r, BaseException)]
+        if bad:
+            self._checked = None
         for u in bad:  # its peers serve `version` now: it must not keep serving the old one
             try:
                 self._post(u, "/v1/fence", {"reason": f"commit of version {version} failed"})
@@ -184,19 +215,23 @@ class WeightSender:
         except Exception:
             self._group = None
 
-    def _stage(self, buckets: list[list[_Planned]], version: int, phases: dict) -> dict[str, Any]:
-        if self.backend in ("gloo", "nccl"):
-            return self._stage_broadcast(buckets, version, phases)
-        if self.backend == "shm":
-            return self._stage_shm(buckets, version, phases)
-        return self._stage_ipc(buckets, version, phases)
+    def _wire_device(self, items: list[tuple[str, torch.Tensor]]) -> torch.device:
+        return items[0][1].device if self.backend == "nccl" and items else torch.device("cpu")
 
-    def _stage_broadcast(self, buckets: list[list[_Planned]], version: int, phases: dict) -> dict[str, Any]:
+    def _stage(self, buckets: list[list[_Planned]], version: int, phases: dict, commit: bool) -> dict[str, Any]:
+        if self.backend in ("gloo", "nccl"):
+            return self._stage_broadcast(buckets, version, phases, commit)
+        if self.backend == "shm":
+            return self._stage_shm(buckets, version, phases, commit)
+        return self._stage_ipc(buckets, version, phases, commit)
+
+    def _stage_broadcast(self, buckets: list[list[_Planned]], version: int, phases: dict,
+                         commit: bool) -> dict[str, Any]:
         if self._group is None:
             self._connect()
         meta = [{"nbytes": _bucket_bytes(b), "tensors": [_meta(p) for p in b]} for b in buckets]
         body = {"group_name": self.group_name, "layout": "bucketed", "buckets": meta, "version": version,
-                "commit": False, "timeout_s": self.timeout_s, "staging": self.staging}
+                "commit": commit, "timeout_s": self.timeout_s, "staging": self.staging}
         futs = {u: self._pool.submit(self._post, u, "/v1/update_weights_from_distributed", body) for u in self.urls}
         try:
             self._broadcast(buckets, phases)
@@ -211,41 +246,51 @@ class WeightSender:
             except BaseException as e:
                 out[u] = e
         phases["stage"] = time.perf_counter() - ts
-        if wire_error is not None:
+        if wire_error is not None and not commit:   # a replica that committed has every byte
             out = {u: r if isinstance(r, BaseException) else ReplicaError(f"broadcast failed: {wire_error}")
                    for u, r in out.items()}
         return out
 
     def _broadcast(self, buckets: list[list[_Planned]], phases: dict) -> None:
-        """Bucket k goes on the wire while bucket k+1 is packed into the other buffer."""
+        """Every broadcast is queued without waiting; a packed bucket waits only for the broadcast
+        that last read its buffer, so bucket k+1 is packed while bucket k is on the wire."""
         device = buckets[0][0].tensor.device if self.backend == "nccl" else torch.device("cpu")
         group = self._group
         if group is None:
             raise ReplicaError("no weight-transfer group: call init_weight_transfer first")
-        bufs: list[torch.Tensor | None] = [None, None]
-        pending = None
-        for k, bucket in enumerate(buckets):
+        pending: list[Any] = []
+        readers: list[Any] = [None, None]   # the broadcast reading each pack buffer
+        slot = 0
+        for bucket in buckets:
+            if bucket[0].direct:
+                pending.append(dist.broadcast(_as_bytes(bucket[0].tensor), src=0, group=group.pg,
+                                              async_op=True))
+                continue
+            tw = time.perf_counter()
+            if readers[slot] is not None:
+                readers[slot].wait()
             tp = time.perf_counter()
-            n = _bucket_bytes(bucket)
-            slot = k % 2
-            held = bufs[slot]
-            if held is None or held.numel() < n:
-                size = max(n, min(self.bucket_bytes, _total(buckets)))
-                held = bufs[slot] = torch.empty(size, dtype=torch.uint8, device=device)
-            buf = held[:n]
+            phases["wire"] += tp - tw
+            buf = self._buffer(slot, _bucket_bytes(bucket), device)
             _pack(bucket, buf)
             phases["pack"] += time.perf_counter() - tp
-            tw = time.perf_counter()
-            if pending is not None:
-                pending.wait()
-            pending = dist.broadcast(buf, src=0, group=group.pg, async_op=True)
-            phases["wire"] += time.perf_counter() - tw
+            readers[slot] = dist.broadcast(buf, src=0, group=group.pg, async_op=True)
+            pending.append(readers[slot])
+            slot ^= 1
         tw = time.perf_counter()
-        if pending is not None:
-            pending.wait()
+        for work in pending:
+            work.wait()
         phases["wire"] += time.perf_counter() - tw
 
-    def _stage_shm(self, buckets: list[list[_Planned]], version: int, phases: dict) -> dict[str, Any]:
+    def _buffer(self, slot: int, n: int, device: torch.device) -> torch.Tensor:
+        """A view of n bytes of pack buffer `slot`; kept across pushes (a fresh allocation is
+        first touched page by page, which costs more than the packing itself)."""
+        buf = self._bufs[slot]
+        if buf is None or buf.numel() < n or buf.device != device:
+            buf = self._bufs[slot] = torch.empty(max(n, self.bucket_bytes), dtype=torch.uint8, device=device)
+        return buf[:n]
+
+    def _stage_shm(self, buckets: list[list[_Planned]], version: int, phases: dict, commit: bool) -> dict[str, Any]:
         flat = [p for b in buckets for p in b]
         offset, placed = 0, []
         for p in flat:  # one segment: every tensor at its own aligned offset
@@ -259,7 +304,7 @@ class WeightSender:
             del seg
             phases["pack"] += time.perf_counter() - tp
             body = {"shm_path": path, "tensors": [_meta(p) for p in placed], "version": version,
-                    "commit": False, "timeout_s": self.timeout_s, "staging": self.staging}
+                    "commit": commit, "timeout_s": self.timeout_s, "staging": self.staging}
             ts = time.perf_counter()
             out = self._all("/v1/update_weights_from_shm", lambda i, u: body)
             phases["stage"] = time.perf_counter() - ts
@@ -268,7 +313,7 @@ class WeightSender:
                 os.unlink(path)
         return out
 
-    def _stage_ipc(self, buckets: list[list[_Planned]], version: int, phases: dict) -> dict[str, Any]:
+    def _stage_ipc(self, buckets: list[list[_Planned]], version: int, phases: dict, commit: bool) -> dict[str, Any]:
         from tidal.engine.weight_transfer import encode_ipc_handle
         flat = [p for b in buckets for p in b]
         tp = time.perf_counter()
@@ -277,7 +322,7 @@ class WeightSender:
         torch.cuda.synchronize()
         phases["pack"] += time.perf_counter() - tp
         body = {"tensors": [{"name": p.name, "dtype": _dtype_name(p.tensor), "shape": list(p.tensor.shape)}
-                            for p in flat], "ipc_handles": handles, "version": version, "commit": False,
+                            for p in flat], "ipc_handles": handles, "version": version, "commit": commit,
                 "timeout_s": self.timeout_s, "staging": self.staging}
         ts = time.perf_counter()
         out = self._all("/v1/update_weights_from_ipc", lambda i, u: body)
@@ -292,6 +337,7 @@ class WeightSender:
         finally:
             self._pool.shutdown(wait=False)
             self._http.close()
+            self._bufs = [None, None]
 
     def __enter__(self) -> WeightSender:
         return self
@@ -313,18 +359,31 @@ def _meta(p: _Planned) -> dict:
     return {"name": p.name, "dtype": _dtype_name(p.tensor), "shape": list(p.tensor.shape), "offset": p.offset}
 
 
-def _plan(items: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> list[list[_Planned]]:
-    """Greedy buckets of at most bucket_bytes (a larger tensor gets a bucket of its own)."""
+def _plan(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, direct_bytes: int | None = None,
+          device: torch.device | None = None) -> list[list[_Planned]]:
+    """Greedy buckets of at most bucket_bytes (a larger tensor gets a bucket of its own). A
+    contiguous tensor of at least direct_bytes already on the wire's device is a bucket of its
+    own that is broadcast without a copy."""
     buckets: list[list[_Planned]] = [[]]
+    direct: list[list[_Planned]] = []
     used = 0
     for name, t in items:
         n = t.numel() * t.element_size()
+        if direct_bytes is not None and n >= direct_bytes and t.is_contiguous() and t.device == device:
+            direct.append([_Planned(name, t, 0, n, direct=True)])
+            continue
         if buckets[-1] and used + n > bucket_bytes:
             buckets.append([])
             used = 0
         buckets[-1].append(_Planned(name, t, used, n))
         used = _align(used + n)
-    return buckets
+    # packed first: the first pack then runs before anything is on the wire (packing while gloo's
+    # threads send starves it of the cores); later packs overlap the broadcasts before them
+    return [b for b in buckets if b] + direct
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)
 
 
 def _bucket_bytes(bucket: list[_Planned]) -> int:

@@ -15,11 +15,12 @@ import time
 import pytest
 import torch
 
+from tests.server.conftest import free_port
 from tidal import SamplingParams
 from tidal.engine.messages import EngineError, EngineInvalidInput
+from tidal.engine.weight_transfer import parse_buckets as wt_parse
 from tidal.models.loader import iter_checkpoint
 from tidal.sync import _meta, _plan
-from tests.server.conftest import free_port
 
 PROMPTS = [[5, 6, 7], [42] * 9]
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -105,6 +106,62 @@ def test_receive_b_matches_b(ckpts, make_llm, layout):
     assert llm.state()["weight_transfer"]["group"] is None
 
 
+def test_plan_sends_large_contiguous_tensors_directly_and_packs_the_rest():
+    from tidal.sync import _ALIGN, _as_bytes, _bucket_bytes, _pack
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(40, 30, generator=g)                    # 4800 bytes, contiguous
+    strided = torch.randn(30, 40, generator=g).t()            # as large, but not contiguous
+    small = [(f"s{i}", torch.randn(7 + i, generator=g).to(torch.bfloat16)) for i in range(5)]
+    items = [("big", big), ("strided", strided), *small]
+    buckets = _plan(items, 2048, direct_bytes=1024, device=torch.device("cpu"))
+    direct = [bk for bk in buckets if bk[0].direct]
+    assert [[p.name for p in bk] for bk in direct] == [["big"]] and direct[0][0].offset == 0
+    packed = [p for bk in buckets if not bk[0].direct for p in bk]
+    assert sorted(p.name for p in packed) == sorted(["strided"] + [n for n, _ in small])
+    assert all(p.offset % _ALIGN == 0 for p in packed)
+    assert torch.equal(_as_bytes(big).view(torch.float32).view(40, 30), big)
+    for bk in buckets:
+        if bk[0].direct:
+            continue
+        buf = torch.zeros(_bucket_bytes(bk), dtype=torch.uint8)
+        _pack(bk, buf)
+        for p in bk:
+            got = buf[p.offset:p.offset + p.nbytes].view(p.tensor.dtype).view(p.tensor.shape)
+            assert torch.equal(got, p.tensor), p.name
+    # without direct_bytes every tensor is packed (the layout older senders produce)
+    assert not any(p.direct for bk in _plan(items, 2048) for p in bk)
+
+
+def test_a_name_in_two_buckets_is_rejected(ckpts, make_llm):
+    a, _ = ckpts
+    llm = make_llm(a)
+    name, t = next(iter(iter_checkpoint(a)))
+    spec = {"name": name, "dtype": "float32", "shape": list(t.shape), "offset": 0}
+    buckets = wt_parse([{"nbytes": t.numel() * 4, "tensors": [spec]}] * 2)
+    with pytest.raises(EngineInvalidInput, match="at most once"):
+        llm.engine.core.control.weights.check_specs([s for b in buckets for s in b.tensors])
+
+
+def test_staging_arena_is_reused_across_updates(ckpts, make_llm):
+    a, b = ckpts
+    llm = make_llm(a)
+    on_a = tokens(llm)
+    arena = llm.engine.core.control.weights.arena
+    ptrs = []
+    for ckpt, version in ((b, 2), (a, 3)):
+        tensors = list(iter_checkpoint(ckpt))
+        proc = join(llm, ckpt=ckpt, layout="bucketed", bucket_bytes=40_000)
+        buckets = [{"nbytes": max(p.offset + p.nbytes for p in bk), "tensors": [_meta(p) for p in bk]}
+                   for bk in _plan(tensors, 40_000)]
+        llm.update_weights(source="distributed", group_name="g", layout="bucketed", buckets=buckets,
+                           version=version, timeout_s=60)
+        assert proc.wait(60) == 0
+        ptrs.append(arena.buf.data_ptr())
+        assert llm.destroy_weight_transfer("g")["destroyed"]
+    assert ptrs[0] == ptrs[1]   # the second update received into the same memory
+    assert tokens(llm) == on_a
+
+
 def test_subset_lands_in_fused_parameters(ckpts, make_llm):
     a, b = ckpts
     llm = make_llm(a)
@@ -150,6 +207,7 @@ def test_deadline_bounds_a_silent_trainer_and_generation_keeps_running(ckpts, ma
     after = llm.state()
     assert after["weight_version"] == before["weight_version"] and after["state"] == before["state"]
     assert after["weight_transfer"]["group"] is None and after["weight_transfer"]["last_failure"] is not None
+    assert llm.engine.core.control.weights.arena.buf is None   # a receive may still be posted into it
     assert tokens(llm) == on_a
     # a new init and update succeed
     proc = join(llm, ckpt=b)

@@ -32,7 +32,8 @@ from tidal.models.loader import iter_checkpoint
 
 args = json.loads(sys.argv[1])
 sender = WeightSender(args["urls"], backend=args["backend"], bucket_bytes=args.get("bucket_bytes", 64 << 10),
-                      timeout_s=args.get("timeout_s", 30.0), staging=args.get("staging", "copy"))
+                      timeout_s=args.get("timeout_s", 30.0), staging=args.get("staging", "copy"),
+                      direct_bytes=args.get("direct_bytes", 1 << 20))
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
@@ -232,6 +233,60 @@ def test_push_b_into_two_servers(servers, refs, ckpts):
         trainer.close()
     for s in servers:
         assert state(s)["weight_transfer"]["group"] is None   # close() destroyed it
+
+
+def test_direct_buckets_and_a_check_once_per_spec_set(servers, refs, ckpts):
+    """Tensors of at least direct_bytes go on the wire from the trainer's own memory, the rest
+    packed; a repeat push of the same specs skips the check round trip, and a replica that would
+    now refuse still rolls both back without leaving the trainer blocked."""
+    a, b = ckpts
+    s0, s1 = servers
+    v = state(s0)["weight_version"]
+    trainer = Trainer([s.url for s in servers], direct_bytes=4096)
+    try:
+        r = trainer.push(b, v + 1)
+        assert r["ok"] and r["phases"]["check"] > 0, r
+        serving(servers, refs, "B")
+        r = trainer.push(a, v + 2)   # same names, shapes and dtypes: no check round trip
+        assert r["ok"] and r["phases"]["check"] == 0, r
+        serving(servers, refs, "A")
+        before = [snapshot(s) for s in servers]
+        name, t, path = _shm_tensor(b)   # s1 now holds a staged update: it refuses to stage
+        try:
+            s1.control("/v1/update_weights_from_shm", {"shm_path": path, "commit": False, "tensors": [
+                {"name": name, "dtype": "float32", "shape": list(t.shape), "offset": 0}]})
+        finally:
+            os.unlink(path)
+        t0 = time.monotonic()
+        r = trainer.push(b, v + 3, timeout=60)
+        assert not r["ok"] and time.monotonic() - t0 < 30, r
+        assert r["phases"]["check"] == 0 and "is staged" in r["replicas"][s1.url]["error"], r
+        assert [snapshot(s) for s in servers] == before
+        assert state(s0)["weight_transfer"]["staged_version"] is None   # the sender aborted s0
+        serving(servers, refs, "A")
+        s1.control("/v1/abort_staged")
+        r = trainer.push(b, v + 3)   # after a failure the check runs again
+        assert r["ok"] and r["phases"]["check"] > 0, r
+        serving(servers, refs, "B")
+        assert trainer.push(a, v + 4)["ok"]
+    finally:
+        trainer.close()
+
+
+def test_one_replica_commits_with_its_staging_call(servers, refs, ckpts):
+    a, b = ckpts
+    s = servers[0]
+    v = state(s)["weight_version"]
+    trainer = Trainer([s.url])
+    try:
+        r = trainer.push(b, v + 1)
+        assert r["ok"] and r["replicas"][s.url]["committed"] and r["replicas"][s.url]["weight_version"] == v + 1, r
+        assert r["phases"]["commit"] > 0 and state(s)["weight_transfer"]["staged_version"] is None
+        serving([s], refs, "B")
+        assert trainer.push(a, v + 2)["ok"]
+        serving([s], refs, "A")
+    finally:
+        trainer.close()
 
 
 @pytest.mark.parametrize("backend", ["gloo", "shm"])

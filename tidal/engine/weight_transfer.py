@@ -15,6 +15,7 @@ import mmap
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,6 +30,8 @@ BACKENDS = ("gloo", "nccl")
 LAYOUTS = ("per_tensor", "bucketed")
 SHM_DIR = "/dev/shm"
 _POLL_S = 0.05  # how often the NCCL watchdog looks at a pending broadcast
+_WINDOW = 4     # receives posted ahead, so the next one is ready when the trainer sends
+_ALIGN = 256    # byte alignment of each received tensor in the staging arena
 
 
 @dataclass(slots=True)
@@ -93,10 +96,14 @@ def parse_specs(items: object, field: str = "tensors", with_offsets: bool = Fals
         if with_offsets and offset % _itemsize(dtype):
             raise EngineInvalidInput(f"{where}.offset", offset, f"a multiple of {dtype}'s item size")
         specs.append(TensorSpec(name, dtype, tuple(shape), offset if with_offsets else 0))
-    names = [s.name for s in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    seen: set[str] = set()
+    dup: set[str] = set()
+    for s in specs:   # linear: this runs on the core thread, and MoE checkpoints have ~10^4 names
+        if s.name in seen:
+            dup.add(s.name)
+        seen.add(s.name)
     if dup:
-        raise EngineInvalidInput(field, dup, "each tensor name at most once")
+        raise EngineInvalidInput(field, sorted(dup), "each tensor name at most once")
     return specs
 
 
@@ -166,15 +173,17 @@ def _abort_nccl(group: TransferGroup) -> None:
         pass
 
 
-def _broadcast(group: TransferGroup, t: torch.Tensor, deadline: float) -> None:
-    """Receive `t` from rank 0 of the group, or raise once `deadline` (monotonic) has passed."""
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
+def _post(group: TransferGroup, t: torch.Tensor, deadline: float) -> Any:
+    if deadline - time.monotonic() <= 0:
         raise EngineError("update_weights: the call's deadline passed before the transfer finished")
-    work = dist.broadcast(t, src=0, group=group.pg, async_op=True)
+    return dist.broadcast(t, src=0, group=group.pg, async_op=True)
+
+
+def _wait(group: TransferGroup, work: Any, deadline: float) -> None:
+    """Wait for a posted receive, or raise once `deadline` (monotonic) has passed."""
     if group.backend == "gloo":
         try:
-            work.wait(timeout=timedelta(seconds=remaining))
+            work.wait(timeout=timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
         except RuntimeError as e:
             raise EngineError(f"update_weights: broadcast from the trainer failed: {e}") from None
         return
@@ -187,6 +196,46 @@ def _broadcast(group: TransferGroup, t: torch.Tensor, deadline: float) -> None:
                               "the communicator was aborted")
         time.sleep(_POLL_S)
     work.wait()
+
+
+def _broadcast(group: TransferGroup, t: torch.Tensor, deadline: float) -> None:
+    """Receive `t` from rank 0 of the group, or raise once `deadline` (monotonic) has passed."""
+    _wait(group, _post(group, t, deadline), deadline)
+
+
+def _receive_all(group: TransferGroup, tensors: list[torch.Tensor], deadline: float) -> None:
+    """Receive each tensor in order, keeping up to _WINDOW receives posted ahead."""
+    pending: deque = deque()
+    for t in tensors:
+        if len(pending) == _WINDOW:
+            _wait(group, pending.popleft(), deadline)
+        pending.append(_post(group, t, deadline))
+    while pending:
+        _wait(group, pending.popleft(), deadline)
+
+
+class StagingArena:
+    """One flat host buffer that staged transfers are received into, kept between updates: on
+    the CPU a fresh allocation is first touched page by page, which costs about as much as the
+    transfer itself. (On a GPU the caching allocator already reuses memory: no arena there.)"""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def views(self, sizes: list[int], device: torch.device) -> list[torch.Tensor]:
+        if device.type != "cpu":
+            return [torch.empty(n, dtype=torch.uint8, device=device) for n in sizes]
+        offsets, total = [], 0
+        for n in sizes:
+            offsets.append(total)
+            total = (total + n + _ALIGN - 1) // _ALIGN * _ALIGN
+        if self.buf is None or self.buf.numel() < total:
+            self.buf = None   # the old one goes before the new one is allocated
+            self.buf = torch.empty(max(total, 1), dtype=torch.uint8)
+        return [self.buf[o:o + n] for o, n in zip(offsets, sizes)]
+
+    def release(self) -> None:
+        self.buf = None
 
 
 def _wire_device(group: TransferGroup, device: torch.device) -> torch.device:
@@ -217,13 +266,35 @@ def iter_buckets(group: TransferGroup, buckets: list[Bucket], device: torch.devi
 
 
 def receive_per_tensor(group: TransferGroup, specs: list[TensorSpec], device: torch.device,
-                       deadline: float) -> dict[str, torch.Tensor]:
-    return {name: t.to(device) for name, t in iter_per_tensor(group, specs, device, deadline)}
+                       deadline: float, arena: StagingArena | None = None) -> dict[str, torch.Tensor]:
+    arena = arena or StagingArena()
+    raw = arena.views([s.nbytes for s in specs], _wire_device(group, device))
+    tensors = [r.view(s.dtype).view(s.shape) for r, s in zip(raw, specs)]
+    _receive_guarded(group, tensors, deadline, arena)
+    return {s.name: t.to(device) for s, t in zip(specs, tensors)}
 
 
 def receive_buckets(group: TransferGroup, buckets: list[Bucket], device: torch.device,
-                    deadline: float) -> dict[str, torch.Tensor]:
-    return dict(iter_buckets(group, buckets, device, deadline))
+                    deadline: float, arena: StagingArena | None = None) -> dict[str, torch.Tensor]:
+    """Every bucket received straight into the staging arena; its tensors are views into it."""
+    arena = arena or StagingArena()
+    bufs = arena.views([b.nbytes for b in buckets], _wire_device(group, device))
+    _receive_guarded(group, bufs, deadline, arena)
+    out = {}
+    for b, buf in zip(buckets, bufs):
+        buf = buf.to(device)
+        for s in b.tensors:
+            out[s.name] = buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+    return out
+
+
+def _receive_guarded(group: TransferGroup, tensors: list[torch.Tensor], deadline: float,
+                     arena: StagingArena) -> None:
+    try:
+        _receive_all(group, tensors, deadline)
+    except BaseException:
+        arena.release()   # a receive still posted may write into it: the next update gets a fresh one
+        raise
 
 
 def discard_declared(group: TransferGroup, specs: list[TensorSpec], buckets: list[Bucket] | None,

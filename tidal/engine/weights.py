@@ -138,6 +138,7 @@ class WeightManager:
         self.fenced: str | None = None
         self.last_failure: dict[str, Any] | None = None
         self.writing: _InPlace | None = None   # an in-place update owns the live parameters
+        self.arena = wt.StagingArena()   # copy staging from a trainer group lands here
 
     # -- what the control plane asks ------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -223,7 +224,11 @@ class WeightManager:
     def check_specs(self, specs: list[wt.TensorSpec]) -> dict:
         """Every declared name, shape and dtype against the model; raises naming the first bad one."""
         model = self.core.runner.model
+        seen: set[str] = set()
         for s in specs:
+            if s.name in seen:   # in two buckets: the second would silently replace the first
+                raise EngineInvalidInput(f"tensors[{s.name!r}]", s.name, "each tensor name at most once")
+            seen.add(s.name)
             if not s.dtype.is_floating_point:
                 raise EngineInvalidInput(f"tensors[{s.name!r}].dtype", str(s.dtype), "a floating-point dtype")
             try:
@@ -345,8 +350,8 @@ class WeightManager:
             self._write_in_place(reply, items, checksums, None, version, None, commit, lambda w: None, torn)
             return None
         if source == "distributed":
-            recv = (lambda: wt.receive_buckets(group, parsed, device, deadline)) if parsed else \
-                (lambda: wt.receive_per_tensor(group, specs, device, deadline))
+            recv = (lambda: wt.receive_buckets(group, parsed, device, deadline, self.arena)) if parsed else \
+                (lambda: wt.receive_per_tensor(group, specs, device, deadline, self.arena))
         elif source == "shm":
             path = wt.check_shm_path(shm_path)
             recv = lambda: wt.receive_shm(path, specs, device)  # noqa: E731
@@ -468,6 +473,7 @@ class WeightManager:
         return {"fenced": self.fenced}
 
     def close(self) -> None:
+        self.arena.release()
         if self.group is not None:
             wt.destroy_group(self.group)
             self.group = None
