@@ -23,9 +23,9 @@ pipelines = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = pipelines
 _spec.loader.exec_module(pipelines)
 
-# The kill scenarios run 128-token samples: a longer window in which the victim's engine runs
-# requests (what they wait for), at little cost. Deadlines for a shared, overloaded 2-core box (six replicas starting at once took > 240 s at
-# load average 20); on an idle one each test takes 1-3 minutes.
+# Deadlines for a shared, overloaded 2-core box (six replicas starting at once took > 240 s at
+# load average 20); on an idle one each test takes 1-3 minutes. The kill scenarios run 128-token
+# samples: a longer window in which the victim's engine runs requests (what they wait for).
 REAL = pytest.mark.timeout(900)
 SMALL = ["--prompts", "2", "--n", "3", "--max-tokens", "64", "--timeout", "400", "--start-timeout", "600",
          "--out", "", "--plot", ""]
