@@ -167,6 +167,8 @@ class _Planner:
         self.free_unreserved = _NextFree(self.mark, lambda g: mark[g] == FREE and not self.reserved[g])
         self.donor_heaps: dict[tuple[int, str], list[tuple[bool, float, str, int]]] = {}
         self.version = dict.fromkeys(gens, 0)
+        self.sorted_active: dict[str, list[int]] = {}
+        self.first_uncut: dict[str, int] = {}
         heap = [(self.key(pid), pid) for pid in eligible if cap[pid] > self.cur[pid]]
         heapq.heapify(heap)
         while heap:
@@ -269,7 +271,9 @@ class _Planner:
         order = self.donors(pid, min_one, excess)
         for d in order:
             dcut = self.shrinks.get(d, ())
-            for dr in sorted(gens[d].active):
+            ranks, first = self.active_ranks(d)
+            for i in range(first, len(ranks)):
+                dr = ranks[i]
                 if dr in dcut:
                     continue
                 if best is not None and best[0][0] == 1 and not best[0][3] and best[0][1:3] == (
@@ -313,6 +317,19 @@ class _Planner:
             self.requeue(d)
         self.claim(pid, r, gpus)
         return True
+
+    def active_ranks(self, d: str) -> tuple[list[int], int]:
+        """d's active ranks, lowest first, and where its first one this plan does not shrink sits.
+        Donors give their lowest replica first, so the shrunk prefix is skipped once, not on every
+        call (a donor holding half the pool would make the plan quadratic)."""
+        ranks = self.sorted_active.get(d)
+        if ranks is None:
+            ranks = self.sorted_active[d] = sorted(self.gens[d].active)
+        cut, i = self.shrinks.get(d, ()), self.first_uncut.get(d, 0)
+        while i < len(ranks) and ranks[i] in cut:
+            i += 1
+        self.first_uncut[d] = i
+        return ranks, i
 
     def donors(self, pid: str, min_one: bool, excess: bool) -> Iterator[str]:
         """The pipelines donor_ok(d, 1, min_one, excess) accepts, by (protected, most surplus, id),
