@@ -21,17 +21,25 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import IntEnum
 
-from tidal.cluster.state import Generation, Plan, Request, SchedulerState
+from tidal.cluster.state import Generation, GpuRequest, Plan, SchedulerState
 from tidal.cluster.types import ClusterSpec
 
-FREE, HELD, BLOCKED, SETTLED, BUSY, HANDOFF = range(6)
-# FREE     idle now
-# HELD     training-side allocation (or granted in this plan)
-# BLOCKED  wanted by a request that is preempting generation: no new replica may land here
-# SETTLED  an active replica not in flight: a possible donor
-# BUSY     in flight (shrinking / expanding) or claimed by an expansion of this plan
-# HANDOFF  freed by a shrink of this plan: an expansion may claim it, a grant may not (not idle yet)
+
+class Slot(IntEnum):
+    """What one GPU is to the planner during a plan (its `mark`)."""
+
+    FREE = 0       # idle now
+    HELD = 1       # training-side allocation (or granted in this plan)
+    BLOCKED = 2    # wanted by a request that is preempting generation: no new replica may land here
+    SETTLED = 3    # an active replica not in flight: a possible donor
+    BUSY = 4       # in flight (shrinking / expanding) or claimed by an expansion of this plan
+    HANDOFF = 5    # freed by a shrink of this plan: an expansion may claim it, a grant may not (not idle yet)
+
+
+# plain ints in `mark` (a bytearray) and the hot loops; Slot(mark[g]) names one
+FREE, HELD, BLOCKED, SETTLED, BUSY, HANDOFF = map(int, Slot)
 
 
 @dataclass(slots=True, frozen=True)
@@ -105,9 +113,9 @@ class _Planner:
 
     # ---- 1. training-side requests ------------------------------------------------------------
 
-    def grant(self) -> list[Request]:
+    def grant(self) -> list[GpuRequest]:
         mark, reserved = self.mark, self.reserved
-        grants: list[Request] = []
+        grants: list[GpuRequest] = []
         for q in sorted(self.state.pending.values(), key=lambda q: (q.priority, q.seq)):
             gpus = q.gpus
             if any(mark[g] in (HELD, BLOCKED) or reserved[g] for g in gpus):
