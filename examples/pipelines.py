@@ -345,7 +345,7 @@ async def kill_replica(p: Pipeline, t0: float) -> dict[str, Any]:
     at = time.monotonic() - t0
     await asyncio.to_thread(rep.proc.wait, 10)
     return {"event": "kill-replica", "pipeline": p.pid, "rank": rank, "slot": list(rep.slot),
-            "at_s": round(at, 3), "running_at_kill": running}
+            "at_s": round(at, 3), "running_at_kill": running, "scheduler_at_kill": p.sched.snapshot()["generation"]}
 
 
 async def _until_running(p: Pipeline, ready: Callable[[dict[int, int]], bool], what: str) -> dict[int, int]:

@@ -88,7 +88,7 @@ async def test_pipeline_killed_mid_rollout_other_takes_its_slots():
 @REAL
 async def test_replica_killed_mid_rollout_requests_continue():
     """3 slots (A trains on 0, B on 1, slot 2 only generates): one of A's two replicas is
-    SIGKILLed while its engine runs >= 2 requests; they continue on the other, and the dead rank's
+    SIGKILLed while its engine runs >= 2 requests; they continue (on the other, or resumed), and the dead rank's
     later shrink is verified by its processes' exit, its later expand starts a new process."""
     r = await _run("--scenario", "kill-replica", "--slots", "3", "--steps", "2", "--max-tokens", "128")
     _check_common(r)
@@ -98,7 +98,10 @@ async def test_replica_killed_mid_rollout_requests_continue():
     dead_shrink = [x for x in a if x["op"] == "shrink" and x["rank"] == ev["rank"]
                    and x["detail"].get("released") == "stop"]
     assert dead_shrink and dead_shrink[0]["detail"]["process_exited"] is True
-    assert r["moved_samples"]["A"] > 0, "no request of A continued on another replica"
+    # they continue on A's other replica, or, when the scheduler took that one at the same moment
+    # (seen once on a loaded box: 0 moved, 16 resumed), from their partial tokens once A has a
+    # replica again; either way exactly one final output each (_check_common)
+    assert r["moved_samples"]["A"] + r["resumed_samples"]["A"] > 0, (ev, r["moved_samples"], r["resumed_samples"])
 
 
 class _UnverifiedOnGpu0:
