@@ -40,6 +40,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +55,7 @@ from tidal.cluster.controller import ControllerConfig, HostWeights, ReplicaContr
 from tidal.models.tiny import make_tiny_checkpoint, quiet_progress_bars  # noqa: E402
 
 SCENARIOS = ("boundary", "kill-pipeline", "kill-replica")
+KILL_RUNNING = 2                            # kill-replica: requests the victim's engine must be running
 SERVE_ARGS = ("--block-size", "16", "--num-kv-blocks", "2048", "--max-num-seqs", "32", "--log-level", "warning")
 
 
@@ -102,6 +104,7 @@ class Pipeline:
         self.weights = HostWeights()
         self.history: dict[int, dict[str, torch.Tensor] | None] = {0: None}   # None: the base checkpoint
         self.outcomes: list[Outcome] = []
+        self.in_rollout: list[Outcome] = []     # the open rollout's samples
         self.steps: list[dict[str, Any]] = []
         self.train_intervals: list[Interval] = []
         self.rollout_started = asyncio.Event()
@@ -169,6 +172,7 @@ class Pipeline:
             todo.append(Outcome(f"{step}.{g}.greedy", p, True, version))
             todo += [Outcome(f"{step}.{g}.{i}", p, False, version) for i in range(a.n)]
         done = [0]
+        self.in_rollout = todo
         self.rollout_started.set()
         async with httpx.AsyncClient(timeout=a.timeout) as http:
             await asyncio.gather(*(self._sample(http, o, step * 1000 + i, done, len(todo))
@@ -313,52 +317,54 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def kill_pipeline(p: Pipeline, task: asyncio.Task, sched: GpuScheduler, t0: float) -> dict[str, Any]:
-    """Pipeline A dies mid-rollout: its driver stops, its processes go, the scheduler forgets it."""
-    await _mid_rollout(p, step=0)
+    """Pipeline A dies mid-rollout: its driver stops, its processes go, the scheduler forgets it.
+    Mid-rollout is an engine event, not a progress report (on an idle machine a rollout's reports
+    can jump from none to all): one of its replicas runs requests of its first rollout."""
+    running = await _until_running(p, lambda live: len(p.steps) == 0 and any(live.values()),
+                                   "a replica running requests of its first rollout")
     at = time.monotonic() - t0
+    unfinished = sum(o.finish is None for o in p.in_rollout)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
     closed = await p.ctrl.close(kill=True)     # its processes die with it; close() reaps and checks
     await sched.unregister_pipeline(p.pid)
-    return {"event": "kill-pipeline", "pipeline": p.pid, "at_s": round(at, 3),
-            "unregistered_s": round(time.monotonic() - t0, 3), "closed": closed}
+    return {"event": "kill-pipeline", "pipeline": p.pid, "at_s": round(at, 3), "running_at_kill": running,
+            "unfinished_at_kill": unfinished, "unregistered_s": round(time.monotonic() - t0, 3), "closed": closed}
 
 
 async def kill_replica(p: Pipeline, t0: float) -> dict[str, Any]:
-    """SIGKILL the server and engine of one of p's replicas while it has requests in flight and p
-    has another replica serving: those requests continue there. (Waiting for the middle of the
-    rollout first could miss it: on an idle machine a rollout's progress reports can jump from
-    none to all; a busy replica is the condition itself.)"""
-    deadline = time.monotonic() + p.args.timeout
-    async with httpx.AsyncClient(timeout=10) as http:
-        while time.monotonic() < deadline:
-            busy = (await http.get(p.router.url + "/v1/replicas")).json()["replicas"]
-            live = {r: p.ctrl.replicas[r] for r in sorted(p.ctrl.serving)}
-            target = [r for r, rep in live.items() if busy.get(rep.url, {}).get("in_flight", 0) > 0]
-            if len(live) >= 2 and target:
-                break
-            await asyncio.sleep(0.02)         # polling the router, bounded by the deadline
-        else:
-            raise TimeoutError(f"pipeline {p.pid} never had two replicas with one busy")
-    rank = target[0]
+    """SIGKILL the server and engine of one of p's replicas while its engine runs requests and p
+    has another replica serving: those requests continue there."""
+    running = await _until_running(p, lambda live: len(live) >= 2 and max(live.values()) >= KILL_RUNNING,
+                                   f"two replicas serving, one running >= {KILL_RUNNING} requests")
+    rank = max(running, key=lambda r: (running[r], -r))
     rep = p.ctrl.replicas[rank]
     os.kill(rep.proc.pid, signal.SIGKILL)
     os.kill(rep.engine_pid, signal.SIGKILL)
+    at = time.monotonic() - t0
     await asyncio.to_thread(rep.proc.wait, 10)
     return {"event": "kill-replica", "pipeline": p.pid, "rank": rank, "slot": list(rep.slot),
-            "at_s": round(time.monotonic() - t0, 3)}
+            "at_s": round(at, 3), "running_at_kill": running, "scheduler_at_kill": p.sched.snapshot()["generation"]}
 
 
-async def _mid_rollout(p: Pipeline, step: int) -> None:
-    """Until pipeline p's rollout of `step` is open and not finished."""
+async def _until_running(p: Pipeline, ready: Callable[[dict[int, int]], bool], what: str) -> dict[int, int]:
+    """Poll the engines of p's serving replicas (GET /v1/state: num_running) until ready(running
+    per rank) holds; return that reading. Bounded by p's deadline."""
     deadline = time.monotonic() + p.args.timeout
-    while time.monotonic() < deadline:
-        gen = p.sched.snapshot()["generation"].get(p.pid, {})
-        if len(p.steps) == step and gen.get("open") and 0 < gen.get("completed", 0) < gen.get("step_target", 0):
-            return
-        await asyncio.sleep(0.02)             # polling the scheduler's progress, bounded by the deadline
-    raise TimeoutError(f"pipeline {p.pid} never reached the middle of rollout {step}")
+    async with httpx.AsyncClient(timeout=10) as http:
+        while time.monotonic() < deadline:
+            live = {}
+            for r in sorted(p.ctrl.serving):
+                rep = p.ctrl.replicas.get(r)
+                if rep is None:
+                    continue
+                with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):   # one being shrunk now
+                    live[r] = int((await http.get(rep.url + "/v1/state")).json()["num_running"])
+            if live and ready(live) and set(live) <= p.ctrl.serving:
+                return live
+            await asyncio.sleep(0.01)         # polling the engines, bounded by the deadline
+    raise TimeoutError(f"pipeline {p.pid} never had {what} within {p.args.timeout}s")
 
 
 def summarize(args: argparse.Namespace, pipes: list[Pipeline], sched: GpuScheduler, snap: dict, checks: dict,

@@ -24,7 +24,8 @@ sys.modules[_spec.name] = pipelines
 _spec.loader.exec_module(pipelines)
 
 # Deadlines for a shared, overloaded 2-core box (six replicas starting at once took > 240 s at
-# load average 20); on an idle one each test takes 1-3 minutes.
+# load average 20); on an idle one each test takes 1-3 minutes. The kill scenarios run 128-token
+# samples: a longer window in which the victim's engine runs requests (what they wait for).
 REAL = pytest.mark.timeout(900)
 SMALL = ["--prompts", "2", "--n", "3", "--max-tokens", "64", "--timeout", "400", "--start-timeout", "600",
          "--out", "", "--plot", ""]
@@ -70,11 +71,13 @@ async def test_seed003_boundary_neither_pipeline_starves():
 
 
 @REAL
-@pytest.mark.slow   # timing windows an idle machine can miss: run with -m slow
 async def test_pipeline_killed_mid_rollout_other_takes_its_slots():
-    r = await _run("--scenario", "kill-pipeline", "--slots", "2", "--steps", "3")
+    """A is killed while one of its replicas' engines runs requests of its first rollout (an
+    engine event, so an idle machine cannot jump over the window); B takes both slots."""
+    r = await _run("--scenario", "kill-pipeline", "--slots", "2", "--steps", "3", "--max-tokens", "128")
     _check_common(r)
     (ev,) = r["events"]
+    assert sum(ev["running_at_kill"].values()) >= 1 and ev["unfinished_at_kill"] > 0, ev
     assert ev["closed"] and all(c["exited"] for c in ev["closed"])
     assert len(r["steps_done"]["A"]) == 0 and len(r["steps_done"]["B"]) == 3
     after = {x["slot"] for x in r["timeline"] if x["pipeline"] == "B" and x["stage"] == "rollout"
@@ -83,19 +86,22 @@ async def test_pipeline_killed_mid_rollout_other_takes_its_slots():
 
 
 @REAL
-@pytest.mark.slow   # timing windows an idle machine can miss: run with -m slow
 async def test_replica_killed_mid_rollout_requests_continue():
     """3 slots (A trains on 0, B on 1, slot 2 only generates): one of A's two replicas is
-    SIGKILLed with requests in flight; they continue on the other, and the dead rank's later
-    shrink is verified by its processes' exit, its later expand starts a new process."""
-    r = await _run("--scenario", "kill-replica", "--slots", "3", "--steps", "2")
+    SIGKILLed while its engine runs >= 2 requests; they continue (on the other, or resumed), and the dead rank's
+    later shrink is verified by its processes' exit, its later expand starts a new process."""
+    r = await _run("--scenario", "kill-replica", "--slots", "3", "--steps", "2", "--max-tokens", "128")
     _check_common(r)
     (ev,) = r["events"]
+    assert len(ev["running_at_kill"]) >= 2 and ev["running_at_kill"][ev["rank"]] >= pipelines.KILL_RUNNING, ev
     a = [x for x in r["records"] if x["pipeline"] == "A"]
     dead_shrink = [x for x in a if x["op"] == "shrink" and x["rank"] == ev["rank"]
                    and x["detail"].get("released") == "stop"]
     assert dead_shrink and dead_shrink[0]["detail"]["process_exited"] is True
-    assert r["moved_samples"]["A"] > 0, "no request of A continued on another replica"
+    # they continue on A's other replica, or, when the scheduler took that one at the same moment
+    # (seen once on a loaded box: 0 moved, 16 resumed), from their partial tokens once A has a
+    # replica again; either way exactly one final output each (_check_common)
+    assert r["moved_samples"]["A"] + r["resumed_samples"]["A"] > 0, (ev, r["moved_samples"], r["resumed_samples"])
 
 
 class _UnverifiedOnGpu0:

@@ -5,8 +5,8 @@
 `tidal.cluster.sim` simulates pipelines on a virtual clock.
 """
 
+from tidal.cluster.gpu_scheduler import GpuScheduler
 from tidal.cluster.planner import PlannerConfig, plan
-from tidal.cluster.scheduler import GpuScheduler
 from tidal.cluster.state import Plan, SchedulerState, validate_plan
 from tidal.cluster.types import (
                                  ClusterSpec,

@@ -21,17 +21,25 @@ from __future__ import annotations
 import heapq
 from collections.abc import Generator
 from dataclasses import dataclass
+from enum import IntEnum
 
-from tidal.cluster.state import Generation, Plan, Request, SchedulerState
+from tidal.cluster.state import Generation, GpuRequest, Plan, SchedulerState
 from tidal.cluster.types import ClusterSpec
 
-FREE, HELD, BLOCKED, SETTLED, BUSY, HANDOFF = range(6)
-# FREE     idle now
-# HELD     training-side allocation (or granted in this plan)
-# BLOCKED  wanted by a request that is preempting generation: no new replica may land here
-# SETTLED  an active replica not in flight: a possible donor
-# BUSY     in flight (shrinking / expanding) or claimed by an expansion of this plan
-# HANDOFF  freed by a shrink of this plan: an expansion may claim it, a grant may not (not idle yet)
+
+class Slot(IntEnum):
+    """What one GPU is to the planner during a plan (its `mark`)."""
+
+    FREE = 0       # idle now
+    HELD = 1       # training-side allocation (or granted in this plan)
+    BLOCKED = 2    # wanted by a request that is preempting generation: no new replica may land here
+    SETTLED = 3    # an active replica not in flight: a possible donor
+    BUSY = 4       # in flight (shrinking / expanding) or claimed by an expansion of this plan
+    HANDOFF = 5    # freed by a shrink of this plan: an expansion may claim it, a grant may not (not idle yet)
+
+
+# plain ints in `mark` (a bytearray) and the hot loops; Slot(mark[g]) names one
+FREE, HELD, BLOCKED, SETTLED, BUSY, HANDOFF = map(int, Slot)
 
 
 @dataclass(slots=True, frozen=True)
@@ -105,9 +113,9 @@ class _Planner:
 
     # ---- 1. training-side requests ------------------------------------------------------------
 
-    def grant(self) -> list[Request]:
+    def grant(self) -> list[GpuRequest]:
         mark, reserved = self.mark, self.reserved
-        grants: list[Request] = []
+        grants: list[GpuRequest] = []
         for q in sorted(self.state.pending.values(), key=lambda q: (q.priority, q.seq)):
             gpus = q.gpus
             if any(mark[g] in (HELD, BLOCKED) or reserved[g] for g in gpus):
@@ -167,6 +175,8 @@ class _Planner:
         self.free_unreserved = _NextFree(self.mark, lambda g: mark[g] == FREE and not self.reserved[g])
         self.donor_heaps: dict[tuple[int, str], list[tuple[bool, float, str, int]]] = {}
         self.version = dict.fromkeys(gens, 0)
+        self.sorted_active: dict[str, list[int]] = {}
+        self.first_uncut: dict[str, int] = {}
         heap = [(self.key(pid), pid) for pid in eligible if cap[pid] > self.cur[pid]]
         heapq.heapify(heap)
         while heap:
@@ -271,7 +281,9 @@ class _Planner:
         order = self.donors(pid, min_one, excess)
         for d in order:
             dcut = self.shrinks.get(d, ())
-            for dr in sorted(gens[d].active):
+            ranks, first = self.active_ranks(d)
+            for i in range(first, len(ranks)):
+                dr = ranks[i]
                 if dr in dcut:
                     continue
                 if best is not None and best[0][0] == 1 and not best[0][3] and best[0][1:3] == (
@@ -315,6 +327,19 @@ class _Planner:
             self.requeue(d)
         self.claim(pid, r, gpus)
         return True
+
+    def active_ranks(self, d: str) -> tuple[list[int], int]:
+        """d's active ranks, lowest first, and where its first one this plan does not shrink sits.
+        Donors give their lowest replica first, so the shrunk prefix is skipped once, not on every
+        call (a donor holding half the pool would make the plan quadratic)."""
+        ranks = self.sorted_active.get(d)
+        if ranks is None:
+            ranks = self.sorted_active[d] = sorted(self.gens[d].active)
+        cut, i = self.shrinks.get(d, ()), self.first_uncut.get(d, 0)
+        while i < len(ranks) and ranks[i] in cut:
+            i += 1
+        self.first_uncut[d] = i
+        return ranks, i
 
     def donors(self, pid: str, min_one: bool, excess: bool) -> Generator[str, None, None]:
         """The pipelines donor_ok(d, 1, min_one, excess) accepts, by (protected, most surplus, id),

@@ -15,8 +15,8 @@ from typing import Any
 
 import ray
 
+from tidal.cluster.gpu_scheduler import GpuScheduler
 from tidal.cluster.planner import PlannerConfig
-from tidal.cluster.scheduler import GpuScheduler
 from tidal.cluster.types import PipelineSpec, Priority
 
 

@@ -26,8 +26,8 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from tidal.cluster.gpu_scheduler import GpuScheduler
 from tidal.cluster.planner import PlannerConfig
-from tidal.cluster.scheduler import GpuScheduler
 from tidal.cluster.types import ClusterSpec, PipelineSpec, Priority
 
 

@@ -35,7 +35,7 @@ from tidal.cluster.types import (
 
 
 @dataclass(slots=True)
-class Request:
+class GpuRequest:
     """A pending training-side request (generation demand lives in `Generation`)."""
 
     seq: int
@@ -94,7 +94,7 @@ class PipelineState:
 
 @dataclass(slots=True)
 class Plan:
-    grants: list[Request] = field(default_factory=list)
+    grants: list[GpuRequest] = field(default_factory=list)
     shrinks: dict[str, list[int]] = field(default_factory=dict)
     expands: dict[str, list[int]] = field(default_factory=dict)
 
@@ -171,7 +171,7 @@ class Topology:
 class SchedulerState:
     num_gpus: int
     pipelines: dict[str, PipelineState] = field(default_factory=dict)
-    pending: dict[int, Request] = field(default_factory=dict)
+    pending: dict[int, GpuRequest] = field(default_factory=dict)
     next_seq: int = 0
     _topology: Topology | None = field(default=None, repr=False, compare=False)
 
@@ -285,7 +285,7 @@ class SchedulerState:
             del self.pending[s]
         return seqs
 
-    def add_request(self, pipeline_id: str, cluster: str, priority: Priority, now: float = 0.0) -> Request:
+    def add_request(self, pipeline_id: str, cluster: str, priority: Priority, now: float = 0.0) -> GpuRequest:
         spec = self.cluster(pipeline_id, cluster)
         if spec.generation or priority == Priority.GENERATION:
             raise SpecError(f"cluster={cluster!r} priority={Priority(priority).name}: training-side requests "
@@ -297,7 +297,7 @@ class SchedulerState:
             if q.pipeline_id == pipeline_id and q.cluster == cluster:
                 raise SpecError(f"cluster={cluster!r}: pipeline {pipeline_id!r} already has a pending "
                                 f"request #{q.seq} for it, expected one request at a time")
-        q = Request(self.next_seq, pipeline_id, cluster, Priority(priority), spec.gpus, now)
+        q = GpuRequest(self.next_seq, pipeline_id, cluster, Priority(priority), spec.gpus, now)
         self.next_seq += 1
         self.pending[q.seq] = q
         return q

@@ -306,7 +306,7 @@ async def test_bad_arguments_name_the_field(make_sched):
 
 async def test_broken_plan_fails_loudly_with_the_plan(make_sched, monkeypatch):
     s, ctrls = await setup_two(make_sched)
-    import tidal.cluster.scheduler as mod
+    import tidal.cluster.gpu_scheduler as mod
     monkeypatch.setattr(mod, "plan", lambda st, cfg: Plan(expands={"p1": [0], "p2": [0]}))
     with pytest.raises(PlanInvariantError, match=r"gpu 0 twice.*plan=Plan\("):
         await s.request_gpus("p1", "actor_infer", GEN, step_target=3, timeout_s=5)
