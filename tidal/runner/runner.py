@@ -137,7 +137,7 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or self.arch.max_model_len
         self.block_size = config.block_size
         self.backend = self._attention_backend()
-        self.sampler = Sampler()
+        self.sampler = Sampler(batch_invariant=config.batch_invariant and self.device.type == "cuda")
         self.num_blocks = config.num_kv_blocks or self._profile_num_blocks()
         self.kv_cache: torch.Tensor | None = None
         self.allocate_kv_cache()
@@ -333,7 +333,7 @@ class ModelRunner:
         rows, targets = inputs.prompt_rows, inputs.prompt_targets
         for a in range(0, rows.shape[0], _PROMPT_ROWS_PER_PASS):
             logits = self.model.compute_logits(hidden.index_select(0, rows[a:a + _PROMPT_ROWS_PER_PASS])).float()
-            out = logprobs_of(logits, targets[a:a + _PROMPT_ROWS_PER_PASS], k)
+            out = logprobs_of(logits, targets[a:a + _PROMPT_ROWS_PER_PASS], k, self.sampler.batch_invariant)
             parts.append([out.logprobs, out.ranks] + ([out.top_token_ids, out.top_logprobs] if k else []))
         keys = ("p_lps", "p_ranks", "p_top_ids", "p_top_lps")
         h.host_prompt = [self._to_host(key, torch.cat([p[i] for p in parts]))
