@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from tests.attention.paged_batch import DEVICE, rel_err
@@ -104,3 +105,14 @@ def test_decode_rows_after_a_prefix_hit_are_bitwise_the_whole_prompt():
     for p in range(60, PROMPT):   # then one token per step, as decode rows; some steps padded
         got = s.step(p, p + 1, others=s.rng.randrange(4), pad=2 if p % 2 else 0)
         assert torch.equal(got, whole[p:p + 1]), p
+
+
+def test_engine_config_takes_batch_invariant_on_cuda(monkeypatch):
+    from tidal.config import EngineConfig
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # the config check only; no kernel runs
+    assert EngineConfig(device="cuda", batch_invariant=True).attention_backend == "invariant"
+    assert EngineConfig(device="cuda", batch_invariant=True, fused_kernels="on").dtype == "bfloat16"
+    with pytest.raises(ValueError, match="EngineConfig.fused_kernels='off'"):
+        EngineConfig(device="cuda", batch_invariant=True, fused_kernels="off")
+    with pytest.raises(ValueError, match="EngineConfig.attention_backend='cuda'"):
+        EngineConfig(device="cuda", batch_invariant=True, attention_backend="cuda")
