@@ -10,6 +10,7 @@ import torch
 from tidal.runner.sampler import Sampler, SamplingTensors
 from tidal.sampling_params import SamplingParams as SP
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 VOCAB = 1500
 TARGETS = [SP(temperature=0, logprobs=3), SP(temperature=0.8, top_p=0.9, seed=5, logprobs=2),
            SP(temperature=1.2, top_p=0.7, top_k=50, seed=6, logprobs=0, logprobs_mode="processed"),
@@ -35,13 +36,13 @@ def test_rows_are_bitwise_invariant_and_close_to_torch():
     gen = torch.Generator().manual_seed(0)
     invariant, reference = Sampler(batch_invariant=True), Sampler()
     for p in TARGETS:
-        target = torch.randn(1, VOCAB, generator=gen) * 4
+        target = (torch.randn(1, VOCAB, generator=gen) * 4).to(DEVICE)
         alone = _row(_sample(invariant, target, [p]), 0, p.logprobs)
         ref = _row(_sample(reference, target, [p]), 0, p.logprobs)
         assert torch.equal(alone[0], ref[0]) and torch.equal(alone[2], ref[2]) and torch.equal(alone[3], ref[3])
         assert (alone[1] - ref[1]).abs() < 1e-5 and torch.allclose(alone[4], ref[4], atol=1e-5, rtol=0)
         for rows in (3, rng.randrange(4, 24)):
-            logits = torch.randn(rows, VOCAB, generator=gen) * 4
+            logits = (torch.randn(rows, VOCAB, generator=gen) * 4).to(DEVICE)
             pos = rng.randrange(rows)
             logits[pos] = target[0]
             params = [SP(temperature=rng.choice([0, 1.0]), top_p=rng.choice([1.0, 0.8]), seed=i, logprobs=3)
