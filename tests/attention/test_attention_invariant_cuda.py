@@ -15,6 +15,9 @@ from tidal.attention.cuda import CudaInvariantAttentionBackend
 from tidal.attention.torch_ref import paged_attention_ref
 
 HQ, HKV, D, BS, NB, SCALE = 4, 2, 32, 16, 64, 0.2
+# (query heads, kv heads): GQA groups of 2 (the kernel's default case), 1, 3 (padded to 4) and 8.
+HEADS = [(4, 2), (2, 2), (6, 2), (16, 2)]
+INVARIANCE_HEADS = [(4, 2), (6, 2)]   # the bitwise scenarios: one full and one padded group
 PROMPT = 70
 TARGET_BLOCKS = [5, 41, 12, 30, 7]   # ceil(70 / 16) blocks of the pool
 
@@ -24,12 +27,14 @@ def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
 
 
 class _Scenario:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, heads: tuple[int, int] = (HQ, HKV)) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.gen = gen
         self.rng = random.Random(seed)
-        self.q, self.k, self.v = _rand(gen, PROMPT, HQ, D), _rand(gen, PROMPT, HKV, D), _rand(gen, PROMPT, HKV, D)
-        self.cache = _rand(gen, 2, NB, BS, HKV, D)   # garbage everywhere that is not written
+        self.hq, self.hkv = heads
+        self.q, self.k, self.v = (_rand(gen, PROMPT, self.hq, D), _rand(gen, PROMPT, self.hkv, D),
+                                  _rand(gen, PROMPT, self.hkv, D))
+        self.cache = _rand(gen, 2, NB, BS, self.hkv, D)   # garbage everywhere that is not written
         self.backend = CudaInvariantAttentionBackend()
 
     def step(self, a: int, b: int, others: int, pad: int = 0) -> torch.Tensor:
@@ -49,15 +54,16 @@ class _Scenario:
         qs, ks, vs, slots, tables = [], [], [], [], torch.zeros(len(seqs) + pad, width, dtype=torch.int32)
         for i, (ctx, n, table, qkv) in enumerate(seqs):
             tables[i, :len(table)] = torch.tensor(table, dtype=torch.int32)
-            q, k, v = qkv or (_rand(self.gen, n, HQ, D), _rand(self.gen, n, HKV, D), _rand(self.gen, n, HKV, D))
+            q, k, v = qkv or (_rand(self.gen, n, self.hq, D), _rand(self.gen, n, self.hkv, D),
+                              _rand(self.gen, n, self.hkv, D))
             qs.append(q), ks.append(k), vs.append(v)
             slots += [table[p // BS] * BS + p % BS for p in range(ctx, ctx + n)]
         q_lens = [n for _, n, _, _ in seqs] + [1] * pad
         seq_lens = [c + n for c, n, _, _ in seqs] + [0] * pad
         slots += [-1] * pad
         for _ in range(pad):
-            qs.append(_rand(self.gen, 1, HQ, D)), ks.append(_rand(self.gen, 1, HKV, D))
-            vs.append(_rand(self.gen, 1, HKV, D))
+            qs.append(_rand(self.gen, 1, self.hq, D)), ks.append(_rand(self.gen, 1, self.hkv, D))
+            vs.append(_rand(self.gen, 1, self.hkv, D))
         qsl = [0]
         for n in q_lens:
             qsl.append(qsl[-1] + n)
@@ -70,13 +76,14 @@ class _Scenario:
         return out[qsl[at]:qsl[at + 1]]
 
 
-def _whole() -> torch.Tensor:
-    s = _Scenario(0)
+def _whole(heads: tuple[int, int] = (HQ, HKV)) -> torch.Tensor:
+    s = _Scenario(0, heads)
     return s.step(0, PROMPT, others=0)
 
 
-def test_whole_prompt_matches_the_torch_reference():
-    s = _Scenario(0)
+@pytest.mark.parametrize("heads", HEADS)
+def test_whole_prompt_matches_the_torch_reference(heads):
+    s = _Scenario(0, heads)
     got = s.step(0, PROMPT, others=2)
     table = torch.tensor([TARGET_BLOCKS], dtype=torch.int32, device=DEVICE)
     meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.int64, device=DEVICE),
@@ -85,19 +92,21 @@ def test_whole_prompt_matches_the_torch_reference():
                              max_query_len=PROMPT, max_seq_len=PROMPT, query_lens_cpu=[PROMPT],
                              seq_lens_cpu=[PROMPT])
     assert rel_err(got, paged_attention_ref(s.q, s.cache, meta, SCALE)) < 1e-5
-    assert torch.equal(got, _whole())
+    assert torch.equal(got, _whole(heads))
 
 
-def test_chunked_prefill_in_random_batches_is_bitwise_the_whole_prompt():
-    whole = _whole()
-    s = _Scenario(0)
+@pytest.mark.parametrize("heads", INVARIANCE_HEADS)
+def test_chunked_prefill_in_random_batches_is_bitwise_the_whole_prompt(heads):
+    whole = _whole(heads)
+    s = _Scenario(0, heads)
     for a, b, others in [(0, 23, 3), (23, 40, 0), (40, 41, 5), (41, PROMPT, 2)]:
         assert torch.equal(s.step(a, b, others), whole[a:b]), (a, b)
 
 
-def test_decode_rows_after_a_prefix_hit_are_bitwise_the_whole_prompt():
-    whole = _whole()
-    s = _Scenario(0)
+@pytest.mark.parametrize("heads", INVARIANCE_HEADS)
+def test_decode_rows_after_a_prefix_hit_are_bitwise_the_whole_prompt(heads):
+    whole = _whole(heads)
+    s = _Scenario(0, heads)
     # The first 48 positions' K/V were written by an earlier request (a prefix-cache hit).
     slots = torch.tensor([TARGET_BLOCKS[p // BS] * BS + p % BS for p in range(48)], device=DEVICE)
     store_kv(s.k[:48], s.v[:48], s.cache, slots)

@@ -11,10 +11,11 @@ and reused from L2 by the other row tiles.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from tidal.kernels import interpreting
 
 try:
     import triton
@@ -75,10 +76,6 @@ if triton is not None:
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T (+ b [N]) -> [M, N] in x's dtype, accumulated in float32; row i of the
     result depends only on x[i] (bitwise, whatever M is)."""
@@ -101,7 +98,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     # float32 multiplies in full precision ("ieee"), not TF32; 16-bit inputs are exact either way.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     _matmul_kernel[grid](x, w, b if b is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-                         HAS_BIAS=b is not None, PRECISION=precision, DOT_FP32=_interpreting(),
+                         HAS_BIAS=b is not None, PRECISION=precision, DOT_FP32=interpreting(),
                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
