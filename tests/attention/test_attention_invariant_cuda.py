@@ -19,7 +19,7 @@ HQ, HKV, D, BS, NB, SCALE = 4, 2, 32, 16, 64, 0.2
 HEADS = [(4, 2), (2, 2), (6, 2), (16, 2)]
 INVARIANCE_HEADS = [(4, 2), (6, 2)]   # the bitwise scenarios: one full and one padded group
 PROMPT = 70
-TARGET_BLOCKS = [5, 41, 12, 30, 7]   # ceil(70 / 16) blocks of the pool
+TARGET_BLOCKS = [5, 41, 12, 30, 7]   # ceil(70 / 16) blocks of the pool (the first 2 with 64-token blocks)
 
 
 def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
@@ -27,29 +27,31 @@ def _rand(gen: torch.Generator, *shape: int) -> torch.Tensor:
 
 
 class _Scenario:
-    def __init__(self, seed: int, heads: tuple[int, int] = (HQ, HKV)) -> None:
+    def __init__(self, seed: int, heads: tuple[int, int] = (HQ, HKV), block_size: int = BS) -> None:
         gen = torch.Generator().manual_seed(seed)
         self.gen = gen
         self.rng = random.Random(seed)
         self.hq, self.hkv = heads
+        self.bs = block_size
+        self.target = TARGET_BLOCKS[:-(-PROMPT // block_size)]
         self.q, self.k, self.v = (_rand(gen, PROMPT, self.hq, D), _rand(gen, PROMPT, self.hkv, D),
                                   _rand(gen, PROMPT, self.hkv, D))
-        self.cache = _rand(gen, 2, NB, BS, self.hkv, D)   # garbage everywhere that is not written
+        self.cache = _rand(gen, 2, NB, block_size, self.hkv, D)   # garbage everywhere that is not written
         self.backend = CudaInvariantAttentionBackend()
 
     def step(self, a: int, b: int, others: int, pad: int = 0) -> torch.Tensor:
         """Positions a..b-1 of the target (keys 0..a-1 already cached) in one step with `others`
         random sequences and `pad` graph-padding rows (seq_len 0, slot -1); the target's rows."""
-        free = [blk for blk in range(NB) if blk not in TARGET_BLOCKS]
+        free = [blk for blk in range(NB) if blk not in self.target]
         self.rng.shuffle(free)
         seqs = []   # (ctx, q_len, table)
         for _ in range(others):
             ctx, n = self.rng.randrange(0, 40), self.rng.choice([1, 1, self.rng.randrange(1, 30)])
-            need = -(-(ctx + n) // BS)
+            need = -(-(ctx + n) // self.bs)
             seqs.append((ctx, n, free[:need], None))
             free = free[need:]
         at = self.rng.randrange(others + 1)
-        seqs.insert(at, (a, b - a, TARGET_BLOCKS, (self.q[a:b], self.k[a:b], self.v[a:b])))
+        seqs.insert(at, (a, b - a, self.target, (self.q[a:b], self.k[a:b], self.v[a:b])))
         width = max(len(t) for _, _, t, _ in seqs) + 1
         qs, ks, vs, slots, tables = [], [], [], [], torch.zeros(len(seqs) + pad, width, dtype=torch.int32)
         for i, (ctx, n, table, qkv) in enumerate(seqs):
@@ -57,7 +59,7 @@ class _Scenario:
             q, k, v = qkv or (_rand(self.gen, n, self.hq, D), _rand(self.gen, n, self.hkv, D),
                               _rand(self.gen, n, self.hkv, D))
             qs.append(q), ks.append(k), vs.append(v)
-            slots += [table[p // BS] * BS + p % BS for p in range(ctx, ctx + n)]
+            slots += [table[p // self.bs] * self.bs + p % self.bs for p in range(ctx, ctx + n)]
         q_lens = [n for _, n, _, _ in seqs] + [1] * pad
         seq_lens = [c + n for c, n, _, _ in seqs] + [0] * pad
         slots += [-1] * pad
@@ -76,8 +78,8 @@ class _Scenario:
         return out[qsl[at]:qsl[at + 1]]
 
 
-def _whole(heads: tuple[int, int] = (HQ, HKV)) -> torch.Tensor:
-    s = _Scenario(0, heads)
+def _whole(heads: tuple[int, int] = (HQ, HKV), block_size: int = BS) -> torch.Tensor:
+    s = _Scenario(0, heads, block_size)
     return s.step(0, PROMPT, others=0)
 
 
@@ -95,10 +97,12 @@ def test_whole_prompt_matches_the_torch_reference(heads):
     assert torch.equal(got, _whole(heads))
 
 
-@pytest.mark.parametrize("heads", INVARIANCE_HEADS)
-def test_chunked_prefill_in_random_batches_is_bitwise_the_whole_prompt(heads):
-    whole = _whole(heads)
-    s = _Scenario(0, heads)
+@pytest.mark.parametrize("heads,block_size", [(h, BS) for h in INVARIANCE_HEADS] + [((4, 2), 64)])
+def test_chunked_prefill_in_random_batches_is_bitwise_the_whole_prompt(heads, block_size):
+    """(block_size 64: a key step lies inside one cache block, the kernel's other lookup path.)"""
+    whole = _whole(heads, block_size)
+    assert rel_err(whole, _whole(heads)) < 1e-5   # the same keys, only paged differently
+    s = _Scenario(0, heads, block_size)
     for a, b, others in [(0, 23, 3), (23, 40, 0), (40, 41, 5), (41, PROMPT, 2)]:
         assert torch.equal(s.step(a, b, others), whole[a:b]), (a, b)
 
