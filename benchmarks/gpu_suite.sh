@@ -15,12 +15,15 @@ stage() {  # stage NAME SECONDS CMD...
     echo "== $name: exit $? after $((SECONDS - t0)) s"
     grep -v '^\s*$' "$OUT/$name.log" | tail -n "${TAIL:-14}"
 }
-stage throughput 330 python3 benchmarks/throughput.py --models qwen3-0.6b qwen2.5-0.5b \
-    --serial qwen3-0.6b --unfused qwen3-0.6b --profile --hf-max-time 4 --hf-cb --hf-cb-max-time 25 \
+stage throughput 400 python3 benchmarks/throughput.py --models qwen3-0.6b qwen2.5-0.5b \
+    --serial qwen3-0.6b --unfused qwen3-0.6b --batch-invariant qwen3-0.6b --lm-head-fp32 qwen3-0.6b \
+    --profile --hf-max-time 4 --hf-cb --hf-cb-max-time 25 \
     --batch1-tokens 128 --out-dir "$OUT"
-stage gpu_tests ${GPU_TESTS_S:-300} python3 -m pytest -q -rfE -p no:cacheprovider tests/engine/test_weight_transfer_gpu.py \
+stage gpu_tests ${GPU_TESTS_S:-450} python3 -m pytest -q -rfE -p no:cacheprovider tests/engine/test_weight_transfer_gpu.py \
     tests/engine/test_engine_gpu.py tests/runner/test_cuda_graph.py tests/runner/test_recompiles_gpu.py \
-    tests/models/test_models_gpu.py tests/models/test_fused.py tests/engine/test_scoring_gpu.py -m "gpu or not gpu"
+    tests/models/test_models_gpu.py tests/models/test_fused.py tests/engine/test_scoring_gpu.py \
+    tests/runner/test_numerics_invariance_gpu.py tests/kernels tests/attention/test_attention_invariant_cuda.py \
+    tests/runner/test_sampler_invariant.py -m "gpu or not gpu"
 stage weight_sync 130 python3 benchmarks/weight_sync.py --device cuda --backend ipc --shapes qwen3-0.6b qwen2.5-7b \
     --out "$OUT/weight_sync_cuda.json"
 stage control 70 python3 benchmarks/control.py --device cuda --shapes qwen3-0.6b --out "$OUT/control_cuda.json"

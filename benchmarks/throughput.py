@@ -161,15 +161,16 @@ def free_memory() -> None:
 
 
 def run_tidal(path: str, prompts: list[list[int]], out_lens: list[int], args, overlap: bool = True,
-              extras: bool = True, fused: bool = True) -> dict:
+              extras: bool = True, fused: bool = True, **numerics) -> dict:
     """Tidal on the workload; extras: also the stage profile (--profile) and the batch-1 rate;
-    fused=False: the decoder layers' small ops as torch ops instead of the fused Triton kernels."""
+    fused=False: the decoder layers' small ops as torch ops instead of the fused Triton kernels;
+    numerics: batch_invariant / lm_head_dtype (docs/numerics.md)."""
     t0 = time.perf_counter()
     llm = LLM(path, load_format="dummy", device=args.device, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, overlap_scheduling=overlap, seed=0,
-              fused_kernels="auto" if fused else "off",
+              fused_kernels="auto" if fused else "off", **numerics,
               **({"num_kv_blocks": 512} if args.tiny else {}))
     core = llm.engine.core
     mode = "cuda_graph" if core.runner.graphs is not None else "eager"
@@ -557,6 +558,10 @@ def main() -> None:
                     help="also run these models with overlap scheduling off, side by side")
     ap.add_argument("--unfused", nargs="*", default=[], metavar="MODEL",
                     help="also run these models with the fused layer kernels off (torch ops), side by side")
+    ap.add_argument("--batch-invariant", nargs="*", default=[], metavar="MODEL",
+                    help="also run these models with batch_invariant=True, side by side")
+    ap.add_argument("--lm-head-fp32", nargs="*", default=[], metavar="MODEL",
+                    help="also run these models with lm_head_dtype='float32', side by side")
     ap.add_argument("--tiny", action="store_true", help="a tiny model in place of each config (smoke run)")
     ap.add_argument("--out-dir", default=None, help="default: benchmarks/results/local/ (--publish: results/)")
     add_publish_flag(ap)
@@ -607,6 +612,12 @@ def main() -> None:
         if model in args.unfused:
             print(f"[{model}] tidal, fused layer kernels off ...", flush=True)
             row["tidal_unfused"] = run_tidal(path, prompts, out_lens, args, extras=False, fused=False)
+        if model in args.batch_invariant:
+            print(f"[{model}] tidal, batch_invariant=True ...", flush=True)
+            row["tidal_invariant"] = run_tidal(path, prompts, out_lens, args, extras=False, batch_invariant=True)
+        if model in args.lm_head_fp32:
+            print(f"[{model}] tidal, lm_head_dtype=float32 ...", flush=True)
+            row["tidal_fp32_head"] = run_tidal(path, prompts, out_lens, args, extras=False, lm_head_dtype="float32")
         row["batch1_ceiling_tok_s"] = bw / (w_bytes + kv_tok * row["tidal"]["batch1_ctx"])
         results["models"][model] = row
         (out_dir / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
@@ -639,6 +650,13 @@ def main() -> None:
                 print(f"{model}: {label} {a['tok_s']:.0f} / {a['tok_s_second_run']:.0f} tok/s (1st / 2nd run) vs "
                       f"{base} {b['tok_s']:.0f} / {b['tok_s_second_run']:.0f} "
                       f"({a['tok_s'] / b['tok_s']:.2f}x / {a['tok_s_second_run'] / b['tok_s_second_run']:.2f}x)")
+    for key, label in (("tidal_invariant", "batch_invariant=True"), ("tidal_fp32_head", "lm_head_dtype=float32")):
+        for model, r in results["models"].items():
+            if key in r:
+                a, b = r["tidal"], r[key]
+                print(f"{model}: {label} {b['tok_s']:.0f} / {b['tok_s_second_run']:.0f} tok/s (1st / 2nd run) = "
+                      f"{b['tok_s'] / a['tok_s']:.2f}x / {b['tok_s_second_run'] / a['tok_s_second_run']:.2f}x "
+                      "the default")
     if device.type == "cuda":
         plot(results, out_dir / f"{args.tag}.png")
 

@@ -58,8 +58,8 @@ class EngineConfig:
                               choices=("raw", "processed"))
     lm_head_dtype: str | None = _opt(None, "run the LM head and log-softmax in float32 (default: the model "
                                            "dtype)", choices=("float32",))
-    batch_invariant: bool = _opt(False, "outputs bitwise identical whatever else is in the batch (CPU; "
-                                        "docs/numerics.md)")
+    batch_invariant: bool = _opt(False, "outputs bitwise identical whatever else is in the batch (CPU and "
+                                        "CUDA; docs/numerics.md)")
 
     def __post_init__(self) -> None:
         import torch
@@ -104,9 +104,11 @@ class EngineConfig:
         _check(self.lm_head_dtype in (None, "float32"), "lm_head_dtype", self.lm_head_dtype,
                "None (the model dtype) or 'float32'")
         _check(isinstance(self.batch_invariant, bool), "batch_invariant", self.batch_invariant, "a bool")
-        # On CUDA the cuBLAS matmuls and the decode/prefill kernel choice still depend on the batch.
-        _check(not self.batch_invariant or self.device == "cpu", "batch_invariant", self.batch_invariant,
-               f"False on device {self.device!r} (batch-invariant mode runs on the CPU for now)")
+        # On CUDA the mode needs the fused Triton norms/RoPE (one program per row); torch's CUDA
+        # reductions pick their split by the number of rows.
+        _check(not self.batch_invariant or self.device == "cpu" or self.fused_kernels != "off", "fused_kernels",
+               self.fused_kernels, "'auto' or 'on' when batch_invariant=True on CUDA (the fused kernels are the "
+               "row-invariant norms and RoPE there)")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -12,6 +12,7 @@ from tidal.attention.base import AttentionBackend, AttentionMetadata, register_b
 from tidal.attention.triton_decode import default_num_splits, paged_decode
 from tidal.attention.triton_kv_store import store_kv_triton
 from tidal.attention.triton_prefill import paged_prefill
+from tidal.kernels.invariant_attention import invariant_paged_attention
 
 
 @register_backend("cuda")
@@ -29,3 +30,28 @@ class CudaAttentionBackend(AttentionBackend):
                                 num_splits=splits)
         return paged_prefill(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                              meta.max_query_len, scale, out=out)
+
+
+
+class CudaInvariantAttentionBackend(AttentionBackend):
+    """Batch-invariant attention with Triton (EngineConfig.batch_invariant on CUDA; the "invariant"
+    backend delegates here for CUDA tensors).
+
+    Every row, decode rows included, goes through one kernel with fixed, position-aligned tiles
+    (tidal.kernels.invariant_attention): a decode token is a chunk of length 1, so a query at
+    position p is computed the same way in a decode step, in any chunk of its prefill and in a
+    whole prompt, whatever shares the step. The default backend picks the decode kernel for
+    pure-decode steps and the prefill kernel otherwise, so there a decode token's bits depend on
+    whether a prefill shares its step. The grid comes from static shapes (max_query_len is 1 in a
+    captured decode step), so decode steps run in CUDA graphs; a graph's padding rows (seq_len 0)
+    are not written, their outputs unspecified as in the default backend.
+    """
+
+    name = "invariant"
+    batch_invariant = True
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv_triton(k, v, kv_cache, meta.slot_mapping)
+        return invariant_paged_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                                         meta.max_query_len, scale)

@@ -1,6 +1,7 @@
-"""Batch-invariant attention on the CPU: a query's output depends only on its own q and on the keys
-and values at positions 0..p, never on the other queries or sequences of the batch, on how the
-prompt was chunked, or on whether its prefix came from the cache (EngineConfig.batch_invariant).
+"""Batch-invariant attention on the CPU (on CUDA: tidal.attention.cuda.CudaInvariantAttentionBackend):
+a query's output depends only on its own q and on the keys and values at positions 0..p, never on
+the other queries or sequences of the batch, on how the prompt was chunked, or on whether its
+prefix came from the cache (EngineConfig.batch_invariant).
 
 The torch reference (torch_ref) is not: SDPA blocks its matmuls and its softmax by the number of
 query rows and keys, so the same query computed in a decode step, at the end of a prefill chunk,
@@ -79,9 +80,20 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, scale
 
 @register_backend("invariant")
 class InvariantAttentionBackend(AttentionBackend):
+    """The batch-invariant backend of the tensors' device: the torch code above on the CPU, the
+    Triton kernels on CUDA (tidal.attention.cuda.CudaInvariantAttentionBackend)."""
+
     name = "invariant"
     batch_invariant = True
 
+    def __init__(self) -> None:
+        self._cuda: AttentionBackend | None = None
+
     def forward(self, q, k, v, kv_cache, meta, scale):
+        if q.is_cuda:
+            if self._cuda is None:
+                from tidal.attention.cuda import CudaInvariantAttentionBackend  # imports Triton
+                self._cuda = CudaInvariantAttentionBackend()
+            return self._cuda.forward(q, k, v, kv_cache, meta, scale)
         store_kv(k, v, kv_cache, meta.slot_mapping)
         return invariant_attention(q, kv_cache, meta, scale)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tidal.kernels.matmul import matmul
 from tidal.models.config import RopeConfig
 from tidal.models.fused import add_rms_norm
 
@@ -27,8 +28,9 @@ class Linear(nn.Module):
     batch_invariant (set by `set_batch_invariant`): every row's result is independent of how many
     rows there are. BLAS libraries pick their blocking from the number of rows M (on this CPU's
     MKL, rows in the last partial micro-tile and M < 4 take other code paths, with another
-    summation order), so the rows are padded to a multiple of ROW_TILE: every row then sits in a
-    full tile. On CUDA, cuBLAS picks whole kernels by M, so each tile is its own fixed-shape call.
+    summation order), so on the CPU the rows are padded to a multiple of ROW_TILE: every row then
+    sits in a full tile. On CUDA, cuBLAS picks whole kernels (and split-K) by M, so the product is
+    the fixed-configuration Triton kernel of tidal.kernels.matmul instead.
     """
 
     ROW_TILE = 16
@@ -66,27 +68,25 @@ class Linear(nn.Module):
     def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.batch_invariant or x.dim() != 2:
             return F.linear(x, w, b)
+        if x.is_cuda:
+            return matmul(x, w, b)
         return invariant_linear(x, w, b, self.ROW_TILE)
 
 
 def invariant_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: int) -> torch.Tensor:
-    """F.linear whose row i depends only on x[i]: rows padded to whole tiles of `tile`."""
+    """F.linear on the CPU whose row i depends only on x[i]: rows padded to whole tiles of `tile`."""
     rows = x.shape[0]
     padded = max(tile, -(-rows // tile) * tile)
     if padded != rows:
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-    if not x.is_cuda:
-        return F.linear(x, w, b)[:rows]
-    out = torch.empty(padded, w.shape[0], dtype=x.dtype, device=x.device)
-    for start in range(0, padded, tile):
-        out[start:start + tile] = F.linear(x[start:start + tile], w, b)
-    return out[:rows]
+    return F.linear(x, w, b)[:rows]
 
 
 def set_batch_invariant(model: nn.Module, on: bool) -> None:
     """Switch every Linear of `model` to (or from) its batch-invariant path. (Norms, activations and
     RoPE need no switch: per-row reductions and element-wise ops are row-invariant on the CPU, as
-    tests/runner/test_numerics_invariance.py checks.)"""
+    tests/runner/test_numerics_invariance.py checks, and on CUDA the mode runs the fused kernels of
+    tidal.models.fused, one program per row, which EngineConfig requires there.)"""
     for m in model.modules():
         if isinstance(m, Linear):
             m.batch_invariant = on

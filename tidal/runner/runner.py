@@ -146,7 +146,7 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or self.arch.max_model_len
         self.block_size = config.block_size
         self.backend = self._attention_backend()
-        self.sampler = Sampler()
+        self.sampler = Sampler(batch_invariant=config.batch_invariant and self.device.type == "cuda")
         # The runner's own per-request cache: each live request's packed sampling parameters,
         # keyed by the request itself (ids are the client's: the n samples of a prompt share one,
         # and an ended request's id can come back). The engine frees entries as requests finish.
@@ -357,7 +357,8 @@ class ModelRunner:
         parts: list[list[torch.Tensor]] = []
         for a in range(0, rows.shape[0], _PROMPT_ROWS_PER_PASS):
             logits = self.model.compute_logits(hidden.index_select(0, rows[a:a + _PROMPT_ROWS_PER_PASS])).float()
-            lps, ranks, top_ids, top_lps = token_logprobs(logits, targets[a:a + _PROMPT_ROWS_PER_PASS], k)
+            lps, ranks, top_ids, top_lps = token_logprobs(logits, targets[a:a + _PROMPT_ROWS_PER_PASS], k,
+                                                        self.sampler.batch_invariant)
             parts.append([lps, ranks, *(t for t in (top_ids, top_lps) if t is not None)])
         keys = ("p_lps", "p_ranks", "p_top_ids", "p_top_lps")
         h.host_prompt = [self._to_host(key, torch.cat([p[i] for p in parts]))

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tidal.kernels.rowwise import row_logsumexp, row_softmax_cumsum
 from tidal.sampling_params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -148,10 +149,17 @@ class Sampler:
 
     use_triton: run the race (hash, noise, argmax) as one fused Triton kernel; None: on CUDA
     when Triton imports. The torch path computes the same function, pass by pass.
+
+    batch_invariant: the sums over the vocabulary (logsumexp of the logprobs, top-p's softmax and
+    cumsum) run as one-program-per-row Triton kernels of fixed order (tidal.kernels.rowwise), since
+    torch's CUDA reductions split a row by the batch size; the engine sets it on CUDA in
+    batch-invariant mode (on the CPU torch's are row-invariant). Max, argmax, top-k, sort and
+    gather are exact and stay torch's.
     """
 
-    def __init__(self, use_triton: bool | None = None) -> None:
+    def __init__(self, use_triton: bool | None = None, batch_invariant: bool = False) -> None:
         self.use_triton = use_triton
+        self.batch_invariant = batch_invariant
         self._token_codes: dict[tuple[int, torch.device], Tensor] = {}
         self._cpu_workspace: _Workspace | None = None
 
@@ -175,7 +183,7 @@ class Sampler:
             # Greedy rows: temperature 1 and no filters, so their processed logits are the logits.
             proc = logits if processed is None else processed
             src = proc if t.all_processed else torch.where(t.processed[:, None], proc, src)
-        return logprobs_of(src, token_ids, t.max_num_logprobs)
+        return logprobs_of(src, token_ids, t.max_num_logprobs, self.batch_invariant)
 
     def _sample(self, logits: Tensor, t: SamplingTensors, want_processed: bool) -> tuple[Tensor, Tensor | None]:
         """Sampled token ids [B], and with want_processed the filtered scaled logits [B, V] that
@@ -192,7 +200,7 @@ class Sampler:
             if t.any_top_k:
                 kth = xs.gather(1, (t.top_k.clamp(1, vocab) - 1)[:, None])
                 xs.masked_fill_(top_k_on & (xs < kth), -_INF)
-            cum = xs.softmax(dim=-1).cumsum_(dim=-1)
+            cum = row_softmax_cumsum(xs) if self.batch_invariant else xs.softmax(dim=-1).cumsum_(dim=-1)
             drop = (cum[:, :-1] >= t.top_p[:, None]) & (t.top_p < 1.0)[:, None]
             xs[:, 1:].masked_fill_(drop, -_INF)
             floor = None if log_min_p is None else xs[:, :1] + log_min_p
@@ -294,15 +302,17 @@ def _race_torch(x: Tensor, floor: Tensor | None, keys: Tensor, codes: Tensor,
     return out
 
 
-def logprobs_of(src: Tensor, token_ids: Tensor, k: int) -> SamplerOutput:
+def logprobs_of(src: Tensor, token_ids: Tensor, k: int, batch_invariant: bool = False) -> SamplerOutput:
     """log_softmax(src) at `token_ids` with their ranks, and the k best of each row (k > 0)."""
-    logprobs, ranks, top_ids, top_logprobs = token_logprobs(src, token_ids, k)
+    logprobs, ranks, top_ids, top_logprobs = token_logprobs(src, token_ids, k, batch_invariant)
     return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs, ranks)
 
 
-def token_logprobs(src: Tensor, token_ids: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(logprobs, ranks, top ids, top logprobs) of logprobs_of; the top pair is None unless k > 0."""
-    lse = torch.logsumexp(src, dim=-1, keepdim=True)
+def token_logprobs(src: Tensor, token_ids: Tensor, k: int, batch_invariant: bool = False
+                   ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(logprobs, ranks, top ids, top logprobs) of logprobs_of; the top pair is None unless k > 0.
+    batch_invariant: the logsumexp in a fixed order per row (Sampler.batch_invariant)."""
+    lse = row_logsumexp(src)[:, None] if batch_invariant else torch.logsumexp(src, dim=-1, keepdim=True)
     chosen = src.gather(1, token_ids[:, None])
     logprobs = (chosen - lse).squeeze(1)
     ranks = (src > chosen).sum(dim=-1) + 1
