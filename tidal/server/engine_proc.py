@@ -26,7 +26,8 @@ from typing import Any
 
 import zmq
 
-from tidal.engine.messages import EngineInvalidInput
+from tidal.engine.control_ops import Abort, result_dict
+from tidal.engine.messages import ControlCall, EngineInvalidInput
 from tidal.server import protocol as P
 
 log = logging.getLogger("tidal.engine_proc")
@@ -103,7 +104,6 @@ class EngineProcess:
 
     # -- intake (main thread) ------------------------------------------------------------
     def serve(self, pull: zmq.Socket, parent_pid: int) -> None:
-        from tidal.engine.messages import AbortRequests, ControlCall
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
         while True:
@@ -123,10 +123,17 @@ class EngineProcess:
                 continue
             if kind == P.ADD:
                 self.core.submit(msg)
-            elif kind == P.ABORT:
-                self.core.submit(AbortRequests(msg.request_ids, self._reply_future(msg.call_id)))
             elif kind == P.CONTROL:
-                self.core.submit(ControlCall(msg.op, msg.kwargs, self._reply_future(msg.call_id)))
+                self._submit_control(msg)
+
+    def _submit_control(self, msg: P.ControlCallMsg) -> None:
+        reply = self._reply_future(msg.call_id)
+        try:
+            msg.op.check_wire()   # in-process-only fields never arrive set from a client
+        except EngineInvalidInput as e:
+            reply.set_exception(e)
+            return
+        self.core.submit(ControlCall(msg.op, reply))
 
     def _reply_future(self, call_id: int) -> Future:
         fut: Future = Future()
@@ -172,7 +179,7 @@ class EngineProcess:
     def _snapshot(self) -> dict[str, Any] | None:
         # Runs where the reply is completed: the core thread (or anywhere once the core is dead).
         try:
-            snap = self.core.control.snapshot()
+            snap = result_dict(self.core.control.snapshot())
             snap.pop("last_control_op", None)
             self.stats = snap
             return snap
@@ -181,7 +188,6 @@ class EngineProcess:
 
     # -- heartbeat -----------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
-        from tidal.engine.messages import AbortRequests
         probe: Future | None = None
         sent = 0.0
         while not self._stop.wait(self.heartbeat_s):
@@ -189,7 +195,7 @@ class EngineProcess:
             if probe is None or probe.done():
                 probe, sent = Future(), now
                 probe.add_done_callback(lambda f: self._snapshot())
-                self.core.submit(AbortRequests([], probe))  # a no-op the loop must answer
+                self.core.submit(ControlCall(Abort(request_ids=[]), probe))  # a no-op the loop must answer
             core = self.core
             self.outbox.put((P.HEARTBEAT, P.Heartbeat(
                 time.time(), core.alive, core.state.value, core.error,
