@@ -11,6 +11,7 @@ Fields that are UNSET are left out, so each reply keeps the keys it has always h
 Adding an operation: its message and result here (and in `WIRE_OPS`), its handler in
 `ControlPlane` (engine/control.py), its method in `ControlAPI` (engine/client.py).
 """
+
 from __future__ import annotations
 
 import enum
@@ -21,10 +22,10 @@ from msgspec import UNSET, UnsetType
 
 from tidal.errors import EngineInvalidInput
 
-DEFAULT_CONTROL_TIMEOUT_S = 60.0   # a client's wait when neither the call nor the op sets one
-DEADLINE_GRACE_S = 10.0            # the reply of an op with an engine deadline comes at most this late
-DRAIN_DEFAULT_S = 30.0             # pause(drain) without timeout_s
-WEIGHT_DEADLINE_S = 600.0          # update_weights / init_weight_transfer without timeout_s
+DEFAULT_CONTROL_TIMEOUT_S = 60.0  # a client's wait when neither the call nor the op sets one
+DEADLINE_GRACE_S = 10.0  # the reply of an op with an engine deadline comes at most this late
+DRAIN_DEFAULT_S = 30.0  # pause(drain) without timeout_s
+WEIGHT_DEADLINE_S = 600.0  # update_weights / init_weight_transfer without timeout_s
 SLEEP_TAGS = ("kv_cache", "weights")
 SOURCES = ("path", "tensors", "distributed", "shm", "ipc")
 STAGING = ("copy", "in_place")
@@ -71,6 +72,7 @@ def _tags(field: str, tags: list[str] | None) -> list[str] | None:
 # -- results ------------------------------------------------------------------------------------
 class OpResult(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """`elapsed_s` is filled in by the control plane for every op it records."""
+
     elapsed_s: float | UnsetType = UNSET
 
 
@@ -86,7 +88,7 @@ class PauseResult(OpResult):
     retracted: list[RequestSummary] = []
     kept: list[RequestSummary] = []
     finished: list[RequestSummary] = []
-    state: str | UnsetType = UNSET          # unset on a drain's reply that a harder pause overtook
+    state: str | UnsetType = UNSET  # unset on a drain's reply that a harder pause overtook
     superseded_by: str | UnsetType = UNSET  # a drain ended by a harder pause or a resume
 
 
@@ -119,6 +121,7 @@ class WakeUpResult(OpResult):
 
 class WeightsResult(OpResult):
     """update_weights and commit_weights: skipped, staged (commit=False) or committed."""
+
     weight_version: int
     skipped: bool | UnsetType = UNSET
     reason: str | UnsetType = UNSET
@@ -193,9 +196,9 @@ class StateResult(OpResult):
 # -- messages -----------------------------------------------------------------------------------
 class ControlOp(msgspec.Struct, kw_only=True, tag_field="op"):
     result: ClassVar[type[OpResult]]
-    recorded: ClassVar[bool] = True     # becomes state()'s last_control_op
-    counted: ClassVar[bool] = True      # counted in state()'s control_ops
-    local_fields: ClassVar[tuple[str, ...]] = ()   # in-process only: refused over ZeroMQ
+    recorded: ClassVar[bool] = True  # becomes state()'s last_control_op
+    counted: ClassVar[bool] = True  # counted in state()'s control_ops
+    local_fields: ClassVar[tuple[str, ...]] = ()  # in-process only: refused over ZeroMQ
 
     @property
     def name(self) -> str:
@@ -209,14 +212,17 @@ class ControlOp(msgspec.Struct, kw_only=True, tag_field="op"):
         """Raise when a field that cannot leave this process is set."""
         for f in self.local_fields:
             if getattr(self, f) is not None:
-                raise EngineInvalidInput(f, "(in-process objects)", "None over the process boundary: in-process "
-                                         "tensors cannot be sent; give path= or a trainer source")
+                raise EngineInvalidInput(
+                    f,
+                    "(in-process objects)",
+                    "None over the process boundary: in-process tensors cannot be sent; give path= or a trainer source",
+                )
 
 
 class Pause(ControlOp, tag="pause"):
     result = PauseResult
     mode: PauseMode = PauseMode.ABORT
-    timeout_s: float | None = None      # drain: how long in-flight requests may run
+    timeout_s: float | None = None  # drain: how long in-flight requests may run
 
     def __post_init__(self) -> None:
         self.mode = pause_mode(self.mode)
@@ -233,6 +239,7 @@ class Resume(ControlOp, tag="resume"):
 
 class Abort(ControlOp, tag="abort"):
     """End these requests (None: every request) with their partial output."""
+
     result = AbortResult
     recorded = False
     counted = False
@@ -241,7 +248,7 @@ class Abort(ControlOp, tag="abort"):
 
 class Sleep(ControlOp, tag="sleep"):
     result = SleepResult
-    tags: list[str] | None = None       # None: every tag
+    tags: list[str] | None = None  # None: every tag
     discard: bool = False
 
     def __post_init__(self) -> None:
@@ -250,7 +257,7 @@ class Sleep(ControlOp, tag="sleep"):
 
 class WakeUp(ControlOp, tag="wake_up"):
     result = WakeUpResult
-    tags: list[str] | None = None       # None: whatever sleeps
+    tags: list[str] | None = None  # None: whatever sleeps
 
     def __post_init__(self) -> None:
         self.tags = _tags("tags", self.tags)
@@ -259,6 +266,7 @@ class WakeUp(ControlOp, tag="wake_up"):
 class UpdateWeights(ControlOp, tag="update_weights"):
     """From a checkpoint directory (path), in-process tensors (named_tensors), or a trainer
     (source="distributed" | "shm" | "ipc"; engine/weights.py)."""
+
     result = WeightsResult
     local_fields = ("named_tensors",)
     source: Source | None = None
@@ -289,6 +297,7 @@ class UpdateWeights(ControlOp, tag="update_weights"):
 
 class InitWeightTransfer(ControlOp, tag="init_weight_transfer"):
     """Join the trainer's process group at rank `rank_offset`."""
+
     result = InitTransferResult
     master_address: str
     master_port: int
@@ -312,6 +321,7 @@ class DestroyWeightTransfer(ControlOp, tag="destroy_weight_transfer"):
 
 class CheckWeights(ControlOp, tag="check_weights"):
     """Check declared names, shapes and dtypes against the model (nothing is loaded)."""
+
     result = CheckWeightsResult
     tensors: list[dict[str, Any]] | None = None
 
@@ -327,6 +337,7 @@ class AbortStaged(ControlOp, tag="abort_staged"):
 
 class Fence(ControlOp, tag="fence"):
     """Refuse generation until an update commits (a trainer's verdict on this replica)."""
+
     result = FenceResult
     reason: str = "unspecified"
 
@@ -337,11 +348,12 @@ class FlushCache(ControlOp, tag="flush_cache"):
 
 class State(ControlOp, tag="state"):
     result = StateResult
-    recorded = False   # or every state() reply would nest the previous one
+    recorded = False  # or every state() reply would nest the previous one
 
 
 class WeightsDone(ControlOp, tag="weights_done"):
     """Internal, never on the wire: the weights worker finished `job` (its Future: `outcome`)."""
+
     recorded = False
     counted = False
     job: Any = None
@@ -349,9 +361,22 @@ class WeightsDone(ControlOp, tag="weights_done"):
 
 
 # Every op a client may send, as one tagged union (the ZeroMQ decoder's type).
-WIRE_OPS: tuple[type[ControlOp], ...] = (Pause, Resume, Abort, Sleep, WakeUp, UpdateWeights, InitWeightTransfer,
-                                         DestroyWeightTransfer, CheckWeights, CommitWeights, AbortStaged, Fence,
-                                         FlushCache, State)
+WIRE_OPS: tuple[type[ControlOp], ...] = (
+    Pause,
+    Resume,
+    Abort,
+    Sleep,
+    WakeUp,
+    UpdateWeights,
+    InitWeightTransfer,
+    DestroyWeightTransfer,
+    CheckWeights,
+    CommitWeights,
+    AbortStaged,
+    Fence,
+    FlushCache,
+    State,
+)
 OPS_BY_NAME: dict[str, type[ControlOp]] = {str(op.__struct_config__.tag): op for op in WIRE_OPS}
 
 
