@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 import torch
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 # Fields a discarded-weights update (a full load from path) cannot take.
 _NOT_WITH_DISCARDED = ("named_tensors", "group_name", "tensors", "buckets", "shm_path", "ipc_handles")
-Handler = Callable[[Any, Future], "OpResult | dict[str, Any] | None"]
+Handler = Callable[["ControlPlane", Any, Future], "OpResult | dict[str, Any] | None"]
 
 
 @dataclass(slots=True)
@@ -66,15 +66,6 @@ class ControlPlane:
         self.op_counts: dict[str, int] = {}
         self.op_seconds: dict[str, float] = {}
         self.weights = WeightManager(core)
-        # One handler per message type; None from a handler: it completes `reply` later.
-        self.handlers: dict[type[ops.ControlOp], Handler] = {
-            ops.Pause: self.pause, ops.Resume: self.resume, ops.Abort: self.abort,
-            ops.Sleep: self.sleep, ops.WakeUp: self.wake_up, ops.UpdateWeights: self.update_weights,
-            ops.InitWeightTransfer: self.init_weight_transfer, ops.DestroyWeightTransfer: self.destroy_weight_transfer,
-            ops.CheckWeights: self.check_weights, ops.CommitWeights: self.commit_weights,
-            ops.AbortStaged: self.abort_staged, ops.Fence: self.fence, ops.FlushCache: self.flush_cache,
-            ops.State: self.query_state, ops.WeightsDone: self.weights_done,
-        }
 
     # -- what the loop asks ---------------------------------------------------------------
     @property
@@ -132,14 +123,14 @@ class ControlPlane:
     # -- dispatch ------------------------------------------------------------------------
     def handle(self, call: ControlCall) -> None:
         op, reply = call.op, call.reply or Future()
-        handler = self.handlers.get(type(op))
+        handler = self.HANDLERS.get(type(op))
         if handler is None:
             reply.set_exception(EngineError(f"control op {op!r} is unknown: expected one of "
                                             f"{sorted(ops.OPS_BY_NAME)}"))
             return
         t0 = time.monotonic()
         try:
-            raw = handler(op, reply)
+            raw = handler(self, op, reply)
             result = None if raw is None else ops.as_result(op, raw)
         except Exception as e:  # the op failed; it has restored the state it changed
             self._record_error(op.name, e, t0)
@@ -420,6 +411,16 @@ class ControlPlane:
             weight_transfer=self.weights.snapshot(),
         )
 
+
+    # One handler per message type, run on the core thread; a handler returns the op's result
+    # (or a dict of its fields), or None when it completes `reply` later (drain, weight jobs).
+    HANDLERS: ClassVar[dict[type[ops.ControlOp], Handler]] = {
+        ops.Pause: pause, ops.Resume: resume, ops.Abort: abort, ops.Sleep: sleep, ops.WakeUp: wake_up,
+        ops.UpdateWeights: update_weights, ops.InitWeightTransfer: init_weight_transfer,
+        ops.DestroyWeightTransfer: destroy_weight_transfer, ops.CheckWeights: check_weights,
+        ops.CommitWeights: commit_weights, ops.AbortStaged: abort_staged, ops.Fence: fence,
+        ops.FlushCache: flush_cache, ops.State: query_state, ops.WeightsDone: weights_done,
+    }
 
 def _memory_in_use(runner) -> int | None:
     if runner.device.type != "cuda":

@@ -16,7 +16,7 @@ from tidal.config import EngineConfig
 from tidal.engine import control_ops as ops
 from tidal.engine.client import ControlAPI, InprocEngine, wait_result
 from tidal.engine.io import PromptInput, RequestState, raise_for_error, unwrap_prompt
-from tidal.engine.messages import AddRequest, EngineDead, EngineState
+from tidal.engine.messages import AddRequest, EngineDead, EngineInvalidInput, EngineState
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
 
@@ -147,7 +147,9 @@ class LLM(ControlAPI[dict[str, Any]]):
         sleep(1)) from anywhere: pauses first (offline, nothing is running between generate
         calls; anything that is ends with "abort"), then sleeps kv_cache and weights (level 2:
         discarded); wake_up resumes once nothing sleeps."""
-        if isinstance(tags, int) and not isinstance(tags, bool):
+        if isinstance(tags, bool):
+            raise EngineInvalidInput("tags", tags, f"a list of tags from {list(ops.SLEEP_TAGS)}, or a sleep level")
+        if isinstance(tags, int):
             tags, level = None, tags
         if level is None:
             return super().sleep(tags, discard, timeout_s)
