@@ -219,18 +219,22 @@ def test_one_deadline_rule():
     grace, default = ops.DEADLINE_GRACE_S, 7.0
     wait = ops.reply_wait_s
     assert wait(ops.Pause(mode="drain", timeout_s=3.0), None, default) == 3.0 + grace
-    assert wait(ops.Pause(mode="drain"), None, default) == ops.DRAIN_DEFAULT_S + grace
+    assert wait(ops.Pause(mode="drain"), None, default) == default  # the engine's 30 s drain is shorter
     assert wait(ops.Pause(mode="abort"), None, default) == default
     assert wait(ops.Pause(mode="abort"), 2.0, default) == 2.0
-    assert wait(ops.UpdateWeights(path="/x"), 1.0, default) == ops.WEIGHT_DEADLINE_S + grace
+    assert wait(ops.UpdateWeights(path="/x"), 1.0, default) == 1.0
+    assert (
+        wait(
+            ops.InitWeightTransfer(
+                master_address="h", master_port=1, rank_offset=1, world_size=2, group_name="g", timeout_s=4.0
+            ),
+            None,
+            default,
+        )
+        == 4.0 + grace
+    )
     assert wait(ops.UpdateWeights(path="/x", timeout_s=20.0), None, default) == 20.0 + grace
     assert wait(ops.State(), None, default) == default and wait(ops.State(), 0.5, default) == 0.5
-
-
-def test_the_weight_deadline_default_is_the_engines():
-    from tidal.engine import weights
-
-    assert ops.WEIGHT_DEADLINE_S == weights.DEFAULT_TIMEOUT_S
 
 
 def _recording(cls):

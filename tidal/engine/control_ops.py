@@ -25,7 +25,6 @@ from tidal.errors import EngineInvalidInput
 DEFAULT_CONTROL_TIMEOUT_S = 60.0  # a client's wait when neither the call nor the op sets one
 DEADLINE_GRACE_S = 10.0  # the reply of an op with an engine deadline comes at most this late
 DRAIN_DEFAULT_S = 30.0  # pause(drain) without timeout_s
-WEIGHT_DEADLINE_S = 600.0  # update_weights / init_weight_transfer without timeout_s
 SLEEP_TAGS = ("kv_cache", "weights")
 SOURCES = ("path", "tensors", "distributed", "shm", "ipc")
 STAGING = ("copy", "in_place")
@@ -205,7 +204,7 @@ class ControlOp(msgspec.Struct, kw_only=True, tag_field="op"):
         return str(type(self).__struct_config__.tag)
 
     def deadline_s(self) -> float | None:
-        """The engine's own deadline for this op, for ops that carry one."""
+        """The engine-side deadline this op was given (its `timeout_s`), for ops that carry one."""
         return None
 
     def check_wire(self) -> None:
@@ -228,9 +227,7 @@ class Pause(ControlOp, tag="pause"):
         self.mode = pause_mode(self.mode)
 
     def deadline_s(self) -> float | None:
-        if self.timeout_s is not None:
-            return self.timeout_s
-        return DRAIN_DEFAULT_S if self.mode is PauseMode.DRAIN else None
+        return self.timeout_s
 
 
 class Resume(ControlOp, tag="resume"):
@@ -292,7 +289,7 @@ class UpdateWeights(ControlOp, tag="update_weights"):
         _one_of("layout", self.layout, LAYOUTS)
 
     def deadline_s(self) -> float | None:
-        return WEIGHT_DEADLINE_S if self.timeout_s is None else self.timeout_s
+        return self.timeout_s
 
 
 class InitWeightTransfer(ControlOp, tag="init_weight_transfer"):
@@ -311,7 +308,7 @@ class InitWeightTransfer(ControlOp, tag="init_weight_transfer"):
         _one_of("backend", self.backend, BACKENDS)
 
     def deadline_s(self) -> float | None:
-        return WEIGHT_DEADLINE_S if self.timeout_s is None else self.timeout_s
+        return self.timeout_s
 
 
 class DestroyWeightTransfer(ControlOp, tag="destroy_weight_transfer"):
@@ -381,10 +378,11 @@ OPS_BY_NAME: dict[str, type[ControlOp]] = {str(op.__struct_config__.tag): op for
 
 
 def reply_wait_s(op: ControlOp, timeout_s: float | None, default_s: float = DEFAULT_CONTROL_TIMEOUT_S) -> float:
-    """How long a client waits for `op`'s reply, the one rule for every client: an op with an
-    engine-side deadline (a drain, a weight transfer) replies by that deadline, so its client
-    waits that long plus DEADLINE_GRACE_S and never gives up first; any other op waits
-    `timeout_s`, or the client's default."""
+    """How long a client waits for `op`'s reply, the one rule for every client: an op given an
+    engine-side deadline (a drain's or a weight transfer's `timeout_s`) replies by it, so its
+    client waits that long plus DEADLINE_GRACE_S and never gives up first; any other call
+    (and one whose op left its deadline to the engine's default) waits `timeout_s`, or the
+    client's default."""
     deadline = op.deadline_s()
     if deadline is not None:
         return float(deadline) + DEADLINE_GRACE_S
