@@ -331,7 +331,7 @@ class EngineCore:
                 "num_aborted_samples": len(reqs)}
 
     def end_requests(self, reqs: list[Request], reason: str, error: str | None = None,
-             error_type: str | None = None) -> None:
+                     error_type: str | None = None) -> None:
         """Finish `reqs` now with what they have, free their KV, and hand out their outputs."""
         ended = []
         for req in reqs:
