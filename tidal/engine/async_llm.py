@@ -7,18 +7,19 @@ reply can never arrive before someone is listening (docs/architecture.md, "Data 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from tidal.config import EngineConfig
-from tidal.engine.client import DEFAULT_CONTROL_TIMEOUT_S, ControlTimeout, InprocEngine
+from tidal.engine import control_ops as ops
+from tidal.engine.client import ControlAPI, ControlTimeout, InprocEngine
 from tidal.engine.io import PromptInput, RequestState, raise_for_error, unwrap_prompt
 from tidal.engine.messages import AddRequest, EngineOutput
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
 
 
-class AsyncLLM:
+class AsyncLLM(ControlAPI[Awaitable[dict[str, Any]]]):
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         self.config = EngineConfig(model=model, **engine_kwargs)
         self.engine = InprocEngine(self.config)
@@ -55,74 +56,17 @@ class AsyncLLM:
                     yield state.delta_output() if delta else state.output()
         finally:
             if not finished:
-                self.engine.abort_future([rid])  # client went away: free its KV now
+                self.engine.submit(ops.Abort(request_ids=[rid]))  # client went away: free its KV now
             self.engine.unregister(rid)
 
-    async def _control(self, op: str, wait_s: float | None, **kwargs: Any) -> dict:
-        return await _await(self.engine.call(op, **kwargs), op, wait_s)
-
-    async def abort(self, request_ids: Iterable[str] | None = None, timeout_s: float | None = None) -> dict:
-        ids = None if request_ids is None else list(request_ids)
-        return await _await(self.engine.abort_future(ids), "abort", timeout_s)
-
-    async def pause(self, mode: str = "abort", timeout_s: float | None = None) -> dict:
-        wait = None if timeout_s is None else timeout_s + 10.0
-        return await self._control("pause", wait, mode=mode, timeout_s=timeout_s)
-
-    async def resume(self, timeout_s: float | None = None) -> dict:
-        return await self._control("resume", timeout_s)
-
-    async def sleep(self, tags: Sequence[str] | None = None, discard: bool = False,
-                    timeout_s: float | None = None) -> dict:
-        return await self._control("sleep", timeout_s, tags=None if tags is None else list(tags), discard=discard)
-
-    async def wake_up(self, tags: Sequence[str] | None = None, timeout_s: float | None = None) -> dict:
-        return await self._control("wake_up", timeout_s, tags=None if tags is None else list(tags))
-
-    async def update_weights(self, path: str | None = None, named_tensors=None, version: int | None = None,
-                       checksums: dict[str, str] | None = None, timeout_s: float | None = None,
-                       source: str | None = None, **transfer: Any) -> dict:
-        """From a checkpoint directory, in-process named tensors, or (source="distributed" |
-        "shm" | "ipc") a trainer: `transfer` holds group_name, tensors, layout, buckets, shm_path,
-        ipc_handles, commit, staging (tidal/engine/weights.py). `timeout_s` is the engine's deadline."""
-        wait = None if timeout_s is None else timeout_s + 10.0
-        return await self._control("update_weights", wait, path=path, named_tensors=named_tensors, version=version,
-                             checksums=checksums, source=source, timeout_s=timeout_s, **transfer)
-
-    async def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                             group_name: str, backend: str = "gloo", timeout_s: float | None = None) -> dict:
-        """Join the trainer's process group at rank `rank_offset` (the join runs off the core thread)."""
-        wait = None if timeout_s is None else timeout_s + 10.0
-        return await self._control("init_weight_transfer", wait, master_address=master_address, master_port=master_port,
-                             rank_offset=rank_offset, world_size=world_size, group_name=group_name,
-                             backend=backend, timeout_s=timeout_s)
-
-    async def destroy_weight_transfer(self, group_name: str | None = None, timeout_s: float | None = None) -> dict:
-        return await self._control("destroy_weight_transfer", timeout_s, group_name=group_name)
-
-    async def check_weights(self, tensors: list[dict], timeout_s: float | None = None) -> dict:
-        return await self._control("check_weights", timeout_s, tensors=tensors)
-
-    async def commit_weights(self, version: int | None = None, timeout_s: float | None = None) -> dict:
-        return await self._control("commit_weights", timeout_s, version=version)
-
-    async def abort_staged(self, timeout_s: float | None = None) -> dict:
-        return await self._control("abort_staged", timeout_s)
-
-    async def flush_cache(self, timeout_s: float | None = None) -> dict:
-        return await self._control("flush_cache", timeout_s)
-
-    async def state(self, timeout_s: float | None = None) -> dict:
-        return await self._control("state", timeout_s)
+    # -- control (DESIGN.md §5): ControlAPI's methods, awaited ----------------------------
+    async def _control(self, op: ops.ControlOp, wait_s: float) -> dict[str, Any]:
+        try:
+            result = await asyncio.wait_for(asyncio.wrap_future(self.engine.submit(op)), wait_s)
+        except asyncio.TimeoutError:
+            raise ControlTimeout(f"{op.name}: no reply within {wait_s:.1f}s") from None
+        return ops.result_dict(result)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-
-
-async def _await(fut, op: str, timeout_s: float | None) -> dict:
-    timeout = DEFAULT_CONTROL_TIMEOUT_S if timeout_s is None else timeout_s
-    try:
-        return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
-    except asyncio.TimeoutError:
-        raise ControlTimeout(f"{op}: no reply within {timeout:.1f}s") from None
 

@@ -1,6 +1,8 @@
-"""The control plane (DESIGN.md §5): pause modes, resume, sleep/wake, transactional weight
-updates, state. Every method here runs on the core thread, invoked through a ControlCall in the
-inbox, so nothing in it needs a lock and nothing can run a forward pass concurrently.
+"""The control plane (DESIGN.md §5): pause modes, resume, abort, sleep/wake, transactional weight
+updates, state. Every handler here runs on the core thread: a ControlCall in the inbox carries a
+typed message (engine/control_ops.py), `handle` picks the handler by the message's type, and the
+handler returns the op's typed result (or None, and completes the reply later). So nothing in it
+needs a lock and nothing can run a forward pass concurrently.
 
 Why drain cannot deadlock (docs/architecture.md, "Control plane"): pausing never blocks the
 loop. `pause(drain)` only flips the state to DRAINING and records a deadline; the loop keeps
@@ -11,15 +13,18 @@ before it replies.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import msgspec
 import torch
 
-from tidal.engine.messages import ControlCall, EngineError, EngineInvalidInput, EngineState, PauseMode
+from tidal.engine import control_ops as ops
+from tidal.engine.control_ops import DRAIN_DEFAULT_S, SLEEP_TAGS, OpResult, PauseMode, RequestSummary
+from tidal.engine.messages import ControlCall, EngineError, EngineInvalidInput, EngineState
 from tidal.engine.request import Request, RequestStatus
 from tidal.engine.weights import WeightManager, stage, tensor_sha256  # noqa: F401 (tensor_sha256: re-exported)
 from tidal.models.loader import FileStamp, checkpoint_fingerprint, fingerprint_change
@@ -27,9 +32,9 @@ from tidal.models.loader import FileStamp, checkpoint_fingerprint, fingerprint_c
 if TYPE_CHECKING:
     from tidal.engine.core import EngineCore
 
-SLEEP_TAGS = ("kv_cache", "weights")
-# Read-only ops: they never become `last_op`, or every state() reply would nest the previous one.
-QUERY_OPS = frozenset({"state"})
+# Fields a discarded-weights update (a full load from path) cannot take.
+_NOT_WITH_DISCARDED = ("named_tensors", "group_name", "tensors", "buckets", "shm_path", "ipc_handles")
+Handler = Callable[["ControlPlane", Any, Future], "OpResult | dict[str, Any] | None"]
 
 
 @dataclass(slots=True)
@@ -47,9 +52,8 @@ class _SleepingWeights:
     bytes: int
 
 
-def _summary(reqs: Iterable[Request]) -> list[dict[str, Any]]:
-    return [{"request_id": r.request_id, "index": r.index, "num_output_tokens": r.num_output_tokens}
-            for r in reqs]
+def _summary(reqs: Iterable[Request]) -> list[RequestSummary]:
+    return [RequestSummary(r.request_id, r.index, r.num_output_tokens) for r in reqs]
 
 
 class ControlPlane:
@@ -96,15 +100,14 @@ class ControlPlane:
             return
         self.core.flush()
         leftover = [r for r in d.inflight if not r.finished] + self.core.find_requests(None)
-        leftover = [r for r in dict.fromkeys(leftover) if r not in self.core.held
-                    and not any(r in h.pending_forks for h in self.core.held)]
-        self.core._end(leftover, "abort")
+        held = self.core.held_requests()
+        leftover = [r for r in dict.fromkeys(leftover) if r not in held]
+        self.core.end_requests(leftover, "abort")
         self.drain = None
         self.core.state = EngineState.PAUSED
-        result = {"mode": "drain", "state": self.state.value,
-                  "finished": _summary(r for r in d.inflight if r.finish_reason != "abort"),
-                  "aborted": _summary(leftover), "retracted": [], "kept": [],
-                  "elapsed_s": time.monotonic() - d.started}
+        result = ops.PauseResult(mode="drain", state=self.state.value,
+                                 finished=_summary(r for r in d.inflight if r.finish_reason != "abort"),
+                                 aborted=_summary(leftover), elapsed_s=time.monotonic() - d.started)
         self._record("pause", result, d.started)
         for reply in d.replies:
             if not reply.done():
@@ -119,55 +122,54 @@ class ControlPlane:
 
     # -- dispatch ------------------------------------------------------------------------
     def handle(self, call: ControlCall) -> None:
-        method = getattr(self, f"op_{call.op}", None)
-        reply = call.reply or Future()
-        if method is None:
-            reply.set_exception(EngineError(f"control op {call.op!r} is unknown"))
+        op, reply = call.op, call.reply or Future()
+        handler = self.HANDLERS.get(type(op))
+        if handler is None:
+            reply.set_exception(EngineError(f"control op {op!r} is unknown: expected one of "
+                                            f"{sorted(ops.OPS_BY_NAME)}"))
             return
         t0 = time.monotonic()
         try:
-            result = method(reply=reply, **call.kwargs)
-        except TypeError as e:
-            reply.set_exception(EngineError(f"control op {call.op!r}: bad arguments: {e}"))
-            return
+            raw = handler(self, op, reply)
+            result = None if raw is None else ops.as_result(op, raw)
         except Exception as e:  # the op failed; it has restored the state it changed
-            self._record(call.op, {"error": f"{type(e).__name__}: {e}"}, t0)
+            self._record_error(op.name, e, t0)
             reply.set_exception(e if isinstance(e, EngineError)
-                                else EngineError(f"{call.op} failed: {type(e).__name__}: {e}"))
+                                else EngineError(f"{op.name} failed: {type(e).__name__}: {e}"))
             return
-        if result is not None:  # None: the op completes `reply` later (drain)
-            if call.op in QUERY_OPS:
-                self._count(call.op, time.monotonic() - t0)
-            else:
-                self._record(call.op, result, t0)
-            if not reply.done():
-                reply.set_result(result)
+        if result is None:  # the op completes `reply` later (drain, weight jobs)
+            return
+        if op.recorded:
+            self._record(op.name, result, t0)
+        elif op.counted:
+            self._count(op.name, time.monotonic() - t0)
+        if not reply.done():
+            reply.set_result(result)
 
-    def _record(self, op: str, result: dict[str, Any], t0: float) -> None:
+    def _record(self, op: str, result: OpResult, t0: float) -> None:
         elapsed = time.monotonic() - t0
-        result.setdefault("elapsed_s", elapsed)
-        self.last_op = {"op": op, "result": result, "at": time.time()}
+        if result.elapsed_s is ops.UNSET:
+            result.elapsed_s = elapsed
+        self.last_op = {"op": op, "result": ops.result_dict(result), "at": time.time()}
         self._count(op, elapsed)
+
+    def _record_error(self, op: str, err: BaseException, t0: float) -> None:
+        self.last_op = {"op": op, "result": {"error": f"{type(err).__name__}: {err}"}, "at": time.time()}
+        self._count(op, time.monotonic() - t0)
 
     def _count(self, op: str, elapsed: float) -> None:
         self.op_counts[op] = self.op_counts.get(op, 0) + 1
         self.op_seconds[op] = self.op_seconds.get(op, 0.0) + elapsed
 
-    # -- pause / resume ------------------------------------------------------------------
-    def op_pause(self, reply: Future, mode: str = "abort", timeout_s: float | None = None) -> dict | None:
-        try:
-            mode = PauseMode(mode)
-        except ValueError:
-            raise EngineError(f"pause mode={mode!r} is invalid: expected one of "
-                              f"{[m.value for m in PauseMode]}") from None
-        core, sched = self.core, self.core.scheduler
+    # -- pause / resume / abort ----------------------------------------------------------
+    def pause(self, op: ops.Pause, reply: Future) -> ops.PauseResult | None:
+        core, sched, mode = self.core, self.core.scheduler, op.mode
         t0 = time.monotonic()
-        result: dict[str, Any] = {"mode": mode.value, "aborted": [], "retracted": [], "kept": [],
-                                  "finished": []}
+        result = ops.PauseResult(mode=mode.value)
         if mode is PauseMode.DRAIN:
             if self.state is EngineState.SERVING or self.state is EngineState.DRAINING:
                 if self.drain is None:
-                    timeout = 30.0 if timeout_s is None else float(timeout_s)
+                    timeout = DRAIN_DEFAULT_S if op.timeout_s is None else float(op.timeout_s)
                     self.drain = _Drain([], t0 + timeout, t0, core.find_requests(None))
                     core.state = EngineState.DRAINING
                 self.drain.replies.append(reply)
@@ -175,28 +177,30 @@ class ControlPlane:
                 return None
             # already paused or asleep: nothing is running, nothing to drain
         elif mode is PauseMode.ABORT:
-            victims = [r for r in core.find_requests(None)]
-            core._end(victims, "abort")
-            result["aborted"] = _summary(victims)
+            victims = core.find_requests(None)
+            core.end_requests(victims, "abort")
+            result.aborted = _summary(victims)
         elif mode is PauseMode.RETRACT:
             queued = [r for r in sched.live_requests() if r.status is RequestStatus.WAITING]
-            result["retracted"] = _summary(sched.retract_all())
-            result["kept"] = _summary(queued)
+            result.retracted = _summary(sched.retract_all())
+            result.kept = _summary(queued)
         elif mode is PauseMode.KEEP:
-            result["kept"] = _summary(sched.live_requests())
+            result.kept = _summary(sched.live_requests())
         if self.drain is not None:  # a harder pause overtakes a drain in progress
             d, self.drain = self.drain, None
+            overtaken = ops.PauseResult(mode=result.mode, aborted=result.aborted, retracted=result.retracted,
+                                        kept=result.kept, superseded_by=mode.value)
             for r in d.replies:
                 if not r.done():
-                    r.set_result({**result, "superseded_by": mode.value})
+                    r.set_result(overtaken)
         if self.state in (EngineState.SERVING, EngineState.DRAINING):
             core.state = EngineState.PAUSED
         self.pause_mode = mode
-        result["state"] = self.state.value
-        result["elapsed_s"] = time.monotonic() - t0
+        result.state = self.state.value
+        result.elapsed_s = time.monotonic() - t0
         return result
 
-    def op_resume(self, reply: Future) -> dict:
+    def resume(self, op: ops.Resume, reply: Future) -> ops.ResumeResult:
         core = self.core
         if self.state is EngineState.SLEEPING:
             raise EngineError(f"resume: engine is sleeping ({sorted(self.sleeping)}); call wake_up first")
@@ -204,64 +208,55 @@ class ControlPlane:
             raise EngineError("resume: the weights are not loaded (discarded by sleep); "
                               "wake_up(['weights']) or update_weights(path=...) first")
         if self.state is EngineState.SERVING:
-            return {"state": "serving", "changed": False}
+            return ops.ResumeResult(state="serving", changed=False)
         if self.drain is not None:
             d, self.drain = self.drain, None
             for r in d.replies:
                 if not r.done():
-                    r.set_result({"mode": "drain", "state": "serving", "superseded_by": "resume",
-                                  "aborted": [], "retracted": [], "kept": [], "finished": []})
+                    r.set_result(ops.PauseResult(mode="drain", state="serving", superseded_by="resume"))
         core.state = EngineState.SERVING
         self.pause_mode = None
-        for head in core.held:
-            core.scheduler.add(head)
-        released = len(core.held)
-        core.held = []
-        return {"state": "serving", "changed": True, "released_held": released}
+        return ops.ResumeResult(state="serving", changed=True, released_held=core.release_held())
+
+    def abort(self, op: ops.Abort, reply: Future) -> ops.AbortResult:
+        return ops.AbortResult(**self.core.abort(op.request_ids))
 
     # -- sleep / wake --------------------------------------------------------------------
-    def op_sleep(self, reply: Future, tags: list[str] | None = None, discard: bool = False) -> dict:
-        tags = list(SLEEP_TAGS) if tags is None else list(tags)
-        bad = [t for t in tags if t not in SLEEP_TAGS]
-        if bad:
-            raise EngineError(f"sleep tags={bad!r} are unknown: expected a subset of {list(SLEEP_TAGS)}")
+    def sleep(self, op: ops.Sleep, reply: Future) -> ops.SleepResult:
+        tags = list(SLEEP_TAGS) if op.tags is None else op.tags
         if self.state not in (EngineState.PAUSED, EngineState.SLEEPING):
             raise EngineError(f"sleep: engine is {self.state.value}; pause it first")
         if "weights" in tags and self.weights.writing is not None:
             raise EngineError("sleep: an in-place weight update owns the parameters; commit_weights or "
                               "abort_staged (or wait for it to finish) first")
         runner = self.core.runner
-        result: dict[str, Any] = {"tags": [], "bytes_freed": {}, "retracted": []}
+        result = ops.SleepResult(tags=[], bytes_freed={}, retracted=[], state="", sleeping=[])
         for tag in tags:
             if tag in self.sleeping:
                 continue
             before = _memory_in_use(runner)
             if tag == "kv_cache":
                 # Kept requests cannot keep KV that is about to vanish: retract them.
-                result["retracted"] = _summary(self.core.scheduler.retract_all())
-                kv = runner.kv_cache
-                nbytes = 0 if kv is None else kv.numel() * kv.element_size()
+                result.retracted = _summary(self.core.scheduler.retract_all())
+                nbytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
                 runner.free_kv_cache()
                 self.core.block_manager.reset()
                 self.sleeping[tag] = nbytes
             else:
-                if discard and self.core.weight_source is None:
+                if op.discard and self.core.weight_source is None:
                     raise EngineError("sleep(weights, discard=True): the weights came from in-memory "
                                       "tensors and could not be restored; sleep without discard")
-                self.sleeping[tag] = _offload_weights(runner, discard)
-                self.core.weights_loaded = not discard
-            result["bytes_freed"][tag] = _freed(before, _memory_in_use(runner), self.sleeping[tag])
-            result["tags"].append(tag)
+                self.sleeping[tag] = _offload_weights(runner, op.discard)
+                self.core.weights_loaded = not op.discard
+            result.bytes_freed[tag] = _freed(before, _memory_in_use(runner), self.sleeping[tag])
+            result.tags.append(tag)
         self.core.state = EngineState.SLEEPING
-        result["state"] = self.state.value
-        result["sleeping"] = sorted(self.sleeping)
+        result.state = self.state.value
+        result.sleeping = sorted(self.sleeping)
         return result
 
-    def op_wake_up(self, reply: Future, tags: list[str] | None = None) -> dict:
-        tags = sorted(self.sleeping) if tags is None else list(tags)
-        bad = [t for t in tags if t not in SLEEP_TAGS]
-        if bad:
-            raise EngineError(f"wake_up tags={bad!r} are unknown: expected a subset of {list(SLEEP_TAGS)}")
+    def wake_up(self, op: ops.WakeUp, reply: Future) -> ops.WakeUpResult:
+        tags = sorted(self.sleeping) if op.tags is None else op.tags
         runner = self.core.runner
         restored: dict[str, int] = {}
         # Weights first: their restore is the one that can fail on bad input. Each tag is
@@ -274,55 +269,60 @@ class ControlPlane:
             restored[tag] = _nbytes(self.sleeping.pop(tag))
         if self.state is EngineState.SLEEPING and not self.sleeping:
             self.core.state = EngineState.PAUSED
-        return {"tags": sorted(restored), "bytes_restored": restored, "state": self.state.value,
-                "sleeping": sorted(self.sleeping)}
+        return ops.WakeUpResult(tags=sorted(restored), bytes_restored=restored, state=self.state.value,
+                                sleeping=sorted(self.sleeping))
 
     # -- weights -------------------------------------------------------------------------
-    def op_update_weights(self, reply: Future, **kwargs: Any) -> dict | None:
+    def update_weights(self, op: ops.UpdateWeights, reply: Future) -> dict | None:
         asleep = self.sleeping.get("weights")
-        if asleep is not None and asleep.cpu_copies is None and kwargs.get("path") is not None:
+        if asleep is not None and asleep.cpu_copies is None and op.path is not None:
             # Discarded weights: nothing is serving, so the new checkpoint loads here, in full.
-            extra = {k for k, v in kwargs.items()
-                     if v is not None and k not in ("path", "version", "checksums", "source", "timeout_s")}
-            if extra or kwargs.get("source") not in (None, "path"):
-                raise EngineInvalidInput("source", kwargs.get("source"), "'path' (alone) while the weights "
-                                         "are discarded")
-            return self._update_discarded(kwargs["path"], None, kwargs.get("version"), kwargs.get("checksums"))
+            if (op.source not in (None, "path") or not op.commit or op.staging != "copy"
+                    or any(getattr(op, f) is not None for f in _NOT_WITH_DISCARDED)):
+                raise EngineInvalidInput("source", op.source, "'path' (alone) while the weights are discarded")
+            return self._update_discarded(op.path, None, op.version, op.checksums)
+        kwargs = {f: getattr(op, f) for f in op.__struct_fields__}
         return self.weights.update(reply, **kwargs)   # None: the worker stages, weights_done replies
 
-    def op_weights_done(self, reply: Future, job: object = None, result: Future | None = None) -> None:
-        done = self.weights.finish(job, result)
+    def weights_done(self, op: ops.WeightsDone, reply: Future) -> None:
+        done = self.weights.finish(op.job, op.outcome)
         if done is None:
-            reply.set_exception(EngineError("weights_done: no such weight job (an internal message)"))
-            return
+            return  # not the job in progress: nothing to do
         job, outcome = done
         if isinstance(outcome, BaseException):
-            self._record(job.op, {"error": f"{type(outcome).__name__}: {outcome}"}, job.started)
+            self._record_error(job.op, outcome, job.started)
             err = (outcome if isinstance(outcome, EngineError)
                    else EngineError(f"{job.op} failed: {type(outcome).__name__}: {outcome}"))
             job.reply.set_exception(err)
-        else:
-            self._record(job.op, outcome, job.started)
-            job.reply.set_result(outcome)
+            return
+        try:
+            result = msgspec.convert(outcome, ops.OPS_BY_NAME[job.op].result)
+        except msgspec.ValidationError as e:
+            self._record_error(job.op, e, job.started)
+            job.reply.set_exception(EngineError(f"{job.op}: its result does not match its type: {e}"))
+            return
+        self._record(job.op, result, job.started)
+        job.reply.set_result(result)
 
-    def op_init_weight_transfer(self, reply: Future, **kwargs: Any) -> None:
-        self.weights.init_transfer(reply, **kwargs)
+    def init_weight_transfer(self, op: ops.InitWeightTransfer, reply: Future) -> None:
+        self.weights.init_transfer(reply, op.master_address, op.master_port, op.rank_offset, op.world_size,
+                                   op.group_name, op.backend, op.timeout_s)
 
-    def op_destroy_weight_transfer(self, reply: Future, group_name: str | None = None) -> dict:
-        return self.weights.destroy_transfer(group_name)
+    def destroy_weight_transfer(self, op: ops.DestroyWeightTransfer, reply: Future) -> dict:
+        return self.weights.destroy_transfer(op.group_name)
 
-    def op_check_weights(self, reply: Future, tensors: list | None = None) -> dict:
+    def check_weights(self, op: ops.CheckWeights, reply: Future) -> dict:
         from tidal.engine.weight_transfer import parse_specs
-        return self.weights.check_specs(parse_specs(tensors))
+        return self.weights.check_specs(parse_specs(op.tensors))
 
-    def op_commit_weights(self, reply: Future, version: int | None = None) -> dict:
-        return self.weights.commit_staged(version)
+    def commit_weights(self, op: ops.CommitWeights, reply: Future) -> dict:
+        return self.weights.commit_staged(op.version)
 
-    def op_abort_staged(self, reply: Future) -> dict:
+    def abort_staged(self, op: ops.AbortStaged, reply: Future) -> dict:
         return self.weights.abort_staged()
 
-    def op_fence(self, reply: Future, reason: str = "unspecified") -> dict:
-        return self.weights.fence(str(reason)[:500])
+    def fence(self, op: ops.Fence, reply: Future) -> dict:
+        return self.weights.fence(str(op.reason)[:500])
 
     def _update_discarded(self, path: str | None = None,
                           named_tensors: Iterable[tuple[str, torch.Tensor]] | dict | None = None,
@@ -373,44 +373,54 @@ class ControlPlane:
                 "bytes": sum(t.numel() * t.element_size() for t in staged.values()),
                 "stage_s": t1 - t0, "commit_s": time.monotonic() - t1, "skipped": False}
 
-    def op_flush_cache(self, reply: Future) -> dict:
+    def flush_cache(self, op: ops.FlushCache, reply: Future) -> ops.FlushCacheResult:
         self.core.block_manager.reset_prefix_cache()
-        return {"flushed": True}
+        return ops.FlushCacheResult(flushed=True)
 
-    def op_state(self, reply: Future) -> dict:
+    def query_state(self, op: ops.State, reply: Future) -> ops.StateResult:
         return self.snapshot()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> ops.StateResult:
         core = self.core
         bm = core.block_manager
         runner = core.runner
         kv_bytes = 0 if runner.kv_cache is None else runner.kv_cache.numel() * runner.kv_cache.element_size()
         w_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-        return {
-            "state": core.state.value,
-            "pause_mode": self.pause_mode.value if self.pause_mode else None,
-            "weight_version": core.weight_version,
-            "num_running": len(core.scheduler.running),
-            "num_waiting": len(core.scheduler.waiting),
-            "num_held": len(core.held),
-            "kv_blocks_used": bm.num_used_blocks,
-            "kv_blocks_total": bm.num_blocks,
-            "memory_bytes": {"kv_cache": kv_bytes, "weights": w_bytes},
-            "sleeping": sorted(self.sleeping),
-            "weights_loaded": core.weights_loaded,
-            "step_count": core.step_count,
-            "overlapped_steps": core.num_overlapped_steps,
-            "last_step_time_s": core.last_step_time,
-            "num_preemptions": core.scheduler.num_preemptions,
-            "prefix_cache_hit_tokens": bm.prefix_hits,
-            "prefix_cache_query_tokens": bm.prefix_queries,
-            "control_ops": dict(self.op_counts),
-            "control_op_seconds": dict(self.op_seconds),
-            "last_control_op": self.last_op,
-            "fenced": self.weights.fenced,
-            "weight_transfer": self.weights.snapshot(),
-        }
+        return ops.StateResult(
+            state=core.state.value,
+            pause_mode=self.pause_mode.value if self.pause_mode else None,
+            weight_version=core.weight_version,
+            num_running=len(core.scheduler.running),
+            num_waiting=len(core.scheduler.waiting),
+            num_held=len(core.held),
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=bm.num_blocks,
+            memory_bytes={"kv_cache": kv_bytes, "weights": w_bytes},
+            sleeping=sorted(self.sleeping),
+            weights_loaded=core.weights_loaded,
+            step_count=core.step_count,
+            overlapped_steps=core.num_overlapped_steps,
+            last_step_time_s=core.last_step_time,
+            num_preemptions=core.scheduler.num_preemptions,
+            prefix_cache_hit_tokens=bm.prefix_hits,
+            prefix_cache_query_tokens=bm.prefix_queries,
+            control_ops=dict(self.op_counts),
+            control_op_seconds=dict(self.op_seconds),
+            last_control_op=self.last_op,
+            fenced=self.weights.fenced,
+            weight_transfer=self.weights.snapshot(),
+        )
 
+
+    # One handler per message type, run on the core thread; a handler returns the op's result
+    # (or a dict of its fields), or None when it completes `reply` later (drain, weight jobs).
+    HANDLERS: ClassVar[dict[type[ops.ControlOp], Handler]] = {
+        ops.Pause: pause, ops.Resume: resume, ops.Abort: abort, ops.Sleep: sleep, ops.WakeUp: wake_up,
+        ops.UpdateWeights: update_weights, ops.InitWeightTransfer: init_weight_transfer,
+        ops.DestroyWeightTransfer: destroy_weight_transfer, ops.CheckWeights: check_weights,
+        ops.CommitWeights: commit_weights, ops.AbortStaged: abort_staged, ops.Fence: fence,
+        ops.FlushCache: flush_cache, ops.State: query_state, ops.WeightsDone: weights_done,
+    }
 
 def _memory_in_use(runner) -> int | None:
     if runner.device.type != "cuda":
@@ -467,9 +477,6 @@ def _reread_source(core: EngineCore) -> dict[str, torch.Tensor]:
     """The discarded weights, read again from their checkpoint, refused unless the files are the
     ones that were loaded (before and after the read: an overwrite mid-read is caught too)."""
     source, root = core.weight_source, core.config.weights_root
-    if source is None:
-        raise EngineError("wake_up(weights): the weights came from no checkpoint (load_format='dummy') "
-                          "and no copy was kept: there is nothing to read them back from")
     what = f"wake_up(weights): the checkpoint at {source!r}"
     try:
         _check_unchanged(core, what, checkpoint_fingerprint(source, root))

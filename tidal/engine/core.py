@@ -30,7 +30,6 @@ from tidal.config import EngineConfig
 from tidal.engine.control import ControlPlane
 from tidal.engine.kv_cache import BlockManager
 from tidal.engine.messages import (
-    AbortRequests,
     AddRequest,
     ControlCall,
     EngineDead,
@@ -180,10 +179,6 @@ class EngineCore:
     def _handle(self, msg: object) -> None:
         if isinstance(msg, AddRequest):
             self._add_request(msg)
-        elif isinstance(msg, AbortRequests):
-            result = self.abort(msg.request_ids)
-            if msg.reply is not None:
-                msg.reply.set_result(result)
         elif isinstance(msg, ControlCall):
             self.control.handle(msg)
         else:
@@ -292,16 +287,30 @@ class EngineCore:
         wanted = set(request_ids)
         return [r for r in live if r.request_id in wanted]
 
+    def held_requests(self) -> list[Request]:
+        """Samples that arrived while not serving and wait for resume (heads and their forks)."""
+        held = list(self.held)
+        for head in self.held:
+            held.extend(head.pending_forks)
+        return held
+
+    def release_held(self) -> int:
+        """Admit every held request (on resume); returns how many were held."""
+        for head in self.held:
+            self.scheduler.add(head)
+        released, self.held = len(self.held), []
+        return released
+
     def abort(self, request_ids: list[str] | None) -> dict:
         reqs = self.find_requests(request_ids)
-        self._end(reqs, "abort")
+        self.end_requests(reqs, "abort")
         found = {r.request_id for r in reqs}
         return {"aborted": sorted(found),
                 "unknown": sorted(set(request_ids or []) - found),
                 "num_aborted_samples": len(reqs)}
 
-    def _end(self, reqs: list[Request], reason: str, error: str | None = None,
-             error_type: str | None = None) -> None:
+    def end_requests(self, reqs: list[Request], reason: str, error: str | None = None,
+                     error_type: str | None = None) -> None:
         """Finish `reqs` now with what they have, free their KV, and hand out their outputs."""
         ended = []
         for req in reqs:
@@ -316,7 +325,7 @@ class EngineCore:
         self._emit(ended, error=error, error_type=error_type)
 
     def _finish_all(self, reason: str, error: str | None = None, error_type: str | None = None) -> None:
-        self._end(self.find_requests(None), reason, error, error_type)
+        self.end_requests(self.find_requests(None), reason, error, error_type)
 
     def _emit(self, reqs: list[Request], error: str | None = None, error_type: str | None = None) -> None:
         outs = []

@@ -7,15 +7,16 @@ vLLM's shapes that Tidal takes: prompt dicts (`{"prompt": ...}`, `{"prompt_token
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
 from tidal.config import EngineConfig
-from tidal.engine.client import InprocEngine, wait_result
+from tidal.engine import control_ops as ops
+from tidal.engine.client import ControlAPI, InprocEngine, wait_result
 from tidal.engine.io import PromptInput, RequestState, raise_for_error, unwrap_prompt
-from tidal.engine.messages import AddRequest, EngineDead, EngineState
+from tidal.engine.messages import AddRequest, EngineDead, EngineInvalidInput, EngineState
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
 
@@ -43,7 +44,7 @@ def _engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
     return EngineConfig(model=model, **kwargs)
 
 
-class LLM:
+class LLM(ControlAPI[dict[str, Any]]):
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         self.config = _engine_config(model, engine_kwargs)
         self.engine = InprocEngine(self.config)
@@ -59,8 +60,7 @@ class LLM:
         if (isinstance(prompts, (str, Mapping))
                 or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))):
             prompts = [prompts]
-        # a batch now: one text, token-id list or vLLM dict was wrapped just above
-        prompts = [unwrap_prompt(p) for p in cast("Sequence[PromptInput]", prompts)]
+        prompts = [unwrap_prompt(p) for p in prompts]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -93,11 +93,10 @@ class LLM:
         with the tokenizer's chat template (or `chat_template`), then generated."""
         if self.tokenizer is None:
             raise ValueError("chat: the model has no tokenizer, so no chat template: use generate with token ids")
-        conversations: list[Any]   # each checked below
         if isinstance(messages, Sequence) and messages and isinstance(messages[0], Mapping):
             conversations = [messages]
         else:
-            conversations = [*messages]
+            conversations = list(messages)
         if add_generation_prompt and continue_final_message:
             raise ValueError("chat: add_generation_prompt=True and continue_final_message=True are invalid "
                              "together: expected at most one of them")
@@ -130,7 +129,7 @@ class LLM:
                 was = st.finished
                 st.apply(out)
                 if out.error_type == "invalid_input":  # the whole call fails: stop the rest now
-                    self.engine.abort_future(list(states))
+                    self.engine.submit(ops.Abort(request_ids=list(states)))
                     raise_for_error(st)
                 if st.finished and not was:
                     pending -= 1
@@ -138,33 +137,22 @@ class LLM:
         finally:
             bar.close()
 
-    # -- control (DESIGN.md §5); each call has a deadline ---------------------------------
-    def _control(self, op: str, wait_s: float | None, **kwargs: Any) -> dict:
-        return wait_result(self.engine.call(op, **kwargs), op, wait_s)
-
-    def pause(self, mode: str = "abort", timeout_s: float | None = None) -> dict:
-        wait = None if timeout_s is None else timeout_s + 10.0
-        return self._control("pause", wait, mode=mode, timeout_s=timeout_s)
-
-    def resume(self, timeout_s: float | None = None) -> dict:
-        return self._control("resume", timeout_s)
-
-    def abort(self, request_ids: Iterable[str] | None = None, timeout_s: float | None = None) -> dict:
-        ids = None if request_ids is None else list(request_ids)
-        return wait_result(self.engine.abort_future(ids), "abort", timeout_s)
+    # -- control (DESIGN.md §5): ControlAPI's methods over the inbox; vLLM's forms wrap them --
+    def _control(self, op: ops.ControlOp, wait_s: float) -> dict[str, Any]:
+        return wait_result(self.engine.submit(op), op, wait_s)
 
     def sleep(self, tags: Sequence[str] | int | None = None, discard: bool = False, timeout_s: float | None = None,
-              *, level: int | None = None) -> dict:
+              *, level: int | None = None) -> dict[str, Any]:
         """Tidal's form: sleep(tags, discard) from `paused`. vLLM's form: sleep(level=1|2) (or
         sleep(1)) from anywhere: pauses first (offline, nothing is running between generate
         calls; anything that is ends with "abort"), then sleeps kv_cache and weights (level 2:
         discarded); wake_up resumes once nothing sleeps."""
         if isinstance(tags, bool):
-            raise ValueError(f"sleep(tags={tags!r}) is invalid: expected a list of tags or a level (1 or 2)")
+            raise EngineInvalidInput("tags", tags, f"a list of tags from {list(ops.SLEEP_TAGS)}, or a sleep level")
         if isinstance(tags, int):
             tags, level = None, tags
         if level is None:
-            return self._control("sleep", timeout_s, tags=None if tags is None else list(tags), discard=discard)
+            return super().sleep(tags, discard, timeout_s)
         if level not in _SLEEP_LEVELS or tags is not None or discard:
             raise ValueError(f"sleep(level={level!r}) is invalid: expected level 1 or 2, without tags or discard")
         if _SLEEP_LEVELS[level] and self.engine.core.weight_source is None:
@@ -175,7 +163,7 @@ class LLM:
         if paused_here:
             self.pause("abort", timeout_s)
         try:
-            result = self._control("sleep", timeout_s, tags=None, discard=_SLEEP_LEVELS[level])
+            result = super().sleep(None, _SLEEP_LEVELS[level], timeout_s)
         except BaseException:
             if paused_here:  # nothing sleeps: serve again rather than hold every later request
                 self.resume(timeout_s)
@@ -183,8 +171,8 @@ class LLM:
         self._paused_for_sleep = self._paused_for_sleep or paused_here
         return result
 
-    def wake_up(self, tags: Sequence[str] | None = None, timeout_s: float | None = None) -> dict:
-        result = self._control("wake_up", timeout_s, tags=None if tags is None else list(tags))
+    def wake_up(self, tags: Sequence[str] | None = None, timeout_s: float | None = None) -> dict[str, Any]:
+        result = super().wake_up(tags, timeout_s)
         if self._paused_for_sleep and not result["sleeping"]:
             self.resume(timeout_s)
             self._paused_for_sleep = False
@@ -194,42 +182,6 @@ class LLM:
     def reset_prefix_cache(self, timeout_s: float | None = None) -> bool:
         """vLLM's name for flush_cache: forget every cached prefix block."""
         return bool(self.flush_cache(timeout_s)["flushed"])
-
-    def update_weights(self, path: str | None = None, named_tensors=None, version: int | None = None,
-                       checksums: dict[str, str] | None = None, timeout_s: float | None = None,
-                       source: str | None = None, **transfer: Any) -> dict:
-        """From a checkpoint directory, in-process named tensors, or (source="distributed" |
-        "shm" | "ipc") a trainer: `transfer` holds group_name, tensors, layout, buckets, shm_path,
-        ipc_handles, commit, staging (tidal/engine/weights.py). `timeout_s` is the engine's deadline."""
-        wait = None if timeout_s is None else timeout_s + 10.0
-        return self._control("update_weights", wait, path=path, named_tensors=named_tensors, version=version,
-                             checksums=checksums, source=source, timeout_s=timeout_s, **transfer)
-
-    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                             group_name: str, backend: str = "gloo", timeout_s: float | None = None) -> dict:
-        """Join the trainer's process group at rank `rank_offset` (the join runs off the core thread)."""
-        wait = None if timeout_s is None else timeout_s + 10.0
-        return self._control("init_weight_transfer", wait, master_address=master_address, master_port=master_port,
-                             rank_offset=rank_offset, world_size=world_size, group_name=group_name,
-                             backend=backend, timeout_s=timeout_s)
-
-    def destroy_weight_transfer(self, group_name: str | None = None, timeout_s: float | None = None) -> dict:
-        return self._control("destroy_weight_transfer", timeout_s, group_name=group_name)
-
-    def check_weights(self, tensors: list[dict], timeout_s: float | None = None) -> dict:
-        return self._control("check_weights", timeout_s, tensors=tensors)
-
-    def commit_weights(self, version: int | None = None, timeout_s: float | None = None) -> dict:
-        return self._control("commit_weights", timeout_s, version=version)
-
-    def abort_staged(self, timeout_s: float | None = None) -> dict:
-        return self._control("abort_staged", timeout_s)
-
-    def flush_cache(self, timeout_s: float | None = None) -> dict:
-        return self._control("flush_cache", timeout_s)
-
-    def state(self, timeout_s: float | None = None) -> dict:
-        return self._control("state", timeout_s)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

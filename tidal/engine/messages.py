@@ -1,12 +1,13 @@
 """Messages into the core loop's inbox and out of its outbox. Plain dataclasses so that the
-server can carry them over ZeroMQ with msgspec unchanged."""
+server can carry them over ZeroMQ with msgspec unchanged; the control operations themselves
+are typed messages in engine/control_ops.py."""
 from __future__ import annotations
 
 import enum
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
+from tidal.engine.control_ops import ControlOp, PauseMode  # noqa: F401 (PauseMode: re-exported)
 from tidal.errors import EngineDead, EngineError, EngineInvalidInput, EngineNotServing  # noqa: F401 (re-exported)
 from tidal.sampling_params import SamplingParams
 
@@ -21,13 +22,6 @@ class EngineState(str, enum.Enum):
     DEAD = "dead"
 
 
-class PauseMode(str, enum.Enum):
-    ABORT = "abort"
-    RETRACT = "retract"
-    KEEP = "keep"
-    DRAIN = "drain"
-
-
 @dataclass(slots=True)
 class AddRequest:
     request_id: str
@@ -37,16 +31,10 @@ class AddRequest:
 
 
 @dataclass(slots=True)
-class AbortRequests:
-    request_ids: list[str] | None  # None: every request
-    reply: Future | None = None
-
-
-@dataclass(slots=True)
 class ControlCall:
-    """A control operation (`op` is a method of ControlPlane) completed through `reply`."""
-    op: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    """A control operation in the inbox; the core thread completes `reply` with its result
+    (a control_ops result Struct) or its exception."""
+    op: ControlOp
     reply: Future | None = None
 
 

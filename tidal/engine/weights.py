@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tidal.engine import weight_transfer as wt
+from tidal.engine.control_ops import WeightsDone
 from tidal.engine.messages import ControlCall, EngineError, EngineInvalidInput, EngineState
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ class WeightManager:
         job = _Job(op, reply, time.monotonic(), done, failed)
         self.job = job
         fut: Future = Future()
-        fut.add_done_callback(lambda f: self.core.submit(ControlCall("weights_done", {"job": job, "result": f})))
+        fut.add_done_callback(lambda f: self.core.submit(ControlCall(WeightsDone(job=job, outcome=f))))
         # A daemon thread: one stuck in a collective must not hold the process at exit.
         threading.Thread(target=_run, args=(work, fut), name="tidal-weights", daemon=True).start()
 

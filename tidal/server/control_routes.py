@@ -93,8 +93,8 @@ class ControlRoutes:
         path = self._weights_path(body.path)
         timeout = body.timeout_s or max(self.core.settings.control_timeout_s, 600.0)
         engine = self.core.engine
-        return await self.core.control(lambda: engine.update_weights(path, body.version, body.checksums, timeout,
-                                                                      body.staging))
+        return await self.core.control(lambda: engine.update_weights(
+            path, version=body.version, checksums=body.checksums, timeout_s=timeout, staging=body.staging))
 
     def _weights_path(self, path: str) -> str:
         if "\x00" in path:

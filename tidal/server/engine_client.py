@@ -1,7 +1,7 @@
 """EngineClient: the API server's asyncio handle on the engine core process.
 
-The same methods and semantics as AsyncLLM (generate, abort, pause, resume, sleep, wake_up,
-update_weights, flush_cache, state), over ZeroMQ instead of a thread.
+The same methods and semantics as AsyncLLM (generate, and every control op of ControlAPI,
+engine/client.py), over ZeroMQ instead of a thread.
 
 Why no reply can be lost (docs/architecture.md, "Data flow"): every reply channel, a request's output stream or a
 control call's future, is put in the route table *before* its message is sent, and both happen
@@ -29,7 +29,7 @@ import multiprocessing
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,8 @@ import zmq
 import zmq.asyncio
 
 from tidal.config import EngineConfig
-from tidal.engine.client import DEFAULT_CONTROL_TIMEOUT_S, ControlTimeout
+from tidal.engine import control_ops as ops
+from tidal.engine.client import DEFAULT_CONTROL_TIMEOUT_S, ControlAPI, ControlTimeout
 from tidal.engine.io import InputProcessor, Prompt, RequestState
 from tidal.engine.messages import (
     AddRequest,
@@ -130,7 +131,7 @@ class _Stream:
         return outs
 
 
-class EngineClient:
+class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
     def __init__(self, config: EngineConfig, *, request_timeout_s: float = 1800.0,
                  control_timeout_s: float = DEFAULT_CONTROL_TIMEOUT_S, startup_timeout_s: float = 900.0,
                  heartbeat_s: float = 0.5, heartbeat_timeout_s: float = 5.0, stuck_after_s: float = 60.0,
@@ -208,7 +209,7 @@ class EngineClient:
         self.model_path = ready.model_path
         self.max_model_len = ready.max_model_len
         if tokenizer is None or ready.model_path != self.config.model:
-            tokenizer = asyncio.ensure_future(asyncio.to_thread(_try_tokenizer, ready.model_path))
+            tokenizer = asyncio.to_thread(_try_tokenizer, ready.model_path)
         self.tokenizer = await tokenizer
         self.input = InputProcessor(self.tokenizer, ready.max_model_len, ready.vocab_size)
         self._last_heartbeat = time.monotonic()
@@ -268,7 +269,7 @@ class EngineClient:
         if self._num_callers() and self._dead is None and self._unavailable is None:
             log.info("shutting down: aborting %d request(s) still in flight", self._num_callers())
             try:
-                await self._request("abort", P.ABORT, lambda cid: P.AbortCall(cid, None), abort_timeout_s)
+                await self._request(ops.Abort(), abort_timeout_s)
             except EngineError as e:
                 log.warning("shutting down: could not abort the requests in flight: %s", e)
             await self._until_no_callers(abort_timeout_s)
@@ -331,8 +332,6 @@ class EngineClient:
 
     def _on_process_exit(self) -> None:
         proc = self._proc
-        if proc is None:
-            return
         try:
             asyncio.get_running_loop().remove_reader(proc.sentinel)
         except (ValueError, OSError):
@@ -405,9 +404,8 @@ class EngineClient:
         if hb.probe_age_s > self.stuck_after_s:
             return Health(False, f"engine core loop is stuck: it has not read its inbox for "
                                  f"{hb.probe_age_s:.1f}s (limit {self.stuck_after_s:.0f}s)", detail)
-        fenced = (hb.stats or {}).get("fenced")
-        if fenced:  # alive but refusing generation (503 engine_not_serving)
-            detail["fenced"] = fenced
+        if (hb.stats or {}).get("fenced"):  # alive but refusing generation (503 engine_not_serving)
+            detail["fenced"] = hb.stats["fenced"]
         return Health(True, "ok", detail)
 
     # -- sending -------------------------------------------------------------------------
@@ -429,7 +427,7 @@ class EngineClient:
         return f"{prefix}-{self._req_prefix}-{next(self._req_ids)}"
 
     # -- generation ----------------------------------------------------------------------
-    def process_prompt(self, prompt: Prompt | None, params: SamplingParams) -> tuple[str | None, list[int]]:
+    def process_prompt(self, prompt: Prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
         """Token ids of `prompt`, or ValueError naming what is wrong (too long, bad ids, ...)."""
         if self.input is None:
             raise EngineDead(self._dead or "engine core is not running")
@@ -438,7 +436,7 @@ class EngineClient:
     async def generate(self, prompt: Prompt | None, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, stream: bool = True, delta: bool = False,
                        timeout_s: float | None = None,
-                       prompt_token_ids: list[int] | None = None) -> AsyncGenerator[RequestOutput, None]:
+                       prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs as tokens arrive (cumulative, or only what is new with
         `delta=True`); the last one has `finished=True`. Closing the iterator early aborts the
         request. Raises ValueError (bad prompt), EngineNotServing (rejected while paused),
@@ -501,74 +499,37 @@ class EngineClient:
         fut.add_done_callback(release)
         self._aborts[cid] = fut
         try:
-            self._send(P.ABORT, P.AbortCall(cid, [rid]))
+            self._send(P.CONTROL, P.ControlCallMsg(cid, ops.Abort(request_ids=[rid])))
         except (zmq.ZMQError, EngineDead):
             self._aborts.pop(cid, None)
             fut.cancel()
 
-    # -- control -------------------------------------------------------------------------
-    async def _call(self, op: str, kind: bytes, make, timeout_s: float | None) -> dict:
+    # -- control: ControlAPI's methods over ZeroMQ --------------------------------------
+    async def _control(self, op: ops.ControlOp, wait_s: float) -> dict[str, Any]:
         self._check_admit()
-        return await self._request(op, kind, make, timeout_s)
+        return await self._request(op, wait_s)
 
-    async def _request(self, op: str, kind: bytes, make, timeout_s: float | None) -> dict:
+    async def _request(self, op: ops.ControlOp, wait_s: float) -> dict[str, Any]:
         if self._dead is not None:
             raise EngineDead(self._dead)
-        timeout = self.control_timeout_s if timeout_s is None else timeout_s
+        op.check_wire()
         cid = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
         self._calls[cid] = fut           # registered before the call is sent
         t0 = time.perf_counter()
         outcome = "error"
         try:
-            self._send(kind, make(cid))
-            result = await asyncio.wait_for(fut, timeout)
+            self._send(P.CONTROL, P.ControlCallMsg(cid, op))
+            result = await asyncio.wait_for(fut, wait_s)
             outcome = "ok"
             return result
         except asyncio.TimeoutError:
             outcome = "timeout"
-            raise ControlTimeout(f"{op}: no reply from the engine within {timeout:.1f}s") from None
+            raise ControlTimeout(f"{op.name}: no reply from the engine within {wait_s:.1f}s") from None
         finally:
             self._calls.pop(cid, None)
             if self.metrics is not None:
-                self.metrics.on_control(op, outcome, time.perf_counter() - t0)
-
-    async def control(self, op: str, kwargs: dict[str, Any] | None = None, timeout_s: float | None = None) -> dict:
-        """Any control op of the engine (tidal/engine/control.py) with its keyword arguments."""
-        kw = kwargs or {}
-        return await self._call(op, P.CONTROL, lambda cid: P.ControlCallMsg(cid, op, kw), timeout_s)
-
-    async def abort(self, request_ids: Iterable[str] | None = None, timeout_s: float | None = None) -> dict:
-        ids = None if request_ids is None else list(request_ids)
-        return await self._call("abort", P.ABORT, lambda cid: P.AbortCall(cid, ids), timeout_s)
-
-    async def pause(self, mode: str = "abort", timeout_s: float | None = None) -> dict:
-        wait = None if timeout_s is None else timeout_s + self.control_timeout_s
-        return await self.control("pause", {"mode": mode, "timeout_s": timeout_s}, wait)
-
-    async def resume(self, timeout_s: float | None = None) -> dict:
-        return await self.control("resume", None, timeout_s)
-
-    async def sleep(self, tags: Sequence[str] | None = None, discard: bool = False,
-                    timeout_s: float | None = None) -> dict:
-        kwargs = {"tags": None if tags is None else list(tags), "discard": discard}
-        return await self.control("sleep", kwargs, timeout_s)
-
-    async def wake_up(self, tags: Sequence[str] | None = None, timeout_s: float | None = None) -> dict:
-        return await self.control("wake_up", {"tags": None if tags is None else list(tags)}, timeout_s)
-
-    async def update_weights(self, path: str, version: int | None = None,
-                             checksums: dict[str, str] | None = None, timeout_s: float | None = None,
-                             staging: str = "copy") -> dict:
-        """From an HF/safetensors directory; named tensors do not cross the process boundary."""
-        return await self.control("update_weights", {"path": path, "version": version, "checksums": checksums,
-                                                     "staging": staging}, timeout_s)
-
-    async def flush_cache(self, timeout_s: float | None = None) -> dict:
-        return await self.control("flush_cache", None, timeout_s)
-
-    async def state(self, timeout_s: float | None = None) -> dict:
-        return await self.control("state", None, timeout_s)
+                self.metrics.on_control(op.name, outcome, time.perf_counter() - t0)
 
 
 def _reply_error(reply: P.Reply) -> EngineError:
@@ -584,7 +545,7 @@ def _output_error(out: EngineOutput) -> EngineError:
     """The exception for a request output that carries an error, by its error_type."""
     if out.error_type == "invalid_input":
         return EngineInvalidInput(out.error_param or "request", None, "a request the engine can serve", out.error)
-    if out.error_type is None and (out.error or "").startswith("rejected"):
+    if out.error_type is None and out.error.startswith("rejected"):
         # An engine core that predates error_type; it sets no other kind of rejection.
         return EngineNotServing(out.error)
     return _OUTPUT_ERRORS.get(out.error_type or "", EngineDead)(out.error)

@@ -22,15 +22,13 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
-from tidal.engine.messages import EngineInvalidInput
+from tidal.engine.control_ops import Abort, result_dict
+from tidal.engine.messages import ControlCall, EngineInvalidInput
 from tidal.server import protocol as P
-
-if TYPE_CHECKING:
-    from tidal.engine.core import EngineCore
 
 log = logging.getLogger("tidal.engine_proc")
 
@@ -75,7 +73,7 @@ class EngineProcess:
         self.push = push
         self.heartbeat_s = heartbeat_s
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.core: EngineCore | None = None
+        self.core = None
         self.stats: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._outbox_thread = threading.Thread(target=self._send_loop, name="tidal-outbox", daemon=True)
@@ -104,15 +102,8 @@ class EngineProcess:
         log.debug("engine core started: %s (max_model_len=%d)", core.model_path, core.max_model_len)
         return True
 
-    def _started(self) -> EngineCore:
-        if self.core is None:
-            raise RuntimeError("the engine core has not started: start() failed or was not called")
-        return self.core
-
     # -- intake (main thread) ------------------------------------------------------------
     def serve(self, pull: zmq.Socket, parent_pid: int) -> None:
-        from tidal.engine.messages import AbortRequests, ControlCall
-        core = self._started()
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
         while True:
@@ -131,11 +122,18 @@ class EngineProcess:
                 self._reject_undecodable(kind, payload, e)
                 continue
             if kind == P.ADD:
-                core.submit(msg)
-            elif kind == P.ABORT:
-                core.submit(AbortRequests(msg.request_ids, self._reply_future(msg.call_id)))
+                self.core.submit(msg)
             elif kind == P.CONTROL:
-                core.submit(ControlCall(msg.op, msg.kwargs, self._reply_future(msg.call_id)))
+                self._submit_control(msg)
+
+    def _submit_control(self, msg: P.ControlCallMsg) -> None:
+        reply = self._reply_future(msg.call_id)
+        try:
+            msg.op.check_wire()   # in-process-only fields never arrive set from a client
+        except EngineInvalidInput as e:
+            reply.set_exception(e)
+            return
+        self.core.submit(ControlCall(msg.op, reply))
 
     def _reply_future(self, call_id: int) -> Future:
         fut: Future = Future()
@@ -181,7 +179,7 @@ class EngineProcess:
     def _snapshot(self) -> dict[str, Any] | None:
         # Runs where the reply is completed: the core thread (or anywhere once the core is dead).
         try:
-            snap = self._started().control.snapshot()
+            snap = result_dict(self.core.control.snapshot())
             snap.pop("last_control_op", None)
             self.stats = snap
             return snap
@@ -190,8 +188,6 @@ class EngineProcess:
 
     # -- heartbeat -----------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
-        from tidal.engine.messages import AbortRequests
-        core = self._started()
         probe: Future | None = None
         sent = 0.0
         while not self._stop.wait(self.heartbeat_s):
@@ -199,7 +195,8 @@ class EngineProcess:
             if probe is None or probe.done():
                 probe, sent = Future(), now
                 probe.add_done_callback(lambda f: self._snapshot())
-                core.submit(AbortRequests([], probe))  # a no-op the loop must answer
+                self.core.submit(ControlCall(Abort(request_ids=[]), probe))  # a no-op the loop must answer
+            core = self.core
             self.outbox.put((P.HEARTBEAT, P.Heartbeat(
                 time.time(), core.alive, core.state.value, core.error,
                 0.0 if probe.done() else now - sent, self.stats)))

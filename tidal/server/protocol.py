@@ -1,23 +1,24 @@
 """What crosses the ZeroMQ boundary between the API server and the engine core process.
 
 Every message is two frames: a one-byte kind and a msgpack payload (msgspec). Requests and
-outputs reuse the engine's own dataclasses (`AddRequest`, `EngineOutput`); only the messages
-that carry a Future in-process get a wire twin here, with a `call_id` instead of the Future.
+outputs reuse the engine's own dataclasses (`AddRequest`, `EngineOutput`), control operations
+the typed messages of engine/control_ops.py (one tagged union, aborts included); a control
+call carries a `call_id` where in-process it carries a Future.
 
-    client -> engine   ADD AddRequest | ABORT AbortCall | CONTROL ControlCallMsg | SHUTDOWN
+    client -> engine   ADD AddRequest | CONTROL ControlCallMsg | SHUTDOWN
     engine -> client   READY Ready | FAILED Failed | OUTPUTS OutputBatch | REPLY Reply | HEARTBEAT Heartbeat
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import msgspec
 
+from tidal.engine.control_ops import WIRE_OPS, ControlOp, enc_hook
 from tidal.engine.messages import AddRequest, EngineOutput
 
 # client -> engine
 ADD = b"a"
-ABORT = b"x"
 CONTROL = b"c"
 SHUTDOWN = b"q"
 # engine -> client
@@ -28,20 +29,21 @@ REPLY = b"P"
 HEARTBEAT = b"H"
 
 
-class AbortCall(msgspec.Struct, array_like=True):
-    call_id: int
-    request_ids: list[str] | None   # None: every request
+if TYPE_CHECKING:
+    WireOp = ControlOp
+else:  # msgspec decodes the tagged union of every op a client may send
+    WireOp = Union[WIRE_OPS]  # noqa: UP007 (built from a tuple)
 
 
 class ControlCallMsg(msgspec.Struct, array_like=True):
-    call_id: int
-    op: str
-    kwargs: dict[str, Any]
+    call_id: int          # 0: fire and forget (no reply is sent)
+    op: WireOp
 
 
 class Reply(msgspec.Struct, array_like=True):
+    """`result`: the op's result Struct as sent, its JSON form as received."""
     call_id: int
-    result: dict[str, Any] | None = None
+    result: Any = None
     error: str | None = None
     error_type: str | None = None     # "EngineError" | "EngineDead" | ...
     stats: dict[str, Any] | None = None
@@ -78,19 +80,11 @@ class Failed(msgspec.Struct, array_like=True):
     reason: str
 
 
-def _enc_hook(obj: Any) -> Any:
-    # Control results are plain data; anything exotic (a torch.Size, an enum) travels as text.
-    if isinstance(obj, (tuple, set, frozenset)):
-        return list(obj)
-    return str(obj)
-
-
-_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_encoder = msgspec.msgpack.Encoder(enc_hook=enc_hook)
 encode = _encoder.encode
 
 DECODERS: dict[bytes, msgspec.msgpack.Decoder] = {
     ADD: msgspec.msgpack.Decoder(AddRequest),
-    ABORT: msgspec.msgpack.Decoder(AbortCall),
     CONTROL: msgspec.msgpack.Decoder(ControlCallMsg),
     READY: msgspec.msgpack.Decoder(Ready),
     FAILED: msgspec.msgpack.Decoder(Failed),

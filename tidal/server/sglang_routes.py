@@ -164,7 +164,7 @@ class SGLangRoutes:
         self._flush_required(body.flush_cache)
         path = self.control._weights_path(body.model_path)
         return await self._update(body, lambda version: self.core.engine.update_weights(
-            path, version, None, max(self.core.settings.control_timeout_s, 600.0)))
+            path, version=version, timeout_s=max(self.core.settings.control_timeout_s, 600.0)))
 
     async def update_from_tensor(self, body: SGLangUpdateFromTensor) -> Response:
         if body.load_format != "safetensors":
@@ -179,9 +179,9 @@ class SGLangRoutes:
         shm_path, specs = _safetensors_to_shm(blob)
 
         async def push(version: int | None) -> dict:
-            kw = {"source": "shm", "shm_path": shm_path, "tensors": specs, "version": version, "timeout_s": 600.0}
             try:
-                return await self.core.engine.control("update_weights", kw, 610.0)
+                return await self.core.engine.update_weights(source="shm", shm_path=shm_path, tensors=specs,
+                                                             version=version, timeout_s=600.0)
             finally:
                 os.unlink(shm_path)
         return await self._update(body, push)

@@ -259,15 +259,14 @@ class VLLMRoutes:
     # -- weight transfer -----------------------------------------------------------------
     async def init_weight_transfer_engine(self, body: InitWeightTransferEngine) -> Response:
         info = body.init_info
-        wait = (info.timeout_s or self.core.settings.control_timeout_s) + 10.0
-        result = await self._call(lambda: self.core.engine.control("init_weight_transfer", info.model_dump(), wait))
+        result = await self._call(lambda: self.core.engine.init_weight_transfer(**info.model_dump()))
         return json_response({"message": "Weight transfer initialized", "detail": result})
 
     async def start_weight_update(self, body: StartWeightUpdate | None = None) -> Response:
         self._check_checkpoint_format(body.is_checkpoint_format if body else True, "is_checkpoint_format")
         st = await self._call(lambda: self.core.engine.state())
         if self.round_open or st.get("weight_transfer", {}).get("staged_version") is not None:
-            await self._call(lambda: self.core.engine.control("abort_staged", {}))   # a round left unfinished
+            await self._call(lambda: self.core.engine.abort_staged())   # a round left unfinished
         self.round_open = True
         return json_response({"message": "Weight update started"})
 
@@ -283,9 +282,8 @@ class VLLMRoutes:
         tensors = [{"name": n, "dtype": d, "shape": s} for n, d, s in zip(info.names, info.dtype_names, info.shapes)]
         # Inside a round the tensors are staged until finish_weight_update; outside one (vLLM's
         # older flow: init, then update_weights) they are committed at once.
-        kw = {"source": "distributed", "tensors": tensors, "commit": not self.round_open,
-              "timeout_s": UPDATE_TIMEOUT_S}
-        result = await self._call(lambda: self.core.engine.control("update_weights", kw, UPDATE_TIMEOUT_S + 10.0))
+        result = await self._call(lambda: self.core.engine.update_weights(
+            source="distributed", tensors=tensors, commit=not self.round_open, timeout_s=UPDATE_TIMEOUT_S))
         return json_response({"message": "Weights updated", "detail": result})
 
     async def finish_weight_update(self, body: FinishWeightUpdate | None = None) -> Response:
@@ -293,7 +291,7 @@ class VLLMRoutes:
             raise APIError(409, "finish_weight_update: no weight update was started (call /start_weight_update, "
                                 "then /update_weights)", "conflict_error")
         engine = self.core.engine
-        result = await self._call(lambda: engine.control("commit_weights", {"version": None}))
+        result = await self._call(lambda: engine.commit_weights(None))
         self.round_open = False
         label = body.weight_version if body is not None else None
         if label is not None:

@@ -9,13 +9,14 @@ unknown fields are refused (no field is silently ignored).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from tidal.server.engine_client import EngineClient
 from tidal.server.errors import APIError
 from tidal.server.service import CONTROL_ERRORS, ServerCore, WeightLabels, json_response
 
@@ -137,22 +138,21 @@ def register(app: FastAPI, server: ServerCore, labels: WeightLabels | None = Non
     admin = [Depends(server.require_admin_key)]
     labels = labels or WeightLabels()
 
-    async def control(op: str, kwargs: dict[str, Any], timeout_s: float | None = None) -> dict:
-        wait = None if timeout_s is None else timeout_s + 10.0
-        return await server.engine.control(op, kwargs, wait)
+    def engine() -> EngineClient:   # the client exists once the server has started
+        return server.engine
 
     async def init(body: InitTransfer) -> Response:
-        return await server.control(lambda: control("init_weight_transfer", body.model_dump(), body.timeout_s))
+        return await server.control(lambda: engine().init_weight_transfer(**body.model_dump()))
 
     async def destroy(body: DestroyTransfer | None = None) -> Response:
         body = body or DestroyTransfer()
-        return await server.control(lambda: control("destroy_weight_transfer", body.model_dump()))
+        return await server.control(lambda: engine().destroy_weight_transfer(body.group_name))
 
     async def check(body: CheckWeights) -> Response:
-        return await server.control(lambda: control("check_weights", {"tensors": _tensors(body.tensors)}))
+        return await server.control(lambda: engine().check_weights(_tensors(body.tensors) or []))
 
-    def common(body: _Update, source: str) -> dict[str, Any]:
-        return {"source": source, "version": body.version, "checksums": body.checksums, "commit": body.commit,
+    def common(body: _Update) -> dict[str, Any]:
+        return {"version": body.version, "checksums": body.checksums, "commit": body.commit,
                 "timeout_s": body.timeout_s or UPDATE_TIMEOUT_S, "staging": body.staging}
 
     async def update_distributed(body: UpdateDistributed) -> Response:
@@ -160,51 +160,45 @@ def register(app: FastAPI, server: ServerCore, labels: WeightLabels | None = Non
         if bucketed != (body.buckets is not None) or (body.buckets is None) == (body.tensors is None):
             raise APIError(400, "give tensors with layout='per_tensor' or buckets with layout='bucketed'",
                            param="layout")
-        kw = common(body, "distributed") | {"group_name": body.group_name, "layout": body.layout,
-                                             "tensors": _tensors(body.tensors),
-                                             "buckets": None if body.buckets is None else
-                                             [{"nbytes": b.nbytes, "tensors": _tensors(b.tensors)}
-                                              for b in body.buckets]}
-        return await server.control(lambda: control("update_weights", kw, kw["timeout_s"]))
+        buckets = None if body.buckets is None else [{"nbytes": b.nbytes, "tensors": _tensors(b.tensors)}
+                                                      for b in body.buckets]
+        return await server.control(lambda: engine().update_weights(
+            source="distributed", group_name=body.group_name, layout=body.layout, tensors=_tensors(body.tensors),
+            buckets=buckets, **common(body)))
 
     async def update_shm(body: UpdateShm) -> Response:
-        kw = common(body, "shm") | {"shm_path": body.shm_path, "tensors": _tensors(body.tensors)}
-        return await server.control(lambda: control("update_weights", kw, kw["timeout_s"]))
+        return await server.control(lambda: engine().update_weights(
+            source="shm", shm_path=body.shm_path, tensors=_tensors(body.tensors), **common(body)))
 
     async def update_ipc(body: UpdateIpc) -> Response:
-        kw = common(body, "ipc") | {"tensors": _tensors(body.tensors),
-                                     "ipc_handles": [h.model_dump() for h in body.ipc_handles]}
-        return await server.control(lambda: control("update_weights", kw, kw["timeout_s"]))
+        return await server.control(lambda: engine().update_weights(
+            source="ipc", tensors=_tensors(body.tensors), ipc_handles=[h.model_dump() for h in body.ipc_handles],
+            **common(body)))
 
     async def commit(body: CommitWeights | None = None) -> Response:
         body = body or CommitWeights()
-        return await server.control(lambda: control("commit_weights", {"version": body.version}, body.timeout_s))
+        return await server.control(lambda: engine().commit_weights(body.version, body.timeout_s))
 
     async def abort() -> Response:
-        return await server.control(lambda: control("abort_staged", {}))
+        return await server.control(lambda: engine().abort_staged())
 
     async def fence(body: Fence | None = None) -> Response:
         body = body or Fence()
-        return await server.control(lambda: control("fence", {"reason": body.reason}))
+        return await server.control(lambda: engine().fence(body.reason))
 
     # -- SGLang's shapes -------------------------------------------------------------------
-    async def sgl_reply(op: str, kwargs: dict[str, Any], timeout_s: float | None = None,
-                        label: str | int | None = None) -> Response:
+    async def sgl_reply(call: Callable[[], Awaitable[dict]]) -> Response:
         try:
-            if op == "update_weights":
-                kwargs["version"] = await labels.version_for(server, label)
-            result = await control(op, kwargs, timeout_s)
-            if op == "update_weights":
-                result = labels.record(result, label)
+            result = await call()
         except Exception as e:
             return json_response({"success": False, "message": f"{type(e).__name__}: {e}"}, 400)
         return json_response({"success": True, "message": "ok", **result})
 
     async def sgl_init(body: InitTransfer) -> Response:
-        return await sgl_reply("init_weight_transfer", body.model_dump(), body.timeout_s)
+        return await sgl_reply(lambda: engine().init_weight_transfer(**body.model_dump()))
 
     async def sgl_destroy(body: DestroyTransfer | None = None) -> Response:
-        return await sgl_reply("destroy_weight_transfer", (body or DestroyTransfer()).model_dump())
+        return await sgl_reply(lambda: engine().destroy_weight_transfer((body or DestroyTransfer()).group_name))
 
     async def sgl_update(body: SGLangUpdate) -> Response:
         if not len(body.names) == len(body.dtypes) == len(body.shapes):
@@ -214,12 +208,15 @@ def register(app: FastAPI, server: ServerCore, labels: WeightLabels | None = Non
             raise APIError(400, "flush_cache=false is not supported: a weight commit always invalidates "
                                 "the prefix cache (its KV came from the old weights)", param="flush_cache")
         tensors = [{"name": n, "dtype": d, "shape": s} for n, d, s in zip(body.names, body.dtypes, body.shapes)]
-        return await sgl_reply("update_weights", {"source": "distributed", "group_name": body.group_name,
-                                                  "tensors": tensors, "timeout_s": UPDATE_TIMEOUT_S},
-                               UPDATE_TIMEOUT_S, body.weight_version)
 
-    routes: list[tuple[str, Callable[..., Any]]] = [
-              ("/v1/init_weight_transfer", init), ("/v1/destroy_weight_transfer", destroy),
+        async def call() -> dict:
+            version = await labels.version_for(server, body.weight_version)
+            result = await engine().update_weights(source="distributed", group_name=body.group_name,
+                                                   tensors=tensors, version=version, timeout_s=UPDATE_TIMEOUT_S)
+            return labels.record(result, body.weight_version)
+        return await sgl_reply(call)
+
+    routes = [("/v1/init_weight_transfer", init), ("/v1/destroy_weight_transfer", destroy),
               ("/v1/check_weights", check), ("/v1/update_weights_from_distributed", update_distributed),
               ("/v1/update_weights_from_shm", update_shm), ("/v1/update_weights_from_ipc", update_ipc),
               ("/v1/commit_weights", commit), ("/v1/abort_staged", abort), ("/v1/fence", fence),
