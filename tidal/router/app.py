@@ -337,7 +337,11 @@ def _aggregate(flight: Flight, events: list[dict]) -> Any:
     if flight.surface == "generate":
         return _aggregate_generate(flight, events)
     choices: dict[int, dict] = {}
+    head: dict[str, Any] = {}      # chat: the prompt's fields, on the first event
     for ev in events:
+        for k in ("prompt_logprobs", "prompt_token_ids"):
+            if ev.get(k) is not None and k not in head:
+                head[k] = ev[k]
         for c in ev.get("choices", []):
             acc = choices.setdefault(c["index"], {"index": c["index"], "text": [], "lp": [], "ids": []})
             piece = c.get("text") if flight.surface == "completions" else (c.get("delta") or {}).get("content")
@@ -348,6 +352,8 @@ def _aggregate(flight: Flight, events: list[dict]) -> Any:
             for k in ("finish_reason", "stop_reason", "weight_version", "weight_spans", "moved_at"):
                 if c.get(k) is not None:
                     acc[k] = c[k]
+            if c.get("prompt_logprobs") is not None:
+                acc["prompt_logprobs"] = c["prompt_logprobs"]
     out = []
     for idx in sorted(choices):
         acc = choices[idx]
@@ -362,14 +368,22 @@ def _aggregate(flight: Flight, events: list[dict]) -> Any:
             choice["text"] = text
             wants_lp = flight.body.get("logprobs") is not None
             choice["logprobs"] = _merge_completion_logprobs(acc["lp"]) if wants_lp else None
+            if flight.body.get("prompt_logprobs") is not None:
+                choice["prompt_logprobs"] = acc.get("prompt_logprobs")
         if flight.wants_ids:
             choice.update(token_ids=acc["ids"], weight_version=acc.get("weight_version"),
                           weight_spans=acc.get("weight_spans"), moved_at=acc.get("moved_at", []))
             if flight.surface == "completions" and flight.prompt_ids is not None:
                 choice["prompt_token_ids"] = flight.prompt_ids[flight.samples[idx].prompt_index]
         out.append(choice)
-    return {"id": flight.rid, "object": "chat.completion" if flight.surface == "chat" else "text_completion",
-            "created": flight.created, "model": flight.model, "choices": out, "usage": flight.usage()}
+    reply = {"id": flight.rid, "object": "chat.completion" if flight.surface == "chat" else "text_completion",
+             "created": flight.created, "model": flight.model, "choices": out, "usage": flight.usage()}
+    if flight.surface == "chat":
+        if flight.wants_ids:
+            reply["prompt_token_ids"] = head.get("prompt_token_ids")
+        if flight.body.get("prompt_logprobs") is not None:
+            reply["prompt_logprobs"] = head.get("prompt_logprobs")
+    return reply
 
 
 def _merge_completion_logprobs(pieces: list[dict]) -> dict:

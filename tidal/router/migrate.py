@@ -8,13 +8,8 @@ parameters; the router converts those events back into the client's surface. The
 stream: the router forwards each token once, and nothing the router had not forwarded was lost
 (a greedy continuation regenerates it).
 
-What continuation keeps and what it cannot:
-- greedy output equals an uninterrupted run; logprobs continue (text tokens of continued
-  OpenAI logprobs are named `token_id:N`, text_offset is omitted there);
-- a seeded sample is deterministic given where it moved, but the engine's counter-based sampler
-  keys noise on (seed, output step), and a continuation restarts the step at 0: the tokens after
-  the move differ from an unmoved run. The prefix before the move is kept exactly.
-- a stop string spanning the seam is not seen (each replica checks only the text it produced).
+A request that moves before anything reached the client is re-sent whole to another replica (so
+prompt logprobs, echo and seeds are exact); continuation.py says what a continuation keeps.
 """
 from __future__ import annotations
 
@@ -29,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import msgspec
 
+from tidal.router.continuation import continuation_body, sampling_state
 from tidal.router.replicas import NoReplica, Replica, prefix_key
 
 if TYPE_CHECKING:
@@ -52,6 +48,7 @@ class UpstreamRejected(Exception):
 class Sample:
     index: int
     prompt_index: int
+    in_prompt: int              # its place among its prompt's n samples (the engine derives its seed from it)
     tokens: list[int] = field(default_factory=list)
     spans: list[list[int]] = field(default_factory=list)    # [version, start, end] over tokens
     finish: str | None = None
@@ -78,7 +75,7 @@ class Flight:
         sp = (body.get("sampling_params") or {}) if self.surface == "generate" else body
         self.n = int(sp.get("n") or 1)
         self.num_prompts = _num_prompts(body) if self.surface == "completions" else 1
-        self.samples = {p * self.n + i: Sample(p * self.n + i, p) for p in range(self.num_prompts)
+        self.samples = {p * self.n + i: Sample(p * self.n + i, p, i) for p in range(self.num_prompts)
                         for i in range(self.n)}
         self.wants_ids = bool(body.get("return_token_ids")) or self.surface == "generate"
         self.wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -88,6 +85,7 @@ class Flight:
         self.replica: Replica | None = None
         self.streaming = body.get("stream") is True
         self.moving = False
+        self.delivered = False      # an event went to the client (or the reply being assembled)
         self.moves = 0
         self._weight = 0
         self.upstream_ids: list[str] = []
@@ -153,9 +151,10 @@ class Flight:
         try:
             segment = 0
             while self.unfinished() and segment < MAX_SEGMENTS:
-                if segment > 0 and not await self._place_continuation():
+                if segment > 0 and not await self._replace():
                     break
                 async for ev in self._run_segment(segment):
+                    self.delivered = True
                     yield ev
                 segment += 1
             for s in self.unfinished():       # no replica left: end with what the client already has
@@ -165,6 +164,21 @@ class Flight:
             self._stop_pumps()
             self._release()
             self.router.flights.pop(self.rid, None)
+
+    async def _replace(self) -> bool:
+        """Where the flight goes on after a move: re-sent whole while the client has nothing yet,
+        else each unfinished sample continues from its tokens. False: no replica is left."""
+        self._release()
+        self.moving = False
+        if self.delivered:
+            return await self._place_continuation()
+        try:
+            await self.open()
+        except (NoReplica, UpstreamRejected) as e:
+            self.router.log.warning("%s: could not re-send the request: %s", self.rid, e)
+            return False
+        self.moves += 1
+        return True
 
     async def _place_continuation(self) -> bool:
         self._release()
@@ -190,11 +204,9 @@ class Flight:
         assert rep is not None
         queue: asyncio.Queue = asyncio.Queue()
         self._queue = queue
-        if segment > 0:
-            self.moving = False
-        elif self.moving:            # drained while the first segment was opening
+        if self.moving:            # drained while this segment was being placed
             queue.put_nowait(("moved", None, None))
-        if segment == 0:
+        if self._first is not None:    # the whole request, first sent or re-sent
             self._pumps = [asyncio.get_running_loop().create_task(self._pump(queue, None, self._first, None))]
             self._first = None
         else:
@@ -386,37 +398,9 @@ class Flight:
         return [c["prompt_token_ids"] for c in sorted(data["choices"], key=lambda c: c["index"])]
 
     def _continuation_body(self, s: Sample, rid: str, rep: Replica) -> dict:
-        b = self.body
-        ids = self.prompt_ids[s.prompt_index] + s.tokens
-        if self.surface == "generate":
-            sp = dict(b.get("sampling_params") or {})
-            budget = int(sp.pop("max_new_tokens", None) or sp.get("max_tokens") or 16)
-            for alias in ("min_new_tokens", "sampling_seed"):   # SGLang's names: sent under Tidal's
-                if alias in sp:
-                    sp[{"min_new_tokens": "min_tokens", "sampling_seed": "seed"}[alias]] = sp.pop(alias)
-            return_logprob = b.get("return_logprob", True)
-        else:
-            keys = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
-                    "skip_special_tokens", "min_tokens")
-            sp = {k: b[k] for k in keys if b.get(k) is not None}
-            if self.surface == "chat":
-                budget = b.get("max_completion_tokens") or b.get("max_tokens")
-                sp["logprobs"] = (b.get("top_logprobs") or 0) if b.get("logprobs") else None
-            else:
-                budget = b.get("max_tokens", 16) or 16
-                sp["logprobs"] = b.get("logprobs")
-            return_logprob = sp["logprobs"] is not None
-            if sp["logprobs"] is None:
-                sp.pop("logprobs")
-        produced = len(s.tokens)
-        if budget is None:
-            limit = rep.weights.get("max_model_len") or (len(ids) + 1)
-            budget = limit - len(self.prompt_ids[s.prompt_index])
-        sp.update(n=1, max_tokens=max(1, int(budget) - produced),
-                  min_tokens=max(0, int(sp.get("min_tokens") or 0) - produced))
-        # every continuation is a /generate stream: the router reads each event's new tokens
-        return {"input_ids": ids, "sampling_params": sp, "stream": True, "request_id": rid,
-                "return_logprob": bool(return_logprob), "incremental_streaming_output": True}
+        prompt = self.prompt_ids[s.prompt_index]
+        state = sampling_state(self.surface, self.body, s.prompt_index, len(prompt), rep.weights.get("max_model_len"))
+        return continuation_body(state, prompt + s.tokens, len(s.tokens), s.in_prompt, rid)
 
 
 _decode = msgspec.json.Decoder().decode
