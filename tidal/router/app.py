@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from tidal.router import control
-from tidal.router.migrate import SURFACES, Flight, UpstreamRejected
+from tidal.router.migrate import SURFACES, Flight, UpstreamRejected, fold_generate
 from tidal.router.replicas import DRAINING, UP, NoReplica, ReplicaSet, normalise_url
 
 SESSION_HEADERS = ("x-session-id", "x-routing-key")
@@ -400,22 +400,8 @@ def _merge_completion_logprobs(pieces: list[dict]) -> dict:
 def _aggregate_generate(flight: Flight, events: list[dict]) -> Any:
     samples: dict[int, dict] = {}
     for ev in events:
-        acc = samples.setdefault(ev.get("index", 0), {"request_id": flight.rid, "index": ev.get("index", 0),
-                                                      "output_ids": [], "text": "", "output_logprobs": None})
-        acc["output_ids"] += ev.get("output_ids") or []
-        acc["text"] += ev.get("text") or ""
-        if ev.get("output_logprobs") is not None:
-            acc["output_logprobs"] = (acc["output_logprobs"] or []) + ev["output_logprobs"]
-        if ev.get("output_top_logprobs") is not None:
-            acc["output_top_logprobs"] = acc.get("output_top_logprobs", []) + ev["output_top_logprobs"]
-        for k in ("finish_reason", "stop_reason", "weight_version", "prompt_tokens", "weight_spans", "moved_at"):
-            if ev.get(k) is not None:
-                acc[k] = ev[k]
-        if ev.get("meta_info") is not None:   # SGLang's meta_info: the last one, its logprob lists joined
-            meta = acc.get("meta_info") or {}
-            joined = {k: meta.get(k, []) + ev["meta_info"][k] for k in ("output_token_logprobs", "output_top_logprobs")
-                      if ev["meta_info"].get(k) is not None}
-            acc["meta_info"] = {**meta, **ev["meta_info"], **joined}
+        idx = ev.get("index", 0)
+        samples[idx] = fold_generate(samples.get(idx), ev)
     out = []
     for idx in sorted(samples):
         acc = samples[idx]
@@ -424,4 +410,4 @@ def _aggregate_generate(flight: Flight, events: list[dict]) -> Any:
         if "meta_info" in acc:
             acc["meta_info"]["completion_tokens"] = len(acc["output_ids"])
         out.append(acc)
-    return out[0] if len(out) == 1 else out
+    return out if flight.batch or len(out) > 1 else out[0]

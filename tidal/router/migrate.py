@@ -71,12 +71,19 @@ class Flight:
     def __init__(self, router: Router, path: str, body: dict, session: str | None) -> None:
         self.router, self.path, self.body, self.session = router, path, body, session
         self.surface = SURFACES[path]
-        self.rid = body.get("request_id") or body.get("rid") or f"{_PREFIX[self.surface]}-{uuid.uuid4().hex[:16]}"
-        sp = (body.get("sampling_params") or {}) if self.surface == "generate" else body
-        self.n = int(sp.get("n") or 1)
-        self.num_prompts = _num_prompts(body) if self.surface == "completions" else 1
-        self.samples = {p * self.n + i: Sample(p * self.n + i, p, i) for p in range(self.num_prompts)
-                        for i in range(self.n)}
+        given = body.get("request_id") or body.get("rid")
+        self.rid_list = given if isinstance(given, list) and given and all(isinstance(r, str) for r in given) else None
+        self.rid = (self.rid_list[0] if self.rid_list else given) or f"{_PREFIX[self.surface]}-{uuid.uuid4().hex[:16]}"
+        self.batch = self.surface == "generate" and _generate_batch(body)
+        ns = _samples_per_prompt(self.surface, body)
+        self.num_prompts = len(ns)
+        self.prompt_rids = self.rid_list or ([f"{self.rid}-{p}" for p in range(len(ns))] if self.batch else [self.rid])
+        self.samples: dict[int, Sample] = {}
+        for p, n in enumerate(ns):      # prompt-major, as every surface numbers its samples
+            first = len(self.samples)
+            self.samples.update((first + i, Sample(first + i, p, i)) for i in range(n))
+        self.incremental = self.surface != "generate" or body.get("incremental_streaming_output") is True
+        self._folded: dict[int, dict] = {}    # /generate streamed cumulatively: each sample's output so far
         self.wants_ids = bool(body.get("return_token_ids")) or self.surface == "generate"
         self.wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.prompt_ids: list[list[int]] | None = _known_prompt_ids(self.surface, body)
@@ -106,13 +113,15 @@ class Flight:
         while True:
             rep = self.router.replicas.pick(self.session, prefix_key(_prompt_of(self.surface, self.body)),
                                             exclude=frozenset(tried))
-            body = {**self.body, "stream": True, "request_id": self.rid}
-            if self.surface == "generate":   # the router reads each event's new tokens (SGLang's incremental form)
+            body = {**self.body, "stream": True}
+            if self.rid_list is None:
                 body.pop("rid", None)
+                body["request_id"] = self.rid
+            if self.surface == "generate":   # the router reads each event's new tokens (SGLang's incremental form)
                 body["incremental_streaming_output"] = True
             else:
                 body.update(return_token_ids=True, stream_options={"include_usage": True})
-            self._attach(rep, [self.rid] + [f"{self.rid}-{i}" for i in range(self.num_prompts)])
+            self._attach(rep, list(self.rid_list or [self.rid] + [f"{self.rid}-{i}" for i in range(self.num_prompts)]))
             try:
                 resp = await self._send(rep, self.path, body)
             except httpx.HTTPError as e:
@@ -290,9 +299,9 @@ class Flight:
             s.add(obj.get("output_ids") or [], obj.get("weight_version"))
             s.finish = obj.get("finish_reason")
             self.prompt_tokens = obj.get("prompt_tokens", self.prompt_tokens)
-            if self.streaming and s.finish is None:
+            if self.streaming and self.incremental and s.finish is None:
                 return [raw]
-            return [{**obj, "request_id": self.rid, **self._spans_if_final(s)}]
+            return [self._generate_event(s, {**obj, **self._spans_if_final(s)})]
         self.model = obj.get("model", self.model)
         self.created = obj.get("created", self.created)
         if not obj.get("choices"):
@@ -326,9 +335,17 @@ class Flight:
         s.finish = obj.get("finish_reason")
         text, lps = obj.get("text") or "", obj.get("output_logprobs")
         if self.surface == "generate":
-            ev = {**obj, "request_id": self.rid, "index": s.index, "completion_tokens": len(s.tokens),
-                  "prompt_tokens": len(self.prompt_ids[0]) if self.prompt_ids else self.prompt_tokens}
-            return [{**ev, **self._spans_if_final(s)}]
+            prompt_tokens = len(self.prompt_ids[s.prompt_index])
+            ev = {**obj, "index": s.index, "completion_tokens": len(s.tokens), "prompt_tokens": prompt_tokens,
+                  **self._spans_if_final(s)}
+            if isinstance(obj.get("meta_info"), dict):   # SGLang's view: the sample's, not the continuation's
+                meta = {**obj["meta_info"], "prompt_tokens": prompt_tokens, "completion_tokens": len(s.tokens)}
+                if "weight_spans" in ev:
+                    meta["weight_spans"] = ev["weight_spans"]
+                if (meta.get("finish_reason") or {}).get("type") == "length":
+                    meta["finish_reason"] = {"type": "length", "length": len(s.tokens)}
+                ev["meta_info"] = meta
+            return [self._generate_event(s, ev)]
         if not ids and not text and s.finish is None:
             return []
         choice: dict[str, Any] = {"index": s.index, "finish_reason": s.finish}
@@ -353,13 +370,29 @@ class Flight:
         return [{"id": self.rid, "object": obj_name, "created": self.created, "model": self.model,
                  "choices": [choice]}]
 
+    def _generate_event(self, s: Sample, ev: dict) -> dict:
+        """A /generate event in the client's form: incremental as read, or the sample's output so
+        far (SGLang's default cumulative stream); the sample's own request id in both."""
+        rid = self.prompt_rids[s.prompt_index]
+        ev = {**ev, "request_id": rid}
+        if isinstance(ev.get("meta_info"), dict):
+            ev["meta_info"] = {**ev["meta_info"], "id": rid}
+        if not self.streaming or self.incremental:
+            return ev
+        acc = self._folded[s.index] = fold_generate(self._folded.get(s.index), ev)
+        return {**acc, "text": acc["text"], "output_ids": list(acc["output_ids"]), "completion_tokens": len(s.tokens)}
+
     def _final_abort(self, s: Sample) -> dict:
         if self.surface == "generate":
-            return {"request_id": self.rid, "index": s.index, "output_ids": [], "text": "",
-                    "output_logprobs": [] if self.body.get("return_logprob", True) else None,
-                    "finish_reason": "abort", "stop_reason": None, "weight_version": None,
-                    "prompt_tokens": self.prompt_tokens, "completion_tokens": len(s.tokens),
-                    "weight_spans": [list(x) for x in s.spans]}
+            return self._generate_event(s, {
+                "index": s.index, "output_ids": [], "text": "",
+                "output_logprobs": [] if self.body.get("return_logprob", True) else None,
+                "finish_reason": "abort", "stop_reason": None, "weight_version": None,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": len(s.tokens),
+                "weight_spans": [list(x) for x in s.spans],
+                "meta_info": {"finish_reason": {"type": "abort", "message": "no replica is left"},
+                              "prompt_tokens": self.prompt_tokens, "completion_tokens": len(s.tokens),
+                              "weight_spans": [list(x) for x in s.spans]}})
         choice: dict[str, Any] = {"index": s.index, "logprobs": None, "finish_reason": "abort", "stop_reason": None}
         if self.surface == "chat":
             choice["delta"] = {}
@@ -406,6 +439,50 @@ class Flight:
 _decode = msgspec.json.Decoder().decode
 
 
+def fold_generate(acc: dict | None, ev: dict) -> dict:
+    """One sample's /generate output so far, with its next incremental event added."""
+    if acc is None:
+        acc = {"request_id": ev.get("request_id"), "index": ev.get("index", 0), "output_ids": [], "text": "",
+               "output_logprobs": None}
+    acc["output_ids"] = acc["output_ids"] + (ev.get("output_ids") or [])
+    acc["text"] += ev.get("text") or ""
+    if ev.get("output_logprobs") is not None:
+        acc["output_logprobs"] = (acc["output_logprobs"] or []) + ev["output_logprobs"]
+    if ev.get("output_top_logprobs") is not None:
+        acc["output_top_logprobs"] = acc.get("output_top_logprobs", []) + ev["output_top_logprobs"]
+    for k in ("request_id", "finish_reason", "stop_reason", "weight_version", "prompt_tokens", "completion_tokens",
+              "weight_spans", "moved_at"):
+        if ev.get(k) is not None:
+            acc[k] = ev[k]
+    if ev.get("meta_info") is not None:   # SGLang's meta_info: the last one, its logprob lists joined
+        meta = acc.get("meta_info") or {}
+        joined = {k: meta.get(k, []) + ev["meta_info"][k] for k in ("output_token_logprobs", "output_top_logprobs")
+                  if ev["meta_info"].get(k) is not None}
+        acc["meta_info"] = {**meta, **ev["meta_info"], **joined}
+    return acc
+
+
+def _generate_batch(body: dict) -> bool:
+    text, ids = body.get("text"), body.get("input_ids")
+    return isinstance(text, list) or (isinstance(ids, list) and bool(ids) and isinstance(ids[0], list))
+
+
+def _samples_per_prompt(surface: str, body: dict) -> list[int]:
+    """n of each prompt. A malformed body gets a layout that does not fail here: the replica
+    refuses it with a 400 naming the field, which the client receives as-is."""
+    if surface == "generate":
+        prompts = body.get("text") if body.get("text") is not None else body.get("input_ids")
+        count = len(prompts) if _generate_batch(body) else 1
+        sp = body.get("sampling_params") or {}
+        each = sp if isinstance(sp, list) and len(sp) == count else [sp] * count
+        return [_n(x.get("n") if isinstance(x, dict) else 1) for x in each]
+    return [_n(body.get("n"))] * (_num_prompts(body) if surface == "completions" else 1)
+
+
+def _n(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 128 else 1
+
+
 def _num_prompts(body: dict) -> int:
     p = body.get("prompt")
     if isinstance(p, list) and p and isinstance(p[0], (str, list)):
@@ -416,6 +493,8 @@ def _num_prompts(body: dict) -> int:
 def _known_prompt_ids(surface: str, body: dict) -> list[list[int]] | None:
     if surface == "generate":
         ids = body.get("input_ids")
+        if _generate_batch(body):
+            return [list(x) for x in ids] if body.get("text") is None else None
         return [list(ids)] if isinstance(ids, list) else None
     if surface == "completions":
         p = body.get("prompt")
