@@ -1,5 +1,7 @@
 """Replicas as Ray actors on a local CPU-only Ray instance, registered with a real router; a
-killed actor is a killed replica: its streams continue on the other one."""
+killed actor is a killed replica: its streams continue on the other one.
+
+Marked slow: Ray's start and two replicas' take ~110 s on a loaded 2-core machine (`-m slow`)."""
 from __future__ import annotations
 
 import asyncio
@@ -32,6 +34,7 @@ def ray_fleet(tiny_ckpt):
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_replicas_join_the_router_and_a_killed_actor_is_a_killed_replica(ray_fleet):
     router, fleet = ray_fleet
     listed = httpx.get(router.url + "/v1/replicas", timeout=10).json()["replicas"]

@@ -284,8 +284,9 @@ async def test_generate_batch_drained_mid_stream_continues_as_one_group(fleet):
     cut = f["moved_at"][0] if f["moved_at"] else 120
     assert f["output_ids"][:cut] == ref[3]["output_ids"][:cut]
     if cut < 120:
-        cont = httpx.post(b.url + "/generate", json={"input_ids": prompts[2] + f["output_ids"][:cut], "sampling_params": {
-            **greedy, "frequency_penalty": 1.0, "max_new_tokens": 120 - cut}}, timeout=60).json()
+        sp = {**greedy, "frequency_penalty": 1.0, "max_new_tokens": 120 - cut}
+        cont = httpx.post(b.url + "/generate", json={"input_ids": prompts[2] + f["output_ids"][:cut],
+                                                     "sampling_params": sp}, timeout=60).json()
         assert f["output_ids"][cut:] == cont["output_ids"]
     r = httpx.post(router.url + "/v1/replicas/undrain", json={"url": drained["url"]}, timeout=30).json()
     assert r["state"] == "up"

@@ -24,6 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from tidal.router import control
 from tidal.router.migrate import SURFACES, Flight, UpstreamRejected, fold_generate
 from tidal.router.replicas import DRAINING, UP, NoReplica, ReplicaSet, normalise_url
+from tidal.router.upstream import Upstream
 
 SESSION_HEADERS = ("x-session-id", "x-routing-key")
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "accept-encoding"}
@@ -68,6 +69,7 @@ class Router:
                                    headers=self.upstream_headers)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), limits=limits)
+        self.upstream = Upstream(self.upstream_headers)
         self.flights: dict[str, Flight] = {}
 
     async def start(self) -> None:
@@ -78,6 +80,7 @@ class Router:
     async def stop(self) -> None:
         await self.replicas.close()
         await self.http.aclose()
+        self.upstream.close()
 
     # -- auth ----------------------------------------------------------------------------
     def _check(self, request: Request, key: str | None) -> None:
@@ -114,7 +117,7 @@ class Router:
             return StreamingResponse(self._sse(flight), media_type="text/event-stream", headers=headers)
         events = flight.events()
         try:
-            resp = _json(_aggregate(flight, [ev async for ev in events]))
+            resp = _json(_aggregate(flight, [ev async for batch in events for ev in batch]))
         finally:
             await events.aclose()
         resp.headers.update(headers)
@@ -123,8 +126,8 @@ class Router:
     async def _sse(self, flight: Flight) -> AsyncIterator[bytes]:
         events = flight.events()
         try:
-            async for ev in events:
-                yield b"data: " + (ev.encode() if isinstance(ev, str) else _encode(ev)) + b"\n\n"
+            async for batch in events:     # one chunk per batch: a burst of events costs one send
+                yield b"".join(b"data: " + (ev if isinstance(ev, bytes) else _encode(ev)) + b"\n\n" for ev in batch)
             if flight.wants_usage and flight.surface != "generate":
                 last = {"id": flight.rid, "object": _chunk_object(flight), "created": flight.created,
                         "model": flight.model, "choices": [], "usage": flight.usage()}

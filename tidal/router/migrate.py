@@ -26,6 +26,7 @@ import msgspec
 
 from tidal.router.continuation import continuation_body, sampling_state
 from tidal.router.replicas import NoReplica, Replica, prefix_key
+from tidal.router.upstream import Response, UpstreamError
 
 if TYPE_CHECKING:
     from tidal.router.app import Router
@@ -98,7 +99,7 @@ class Flight:
         self.upstream_ids: list[str] = []
         self._pumps: list[asyncio.Task] = []
         self._queue: asyncio.Queue | None = None
-        self._first: httpx.Response | None = None
+        self._first: Response | None = None
 
     @property
     def weight(self) -> int:
@@ -124,22 +125,21 @@ class Flight:
             self._attach(rep, list(self.rid_list or [self.rid] + [f"{self.rid}-{i}" for i in range(self.num_prompts)]))
             try:
                 resp = await self._send(rep, self.path, body)
-            except httpx.HTTPError as e:
+                if resp.status != 200:
+                    data = await resp.read()
+                    await resp.aclose()
+                    self._release()
+                    raise UpstreamRejected(resp.status, data, resp.headers.get("content-type", "application/json"))
+            except UpstreamError as e:
                 self._release()
-                self.router.replicas.mark_down(rep, f"{type(e).__name__}: {e}")
+                self.router.replicas.mark_down(rep, str(e))
                 tried.add(rep.url)
                 continue
-            if resp.status_code != 200:
-                data = await resp.aread()
-                await resp.aclose()
-                self._release()
-                raise UpstreamRejected(resp.status_code, data, resp.headers.get("content-type", "application/json"))
             self._first = resp
             return
 
-    async def _send(self, rep: Replica, path: str, body: dict) -> httpx.Response:
-        req = self.router.http.build_request("POST", rep.url + path, json=body, headers=self.router.upstream_headers)
-        return await self.router.http.send(req, stream=True)
+    async def _send(self, rep: Replica, path: str, body: dict) -> Response:
+        return await self.router.upstream.post(rep.url, path, _encode(body))
 
     def _attach(self, rep: Replica, upstream_ids: list[str]) -> None:
         self.replica, self.upstream_ids, self._weight = rep, upstream_ids, self.weight
@@ -155,8 +155,9 @@ class Flight:
         self._weight = 0
 
     # -- events in the client's surface ------------------------------------------------------
-    async def events(self) -> AsyncIterator[dict]:
-        """Every event the client should see, in its surface's shape, ending each sample once."""
+    async def events(self) -> AsyncIterator[list[dict | bytes]]:
+        """Every event the client should see, in its surface's shape, ending each sample once; a
+        list at a time (what one upstream read brought). bytes: an upstream event forwarded as-is."""
         try:
             segment = 0
             while self.unfinished() and segment < MAX_SEGMENTS:
@@ -168,7 +169,7 @@ class Flight:
                 segment += 1
             for s in self.unfinished():       # no replica left: end with what the client already has
                 s.finish = "abort"
-                yield self._final_abort(s)
+                yield [self._final_abort(s)]
         finally:
             self._stop_pumps()
             self._release()
@@ -228,9 +229,10 @@ class Flight:
         live, failure = len(self._pumps), None
         while live:
             kind, sample, payload = await queue.get()
-            if kind == "event":
-                for ev in self._absorb(sample, payload):
-                    yield ev
+            if kind == "events":
+                out = [ev for raw in payload for ev in self._absorb(sample, raw)]
+                if out:
+                    yield out
             elif kind == "moved":
                 break
             else:
@@ -244,30 +246,29 @@ class Flight:
             if failure.startswith("connection"):
                 self.router.replicas.mark_down(rep, failure)
 
-    async def _pump(self, queue: asyncio.Queue, sample: Sample | None, resp: httpx.Response | None,
+    async def _pump(self, queue: asyncio.Queue, sample: Sample | None, resp: Response | None,
                     request: tuple[Replica, dict] | None) -> None:
+        """Upstream events into `queue`, a batch per socket read: ("events", sample, [(obj, raw)])."""
         try:
             if resp is None:
                 rep, body = request
                 resp = await self._send(rep, "/generate", body)
-                if resp.status_code != 200:
-                    text = (await resp.aread())[:300]
-                    queue.put_nowait(("fail", sample, f"status {resp.status_code}: {text!r}"))
+                if resp.status != 200:
+                    text = (await resp.read())[:300]
+                    queue.put_nowait(("fail", sample, f"status {resp.status}: {text!r}"))
                     return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                obj = _decode(data)
-                if "error" in obj:
-                    queue.put_nowait(("fail", sample, f"upstream error: {obj['error']}"))
-                    return
-                queue.put_nowait(("event", sample, (obj, data)))
+            async for payloads in resp.events():
+                batch = []
+                for data in payloads:
+                    obj = _decode(data)
+                    if "error" in obj:
+                        queue.put_nowait(("fail", sample, f"upstream error: {obj['error']}"))
+                        return
+                    batch.append((obj, data))
+                queue.put_nowait(("events", sample, batch))
             queue.put_nowait(("end", sample, None))
-        except httpx.HTTPError as e:
-            queue.put_nowait(("fail", sample, f"connection: {type(e).__name__}: {e}"))
+        except UpstreamError as e:
+            queue.put_nowait(("fail", sample, f"connection: {e}"))
         except (ValueError, msgspec.DecodeError) as e:
             queue.put_nowait(("fail", sample, f"bad upstream event: {e}"))
         finally:
@@ -289,7 +290,7 @@ class Flight:
             self._queue.put_nowait(("moved", None, None))
 
     # -- upstream event -> client event ------------------------------------------------------
-    def _absorb(self, cont: Sample | None, event: tuple[dict, str]) -> list[dict | str]:
+    def _absorb(self, cont: Sample | None, event: tuple[dict, bytes]) -> list[dict | bytes]:
         """Client events for one upstream event; the upstream's own text when it can go as-is."""
         obj, raw = event
         if cont is not None:
@@ -437,6 +438,7 @@ class Flight:
 
 
 _decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
 
 
 def fold_generate(acc: dict | None, ev: dict) -> dict:
