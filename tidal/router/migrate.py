@@ -226,19 +226,26 @@ class Flight:
                 self.upstream_ids.append(rid)
                 self._pumps.append(asyncio.get_running_loop().create_task(
                     self._pump(queue, s, None, (rep, self._continuation_body(s, rid, rep)))))
-        live, failure = len(self._pumps), None
-        while live:
-            kind, sample, payload = await queue.get()
-            if kind == "events":
-                out = [ev for raw in payload for ev in self._absorb(sample, raw)]
-                if out:
-                    yield out
-            elif kind == "moved":
-                break
-            else:
-                live -= 1
-                if kind == "fail" and failure is None:
-                    failure = payload
+        live, failure, moved = len(self._pumps), None, False
+        while live and not moved:
+            out: list[dict | bytes] = []
+            item = await queue.get()
+            while True:     # what else is queued goes out with it: one send to the client, not several
+                kind, sample, payload = item
+                if kind == "events":
+                    out += [ev for raw in payload for ev in self._absorb(sample, raw)]
+                elif kind == "moved":
+                    moved = True
+                    break
+                else:
+                    live -= 1
+                    if kind == "fail" and failure is None:
+                        failure = payload
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            if out:
+                yield out
         self._stop_pumps()
         if failure is not None and not self.moving:
             self.router.log.warning("%s: replica %s failed mid-request (%s); continuing elsewhere",

@@ -2,9 +2,9 @@
 
 Keep-alive connections per replica; a response's chunked body is decoded straight from each
 socket read, and its server-sent events come out per read, so a burst of events costs one wake-up.
-httpx spends ~30 µs of CPU per streamed event here (its transport layers, h11, line decoding),
-this ~10 µs (tidal/router/README: benchmarks/replicas.py), and on a shared host the router's CPU
-is taken from the replicas'. Control calls, probes and the proxy keep using httpx.
+httpx spent ~30 µs of CPU per streamed event (its transport layers, h11, line decoding), this
+~10 µs in a micro-benchmark (benchmarks/README.md, Replicas); on a shared host the router's CPU is
+taken from the replicas'. Control calls, probes and the proxy keep using httpx.
 """
 from __future__ import annotations
 
