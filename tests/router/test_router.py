@@ -235,6 +235,8 @@ def test_generate_batch_through_the_router_answers_in_sglangs_shape(fleet):
         got_lp, want_lp = got["meta_info"]["output_token_logprobs"], want["meta_info"]["output_token_logprobs"]
         assert [e[1] for e in got_lp] == [e[1] for e in want_lp] == got["output_ids"]
         assert [e[0] for e in got_lp] == pytest.approx([e[0] for e in want_lp], abs=1e-4)
+    bad = httpx.post(router.url + "/generate", json={"input_ids": [1, 2], "rid": 5}, timeout=60)
+    assert bad.status_code == 400 and "rid" in bad.text                    # passed on, refused by the replica
     # a one-prompt batch is still a list; a text batch works; SGLang's cumulative stream is kept
     one = httpx.post(router.url + "/generate", json={"text": ["hello"], "sampling_params": {"max_new_tokens": 2}},
                      timeout=60).json()

@@ -74,7 +74,10 @@ class Flight:
         self.surface = SURFACES[path]
         given = body.get("request_id") or body.get("rid")
         self.rid_list = given if isinstance(given, list) and given and all(isinstance(r, str) for r in given) else None
-        self.rid = (self.rid_list[0] if self.rid_list else given) or f"{_PREFIX[self.surface]}-{uuid.uuid4().hex[:16]}"
+        # an id of another type goes upstream as given: the replica refuses it, naming the field
+        self.own_rid = self.rid_list is None and (given is None or isinstance(given, str))
+        named = self.rid_list[0] if self.rid_list else given if isinstance(given, str) else None
+        self.rid = named or f"{_PREFIX[self.surface]}-{uuid.uuid4().hex[:16]}"
         self.batch = self.surface == "generate" and _generate_batch(body)
         ns = _samples_per_prompt(self.surface, body)
         self.num_prompts = len(ns)
@@ -115,7 +118,7 @@ class Flight:
             rep = self.router.replicas.pick(self.session, prefix_key(_prompt_of(self.surface, self.body)),
                                             exclude=frozenset(tried))
             body = {**self.body, "stream": True}
-            if self.rid_list is None:
+            if self.own_rid:
                 body.pop("rid", None)
                 body["request_id"] = self.rid
             if self.surface == "generate":   # the router reads each event's new tokens (SGLang's incremental form)
