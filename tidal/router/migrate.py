@@ -191,6 +191,8 @@ class Flight:
             self.router.log.warning("%s: could not re-send the request: %s", self.rid, e)
             return False
         self.moves += 1
+        for s in self.unfinished():      # it changed replica at 0 tokens, as its final event says
+            s.moved_at.append(0)
         return True
 
     async def _place_continuation(self) -> bool:
