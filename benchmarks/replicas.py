@@ -11,6 +11,10 @@ lengths, ignore_eos, greedy, streaming /v1/completions with token ids):
 Overhead = 1 - (3) / (2) output tokens/s (goal < 10% at 128 streams); scaling = (2) / (1) (goal
 >= 1.8x for 2 replicas where the machine has the cores: one GPU each). Prints a table and writes
 JSON (default benchmarks/results/local/replicas_<device>.json; --publish: results/).
+
+Each phase also records the CPU seconds the replicas (server + engine processes) and the router
+used, from /proc: on a host whose cores other tenants share, throughput moves with their load, but
+CPU per token does not, and router CPU / replica CPU is what the router costs a CPU-bound host.
 """
 from __future__ import annotations
 
@@ -32,6 +36,35 @@ sys.path.insert(0, ROOT)
 from benchmarks.outdir import add_publish_flag, results_dir  # noqa: E402
 from benchmarks.serving import (_get, free_port, make_workload, model_vocab, start_server,  # noqa: E402
                                 stop_server, stream_request, summarize)
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes and their descendants so far."""
+    total, tick = 0.0, os.sysconf("SC_CLK_TCK")
+    for root in pids:
+        for p in _tree(root):
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, ValueError):
+                pass
+    return total
 
 
 def start_router(urls: list[str], port: int, log_path: str, timeout_s: float) -> subprocess.Popen:
@@ -110,9 +143,15 @@ def main() -> int:
         asyncio.run(load(ports, prompts[:8], [4] * 8, 8, 120))
         phases = [("1 replica direct", [ports[0]]), (f"{args.replicas} replicas direct", ports),
                   (f"{args.replicas} replicas via router", [rport])]
+        groups = {"replicas": [p.pid for p in procs[:-1]], "router": [procs[-1].pid]}
         for name, target in phases:
+            before = {k: cpu_seconds(v) for k, v in groups.items()}
             results, duration = asyncio.run(load(target, prompts, lengths, args.concurrency, args.timeout))
-            result["phases"][name] = summarize(results, duration)
+            summary = summarize(results, duration)
+            summary["cpu_s"] = {k: round(cpu_seconds(v) - before[k], 3) for k, v in groups.items()}
+            summary["cpu_us_per_token"] = {k: round(1e6 * v / max(1, summary["output_tokens"]), 1)
+                                           for k, v in summary["cpu_s"].items()}
+            result["phases"][name] = summary
     finally:
         for p in procs:
             stop_server(p, 10)
@@ -120,15 +159,22 @@ def main() -> int:
     one, direct, routed = (ph.get(n, {}).get("output_tok_s", 0.0) for n, _ in phases)
     result["router_overhead"] = 1 - routed / direct if direct else None
     result["scaling"] = direct / one if one else None
+    via = ph.get(phases[2][0], {}).get("cpu_s", {})
+    result["router_cpu_share"] = via["router"] / via["replicas"] if via.get("replicas") else None
+    result["load_average"] = os.getloadavg()
     print(f"\n{args.replicas} replicas, {args.num_prompts} prompts x {args.output_len} tokens, "
           f"{args.concurrency} streams, {args.device}, {os.cpu_count()} CPUs")
-    print(f"{'phase':<28}{'tok/s':>10}{'done':>6}{'fail':>6}{'ttft p50 ms':>13}{'itl p50 ms':>12}")
+    print(f"{'phase':<28}{'tok/s':>10}{'done':>6}{'fail':>6}{'ttft p50 ms':>13}{'itl p50 ms':>12}"
+          f"{'replica us/tok':>16}{'router us/tok':>15}")
     for name, s in ph.items():
+        cpu = s.get("cpu_us_per_token", {})
         print(f"{name:<28}{s['output_tok_s']:>10.1f}{s['completed']:>6}{s['failed']:>6}"
-              f"{s['ttft_ms'].get('p50', 0):>13.1f}{s['itl_ms'].get('p50', 0):>12.2f}")
+              f"{s['ttft_ms'].get('p50', 0):>13.1f}{s['itl_ms'].get('p50', 0):>12.2f}"
+              f"{cpu.get('replicas', 0):>16.1f}{cpu.get('router', 0):>15.1f}")
     if result["router_overhead"] is not None:
-        print(f"router overhead: {100 * result['router_overhead']:.1f}%   scaling 1 -> {args.replicas}: "
-              f"{result['scaling']:.2f}x")
+        print(f"router overhead: {100 * result['router_overhead']:.1f}% of throughput   router CPU / replica CPU: "
+              f"{100 * (result['router_cpu_share'] or 0):.1f}%   scaling 1 -> {args.replicas}: "
+              f"{result['scaling']:.2f}x   load average {result['load_average'][0]:.1f}")
     out = args.out or str(results_dir(args.publish) / f"replicas_{args.device}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

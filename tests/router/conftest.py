@@ -36,8 +36,8 @@ class RouterProc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.output()
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+            try:     # 503 with no replica up yet is an answer too: the router itself serves
+                if httpx.get(self.url + "/health", timeout=2).status_code in ((200,) if replicas else (200, 503)):
                     return
             except httpx.HTTPError:
                 pass

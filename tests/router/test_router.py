@@ -10,6 +10,7 @@ import json
 
 import httpx
 import openai
+import pytest
 
 from tests.router.conftest import kill_replica
 
@@ -181,7 +182,7 @@ async def test_drain_mid_run_moves_streams_without_duplicate_or_gap(fleet):
         return r.json()
 
     outs, drained = await _run_64_and_disturb(router, drain, [seeded])
-    assert drained["moved"] and not drained["left"], drained
+    assert drained["moved"] and not drained["left"], (drained, router.output()[-3000:])
     moved = 0
     for o, want in zip(outs[:64], ref):
         assert o["finish"] == "length" and o["ids"] == want        # no duplicate, no gap, same tokens
@@ -202,6 +203,94 @@ async def test_drain_mid_run_moves_streams_without_duplicate_or_gap(fleet):
     state = httpx.get(router.url + "/v1/state").json()
     assert state["replicas"][a.url]["router"]["state"] == "draining"
     r = httpx.post(router.url + "/v1/replicas/undrain", json={"url": a.url}, timeout=30).json()
+    assert r["state"] == "up"
+
+
+def _generate_events(url: str, body: dict, on_event=None) -> tuple[dict, list[dict]]:
+    """A streaming /generate: its response headers and every event, in order."""
+    events = []
+    with httpx.stream("POST", url + "/generate", json={**body, "stream": True}, timeout=180) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+                if on_event is not None:
+                    on_event(r.headers, events)
+    return dict(r.headers), events
+
+
+def test_generate_batch_through_the_router_answers_in_sglangs_shape(fleet):
+    router, (a, b) = fleet
+    body = {"input_ids": [[3, 4, 5], [6, 7]], "rid": ["batch-a", "batch-b"],
+            "sampling_params": [{"max_new_tokens": 5, "temperature": 0.0, "n": 2}, {"max_new_tokens": 3,
+                                                                                    "temperature": 0.0}]}
+    direct = httpx.post(a.url + "/generate", json=body, timeout=60).json()
+    routed = httpx.post(router.url + "/generate", json=body, timeout=60).json()
+    assert [x["index"] for x in routed] == [0, 1, 2] and len(direct) == 3
+    for got, want in zip(routed, direct):
+        for k in ("output_ids", "text", "request_id", "finish_reason", "completion_tokens", "prompt_tokens"):
+            assert got[k] == want[k], k
+        assert got["meta_info"]["id"] == want["meta_info"]["id"]
+        assert got["meta_info"]["finish_reason"] == want["meta_info"]["finish_reason"]
+        got_lp, want_lp = got["meta_info"]["output_token_logprobs"], want["meta_info"]["output_token_logprobs"]
+        assert [e[1] for e in got_lp] == [e[1] for e in want_lp] == got["output_ids"]
+        assert [e[0] for e in got_lp] == pytest.approx([e[0] for e in want_lp], abs=1e-4)
+    bad = httpx.post(router.url + "/generate", json={"input_ids": [1, 2], "rid": 5}, timeout=60)
+    assert bad.status_code == 400 and "rid" in bad.text                    # passed on, refused by the replica
+    # a one-prompt batch is still a list; a text batch works; SGLang's cumulative stream is kept
+    one = httpx.post(router.url + "/generate", json={"text": ["hello"], "sampling_params": {"max_new_tokens": 2}},
+                     timeout=60).json()
+    assert isinstance(one, list) and len(one) == 1 and one[0]["completion_tokens"] == 2
+    _, events = _generate_events(router.url, {"text": ["a b", "c d"], "sampling_params": {
+        "max_new_tokens": 6, "temperature": 0.0}})
+    _, want = _generate_events(b.url, {"text": ["a b", "c d"], "sampling_params": {
+        "max_new_tokens": 6, "temperature": 0.0}})
+    for idx in (0, 1):
+        got_ids = [e["output_ids"] for e in events if e["index"] == idx]
+        want_ids = [e["output_ids"] for e in want if e["index"] == idx]
+        assert got_ids[-1] == want_ids[-1] and len(got_ids[-1]) == 6
+        assert all(x == y[:len(x)] for x, y in zip(got_ids, got_ids[1:]))     # each event: the output so far
+
+
+async def test_generate_batch_drained_mid_stream_continues_as_one_group(fleet):
+    router, (a, b) = fleet
+    greedy = {"temperature": 0.0, "max_new_tokens": 120, "ignore_eos": True}
+    prompts = [[11, 12, 13], [21, 22], [31, 32, 33]]
+    body = {"input_ids": prompts, "sampling_params": [
+        {**greedy, "n": 2}, {**greedy, "repetition_penalty": 1.5}, {**greedy, "frequency_penalty": 1.0}]}
+    ref = httpx.post(b.url + "/generate", json=body, timeout=120).json()
+    drained = {}
+
+    def drain_once(headers, events):
+        if not drained and len(events) >= 4:
+            drained["url"] = headers["x-tidal-replica"]
+            drained["reply"] = httpx.post(router.url + "/v1/replicas/drain", json={
+                "url": drained["url"], "timeout_s": 60}, timeout=90).json()
+
+    headers, events = await asyncio.to_thread(_generate_events, router.url, body, drain_once)
+    assert drained["reply"]["moved"] and not drained["reply"]["left"], drained
+    finals = {}
+    for idx in range(4):      # SGLang's cumulative stream: each event extends the one before, no gap
+        seq = [e for e in events if e["index"] == idx]
+        assert all(x["output_ids"] == y["output_ids"][:len(x["output_ids"])] for x, y in zip(seq, seq[1:]))
+        finals[idx] = seq[-1]
+        assert finals[idx]["finish_reason"] == "length" and len(finals[idx]["output_ids"]) == 120
+    assert sum(bool(f["moved_at"]) for f in finals.values()) >= 1
+    # greedy samples, and repetition_penalty (it counts prompt + output: the same tokens after a move)
+    for idx in (0, 1, 2):
+        assert finals[idx]["output_ids"] == ref[idx]["output_ids"], idx
+        assert finals[idx]["meta_info"]["completion_tokens"] == 120
+    # frequency_penalty counts output tokens only: exact up to the move, then a fresh request over
+    # prompt + tokens so far (continuation.py says why)
+    f = finals[3]
+    cut = f["moved_at"][0] if f["moved_at"] else 120
+    assert f["output_ids"][:cut] == ref[3]["output_ids"][:cut]
+    if cut < 120:
+        sp = {**greedy, "frequency_penalty": 1.0, "max_new_tokens": 120 - cut}
+        cont = httpx.post(b.url + "/generate", json={"input_ids": prompts[2] + f["output_ids"][:cut],
+                                                     "sampling_params": sp}, timeout=60).json()
+        assert f["output_ids"][cut:] == cont["output_ids"]
+    r = httpx.post(router.url + "/v1/replicas/undrain", json={"url": drained["url"]}, timeout=30).json()
     assert r["state"] == "up"
 
 

@@ -22,8 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from tidal.router import control
-from tidal.router.migrate import SURFACES, Flight, UpstreamRejected
+from tidal.router.migrate import SURFACES, Flight, UpstreamRejected, fold_generate
 from tidal.router.replicas import DRAINING, UP, NoReplica, ReplicaSet, normalise_url
+from tidal.router.upstream import Upstream
 
 SESSION_HEADERS = ("x-session-id", "x-routing-key")
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "accept-encoding"}
@@ -68,6 +69,7 @@ class Router:
                                    headers=self.upstream_headers)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), limits=limits)
+        self.upstream = Upstream(self.upstream_headers)
         self.flights: dict[str, Flight] = {}
 
     async def start(self) -> None:
@@ -78,6 +80,7 @@ class Router:
     async def stop(self) -> None:
         await self.replicas.close()
         await self.http.aclose()
+        self.upstream.close()
 
     # -- auth ----------------------------------------------------------------------------
     def _check(self, request: Request, key: str | None) -> None:
@@ -114,8 +117,7 @@ class Router:
             return StreamingResponse(self._sse(flight), media_type="text/event-stream", headers=headers)
         events = flight.events()
         try:
-            # not streaming: every event is an object (raw upstream text is passed on only to streams)
-            resp = _json(_aggregate(flight, [ev async for ev in events if isinstance(ev, dict)]))
+            resp = _json(_aggregate(flight, [ev async for batch in events for ev in batch]))
         finally:
             await events.aclose()
         resp.headers.update(headers)
@@ -124,8 +126,8 @@ class Router:
     async def _sse(self, flight: Flight) -> AsyncIterator[bytes]:
         events = flight.events()
         try:
-            async for ev in events:
-                yield b"data: " + (ev.encode() if isinstance(ev, str) else _encode(ev)) + b"\n\n"
+            async for batch in events:     # one chunk per batch: a burst of events costs one send
+                yield b"".join(b"data: " + (ev if isinstance(ev, bytes) else _encode(ev)) + b"\n\n" for ev in batch)
             if flight.wants_usage and flight.surface != "generate":
                 last: dict[str, Any] = {"id": flight.rid, "object": _chunk_object(flight), "created": flight.created,
                         "model": flight.model, "choices": [], "usage": flight.usage()}
@@ -338,7 +340,11 @@ def _aggregate(flight: Flight, events: list[dict]) -> Any:
     if flight.surface == "generate":
         return _aggregate_generate(flight, events)
     choices: dict[int, dict] = {}
+    head: dict[str, Any] = {}      # chat: the prompt's fields, on the first event
     for ev in events:
+        for k in ("prompt_logprobs", "prompt_token_ids"):
+            if ev.get(k) is not None and k not in head:
+                head[k] = ev[k]
         for c in ev.get("choices", []):
             acc = choices.setdefault(c["index"], {"index": c["index"], "text": [], "lp": [], "ids": []})
             piece = c.get("text") if flight.surface == "completions" else (c.get("delta") or {}).get("content")
@@ -349,6 +355,8 @@ def _aggregate(flight: Flight, events: list[dict]) -> Any:
             for k in ("finish_reason", "stop_reason", "weight_version", "weight_spans", "moved_at"):
                 if c.get(k) is not None:
                     acc[k] = c[k]
+            if c.get("prompt_logprobs") is not None:
+                acc["prompt_logprobs"] = c["prompt_logprobs"]
     out = []
     for idx in sorted(choices):
         acc = choices[idx]
@@ -363,14 +371,22 @@ def _aggregate(flight: Flight, events: list[dict]) -> Any:
             choice["text"] = text
             wants_lp = flight.body.get("logprobs") is not None
             choice["logprobs"] = _merge_completion_logprobs(acc["lp"]) if wants_lp else None
+            if flight.body.get("prompt_logprobs") is not None:
+                choice["prompt_logprobs"] = acc.get("prompt_logprobs")
         if flight.wants_ids:
             choice.update(token_ids=acc["ids"], weight_version=acc.get("weight_version"),
                           weight_spans=acc.get("weight_spans"), moved_at=acc.get("moved_at", []))
             if flight.surface == "completions" and flight.prompt_ids is not None:
                 choice["prompt_token_ids"] = flight.prompt_ids[flight.samples[idx].prompt_index]
         out.append(choice)
-    return {"id": flight.rid, "object": "chat.completion" if flight.surface == "chat" else "text_completion",
-            "created": flight.created, "model": flight.model, "choices": out, "usage": flight.usage()}
+    reply = {"id": flight.rid, "object": "chat.completion" if flight.surface == "chat" else "text_completion",
+             "created": flight.created, "model": flight.model, "choices": out, "usage": flight.usage()}
+    if flight.surface == "chat":
+        if flight.wants_ids:
+            reply["prompt_token_ids"] = head.get("prompt_token_ids")
+        if flight.body.get("prompt_logprobs") is not None:
+            reply["prompt_logprobs"] = head.get("prompt_logprobs")
+    return reply
 
 
 def _merge_completion_logprobs(pieces: list[dict]) -> dict:
@@ -387,22 +403,8 @@ def _merge_completion_logprobs(pieces: list[dict]) -> dict:
 def _aggregate_generate(flight: Flight, events: list[dict]) -> Any:
     samples: dict[int, dict] = {}
     for ev in events:
-        acc = samples.setdefault(ev.get("index", 0), {"request_id": flight.rid, "index": ev.get("index", 0),
-                                                      "output_ids": [], "text": "", "output_logprobs": None})
-        acc["output_ids"] += ev.get("output_ids") or []
-        acc["text"] += ev.get("text") or ""
-        if ev.get("output_logprobs") is not None:
-            acc["output_logprobs"] = (acc["output_logprobs"] or []) + ev["output_logprobs"]
-        if ev.get("output_top_logprobs") is not None:
-            acc["output_top_logprobs"] = acc.get("output_top_logprobs", []) + ev["output_top_logprobs"]
-        for k in ("finish_reason", "stop_reason", "weight_version", "prompt_tokens", "weight_spans", "moved_at"):
-            if ev.get(k) is not None:
-                acc[k] = ev[k]
-        if ev.get("meta_info") is not None:   # SGLang's meta_info: the last one, its logprob lists joined
-            meta = acc.get("meta_info") or {}
-            joined = {k: meta.get(k, []) + ev["meta_info"][k] for k in ("output_token_logprobs", "output_top_logprobs")
-                      if ev["meta_info"].get(k) is not None}
-            acc["meta_info"] = {**meta, **ev["meta_info"], **joined}
+        idx = ev.get("index", 0)
+        samples[idx] = fold_generate(samples.get(idx), ev)
     out = []
     for idx in sorted(samples):
         acc = samples[idx]
@@ -411,4 +413,4 @@ def _aggregate_generate(flight: Flight, events: list[dict]) -> Any:
         if "meta_info" in acc:
             acc["meta_info"]["completion_tokens"] = len(acc["output_ids"])
         out.append(acc)
-    return out[0] if len(out) == 1 else out
+    return out if flight.batch or len(out) > 1 else out[0]

@@ -8,13 +8,8 @@ parameters; the router converts those events back into the client's surface. The
 stream: the router forwards each token once, and nothing the router had not forwarded was lost
 (a greedy continuation regenerates it).
 
-What continuation keeps and what it cannot:
-- greedy output equals an uninterrupted run; logprobs continue (text tokens of continued
-  OpenAI logprobs are named `token_id:N`, text_offset is omitted there);
-- a seeded sample is deterministic given where it moved, but the engine's counter-based sampler
-  keys noise on (seed, output step), and a continuation restarts the step at 0: the tokens after
-  the move differ from an unmoved run. The prefix before the move is kept exactly.
-- a stop string spanning the seam is not seen (each replica checks only the text it produced).
+A request that moves before anything reached the client is re-sent whole to another replica (so
+prompt logprobs, echo and seeds are exact); continuation.py says what a continuation keeps.
 """
 from __future__ import annotations
 
@@ -29,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import msgspec
 
+from tidal.router.continuation import continuation_body, sampling_state
 from tidal.router.replicas import NoReplica, Replica, prefix_key
+from tidal.router.upstream import Response, UpstreamError
 
 if TYPE_CHECKING:
     from tidal.router.app import Router
@@ -52,6 +49,7 @@ class UpstreamRejected(Exception):
 class Sample:
     index: int
     prompt_index: int
+    in_prompt: int              # its place among its prompt's n samples (the engine derives its seed from it)
     tokens: list[int] = field(default_factory=list)
     spans: list[list[int]] = field(default_factory=list)    # [version, start, end] over tokens
     finish: str | None = None
@@ -74,12 +72,22 @@ class Flight:
     def __init__(self, router: Router, path: str, body: dict, session: str | None) -> None:
         self.router, self.path, self.body, self.session = router, path, body, session
         self.surface = SURFACES[path]
-        self.rid = body.get("request_id") or body.get("rid") or f"{_PREFIX[self.surface]}-{uuid.uuid4().hex[:16]}"
-        sp = (body.get("sampling_params") or {}) if self.surface == "generate" else body
-        self.n = int(sp.get("n") or 1)
-        self.num_prompts = _num_prompts(body) if self.surface == "completions" else 1
-        self.samples = {p * self.n + i: Sample(p * self.n + i, p) for p in range(self.num_prompts)
-                        for i in range(self.n)}
+        given = body.get("request_id") or body.get("rid")
+        self.rid_list = given if isinstance(given, list) and given and all(isinstance(r, str) for r in given) else None
+        # an id of another type goes upstream as given: the replica refuses it, naming the field
+        self.own_rid = self.rid_list is None and (given is None or isinstance(given, str))
+        named = self.rid_list[0] if self.rid_list else given if isinstance(given, str) else None
+        self.rid = named or f"{_PREFIX[self.surface]}-{uuid.uuid4().hex[:16]}"
+        self.batch = self.surface == "generate" and _generate_batch(body)
+        ns = _samples_per_prompt(self.surface, body)
+        self.num_prompts = len(ns)
+        self.prompt_rids = self.rid_list or ([f"{self.rid}-{p}" for p in range(len(ns))] if self.batch else [self.rid])
+        self.samples: dict[int, Sample] = {}
+        for p, n in enumerate(ns):      # prompt-major, as every surface numbers its samples
+            first = len(self.samples)
+            self.samples.update((first + i, Sample(first + i, p, i)) for i in range(n))
+        self.incremental = self.surface != "generate" or body.get("incremental_streaming_output") is True
+        self._folded: dict[int, dict] = {}    # /generate streamed cumulatively: each sample's output so far
         self.wants_ids = bool(body.get("return_token_ids")) or self.surface == "generate"
         self.wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.prompt_ids: list[list[int]] | None = _known_prompt_ids(self.surface, body)
@@ -88,12 +96,13 @@ class Flight:
         self.replica: Replica | None = None
         self.streaming = body.get("stream") is True
         self.moving = False
+        self.delivered = False      # an event went to the client (or the reply being assembled)
         self.moves = 0
         self._weight = 0
         self.upstream_ids: list[str] = []
         self._pumps: list[asyncio.Task] = []
         self._queue: asyncio.Queue | None = None
-        self._first: httpx.Response | None = None
+        self._first: Response | None = None
 
     @property
     def weight(self) -> int:
@@ -108,31 +117,32 @@ class Flight:
         while True:
             rep = self.router.replicas.pick(self.session, prefix_key(_prompt_of(self.surface, self.body)),
                                             exclude=frozenset(tried))
-            body = {**self.body, "stream": True, "request_id": self.rid}
-            if self.surface == "generate":   # the router reads each event's new tokens (SGLang's incremental form)
+            body = {**self.body, "stream": True}
+            if self.own_rid:
                 body.pop("rid", None)
+                body["request_id"] = self.rid
+            if self.surface == "generate":   # the router reads each event's new tokens (SGLang's incremental form)
                 body["incremental_streaming_output"] = True
             else:
                 body.update(return_token_ids=True, stream_options={"include_usage": True})
-            self._attach(rep, [self.rid] + [f"{self.rid}-{i}" for i in range(self.num_prompts)])
+            self._attach(rep, list(self.rid_list or [self.rid] + [f"{self.rid}-{i}" for i in range(self.num_prompts)]))
             try:
                 resp = await self._send(rep, self.path, body)
-            except httpx.HTTPError as e:
+                if resp.status != 200:
+                    data = await resp.read()
+                    await resp.aclose()
+                    self._release()
+                    raise UpstreamRejected(resp.status, data, resp.headers.get("content-type", "application/json"))
+            except UpstreamError as e:
                 self._release()
-                self.router.replicas.mark_down(rep, f"{type(e).__name__}: {e}")
+                self.router.replicas.mark_down(rep, str(e))
                 tried.add(rep.url)
                 continue
-            if resp.status_code != 200:
-                data = await resp.aread()
-                await resp.aclose()
-                self._release()
-                raise UpstreamRejected(resp.status_code, data, resp.headers.get("content-type", "application/json"))
             self._first = resp
             return
 
-    async def _send(self, rep: Replica, path: str, body: dict) -> httpx.Response:
-        req = self.router.http.build_request("POST", rep.url + path, json=body, headers=self.router.upstream_headers)
-        return await self.router.http.send(req, stream=True)
+    async def _send(self, rep: Replica, path: str, body: dict) -> Response:
+        return await self.router.upstream.post(rep.url, path, _encode(body))
 
     def _attach(self, rep: Replica, upstream_ids: list[str]) -> None:
         self.replica, self.upstream_ids, self._weight = rep, upstream_ids, self.weight
@@ -148,23 +158,42 @@ class Flight:
         self._weight = 0
 
     # -- events in the client's surface ------------------------------------------------------
-    async def events(self) -> AsyncGenerator[dict | str, None]:
-        """Every event the client should see, in its surface's shape, ending each sample once."""
+    async def events(self) -> AsyncGenerator[list[dict | bytes], None]:
+        """Every event the client should see, in its surface's shape, ending each sample once; a
+        list at a time (what one upstream read brought). bytes: an upstream event forwarded as-is."""
         try:
             segment = 0
             while self.unfinished() and segment < MAX_SEGMENTS:
-                if segment > 0 and not await self._place_continuation():
+                if segment > 0 and not await self._replace():
                     break
                 async for ev in self._run_segment(segment):
+                    self.delivered = True
                     yield ev
                 segment += 1
             for s in self.unfinished():       # no replica left: end with what the client already has
                 s.finish = "abort"
-                yield self._final_abort(s)
+                yield [self._final_abort(s)]
         finally:
             self._stop_pumps()
             self._release()
             self.router.flights.pop(self.rid, None)
+
+    async def _replace(self) -> bool:
+        """Where the flight goes on after a move: re-sent whole while the client has nothing yet,
+        else each unfinished sample continues from its tokens. False: no replica is left."""
+        self._release()
+        self.moving = False
+        if self.delivered:
+            return await self._place_continuation()
+        try:
+            await self.open()
+        except (NoReplica, UpstreamRejected) as e:
+            self.router.log.warning("%s: could not re-send the request: %s", self.rid, e)
+            return False
+        self.moves += 1
+        for s in self.unfinished():      # it changed replica at 0 tokens, as its final event says
+            s.moved_at.append(0)
+        return True
 
     async def _place_continuation(self) -> bool:
         self._release()
@@ -190,11 +219,9 @@ class Flight:
         assert rep is not None
         queue: asyncio.Queue = asyncio.Queue()
         self._queue = queue
-        if segment > 0:
-            self.moving = False
-        elif self.moving:            # drained while the first segment was opening
+        if self.moving:            # drained while this segment was being placed
             queue.put_nowait(("moved", None, None))
-        if segment == 0:
+        if self._first is not None:    # the whole request, first sent or re-sent
             self._pumps = [asyncio.get_running_loop().create_task(self._pump(queue, None, self._first, None))]
             self._first = None
         else:
@@ -204,18 +231,26 @@ class Flight:
                 self.upstream_ids.append(rid)
                 self._pumps.append(asyncio.get_running_loop().create_task(
                     self._pump(queue, s, None, (rep, self._continuation_body(s, rid, rep)))))
-        live, failure = len(self._pumps), None
-        while live:
-            kind, sample, payload = await queue.get()
-            if kind == "event":
-                for ev in self._absorb(sample, payload):
-                    yield ev
-            elif kind == "moved":
-                break
-            else:
-                live -= 1
-                if kind == "fail" and failure is None:
-                    failure = payload
+        live, failure, moved = len(self._pumps), None, False
+        while live and not moved:
+            out: list[dict | bytes] = []
+            item = await queue.get()
+            while True:     # what else is queued goes out with it: one send to the client, not several
+                kind, sample, payload = item
+                if kind == "events":
+                    out += [ev for raw in payload for ev in self._absorb(sample, raw)]
+                elif kind == "moved":
+                    moved = True
+                    break
+                else:
+                    live -= 1
+                    if kind == "fail" and failure is None:
+                        failure = payload
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            if out:
+                yield out
         self._stop_pumps()
         if failure is not None and not self.moving:
             self.router.log.warning("%s: replica %s failed mid-request (%s); continuing elsewhere",
@@ -223,32 +258,31 @@ class Flight:
             if failure.startswith("connection"):
                 self.router.replicas.mark_down(rep, failure)
 
-    async def _pump(self, queue: asyncio.Queue, sample: Sample | None, resp: httpx.Response | None,
+    async def _pump(self, queue: asyncio.Queue, sample: Sample | None, resp: Response | None,
                     request: tuple[Replica, dict] | None) -> None:
+        """Upstream events into `queue`, a batch per socket read: ("events", sample, [(obj, raw)])."""
         try:
             if resp is None:
                 if request is None:
                     raise ValueError("_pump: expected an open response or a request to send")
                 rep, body = request
                 resp = await self._send(rep, "/generate", body)
-                if resp.status_code != 200:
-                    text = (await resp.aread())[:300]
-                    queue.put_nowait(("fail", sample, f"status {resp.status_code}: {text!r}"))
+                if resp.status != 200:
+                    text = (await resp.read())[:300]
+                    queue.put_nowait(("fail", sample, f"status {resp.status}: {text!r}"))
                     return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                obj = _decode(data)
-                if "error" in obj:
-                    queue.put_nowait(("fail", sample, f"upstream error: {obj['error']}"))
-                    return
-                queue.put_nowait(("event", sample, (obj, data)))
+            async for payloads in resp.events():
+                batch = []
+                for data in payloads:
+                    obj = _decode(data)
+                    if "error" in obj:
+                        queue.put_nowait(("fail", sample, f"upstream error: {obj['error']}"))
+                        return
+                    batch.append((obj, data))
+                queue.put_nowait(("events", sample, batch))
             queue.put_nowait(("end", sample, None))
-        except httpx.HTTPError as e:
-            queue.put_nowait(("fail", sample, f"connection: {type(e).__name__}: {e}"))
+        except UpstreamError as e:
+            queue.put_nowait(("fail", sample, f"connection: {e}"))
         except (ValueError, msgspec.DecodeError) as e:
             queue.put_nowait(("fail", sample, f"bad upstream event: {e}"))
         finally:
@@ -270,7 +304,7 @@ class Flight:
             self._queue.put_nowait(("moved", None, None))
 
     # -- upstream event -> client event ------------------------------------------------------
-    def _absorb(self, cont: Sample | None, event: tuple[dict, str]) -> list[dict | str]:
+    def _absorb(self, cont: Sample | None, event: tuple[dict, bytes]) -> list[dict | bytes]:
         """Client events for one upstream event; the upstream's own text when it can go as-is."""
         obj, raw = event
         if cont is not None:
@@ -280,9 +314,9 @@ class Flight:
             s.add(obj.get("output_ids") or [], obj.get("weight_version"))
             s.finish = obj.get("finish_reason")
             self.prompt_tokens = obj.get("prompt_tokens", self.prompt_tokens)
-            if self.streaming and s.finish is None:
+            if self.streaming and self.incremental and s.finish is None:
                 return [raw]
-            return [{**obj, "request_id": self.rid, **self._spans_if_final(s)}]
+            return [self._generate_event(s, {**obj, **self._spans_if_final(s)})]
         self.model = obj.get("model", self.model)
         self.created = obj.get("created", self.created)
         if not obj.get("choices"):
@@ -316,9 +350,17 @@ class Flight:
         s.finish = obj.get("finish_reason")
         text, lps = obj.get("text") or "", obj.get("output_logprobs")
         if self.surface == "generate":
-            ev = {**obj, "request_id": self.rid, "index": s.index, "completion_tokens": len(s.tokens),
-                  "prompt_tokens": len(self.prompt_ids[0]) if self.prompt_ids else self.prompt_tokens}
-            return [{**ev, **self._spans_if_final(s)}]
+            prompt_tokens = len(self.prompt_ids[s.prompt_index])
+            ev = {**obj, "index": s.index, "completion_tokens": len(s.tokens), "prompt_tokens": prompt_tokens,
+                  **self._spans_if_final(s)}
+            if isinstance(obj.get("meta_info"), dict):   # SGLang's view: the sample's, not the continuation's
+                meta = {**obj["meta_info"], "prompt_tokens": prompt_tokens, "completion_tokens": len(s.tokens)}
+                if "weight_spans" in ev:
+                    meta["weight_spans"] = ev["weight_spans"]
+                if (meta.get("finish_reason") or {}).get("type") == "length":
+                    meta["finish_reason"] = {"type": "length", "length": len(s.tokens)}
+                ev["meta_info"] = meta
+            return [self._generate_event(s, ev)]
         if not ids and not text and s.finish is None:
             return []
         choice: dict[str, Any] = {"index": s.index, "finish_reason": s.finish}
@@ -343,13 +385,29 @@ class Flight:
         return [{"id": self.rid, "object": obj_name, "created": self.created, "model": self.model,
                  "choices": [choice]}]
 
+    def _generate_event(self, s: Sample, ev: dict) -> dict:
+        """A /generate event in the client's form: incremental as read, or the sample's output so
+        far (SGLang's default cumulative stream); the sample's own request id in both."""
+        rid = self.prompt_rids[s.prompt_index]
+        ev = {**ev, "request_id": rid}
+        if isinstance(ev.get("meta_info"), dict):
+            ev["meta_info"] = {**ev["meta_info"], "id": rid}
+        if not self.streaming or self.incremental:
+            return ev
+        acc = self._folded[s.index] = fold_generate(self._folded.get(s.index), ev)
+        return {**acc, "text": acc["text"], "output_ids": list(acc["output_ids"]), "completion_tokens": len(s.tokens)}
+
     def _final_abort(self, s: Sample) -> dict:
         if self.surface == "generate":
-            return {"request_id": self.rid, "index": s.index, "output_ids": [], "text": "",
-                    "output_logprobs": [] if self.body.get("return_logprob", True) else None,
-                    "finish_reason": "abort", "stop_reason": None, "weight_version": None,
-                    "prompt_tokens": self.prompt_tokens, "completion_tokens": len(s.tokens),
-                    "weight_spans": [list(x) for x in s.spans]}
+            return self._generate_event(s, {
+                "index": s.index, "output_ids": [], "text": "",
+                "output_logprobs": [] if self.body.get("return_logprob", True) else None,
+                "finish_reason": "abort", "stop_reason": None, "weight_version": None,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": len(s.tokens),
+                "weight_spans": [list(x) for x in s.spans],
+                "meta_info": {"finish_reason": {"type": "abort", "message": "no replica is left"},
+                              "prompt_tokens": self.prompt_tokens, "completion_tokens": len(s.tokens),
+                              "weight_spans": [list(x) for x in s.spans]}})
         choice: dict[str, Any] = {"index": s.index, "logprobs": None, "finish_reason": "abort", "stop_reason": None}
         if self.surface == "chat":
             choice["delta"] = {}
@@ -388,43 +446,59 @@ class Flight:
         return [c["prompt_token_ids"] for c in sorted(data["choices"], key=lambda c: c["index"])]
 
     def _continuation_body(self, s: Sample, rid: str, rep: Replica) -> dict:
-        b, prompts = self.body, self.prompt_ids
-        if prompts is None:
+        if self.prompt_ids is None:
             raise ValueError("a continuation needs the prompt's token ids, which are not known yet")
-        ids = prompts[s.prompt_index] + s.tokens
-        budget: int | None
-        if self.surface == "generate":
-            sp = dict(b.get("sampling_params") or {})
-            budget = int(sp.pop("max_new_tokens", None) or sp.get("max_tokens") or 16)
-            for alias in ("min_new_tokens", "sampling_seed"):   # SGLang's names: sent under Tidal's
-                if alias in sp:
-                    sp[{"min_new_tokens": "min_tokens", "sampling_seed": "seed"}[alias]] = sp.pop(alias)
-            return_logprob = b.get("return_logprob", True)
-        else:
-            keys = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos",
-                    "skip_special_tokens", "min_tokens")
-            sp = {k: b[k] for k in keys if b.get(k) is not None}
-            if self.surface == "chat":
-                budget = b.get("max_completion_tokens") or b.get("max_tokens")
-                sp["logprobs"] = (b.get("top_logprobs") or 0) if b.get("logprobs") else None
-            else:
-                budget = b.get("max_tokens", 16) or 16
-                sp["logprobs"] = b.get("logprobs")
-            return_logprob = sp["logprobs"] is not None
-            if sp["logprobs"] is None:
-                sp.pop("logprobs")
-        produced = len(s.tokens)
-        if budget is None:
-            limit = rep.weights.get("max_model_len") or (len(ids) + 1)
-            budget = limit - len(prompts[s.prompt_index])
-        sp.update(n=1, max_tokens=max(1, int(budget) - produced),
-                  min_tokens=max(0, int(sp.get("min_tokens") or 0) - produced))
-        # every continuation is a /generate stream: the router reads each event's new tokens
-        return {"input_ids": ids, "sampling_params": sp, "stream": True, "request_id": rid,
-                "return_logprob": bool(return_logprob), "incremental_streaming_output": True}
+        prompt = self.prompt_ids[s.prompt_index]
+        state = sampling_state(self.surface, self.body, s.prompt_index, len(prompt), rep.weights.get("max_model_len"))
+        return continuation_body(state, prompt + s.tokens, len(s.tokens), s.in_prompt, rid)
 
 
 _decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+def fold_generate(acc: dict | None, ev: dict) -> dict:
+    """One sample's /generate output so far, with its next incremental event added."""
+    if acc is None:
+        acc = {"request_id": ev.get("request_id"), "index": ev.get("index", 0), "output_ids": [], "text": "",
+               "output_logprobs": None}
+    acc["output_ids"] = acc["output_ids"] + (ev.get("output_ids") or [])
+    acc["text"] += ev.get("text") or ""
+    if ev.get("output_logprobs") is not None:
+        acc["output_logprobs"] = (acc["output_logprobs"] or []) + ev["output_logprobs"]
+    if ev.get("output_top_logprobs") is not None:
+        acc["output_top_logprobs"] = acc.get("output_top_logprobs", []) + ev["output_top_logprobs"]
+    for k in ("request_id", "finish_reason", "stop_reason", "weight_version", "prompt_tokens", "completion_tokens",
+              "weight_spans", "moved_at"):
+        if ev.get(k) is not None:
+            acc[k] = ev[k]
+    if ev.get("meta_info") is not None:   # SGLang's meta_info: the last one, its logprob lists joined
+        meta = acc.get("meta_info") or {}
+        joined = {k: meta.get(k, []) + ev["meta_info"][k] for k in ("output_token_logprobs", "output_top_logprobs")
+                  if ev["meta_info"].get(k) is not None}
+        acc["meta_info"] = {**meta, **ev["meta_info"], **joined}
+    return acc
+
+
+def _generate_batch(body: dict) -> bool:
+    text, ids = body.get("text"), body.get("input_ids")
+    return isinstance(text, list) or (isinstance(ids, list) and bool(ids) and isinstance(ids[0], list))
+
+
+def _samples_per_prompt(surface: str, body: dict) -> list[int]:
+    """n of each prompt. A malformed body gets a layout that does not fail here: the replica
+    refuses it with a 400 naming the field, which the client receives as-is."""
+    if surface == "generate":
+        prompts = body.get("text") if body.get("text") is not None else body.get("input_ids")
+        count = len(prompts) if _generate_batch(body) else 1
+        sp = body.get("sampling_params") or {}
+        each = sp if isinstance(sp, list) and len(sp) == count else [sp] * count
+        return [_n(x.get("n") if isinstance(x, dict) else 1) for x in each]
+    return [_n(body.get("n"))] * (_num_prompts(body) if surface == "completions" else 1)
+
+
+def _n(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 128 else 1
 
 
 def _num_prompts(body: dict) -> int:
@@ -437,6 +511,8 @@ def _num_prompts(body: dict) -> int:
 def _known_prompt_ids(surface: str, body: dict) -> list[list[int]] | None:
     if surface == "generate":
         ids = body.get("input_ids")
+        if _generate_batch(body):
+            return [list(x) for x in ids] if body.get("text") is None else None
         return [list(ids)] if isinstance(ids, list) else None
     if surface == "completions":
         p = body.get("prompt")

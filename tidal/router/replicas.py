@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ UP, DOWN, DRAINING, FENCED = "up", "down", "draining", "fenced"
 PREFIX_TOKENS = 16        # the first block of token ids keys prefix-aware placement
 PREFIX_CHARS = 64         # ... or the first characters of a text prompt
 MAX_AFFINITY_KEYS = 100_000
+MAX_SLOW_PROBES = 3       # timed-out probes in a row before a replica is taken out of routing
+
+log = logging.getLogger("tidal.router")
 
 
 class NoReplica(Exception):
@@ -32,6 +36,7 @@ class Replica:
     reason: str | None = None     # why it is down or fenced
     weights: dict = field(default_factory=dict)   # {"path", "version"} the router last saw it serve
     last_ok: float = 0.0
+    slow_probes: int = 0          # probes in a row that timed out
     flights: set = field(default_factory=set)     # request ids of the flights it serves now
     _idle: asyncio.Event | None = None
 
@@ -127,25 +132,37 @@ class ReplicaSet:
             await asyncio.sleep(self.probe_interval_s)
 
     async def probe(self, rep: Replica) -> None:
+        slow = False
         try:
             r = await self.http.get(rep.url + "/health")
             ok = r.status_code == 200
             reason = None if ok else f"/health {r.status_code}: {r.text[:200]}"
         except httpx.HTTPError as e:
             ok, reason = False, f"{type(e).__name__}: {e}"
+            slow = isinstance(e, httpx.TimeoutException)
         if rep.state in (FENCED, DRAINING):
             return
         if ok:
-            rep.last_ok = time.monotonic()
+            rep.last_ok, rep.slow_probes = time.monotonic(), 0
             if rep.state == DOWN and not rep.weights:
                 await self.read_weights(rep)
+            if rep.state != UP:
+                log.info("replica %s is up", rep.url)
             rep.state, rep.reason = UP, None
-        else:
-            rep.state, rep.reason = DOWN, reason
+            return
+        # A busy replica on a loaded host can miss a probe deadline while it serves well: it stays
+        # routable for a few slow probes; a refused connection or an error status takes it out now.
+        rep.slow_probes = rep.slow_probes + 1 if slow else MAX_SLOW_PROBES
+        if rep.state == UP and rep.slow_probes < MAX_SLOW_PROBES:
+            return
+        if rep.state == UP:
+            log.warning("replica %s is down: %s", rep.url, reason)
+        rep.state, rep.reason = DOWN, reason
 
     def mark_down(self, rep: Replica, reason: str) -> None:
         """An upstream connection failed: stop routing to it now; the probe brings it back."""
         if rep.state == UP:
+            log.warning("replica %s is down: %s", rep.url, reason)
             rep.state, rep.reason = DOWN, reason
 
     def fence(self, rep: Replica, reason: str) -> None:
