@@ -238,7 +238,8 @@ class ControlPlane:
             if tag == "kv_cache":
                 # Kept requests cannot keep KV that is about to vanish: retract them.
                 result.retracted = _summary(self.core.scheduler.retract_all())
-                nbytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+                kv = runner.kv_cache
+                nbytes = 0 if kv is None else kv.numel() * kv.element_size()
                 runner.free_kv_cache()
                 self.core.block_manager.reset()
                 self.sleeping[tag] = nbytes
@@ -477,6 +478,9 @@ def _reread_source(core: EngineCore) -> dict[str, torch.Tensor]:
     """The discarded weights, read again from their checkpoint, refused unless the files are the
     ones that were loaded (before and after the read: an overwrite mid-read is caught too)."""
     source, root = core.weight_source, core.config.weights_root
+    if source is None:  # sleep(discard) refuses this; an engine that got here anyway has nothing to reread
+        raise EngineError("wake_up(weights): the weights came from no checkpoint (load_format='dummy') "
+                          "and no copy was kept: there is nothing to read them back from")
     what = f"wake_up(weights): the checkpoint at {source!r}"
     try:
         _check_unchanged(core, what, checkpoint_fingerprint(source, root))

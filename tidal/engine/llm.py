@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -60,7 +60,8 @@ class LLM(ControlAPI[dict[str, Any]]):
         if (isinstance(prompts, (str, Mapping))
                 or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))):
             prompts = [prompts]
-        prompts = [unwrap_prompt(p) for p in prompts]
+        # a batch now: one text, token-id list or vLLM dict was wrapped just above
+        prompts = [unwrap_prompt(p) for p in cast("Sequence[PromptInput]", prompts)]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
@@ -93,10 +94,11 @@ class LLM(ControlAPI[dict[str, Any]]):
         with the tokenizer's chat template (or `chat_template`), then generated."""
         if self.tokenizer is None:
             raise ValueError("chat: the model has no tokenizer, so no chat template: use generate with token ids")
+        conversations: list[Any]   # each checked below
         if isinstance(messages, Sequence) and messages and isinstance(messages[0], Mapping):
             conversations = [messages]
         else:
-            conversations = list(messages)
+            conversations = [*messages]
         if add_generation_prompt and continue_final_message:
             raise ValueError("chat: add_generation_prompt=True and continue_final_message=True are invalid "
                              "together: expected at most one of them")

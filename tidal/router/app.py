@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import msgspec
@@ -117,7 +117,8 @@ class Router:
             return StreamingResponse(self._sse(flight), media_type="text/event-stream", headers=headers)
         events = flight.events()
         try:
-            resp = _json(_aggregate(flight, [ev async for batch in events for ev in batch]))
+            # only streams forward an upstream's raw bytes: a reply assembled here holds dicts alone
+            resp = _json(_aggregate(flight, cast("list[dict]", [ev async for batch in events for ev in batch])))
         finally:
             await events.aclose()
         resp.headers.update(headers)

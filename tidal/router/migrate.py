@@ -214,7 +214,7 @@ class Flight:
             s.moved_at.append(len(s.tokens))
         return True
 
-    async def _run_segment(self, segment: int) -> AsyncGenerator[dict | str, None]:
+    async def _run_segment(self, segment: int) -> AsyncGenerator[list[dict | bytes], None]:
         rep = self.replica
         assert rep is not None
         queue: asyncio.Queue = asyncio.Queue()
@@ -323,7 +323,7 @@ class Flight:
             usage = obj.get("usage") or {}
             self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
             return []
-        out: list[dict | str] = []
+        out: list[dict | bytes] = []
         for c in obj["choices"]:
             s = self.samples[int(c["index"])]
             s.add(c.get("token_ids") or [], c.get("weight_version"))
@@ -344,13 +344,13 @@ class Flight:
             return {}
         return {"weight_spans": [list(x) for x in s.spans], "moved_at": list(s.moved_at)}
 
-    def _absorb_continuation(self, s: Sample, obj: dict) -> list[dict | str]:
+    def _absorb_continuation(self, s: Sample, obj: dict) -> list[dict | bytes]:
         ids = obj.get("output_ids") or []
         s.add(ids, obj.get("weight_version"))
         s.finish = obj.get("finish_reason")
         text, lps = obj.get("text") or "", obj.get("output_logprobs")
         if self.surface == "generate":
-            prompt_tokens = len(self.prompt_ids[s.prompt_index])
+            prompt_tokens = len(self._prompt(s))
             ev = {**obj, "index": s.index, "completion_tokens": len(s.tokens), "prompt_tokens": prompt_tokens,
                   **self._spans_if_final(s)}
             if isinstance(obj.get("meta_info"), dict):   # SGLang's view: the sample's, not the continuation's
@@ -445,10 +445,13 @@ class Flight:
             return [data["prompt_token_ids"]]
         return [c["prompt_token_ids"] for c in sorted(data["choices"], key=lambda c: c["index"])]
 
-    def _continuation_body(self, s: Sample, rid: str, rep: Replica) -> dict:
+    def _prompt(self, s: Sample) -> list[int]:
         if self.prompt_ids is None:
             raise ValueError("a continuation needs the prompt's token ids, which are not known yet")
-        prompt = self.prompt_ids[s.prompt_index]
+        return self.prompt_ids[s.prompt_index]
+
+    def _continuation_body(self, s: Sample, rid: str, rep: Replica) -> dict:
+        prompt = self._prompt(s)
         state = sampling_state(self.surface, self.body, s.prompt_index, len(prompt), rep.weights.get("max_model_len"))
         return continuation_body(state, prompt + s.tokens, len(s.tokens), s.in_prompt, rid)
 
@@ -490,7 +493,7 @@ def _samples_per_prompt(surface: str, body: dict) -> list[int]:
     refuses it with a 400 naming the field, which the client receives as-is."""
     if surface == "generate":
         prompts = body.get("text") if body.get("text") is not None else body.get("input_ids")
-        count = len(prompts) if _generate_batch(body) else 1
+        count = len(prompts) if prompts is not None and _generate_batch(body) else 1   # a batch has its list
         sp = body.get("sampling_params") or {}
         each = sp if isinstance(sp, list) and len(sp) == count else [sp] * count
         return [_n(x.get("n") if isinstance(x, dict) else 1) for x in each]
@@ -512,7 +515,7 @@ def _known_prompt_ids(surface: str, body: dict) -> list[list[int]] | None:
     if surface == "generate":
         ids = body.get("input_ids")
         if _generate_batch(body):
-            return [list(x) for x in ids] if body.get("text") is None else None
+            return [list(x) for x in ids] if body.get("text") is None and isinstance(ids, list) else None
         return [list(ids)] if isinstance(ids, list) else None
     if surface == "completions":
         p = body.get("prompt")

@@ -93,6 +93,8 @@ class RayReplicas:
     headers: dict[str, str] = field(default_factory=dict)
 
     def register(self, url: str) -> dict:
+        if self.router_url is None:
+            raise RuntimeError(f"register({url!r}): this fleet joined no router (router_url=None)")
         r = httpx.post(self.router_url + "/v1/replicas", json={"url": url}, headers=self.headers, timeout=60)
         if r.status_code != 200:
             raise RuntimeError(f"router {self.router_url} refused replica {url}: {r.status_code} {r.text[:300]}")
@@ -128,7 +130,7 @@ def start_replicas(n: int, serve_args: list[str], router_url: str | None = None,
         num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     opts = {"num_gpus": num_gpus, "num_cpus": num_cpus, "max_restarts": 0, "max_task_retries": 0}
-    actors = [ServeReplicaActor.options(**opts).remote(list(serve_args), host, env) for _ in range(n)]
+    actors: list[Any] = [ServeReplicaActor.options(**opts).remote(list(serve_args), host, env) for _ in range(n)]
     fleet = RayReplicas(actors, [], router_url, headers)
     try:
         fleet.urls = ray.get([a.wait_ready.remote(timeout_s, headers) for a in actors], timeout=timeout_s + 60)

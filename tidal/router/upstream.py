@@ -45,6 +45,8 @@ class Response:
     done: bool = False                                    # the body is complete
 
     async def _more(self) -> bool:
+        if self.conn is None:
+            raise UpstreamError("the response was read after aclose(): its connection is gone")
         data = await self.conn.reader.read(_READ)
         if not data:
             return False
@@ -145,7 +147,8 @@ class Upstream:
                 return await self._exchange(reused, key, head + body)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
                 reused.close()
-                if isinstance(e, (asyncio.LimitOverrunError, ValueError)) or getattr(e, "partial", b""):
+                partial = isinstance(e, asyncio.IncompleteReadError) and bool(e.partial)
+                if isinstance(e, (asyncio.LimitOverrunError, ValueError)) or partial:
                     raise UpstreamError(f"{type(e).__name__}: {e}") from None
         conn = await self._connect(u)
         try:

@@ -29,7 +29,7 @@ import multiprocessing
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,7 +209,7 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         self.model_path = ready.model_path
         self.max_model_len = ready.max_model_len
         if tokenizer is None or ready.model_path != self.config.model:
-            tokenizer = asyncio.to_thread(_try_tokenizer, ready.model_path)
+            tokenizer = asyncio.ensure_future(asyncio.to_thread(_try_tokenizer, ready.model_path))
         self.tokenizer = await tokenizer
         self.input = InputProcessor(self.tokenizer, ready.max_model_len, ready.vocab_size)
         self._last_heartbeat = time.monotonic()
@@ -332,6 +332,8 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
 
     def _on_process_exit(self) -> None:
         proc = self._proc
+        if proc is None:
+            return
         try:
             asyncio.get_running_loop().remove_reader(proc.sentinel)
         except (ValueError, OSError):
@@ -404,8 +406,9 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         if hb.probe_age_s > self.stuck_after_s:
             return Health(False, f"engine core loop is stuck: it has not read its inbox for "
                                  f"{hb.probe_age_s:.1f}s (limit {self.stuck_after_s:.0f}s)", detail)
-        if (hb.stats or {}).get("fenced"):  # alive but refusing generation (503 engine_not_serving)
-            detail["fenced"] = hb.stats["fenced"]
+        fenced = (hb.stats or {}).get("fenced")
+        if fenced:  # alive but refusing generation (503 engine_not_serving)
+            detail["fenced"] = fenced
         return Health(True, "ok", detail)
 
     # -- sending -------------------------------------------------------------------------
@@ -427,7 +430,7 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         return f"{prefix}-{self._req_prefix}-{next(self._req_ids)}"
 
     # -- generation ----------------------------------------------------------------------
-    def process_prompt(self, prompt: Prompt, params: SamplingParams) -> tuple[str | None, list[int]]:
+    def process_prompt(self, prompt: Prompt | None, params: SamplingParams) -> tuple[str | None, list[int]]:
         """Token ids of `prompt`, or ValueError naming what is wrong (too long, bad ids, ...)."""
         if self.input is None:
             raise EngineDead(self._dead or "engine core is not running")
@@ -436,7 +439,7 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
     async def generate(self, prompt: Prompt | None, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, stream: bool = True, delta: bool = False,
                        timeout_s: float | None = None,
-                       prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt_token_ids: list[int] | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Yields RequestOutputs as tokens arrive (cumulative, or only what is new with
         `delta=True`); the last one has `finished=True`. Closing the iterator early aborts the
         request. Raises ValueError (bad prompt), EngineNotServing (rejected while paused),
@@ -545,7 +548,7 @@ def _output_error(out: EngineOutput) -> EngineError:
     """The exception for a request output that carries an error, by its error_type."""
     if out.error_type == "invalid_input":
         return EngineInvalidInput(out.error_param or "request", None, "a request the engine can serve", out.error)
-    if out.error_type is None and out.error.startswith("rejected"):
+    if out.error_type is None and (out.error or "").startswith("rejected"):
         # An engine core that predates error_type; it sets no other kind of rejection.
         return EngineNotServing(out.error)
     return _OUTPUT_ERRORS.get(out.error_type or "", EngineDead)(out.error)

@@ -22,13 +22,16 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from tidal.engine.control_ops import Abort, result_dict
 from tidal.engine.messages import ControlCall, EngineInvalidInput
 from tidal.server import protocol as P
+
+if TYPE_CHECKING:
+    from tidal.engine.core import EngineCore
 
 log = logging.getLogger("tidal.engine_proc")
 
@@ -73,7 +76,7 @@ class EngineProcess:
         self.push = push
         self.heartbeat_s = heartbeat_s
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.core = None
+        self.core: EngineCore | None = None
         self.stats: dict[str, Any] | None = None
         self._stop = threading.Event()
         self._outbox_thread = threading.Thread(target=self._send_loop, name="tidal-outbox", daemon=True)
@@ -86,13 +89,13 @@ class EngineProcess:
             from tidal.config import EngineConfig
             from tidal.engine.core import EngineCore
             config = EngineConfig(**config_kwargs)
-            self.core = EngineCore(config, self._on_outputs)
-            self.core.start()
+            core = EngineCore(config, self._on_outputs)
+            self.core = core
+            core.start()
         except BaseException as e:
             log.error("engine failed to start: %s\n%s", e, traceback.format_exc())
             self.outbox.put((P.FAILED, P.Failed(f"{type(e).__name__}: {e}")))
             return False
-        core = self.core
         cfg = {f: getattr(config, f) for f in config.__slots__}
         self.outbox.put((P.READY, P.Ready(os.getpid(), core.model_path, core.max_model_len,
                                           core.runner.arch.vocab_size, list(core.eos_token_ids), cfg)))
@@ -102,8 +105,14 @@ class EngineProcess:
         log.debug("engine core started: %s (max_model_len=%d)", core.model_path, core.max_model_len)
         return True
 
+    def _started(self) -> EngineCore:
+        if self.core is None:
+            raise RuntimeError("the engine core has not started: start() failed or was not called")
+        return self.core
+
     # -- intake (main thread) ------------------------------------------------------------
     def serve(self, pull: zmq.Socket, parent_pid: int) -> None:
+        core = self._started()
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
         while True:
@@ -122,7 +131,7 @@ class EngineProcess:
                 self._reject_undecodable(kind, payload, e)
                 continue
             if kind == P.ADD:
-                self.core.submit(msg)
+                core.submit(msg)
             elif kind == P.CONTROL:
                 self._submit_control(msg)
 
@@ -133,7 +142,7 @@ class EngineProcess:
         except EngineInvalidInput as e:
             reply.set_exception(e)
             return
-        self.core.submit(ControlCall(msg.op, reply))
+        self._started().submit(ControlCall(msg.op, reply))
 
     def _reply_future(self, call_id: int) -> Future:
         fut: Future = Future()
@@ -179,7 +188,7 @@ class EngineProcess:
     def _snapshot(self) -> dict[str, Any] | None:
         # Runs where the reply is completed: the core thread (or anywhere once the core is dead).
         try:
-            snap = result_dict(self.core.control.snapshot())
+            snap = result_dict(self._started().control.snapshot())
             snap.pop("last_control_op", None)
             self.stats = snap
             return snap
@@ -188,6 +197,7 @@ class EngineProcess:
 
     # -- heartbeat -----------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
+        core = self._started()
         probe: Future | None = None
         sent = 0.0
         while not self._stop.wait(self.heartbeat_s):
@@ -195,8 +205,7 @@ class EngineProcess:
             if probe is None or probe.done():
                 probe, sent = Future(), now
                 probe.add_done_callback(lambda f: self._snapshot())
-                self.core.submit(ControlCall(Abort(request_ids=[]), probe))  # a no-op the loop must answer
-            core = self.core
+                core.submit(ControlCall(Abort(request_ids=[]), probe))  # a no-op the loop must answer
             self.outbox.put((P.HEARTBEAT, P.Heartbeat(
                 time.time(), core.alive, core.state.value, core.error,
                 0.0 if probe.done() else now - sent, self.stats)))

@@ -216,7 +216,8 @@ def register(app: FastAPI, server: ServerCore, labels: WeightLabels | None = Non
             return labels.record(result, body.weight_version)
         return await sgl_reply(call)
 
-    routes = [("/v1/init_weight_transfer", init), ("/v1/destroy_weight_transfer", destroy),
+    routes: list[tuple[str, Callable[..., Any]]] = [
+              ("/v1/init_weight_transfer", init), ("/v1/destroy_weight_transfer", destroy),
               ("/v1/check_weights", check), ("/v1/update_weights_from_distributed", update_distributed),
               ("/v1/update_weights_from_shm", update_shm), ("/v1/update_weights_from_ipc", update_ipc),
               ("/v1/commit_weights", commit), ("/v1/abort_staged", abort), ("/v1/fence", fence),
