@@ -160,6 +160,12 @@ def test_staging_arena_is_reused_across_updates(ckpts, make_llm):
         assert llm.destroy_weight_transfer("g")["destroyed"]
     assert ptrs[0] == ptrs[1]   # the second update received into the same memory
     assert tokens(llm) == on_a
+    llm.pause()
+    llm.sleep(["kv_cache"])
+    assert arena.buf is None    # a sleeping engine holds no staging memory
+    llm.wake_up()
+    llm.resume()
+    assert tokens(llm) == on_a
 
 
 def test_subset_lands_in_fused_parameters(ckpts, make_llm):

@@ -251,6 +251,8 @@ class ControlPlane:
                 self.core.weights_loaded = not op.discard
             result.bytes_freed[tag] = _freed(before, _memory_in_use(runner), self.sleeping[tag])
             result.tags.append(tag)
+        # The staging arena of trainer broadcasts (CPU) is memory the engine holds too: give it back.
+        self.weights.arena.release()
         self.core.state = EngineState.SLEEPING
         result.state = self.state.value
         result.sleeping = sorted(self.sleeping)
