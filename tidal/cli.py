@@ -5,6 +5,7 @@
 
 With no MODEL_DIR both use the embedded tiny default model (random weights: for trying things).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,14 @@ def _engine_args(p: argparse.ArgumentParser, server: argparse._ArgumentGroup | N
     """The engine options, one per EngineConfig field that has CLI metadata (tidal/config.py).
     Fields of the "server" group go into `server` (tidal serve only)."""
     from tidal.config import EngineConfig
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL_DIR",
-                   help="HF-format checkpoint directory (default: the embedded tiny model)")
+
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        metavar="MODEL_DIR",
+        help="HF-format checkpoint directory (default: the embedded tiny model)",
+    )
     groups = {"engine": p.add_argument_group("engine"), "server": server}
     for f in dataclasses.fields(EngineConfig):
         meta = f.metadata
@@ -65,9 +72,10 @@ def _engine_args(p: argparse.ArgumentParser, server: argparse._ArgumentGroup | N
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            if f.default:   # --x / --no-x, and a short alias where one is customary
-                g.add_argument(flag, action=argparse.BooleanOptionalAction, default=True,
-                               help=f"{meta['help']} (default: on)")
+            if f.default:  # --x / --no-x, and a short alias where one is customary
+                g.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=True, help=f"{meta['help']} (default: on)"
+                )
                 if "negation" in meta:
                     g.add_argument(meta["negation"], dest=f.name, action="store_false", help=argparse.SUPPRESS)
             else:
@@ -83,73 +91,128 @@ _FLAG_TYPES = {"int": int, "float": float, "str": str}
 
 def _engine_config(args: argparse.Namespace):
     from tidal.config import EngineConfig
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)
-             and f.name != "model"}
+
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(EngineConfig)
+        if hasattr(args, f.name) and f.name != "model"
+    }
     return EngineConfig(model=args.model, **given)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tidal", description=_DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tidal", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version="%(prog)s 0.1.0")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="serve a model over HTTP", epilog=_SERVE_EPILOG,
-                           description="Serve a model over HTTP: the OpenAI API, /generate and the control API.",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP",
+        epilog=_SERVE_EPILOG,
+        description="Serve a model over HTTP: the OpenAI API, /generate and the control API.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     h = serve.add_argument_group("server")
     _engine_args(serve, h)
-    h.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
+    h.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for all)"
+    )
     h.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    h.add_argument("--served-model-name", default=None,
-                   help="the model name clients use (default: the model directory's name)")
-    h.add_argument("--request-timeout", type=float, default=1800.0,
-                   help="deadline of one generation request in seconds (default: 1800)")
-    h.add_argument("--control-timeout", type=float, default=60.0,
-                   help="default deadline of a control call in seconds (default: 60)")
-    h.add_argument("--stuck-timeout", type=float, default=60.0,
-                   help="/health fails when the engine loop has not answered for this long (default: 60)")
-    h.add_argument("--heartbeat-timeout", type=float, default=5.0,
-                   help="seconds without a heartbeat from the engine process before /health fails, requests "
-                        "in flight fail and new ones get 503, until it answers again (default: 5)")
-    h.add_argument("--shutdown-grace-s", type=float, default=5.0,
-                   help="on SIGTERM or Ctrl-C, seconds that requests in flight may still run before they are "
-                        "ended with their partial output, finish_reason 'abort' (default: 5)")
-    h.add_argument("--timeout-keep-alive", type=float, default=5.0,
-                   help="close a keep-alive connection idle for this many seconds (default: 5)")
-    h.add_argument("--header-timeout", type=float, default=10.0,
-                   help="close a connection whose request headers have not all arrived within this many "
-                        "seconds (default: 10)")
-    h.add_argument("--limit-concurrency", type=int, default=2048,
-                   help="answer 503 once this many connections or requests are open; also mind the open-file "
-                        "limit, ulimit -n (default: 2048)")
+    h.add_argument(
+        "--served-model-name", default=None, help="the model name clients use (default: the model directory's name)"
+    )
+    h.add_argument(
+        "--request-timeout",
+        type=float,
+        default=1800.0,
+        help="deadline of one generation request in seconds (default: 1800)",
+    )
+    h.add_argument(
+        "--control-timeout",
+        type=float,
+        default=60.0,
+        help="default deadline of a control call in seconds (default: 60)",
+    )
+    h.add_argument(
+        "--stuck-timeout",
+        type=float,
+        default=60.0,
+        help="/health fails when the engine loop has not answered for this long (default: 60)",
+    )
+    h.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=5.0,
+        help="seconds without a heartbeat from the engine process before /health fails, requests "
+        "in flight fail and new ones get 503, until it answers again (default: 5)",
+    )
+    h.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=5.0,
+        help="on SIGTERM or Ctrl-C, seconds that requests in flight may still run before they are "
+        "ended with their partial output, finish_reason 'abort' (default: 5)",
+    )
+    h.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=5.0,
+        help="close a keep-alive connection idle for this many seconds (default: 5)",
+    )
+    h.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="close a connection whose request headers have not all arrived within this many seconds (default: 10)",
+    )
+    h.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=2048,
+        help="answer 503 once this many connections or requests are open; also mind the open-file "
+        "limit, ulimit -n (default: 2048)",
+    )
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    h.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,
-                   help="largest request body accepted; larger ones get 413 (default: 32 MiB)")
+    h.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=32 * 1024 * 1024,
+        help="largest request body accepted; larger ones get 413 (default: 32 MiB)",
+    )
     s = serve.add_argument_group("security")
-    s.add_argument("--api-key", default=os.environ.get("TIDAL_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on inference endpoints (env: TIDAL_API_KEY)")
-    s.add_argument("--admin-key", default=os.environ.get("TIDAL_ADMIN_KEY"),
-                   help="require this key on control endpoints (env: TIDAL_ADMIN_KEY); without it they are refused "
-                        "when --api-key is set or --host is beyond loopback")
-    s.add_argument("--weights-root", default=None,
-                   help="only allow /v1/update_weights from directories under this one")
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("TIDAL_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on inference endpoints (env: TIDAL_API_KEY)",
+    )
+    s.add_argument(
+        "--admin-key",
+        default=os.environ.get("TIDAL_ADMIN_KEY"),
+        help="require this key on control endpoints (env: TIDAL_ADMIN_KEY); without it they are refused "
+        "when --api-key is set or --host is beyond loopback",
+    )
+    s.add_argument("--weights-root", default=None, help="only allow /v1/update_weights from directories under this one")
     serve.set_defaults(func=cmd_serve)
     from tidal.router.cli import add_data_parallel_option, add_router_parser
+
     add_data_parallel_option(serve)
 
-    gen = sub.add_parser("generate", help="generate from prompts offline and print the results",
-                         description="Generate from one or more prompts with the offline engine and print "
-                                     "the outputs (no server).",
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         epilog="examples:\n  tidal generate --prompt 'Hello, Tidal'\n"
-                                "  tidal generate ~/models/Qwen3-0.6B --prompt 'Hi' --prompt 'Bye' --max-tokens 64 "
-                                "--temperature 0.7 --n 2 --json")
+    gen = sub.add_parser(
+        "generate",
+        help="generate from prompts offline and print the results",
+        description="Generate from one or more prompts with the offline engine and print the outputs (no server).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  tidal generate --prompt 'Hello, Tidal'\n"
+        "  tidal generate ~/models/Qwen3-0.6B --prompt 'Hi' --prompt 'Bye' --max-tokens 64 "
+        "--temperature 0.7 --n 2 --json",
+    )
     _engine_args(gen)
     o = gen.add_argument_group("generation")
-    o.add_argument("--prompt", action="append", default=None,
-                   help="a prompt (repeat for several; default: 'Hello, Tidal')")
+    o.add_argument(
+        "--prompt", action="append", default=None, help="a prompt (repeat for several; default: 'Hello, Tidal')"
+    )
     o.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     o.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per sample (default: 32)")
     o.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
@@ -166,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     if getattr(args, "data_parallel_size", 1) > 1:  # N replicas behind one router (tidal/router/)
         from tidal.router.cli import serve_data_parallel
+
         return serve_data_parallel(args, args.argv)
     level = args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -178,7 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model is not None and not os.path.isdir(args.model):
         print(f"tidal serve: MODEL_DIR {args.model!r} is not a directory", file=sys.stderr)
         return 2
-    try:   # what the model's config.json can tell, before the server and its engine process start
+    try:  # what the model's config.json can tell, before the server and its engine process start
         _check_against_model(config)
     except ValueError as e:
         print(f"tidal serve: {e}", file=sys.stderr)
@@ -188,17 +252,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.weights_root is not None:  # the engine confines every file it opens for an update (shards too)
         config.weights_root = os.path.realpath(args.weights_root)
-    for name in ("heartbeat_timeout", "shutdown_grace_s", "timeout_keep_alive", "header_timeout",
-                 "limit_concurrency", "max_body_bytes"):
+    for name in (
+        "heartbeat_timeout",
+        "shutdown_grace_s",
+        "timeout_keep_alive",
+        "header_timeout",
+        "limit_concurrency",
+        "max_body_bytes",
+    ):
         if getattr(args, name) <= 0:
-            print(f"tidal serve: --{name.replace('_', '-')}={getattr(args, name)} is invalid: expected a "
-                  "positive number", file=sys.stderr)
+            print(
+                f"tidal serve: --{name.replace('_', '-')}={getattr(args, name)} is invalid: expected a positive number",
+                file=sys.stderr,
+            )
             return 2
     try:  # before the model loads (which takes a while), so a busy port is reported at once
         sock = _bind(args.host, args.port)
     except OSError as e:
-        print(f"tidal serve: cannot listen on {args.host}:{args.port}: {e.strerror or e} "
-              "(is another server using it? pick another with --port)", file=sys.stderr)
+        print(
+            f"tidal serve: cannot listen on {args.host}:{args.port}: {e.strerror or e} "
+            "(is another server using it? pick another with --port)",
+            file=sys.stderr,
+        )
         return 2
     code = _serve(args, config, sock, level, log)
     # The server has stopped its engine process and removed its files. Skipping the interpreter's
@@ -215,14 +290,18 @@ def _check_against_model(config) -> None:
     if config.model is None:
         return
     from tidal.models.config import parse_arch, read_hf_config
+
     arch = parse_arch(*read_hf_config(config.model))
     if config.max_model_len is not None and config.max_model_len > arch.max_model_len:
-        raise ValueError(f"--max-model-len {config.max_model_len} is invalid: expected at most the model's "
-                         f"context length, max_position_embeddings={arch.max_model_len}")
+        raise ValueError(
+            f"--max-model-len {config.max_model_len} is invalid: expected at most the model's "
+            f"context length, max_position_embeddings={arch.max_model_len}"
+        )
 
 
 def _bind(host: str, port: int):
     import socket
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -241,11 +320,19 @@ def _serve(args: argparse.Namespace, config, sock, level: str, log: logging.Logg
     from tidal.server.api import ServerSettings, create_app
     from tidal.server.http_protocol import protocol_class
 
-    settings = ServerSettings(served_model_name=args.served_model_name, api_key=args.api_key,
-                              admin_key=args.admin_key, weights_root=args.weights_root,
-                              request_timeout_s=args.request_timeout, control_timeout_s=args.control_timeout,
-                              stuck_after_s=args.stuck_timeout, heartbeat_timeout_s=args.heartbeat_timeout,
-                              log_level=level, host=args.host, max_body_bytes=args.max_body_bytes)
+    settings = ServerSettings(
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        admin_key=args.admin_key,
+        weights_root=args.weights_root,
+        request_timeout_s=args.request_timeout,
+        control_timeout_s=args.control_timeout,
+        stuck_after_s=args.stuck_timeout,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        log_level=level,
+        host=args.host,
+        max_body_bytes=args.max_body_bytes,
+    )
     app = create_app(config, settings)
     server = app.state.server
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -256,8 +343,13 @@ def _serve(args: argparse.Namespace, config, sock, level: str, log: logging.Logg
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if not self.should_exit:
-                log.info("Tidal is serving %r at %s  (OpenAI base_url: %s/v1; engine pid %s; Ctrl-C to stop)",
-                         server.model_name, url, url, server.client.engine_pid if server.client else None)
+                log.info(
+                    "Tidal is serving %r at %s  (OpenAI base_url: %s/v1; engine pid %s; Ctrl-C to stop)",
+                    server.model_name,
+                    url,
+                    url,
+                    server.client.engine_pid if server.client else None,
+                )
 
         def handle_exit(self, sig, frame) -> None:
             super().handle_exit(sig, frame)
@@ -275,9 +367,18 @@ def _serve(args: argparse.Namespace, config, sock, level: str, log: logging.Logg
                 await client.drain(grace)
             await super().shutdown(sockets)
 
-    uv = _Server(uvicorn.Config(app, log_level=args.log_level, access_log=args.log_level == "debug",
-                                timeout_graceful_shutdown=10, lifespan="on", http=protocol_class(args.header_timeout),
-                                timeout_keep_alive=args.timeout_keep_alive, limit_concurrency=args.limit_concurrency))
+    uv = _Server(
+        uvicorn.Config(
+            app,
+            log_level=args.log_level,
+            access_log=args.log_level == "debug",
+            timeout_graceful_shutdown=10,
+            lifespan="on",
+            http=protocol_class(args.header_timeout),
+            timeout_keep_alive=args.timeout_keep_alive,
+            limit_concurrency=args.limit_concurrency,
+        )
+    )
     try:
         uv.run(sockets=[sock])
     except KeyboardInterrupt:
@@ -304,15 +405,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"tidal generate: MODEL_DIR {args.model!r} is not a directory", file=sys.stderr)
         return 2
     try:
-        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_tokens=args.max_tokens, stop=args.stop or [], logprobs=0)
+        params = SamplingParams(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_tokens=args.max_tokens,
+            stop=args.stop or [],
+            logprobs=0,
+        )
     except ValueError as e:
         print(f"tidal generate: {e}", file=sys.stderr)
         return 2
     kwargs = {f: getattr(config, f) for f in config.__slots__ if f != "model"}
     try:
         llm = LLM(config.model, **kwargs)
-    except ValueError as e:   # a config the model cannot take (e.g. --max-model-len beyond its context)
+    except ValueError as e:  # a config the model cannot take (e.g. --max-model-len beyond its context)
         print(f"tidal generate: {e}", file=sys.stderr)
         return 2
     try:
@@ -321,8 +429,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
                 print("tidal generate: --chat: the model has no chat template", file=sys.stderr)
                 return 2
-            prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                         add_generation_prompt=True) for p in prompts]
+            prompts = [
+                llm.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts
+            ]
         try:
             outs = llm.generate(prompts, params, use_tqdm=False)
         except ValueError as e:
@@ -330,9 +442,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 2
         for prompt, out in zip(args.prompt or ["Hello, Tidal"], outs):
             if args.json:
-                print(json.dumps({"prompt": prompt, "outputs": [
-                    {"text": c.text, "token_ids": c.token_ids, "logprobs": c.token_logprobs,
-                     "finish_reason": c.finish_reason} for c in out.outputs]}))
+                print(
+                    json.dumps(
+                        {
+                            "prompt": prompt,
+                            "outputs": [
+                                {
+                                    "text": c.text,
+                                    "token_ids": c.token_ids,
+                                    "logprobs": c.token_logprobs,
+                                    "finish_reason": c.finish_reason,
+                                }
+                                for c in out.outputs
+                            ],
+                        }
+                    )
+                )
             else:
                 for c in out.outputs:
                     print(f"{prompt!r} -> {c.text!r}  [{len(c.token_ids)} tokens, {c.finish_reason}]")

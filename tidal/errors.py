@@ -1,5 +1,6 @@
 """Errors every layer may raise: a leaf module, so that models and the loader report bad input
 without importing the engine (`tidal.engine.messages` re-exports them)."""
+
 from __future__ import annotations
 
 

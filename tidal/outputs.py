@@ -3,6 +3,7 @@
 Logprobs are stored flat (what RL code reads: one float per token, `token_logprobs`) and offered
 in vLLM's shape (`logprobs`: per token a dict token id -> Logprob) as a read-only view.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ Decoder = Callable[[int], str]  # token id -> its text (for Logprob.decoded_toke
 @dataclass(slots=True)
 class WeightSpan:
     """Tokens [start, end) of an output were produced under weight `version`."""
+
     version: int
     start: int
     end: int
@@ -22,14 +24,19 @@ class WeightSpan:
 @dataclass(slots=True)
 class Logprob:
     """vLLM's per-token entry: rank 1 is the most likely token (1 + tokens strictly more likely)."""
+
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None
 
 
-def logprob_dicts(token_ids: Sequence[int], logprobs: Sequence[float | None],
-                  ranks: Sequence[int | None] | None, tops: Sequence[dict[int, float] | None] | None,
-                  decode: Decoder | None) -> list[dict[int, Logprob] | None]:
+def logprob_dicts(
+    token_ids: Sequence[int],
+    logprobs: Sequence[float | None],
+    ranks: Sequence[int | None] | None,
+    tops: Sequence[dict[int, float] | None] | None,
+    decode: Decoder | None,
+) -> list[dict[int, Logprob] | None]:
     """Per position {chosen token: Logprob, top-k tokens: Logprob}; None where logprobs[i] is None.
     The chosen token comes first; a top-k entry gets its place in the top-k as its rank."""
     out: list[dict[int, Logprob] | None] = []
@@ -66,7 +73,7 @@ class CompletionOutput:
         if self.token_logprobs is None:
             return None
         dicts = logprob_dicts(self.token_ids, self.token_logprobs, self.token_ranks, self.top_logprobs, self.decode)
-        return [d for d in dicts if d is not None]   # none is None: every token has a logprob
+        return [d for d in dicts if d is not None]  # none is None: every token has a logprob
 
     @property
     def cumulative_logprob(self) -> float | None:
@@ -96,5 +103,10 @@ class RequestOutput:
         """vLLM's shape: None for the first prompt token, then {token_id: Logprob} per token."""
         if self.prompt_token_logprobs is None:
             return None
-        return logprob_dicts(self.prompt_token_ids, self.prompt_token_logprobs, self.prompt_token_ranks,
-                             self.prompt_top_logprobs, self.decode)
+        return logprob_dicts(
+            self.prompt_token_ids,
+            self.prompt_token_logprobs,
+            self.prompt_token_ranks,
+            self.prompt_top_logprobs,
+            self.decode,
+        )

@@ -21,6 +21,7 @@ staging call (there is no peer to wait for). "shm" writes one shared-memory file
 that colocated CPU replicas copy from; "ipc" sends CUDA IPC handles (as JSON) to colocated GPU
 replicas.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,8 @@ _ALIGN = 256  # byte alignment of each tensor in a bucket (any dtype's item size
 class PushResult:
     ok: bool
     version: int
-    replicas: dict[str, dict] = field(default_factory=dict)   # url -> the replica's result or {"error": ...}
-    phases: dict[str, float] = field(default_factory=dict)    # check, pack, wire, stage, commit, total (s)
+    replicas: dict[str, dict] = field(default_factory=dict)  # url -> the replica's result or {"error": ...}
+    phases: dict[str, float] = field(default_factory=dict)  # check, pack, wire, stage, commit, total (s)
 
 
 @dataclass(slots=True)
@@ -57,7 +58,7 @@ class _Planned:
     tensor: torch.Tensor
     offset: int
     nbytes: int
-    direct: bool = False   # a bucket of its own, broadcast from the tensor's own memory
+    direct: bool = False  # a bucket of its own, broadcast from the tensor's own memory
 
 
 class ReplicaError(RuntimeError):
@@ -65,28 +66,40 @@ class ReplicaError(RuntimeError):
 
 
 class WeightSender:
-    def __init__(self, urls: list[str], backend: str = "gloo", bucket_bytes: int = 512 << 20,
-                 admin_key: str | None = None, timeout_s: float = 120.0, master_address: str = "127.0.0.1",
-                 master_port: int | None = None, group_name: str = "tidal-weights", staging: str = "copy",
-                 direct_bytes: int | None = 1 << 20) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        backend: str = "gloo",
+        bucket_bytes: int = 512 << 20,
+        admin_key: str | None = None,
+        timeout_s: float = 120.0,
+        master_address: str = "127.0.0.1",
+        master_port: int | None = None,
+        group_name: str = "tidal-weights",
+        staging: str = "copy",
+        direct_bytes: int | None = 1 << 20,
+    ) -> None:
         if not urls:
             raise ValueError("urls is empty: expected at least one replica URL")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is invalid: expected one of {list(BACKENDS)}")
         if staging not in ("copy", "in_place"):
-            raise ValueError(f"staging={staging!r} is invalid: expected 'copy' or 'in_place' (no second copy of "
-                             "the weights on the engine; it holds generation while it writes)")
+            raise ValueError(
+                f"staging={staging!r} is invalid: expected 'copy' or 'in_place' (no second copy of "
+                "the weights on the engine; it holds generation while it writes)"
+            )
         if bucket_bytes < _ALIGN:
             raise ValueError(f"bucket_bytes={bucket_bytes} is invalid: expected at least {_ALIGN}")
         if direct_bytes is not None and direct_bytes < 1:
-            raise ValueError(f"direct_bytes={direct_bytes} is invalid: expected a positive byte count or None "
-                             "(pack every tensor)")
+            raise ValueError(
+                f"direct_bytes={direct_bytes} is invalid: expected a positive byte count or None (pack every tensor)"
+            )
         self.urls = [u.rstrip("/") for u in urls]
         self.backend, self.bucket_bytes, self.timeout_s, self.staging = backend, bucket_bytes, timeout_s, staging
         self.master_address, self.master_port, self.group_name = master_address, master_port, group_name
         self.direct_bytes = direct_bytes
-        self._checked: list[dict] | None = None   # the specs every replica accepted in the last push
-        self._bufs: list[torch.Tensor | None] = [None, None]   # pack buffers, kept across pushes
+        self._checked: list[dict] | None = None  # the specs every replica accepted in the last push
+        self._bufs: list[torch.Tensor | None] = [None, None]  # pack buffers, kept across pushes
         self._headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
         self._http = httpx.Client(timeout=timeout_s + 30.0, headers=self._headers)
         self._pool = ThreadPoolExecutor(max(2, len(urls) + 1), thread_name_prefix="tidal-sync")
@@ -117,13 +130,24 @@ class WeightSender:
     # -- the group ------------------------------------------------------------------------
     def _connect(self) -> None:
         from tidal.engine.weight_transfer import join_group
+
         port = self.master_port or _free_port(self.master_address)
         world = len(self.urls) + 1
-        body = lambda i, u: {"master_address": self.master_address, "master_port": port,  # noqa: E731
-                             "rank_offset": i + 1, "world_size": world, "group_name": self.group_name,
-                             "backend": self.backend, "timeout_s": self.timeout_s}
-        futs = {u: self._pool.submit(self._post, u, "/v1/init_weight_transfer", body(i, u))
-                for i, u in enumerate(self.urls)}
+
+        def body(i: int) -> dict[str, Any]:
+            return {
+                "master_address": self.master_address,
+                "master_port": port,
+                "rank_offset": i + 1,
+                "world_size": world,
+                "group_name": self.group_name,
+                "backend": self.backend,
+                "timeout_s": self.timeout_s,
+            }
+
+        futs = {
+            u: self._pool.submit(self._post, u, "/v1/init_weight_transfer", body(i)) for i, u in enumerate(self.urls)
+        }
         try:
             group = join_group(self.master_address, port, 0, world, self.group_name, self.backend, self.timeout_s)
         except BaseException:
@@ -145,13 +169,15 @@ class WeightSender:
         if self._group is None:
             return
         from tidal.engine.weight_transfer import destroy_group
+
         self._all("/v1/destroy_weight_transfer", lambda i, u: {"group_name": self.group_name})
         destroy_group(self._group)
         self._group = None
 
     # -- push -----------------------------------------------------------------------------
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor],
-             version: int) -> PushResult:
+    def push(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor], version: int
+    ) -> PushResult:
         t0 = time.perf_counter()
         items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
         items = [(n, t.detach()) for n, t in items]
@@ -178,7 +204,7 @@ class WeightSender:
                 self._drop_group()
             return self._done(result, t0)
         self._checked = specs
-        if commit_now:   # the replica committed at the end of staging
+        if commit_now:  # the replica committed at the end of staging
             reply = staged[self.urls[0]]
             phases["commit"] = reply.get("commit_s", 0.0)
             phases["stage"] = max(0.0, phases["stage"] - phases["commit"])
@@ -225,13 +251,21 @@ class WeightSender:
             return self._stage_shm(buckets, version, phases, commit)
         return self._stage_ipc(buckets, version, phases, commit)
 
-    def _stage_broadcast(self, buckets: list[list[_Planned]], version: int, phases: dict,
-                         commit: bool) -> dict[str, Any]:
+    def _stage_broadcast(
+        self, buckets: list[list[_Planned]], version: int, phases: dict, commit: bool
+    ) -> dict[str, Any]:
         if self._group is None:
             self._connect()
         meta = [{"nbytes": _bucket_bytes(b), "tensors": [_meta(p) for p in b]} for b in buckets]
-        body = {"group_name": self.group_name, "layout": "bucketed", "buckets": meta, "version": version,
-                "commit": commit, "timeout_s": self.timeout_s, "staging": self.staging}
+        body = {
+            "group_name": self.group_name,
+            "layout": "bucketed",
+            "buckets": meta,
+            "version": version,
+            "commit": commit,
+            "timeout_s": self.timeout_s,
+            "staging": self.staging,
+        }
         futs = {u: self._pool.submit(self._post, u, "/v1/update_weights_from_distributed", body) for u in self.urls}
         try:
             self._broadcast(buckets, phases)
@@ -246,9 +280,11 @@ class WeightSender:
             except BaseException as e:
                 out[u] = e
         phases["stage"] = time.perf_counter() - ts
-        if wire_error is not None and not commit:   # a replica that committed has every byte
-            out = {u: r if isinstance(r, BaseException) else ReplicaError(f"broadcast failed: {wire_error}")
-                   for u, r in out.items()}
+        if wire_error is not None and not commit:  # a replica that committed has every byte
+            out = {
+                u: r if isinstance(r, BaseException) else ReplicaError(f"broadcast failed: {wire_error}")
+                for u, r in out.items()
+            }
         return out
 
     def _broadcast(self, buckets: list[list[_Planned]], phases: dict) -> None:
@@ -259,12 +295,11 @@ class WeightSender:
         if group is None:
             raise ReplicaError("no weight-transfer group: call init_weight_transfer first")
         pending: list[Any] = []
-        readers: list[Any] = [None, None]   # the broadcast reading each pack buffer
+        readers: list[Any] = [None, None]  # the broadcast reading each pack buffer
         slot = 0
         for bucket in buckets:
             if bucket[0].direct:
-                pending.append(dist.broadcast(_as_bytes(bucket[0].tensor), src=0, group=group.pg,
-                                              async_op=True))
+                pending.append(dist.broadcast(_as_bytes(bucket[0].tensor), src=0, group=group.pg, async_op=True))
                 continue
             tw = time.perf_counter()
             if readers[slot] is not None:
@@ -303,8 +338,14 @@ class WeightSender:
             _pack(placed, seg)
             del seg
             phases["pack"] += time.perf_counter() - tp
-            body = {"shm_path": path, "tensors": [_meta(p) for p in placed], "version": version,
-                    "commit": commit, "timeout_s": self.timeout_s, "staging": self.staging}
+            body = {
+                "shm_path": path,
+                "tensors": [_meta(p) for p in placed],
+                "version": version,
+                "commit": commit,
+                "timeout_s": self.timeout_s,
+                "staging": self.staging,
+            }
             ts = time.perf_counter()
             out = self._all("/v1/update_weights_from_shm", lambda i, u: body)
             phases["stage"] = time.perf_counter() - ts
@@ -315,15 +356,21 @@ class WeightSender:
 
     def _stage_ipc(self, buckets: list[list[_Planned]], version: int, phases: dict, commit: bool) -> dict[str, Any]:
         from tidal.engine.weight_transfer import encode_ipc_handle
+
         flat = [p for b in buckets for p in b]
         tp = time.perf_counter()
         tensors = _pack_views([p.tensor for p in flat])  # kept alive until every replica has copied
         handles = [encode_ipc_handle(t) for t in tensors]
         torch.cuda.synchronize()
         phases["pack"] += time.perf_counter() - tp
-        body = {"tensors": [{"name": p.name, "dtype": _dtype_name(p.tensor), "shape": list(p.tensor.shape)}
-                            for p in flat], "ipc_handles": handles, "version": version, "commit": commit,
-                "timeout_s": self.timeout_s, "staging": self.staging}
+        body = {
+            "tensors": [{"name": p.name, "dtype": _dtype_name(p.tensor), "shape": list(p.tensor.shape)} for p in flat],
+            "ipc_handles": handles,
+            "version": version,
+            "commit": commit,
+            "timeout_s": self.timeout_s,
+            "staging": self.staging,
+        }
         ts = time.perf_counter()
         out = self._all("/v1/update_weights_from_ipc", lambda i, u: body)
         phases["stage"] = time.perf_counter() - ts
@@ -359,8 +406,12 @@ def _meta(p: _Planned) -> dict:
     return {"name": p.name, "dtype": _dtype_name(p.tensor), "shape": list(p.tensor.shape), "offset": p.offset}
 
 
-def _plan(items: list[tuple[str, torch.Tensor]], bucket_bytes: int, direct_bytes: int | None = None,
-          device: torch.device | None = None) -> list[list[_Planned]]:
+def _plan(
+    items: list[tuple[str, torch.Tensor]],
+    bucket_bytes: int,
+    direct_bytes: int | None = None,
+    device: torch.device | None = None,
+) -> list[list[_Planned]]:
     """Greedy buckets of at most bucket_bytes (a larger tensor gets a bucket of its own). A
     contiguous tensor of at least direct_bytes already on the wire's device is a bucket of its
     own that is broadcast without a copy."""
@@ -398,7 +449,7 @@ def _total(buckets: list[list[_Planned]]) -> int:
 def _pack(bucket: list[_Planned], buf: torch.Tensor) -> None:
     for p in bucket:
         if p.nbytes:
-            buf[p.offset:p.offset + p.nbytes].copy_(p.tensor.contiguous().reshape(-1).view(torch.uint8))
+            buf[p.offset : p.offset + p.nbytes].copy_(p.tensor.contiguous().reshape(-1).view(torch.uint8))
 
 
 def _as_dict(r: Any, phase: str | None = None) -> dict:
@@ -429,7 +480,7 @@ def _pack_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     buf = torch.empty(size, dtype=torch.uint8, device=tensors[0].device)
     views = []
     for t, off in zip(tensors, offsets):
-        v = buf[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        v = buf[off : off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
         v.copy_(t)
         views.append(v)
     return views

@@ -9,6 +9,7 @@ The KV cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads
 (index 0: keys, 1: values). Token slot s lives at ``block s // block_size``, offset
 ``s % block_size``. ``block_tables[i, j]`` is the j-th block of sequence i.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -20,10 +21,10 @@ import torch
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor      # [T] int64: cache slot of each new token (-1: don't store)
-    query_start_loc: torch.Tensor   # [B+1] int32
-    seq_lens: torch.Tensor          # [B] int32: context + new tokens
-    block_tables: torch.Tensor      # [B, max_blocks] int32, padded with 0
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (-1: don't store)
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32: context + new tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
     max_query_len: int
     max_seq_len: int
     # Host-side copies, for backends that loop or pick kernels on the CPU.
@@ -49,8 +50,15 @@ class AttentionBackend(ABC):
     batch_invariant: bool = False
 
     @abstractmethod
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D]; kv_cache: [2, NB, BS, Hkv, D]. Returns [T, Hq, D]."""
 
 
@@ -61,6 +69,7 @@ def register_backend(name: str):
     def wrap(factory: Callable[[], AttentionBackend]):
         _BACKENDS[name] = factory
         return factory
+
     return wrap
 
 
@@ -70,6 +79,7 @@ def get_backend(name: str) -> AttentionBackend:
         import tidal.attention.cpu  # noqa: F401
         import tidal.attention.invariant  # noqa: F401
         import tidal.attention.torch_ref  # noqa: F401
+
         if name == "cuda":
             import tidal.attention.cuda  # noqa: F401
     if name not in _BACKENDS:

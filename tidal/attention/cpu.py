@@ -12,6 +12,7 @@ length S_max of its group, so the reduction order (and the last bits of a row's 
 change with the other sequences in the batch. Masked keys contribute exact zeros; the result
 matches the reference to float32 rounding.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ import torch.nn.functional as F
 from tidal.attention.base import AttentionBackend, AttentionMetadata, register_backend, store_kv
 
 
-def gather_kv_batch(kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                    max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv_batch(
+    kv_cache: torch.Tensor, block_tables: torch.Tensor, max_seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [B, Hkv, S, D] of every row of block_tables, S = max_seq_len rounded up to
     whole blocks; slots past a sequence's length hold whatever its padding blocks hold."""
     block_size = kv_cache.shape[2]
@@ -30,12 +32,18 @@ def gather_kv_batch(kv_cache: torch.Tensor, block_tables: torch.Tensor,
     blocks = block_tables[:, :num_blocks].reshape(-1).long()
     # index_select over flat blocks: several times faster on CPU than advanced indexing.
     kv = kv_cache.view(2, total, -1).index_select(1, blocks)
-    kv = kv.view(2, batch, num_blocks * block_size, heads, dim).transpose(2, 3)   # [2, B, Hkv, S, D]
+    kv = kv.view(2, batch, num_blocks * block_size, heads, dim).transpose(2, 3)  # [2, B, Hkv, S, D]
     return kv[0], kv[1]
 
 
-def _attend(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, q_pos: torch.Tensor,
-            max_seq_len: int, scale: float) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    q_pos: torch.Tensor,
+    max_seq_len: int,
+    scale: float,
+) -> torch.Tensor:
     """One padded group: q [B, L, Hq, D] with positions q_pos [B, L]. Returns [B, L, Hq, D] in
     float32; query slots past a sequence's own rows are padding (any finite result)."""
     k, v = gather_kv_batch(kv_cache, block_tables, max_seq_len)
@@ -47,21 +55,21 @@ def _attend(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
     qg = q.unflatten(2, (num_kv_heads, group)).transpose(1, 2).reshape(batch, num_kv_heads, length * group, dim)
     k_pos = torch.arange(k.shape[2], device=q.device)
     # Causal mask; every query sees key 0, so no row is fully masked (padding slots included).
-    mask = k_pos[None, None, :] <= q_pos[:, :, None]                               # [B, L, S]
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, L, S]
     if group > 1 and length > 1:  # one query per sequence (decode): the mask broadcasts instead
         mask = mask.repeat_interleave(group, dim=1)
     o = F.scaled_dot_product_attention(qg.float(), k.float(), v.float(), attn_mask=mask[:, None], scale=scale)
     return o.view(batch, num_kv_heads, length, group, dim).transpose(1, 2).reshape(batch, length, num_q_heads, dim)
 
 
-def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                        scale: float) -> torch.Tensor:
+def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     q_lens = meta.query_lens_cpu
     num_tokens = sum(q_lens)
     if meta.max_query_len == 1 and num_tokens == len(q_lens) == q.shape[0]:
         # Pure decode, no padding rows: token i is sequence i's query.
-        o = _attend(q[:, None], kv_cache, meta.block_tables, (meta.seq_lens.long() - 1)[:, None],
-                    meta.max_seq_len, scale)
+        o = _attend(
+            q[:, None], kv_cache, meta.block_tables, (meta.seq_lens.long() - 1)[:, None], meta.max_seq_len, scale
+        )
         return o[:, 0].to(q.dtype)
     out = torch.empty_like(q) if num_tokens == q.shape[0] else torch.zeros_like(q)
     decode = [i for i, n in enumerate(q_lens) if n == 1]
@@ -73,27 +81,30 @@ def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     return out
 
 
-def _decode_group(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                  out: torch.Tensor, seqs: list[int]) -> None:
+def _decode_group(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor, seqs: list[int]
+) -> None:
     idx = torch.tensor(seqs, device=q.device)
     rows = meta.query_start_loc[idx].long()
     max_len = max(meta.seq_lens_cpu[i] for i in seqs)
-    o = _attend(q[rows][:, None], kv_cache, meta.block_tables[idx], (meta.seq_lens[idx].long() - 1)[:, None],
-                max_len, scale)
+    o = _attend(
+        q[rows][:, None], kv_cache, meta.block_tables[idx], (meta.seq_lens[idx].long() - 1)[:, None], max_len, scale
+    )
     out[rows] = o[:, 0].to(out.dtype)
 
 
-def _prefill_group(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                   out: torch.Tensor, seqs: list[int]) -> None:
+def _prefill_group(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor, seqs: list[int]
+) -> None:
     device = q.device
     idx = torch.tensor(seqs, device=device)
-    q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1])[idx].long()   # [B]
+    q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1])[idx].long()  # [B]
     starts = meta.query_start_loc[idx].long()
     ctx = meta.seq_lens[idx].long() - q_lens
     max_q = max(meta.query_lens_cpu[i] for i in seqs)
-    j = torch.arange(max_q, device=device)[None, :]                               # [1, L]
-    valid = j < q_lens[:, None]                                                    # [B, L]
-    q_rows = starts[:, None] + torch.minimum(j, q_lens[:, None] - 1)              # padding repeats a row
+    j = torch.arange(max_q, device=device)[None, :]  # [1, L]
+    valid = j < q_lens[:, None]  # [B, L]
+    q_rows = starts[:, None] + torch.minimum(j, q_lens[:, None] - 1)  # padding repeats a row
     max_len = max(meta.seq_lens_cpu[i] for i in seqs)
     o = _attend(q[q_rows], kv_cache, meta.block_tables[idx], ctx[:, None] + j, max_len, scale)
     out[q_rows[valid]] = o[valid].to(out.dtype)

@@ -4,6 +4,7 @@ Same semantics as the torch reference (tidal.attention.torch_ref). The decode pa
 device tensors and launches a grid fixed by static shapes, so it can be captured in a CUDA
 graph; the host-side fields of the metadata pick the path and the number of KV splits.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,18 +20,24 @@ from tidal.kernels.invariant_attention import invariant_paged_attention
 class CudaAttentionBackend(AttentionBackend):
     name = "cuda"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         store_kv_triton(k, v, kv_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         num_seqs = meta.seq_lens.shape[0]
         if meta.max_query_len == 1 and q.shape[0] == num_seqs:
             splits = default_num_splits(num_seqs, kv_cache.shape[3], meta.max_seq_len, q.device)
-            return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale, out=out,
-                                num_splits=splits)
-        return paged_prefill(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                             meta.max_query_len, scale, out=out)
-
+            return paged_decode(q, kv_cache, meta.block_tables, meta.seq_lens, scale, out=out, num_splits=splits)
+        return paged_prefill(
+            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, scale, out=out
+        )
 
 
 class CudaInvariantAttentionBackend(AttentionBackend):
@@ -50,8 +57,16 @@ class CudaInvariantAttentionBackend(AttentionBackend):
     name = "invariant"
     batch_invariant = True
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         store_kv_triton(k, v, kv_cache, meta.slot_mapping)
-        return invariant_paged_attention(q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                                         meta.max_query_len, scale)
+        return invariant_paged_attention(
+            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.max_query_len, scale
+        )

@@ -16,6 +16,7 @@ or inside a whole prompt differs in the last bits. Here every reduction has a fi
   the per-block sums and partial outputs are added block after block (a cumulative sum, in
   sequence order), so extra masked blocks change nothing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,7 @@ ROW_TILE = 16
 QUERY_CHUNK = 256  # query rows per pass, to bound the [Hq, blocks, rows, D] partials
 
 
-def invariant_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                        scale: float) -> torch.Tensor:
+def invariant_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, Hq, D]; K/V already stored in kv_cache [2, NB, BS, Hkv, D]. Returns [T, Hq, D]."""
     out = torch.empty_like(q)
     start = 0
@@ -39,7 +39,7 @@ def invariant_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
             for a in range(0, q_len, QUERY_CHUNK):
                 b = min(a + QUERY_CHUNK, q_len)
                 first = seq_len - q_len + a
-                out[start + a:start + b] = _attend(q[start + a:start + b], k, v, first, scale).to(q.dtype)
+                out[start + a : start + b] = _attend(q[start + a : start + b], k, v, first, scale).to(q.dtype)
         start += q_len
     return out
 
@@ -52,7 +52,7 @@ def _blocks(k: torch.Tensor, v: torch.Tensor, num_q_heads: int) -> tuple[torch.T
 
     def split(x: torch.Tensor) -> torch.Tensor:
         x = torch.cat([x.float(), x.new_zeros(padded - seq_len, num_kv_heads, head_dim, dtype=torch.float32)])
-        x = x.repeat_interleave(group, dim=1).transpose(0, 1)          # [Hq, S_pad, D]
+        x = x.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, S_pad, D]
         return x.reshape(num_q_heads, padded // KEY_BLOCK, KEY_BLOCK, head_dim)
 
     return split(k), split(v)
@@ -63,18 +63,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, scale
     rows = q.shape[0]
     padded = -(-rows // ROW_TILE) * ROW_TILE
     num_heads, num_blocks = k.shape[:2]
-    qf = q.float().transpose(0, 1)                                      # [Hq, L, D]
+    qf = q.float().transpose(0, 1)  # [Hq, L, D]
     # Padding rows repeat the last query (its position too), so they stay finite.
     qf = torch.cat([qf, qf[:, -1:].expand(num_heads, padded - rows, -1)], dim=1)
     q_pos = (first + torch.arange(padded)).clamp(max=first + rows - 1)
     k_pos = torch.arange(num_blocks * KEY_BLOCK).view(num_blocks, 1, KEY_BLOCK)
-    visible = k_pos <= q_pos[None, :, None]                              # [NB, rows, KB]
-    s = torch.matmul(qf[:, None], k.transpose(-1, -2)) * scale            # [Hq, NB, rows, KB]
+    visible = k_pos <= q_pos[None, :, None]  # [NB, rows, KB]
+    s = torch.matmul(qf[:, None], k.transpose(-1, -2)) * scale  # [Hq, NB, rows, KB]
     s.masked_fill_(~visible, float("-inf"))
-    m = s.amax(dim=(1, 3), keepdim=True)                                 # exact, order-free
+    m = s.amax(dim=(1, 3), keepdim=True)  # exact, order-free
     p = (s - m).exp_()
-    denom = p.sum(dim=-1).cumsum(dim=1)[:, -1]                           # [Hq, rows]
-    num = torch.matmul(p, v).cumsum(dim=1)[:, -1]                        # [Hq, rows, D]
+    denom = p.sum(dim=-1).cumsum(dim=1)[:, -1]  # [Hq, rows]
+    num = torch.matmul(p, v).cumsum(dim=1)[:, -1]  # [Hq, rows, D]
     return (num / denom[..., None])[:, :rows].transpose(0, 1)
 
 
@@ -93,6 +93,7 @@ class InvariantAttentionBackend(AttentionBackend):
         if q.is_cuda:
             if self._cuda is None:
                 from tidal.attention.cuda import CudaInvariantAttentionBackend  # imports Triton
+
                 self._cuda = CudaInvariantAttentionBackend()
             return self._cuda.forward(q, k, v, kv_cache, meta, scale)
         store_kv(k, v, kv_cache, meta.slot_mapping)

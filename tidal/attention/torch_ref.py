@@ -1,5 +1,6 @@
 """Pure-PyTorch reference attention over the paged KV cache (CPU, tests, and the oracle
 the CUDA kernels are checked against). Loops over sequences; clarity over speed."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,7 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -
     return k, v
 
 
-def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                        scale: float) -> torch.Tensor:
+def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     out = torch.empty_like(q)
     num_q_heads = q.shape[1]
     starts = [0]
@@ -32,12 +32,12 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
             continue
         k, v = gather_kv(kv_cache, meta.block_tables[i], seq_len)
         group = num_q_heads // k.shape[1]
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1).float()   # [Hq, S, D]
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1).float()  # [Hq, S, D]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1).float()
-        qi = q[qs:qe].transpose(0, 1).float()                            # [Hq, Lq, D]
+        qi = q[qs:qe].transpose(0, 1).float()  # [Hq, Lq, D]
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]                          # [Lq, S]
+        mask = k_pos[None, :] <= q_pos[:, None]  # [Lq, S]
         o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)
         out[qs:qe] = o.transpose(0, 1).to(q.dtype)
     return out

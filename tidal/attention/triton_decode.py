@@ -12,6 +12,7 @@ with what else is in the batch. With a fixed split size, split j of every sequen
 [j * split_size, (j + 1) * split_size), and the merge walks the sequence's own splits in order
 (online log-sum-exp), so the grid's split count only adds empty programs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,15 +27,32 @@ _LOG2E = 1.4426950408889634
 # The block-table width changes from step to step: no kernel variant per width class.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
     scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cache_slot, stride_cache_head, stride_bt,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, SPLIT_SIZE: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cache_slot,
+    stride_cache_head,
+    stride_bt,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SPLIT_SIZE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -51,8 +69,7 @@ def _decode_split_kernel(
     d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + g
     gd_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=gd_mask, other=0.0)
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gd_mask, other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
 
@@ -90,8 +107,11 @@ def _decode_split_kernel(
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=gd_mask)
+        tl.store(
+            out_ptr + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=gd_mask,
+        )
     else:
         # part_out: [B, Hq, NUM_SPLITS, BLOCK_D] fp32; part_lse: [B, Hq, NUM_SPLITS] fp32 (log2 units)
         row = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * NUM_SPLITS + split
@@ -102,9 +122,17 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, seq_lens_ptr, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_SIZE: tl.constexpr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    SPLIT_SIZE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -131,18 +159,21 @@ def _decode_reduce_kernel(
         s_mask = s < NUM_SPLITS
         lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=s_mask, other=float("-inf"))
         m = tl.max(lse, 0)
-        m = tl.where(m == float("-inf"), 0.0, m)   # empty sequence: every weight is 0
+        m = tl.where(m == float("-inf"), 0.0, m)  # empty sequence: every weight is 0
         w = tl.exp2(lse - m)
-        parts = tl.load(part_out_ptr + (row * NUM_SPLITS + s)[:, None] * BLOCK_D + d[None, :],
-                        mask=s_mask[:, None], other=0.0)
+        parts = tl.load(
+            part_out_ptr + (row * NUM_SPLITS + s)[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None], other=0.0
+        )
         total = tl.sum(w, 0)
         o = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
-             mask=d < HEAD_DIM)
+    tl.store(
+        out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM
+    )
 
 
-def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
-                       min_chunk: int = 256, max_splits: int = 32) -> int:
+def default_num_splits(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device, min_chunk: int = 256, max_splits: int = 32
+) -> int:
     """Split only when (sequence, kv head) programs cannot fill the SMs once: then enough splits to
     fill them a few times over, but no chunk shorter than min_chunk. On an H200 a batch that
     fills them already reads at 95-100% of the copy bandwidth unsplit, and 2-3 splits cost 7-25%
@@ -154,10 +185,19 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, devic
     return max(1, min(want, triton.cdiv(max_seq_len, min_chunk), max_splits))
 
 
-def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                 num_splits: int = 1, block_n: int | None = None, num_warps: int = 4,
-                 num_stages: int = 2, split_size: int | None = None) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int = 1,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    split_size: int | None = None,
+) -> torch.Tensor:
     """q: [B, Hq, D], one query per sequence; reads the paged cache [2, NB, BS, Hkv, D].
 
     seq_lens (device, int32) include the new token, which must already be in the cache.
@@ -171,8 +211,10 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     num_seqs, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
     if cache_head_dim != head_dim or num_q_heads % num_kv_heads:
-        raise ValueError(f"q.shape={tuple(q.shape)} does not fit kv_cache.shape={tuple(kv_cache.shape)}: "
-                         "expected the same head_dim and num_q_heads divisible by num_kv_heads")
+        raise ValueError(
+            f"q.shape={tuple(q.shape)} does not fit kv_cache.shape={tuple(kv_cache.shape)}: "
+            "expected the same head_dim and num_q_heads divisible by num_kv_heads"
+        )
     if q.stride(-1) != 1:
         raise ValueError("q needs a contiguous last (head_dim) dimension")
     if out is None:
@@ -193,22 +235,48 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     else:
         part_out = part_lse = out  # unused
     _decode_split_kernel[grid](
-        q, kv_cache[0], kv_cache[1], block_tables, seq_lens,
-        out, part_out, part_lse,
+        q,
+        kv_cache[0],
+        kv_cache[1],
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
         scale * _LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        GROUP=group, BLOCK_G=max(16, next_pow2(group)),
-        HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DOT_FP32=interp, PRECISION=dot_precision(q), SPLIT_SIZE=split_size or 0,
-        num_warps=num_warps, num_stages=num_stages,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        GROUP=group,
+        BLOCK_G=max(16, next_pow2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        DOT_FP32=interp,
+        PRECISION=dot_precision(q),
+        SPLIT_SIZE=split_size or 0,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
-            out, part_out, part_lse, seq_lens, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=num_splits, BLOCK_S=next_pow2(num_splits), SPLIT_SIZE=split_size or 0,
+            out,
+            part_out,
+            part_lse,
+            seq_lens,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=next_pow2(num_splits),
+            SPLIT_SIZE=split_size or 0,
         )
     return out
 

@@ -10,6 +10,7 @@ chunked; key tiles already start at multiples of BLOCK_N, and fully masked key t
 zeros. A matmul's row can depend on where it sits in the tile (the interpreter's BLAS micro-
 kernels do), never on the other rows' values, so every query is then computed the same way.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,13 +25,30 @@ _LOG2E = 1.4426950408889634
 # The block-table width changes from step to step: no kernel variant per width class.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,
     scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_cache_slot, stride_cache_head, stride_bt,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cache_slot,
+    stride_cache_head,
+    stride_bt,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     seq = tl.program_id(1)
@@ -52,8 +70,11 @@ def _prefill_kernel(
     m_mask = (m >= 0) & (m < q_len)
     d_mask = d < HEAD_DIM
     rows = (q_start + m).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + rows[:, None] * stride_qt + head * stride_qh + d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
     if DOT_FP32:
         q = q.to(tl.float32)
 
@@ -91,15 +112,28 @@ def _prefill_kernel(
         m_i = m_new
 
     o = acc / l_i[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
 
 
-def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                  seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
-                  scale: float, out: torch.Tensor | None = None, block_m: int | None = None,
-                  block_n: int | None = None, num_warps: int | None = None,
-                  num_stages: int = 2, aligned: bool = False) -> torch.Tensor:
+def paged_prefill(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    aligned: bool = False,
+) -> torch.Tensor:
     """q: [T, Hq, D] (new tokens of all sequences, concatenated); K/V already stored in the cache.
 
     Returns out [T, Hq, D] in q's dtype. Rows of sequences with q_len 0 are not written.
@@ -109,8 +143,10 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
     if cache_head_dim != head_dim or num_q_heads % num_kv_heads:
-        raise ValueError(f"q.shape={tuple(q.shape)} does not fit kv_cache.shape={tuple(kv_cache.shape)}: "
-                         "expected the same head_dim and num_q_heads divisible by num_kv_heads")
+        raise ValueError(
+            f"q.shape={tuple(q.shape)} does not fit kv_cache.shape={tuple(kv_cache.shape)}: "
+            "expected the same head_dim and num_q_heads divisible by num_kv_heads"
+        )
     if q.stride(-1) != 1:
         raise ValueError("q needs a contiguous last (head_dim) dimension")
     if out is None:
@@ -129,13 +165,31 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     # An aligned chunk may start mid-tile, so it can touch one tile more.
     grid = (triton.cdiv(max_query_len, block_m) + int(aligned), num_seqs, num_q_heads)
     _prefill_kernel[grid](
-        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc, out,
+        q,
+        kv_cache[0],
+        kv_cache[1],
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        out,
         scale * _LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=interp, PRECISION=dot_precision(q),
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        GROUP=num_q_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_FP32=interp,
+        PRECISION=dot_precision(q),
         ALIGNED=aligned,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

@@ -1,4 +1,5 @@
 """Small helpers shared by the Triton attention kernels."""
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,9 @@ def num_sms(device: torch.device) -> int:
 
 def check_cache(kv_cache: torch.Tensor) -> None:
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
-        raise ValueError(f"kv_cache.shape={tuple(kv_cache.shape)}: expected [2, num_blocks, block_size, "
-                         "num_kv_heads, head_dim]")
+        raise ValueError(
+            f"kv_cache.shape={tuple(kv_cache.shape)}: expected [2, num_blocks, block_size, num_kv_heads, head_dim]"
+        )
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
 

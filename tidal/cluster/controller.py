@@ -17,6 +17,7 @@ then add them to the router.
 
 Every phase is timed (`records`): drain, release, verify; wake or start, sync, join.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,8 +56,8 @@ class HostWeights:
 @dataclass(slots=True)
 class ControllerConfig:
     model: str
-    device: str = "cpu"                       # "cpu", or "cuda": slot ids are GPU indices
-    release: str = "sleep"                    # sleep the replica, or stop its process
+    device: str = "cpu"  # "cpu", or "cuda": slot ids are GPU indices
+    release: str = "sleep"  # sleep the replica, or stop its process
     serve_args: tuple[str, ...] = ()
     admin_key: str | None = None
     start_timeout_s: float = 300.0
@@ -97,7 +98,7 @@ class Record:
     op: str
     rank: int
     slot: tuple[int, ...]
-    start: float                              # seconds since the controller was created
+    start: float  # seconds since the controller was created
     phases: dict[str, float] = field(default_factory=dict)
     detail: dict[str, Any] = field(default_factory=dict)
 
@@ -105,20 +106,26 @@ class Record:
 class ReplicaController:
     """The GenerationController of one pipeline (see the module docstring)."""
 
-    def __init__(self, pipeline_id: str, spec: ClusterSpec, router_url: str, config: ControllerConfig,
-                 weights: HostWeights | None = None) -> None:
+    def __init__(
+        self,
+        pipeline_id: str,
+        spec: ClusterSpec,
+        router_url: str,
+        config: ControllerConfig,
+        weights: HostWeights | None = None,
+    ) -> None:
         self.pipeline_id, self.spec, self.config = pipeline_id, spec, config
         self.router_url = router_url.rstrip("/")
         self.weights = weights if weights is not None else HostWeights()
         self.replicas: dict[int, Replica] = {}
         self.serving: set[int] = set()
         self.records: list[Record] = []
-        self.changed = asyncio.Event()        # set after every shrink/expand: waiters re-check `serving`
+        self.changed = asyncio.Event()  # set after every shrink/expand: waiters re-check `serving`
         self.t0 = time.monotonic()
         headers = {"Authorization": f"Bearer {config.admin_key}"} if config.admin_key else {}
         self.http = httpx.AsyncClient(timeout=config.call_timeout_s, headers=headers)
         self.log_dir = config.log_dir or tempfile.mkdtemp(prefix=f"tidal-{pipeline_id}-")
-        self._lock = asyncio.Lock()           # weight pushes vs shrink/expand
+        self._lock = asyncio.Lock()  # weight pushes vs shrink/expand
         self.closed = False
 
     # ---- GenerationController ------------------------------------------------------------------
@@ -126,7 +133,7 @@ class ReplicaController:
     async def shrink(self, ranks: list[int]) -> None:
         async with self._lock:
             recs = {r: Record("shrink", r, self.spec.replica(r), self._now()) for r in ranks}
-            for r in ranks:                   # one at a time: each drain's requests land on live peers
+            for r in ranks:  # one at a time: each drain's requests land on live peers
                 await self._drain(r, recs[r])
             await asyncio.gather(*(self._release(r, recs[r]) for r in ranks))
             self.records += recs.values()
@@ -187,19 +194,24 @@ class ReplicaController:
     async def _push_to(self, urls: list[str]) -> None:
         tensors = self.weights.tensors
         if tensors is None:
-            raise ControllerError(f"pipeline {self.pipeline_id!r}: replicas {urls} are not at version "
-                                  f"{self.weights.version} and no host copy of it exists")
+            raise ControllerError(
+                f"pipeline {self.pipeline_id!r}: replicas {urls} are not at version "
+                f"{self.weights.version} and no host copy of it exists"
+            )
         from tidal.sync import WeightSender
 
         def push() -> Any:
-            with WeightSender(urls, backend="shm", admin_key=self.config.admin_key,
-                              timeout_s=self.config.call_timeout_s) as sender:
+            with WeightSender(
+                urls, backend="shm", admin_key=self.config.admin_key, timeout_s=self.config.call_timeout_s
+            ) as sender:
                 return sender.push(tensors, version=self.weights.version)
 
         res = await asyncio.to_thread(push)
         if not res.ok:
-            raise ControllerError(f"pipeline {self.pipeline_id!r}: weight push of version {self.weights.version} "
-                                  f"to {urls} failed: {res.replicas}")
+            raise ControllerError(
+                f"pipeline {self.pipeline_id!r}: weight push of version {self.weights.version} "
+                f"to {urls} failed: {res.replicas}"
+            )
 
     # ---- shrink phases -------------------------------------------------------------------------
 
@@ -236,13 +248,22 @@ class ReplicaController:
         rec.phases["sleep"] = time.monotonic() - t
         t = time.monotonic()
         after, rss1, dev1 = await self._state(rep), rss_bytes(rep.engine_pid), self._device_used(rep)
-        check = verify_sleep(before["memory_bytes"], reply["bytes_freed"], after["memory_bytes"],
-                             rss0 - rss1, None if dev0 is None or dev1 is None else dev0 - dev1, self.config)
+        check = verify_sleep(
+            before["memory_bytes"],
+            reply["bytes_freed"],
+            after["memory_bytes"],
+            rss0 - rss1,
+            None if dev0 is None or dev1 is None else dev0 - dev1,
+            self.config,
+        )
         rec.phases["verify"] = time.monotonic() - t
         rec.detail.update(released="sleep", **check)
         if not check["verified"]:
-            raise ReleaseUnverified(f"pipeline {self.pipeline_id!r} replica {rep.rank} on slot {rep.slot}: "
-                                    f"sleep released memory that could not be verified: {check}", rep.slot)
+            raise ReleaseUnverified(
+                f"pipeline {self.pipeline_id!r} replica {rep.rank} on slot {rep.slot}: "
+                f"sleep released memory that could not be verified: {check}",
+                rep.slot,
+            )
 
     async def _stop(self, rep: Replica, rec: Record) -> None:
         t = time.monotonic()
@@ -252,7 +273,7 @@ class ReplicaController:
                 mem = (await self._state(rep))["memory_bytes"]
                 expected = int(mem["kv_cache"]) + int(mem["weights"])
             except ControllerError:
-                pass              # a dying replica: its exit is what is verified
+                pass  # a dying replica: its exit is what is verified
         dev0 = self._device_used(rep)
         await stop_process(rep.proc, rep.engine_pid, self.config.call_timeout_s)
         rec.phases["stop"] = time.monotonic() - t
@@ -262,20 +283,28 @@ class ReplicaController:
         drop = None if dev0 is None or dev1 is None else dev0 - dev1
         dev_ok = drop is None or drop >= self.config.min_release_fraction * expected - self.config.release_slack_bytes
         rec.phases["verify"] = time.monotonic() - t
-        rec.detail.update(released="stop", process_exited=gone, expected_bytes=expected, device_drop_bytes=drop,
-                          verified=gone and dev_ok)
+        rec.detail.update(
+            released="stop",
+            process_exited=gone,
+            expected_bytes=expected,
+            device_drop_bytes=drop,
+            verified=gone and dev_ok,
+        )
         del self.replicas[rep.rank]
         if not (gone and dev_ok):
-            raise ReleaseUnverified(f"pipeline {self.pipeline_id!r} replica {rep.rank} on slot {rep.slot}: "
-                                    f"stop not verified (process exited={gone}, device drop {drop} bytes of "
-                                    f"{expected} expected)", rep.slot)
+            raise ReleaseUnverified(
+                f"pipeline {self.pipeline_id!r} replica {rep.rank} on slot {rep.slot}: "
+                f"stop not verified (process exited={gone}, device drop {drop} bytes of "
+                f"{expected} expected)",
+                rep.slot,
+            )
 
     # ---- expand phases -------------------------------------------------------------------------
 
     async def _bring_up(self, rank: int, rec: Record) -> None:
         t = time.monotonic()
         rep = self.replicas.get(rank)
-        if rep is not None and not rep.alive():      # killed while out of the router: start afresh
+        if rep is not None and not rep.alive():  # killed while out of the router: start afresh
             await stop_process(rep.proc, rep.engine_pid, self.config.call_timeout_s)
             del self.replicas[rank]
             rep = None
@@ -293,8 +322,10 @@ class ReplicaController:
         rep = self.replicas[rank]
         state = await self._state(rep)
         if state["weight_version"] != self.weights.version:
-            raise ControllerError(f"pipeline {self.pipeline_id!r} replica {rank}: serves weight_version="
-                                  f"{state['weight_version']} after sync, expected {self.weights.version}")
+            raise ControllerError(
+                f"pipeline {self.pipeline_id!r} replica {rank}: serves weight_version="
+                f"{state['weight_version']} after sync, expected {self.weights.version}"
+            )
         if state["state"] != "serving":
             await self._call(rep, "POST", "/v1/resume", {})
         await self._router("POST", "/v1/replicas", {"url": rep.url})
@@ -307,8 +338,20 @@ class ReplicaController:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log_path = os.path.join(self.log_dir, f"replica-{rank}-{port}.log")
-        cmd = [sys.executable, "-m", "tidal.cli", "serve", self.config.model, "--host", "127.0.0.1",
-               "--port", str(port), "--device", self.config.device, *self.config.serve_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tidal.cli",
+            "serve",
+            self.config.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--device",
+            self.config.device,
+            *self.config.serve_args,
+        ]
         if self.config.admin_key:
             cmd += ["--admin-key", self.config.admin_key]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -329,18 +372,22 @@ class ReplicaController:
         deadline = time.monotonic() + self.config.start_timeout_s
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise ControllerError(f"pipeline {self.pipeline_id!r}: replica {url} exited with "
-                                      f"{proc.returncode} while starting: {_tail(log_path)}")
+                raise ControllerError(
+                    f"pipeline {self.pipeline_id!r}: replica {url} exited with "
+                    f"{proc.returncode} while starting: {_tail(log_path)}"
+                )
             try:
                 r = await self.http.get(url + "/health", timeout=2.0)
                 if r.status_code == 200:
                     return int(r.json()["engine_pid"])
             except httpx.HTTPError:
                 pass
-            await asyncio.sleep(0.2)          # polling a starting process, bounded by the deadline
+            await asyncio.sleep(0.2)  # polling a starting process, bounded by the deadline
         await stop_process(proc, None, 10.0)
-        raise ControllerError(f"pipeline {self.pipeline_id!r}: replica {url} not healthy within "
-                              f"start_timeout_s={self.config.start_timeout_s}: {_tail(log_path)}")
+        raise ControllerError(
+            f"pipeline {self.pipeline_id!r}: replica {url} not healthy within "
+            f"start_timeout_s={self.config.start_timeout_s}: {_tail(log_path)}"
+        )
 
     # ---- lifetime ------------------------------------------------------------------------------
 
@@ -361,8 +408,13 @@ class ReplicaController:
             if kill:
                 kill_process(rep.proc, rep.engine_pid)
             await stop_process(rep.proc, rep.engine_pid, self.config.call_timeout_s)
-            out.append({"rank": rank, "slot": list(rep.slot), "exited": rep.proc.poll() is not None
-                        and not pid_alive(rep.engine_pid)})
+            out.append(
+                {
+                    "rank": rank,
+                    "slot": list(rep.slot),
+                    "exited": rep.proc.poll() is not None and not pid_alive(rep.engine_pid),
+                }
+            )
         self.replicas.clear()
         await self.http.aclose()
         if self.config.log_dir is None:
@@ -388,28 +440,39 @@ class ReplicaController:
         try:
             r = await self.http.request(method, rep.url + path, json=body)
         except httpx.HTTPError as e:
-            raise ControllerError(f"pipeline {self.pipeline_id!r} replica {rep.rank} ({rep.url}): {method} {path} "
-                                  f"failed: {type(e).__name__}: {e}") from e
+            raise ControllerError(
+                f"pipeline {self.pipeline_id!r} replica {rep.rank} ({rep.url}): {method} {path} "
+                f"failed: {type(e).__name__}: {e}"
+            ) from e
         if r.status_code != 200:
-            raise ControllerError(f"pipeline {self.pipeline_id!r} replica {rep.rank} ({rep.url}): {method} {path} "
-                                  f"answered {r.status_code}: {r.text[:300]}")
+            raise ControllerError(
+                f"pipeline {self.pipeline_id!r} replica {rep.rank} ({rep.url}): {method} {path} "
+                f"answered {r.status_code}: {r.text[:300]}"
+            )
         return r.json()
 
-    async def _router(self, method: str, path: str, body: dict, missing_ok: bool = False,
-                      quiet: bool = False) -> dict[str, Any]:
+    async def _router(
+        self, method: str, path: str, body: dict, missing_ok: bool = False, quiet: bool = False
+    ) -> dict[str, Any]:
         try:
-            r = await self.http.request(method, self.router_url + path, json=body,
-                                        timeout=self.config.drain_timeout_s + self.config.call_timeout_s)
+            r = await self.http.request(
+                method,
+                self.router_url + path,
+                json=body,
+                timeout=self.config.drain_timeout_s + self.config.call_timeout_s,
+            )
         except httpx.HTTPError as e:
             if quiet:
                 return {}
-            raise ControllerError(f"pipeline {self.pipeline_id!r}: router {method} {path} failed: "
-                                  f"{type(e).__name__}: {e}") from e
+            raise ControllerError(
+                f"pipeline {self.pipeline_id!r}: router {method} {path} failed: {type(e).__name__}: {e}"
+            ) from e
         if r.status_code == 404 and missing_ok:
             return {}
         if r.status_code != 200 and not quiet:
-            raise ControllerError(f"pipeline {self.pipeline_id!r}: router {method} {path} {body} answered "
-                                  f"{r.status_code}: {r.text[:300]}")
+            raise ControllerError(
+                f"pipeline {self.pipeline_id!r}: router {method} {path} {body} answered {r.status_code}: {r.text[:300]}"
+            )
         return r.json() if r.status_code == 200 else {}
 
 
@@ -425,8 +488,18 @@ class RouterProcess:
     async def start(cls, log_dir: str, admin_key: str | None = None, timeout_s: float = 120.0) -> RouterProcess:
         port = free_port()
         log_path = os.path.join(log_dir, f"router-{port}.log")
-        cmd = [sys.executable, "-m", "tidal.router.cli", "router", "--port", str(port), "--log-level", "warning",
-               "--probe-interval", "0.2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tidal.router.cli",
+            "router",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--probe-interval",
+            "0.2",
+        ]
         if admin_key:
             cmd += ["--admin-key", admin_key]
         with open(log_path, "w") as log:
@@ -443,7 +516,7 @@ class RouterProcess:
                         return cls(url, proc, log_path)
                 except httpx.HTTPError:
                     pass
-                await asyncio.sleep(0.1)      # polling a starting process, bounded by the deadline
+                await asyncio.sleep(0.1)  # polling a starting process, bounded by the deadline
         await stop_process(proc, None, 10.0)
         raise ControllerError(f"router not up within {timeout_s}s: {_tail(log_path)}")
 
@@ -451,8 +524,14 @@ class RouterProcess:
         await stop_process(self.proc, None, 15.0)
 
 
-def verify_sleep(before: dict[str, int], freed: dict[str, int], after: dict[str, int], rss_drop: int,
-                 device_drop: int | None, config: ControllerConfig) -> dict[str, Any]:
+def verify_sleep(
+    before: dict[str, int],
+    freed: dict[str, int],
+    after: dict[str, int],
+    rss_drop: int,
+    device_drop: int | None,
+    config: ControllerConfig,
+) -> dict[str, Any]:
     """Is a sleep's release shown by more than the engine's word?
 
     1. the engine's bytes_freed per tag equal what /v1/state held before, and /v1/state holds 0 after;
@@ -470,9 +549,15 @@ def verify_sleep(before: dict[str, int], freed: dict[str, int], after: dict[str,
     else:
         expected, measured, counter = int(freed.get("kv_cache", 0)), rss_drop, "process_rss"
     dropped = measured >= config.min_release_fraction * expected - config.release_slack_bytes
-    return {"verified": accounted and emptied and dropped and total > 0, "reported_freed": dict(freed),
-            "accounted": accounted, "emptied": emptied, "counter": counter, "expected_drop_bytes": expected,
-            "measured_drop_bytes": measured}
+    return {
+        "verified": accounted and emptied and dropped and total > 0,
+        "reported_freed": dict(freed),
+        "accounted": accounted,
+        "emptied": emptied,
+        "counter": counter,
+        "expected_drop_bytes": expected,
+        "measured_drop_bytes": measured,
+    }
 
 
 def rss_bytes(pid: int) -> int:
@@ -487,6 +572,7 @@ def device_used_bytes(gpus: tuple[int, ...]) -> int:
     """Used memory of these devices from NVML (pynvml), else from nvidia-smi (the same counters)."""
     try:
         import pynvml
+
         pynvml.nvmlInit()
         try:
             return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(g)).used for g in gpus)
@@ -495,8 +581,13 @@ def device_used_bytes(gpus: tuple[int, ...]) -> int:
     except ImportError:
         pass
     ids = ",".join(map(str, gpus))
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", ids],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", ids],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     return sum(int(x) for x in out.split()) << 20
 
 
@@ -513,7 +604,7 @@ async def stop_process(proc: subprocess.Popen, engine_pid: int | None, timeout_s
         return
     deadline = time.monotonic() + timeout_s
     while pid_alive(engine_pid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)             # the engine exits after its server: bounded wait
+        await asyncio.sleep(0.05)  # the engine exits after its server: bounded wait
     if pid_alive(engine_pid):
         os.kill(engine_pid, signal.SIGKILL)
 
@@ -529,13 +620,14 @@ def kill_process(proc: subprocess.Popen, engine_pid: int | None) -> None:
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"     # a zombie is dead
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie is dead
     except OSError:
         return False
 
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -34,8 +34,14 @@ log = logging.getLogger(__name__)
 
 
 class GpuScheduler:
-    def __init__(self, num_gpus: int, config: PlannerConfig = PlannerConfig(), *,
-                 default_timeout_s: float = 600.0, controller_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        num_gpus: int,
+        config: PlannerConfig = PlannerConfig(),
+        *,
+        default_timeout_s: float = 600.0,
+        controller_timeout_s: float = 120.0,
+    ):
         self.state = SchedulerState(num_gpus)
         self.config = config
         self.default_timeout_s = default_timeout_s
@@ -50,15 +56,17 @@ class GpuScheduler:
         self._loop_task: asyncio.Task | None = None
         self._broken: BaseException | None = None
         self.plans = 0
-        self.quarantined: dict[str, str] = {}   # placeholder pipeline id -> why its GPUs are held
+        self.quarantined: dict[str, str] = {}  # placeholder pipeline id -> why its GPUs are held
 
     # ---- public API ----------------------------------------------------------------------------
 
     async def register_pipeline(self, spec: PipelineSpec, generation: GenerationController | None = None) -> None:
         self._ensure_running()
         if spec.generation_cluster is not None and generation is None:
-            raise SpecError(f"pipeline {spec.pipeline_id!r}: generation=None, expected a GenerationController "
-                            f"for generation cluster {spec.generation_cluster!r}")
+            raise SpecError(
+                f"pipeline {spec.pipeline_id!r}: generation=None, expected a GenerationController "
+                f"for generation cluster {spec.generation_cluster!r}"
+            )
         self.state.register(spec)
         if generation is not None:
             self._controllers[spec.pipeline_id] = generation
@@ -74,8 +82,15 @@ class GpuScheduler:
         self._locks.pop(pipeline_id, None)
         self._kick()
 
-    async def request_gpus(self, pipeline_id: str, cluster: str, priority: Priority, *,
-                           step_target: int | None = None, timeout_s: float | None = None) -> list[int]:
+    async def request_gpus(
+        self,
+        pipeline_id: str,
+        cluster: str,
+        priority: Priority,
+        *,
+        step_target: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[int]:
         """Training-side cluster: block until granted, return its GPU ids. Generation cluster: open
         durable demand of `step_target` samples, block until >= 1 replica is up, return active ranks."""
         self._ensure_running()
@@ -88,17 +103,20 @@ class GpuScheduler:
         spec = self.state.cluster(pipeline_id, cluster)
         if spec.generation:
             if priority != Priority.GENERATION:
-                raise SpecError(f"priority={Priority(priority).name} for generation cluster {cluster!r}, "
-                                f"expected GENERATION")
+                raise SpecError(
+                    f"priority={Priority(priority).name} for generation cluster {cluster!r}, expected GENERATION"
+                )
             if not isinstance(step_target, int) or step_target < 1:
-                raise SpecError(f"step_target={step_target!r} for generation cluster {cluster!r}, expected the "
-                                f"number of samples this rollout needs (a positive int)")
+                raise SpecError(
+                    f"step_target={step_target!r} for generation cluster {cluster!r}, expected the "
+                    f"number of samples this rollout needs (a positive int)"
+                )
         elif step_target is not None:
             raise SpecError(f"step_target={step_target!r} for training-side cluster {cluster!r}, expected None")
 
     def _enqueue(self, pipeline_id: str, cluster: str, priority: Priority, step_target: int | None) -> tuple:
         """The synchronous half of a request: after it returns the planner sees the demand."""
-        ticket: tuple   # ("gen", pipeline, cluster, generation) | ("grant", pipeline, cluster, request, future)
+        ticket: tuple  # ("gen", pipeline, cluster, generation) | ("grant", pipeline, cluster, request, future)
         if step_target is not None:
             gen = self.state.open_generation(pipeline_id, step_target)
             ticket = ("gen", pipeline_id, cluster, gen)
@@ -113,8 +131,9 @@ class GpuScheduler:
     async def _await_ticket(self, ticket: tuple, timeout_s: float | None) -> list[int]:
         if ticket[0] == "gen":
             _, pid, cluster, gen = ticket
-            await self._wait_for(pid, lambda: bool(gen.active), timeout_s,
-                                 f"request_gpus({pid!r}, {cluster!r}, GENERATION)")
+            await self._wait_for(
+                pid, lambda: bool(gen.active), timeout_s, f"request_gpus({pid!r}, {cluster!r}, GENERATION)"
+            )
             return sorted(gen.active)
         _, pid, cluster, q, fut = ticket
         try:
@@ -126,7 +145,8 @@ class GpuScheduler:
             self._abandon(q, fut)
             raise SchedulerTimeoutError(
                 f"request_gpus({pid!r}, {cluster!r}, {q.priority.name}): not granted within "
-                f"timeout_s={self._timeout(timeout_s)}; waiting on {self._holders(q.gpus)}")
+                f"timeout_s={self._timeout(timeout_s)}; waiting on {self._holders(q.gpus)}"
+            )
         return fut.result()
 
     def _abandon(self, q, fut: asyncio.Future) -> None:
@@ -147,11 +167,20 @@ class GpuScheduler:
         self._kick()
         gen = self.state.pipelines[pipeline_id].gen
         if must_wait and gen is not None:
-            await self._wait_for(pipeline_id, lambda: not gen.releasing, timeout_s,
-                                 f"release_gpus({pipeline_id!r}, {cluster!r})")
+            await self._wait_for(
+                pipeline_id, lambda: not gen.releasing, timeout_s, f"release_gpus({pipeline_id!r}, {cluster!r})"
+            )
 
-    async def release_then_request(self, pipeline_id: str, *, release: str, request: str, priority: Priority,
-                                   step_target: int | None = None, timeout_s: float | None = None) -> list[int]:
+    async def release_then_request(
+        self,
+        pipeline_id: str,
+        *,
+        release: str,
+        request: str,
+        priority: Priority,
+        step_target: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[int]:
         """Release one cluster and queue the next request in the same step, so no other pipeline's
         request can slip in between (only a higher-priority one that was already waiting)."""
         self._ensure_running()
@@ -164,8 +193,12 @@ class GpuScheduler:
         try:
             gen = self.state.pipelines[pipeline_id].gen
             if must_wait and gen is not None:
-                await self._wait_for(pipeline_id, lambda: not gen.releasing, timeout_s,
-                                     f"release_then_request({pipeline_id!r}, release={release!r})")
+                await self._wait_for(
+                    pipeline_id,
+                    lambda: not gen.releasing,
+                    timeout_s,
+                    f"release_then_request({pipeline_id!r}, release={release!r})",
+                )
             return await got
         finally:
             if not got.done():
@@ -186,19 +219,34 @@ class GpuScheduler:
             "num_gpus": st.num_gpus,
             "idle": [g for g, o in enumerate(own) if not o],
             "gpus": {g: [f"{p}/{c}:{s}" for p, c, s in o] for g, o in enumerate(own) if o},
-            "allocations": {pid: {name: list(g) for name, g in ps.held.items()}
-                            for pid, ps in st.pipelines.items()},
-            "generation": {pid: {"cluster": ps.gen.cluster, "active": sorted(ps.gen.active),
-                                 "shrinking": sorted(ps.gen.shrinking), "expanding": sorted(ps.gen.expanding),
-                                 "open": ps.gen.open, "step_target": ps.gen.step_target,
-                                 "completed": ps.gen.completed, "remaining": ps.gen.remaining,
-                                 "releasing": ps.gen.releasing}
-                           for pid, ps in st.pipelines.items() if ps.gen is not None},
-            "demand": {pid: ps.gen.remaining for pid, ps in st.pipelines.items()
-                       if ps.gen is not None and ps.gen.open},
-            "pending": [{"seq": q.seq, "pipeline": q.pipeline_id, "cluster": q.cluster,
-                         "priority": q.priority.name, "gpus": list(q.gpus),
-                         "waited_s": round(self._now() - q.enqueued_at, 3)} for q in st.pending.values()],
+            "allocations": {pid: {name: list(g) for name, g in ps.held.items()} for pid, ps in st.pipelines.items()},
+            "generation": {
+                pid: {
+                    "cluster": ps.gen.cluster,
+                    "active": sorted(ps.gen.active),
+                    "shrinking": sorted(ps.gen.shrinking),
+                    "expanding": sorted(ps.gen.expanding),
+                    "open": ps.gen.open,
+                    "step_target": ps.gen.step_target,
+                    "completed": ps.gen.completed,
+                    "remaining": ps.gen.remaining,
+                    "releasing": ps.gen.releasing,
+                }
+                for pid, ps in st.pipelines.items()
+                if ps.gen is not None
+            },
+            "demand": {pid: ps.gen.remaining for pid, ps in st.pipelines.items() if ps.gen is not None and ps.gen.open},
+            "pending": [
+                {
+                    "seq": q.seq,
+                    "pipeline": q.pipeline_id,
+                    "cluster": q.cluster,
+                    "priority": q.priority.name,
+                    "gpus": list(q.gpus),
+                    "waited_s": round(self._now() - q.enqueued_at, 3),
+                }
+                for q in st.pending.values()
+            ],
             "dead": {pid: ps.dead for pid, ps in st.pipelines.items() if ps.dead is not None},
             "plans": self.plans,
             "quarantined": dict(self.quarantined),
@@ -231,8 +279,7 @@ class GpuScheduler:
             return
         log.error("GpuScheduler stopped: %r", e)
         self._broken = e
-        for fut in [*self._grants.values(), *(f for lst in self._waiters.values() for _, f in lst),
-                    *self._changes]:
+        for fut in [*self._grants.values(), *(f for lst in self._waiters.values() for _, f in lst), *self._changes]:
             if not fut.done():
                 fut.set_exception(e)
 
@@ -269,8 +316,9 @@ class GpuScheduler:
         gen = st.live_gen(pid)
         if gen is None:
             return
-        if (not st.expand_ready(pid, ranks) or not gen.open or gen.releasing
-                or not set(ranks) <= gen.expanding):  # also: cancelled by a quarantine
+        if (
+            not st.expand_ready(pid, ranks) or not gen.open or gen.releasing or not set(ranks) <= gen.expanding
+        ):  # also: cancelled by a quarantine
             st.cancel_expand(pid, ranks)  # no longer wanted (released, cleared) or handoff never came
         elif await self._call(pid, "expand", ranks):
             st.finish_expand(pid, ranks)
@@ -291,8 +339,10 @@ class GpuScheduler:
             raise
         except BaseException as e:
             what = "timed out" if isinstance(e, (asyncio.TimeoutError, TimeoutError)) else f"raised {e!r}"
-            err = ControllerError(f"pipeline {pid!r}: controller.{op}({list(ranks)}) {what}; the pipeline is "
-                                  f"dead and its GPUs went back to the pool")
+            err = ControllerError(
+                f"pipeline {pid!r}: controller.{op}({list(ranks)}) {what}; the pipeline is "
+                f"dead and its GPUs went back to the pool"
+            )
             err.__cause__ = e
             log.warning("%s", err)
             dropped = self.state.kill(pid, str(err))
@@ -333,8 +383,9 @@ class GpuScheduler:
         while not cond():
             left = deadline - self._now()
             if left <= 0:
-                raise SchedulerTimeoutError(f"{what}: not done within timeout_s={timeout}; "
-                                            f"state {self.snapshot()['generation'].get(pid)}")
+                raise SchedulerTimeoutError(
+                    f"{what}: not done within timeout_s={timeout}; state {self.snapshot()['generation'].get(pid)}"
+                )
             fut = asyncio.get_running_loop().create_future()
             entry = (cond, fut)
             self._waiters.setdefault(pid, []).append(entry)

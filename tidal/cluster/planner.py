@@ -30,12 +30,12 @@ from tidal.cluster.types import ClusterSpec
 class Slot(IntEnum):
     """What one GPU is to the planner during a plan (its `mark`)."""
 
-    FREE = 0       # idle now
-    HELD = 1       # training-side allocation (or granted in this plan)
-    BLOCKED = 2    # wanted by a request that is preempting generation: no new replica may land here
-    SETTLED = 3    # an active replica not in flight: a possible donor
-    BUSY = 4       # in flight (shrinking / expanding) or claimed by an expansion of this plan
-    HANDOFF = 5    # freed by a shrink of this plan: an expansion may claim it, a grant may not (not idle yet)
+    FREE = 0  # idle now
+    HELD = 1  # training-side allocation (or granted in this plan)
+    BLOCKED = 2  # wanted by a request that is preempting generation: no new replica may land here
+    SETTLED = 3  # an active replica not in flight: a possible donor
+    BUSY = 4  # in flight (shrinking / expanding) or claimed by an expansion of this plan
+    HANDOFF = 5  # freed by a shrink of this plan: an expansion may claim it, a grant may not (not idle yet)
 
 
 # plain ints in `mark` (a bytearray) and the hot loops; Slot(mark[g]) names one
@@ -107,9 +107,11 @@ class _Planner:
                 for r in sorted(gen.active):
                     self.shrink(pid, r)
         self.split_generation()
-        return Plan(grants=grants,
-                    shrinks={p: sorted(r) for p, r in self.shrinks.items()},
-                    expands={p: sorted(r) for p, r in self.expands.items()})
+        return Plan(
+            grants=grants,
+            shrinks={p: sorted(r) for p, r in self.shrinks.items()},
+            expands={p: sorted(r) for p, r in self.expands.items()},
+        )
 
     # ---- 1. training-side requests ------------------------------------------------------------
 
@@ -165,12 +167,10 @@ class _Planner:
                 lost[shape] = len({spec.rank_of[g] for g in taken if g in spec.rank_of})
         self.need = {pid: gens[pid].needed for pid in eligible}
         # a pipeline never wants more replicas than it can place, nor than its remaining samples fill
-        cap = {pid: min(gens[pid].spec.num_replicas - lost[self.topo.shape[pid]], self.need[pid])
-               for pid in eligible}
+        cap = {pid: min(gens[pid].spec.num_replicas - lost[self.topo.shape[pid]], self.need[pid]) for pid in eligible}
         self.want = self.shares(eligible, cap)
         pf = self.cfg.protect_fraction
-        self.protected = {pid for pid in eligible
-                          if gens[pid].remaining <= pf * gens[pid].step_target}
+        self.protected = {pid for pid in eligible if gens[pid].remaining <= pf * gens[pid].step_target}
         self.free = _NextFree(self.mark, lambda g: mark[g] == FREE)
         self.free_unreserved = _NextFree(self.mark, lambda g: mark[g] == FREE and not self.reserved[g])
         self.donor_heaps: dict[tuple[int, str], list[tuple[bool, float, str, int]]] = {}
@@ -286,8 +286,12 @@ class _Planner:
                 dr = ranks[i]
                 if dr in dcut:
                     continue
-                if best is not None and best[0][0] == 1 and not best[0][3] and best[0][1:3] == (
-                        d in self.protected, -self.surplus(d)):
+                if (
+                    best is not None
+                    and best[0][0] == 1
+                    and not best[0][3]
+                    and best[0][1:3] == (d in self.protected, -self.surplus(d))
+                ):
                     # a one-victim, unreserved pick from this donor: later replicas of the same
                     # donor could only offer a lower rank, not worth scanning them all for
                     break
@@ -307,11 +311,17 @@ class _Planner:
                         per_donor: dict[str, int] = {}
                         for v, _ in victims:
                             per_donor[v] = per_donor.get(v, 0) + 1
-                        if pid in per_donor or not all(self.donor_ok(v, k, min_one, excess)
-                                                       for v, k in per_donor.items()):
+                        if pid in per_donor or not all(
+                            self.donor_ok(v, k, min_one, excess) for v, k in per_donor.items()
+                        ):
                             continue
-                        score = (len(victims), any(v in self.protected for v in per_donor),
-                                 -min(self.surplus(v) for v in per_donor), any(self.reserved[g] for g in gpus), r)
+                        score = (
+                            len(victims),
+                            any(v in self.protected for v in per_donor),
+                            -min(self.surplus(v) for v in per_donor),
+                            any(self.reserved[g] for g in gpus),
+                            r,
+                        )
                         if best is None or score < best[0]:
                             best = (score, r, gpus, victims)
             # donors come best first: a one-victim, unreserved pick cannot be beaten by later ones
@@ -384,7 +394,7 @@ class _Planner:
         return (d in self.protected, -self.surplus(d), d, self.version[d])
 
     def can_donate(self, d: str, kind: str) -> bool:
-        """"any": donor_ok's floor whatever the receiver (an open pipeline keeps one replica);
+        """ "any": donor_ok's floor whatever the receiver (an open pipeline keeps one replica);
         "over": and the replica is one its remaining samples cannot fill."""
         if d not in self.eligible:
             return self.cur[d] > 0
@@ -427,6 +437,7 @@ class _Planner:
 
 def _water_fill(total: float, demand: dict[str, float], lo: dict[str, float], hi: dict[str, float]) -> dict[str, float]:
     """Split `total` as clamp(level * demand, lo, hi) with the level that uses it all (or all hi)."""
+
     def used(level: float) -> float:
         return sum(min(max(level * d, lo[p]), hi[p]) for p, d in demand.items())
 

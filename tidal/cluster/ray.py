@@ -54,19 +54,40 @@ class SchedulerActor:
     async def unregister_pipeline(self, pipeline_id: str) -> None:
         await self.sched.unregister_pipeline(pipeline_id)
 
-    async def request_gpus(self, pipeline_id: str, cluster: str, priority: Priority, *,
-                           step_target: int | None = None, timeout_s: float | None = None) -> list[int]:
-        return await self.sched.request_gpus(pipeline_id, cluster, priority, step_target=step_target,
-                                             timeout_s=timeout_s)
+    async def request_gpus(
+        self,
+        pipeline_id: str,
+        cluster: str,
+        priority: Priority,
+        *,
+        step_target: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[int]:
+        return await self.sched.request_gpus(
+            pipeline_id, cluster, priority, step_target=step_target, timeout_s=timeout_s
+        )
 
     async def release_gpus(self, pipeline_id: str, cluster: str, *, timeout_s: float | None = None) -> None:
         await self.sched.release_gpus(pipeline_id, cluster, timeout_s=timeout_s)
 
-    async def release_then_request(self, pipeline_id: str, *, release: str, request: str, priority: Priority,
-                                   step_target: int | None = None, timeout_s: float | None = None) -> list[int]:
-        return await self.sched.release_then_request(pipeline_id, release=release, request=request,
-                                                     priority=priority, step_target=step_target,
-                                                     timeout_s=timeout_s)
+    async def release_then_request(
+        self,
+        pipeline_id: str,
+        *,
+        release: str,
+        request: str,
+        priority: Priority,
+        step_target: int | None = None,
+        timeout_s: float | None = None,
+    ) -> list[int]:
+        return await self.sched.release_then_request(
+            pipeline_id,
+            release=release,
+            request=request,
+            priority=priority,
+            step_target=step_target,
+            timeout_s=timeout_s,
+        )
 
     async def report_progress(self, pipeline_id: str, completed: int, target: int | None = None) -> None:
         self.sched.report_progress(pipeline_id, completed, target)
@@ -84,11 +105,11 @@ class SchedulerActor:
 GpuSchedulerActor = ray.remote(SchedulerActor)
 
 
-def create_scheduler_actor(num_gpus: int, *, name: str | None = None, config: PlannerConfig | None = None,
-                           **kwargs: Any):
+def create_scheduler_actor(
+    num_gpus: int, *, name: str | None = None, config: PlannerConfig | None = None, **kwargs: Any
+):
     """Start the scheduler actor (num_cpus=0: it only does bookkeeping). Returns its handle."""
-    opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0,
-                            "max_concurrency": 1000}
+    opts: dict[str, Any] = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, "max_concurrency": 1000}
     if name is not None:
         opts["name"] = name
     return GpuSchedulerActor.options(**opts).remote(num_gpus, config, **kwargs)

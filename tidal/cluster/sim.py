@@ -151,11 +151,16 @@ class SimResult:
         return sum(self.step_times[pipeline]) / len(self.step_times[pipeline])
 
     def summary(self) -> dict:
-        return {"mode": self.mode, "makespan_s": round(self.makespan_s, 2),
-                "utilization": round(self.utilization, 4), "busy": round(self.busy, 4),
-                "allocated": round(self.allocated, 4),
-                "mean_step_s": {p: round(self.mean_step(p), 2) for p in self.step_times},
-                "wait_s": {p: round(w, 2) for p, w in self.waits.items()}, "plans": self.plans}
+        return {
+            "mode": self.mode,
+            "makespan_s": round(self.makespan_s, 2),
+            "utilization": round(self.utilization, 4),
+            "busy": round(self.busy, 4),
+            "allocated": round(self.allocated, 4),
+            "mean_step_s": {p: round(self.mean_step(p), 2) for p in self.step_times},
+            "wait_s": {p: round(w, 2) for p, w in self.waits.items()},
+            "plans": self.plans,
+        }
 
 
 class Recorder:
@@ -272,16 +277,28 @@ def layout(workloads: list[Workload], cfg: SimConfig, mode: str) -> list[Pipelin
     generation over the whole pool."""
     k = cfg.num_gpus // len(workloads)
     if k < cfg.tp or k % cfg.tp:
-        raise ValueError(f"num_gpus={cfg.num_gpus} over {len(workloads)} pipelines gives {k} GPUs each, "
-                         f"expected a positive multiple of tp={cfg.tp}")
+        raise ValueError(
+            f"num_gpus={cfg.num_gpus} over {len(workloads)} pipelines gives {k} GPUs each, "
+            f"expected a positive multiple of tp={cfg.tp}"
+        )
     specs = []
     for i, w in enumerate(workloads):
         own = list(range(i * k, (i + 1) * k))
         gen = own if mode == "static" else list(range(cfg.num_gpus))
-        specs.append(PipelineSpec(w.name, clusters={
-            "actor_train": ClusterSpec(gpus=tuple(own)),
-            "actor_infer": ClusterSpec(gpus=tuple(gen), tp=cfg.tp, generation=True,
-                                       max_num_seqs=cfg.slots if cfg.declare_slots else None)}))
+        specs.append(
+            PipelineSpec(
+                w.name,
+                clusters={
+                    "actor_train": ClusterSpec(gpus=tuple(own)),
+                    "actor_infer": ClusterSpec(
+                        gpus=tuple(gen),
+                        tp=cfg.tp,
+                        generation=True,
+                        max_num_seqs=cfg.slots if cfg.declare_slots else None,
+                    ),
+                },
+            )
+        )
     return specs
 
 
@@ -289,8 +306,10 @@ def rollouts(w: Workload, cfg: SimConfig, index: int) -> Iterator[list[float]]:
     """Pipeline `index`'s sample durations, one list per step: the same draws in every mode."""
     rng = random.Random(cfg.seed * 1_000_003 + index)
     while True:
-        yield [min(w.sample_max_s, w.sample_median_s * math.exp(rng.gauss(0.0, w.sample_sigma)))
-               for _ in range(w.rollout_size)]
+        yield [
+            min(w.sample_max_s, w.sample_median_s * math.exp(rng.gauss(0.0, w.sample_sigma)))
+            for _ in range(w.rollout_size)
+        ]
 
 
 def simulate(workloads: list[Workload], cfg: SimConfig | None = None, mode: str = "shared") -> SimResult:
@@ -328,12 +347,20 @@ async def _simulate(workloads: list[Workload], cfg: SimConfig, mode: str) -> Sim
             t0 = loop.time()
             durations = next(draws)
             if step == 0:
-                await waited(pid, sched.request_gpus(pid, "actor_infer", Priority.GENERATION,
-                                                     step_target=w.rollout_size))
+                await waited(
+                    pid, sched.request_gpus(pid, "actor_infer", Priority.GENERATION, step_target=w.rollout_size)
+                )
             else:
-                await waited(pid, sched.release_then_request(pid, release="actor_train", request="actor_infer",
-                                                             priority=Priority.GENERATION,
-                                                             step_target=w.rollout_size))
+                await waited(
+                    pid,
+                    sched.release_then_request(
+                        pid,
+                        release="actor_train",
+                        request="actor_infer",
+                        priority=Priority.GENERATION,
+                        step_target=w.rollout_size,
+                    ),
+                )
             await engine.rollout(durations, lambda done: sched.report_progress(pid, done))
             await waited(pid, sched.release_gpus(pid, "actor_infer"))
             await asyncio.sleep(w.reward_s)
@@ -349,8 +376,17 @@ async def _simulate(workloads: list[Workload], cfg: SimConfig, mode: str) -> Sim
     makespan = loop.time()
     await sched.close()
     window = cfg.horizon_s if cfg.horizon_s is not None else makespan
-    return SimResult(mode, cfg.num_gpus, makespan, window, step_times, waits, rec.segments, sched.plans,
-                     window_start_s=max(w.start_s for w in workloads))
+    return SimResult(
+        mode,
+        cfg.num_gpus,
+        makespan,
+        window,
+        step_times,
+        waits,
+        rec.segments,
+        sched.plans,
+        window_start_s=max(w.start_s for w in workloads),
+    )
 
 
 # ---- the fluid upper bound --------------------------------------------------------------------
@@ -393,8 +429,9 @@ class _Curve:
         return max(self.at(x + span) - self.at(x) for x in xs)
 
 
-def _phases(steps: list[tuple[float, float]], pool: float, train_gpus: int, w: Workload,
-            squeeze_first: bool = False) -> list[tuple[float, float]]:
+def _phases(
+    steps: list[tuple[float, float]], pool: float, train_gpus: int, w: Workload, squeeze_first: bool = False
+) -> list[tuple[float, float]]:
     """(seconds, GPUs doing useful work) of each phase of the fastest run through `steps`: a rollout
     of work W at the whole pool for W/pool s, then idle until its longest sample is done (g), then
     the reward (no GPU), then training. squeeze_first: the first rollout is already under way and
@@ -408,8 +445,9 @@ def _phases(steps: list[tuple[float, float]], pool: float, train_gpus: int, w: W
     return out
 
 
-def _pipeline_bound(w: Workload, cfg: SimConfig, index: int, pool: float, train_gpus: int,
-                    window: tuple[float, float]) -> float:
+def _pipeline_bound(
+    w: Workload, cfg: SimConfig, index: int, pool: float, train_gpus: int, window: tuple[float, float]
+) -> float:
     """Most useful GPU-seconds pipeline `index` can do inside `window`, whatever the others do."""
     a, end = window
     steps: list[tuple[float, float]] = []
@@ -434,8 +472,9 @@ def _pipeline_bound(w: Workload, cfg: SimConfig, index: int, pool: float, train_
     return min(best, late)
 
 
-def fluid_bound(workloads: list[Workload], cfg: SimConfig, mode: str = "shared",
-                window: tuple[float, float] | None = None) -> float:
+def fluid_bound(
+    workloads: list[Workload], cfg: SimConfig, mode: str = "shared", window: tuple[float, float] | None = None
+) -> float:
     """An upper bound on `SimResult.utilization` over `window` (default: [last start, horizon]) for
     every scheduler: each pipeline's useful work is capped by its fastest possible run on a fluid
     pool (the whole pool in "shared" mode, its own GPUs in "static"), the sum by the pool."""
@@ -463,15 +502,23 @@ def compare(workloads: list[Workload], cfg: SimConfig | None = None) -> dict:
     static, shared = simulate(workloads, cfg, "static"), simulate(workloads, cfg, "shared")
     ratios = {p: shared.mean_step(p) / static.mean_step(p) for p in static.step_times}
     bound = fluid_bound(workloads, cfg, "shared", (shared.window_start_s, shared.window_s))
-    return {"static": static, "shared": shared, "utilization_ratio": shared.utilization / static.utilization,
-            "bound": bound, "bound_ratio": bound / static.utilization, "of_bound": shared.utilization / bound,
-            "makespan_ratio": shared.makespan_s / static.makespan_s, "step_time_ratio": ratios,
-            "fairness": jain([1 / r for r in ratios.values()])}
+    return {
+        "static": static,
+        "shared": shared,
+        "utilization_ratio": shared.utilization / static.utilization,
+        "bound": bound,
+        "bound_ratio": bound / static.utilization,
+        "of_bound": shared.utilization / bound,
+        "makespan_ratio": shared.makespan_s / static.makespan_s,
+        "step_time_ratio": ratios,
+        "fairness": jain([1 / r for r in ratios.values()]),
+    }
 
 
 def plot_timeline(results: list[SimResult], path: str) -> None:
     """One panel per result: a row per GPU, colored by pipeline, shaded by phase and occupancy."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
@@ -479,15 +526,22 @@ def plot_timeline(results: list[SimResult], path: str) -> None:
     names = sorted({s.pipeline for r in results for s in r.segments})
     colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(names)}
     hatch = {"train": "", "gen": "", "load": "///", "offload": "\\\\\\"}
-    fig, axes = plt.subplots(len(results), 1, figsize=(14, 2.2 + 0.45 * results[0].num_gpus * len(results)),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(results), 1, figsize=(14, 2.2 + 0.45 * results[0].num_gpus * len(results)), sharex=True, squeeze=False
+    )
     for ax, r in zip(axes[:, 0], results):
         for s in r.segments:
             alpha = 0.95 if s.phase == "train" else 0.25 + 0.6 * s.occupancy if s.phase == "gen" else 0.35
             for g in s.gpus:
-                ax.broken_barh([(s.start, s.end - s.start)], (g - 0.4, 0.8), facecolors=colors[s.pipeline],
-                               alpha=alpha, hatch=hatch[s.phase], edgecolor="black" if s.phase == "train" else None,
-                               linewidth=0.3)
+                ax.broken_barh(
+                    [(s.start, s.end - s.start)],
+                    (g - 0.4, 0.8),
+                    facecolors=colors[s.pipeline],
+                    alpha=alpha,
+                    hatch=hatch[s.phase],
+                    edgecolor="black" if s.phase == "train" else None,
+                    linewidth=0.3,
+                )
         ax.set_yticks(range(r.num_gpus))
         ax.set_ylabel("GPU")
         ax.invert_yaxis()
@@ -495,15 +549,19 @@ def plot_timeline(results: list[SimResult], path: str) -> None:
             ax.axvline(r.window_s, color="black", linestyle="--", linewidth=1)
         if r.window_start_s > 0:
             ax.axvline(r.window_start_s, color="black", linestyle="--", linewidth=1)
-        ax.set_title(f"{r.mode}: useful utilization {r.utilization:.0%} over [{r.window_start_s:.0f}, "
-                     f"{r.window_s:.0f}]s, "
-                     f"busy {r.busy:.0%}")
+        ax.set_title(
+            f"{r.mode}: useful utilization {r.utilization:.0%} over [{r.window_start_s:.0f}, "
+            f"{r.window_s:.0f}]s, "
+            f"busy {r.busy:.0%}"
+        )
     axes[-1, 0].set_xlabel("time (s, virtual)")
     handles = [Patch(color=colors[p], label=p) for p in names]
-    handles += [Patch(facecolor="grey", alpha=0.95, edgecolor="black", label="train"),
-                Patch(facecolor="grey", alpha=0.6, label="generate (shade = occupancy)"),
-                Patch(facecolor="white", hatch="///", edgecolor="grey", label="load"),
-                Patch(facecolor="white", hatch="\\\\\\", edgecolor="grey", label="offload")]
+    handles += [
+        Patch(facecolor="grey", alpha=0.95, edgecolor="black", label="train"),
+        Patch(facecolor="grey", alpha=0.6, label="generate (shade = occupancy)"),
+        Patch(facecolor="white", hatch="///", edgecolor="grey", label="load"),
+        Patch(facecolor="white", hatch="\\\\\\", edgecolor="grey", label="offload"),
+    ]
     fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)

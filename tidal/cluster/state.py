@@ -109,8 +109,10 @@ class Plan:
 
 def _gen_of(ps: PipelineState, pipeline_id: str) -> Generation:
     if ps.gen is None:
-        raise SpecError(f"pipeline {pipeline_id!r} has no generation cluster, expected one with "
-                        f"ClusterSpec(generation=True) for generation demand")
+        raise SpecError(
+            f"pipeline {pipeline_id!r} has no generation cluster, expected one with "
+            f"ClusterSpec(generation=True) for generation demand"
+        )
     return ps.gen
 
 
@@ -189,19 +191,24 @@ class SchedulerState:
     def pipeline(self, pipeline_id: str, alive: bool = True) -> PipelineState:
         ps = self.pipelines.get(pipeline_id)
         if ps is None:
-            raise UnknownPipelineError(f"pipeline_id={pipeline_id!r}: unknown pipeline, expected one of "
-                                       f"{sorted(self.pipelines)}")
+            raise UnknownPipelineError(
+                f"pipeline_id={pipeline_id!r}: unknown pipeline, expected one of {sorted(self.pipelines)}"
+            )
         if alive and ps.dead is not None:
-            raise PipelineDeadError(f"pipeline_id={pipeline_id!r} is dead ({ps.dead}); expected a live "
-                                    f"pipeline: unregister it and register again")
+            raise PipelineDeadError(
+                f"pipeline_id={pipeline_id!r} is dead ({ps.dead}); expected a live "
+                f"pipeline: unregister it and register again"
+            )
         return ps
 
     def cluster(self, pipeline_id: str, cluster: str) -> ClusterSpec:
         ps = self.pipeline(pipeline_id)
         spec = ps.spec.clusters.get(cluster)
         if spec is None:
-            raise SpecError(f"cluster={cluster!r}: not a cluster of pipeline {pipeline_id!r}, expected one of "
-                            f"{sorted(ps.spec.clusters)}")
+            raise SpecError(
+                f"cluster={cluster!r}: not a cluster of pipeline {pipeline_id!r}, expected one of "
+                f"{sorted(ps.spec.clusters)}"
+            )
         return spec
 
     def owners(self) -> list[list[tuple[str, str | int, str]]]:
@@ -214,8 +221,7 @@ class SchedulerState:
             gen = ps.gen
             if gen is None:
                 continue
-            for status, ranks in (("active", gen.active), ("shrinking", gen.shrinking),
-                                  ("expanding", gen.expanding)):
+            for status, ranks in (("active", gen.active), ("shrinking", gen.shrinking), ("expanding", gen.expanding)):
                 for r in ranks:
                     for g in gen.spec.replica(r):
                         own[g].append((pid, r, status))
@@ -288,15 +294,21 @@ class SchedulerState:
     def add_request(self, pipeline_id: str, cluster: str, priority: Priority, now: float = 0.0) -> GpuRequest:
         spec = self.cluster(pipeline_id, cluster)
         if spec.generation or priority == Priority.GENERATION:
-            raise SpecError(f"cluster={cluster!r} priority={Priority(priority).name}: training-side requests "
-                            f"need a non-generation cluster and a priority above GENERATION")
+            raise SpecError(
+                f"cluster={cluster!r} priority={Priority(priority).name}: training-side requests "
+                f"need a non-generation cluster and a priority above GENERATION"
+            )
         if cluster in self.pipelines[pipeline_id].held:
-            raise SpecError(f"cluster={cluster!r}: pipeline {pipeline_id!r} already holds it, expected a "
-                            f"release before requesting it again")
+            raise SpecError(
+                f"cluster={cluster!r}: pipeline {pipeline_id!r} already holds it, expected a "
+                f"release before requesting it again"
+            )
         for q in self.pending.values():
             if q.pipeline_id == pipeline_id and q.cluster == cluster:
-                raise SpecError(f"cluster={cluster!r}: pipeline {pipeline_id!r} already has a pending "
-                                f"request #{q.seq} for it, expected one request at a time")
+                raise SpecError(
+                    f"cluster={cluster!r}: pipeline {pipeline_id!r} already has a pending "
+                    f"request #{q.seq} for it, expected one request at a time"
+                )
         q = GpuRequest(self.next_seq, pipeline_id, cluster, Priority(priority), spec.gpus, now)
         self.next_seq += 1
         self.pending[q.seq] = q
@@ -408,20 +420,31 @@ class SchedulerState:
             for name, gpus in ps.held.items():
                 spec = ps.spec.clusters.get(name)
                 if spec is None or spec.generation or tuple(gpus) != spec.gpus:
-                    _fail("I1", f"pipeline {pid!r} holds {name!r}={list(gpus)}, expected its declared "
-                                f"training-side GPUs", plan)
+                    _fail(
+                        "I1",
+                        f"pipeline {pid!r} holds {name!r}={list(gpus)}, expected its declared training-side GPUs",
+                        plan,
+                    )
             if gen is None:
                 continue
             n = gen.spec.num_replicas
             sets = (gen.active, gen.shrinking, gen.expanding)
             if (gen.active & gen.shrinking) or (gen.active & gen.expanding) or (gen.shrinking & gen.expanding):
-                _fail("I3", f"pipeline {pid!r}: active={sorted(gen.active)} shrinking={sorted(gen.shrinking)} "
-                            f"expanding={sorted(gen.expanding)} overlap", plan)
+                _fail(
+                    "I3",
+                    f"pipeline {pid!r}: active={sorted(gen.active)} shrinking={sorted(gen.shrinking)} "
+                    f"expanding={sorted(gen.expanding)} overlap",
+                    plan,
+                )
             for s in sets:
                 for r in s:
                     if not (isinstance(r, int) and 0 <= r < n) or len(gen.spec.replica(r)) != gen.spec.tp:
-                        _fail("I3", f"pipeline {pid!r}: rank {r!r} is not a replica of {gen.spec.tp} GPUs "
-                                    f"(expected 0 <= rank < {n})", plan)
+                        _fail(
+                            "I3",
+                            f"pipeline {pid!r}: rank {r!r} is not a replica of {gen.spec.tp} GPUs "
+                            f"(expected 0 <= rank < {n})",
+                            plan,
+                        )
         held, active, shrinking, expanding = self.occupancy()
         for g, h, a, sh, e in zip(range(self.num_gpus), held, active, shrinking, expanding):
             if h + a + sh + e <= 1:
@@ -448,27 +471,35 @@ def validate_plan(state: SchedulerState, plan: Plan) -> None:
             _fail("P1", f"grant #{q.seq} is not a pending request of a live pipeline", plan)
         spec = ps.spec.clusters[q.cluster]
         if spec.generation or tuple(q.gpus) != spec.gpus:
-            _fail("P1", f"grant {q.pipeline_id}/{q.cluster}={list(q.gpus)} is not the cluster's declared "
-                        f"training-side GPUs {list(spec.gpus)}", plan)
+            _fail(
+                "P1",
+                f"grant {q.pipeline_id}/{q.cluster}={list(q.gpus)} is not the cluster's declared "
+                f"training-side GPUs {list(spec.gpus)}",
+                plan,
+            )
         for g in q.gpus:
             if held[g] or active[g] or shrinking[g] or expanding[g] or g in claimed:
-                _fail("P1", f"grant {q.pipeline_id}/{q.cluster} takes gpu {g}, which is not idle: "
-                            f"{state.owners()[g] or 'granted twice in this plan'}", plan)
+                _fail(
+                    "P1",
+                    f"grant {q.pipeline_id}/{q.cluster} takes gpu {g}, which is not idle: "
+                    f"{state.owners()[g] or 'granted twice in this plan'}",
+                    plan,
+                )
             claimed.add(g)
     shrunk: set[int] = set()
     for pid, ranks in plan.shrinks.items():
         gen = _plan_gen(state, pid, plan)
         if not ranks or len(set(ranks)) != len(ranks) or not set(ranks) <= gen.active:
-            _fail("P2", f"shrink {pid} ranks {ranks}: expected distinct settled active ranks "
-                        f"{sorted(gen.active)}", plan)
+            _fail(
+                "P2", f"shrink {pid} ranks {ranks}: expected distinct settled active ranks {sorted(gen.active)}", plan
+            )
         for r in ranks:
             shrunk.update(gen.spec.replica(r))
     for pid, ranks in plan.expands.items():
         gen = _plan_gen(state, pid, plan)
         busy = gen.active | gen.shrinking | gen.expanding
         if not ranks or len(set(ranks)) != len(ranks) or busy.intersection(ranks):
-            _fail("P3", f"expand {pid} ranks {ranks}: expected distinct inactive ranks (busy {sorted(busy)})",
-                  plan)
+            _fail("P3", f"expand {pid} ranks {ranks}: expected distinct inactive ranks (busy {sorted(busy)})", plan)
         for r in ranks:
             if not (isinstance(r, int) and 0 <= r < gen.spec.num_replicas):
                 _fail("P3", f"expand {pid} rank {r!r}: expected 0 <= rank < {gen.spec.num_replicas}", plan)

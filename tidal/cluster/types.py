@@ -42,7 +42,7 @@ class ClusterSpec:
         gpus = tuple(self.gpus)
         object.__setattr__(self, "gpus", gpus)
         tp = self.tp if isinstance(self.tp, int) and self.tp >= 1 else 1  # validate() reports a bad tp
-        object.__setattr__(self, "replicas", tuple(gpus[i:i + tp] for i in range(0, len(gpus) - tp + 1, tp)))
+        object.__setattr__(self, "replicas", tuple(gpus[i : i + tp] for i in range(0, len(gpus) - tp + 1, tp)))
         object.__setattr__(self, "rank_of", {g: r for r, rep in enumerate(self.replicas) for g in rep})
 
     @property
@@ -88,15 +88,22 @@ class PipelineSpec:
             if not isinstance(c.tp, int) or c.tp < 1:
                 raise SpecError(f"{where}: tp={c.tp!r}, expected a positive int")
             if c.generation and len(c.gpus) % c.tp:
-                raise SpecError(f"{where}: tp={c.tp} does not divide the {len(c.gpus)} GPUs of the "
-                                f"generation cluster, expected len(gpus) % tp == 0")
-            if c.max_num_seqs is not None and (not isinstance(c.max_num_seqs, int) or c.max_num_seqs < 1
-                                               or not c.generation):
-                raise SpecError(f"{where}: max_num_seqs={c.max_num_seqs!r}, expected None or a positive int "
-                                f"on the generation cluster")
+                raise SpecError(
+                    f"{where}: tp={c.tp} does not divide the {len(c.gpus)} GPUs of the "
+                    f"generation cluster, expected len(gpus) % tp == 0"
+                )
+            if c.max_num_seqs is not None and (
+                not isinstance(c.max_num_seqs, int) or c.max_num_seqs < 1 or not c.generation
+            ):
+                raise SpecError(
+                    f"{where}: max_num_seqs={c.max_num_seqs!r}, expected None or a positive int "
+                    f"on the generation cluster"
+                )
             if not c.generation and c.tp != 1:
-                raise SpecError(f"{where}: tp={c.tp} on a training-side cluster, expected tp=1 "
-                                f"(only the generation cluster is cut into replicas)")
+                raise SpecError(
+                    f"{where}: tp={c.tp} on a training-side cluster, expected tp=1 "
+                    f"(only the generation cluster is cut into replicas)"
+                )
 
 
 @runtime_checkable

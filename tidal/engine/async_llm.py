@@ -4,6 +4,7 @@ Every operation is a message through the core's inbox completed by a future; no 
 around engine state. A request's output route is registered before the request is sent, so a
 reply can never arrive before someone is listening (docs/architecture.md, "Data flow").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,9 +27,14 @@ class AsyncLLM(ControlAPI[Awaitable[dict[str, Any]]]):
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
 
-    async def generate(self, prompt: PromptInput, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None, stream: bool = True,
-                       delta: bool = False) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt: PromptInput,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = True,
+        delta: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs as tokens arrive (cumulative, or only the new part with
         `delta=True`); the last one has `finished=True`. Cancelling the iteration aborts the
         request. A rejected request raises EngineNotServing, one that can never be scheduled
@@ -69,4 +75,3 @@ class AsyncLLM(ControlAPI[Awaitable[dict[str, Any]]]):
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-

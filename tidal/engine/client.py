@@ -6,6 +6,7 @@ in-process), `AsyncLLM` (async, in-process) and the server's `EngineClient` (asy
 are its three transports. `InprocEngine` is what LLM and AsyncLLM share: the in-process core,
 routing its outputs to the caller that owns each request.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -61,27 +62,69 @@ class ControlAPI(Generic[R]):
     def wake_up(self, tags: Sequence[str] | None = None, timeout_s: float | None = None) -> R:
         return self.call(ops.WakeUp(tags=None if tags is None else list(tags)), timeout_s)
 
-    def update_weights(self, path: str | None = None, named_tensors: Any = None, version: int | None = None,
-                       checksums: dict[str, str] | None = None, timeout_s: float | None = None,
-                       source: ops.Source | None = None, *, group_name: str | None = None,
-                       tensors: list[dict[str, Any]] | None = None, layout: ops.Layout = "per_tensor",
-                       buckets: list[dict[str, Any]] | None = None, shm_path: str | None = None,
-                       ipc_handles: list[dict[str, Any]] | None = None, commit: bool = True,
-                       staging: ops.Staging = "copy", flush_cache: bool = True) -> R:
+    def update_weights(
+        self,
+        path: str | None = None,
+        named_tensors: Any = None,
+        version: int | None = None,
+        checksums: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+        source: ops.Source | None = None,
+        *,
+        group_name: str | None = None,
+        tensors: list[dict[str, Any]] | None = None,
+        layout: ops.Layout = "per_tensor",
+        buckets: list[dict[str, Any]] | None = None,
+        shm_path: str | None = None,
+        ipc_handles: list[dict[str, Any]] | None = None,
+        commit: bool = True,
+        staging: ops.Staging = "copy",
+        flush_cache: bool = True,
+    ) -> R:
         """From a checkpoint directory, in-process named tensors (not over ZeroMQ), or (source=
         "distributed" | "shm" | "ipc") a trainer. `timeout_s` is the engine's deadline."""
-        return self.call(ops.UpdateWeights(
-            source=source, path=path, named_tensors=named_tensors, version=version, checksums=checksums,
-            group_name=group_name, tensors=tensors, layout=layout, buckets=buckets, shm_path=shm_path,
-            ipc_handles=ipc_handles, commit=commit, staging=staging, timeout_s=timeout_s,
-            flush_cache=flush_cache))
+        return self.call(
+            ops.UpdateWeights(
+                source=source,
+                path=path,
+                named_tensors=named_tensors,
+                version=version,
+                checksums=checksums,
+                group_name=group_name,
+                tensors=tensors,
+                layout=layout,
+                buckets=buckets,
+                shm_path=shm_path,
+                ipc_handles=ipc_handles,
+                commit=commit,
+                staging=staging,
+                timeout_s=timeout_s,
+                flush_cache=flush_cache,
+            )
+        )
 
-    def init_weight_transfer(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                             group_name: str, backend: ops.Backend = "gloo", timeout_s: float | None = None) -> R:
+    def init_weight_transfer(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: ops.Backend = "gloo",
+        timeout_s: float | None = None,
+    ) -> R:
         """Join the trainer's process group at rank `rank_offset` (the join runs off the core thread)."""
-        return self.call(ops.InitWeightTransfer(
-            master_address=master_address, master_port=master_port, rank_offset=rank_offset,
-            world_size=world_size, group_name=group_name, backend=backend, timeout_s=timeout_s))
+        return self.call(
+            ops.InitWeightTransfer(
+                master_address=master_address,
+                master_port=master_port,
+                rank_offset=rank_offset,
+                world_size=world_size,
+                group_name=group_name,
+                backend=backend,
+                timeout_s=timeout_s,
+            )
+        )
 
     def destroy_weight_transfer(self, group_name: str | None = None, timeout_s: float | None = None) -> R:
         return self.call(ops.DestroyWeightTransfer(group_name=group_name), timeout_s)
@@ -163,11 +206,19 @@ def wait_result(fut: Future, op: ops.ControlOp, wait_s: float) -> dict[str, Any]
 def _try_tokenizer(path: str):
     try:
         from tidal.tokenizer import load_tokenizer
+
         return load_tokenizer(path)
     except Exception as e:  # token-id prompts still work without one
         log.warning("no tokenizer in %s (%s); only token-id prompts will work", path, e)
         return None
 
 
-__all__ = ["ControlAPI", "InprocEngine", "ControlTimeout", "wait_result", "EngineDead", "EngineError",
-           "DEFAULT_CONTROL_TIMEOUT_S"]
+__all__ = [
+    "ControlAPI",
+    "InprocEngine",
+    "ControlTimeout",
+    "wait_result",
+    "EngineDead",
+    "EngineError",
+    "DEFAULT_CONTROL_TIMEOUT_S",
+]

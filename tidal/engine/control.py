@@ -10,6 +10,7 @@ stepping and `poll()` completes the reply when the work is done or the deadline 
 `pause(abort)` ends requests through the same output path as a normal finish, on this thread,
 before it replies.
 """
+
 from __future__ import annotations
 
 import time
@@ -47,7 +48,7 @@ class _Drain:
 
 @dataclass(slots=True)
 class _SleepingWeights:
-    cpu_copies: dict[str, torch.Tensor] | None   # None when discarded
+    cpu_copies: dict[str, torch.Tensor] | None  # None when discarded
     shapes: dict[str, torch.Size]
     bytes: int
 
@@ -60,7 +61,7 @@ class ControlPlane:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         self.pause_mode: PauseMode | None = None
-        self.sleeping: dict[str, Any] = {}        # tag -> what wake_up needs
+        self.sleeping: dict[str, Any] = {}  # tag -> what wake_up needs
         self.drain: _Drain | None = None
         self.last_op: dict[str, Any] | None = None
         self.op_counts: dict[str, int] = {}
@@ -73,8 +74,12 @@ class ControlPlane:
         return self.core.state
 
     def can_schedule(self) -> bool:
-        return (self.state in (EngineState.SERVING, EngineState.DRAINING) and self.core.weights_loaded
-                and self.weights.fenced is None and self.weights.writing is None)
+        return (
+            self.state in (EngineState.SERVING, EngineState.DRAINING)
+            and self.core.weights_loaded
+            and self.weights.fenced is None
+            and self.weights.writing is None
+        )
 
     def can_admit(self) -> bool:
         return self.can_schedule()
@@ -105,9 +110,13 @@ class ControlPlane:
         self.core.end_requests(leftover, "abort")
         self.drain = None
         self.core.state = EngineState.PAUSED
-        result = ops.PauseResult(mode="drain", state=self.state.value,
-                                 finished=_summary(r for r in d.inflight if r.finish_reason != "abort"),
-                                 aborted=_summary(leftover), elapsed_s=time.monotonic() - d.started)
+        result = ops.PauseResult(
+            mode="drain",
+            state=self.state.value,
+            finished=_summary(r for r in d.inflight if r.finish_reason != "abort"),
+            aborted=_summary(leftover),
+            elapsed_s=time.monotonic() - d.started,
+        )
         self._record("pause", result, d.started)
         for reply in d.replies:
             if not reply.done():
@@ -125,8 +134,7 @@ class ControlPlane:
         op, reply = call.op, call.reply or Future()
         handler = self.HANDLERS.get(type(op))
         if handler is None:
-            reply.set_exception(EngineError(f"control op {op!r} is unknown: expected one of "
-                                            f"{sorted(ops.OPS_BY_NAME)}"))
+            reply.set_exception(EngineError(f"control op {op!r} is unknown: expected one of {sorted(ops.OPS_BY_NAME)}"))
             return
         t0 = time.monotonic()
         try:
@@ -134,8 +142,9 @@ class ControlPlane:
             result = None if raw is None else ops.as_result(op, raw)
         except Exception as e:  # the op failed; it has restored the state it changed
             self._record_error(op.name, e, t0)
-            reply.set_exception(e if isinstance(e, EngineError)
-                                else EngineError(f"{op.name} failed: {type(e).__name__}: {e}"))
+            reply.set_exception(
+                e if isinstance(e, EngineError) else EngineError(f"{op.name} failed: {type(e).__name__}: {e}")
+            )
             return
         if result is None:  # the op completes `reply` later (drain, weight jobs)
             return
@@ -188,8 +197,13 @@ class ControlPlane:
             result.kept = _summary(sched.live_requests())
         if self.drain is not None:  # a harder pause overtakes a drain in progress
             d, self.drain = self.drain, None
-            overtaken = ops.PauseResult(mode=result.mode, aborted=result.aborted, retracted=result.retracted,
-                                        kept=result.kept, superseded_by=mode.value)
+            overtaken = ops.PauseResult(
+                mode=result.mode,
+                aborted=result.aborted,
+                retracted=result.retracted,
+                kept=result.kept,
+                superseded_by=mode.value,
+            )
             for r in d.replies:
                 if not r.done():
                     r.set_result(overtaken)
@@ -205,8 +219,10 @@ class ControlPlane:
         if self.state is EngineState.SLEEPING:
             raise EngineError(f"resume: engine is sleeping ({sorted(self.sleeping)}); call wake_up first")
         if not core.weights_loaded:  # never serve placeholders (a discarded sleep not restored)
-            raise EngineError("resume: the weights are not loaded (discarded by sleep); "
-                              "wake_up(['weights']) or update_weights(path=...) first")
+            raise EngineError(
+                "resume: the weights are not loaded (discarded by sleep); "
+                "wake_up(['weights']) or update_weights(path=...) first"
+            )
         if self.state is EngineState.SERVING:
             return ops.ResumeResult(state="serving", changed=False)
         if self.drain is not None:
@@ -227,8 +243,10 @@ class ControlPlane:
         if self.state not in (EngineState.PAUSED, EngineState.SLEEPING):
             raise EngineError(f"sleep: engine is {self.state.value}; pause it first")
         if "weights" in tags and self.weights.writing is not None:
-            raise EngineError("sleep: an in-place weight update owns the parameters; commit_weights or "
-                              "abort_staged (or wait for it to finish) first")
+            raise EngineError(
+                "sleep: an in-place weight update owns the parameters; commit_weights or "
+                "abort_staged (or wait for it to finish) first"
+            )
         runner = self.core.runner
         result = ops.SleepResult(tags=[], bytes_freed={}, retracted=[], state="", sleeping=[])
         for tag in tags:
@@ -245,8 +263,10 @@ class ControlPlane:
                 self.sleeping[tag] = nbytes
             else:
                 if op.discard and self.core.weight_source is None:
-                    raise EngineError("sleep(weights, discard=True): the weights came from in-memory "
-                                      "tensors and could not be restored; sleep without discard")
+                    raise EngineError(
+                        "sleep(weights, discard=True): the weights came from in-memory "
+                        "tensors and could not be restored; sleep without discard"
+                    )
                 self.sleeping[tag] = _offload_weights(runner, op.discard)
                 self.core.weights_loaded = not op.discard
             result.bytes_freed[tag] = _freed(before, _memory_in_use(runner), self.sleeping[tag])
@@ -272,20 +292,25 @@ class ControlPlane:
             restored[tag] = _nbytes(self.sleeping.pop(tag))
         if self.state is EngineState.SLEEPING and not self.sleeping:
             self.core.state = EngineState.PAUSED
-        return ops.WakeUpResult(tags=sorted(restored), bytes_restored=restored, state=self.state.value,
-                                sleeping=sorted(self.sleeping))
+        return ops.WakeUpResult(
+            tags=sorted(restored), bytes_restored=restored, state=self.state.value, sleeping=sorted(self.sleeping)
+        )
 
     # -- weights -------------------------------------------------------------------------
     def update_weights(self, op: ops.UpdateWeights, reply: Future) -> dict | None:
         asleep = self.sleeping.get("weights")
         if asleep is not None and asleep.cpu_copies is None and op.path is not None:
             # Discarded weights: nothing is serving, so the new checkpoint loads here, in full.
-            if (op.source not in (None, "path") or not op.commit or op.staging != "copy"
-                    or any(getattr(op, f) is not None for f in _NOT_WITH_DISCARDED)):
+            if (
+                op.source not in (None, "path")
+                or not op.commit
+                or op.staging != "copy"
+                or any(getattr(op, f) is not None for f in _NOT_WITH_DISCARDED)
+            ):
                 raise EngineInvalidInput("source", op.source, "'path' (alone) while the weights are discarded")
             return self._update_discarded(op.path, None, op.version, op.checksums)
         kwargs = {f: getattr(op, f) for f in op.__struct_fields__}
-        return self.weights.update(reply, **kwargs)   # None: the worker stages, weights_done replies
+        return self.weights.update(reply, **kwargs)  # None: the worker stages, weights_done replies
 
     def weights_done(self, op: ops.WeightsDone, reply: Future) -> None:
         done = self.weights.finish(op.job, op.outcome)
@@ -294,8 +319,11 @@ class ControlPlane:
         job, outcome = done
         if isinstance(outcome, BaseException):
             self._record_error(job.op, outcome, job.started)
-            err = (outcome if isinstance(outcome, EngineError)
-                   else EngineError(f"{job.op} failed: {type(outcome).__name__}: {outcome}"))
+            err = (
+                outcome
+                if isinstance(outcome, EngineError)
+                else EngineError(f"{job.op} failed: {type(outcome).__name__}: {outcome}")
+            )
             job.reply.set_exception(err)
             return
         try:
@@ -308,14 +336,23 @@ class ControlPlane:
         job.reply.set_result(result)
 
     def init_weight_transfer(self, op: ops.InitWeightTransfer, reply: Future) -> None:
-        self.weights.init_transfer(reply, op.master_address, op.master_port, op.rank_offset, op.world_size,
-                                   op.group_name, op.backend, op.timeout_s)
+        self.weights.init_transfer(
+            reply,
+            op.master_address,
+            op.master_port,
+            op.rank_offset,
+            op.world_size,
+            op.group_name,
+            op.backend,
+            op.timeout_s,
+        )
 
     def destroy_weight_transfer(self, op: ops.DestroyWeightTransfer, reply: Future) -> dict:
         return self.weights.destroy_transfer(op.group_name)
 
     def check_weights(self, op: ops.CheckWeights, reply: Future) -> dict:
         from tidal.engine.weight_transfer import parse_specs
+
         return self.weights.check_specs(parse_specs(op.tensors))
 
     def commit_weights(self, op: ops.CommitWeights, reply: Future) -> dict:
@@ -327,9 +364,13 @@ class ControlPlane:
     def fence(self, op: ops.Fence, reply: Future) -> dict:
         return self.weights.fence(str(op.reason)[:500])
 
-    def _update_discarded(self, path: str | None = None,
-                          named_tensors: Iterable[tuple[str, torch.Tensor]] | dict | None = None,
-                          version: int | None = None, checksums: dict[str, str] | None = None) -> dict:
+    def _update_discarded(
+        self,
+        path: str | None = None,
+        named_tensors: Iterable[tuple[str, torch.Tensor]] | dict | None = None,
+        version: int | None = None,
+        checksums: dict[str, str] | None = None,
+    ) -> dict:
         core = self.core
         if (path is None) == (named_tensors is None):
             raise EngineError("update_weights: give exactly one of path= or named_tensors=")
@@ -352,8 +393,9 @@ class ControlPlane:
             raise
         except (ValueError, OSError) as e:  # a bad checkpoint is bad input, not a state conflict
             field = "path" if path is not None else "named_tensors"
-            raise EngineInvalidInput(field, path, "a readable checkpoint matching the model",
-                                     f"update_weights: {type(e).__name__}: {e}") from None
+            raise EngineInvalidInput(
+                field, path, "a readable checkpoint matching the model", f"update_weights: {type(e).__name__}: {e}"
+            ) from None
         finally:
             core.state = prev
         t1 = time.monotonic()
@@ -365,16 +407,21 @@ class ControlPlane:
             if not self.sleeping:
                 core.state = EngineState.PAUSED
         else:
-            model.load_weights(staged.items())   # the commit: every tensor validated above
+            model.load_weights(staged.items())  # the commit: every tensor validated above
         if core.runner.device.type == "cuda":
             torch.cuda.synchronize(core.runner.device)
         core.weight_version = version if version is not None else core.weight_version + 1
         core.weight_source = path
         core.weight_fingerprint = stamp
         core.block_manager.reset_prefix_cache()
-        return {"weight_version": core.weight_version, "num_tensors": len(staged),
-                "bytes": sum(t.numel() * t.element_size() for t in staged.values()),
-                "stage_s": t1 - t0, "commit_s": time.monotonic() - t1, "skipped": False}
+        return {
+            "weight_version": core.weight_version,
+            "num_tensors": len(staged),
+            "bytes": sum(t.numel() * t.element_size() for t in staged.values()),
+            "stage_s": t1 - t0,
+            "commit_s": time.monotonic() - t1,
+            "skipped": False,
+        }
 
     def flush_cache(self, op: ops.FlushCache, reply: Future) -> ops.FlushCacheResult:
         self.core.block_manager.reset_prefix_cache()
@@ -414,16 +461,26 @@ class ControlPlane:
             weight_transfer=self.weights.snapshot(),
         )
 
-
     # One handler per message type, run on the core thread; a handler returns the op's result
     # (or a dict of its fields), or None when it completes `reply` later (drain, weight jobs).
     HANDLERS: ClassVar[dict[type[ops.ControlOp], Handler]] = {
-        ops.Pause: pause, ops.Resume: resume, ops.Abort: abort, ops.Sleep: sleep, ops.WakeUp: wake_up,
-        ops.UpdateWeights: update_weights, ops.InitWeightTransfer: init_weight_transfer,
-        ops.DestroyWeightTransfer: destroy_weight_transfer, ops.CheckWeights: check_weights,
-        ops.CommitWeights: commit_weights, ops.AbortStaged: abort_staged, ops.Fence: fence,
-        ops.FlushCache: flush_cache, ops.State: query_state, ops.WeightsDone: weights_done,
+        ops.Pause: pause,
+        ops.Resume: resume,
+        ops.Abort: abort,
+        ops.Sleep: sleep,
+        ops.WakeUp: wake_up,
+        ops.UpdateWeights: update_weights,
+        ops.InitWeightTransfer: init_weight_transfer,
+        ops.DestroyWeightTransfer: destroy_weight_transfer,
+        ops.CheckWeights: check_weights,
+        ops.CommitWeights: commit_weights,
+        ops.AbortStaged: abort_staged,
+        ops.Fence: fence,
+        ops.FlushCache: flush_cache,
+        ops.State: query_state,
+        ops.WeightsDone: weights_done,
     }
+
 
 def _memory_in_use(runner) -> int | None:
     if runner.device.type != "cuda":
@@ -481,8 +538,10 @@ def _reread_source(core: EngineCore) -> dict[str, torch.Tensor]:
     ones that were loaded (before and after the read: an overwrite mid-read is caught too)."""
     source, root = core.weight_source, core.config.weights_root
     if source is None:  # sleep(discard) refuses this; an engine that got here anyway has nothing to reread
-        raise EngineError("wake_up(weights): the weights came from no checkpoint (load_format='dummy') "
-                          "and no copy was kept: there is nothing to read them back from")
+        raise EngineError(
+            "wake_up(weights): the weights came from no checkpoint (load_format='dummy') "
+            "and no copy was kept: there is nothing to read them back from"
+        )
     what = f"wake_up(weights): the checkpoint at {source!r}"
     try:
         _check_unchanged(core, what, checkpoint_fingerprint(source, root))
@@ -496,8 +555,7 @@ def _reread_source(core: EngineCore) -> dict[str, torch.Tensor]:
     return staged
 
 
-_STAY_ASLEEP = ("the weights stay asleep: update_weights(path=..., version=...) loads a new checkpoint "
-                "in their place")
+_STAY_ASLEEP = "the weights stay asleep: update_weights(path=..., version=...) loads a new checkpoint in their place"
 
 
 class _SourceChanged(Exception):
@@ -507,8 +565,9 @@ class _SourceChanged(Exception):
 def _check_unchanged(core: EngineCore, what: str, now: dict[str, FileStamp]) -> None:
     change = fingerprint_change(core.weight_fingerprint or {}, now)
     if change is not None:
-        raise _SourceChanged(f"{what} is not the one loaded as weight_version={core.weight_version}: "
-                             f"{change}; {_STAY_ASLEEP}")
+        raise _SourceChanged(
+            f"{what} is not the one loaded as weight_version={core.weight_version}: {change}; {_STAY_ASLEEP}"
+        )
 
 
 @contextmanager

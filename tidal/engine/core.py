@@ -15,6 +15,7 @@ state (an inbox message, a drain deadline, an idle loop) the step in flight is r
 so control calls always see a settled state. Steps that fork n-sample prompts, and lookahead
 schedules that ran out of blocks, are resolved at once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,6 +52,7 @@ OutputHandler = Callable[[list[EngineOutput]], None]
 def resolve_model_path(model: str | None) -> str:
     if model is None:
         from tidal.models.tiny import tiny_checkpoint_cached
+
         return tiny_checkpoint_cached("qwen3")
     return model
 
@@ -69,12 +71,11 @@ class EngineCore:
         self.output_handler = output_handler
         self.runner = ModelRunner(config, self.model_path)
         self.eos_token_ids = tuple(self.runner.arch.eos_token_ids)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.max_model_len = self._fit_max_model_len()
         self.scheduler = Scheduler(config, self.block_manager)
         self.tokenizer = None  # loaded lazily, only for stop strings
-        self.held: list[Request] = []   # arrived while not serving; admitted on resume
+        self.held: list[Request] = []  # arrived while not serving; admitted on resume
         self.weight_version = 0
         # Where the serving weights can be re-read from (sleep with discard); None for random
         # or in-memory weights.
@@ -105,15 +106,25 @@ class EngineCore:
         if wanted <= fits:
             return wanted
         if self.config.max_model_len is not None:
-            raise ValueError(f"EngineConfig.max_model_len={self.config.max_model_len} is invalid: the KV "
-                             f"pool ({bm.num_blocks} blocks of {bm.block_size} tokens, {bm.watermark_blocks} "
-                             f"kept free for admission) holds at most {fits} tokens of one sequence; "
-                             "expected max_model_len <= that, or a larger num_kv_blocks/KV memory")
+            raise ValueError(
+                f"EngineConfig.max_model_len={self.config.max_model_len} is invalid: the KV "
+                f"pool ({bm.num_blocks} blocks of {bm.block_size} tokens, {bm.watermark_blocks} "
+                f"kept free for admission) holds at most {fits} tokens of one sequence; "
+                "expected max_model_len <= that, or a larger num_kv_blocks/KV memory"
+            )
         if fits < 1:
-            raise ValueError(f"EngineConfig.num_kv_blocks={bm.num_blocks} is invalid: the KV pool cannot "
-                             "hold one token of a sequence; expected more blocks")
-        log.warning("max_model_len lowered from the model's %d to %d tokens: the KV pool (%d blocks of %d) "
-                    "cannot hold a longer sequence", wanted, fits, bm.num_blocks, bm.block_size)
+            raise ValueError(
+                f"EngineConfig.num_kv_blocks={bm.num_blocks} is invalid: the KV pool cannot "
+                "hold one token of a sequence; expected more blocks"
+            )
+        log.warning(
+            "max_model_len lowered from the model's %d to %d tokens: the KV pool (%d blocks of %d) "
+            "cannot hold a longer sequence",
+            wanted,
+            fits,
+            bm.num_blocks,
+            bm.block_size,
+        )
         self.runner.max_model_len = fits
         return fits
 
@@ -198,8 +209,7 @@ class EngineCore:
         if prev is not None:
             self.num_overlapped_steps += 1
             self._resolve(*prev)
-        if (not self.config.overlap_scheduling or batch.needs_sync
-                or any(len(group) > 1 for group in batch.sample_for)):
+        if not self.config.overlap_scheduling or batch.needs_sync or any(len(group) > 1 for group in batch.sample_for):
             self.flush()
         self.last_step_time = time.perf_counter() - t0
         self.last_step_end = time.monotonic()
@@ -229,10 +239,19 @@ class EngineCore:
             self._reject(msg, f"rejected: engine is {self.state.value}", "not_serving")
             return
         base_seed = p.seed if p.seed is not None else self.rng.getrandbits(62)
-        samples = [Request(msg.request_id, i, list(msg.prompt_token_ids), p, derive_seed(base_seed, i),
-                           eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
-                           final_only=msg.final_only)
-                   for i in range(p.n)]
+        samples = [
+            Request(
+                msg.request_id,
+                i,
+                list(msg.prompt_token_ids),
+                p,
+                derive_seed(base_seed, i),
+                eos_token_ids=self.eos_token_ids,
+                max_model_len=self.max_model_len,
+                final_only=msg.final_only,
+            )
+            for i in range(p.n)
+        ]
         if p.stop:
             for r in samples:
                 r.detokenizer = self._make_detokenizer(r)
@@ -248,31 +267,56 @@ class EngineCore:
         head of the queue forever and hold every request behind it."""
         n, seqs = msg.params.n, self.config.max_num_seqs
         if n > seqs:
-            return EngineInvalidInput("n", n, f"at most max_num_seqs={seqs}",
-                                      f"n={n} is invalid: expected at most max_num_seqs={seqs} samples")
+            return EngineInvalidInput(
+                "n",
+                n,
+                f"at most max_num_seqs={seqs}",
+                f"n={n} is invalid: expected at most max_num_seqs={seqs} samples",
+            )
         # The prompt and the first sampled token (a scoring request samples none).
         need = len(msg.prompt_token_ids) + (1 if msg.params.max_tokens else 0)
         if need > self.max_model_len:
-            return EngineInvalidInput("prompt", len(msg.prompt_token_ids), f"at most {self.max_model_len - 1} tokens",
-                                      f"prompt has {need - 1} tokens: expected at most {self.max_model_len - 1} "
-                                      f"(max_model_len={self.max_model_len} includes one output token)")
+            return EngineInvalidInput(
+                "prompt",
+                len(msg.prompt_token_ids),
+                f"at most {self.max_model_len - 1} tokens",
+                f"prompt has {need - 1} tokens: expected at most {self.max_model_len - 1} "
+                f"(max_model_len={self.max_model_len} includes one output token)",
+            )
         bm = self.block_manager
         if bm.blocks_needed(need) + bm.watermark_blocks > bm.num_blocks:
-            return EngineInvalidInput("prompt", need - 1, "a prompt that fits the KV pool",
-                                      f"prompt has {need - 1} tokens: the KV pool holds {bm.num_blocks} blocks "
-                                      f"of {bm.block_size} tokens, too few for it")
+            return EngineInvalidInput(
+                "prompt",
+                need - 1,
+                "a prompt that fits the KV pool",
+                f"prompt has {need - 1} tokens: the KV pool holds {bm.num_blocks} blocks "
+                f"of {bm.block_size} tokens, too few for it",
+            )
         return None
 
     def _reject(self, msg: AddRequest, error: str, error_type: str, error_param: str | None = None) -> None:
-        self.output_handler([EngineOutput(msg.request_id, i, [], finish_reason="abort",
-                                          num_prompt_tokens=len(msg.prompt_token_ids), error=error,
-                                          error_type=error_type, error_param=error_param)
-                             for i in range(msg.params.n)])
+        self.output_handler(
+            [
+                EngineOutput(
+                    msg.request_id,
+                    i,
+                    [],
+                    finish_reason="abort",
+                    num_prompt_tokens=len(msg.prompt_token_ids),
+                    error=error,
+                    error_type=error_type,
+                    error_param=error_param,
+                )
+                for i in range(msg.params.n)
+            ]
+        )
 
     def _make_detokenizer(self, req: Request):
         from tidal.engine.detokenizer import IncrementalDetokenizer
+
         if self.tokenizer is None:
             from tidal.tokenizer import load_tokenizer
+
             self.tokenizer = load_tokenizer(self.model_path)
         return IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
 
@@ -305,12 +349,15 @@ class EngineCore:
         reqs = self.find_requests(request_ids)
         self.end_requests(reqs, "abort")
         found = {r.request_id for r in reqs}
-        return {"aborted": sorted(found),
-                "unknown": sorted(set(request_ids or []) - found),
-                "num_aborted_samples": len(reqs)}
+        return {
+            "aborted": sorted(found),
+            "unknown": sorted(set(request_ids or []) - found),
+            "num_aborted_samples": len(reqs),
+        }
 
-    def end_requests(self, reqs: list[Request], reason: str, error: str | None = None,
-                     error_type: str | None = None) -> None:
+    def end_requests(
+        self, reqs: list[Request], reason: str, error: str | None = None, error_type: str | None = None
+    ) -> None:
         """Finish `reqs` now with what they have, free their KV, and hand out their outputs."""
         ended = []
         for req in reqs:
@@ -334,21 +381,27 @@ class EngineCore:
                 continue
             start = req.num_sent_tokens
             end = req.num_resolved_output_tokens
-            new = req.token_ids[req.num_prompt_tokens + start:req.num_prompt_tokens + end]
+            new = req.token_ids[req.num_prompt_tokens + start : req.num_prompt_tokens + end]
             if not new and not req.finished:
                 continue
             req.num_sent_tokens = end
             want_lp = req.params.logprobs is not None
             out = EngineOutput(
-                request_id=req.request_id, index=req.index, new_token_ids=new,
+                request_id=req.request_id,
+                index=req.index,
+                new_token_ids=new,
                 new_logprobs=req.output_logprobs[start:] if want_lp else None,
                 new_top_logprobs=req.output_top_logprobs[start:] if req.params.logprobs else None,
-                finish_reason=req.finish_reason, stop_reason=req.stop_reason,
+                finish_reason=req.finish_reason,
+                stop_reason=req.stop_reason,
                 weight_version=self.weight_version,
                 weight_spans=[(s.version, s.start, s.end) for s in req.weight_spans] if req.finished else None,
-                num_prompt_tokens=req.num_prompt_tokens, error=error, error_type=error_type,
+                num_prompt_tokens=req.num_prompt_tokens,
+                error=error,
+                error_type=error_type,
                 new_ranks=req.output_ranks[start:] if want_lp else None,
-                num_cached_tokens=max(req.num_cached_tokens, 0))
+                num_cached_tokens=max(req.num_cached_tokens, 0),
+            )
             self._attach_prompt_logprobs(req, out)
             outs.append(out)
         if outs:
@@ -358,8 +411,12 @@ class EngineCore:
     def _attach_prompt_logprobs(req: Request, out: EngineOutput) -> None:
         """Once per request: when sample 0's prompt is scored, or when it ends (then with what
         was scored, e.g. an abort mid-prefill)."""
-        if (req.index != 0 or req.params.prompt_logprobs is None or req.prompt_logprobs_sent
-                or (req.needs_prompt_logprobs and not req.finished)):
+        if (
+            req.index != 0
+            or req.params.prompt_logprobs is None
+            or req.prompt_logprobs_sent
+            or (req.needs_prompt_logprobs and not req.finished)
+        ):
             return
         req.prompt_logprobs_sent = True
         out.prompt_logprobs = list(req.prompt_logprobs)
@@ -389,5 +446,9 @@ class EngineCore:
         if reply is not None and not reply.done():
             reply.set_exception(err)
         if isinstance(msg, AddRequest):
-            self.output_handler([EngineOutput(msg.request_id, i, [], finish_reason="abort", error=str(err),
-                                              error_type="engine_dead") for i in range(msg.params.n)])
+            self.output_handler(
+                [
+                    EngineOutput(msg.request_id, i, [], finish_reason="abort", error=str(err), error_type="engine_dead")
+                    for i in range(msg.params.n)
+                ]
+            )

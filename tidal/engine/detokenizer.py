@@ -17,6 +17,7 @@ Invariants (``D`` = ``tokenizer.decode`` of a token list):
 After ``flush()``, ``text == tokenizer.decode(token_ids, skip_special_tokens=...,
 clean_up_tokenization_spaces=False)``. The prompt is not part of the output text.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -34,7 +35,7 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
         self._prefix_text = ""  # D(token_ids[prefix_offset:read_offset])
-        self._held_from = 0     # chars of the window text beyond _prefix_text already emitted
+        self._held_from = 0  # chars of the window text beyond _prefix_text already emitted
         self._decode_fn = _decoder(tokenizer, skip_special_tokens)
 
     @property
@@ -46,7 +47,7 @@ class IncrementalDetokenizer:
         if not token_ids:
             return ""
         self.token_ids.extend(token_ids)
-        window = self._decode(self.token_ids[self._prefix_offset:])
+        window = self._decode(self.token_ids[self._prefix_offset :])
         stable = len(window)
         while stable > 0 and window[stable - 1] == _REPLACEMENT:
             stable -= 1
@@ -56,7 +57,7 @@ class IncrementalDetokenizer:
             # Clean end: the window's tokens become the next context.
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.token_ids)
-            self._prefix_text = self._decode(self.token_ids[self._prefix_offset:self._read_offset])
+            self._prefix_text = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
             self._held_from = 0
         elif new:
             self._held_from = stable - len(self._prefix_text)
@@ -65,8 +66,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Emit what is held back (an unfinished sequence decodes to U+FFFD, as in decode)."""
-        window = self._decode(self.token_ids[self._prefix_offset:])
-        new = window[len(self._prefix_text) + self._held_from:]
+        window = self._decode(self.token_ids[self._prefix_offset :])
+        new = window[len(self._prefix_text) + self._held_from :]
         self._prefix_offset = self._read_offset = len(self.token_ids)
         self._prefix_text, self._held_from = "", 0
         self._text += new
@@ -82,8 +83,9 @@ def _decoder(tokenizer, skip_special_tokens: bool) -> Callable[[list[int]], str]
     if _plain_fast(tokenizer):
         backend = tokenizer.backend_tokenizer
         return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
-                                        clean_up_tokenization_spaces=False)
+    return lambda ids: tokenizer.decode(
+        ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+    )
 
 
 def _plain_fast(tokenizer) -> bool:
@@ -94,8 +96,11 @@ def _plain_fast(tokenizer) -> bool:
     except ImportError:
         return False
     cls = type(tokenizer)
-    return (isinstance(tokenizer, PreTrainedTokenizerFast) and cls._decode is PreTrainedTokenizerFast._decode
-            and cls.decode is PreTrainedTokenizerBase.decode)
+    return (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and cls._decode is PreTrainedTokenizerFast._decode
+        and cls.decode is PreTrainedTokenizerBase.decode
+    )
 
 
 def find_stop(text: str, stop: list[str], start: int) -> tuple[int, str] | None:

@@ -1,5 +1,6 @@
 """Both ends of a request outside the core loop: prompt validation before a request is
 sent, and assembling the core's token deltas into RequestOutputs (with detokenization) after."""
+
 from __future__ import annotations
 
 import functools
@@ -35,58 +36,68 @@ class InputProcessor:
             ids, text = list(prompt), None
             bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
             if bad:
-                raise ValueError(f"prompt_token_ids contains {bad[:5]}: expected integers in "
-                                 f"[0, {self.vocab_size})")
+                raise ValueError(f"prompt_token_ids contains {bad[:5]}: expected integers in [0, {self.vocab_size})")
         else:
             raise ValueError(f"prompt of type {type(prompt).__name__} is invalid: expected str or list[int]")
         if not ids:
             raise ValueError("prompt is empty after tokenization: expected at least one token")
         if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                             f"{len(ids) + params.max_tokens} exceeds the model's context: expected "
-                             f"at most max_model_len={self.max_model_len}")
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{len(ids) + params.max_tokens} exceeds the model's context: expected "
+                f"at most max_model_len={self.max_model_len}"
+            )
         return text, ids
 
 
 @dataclass(slots=True)
 class RequestState:
     """Accumulates one request's outputs; `delta` mode yields only what is new."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    tokenizer: Any   # a transformers tokenizer, or None
+    tokenizer: Any  # a transformers tokenizer, or None
     stream: bool = False
     completions: list[CompletionOutput] = field(default_factory=list)
     detoks: list = field(default_factory=list)
     error: str | None = None
-    error_type: str | None = None   # EngineOutput.error_type of the first error
+    error_type: str | None = None  # EngineOutput.error_type of the first error
     error_param: str | None = None
-    sent_tokens: list[int] = field(default_factory=list)   # per sample, for delta outputs
+    sent_tokens: list[int] = field(default_factory=list)  # per sample, for delta outputs
     sent_text: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     # Prompt logprobs (SamplingParams.prompt_logprobs), vLLM's layout: entry 0 is None.
     prompt_logprobs: list[float | None] | None = None
     prompt_ranks: list[int | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
-    prompt_sent: bool = False   # delta outputs carry the prompt logprobs once
+    prompt_sent: bool = False  # delta outputs carry the prompt logprobs once
     decode: Decoder | None = None
 
     def __post_init__(self) -> None:
         want_lp = self.params.logprobs is not None
         if self.tokenizer is not None:
             self.decode = _token_decoder(self.tokenizer)
-        self.completions = [CompletionOutput(i, token_logprobs=[] if want_lp else None,
-                                             top_logprobs=[] if self.params.logprobs else None,
-                                             token_ranks=[] if want_lp else None, decode=self.decode)
-                            for i in range(self.params.n)]
+        self.completions = [
+            CompletionOutput(
+                i,
+                token_logprobs=[] if want_lp else None,
+                top_logprobs=[] if self.params.logprobs else None,
+                token_ranks=[] if want_lp else None,
+                decode=self.decode,
+            )
+            for i in range(self.params.n)
+        ]
         self.sent_tokens = [0] * self.params.n
         self.sent_text = [0] * self.params.n
         if self.stream and self.tokenizer is not None:
             from tidal.engine.detokenizer import IncrementalDetokenizer
-            self.detoks = [IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids,
-                                                  self.params.skip_special_tokens)
-                           for _ in range(self.params.n)]
+
+            self.detoks = [
+                IncrementalDetokenizer(self.tokenizer, self.prompt_token_ids, self.params.skip_special_tokens)
+                for _ in range(self.params.n)
+            ]
 
     @property
     def finished(self) -> bool:
@@ -127,7 +138,7 @@ class RequestState:
                 cut = c.text.find(c.stop_reason)
                 if cut >= 0:
                     keep = len(c.stop_reason) if self.params.include_stop_str_in_output else 0
-                    c.text = c.text[:cut + keep]
+                    c.text = c.text[: cut + keep]
 
     def delta_output(self) -> RequestOutput:
         """Only what is new since the last delta. Text that could still turn out to be the
@@ -137,12 +148,21 @@ class RequestState:
         for i, c in enumerate(self.completions):
             t0, x0 = self.sent_tokens[i], self.sent_text[i]
             x1 = len(c.text) if c.finished() else max(x0, len(c.text) - hold)
-            outs.append(CompletionOutput(
-                c.index, c.token_ids[t0:], c.text[x0:x1],
-                None if c.token_logprobs is None else c.token_logprobs[t0:],
-                None if c.top_logprobs is None else c.top_logprobs[t0:],
-                c.finish_reason, c.stop_reason, c.weight_version, list(c.weight_spans),
-                None if c.token_ranks is None else c.token_ranks[t0:], c.decode))
+            outs.append(
+                CompletionOutput(
+                    c.index,
+                    c.token_ids[t0:],
+                    c.text[x0:x1],
+                    None if c.token_logprobs is None else c.token_logprobs[t0:],
+                    None if c.top_logprobs is None else c.top_logprobs[t0:],
+                    c.finish_reason,
+                    c.stop_reason,
+                    c.weight_version,
+                    list(c.weight_spans),
+                    None if c.token_ranks is None else c.token_ranks[t0:],
+                    c.decode,
+                )
+            )
             self.sent_tokens[i], self.sent_text[i] = len(c.token_ids), x1
         out = self._request_output(outs, with_prompt=not self.prompt_sent)
         self.prompt_sent = self.prompt_sent or self.prompt_logprobs is not None
@@ -152,8 +172,15 @@ class RequestState:
         return self._request_output([_copy(c) for c in self.completions], with_prompt=True)
 
     def _request_output(self, outs: list[CompletionOutput], with_prompt: bool) -> RequestOutput:
-        out = RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished,
-                            self.num_cached_tokens, decode=self.decode)
+        out = RequestOutput(
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            outs,
+            self.finished,
+            self.num_cached_tokens,
+            decode=self.decode,
+        )
         if with_prompt and self.prompt_logprobs is not None:
             out.prompt_token_logprobs = list(self.prompt_logprobs)
             out.prompt_token_ranks = list(self.prompt_ranks or ())
@@ -165,6 +192,7 @@ class RequestState:
 def raise_for_error(state: RequestState) -> None:
     """The exception a caller of LLM/AsyncLLM gets for a request the engine ended with an error."""
     from tidal.engine.messages import EngineDead, EngineInvalidInput, EngineNotServing
+
     error = state.error
     if error is None:
         return
@@ -176,18 +204,28 @@ def raise_for_error(state: RequestState) -> None:
 
 
 def _copy(c: CompletionOutput) -> CompletionOutput:
-    return CompletionOutput(c.index, list(c.token_ids), c.text,
-                            None if c.token_logprobs is None else list(c.token_logprobs),
-                            None if c.top_logprobs is None else list(c.top_logprobs),
-                            c.finish_reason, c.stop_reason, c.weight_version, list(c.weight_spans),
-                            None if c.token_ranks is None else list(c.token_ranks), c.decode)
+    return CompletionOutput(
+        c.index,
+        list(c.token_ids),
+        c.text,
+        None if c.token_logprobs is None else list(c.token_logprobs),
+        None if c.top_logprobs is None else list(c.top_logprobs),
+        c.finish_reason,
+        c.stop_reason,
+        c.weight_version,
+        list(c.weight_spans),
+        None if c.token_ranks is None else list(c.token_ranks),
+        c.decode,
+    )
 
 
 def _token_decoder(tokenizer) -> Decoder:
     """One token's text, for Logprob.decoded_token (special tokens spelled out, as vLLM does)."""
+
     @functools.lru_cache(maxsize=4096)
     def decode(token_id: int) -> str:
         return tokenizer.decode([token_id], skip_special_tokens=False)
+
     return decode
 
 

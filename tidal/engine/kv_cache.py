@@ -10,6 +10,7 @@ Invariants (checked by `check_invariants`, asserted in tests after every step):
   I4  when no request is live, every block is free (cached or not).
 Only the core loop thread calls into this class; it has no locks on purpose.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from tidal.engine.request import PLACEHOLDER, Request
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None   # set once the block is full, computed and registered
+    hash: int | None = None  # set once the block is full, computed and registered
 
 
 def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
@@ -38,8 +39,9 @@ def hash_block(parent_hash: int | None, token_ids: list[int]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 watermark: float = 0.01) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, watermark: float = 0.01
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -71,7 +73,7 @@ class BlockManager:
         parent: int | None = None
         max_blocks = (req.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
-            tokens = req.token_ids[i * self.block_size:(i + 1) * self.block_size]
+            tokens = req.token_ids[i * self.block_size : (i + 1) * self.block_size]
             parent = hash_block(parent, tokens)
             block_id = self.hash_to_block.get(parent)
             if block_id is None:
@@ -82,8 +84,14 @@ class BlockManager:
         return hits
 
     # -- allocation ----------------------------------------------------------------------
-    def allocate_slots(self, req: Request, num_new_tokens: int, copies: list[tuple[int, int]],
-                       computed_blocks: Iterable[int] = (), admit: bool = False) -> bool:
+    def allocate_slots(
+        self,
+        req: Request,
+        num_new_tokens: int,
+        copies: list[tuple[int, int]],
+        computed_blocks: Iterable[int] = (),
+        admit: bool = False,
+    ) -> bool:
         """Make `req.block_table` cover `num_computed_tokens + num_new_tokens` tokens.
 
         `computed_blocks` are prefix-cache hits for a request being admitted (its table is
@@ -93,16 +101,16 @@ class BlockManager:
         table = req.block_table
         if not admit and not computed_blocks:  # fast path: the tokens fit the blocks it owns
             write_block = req.num_computed_tokens // self.block_size
-            if (req.num_computed_tokens + num_new_tokens <= len(table) * self.block_size
-                    and (write_block >= len(table) or self.blocks[table[write_block]].ref_count == 1)):
+            if req.num_computed_tokens + num_new_tokens <= len(table) * self.block_size and (
+                write_block >= len(table) or self.blocks[table[write_block]].ref_count == 1
+            ):
                 return True
         computed_blocks = list(computed_blocks)
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         have = len(req.block_table) + len(computed_blocks)
         need_new = max(0, self.blocks_needed(num_computed + num_new_tokens) - have)
         write_block = num_computed // self.block_size
-        cow = (write_block < len(req.block_table)
-               and self.blocks[req.block_table[write_block]].ref_count > 1)
+        cow = write_block < len(req.block_table) and self.blocks[req.block_table[write_block]].ref_count > 1
         revived = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
         reserve = self.watermark_blocks if admit else 0
         if need_new + int(cow) + revived + reserve > self.num_free_blocks:
@@ -141,7 +149,7 @@ class BlockManager:
                 parent = self.blocks[req.block_table[i - 1]].hash if i > 0 else None
                 if i > 0 and parent is None:
                     break  # an unhashed ancestor (after a cache reset): chain broken, stop here
-                tokens = req.token_ids[i * self.block_size:(i + 1) * self.block_size]
+                tokens = req.token_ids[i * self.block_size : (i + 1) * self.block_size]
                 assert PLACEHOLDER not in tokens, "a block with an unresolved token reached the prefix cache"
                 h = hash_block(parent, tokens)
                 if h not in self.hash_to_block:
@@ -175,7 +183,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(self.num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(self.num_blocks))
         self.hash_to_block: dict[int, int] = {}
-        self.prefix_hits = 0       # tokens served from the prefix cache (metrics)
+        self.prefix_hits = 0  # tokens served from the prefix cache (metrics)
         self.prefix_queries = 0
 
     # -- internals -----------------------------------------------------------------------
@@ -197,15 +205,17 @@ class BlockManager:
     def check_invariants(self, live: Iterable[Request]) -> None:
         counts = [0] * self.num_blocks
         for req in live:
-            assert len(set(req.block_table)) == len(req.block_table), \
+            assert len(set(req.block_table)) == len(req.block_table), (
                 f"request {req.request_id}/{req.index} holds a block twice: {req.block_table}"
+            )
             for b in req.block_table:
                 counts[b] += 1
         for block in self.blocks:
             free = block.block_id in self.free_queue
             assert free == (block.ref_count == 0), f"I1 broken for block {block}"
-            assert counts[block.block_id] == block.ref_count, \
+            assert counts[block.block_id] == block.ref_count, (
                 f"I2 broken for block {block}: held by {counts[block.block_id]} tables"
+            )
             if block.hash is not None:
                 assert self.hash_to_block.get(block.hash) == block.block_id, f"I3 broken for {block}"
         assert len(self.hash_to_block) == sum(b.hash is not None for b in self.blocks), "I3 broken"

@@ -4,6 +4,7 @@ vLLM's shapes that Tidal takes: prompt dicts (`{"prompt": ...}`, `{"prompt_token
 `chat(messages)`, `get_tokenizer()`, `reset_prefix_cache()`, `sleep(level=1|2)` / `wake_up(tags)`
 (docs/compatibility.md, "vLLM offline API").
 """
+
 from __future__ import annotations
 
 import queue
@@ -35,12 +36,15 @@ def _engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
         raise ValueError(f"LLM(tensor_parallel_size={tp!r}) is invalid: expected 1 (Tidal runs one GPU per engine)")
     sleep_mode = kwargs.pop("enable_sleep_mode", True)
     if not isinstance(sleep_mode, bool):
-        raise ValueError(f"LLM(enable_sleep_mode={sleep_mode!r}) is invalid: expected a bool "
-                         "(sleep is always available)")
+        raise ValueError(
+            f"LLM(enable_sleep_mode={sleep_mode!r}) is invalid: expected a bool (sleep is always available)"
+        )
     unknown = sorted(set(kwargs) - _ENGINE_FIELDS)
     if unknown:
-        raise ValueError(f"LLM() got unknown keyword arguments {unknown}: expected EngineConfig fields "
-                         f"{sorted(_ENGINE_FIELDS - {'model'})} (or tensor_parallel_size=1, enable_sleep_mode)")
+        raise ValueError(
+            f"LLM() got unknown keyword arguments {unknown}: expected EngineConfig fields "
+            f"{sorted(_ENGINE_FIELDS - {'model'})} (or tensor_parallel_size=1, enable_sleep_mode)"
+        )
     return EngineConfig(model=model, **kwargs)
 
 
@@ -54,25 +58,34 @@ class LLM(ControlAPI[dict[str, Any]]):
     def get_tokenizer(self):
         return self.tokenizer
 
-    def generate(self, prompts: PromptInput | Sequence[PromptInput],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, request_ids: Sequence[str] | None = None) -> list[RequestOutput]:
-        if (isinstance(prompts, (str, Mapping))
-                or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))):
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        request_ids: Sequence[str] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, Mapping)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         # a batch now: one text, token-id list or vLLM dict was wrapped just above
         prompts = [unwrap_prompt(p) for p in cast("Sequence[PromptInput]", prompts)]
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
-            raise ValueError(f"sampling_params has {len(params_list)} entries: expected one per prompt "
-                             f"({len(prompts)}) or a single SamplingParams")
+            raise ValueError(
+                f"sampling_params has {len(params_list)} entries: expected one per prompt "
+                f"({len(prompts)}) or a single SamplingParams"
+            )
         ids = list(request_ids) if request_ids is not None else [self.engine.new_request_id() for _ in prompts]
         # Validate everything before anything is sent: a bad prompt changes no state.
         processed = [self.engine.input.process(p, sp) for p, sp in zip(prompts, params_list)]
         inbox: queue.SimpleQueue = queue.SimpleQueue()
-        states = {rid: RequestState(rid, text, toks, sp, self.tokenizer)
-                  for rid, (text, toks), sp in zip(ids, processed, params_list)}
+        states = {
+            rid: RequestState(rid, text, toks, sp, self.tokenizer)
+            for rid, (text, toks), sp in zip(ids, processed, params_list)
+        }
         for rid in ids:
             self.engine.register(rid, inbox.put)
         try:
@@ -85,23 +98,30 @@ class LLM(ControlAPI[dict[str, Any]]):
                 self.engine.unregister(rid)
         return [states[rid].output() for rid in ids]
 
-    def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
-             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False,
-             chat_template_kwargs: Mapping[str, Any] | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} messages) or a list of them, rendered
         with the tokenizer's chat template (or `chat_template`), then generated."""
         if self.tokenizer is None:
             raise ValueError("chat: the model has no tokenizer, so no chat template: use generate with token ids")
-        conversations: list[Any]   # each checked below
+        conversations: list[Any]  # each checked below
         if isinstance(messages, Sequence) and messages and isinstance(messages[0], Mapping):
             conversations = [messages]
         else:
             conversations = [*messages]
         if add_generation_prompt and continue_final_message:
-            raise ValueError("chat: add_generation_prompt=True and continue_final_message=True are invalid "
-                             "together: expected at most one of them")
+            raise ValueError(
+                "chat: add_generation_prompt=True and continue_final_message=True are invalid "
+                "together: expected at most one of them"
+            )
         extra = dict(chat_template_kwargs or {})
         clash = sorted(set(extra) & {"add_generation_prompt", "continue_final_message", "chat_template", "tokenize"})
         if clash:
@@ -111,8 +131,13 @@ class LLM(ControlAPI[dict[str, Any]]):
             if not isinstance(conv, Sequence) or not all(isinstance(m, Mapping) for m in conv) or not conv:
                 raise ValueError(f"messages[{i}] is invalid: expected a non-empty list of {{'role', 'content'}} dicts")
             ids = self.tokenizer.apply_chat_template(
-                [dict(m) for m in conv], tokenize=True, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, chat_template=chat_template, **extra)
+                [dict(m) for m in conv],
+                tokenize=True,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                chat_template=chat_template,
+                **extra,
+            )
             prompts.append(list(ids["input_ids"] if isinstance(ids, Mapping) else ids))
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
@@ -143,8 +168,14 @@ class LLM(ControlAPI[dict[str, Any]]):
     def _control(self, op: ops.ControlOp, wait_s: float) -> dict[str, Any]:
         return wait_result(self.engine.submit(op), op, wait_s)
 
-    def sleep(self, tags: Sequence[str] | int | None = None, discard: bool = False, timeout_s: float | None = None,
-              *, level: int | None = None) -> dict[str, Any]:
+    def sleep(
+        self,
+        tags: Sequence[str] | int | None = None,
+        discard: bool = False,
+        timeout_s: float | None = None,
+        *,
+        level: int | None = None,
+    ) -> dict[str, Any]:
         """Tidal's form: sleep(tags, discard) from `paused`. vLLM's form: sleep(level=1|2) (or
         sleep(1)) from anywhere: pauses first (offline, nothing is running between generate
         calls; anything that is ends with "abort"), then sleeps kv_cache and weights (level 2:
@@ -158,9 +189,11 @@ class LLM(ControlAPI[dict[str, Any]]):
         if level not in _SLEEP_LEVELS or tags is not None or discard:
             raise ValueError(f"sleep(level={level!r}) is invalid: expected level 1 or 2, without tags or discard")
         if _SLEEP_LEVELS[level] and self.engine.core.weight_source is None:
-            raise ValueError(f"sleep(level={level}) is invalid for this model: its weights came from memory "
-                             "(load_format='dummy' or update_weights with tensors) and could not be re-read "
-                             "after being discarded; expected level=1")
+            raise ValueError(
+                f"sleep(level={level}) is invalid for this model: its weights came from memory "
+                "(load_format='dummy' or update_weights with tensors) and could not be re-read "
+                "after being discarded; expected level=1"
+            )
         paused_here = self.engine.core.state is EngineState.SERVING
         if paused_here:
             self.pause("abort", timeout_s)
@@ -187,4 +220,3 @@ class LLM(ControlAPI[dict[str, Any]]):
 
     def shutdown(self) -> None:
         self.engine.shutdown()
-

@@ -13,6 +13,7 @@ full blocks in the prefix cache and checks stops. A lookahead schedule never pre
 hold a placeholder) and skips requests that step N ends by length; when it runs out of blocks it
 returns what it has with `needs_sync` set, and the next schedule runs after step N is resolved.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -59,8 +60,10 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             i += 1
-            if lookahead and (req.num_computed_tokens >= req.num_tokens
-                              or (req.num_output_tokens and req.ends_by_length(req.num_output_tokens))):
+            if lookahead and (
+                req.num_computed_tokens >= req.num_tokens
+                or (req.num_output_tokens and req.ends_by_length(req.num_output_tokens))
+            ):
                 continue  # the step in flight ends it (a scoring request's last chunk, or its length)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if lookahead:
@@ -114,8 +117,13 @@ class Scheduler:
                 req.append_placeholder(row, step)
                 row += len(group)
 
-    def resolve(self, batch: ScheduledBatch, sampled: list[SampledToken], weight_version: int,
-                prompt: dict[int, PromptLogprobs] | None = None) -> list[Request]:
+    def resolve(
+        self,
+        batch: ScheduledBatch,
+        sampled: list[SampledToken],
+        weight_version: int,
+        prompt: dict[int, PromptLogprobs] | None = None,
+    ) -> list[Request]:
         """When the step's tokens are back: record prompt logprobs, fill the placeholders, fork
         n-sample prompts, cache full blocks, check stops (tidal/engine/stop.py), end scoring requests
         whose prompt is done ("length"). Returns the requests that got a token or ended (finished

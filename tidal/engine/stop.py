@@ -7,12 +7,13 @@ or the model's context). A sample with stop strings has a detokenizer (made at a
 every token advances here, below `min_tokens` too, so that its text is whole once a stop string
 can match.
 """
+
 from __future__ import annotations
 
 from tidal.engine.detokenizer import find_stop
 from tidal.engine.request import Request
 
-Stop = tuple[str, int | str | None]   # (finish_reason, stop_reason): the token id or the stop string
+Stop = tuple[str, int | str | None]  # (finish_reason, stop_reason): the token id or the stop string
 
 
 def check_stop(req: Request) -> Stop | None:

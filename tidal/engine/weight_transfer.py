@@ -8,6 +8,7 @@ The group is created the way SGLang, slime, OpenRLHF and AReaL create theirs, so
 code joins it unchanged: a `tcp://` rendezvous whose store is wrapped in a PrefixStore named after
 the group, then a *named* group that is not the default group (the trainer has its own).
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,14 +31,15 @@ BACKENDS = ("gloo", "nccl")
 LAYOUTS = ("per_tensor", "bucketed")
 SHM_DIR = "/dev/shm"
 _POLL_S = 0.05  # how often the NCCL watchdog looks at a pending broadcast
-_WINDOW = 4     # receives posted ahead, so the next one is ready when the trainer sends
-_ALIGN = 256    # byte alignment of each received tensor in the staging arena
+_WINDOW = 4  # receives posted ahead, so the next one is ready when the trainer sends
+_ALIGN = 256  # byte alignment of each received tensor in the staging arena
 
 
 @dataclass(slots=True)
 class TensorSpec:
     """One declared tensor: its checkpoint (HF) name, dtype and shape, and where it lies in its
     bucket or segment (offset in bytes; 0 for per-tensor broadcasts)."""
+
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -98,7 +100,7 @@ def parse_specs(items: object, field: str = "tensors", with_offsets: bool = Fals
         specs.append(TensorSpec(name, dtype, tuple(shape), offset if with_offsets else 0))
     seen: set[str] = set()
     dup: set[str] = set()
-    for s in specs:   # linear: this runs on the core thread, and MoE checkpoints have ~10^4 names
+    for s in specs:  # linear: this runs on the core thread, and MoE checkpoints have ~10^4 names
         if s.name in seen:
             dup.add(s.name)
         seen.add(s.name)
@@ -113,8 +115,11 @@ def parse_buckets(items: object) -> list[Bucket]:
     buckets = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("nbytes"), int) or item["nbytes"] <= 0:
-            raise EngineInvalidInput(f"buckets[{i}].nbytes", None if not isinstance(item, dict) else item.get("nbytes"),
-                                     "a positive byte count")
+            raise EngineInvalidInput(
+                f"buckets[{i}].nbytes",
+                None if not isinstance(item, dict) else item.get("nbytes"),
+                "a positive byte count",
+            )
         specs = parse_specs(item.get("tensors"), f"buckets[{i}].tensors", with_offsets=True)
         check_extent(specs, item["nbytes"], f"buckets[{i}]")
         buckets.append(Bucket(item["nbytes"], specs))
@@ -124,8 +129,11 @@ def parse_buckets(items: object) -> list[Bucket]:
 def check_extent(specs: list[TensorSpec], nbytes: int, field: str) -> None:
     for s in specs:
         if s.offset + s.nbytes > nbytes:
-            raise EngineInvalidInput(f"{field}.tensors[{s.name!r}]", s.offset + s.nbytes,
-                                     f"a tensor ending within the {nbytes} bytes declared")
+            raise EngineInvalidInput(
+                f"{field}.tensors[{s.name!r}]",
+                s.offset + s.nbytes,
+                f"a tensor ending within the {nbytes} bytes declared",
+            )
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -133,8 +141,9 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 # -- the group -------------------------------------------------------------------------------
-def join_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
-               backend: str, timeout_s: float) -> TransferGroup:
+def join_group(
+    master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str, timeout_s: float
+) -> TransferGroup:
     """Rendezvous at tcp://master_address:master_port as `rank` and build the named group. Blocks
     until every rank has arrived or `timeout_s` passes."""
     from torch.distributed.distributed_c10d import (
@@ -145,14 +154,22 @@ def join_group(master_address: str, master_port: int, rank: int, world_size: int
         _world,
         rendezvous,
     )
+
     timeout = timedelta(seconds=timeout_s)
     host = f"[{master_address}]" if ":" in master_address else master_address
     store, rank, world_size = next(rendezvous(f"tcp://{host}:{master_port}", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
     # The prefix keeps our keys apart from anything else using the trainer's store; the trainer
     # side (SGLang's init_custom_process_group and its copies) uses the same one.
-    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
-                                      group_name=GroupName(group_name), timeout=timeout)
+    pg, _ = _new_process_group_helper(
+        world_size,
+        rank,
+        [],
+        Backend(backend),
+        PrefixStore(group_name, store),
+        group_name=GroupName(group_name),
+        timeout=timeout,
+    )
     _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}  # group rank == rank in the group
     return TransferGroup(group_name, backend, rank, world_size, timeout_s, pg)
 
@@ -192,8 +209,9 @@ def _wait(group: TransferGroup, work: Any, deadline: float) -> None:
     while not work.is_completed():
         if time.monotonic() > deadline:
             _abort_nccl(group)
-            raise EngineError("update_weights: broadcast did not finish by the call's deadline; "
-                              "the communicator was aborted")
+            raise EngineError(
+                "update_weights: broadcast did not finish by the call's deadline; the communicator was aborted"
+            )
         time.sleep(_POLL_S)
     work.wait()
 
@@ -230,9 +248,9 @@ class StagingArena:
             offsets.append(total)
             total = (total + n + _ALIGN - 1) // _ALIGN * _ALIGN
         if self.buf is None or self.buf.numel() < total:
-            self.buf = None   # the old one goes before the new one is allocated
+            self.buf = None  # the old one goes before the new one is allocated
             self.buf = torch.empty(max(total, 1), dtype=torch.uint8)
-        return [self.buf[o:o + n] for o, n in zip(offsets, sizes)]
+        return [self.buf[o : o + n] for o, n in zip(offsets, sizes)]
 
     def release(self) -> None:
         self.buf = None
@@ -242,8 +260,9 @@ def _wire_device(group: TransferGroup, device: torch.device) -> torch.device:
     return device if group.backend == "nccl" else torch.device("cpu")
 
 
-def iter_per_tensor(group: TransferGroup, specs: list[TensorSpec], device: torch.device,
-                    deadline: float) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_per_tensor(
+    group: TransferGroup, specs: list[TensorSpec], device: torch.device, deadline: float
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Each declared tensor broadcast on its own, in the declared order (SGLang's protocol);
     yields each as it arrives, on the wire's device."""
     wire = _wire_device(group, device)
@@ -253,8 +272,9 @@ def iter_per_tensor(group: TransferGroup, specs: list[TensorSpec], device: torch
         yield s.name, t
 
 
-def iter_buckets(group: TransferGroup, buckets: list[Bucket], device: torch.device,
-                 deadline: float) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_buckets(
+    group: TransferGroup, buckets: list[Bucket], device: torch.device, deadline: float
+) -> Iterator[tuple[str, torch.Tensor]]:
     """One uint8 broadcast per bucket; yields its tensors as views into it at their offsets."""
     wire = _wire_device(group, device)
     for b in buckets:
@@ -262,11 +282,16 @@ def iter_buckets(group: TransferGroup, buckets: list[Bucket], device: torch.devi
         _broadcast(group, buf, deadline)
         buf = buf.to(device)
         for s in b.tensors:
-            yield s.name, buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+            yield s.name, buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
 
 
-def receive_per_tensor(group: TransferGroup, specs: list[TensorSpec], device: torch.device,
-                       deadline: float, arena: StagingArena | None = None) -> dict[str, torch.Tensor]:
+def receive_per_tensor(
+    group: TransferGroup,
+    specs: list[TensorSpec],
+    device: torch.device,
+    deadline: float,
+    arena: StagingArena | None = None,
+) -> dict[str, torch.Tensor]:
     arena = arena or StagingArena()
     raw = arena.views([s.nbytes for s in specs], _wire_device(group, device))
     tensors = [r.view(s.dtype).view(s.shape) for r, s in zip(raw, specs)]
@@ -274,8 +299,13 @@ def receive_per_tensor(group: TransferGroup, specs: list[TensorSpec], device: to
     return {s.name: t.to(device) for s, t in zip(specs, tensors)}
 
 
-def receive_buckets(group: TransferGroup, buckets: list[Bucket], device: torch.device,
-                    deadline: float, arena: StagingArena | None = None) -> dict[str, torch.Tensor]:
+def receive_buckets(
+    group: TransferGroup,
+    buckets: list[Bucket],
+    device: torch.device,
+    deadline: float,
+    arena: StagingArena | None = None,
+) -> dict[str, torch.Tensor]:
     """Every bucket received straight into the staging arena; its tensors are views into it."""
     arena = arena or StagingArena()
     bufs = arena.views([b.nbytes for b in buckets], _wire_device(group, device))
@@ -284,21 +314,21 @@ def receive_buckets(group: TransferGroup, buckets: list[Bucket], device: torch.d
     for b, buf in zip(buckets, bufs):
         buf = buf.to(device)
         for s in b.tensors:
-            out[s.name] = buf[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+            out[s.name] = buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
     return out
 
 
-def _receive_guarded(group: TransferGroup, tensors: list[torch.Tensor], deadline: float,
-                     arena: StagingArena) -> None:
+def _receive_guarded(group: TransferGroup, tensors: list[torch.Tensor], deadline: float, arena: StagingArena) -> None:
     try:
         _receive_all(group, tensors, deadline)
     except BaseException:
-        arena.release()   # a receive still posted may write into it: the next update gets a fresh one
+        arena.release()  # a receive still posted may write into it: the next update gets a fresh one
         raise
 
 
-def discard_declared(group: TransferGroup, specs: list[TensorSpec], buckets: list[Bucket] | None,
-                     deadline: float) -> None:
+def discard_declared(
+    group: TransferGroup, specs: list[TensorSpec], buckets: list[Bucket] | None, deadline: float
+) -> None:
     """Take part in every declared broadcast and drop the bytes, so a trainer that broadcasts
     without waiting for our answer is not left blocked when we reject its update."""
     if buckets is None:
@@ -336,7 +366,7 @@ def iter_shm(path: str, specs: list[TensorSpec]) -> Iterator[tuple[str, torch.Te
     finally:
         os.close(fd)
     for s in specs:
-        yield s.name, raw[s.offset:s.offset + s.nbytes].view(s.dtype).view(s.shape)
+        yield s.name, raw[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
 
 
 def receive_shm(path: str, specs: list[TensorSpec], device: torch.device) -> dict[str, torch.Tensor]:
@@ -346,9 +376,20 @@ def receive_shm(path: str, specs: list[TensorSpec], device: torch.device) -> dic
 # -- colocated: CUDA IPC (GPU) ------------------------------------------------------------------
 # A CUDA tensor shared by torch.multiprocessing.reductions.reduce_tensor is rebuilt from these
 # fields; the trainer sends them as JSON (bytes as base64), so no body is ever unpickled.
-IPC_FIELDS = ("size", "stride", "offset", "dtype", "device", "handle", "storage_size_bytes",
-              "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle",
-              "event_sync_required")
+IPC_FIELDS = (
+    "size",
+    "stride",
+    "offset",
+    "dtype",
+    "device",
+    "handle",
+    "storage_size_bytes",
+    "storage_offset_bytes",
+    "ref_counter_handle",
+    "ref_counter_offset",
+    "event_handle",
+    "event_sync_required",
+)
 
 
 def _b64(handle: dict, key: str) -> bytes | None:
@@ -358,21 +399,40 @@ def _b64(handle: dict, key: str) -> bytes | None:
 def iter_ipc(handles: object, specs: list[TensorSpec], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """The trainer's CUDA tensors themselves, opened from their IPC handles (no copy)."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
     if device.type != "cuda":
         raise EngineInvalidInput("source", "ipc", "an engine on a CUDA device (use shm on the CPU)")
     if not isinstance(handles, list) or len(handles) != len(specs):
         raise EngineInvalidInput("ipc_handles", type(handles).__name__, f"a list of {len(specs)} handle objects")
     for i, (h, s) in enumerate(zip(handles, specs)):
         if not isinstance(h, dict) or sorted(h) != sorted(IPC_FIELDS):
-            raise EngineInvalidInput(f"ipc_handles[{i}]", sorted(h) if isinstance(h, dict) else h,
-                                     f"an object with the fields {list(IPC_FIELDS)}")
+            raise EngineInvalidInput(
+                f"ipc_handles[{i}]",
+                sorted(h) if isinstance(h, dict) else h,
+                f"an object with the fields {list(IPC_FIELDS)}",
+            )
         if tuple(h["size"]) != s.shape or parse_dtype(h["dtype"], f"ipc_handles[{i}].dtype") != s.dtype:
             raise EngineInvalidInput(f"ipc_handles[{i}]", (h["size"], h["dtype"]), f"shape {list(s.shape)}, {s.dtype}")
-        yield s.name, rebuild_cuda_tensor(
-            torch.Tensor, torch.Size(h["size"]), tuple(h["stride"]), int(h["offset"]), torch.storage.UntypedStorage,
-            s.dtype, int(h["device"]), _b64(h, "handle"), int(h["storage_size_bytes"]),
-            int(h["storage_offset_bytes"]), False, _b64(h, "ref_counter_handle"), int(h["ref_counter_offset"]),
-            _b64(h, "event_handle"), bool(h["event_sync_required"]))
+        yield (
+            s.name,
+            rebuild_cuda_tensor(
+                torch.Tensor,
+                torch.Size(h["size"]),
+                tuple(h["stride"]),
+                int(h["offset"]),
+                torch.storage.UntypedStorage,
+                s.dtype,
+                int(h["device"]),
+                _b64(h, "handle"),
+                int(h["storage_size_bytes"]),
+                int(h["storage_offset_bytes"]),
+                False,
+                _b64(h, "ref_counter_handle"),
+                int(h["ref_counter_offset"]),
+                _b64(h, "event_handle"),
+                bool(h["event_sync_required"]),
+            ),
+        )
 
 
 def receive_ipc(handles: object, specs: list[TensorSpec], device: torch.device) -> dict[str, torch.Tensor]:
@@ -385,11 +445,37 @@ def receive_ipc(handles: object, specs: list[TensorSpec], device: torch.device) 
 def encode_ipc_handle(t: torch.Tensor) -> dict[str, Any]:
     """The trainer side of receive_ipc: a CUDA tensor's sharing handle as JSON-able fields."""
     from torch.multiprocessing.reductions import reduce_tensor
+
     _, args = reduce_tensor(t)
-    (_, size, stride, offset, _, dtype, dev, handle, storage_size, storage_offset, _,
-     ref_handle, ref_offset, event_handle, event_sync) = args
+    (
+        _,
+        size,
+        stride,
+        offset,
+        _,
+        dtype,
+        dev,
+        handle,
+        storage_size,
+        storage_offset,
+        _,
+        ref_handle,
+        ref_offset,
+        event_handle,
+        event_sync,
+    ) = args
     b64 = lambda v: None if v is None else base64.b64encode(v).decode()  # noqa: E731
-    return {"size": list(size), "stride": list(stride), "offset": offset, "dtype": str(dtype).removeprefix("torch."),
-            "device": dev, "handle": b64(handle), "storage_size_bytes": storage_size,
-            "storage_offset_bytes": storage_offset, "ref_counter_handle": b64(ref_handle),
-            "ref_counter_offset": ref_offset, "event_handle": b64(event_handle), "event_sync_required": event_sync}
+    return {
+        "size": list(size),
+        "stride": list(stride),
+        "offset": offset,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": dev,
+        "handle": b64(handle),
+        "storage_size_bytes": storage_size,
+        "storage_offset_bytes": storage_offset,
+        "ref_counter_handle": b64(ref_handle),
+        "ref_counter_offset": ref_offset,
+        "event_handle": b64(event_handle),
+        "event_sync_required": event_sync,
+    }

@@ -15,6 +15,7 @@ stages and holds the tensors until commit_weights(version) or abort_staged(), wh
 trainer makes an update transactional across replicas. A commit that fails part-way fences the
 engine: it refuses generation until a later update commits, rather than serve mixed weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,6 +43,7 @@ DEFAULT_TIMEOUT_S = 600.0
 @dataclass(slots=True)
 class _Job:
     """Work running on the worker thread; `done` runs on the core thread with its result."""
+
     op: str
     reply: Future
     started: float
@@ -55,8 +57,8 @@ class _Staged:
     tensors: dict[str, torch.Tensor]
     source: str | None
     stage_s: float
-    fingerprint: Any = None   # loader.checkpoint_fingerprint of a path source, kept at commit
-    in_place: _InPlace | None = None   # staging="in_place": already written, `tensors` is empty
+    fingerprint: Any = None  # loader.checkpoint_fingerprint of a path source, kept at commit
+    in_place: _InPlace | None = None  # staging="in_place": already written, `tensors` is empty
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -85,7 +87,7 @@ class _InPlace:
 
     def __init__(self, model, checksums: dict[str, str] | None, field: str | None) -> None:
         self.model, self.checksums = model, checksums or {}
-        self.field = field    # bad input is EngineInvalidInput naming it; None: a failed transfer
+        self.field = field  # bad input is EngineInvalidInput naming it; None: a failed transfer
         self.backup: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.names: set[str] = set()
         self.bytes = 0
@@ -104,7 +106,7 @@ class _InPlace:
             raise self._error(f"checksum of {name!r} is {actual}, expected {digest}")
         self.names.add(name)
         dst = self.model.live_view(name)
-        if dst is None:   # a buffer the model recomputes (rotary tables)
+        if dst is None:  # a buffer the model recomputes (rotary tables)
             return
         self.backup.append((dst, dst.detach().to("cpu", copy=True)))
         dst.copy_(tensor)
@@ -112,8 +114,11 @@ class _InPlace:
 
     def _error(self, msg: str) -> EngineError:
         msg = f"update_weights: {msg}"
-        return EngineError(msg) if self.field is None else EngineInvalidInput(self.field, None, "tensors matching "
-                                                                              "the model", msg)
+        return (
+            EngineError(msg)
+            if self.field is None
+            else EngineInvalidInput(self.field, None, "tensors matching the model", msg)
+        )
 
     def restore(self) -> None:
         """Put back every overwritten region (reverse order: tied weights share storage)."""
@@ -138,21 +143,31 @@ class WeightManager:
         self.staged: _Staged | None = None
         self.fenced: str | None = None
         self.last_failure: dict[str, Any] | None = None
-        self.writing: _InPlace | None = None   # an in-place update owns the live parameters
-        self.arena = wt.StagingArena()   # copy staging from a trainer group lands here
+        self.writing: _InPlace | None = None  # an in-place update owns the live parameters
+        self.arena = wt.StagingArena()  # copy staging from a trainer group lands here
 
     # -- what the control plane asks ------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         g = self.group
-        return {"group": None if g is None else {"name": g.name, "backend": g.backend, "rank": g.rank,
-                                                 "world_size": g.world_size},
-                "busy": None if self.job is None else self.job.op,
-                "staged_version": None if self.staged is None else self.staged.version,
-                "writing_in_place": self.writing is not None,
-                "fenced": self.fenced, "last_failure": self.last_failure}
+        return {
+            "group": None
+            if g is None
+            else {"name": g.name, "backend": g.backend, "rank": g.rank, "world_size": g.world_size},
+            "busy": None if self.job is None else self.job.op,
+            "staged_version": None if self.staged is None else self.staged.version,
+            "writing_in_place": self.writing is not None,
+            "fenced": self.fenced,
+            "last_failure": self.last_failure,
+        }
 
-    def _start(self, op: str, reply: Future, work: Callable[[], Any], done: Callable[[Any, _Job], dict],
-               failed: Callable[[BaseException], None] | None = None) -> None:
+    def _start(
+        self,
+        op: str,
+        reply: Future,
+        work: Callable[[], Any],
+        done: Callable[[Any, _Job], dict],
+        failed: Callable[[BaseException], None] | None = None,
+    ) -> None:
         if self.job is not None:
             raise EngineError(f"{op}: {self.job.op} is still in progress; one weight operation at a time")
         job = _Job(op, reply, time.monotonic(), done, failed)
@@ -178,8 +193,17 @@ class WeightManager:
             return job, e
 
     # -- process group --------------------------------------------------------------------
-    def init_transfer(self, reply: Future, master_address: str, master_port: int, rank_offset: int,
-                      world_size: int, group_name: str, backend: str = "gloo", timeout_s: float | None = None) -> None:
+    def init_transfer(
+        self,
+        reply: Future,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str = "gloo",
+        timeout_s: float | None = None,
+    ) -> None:
         if backend not in wt.BACKENDS:
             raise EngineInvalidInput("backend", backend, f"one of {list(wt.BACKENDS)}")
         if backend == "nccl" and self.core.runner.device.type != "cuda":
@@ -189,8 +213,9 @@ class WeightManager:
         if not isinstance(world_size, int) or world_size < 2:
             raise EngineInvalidInput("world_size", world_size, "at least 2 (the trainer and this engine)")
         if not isinstance(rank_offset, int) or not 1 <= rank_offset < world_size:
-            raise EngineInvalidInput("rank_offset", rank_offset,
-                                     f"a rank in 1..{world_size - 1} (rank 0 is the trainer)")
+            raise EngineInvalidInput(
+                "rank_offset", rank_offset, f"a rank in 1..{world_size - 1} (rank 0 is the trainer)"
+            )
         if not isinstance(group_name, str) or not group_name:
             raise EngineInvalidInput("group_name", group_name, "a non-empty group name")
         if self.group is not None:  # re-init replaces the old group: the trainer made a new one
@@ -200,11 +225,19 @@ class WeightManager:
 
         def done(group: wt.TransferGroup, job: _Job) -> dict:
             self.group = group
-            return {"group_name": group.name, "rank": group.rank, "world_size": group.world_size,
-                    "backend": group.backend}
+            return {
+                "group_name": group.name,
+                "rank": group.rank,
+                "world_size": group.world_size,
+                "backend": group.backend,
+            }
 
-        self._start("init_weight_transfer", reply, lambda: wt.join_group(
-            master_address, master_port, rank_offset, world_size, group_name, backend, timeout), done)
+        self._start(
+            "init_weight_transfer",
+            reply,
+            lambda: wt.join_group(master_address, master_port, rank_offset, world_size, group_name, backend, timeout),
+            done,
+        )
 
     def destroy_transfer(self, group_name: str | None = None) -> dict:
         g = self.group
@@ -227,7 +260,7 @@ class WeightManager:
         model = self.core.runner.model
         seen: set[str] = set()
         for s in specs:
-            if s.name in seen:   # in two buckets: the second would silently replace the first
+            if s.name in seen:  # in two buckets: the second would silently replace the first
                 raise EngineInvalidInput(f"tensors[{s.name!r}]", s.name, "each tensor name at most once")
             seen.add(s.name)
             if not s.dtype.is_floating_point:
@@ -244,22 +277,36 @@ class WeightManager:
         if self.core.state is EngineState.DRAINING:
             raise EngineError(f"{op}: a drain is in progress; wait for pause to return")
         if self.staged is not None:
-            raise EngineError(f"{op}: version {self.staged.version} is staged; commit_weights or "
-                              "abort_staged first")
+            raise EngineError(f"{op}: version {self.staged.version} is staged; commit_weights or abort_staged first")
 
     # -- update --------------------------------------------------------------------------
-    def update(self, reply: Future, source: str | None = None, path: str | None = None,
-               named_tensors: Iterable[tuple[str, torch.Tensor]] | dict | None = None,
-               version: int | None = None, checksums: dict[str, str] | None = None,
-               group_name: str | None = None, tensors: list | None = None, layout: str = "per_tensor",
-               buckets: list | None = None, shm_path: str | None = None, ipc_handles: list | None = None,
-               commit: bool = True, staging: str = "copy", timeout_s: float | None = None,
-               flush_cache: bool = True) -> dict | None:
+    def update(
+        self,
+        reply: Future,
+        source: str | None = None,
+        path: str | None = None,
+        named_tensors: Iterable[tuple[str, torch.Tensor]] | dict | None = None,
+        version: int | None = None,
+        checksums: dict[str, str] | None = None,
+        group_name: str | None = None,
+        tensors: list | None = None,
+        layout: str = "per_tensor",
+        buckets: list | None = None,
+        shm_path: str | None = None,
+        ipc_handles: list | None = None,
+        commit: bool = True,
+        staging: str = "copy",
+        timeout_s: float | None = None,
+        flush_cache: bool = True,
+    ) -> dict | None:
         source = source or ("path" if path is not None else "tensors" if named_tensors is not None else None)
         if source not in SOURCES:
             raise EngineInvalidInput("source", source, f"one of {list(SOURCES)}")
-        if (path is not None) + (named_tensors is not None) > 1 or (source == "path") != (path is not None) \
-                or (source == "tensors") != (named_tensors is not None):
+        if (
+            (path is not None) + (named_tensors is not None) > 1
+            or (source == "path") != (path is not None)
+            or (source == "tensors") != (named_tensors is not None)
+        ):
             raise EngineError("update_weights: give exactly one of path= or named_tensors=, matching source=")
         if staging not in STAGING:
             raise EngineInvalidInput("staging", staging, f"one of {list(STAGING)}")
@@ -267,8 +314,21 @@ class WeightManager:
             raise EngineInvalidInput("version", version, "a non-negative integer")
         deadline = time.monotonic() + (DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s))
         if source in ("distributed", "shm", "ipc"):
-            self._update_declared(reply, source, version, checksums, group_name, tensors, layout,
-                                  buckets, shm_path, ipc_handles, commit, deadline, staging)
+            self._update_declared(
+                reply,
+                source,
+                version,
+                checksums,
+                group_name,
+                tensors,
+                layout,
+                buckets,
+                shm_path,
+                ipc_handles,
+                commit,
+                deadline,
+                staging,
+            )
             return None
         self._precheck("update_weights")
         core = self.core
@@ -287,13 +347,16 @@ class WeightManager:
                 if path is None:
                     return None
                 from tidal.models.loader import checkpoint_fingerprint
+
                 _check_complete(model, path, writer.names)
                 return checkpoint_fingerprint(path, root)
+
             self._write_in_place(reply, items, checksums, field, version, path, commit, complete)
             return None
 
         def work() -> tuple[dict[str, torch.Tensor], Any]:
             from tidal.models.loader import checkpoint_fingerprint
+
             stamp = checkpoint_fingerprint(path, root) if path is not None else None
             staged = stage(model, path, named_tensors, checksums, deadline, root=root)
             return ({n: t.to(device) for n, t in staged.items()} if device.type == "cuda" else staged), stamp
@@ -305,19 +368,34 @@ class WeightManager:
         self._start("update_weights", reply, work, done)
         return None
 
-    def _update_declared(self, reply: Future, source: str, version: int | None, checksums: dict | None,
-                         group_name: str | None, tensors: list | None, layout: str, buckets: list | None,
-                         shm_path: str | None, ipc_handles: list | None, commit: bool, deadline: float,
-                         staging: str = "copy") -> None:
+    def _update_declared(
+        self,
+        reply: Future,
+        source: str,
+        version: int | None,
+        checksums: dict | None,
+        group_name: str | None,
+        tensors: list | None,
+        layout: str,
+        buckets: list | None,
+        shm_path: str | None,
+        ipc_handles: list | None,
+        commit: bool,
+        deadline: float,
+        staging: str = "copy",
+    ) -> None:
         device = self.core.runner.device
         if layout not in wt.LAYOUTS:
             raise EngineInvalidInput("layout", layout, f"one of {list(wt.LAYOUTS)}")
         if source == "distributed":
             g = self.group
             if g is None or (group_name is not None and group_name != g.name):
-                raise EngineInvalidInput("group_name", group_name, "the name of a group joined with "
-                                         f"init_weight_transfer (now: {None if g is None else g.name!r})")
-            group = g   # narrowed: the closures below see a TransferGroup
+                raise EngineInvalidInput(
+                    "group_name",
+                    group_name,
+                    f"the name of a group joined with init_weight_transfer (now: {None if g is None else g.name!r})",
+                )
+            group = g  # narrowed: the closures below see a TransferGroup
             parsed = wt.parse_buckets(buckets) if layout == "bucketed" else None
             specs = [s for b in parsed for s in b.tensors] if parsed else wt.parse_specs(tensors)
         else:
@@ -331,18 +409,23 @@ class WeightManager:
             if source != "distributed":
                 raise
             rejected = e  # `e` itself is cleared when this block ends
+
             # Rejected before anything is applied: still take part in the declared broadcasts,
             # so a trainer that did not wait for our answer is not left blocked in a collective.
             def discard() -> None:
                 wt.discard_declared(group, specs, parsed, deadline)
                 raise rejected
+
             self._start("update_weights", reply, discard, lambda _, job: {}, lambda e: self._teardown())
             return None
         torn = (lambda e: self._teardown()) if source == "distributed" else None
         if staging == "in_place":
             if source == "distributed":
-                items = (lambda: wt.iter_buckets(group, parsed, device, deadline)) if parsed else \
-                    (lambda: wt.iter_per_tensor(group, specs, device, deadline))
+                items = (
+                    (lambda: wt.iter_buckets(group, parsed, device, deadline))
+                    if parsed
+                    else (lambda: wt.iter_per_tensor(group, specs, device, deadline))
+                )
             elif source == "shm":
                 shm = wt.check_shm_path(shm_path)
                 items = lambda: wt.iter_shm(shm, specs)  # noqa: E731
@@ -351,8 +434,11 @@ class WeightManager:
             self._write_in_place(reply, items, checksums, None, version, None, commit, lambda w: None, torn)
             return None
         if source == "distributed":
-            recv = (lambda: wt.receive_buckets(group, parsed, device, deadline, self.arena)) if parsed else \
-                (lambda: wt.receive_per_tensor(group, specs, device, deadline, self.arena))
+            recv = (
+                (lambda: wt.receive_buckets(group, parsed, device, deadline, self.arena))
+                if parsed
+                else (lambda: wt.receive_per_tensor(group, specs, device, deadline, self.arena))
+            )
         elif source == "shm":
             path = wt.check_shm_path(shm_path)
             recv = lambda: wt.receive_shm(path, specs, device)  # noqa: E731
@@ -364,14 +450,23 @@ class WeightManager:
             _verify(staged, checksums)
             return staged
 
-        self._start("update_weights", reply, work,
-                    lambda staged, job: self._staged(staged, version, None, commit, job), torn)
+        self._start(
+            "update_weights", reply, work, lambda staged, job: self._staged(staged, version, None, commit, job), torn
+        )
         return None
 
-    def _write_in_place(self, reply: Future, items: Callable[[], Iterable[tuple[str, torch.Tensor]]],
-                        checksums: dict[str, str] | None, field: str | None, version: int | None,
-                        source: str | None, commit: bool, complete: Callable[[_InPlace], Any],
-                        torn: Callable[[BaseException], None] | None = None) -> None:
+    def _write_in_place(
+        self,
+        reply: Future,
+        items: Callable[[], Iterable[tuple[str, torch.Tensor]]],
+        checksums: dict[str, str] | None,
+        field: str | None,
+        version: int | None,
+        source: str | None,
+        commit: bool,
+        complete: Callable[[_InPlace], Any],
+        torn: Callable[[BaseException], None] | None = None,
+    ) -> None:
         """The worker writes into the live parameters; nothing is scheduled until it commits,
         or until a failure (or abort_staged) has put the old weights back."""
         writer = _InPlace(self.core.runner.model, checksums, field)
@@ -387,23 +482,37 @@ class WeightManager:
                     torch.cuda.synchronize(device)
                 return stamp
             except BaseException:
-                writer.restore()   # raises (and sets restore_error) if it cannot
+                writer.restore()  # raises (and sets restore_error) if it cannot
                 raise
 
         def failed(e: BaseException) -> None:
             self.writing = None
             if writer.restore_error is not None:
-                self.fenced = ("in-place update failed and the old weights could not be restored: "
-                               f"{writer.restore_error}")
+                self.fenced = (
+                    f"in-place update failed and the old weights could not be restored: {writer.restore_error}"
+                )
             if torn is not None:
                 torn(e)
 
         self.writing = writer
-        self._start("update_weights", reply, work,
-                    lambda stamp, job: self._staged({}, version, source, commit, job, stamp, writer), failed)
+        self._start(
+            "update_weights",
+            reply,
+            work,
+            lambda stamp, job: self._staged({}, version, source, commit, job, stamp, writer),
+            failed,
+        )
 
-    def _staged(self, staged: dict[str, torch.Tensor], version: int | None, source: str | None,
-                commit: bool, job: _Job, fingerprint: Any = None, in_place: _InPlace | None = None) -> dict:
+    def _staged(
+        self,
+        staged: dict[str, torch.Tensor],
+        version: int | None,
+        source: str | None,
+        commit: bool,
+        job: _Job,
+        fingerprint: Any = None,
+        in_place: _InPlace | None = None,
+    ) -> dict:
         """Core thread: the worker staged every tensor. Commit now, or hold for commit_weights
         (an in-place update holds generation meanwhile: the live parameters are already new)."""
         stage_s = time.monotonic() - job.started
@@ -411,16 +520,24 @@ class WeightManager:
         held = _Staged(version, staged, source, stage_s, fingerprint, in_place)
         if not commit:
             self.staged = held
-            return {"staged": True, "weight_version": self.core.weight_version, "staged_version": version,
-                    "num_tensors": _count(held), "bytes": _held_bytes(held), "stage_s": stage_s,
-                    "staging": "copy" if in_place is None else "in_place"}
+            return {
+                "staged": True,
+                "weight_version": self.core.weight_version,
+                "staged_version": version,
+                "num_tensors": _count(held),
+                "bytes": _held_bytes(held),
+                "stage_s": stage_s,
+                "staging": "copy" if in_place is None else "in_place",
+            }
         return self._commit(held)
 
     def _commit(self, held: _Staged) -> dict:
         core = self.core
         if "weights" in core.control.sleeping:  # slept while staging: nothing to copy into
-            raise EngineError(f"update_weights: weights went to sleep before version {held.version} "
-                              "could commit; wake_up(['weights']) and update again")
+            raise EngineError(
+                f"update_weights: weights went to sleep before version {held.version} "
+                "could commit; wake_up(['weights']) and update again"
+            )
         t0 = time.monotonic()
         try:
             # copy_ into the live parameters (an in-place update has written them already)
@@ -429,8 +546,7 @@ class WeightManager:
                 torch.cuda.synchronize(core.runner.device)
         except BaseException as e:  # part of the weights may be new: never serve them mixed
             self.fenced = f"commit of version {held.version} failed part-way: {type(e).__name__}: {e}"
-            raise EngineError(f"update_weights: {self.fenced}; the engine is fenced until an update "
-                              "commits") from None
+            raise EngineError(f"update_weights: {self.fenced}; the engine is fenced until an update commits") from None
         core.weight_version = held.version
         core.weight_source = held.source
         core.weight_fingerprint = held.fingerprint
@@ -439,11 +555,18 @@ class WeightManager:
         recomputed = core.scheduler.retract_all()
         core.block_manager.reset_prefix_cache()
         self.fenced = None
-        self.writing = None   # the in-place backup is dropped with `held`
-        return {"weight_version": held.version, "num_tensors": _count(held), "bytes": _held_bytes(held),
-                "stage_s": held.stage_s, "commit_s": time.monotonic() - t0, "skipped": False,
-                "committed": True, "recomputed": len(recomputed),
-                "staging": "copy" if held.in_place is None else "in_place"}
+        self.writing = None  # the in-place backup is dropped with `held`
+        return {
+            "weight_version": held.version,
+            "num_tensors": _count(held),
+            "bytes": _held_bytes(held),
+            "stage_s": held.stage_s,
+            "commit_s": time.monotonic() - t0,
+            "skipped": False,
+            "committed": True,
+            "recomputed": len(recomputed),
+            "staging": "copy" if held.in_place is None else "in_place",
+        }
 
     def commit_staged(self, version: int | None = None) -> dict:
         held = self.staged
@@ -464,10 +587,14 @@ class WeightManager:
                 held.in_place.restore()
             except BaseException as e:
                 self.fenced = f"abort_staged could not restore the weights an in-place update overwrote: {e}"
-                raise EngineError(f"abort_staged: {self.fenced}; the engine is fenced until an update "
-                                  "commits") from None
-        return {"aborted": held is not None, "staged_version": None if held is None else held.version,
-                "weight_version": self.core.weight_version}
+                raise EngineError(
+                    f"abort_staged: {self.fenced}; the engine is fenced until an update commits"
+                ) from None
+        return {
+            "aborted": held is not None,
+            "staged_version": None if held is None else held.version,
+            "weight_version": self.core.weight_version,
+        }
 
     def fence(self, reason: str) -> dict:
         self.fenced = f"fenced by the caller: {reason}"
@@ -503,27 +630,35 @@ def _verify(staged: dict[str, torch.Tensor], checksums: dict[str, str] | None, i
     for name, digest in (checksums or {}).items():
         if name not in staged:
             msg = f"update_weights: checksum given for {name!r}, which the source lacks"
-            raise EngineInvalidInput("checksums", name, "names of tensors in the source", msg) if invalid_input \
+            raise (
+                EngineInvalidInput("checksums", name, "names of tensors in the source", msg)
+                if invalid_input
                 else EngineError(msg)
+            )
         actual = tensor_sha256(staged[name])
         if actual != digest:
             msg = f"update_weights: checksum of {name!r} is {actual}, expected {digest}"
             raise EngineInvalidInput("checksums", name, digest, msg) if invalid_input else EngineError(msg)
 
 
-def iter_source(model, path: str | None, named_tensors, deadline: float = float("inf"),
-                root: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_source(
+    model, path: str | None, named_tensors, deadline: float = float("inf"), root: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Each tensor of a checkpoint directory (or of `named_tensors`), checked against the model
     as it is read, without touching the model. Raises on any problem: bad input
     (EngineInvalidInput naming `path` or `named_tensors`) or a failing source. The loader
     confines every file to `root` and refuses non-regular ones (a FIFO named *.safetensors would
     block the reader forever)."""
     from tidal.models.loader import iter_checkpoint
+
     field = "path" if path is not None else "named_tensors"
     seen: set[str] = set()
     try:
-        source = iter_checkpoint(path, root) if path is not None else (
-            named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        source = (
+            iter_checkpoint(path, root)
+            if path is not None
+            else (named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        )
         for name, tensor in source:
             if time.monotonic() > deadline:
                 raise EngineError("update_weights: the call's deadline passed while reading the tensors")
@@ -532,26 +667,38 @@ def iter_source(model, path: str | None, named_tensors, deadline: float = float(
             except ValueError as e:
                 raise EngineInvalidInput(field, path, "tensors matching the model", f"update_weights: {e}") from None
             if name in seen:
-                raise EngineInvalidInput(field, path, "each tensor once",
-                                         f"update_weights: tensor {name!r} appears twice in the source")
+                raise EngineInvalidInput(
+                    field, path, "each tensor once", f"update_weights: tensor {name!r} appears twice in the source"
+                )
             seen.add(name)
             yield name, tensor
     except (EngineError, EngineInvalidInput):
         raise
     except (ValueError, OSError) as e:  # a bad checkpoint is bad input, not a state conflict
-        raise EngineInvalidInput(field, path, "a readable checkpoint matching the model",
-                                 f"update_weights: {type(e).__name__}: {e}") from None
+        raise EngineInvalidInput(
+            field, path, "a readable checkpoint matching the model", f"update_weights: {type(e).__name__}: {e}"
+        ) from None
 
 
 def _check_complete(model, path: str, names: Iterable[str]) -> None:
     missing = sorted(set(model.weight_specs()) - set(names) - model.optional_weights())
     if missing:
-        raise EngineInvalidInput("path", path, "every tensor of the model",
-                                 f"update_weights: {path} is missing {len(missing)} tensors: {missing[:8]}")
+        raise EngineInvalidInput(
+            "path",
+            path,
+            "every tensor of the model",
+            f"update_weights: {path} is missing {len(missing)} tensors: {missing[:8]}",
+        )
 
 
-def stage(model, path: str | None, named_tensors, checksums: dict[str, str] | None,
-          deadline: float = float("inf"), root: str | None = None) -> dict[str, torch.Tensor]:
+def stage(
+    model,
+    path: str | None,
+    named_tensors,
+    checksums: dict[str, str] | None,
+    deadline: float = float("inf"),
+    root: str | None = None,
+) -> dict[str, torch.Tensor]:
     """Read and validate every tensor (iter_source) into a staging copy, without touching the model."""
     staged = dict(iter_source(model, path, named_tensors, deadline, root))
     if path is not None:

@@ -11,6 +11,7 @@ else is in the batch; key tiles start at multiples of BLOCK_N, and key tiles pas
 are fully masked for it and add exact zeros (alpha = 1, p = 0). Online softmax as in
 tidal.attention.triton_prefill. Grid (tile, seq, kv head) from static shapes: CUDA-graph safe.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,21 +25,39 @@ except ImportError:  # the CPU-only install: the torch invariant backend serves
     triton = None
 
 _LOG2E = 1.4426950408889634
-ROWS = 16       # rows per tile (BLOCK_P positions x GROUP_PAD heads): the smallest tl.dot tile
-BLOCK_N = 64    # keys per step
+ROWS = 16  # rows per tile (BLOCK_P positions x GROUP_PAD heads): the smallest tl.dot tile
+BLOCK_N = 64  # keys per step
 NUM_WARPS = 4
 NUM_STAGES = 2
 
 if triton is not None:
+
     @triton.jit(do_not_specialize=["stride_bt"])
     def _invariant_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        block_tables_ptr,
+        seq_lens_ptr,
+        query_start_loc_ptr,
+        out_ptr,
         scale_log2,
-        stride_qt, stride_qh, stride_ot, stride_oh,
-        stride_cache_slot, stride_cache_head, stride_bt,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_P: tl.constexpr,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+        stride_qt,
+        stride_qh,
+        stride_ot,
+        stride_oh,
+        stride_cache_slot,
+        stride_cache_head,
+        stride_bt,
+        GROUP: tl.constexpr,
+        GROUP_PAD: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         tile = tl.program_id(0)
         seq = tl.program_id(1)
@@ -63,8 +82,9 @@ if triton is not None:
         rows = (q_start + m).to(tl.int64)
         heads = kv_head * GROUP + g
         rd_mask = r_mask[:, None] & d_mask[None, :]
-        q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=rd_mask,
-                    other=0.0)
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=rd_mask, other=0.0
+        )
         if DOT_FP32:
             q = q.to(tl.float32)
 
@@ -102,30 +122,44 @@ if triton is not None:
             m_i = m_new
 
         o = acc / l_i[:, None]
-        tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=rd_mask)
+        tl.store(
+            out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            o.to(out_ptr.dtype.element_ty),
+            mask=rd_mask,
+        )
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def invariant_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                              seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
-                              scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def invariant_paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """q: [T, Hq, D] (the new tokens of every sequence, concatenated); their K/V already stored in
     kv_cache [2, NB, BS, Hkv, D]. Returns out [T, Hq, D] in q's dtype; rows of sequences with
     seq_len 0 (graph padding) are not written."""
     if triton is None:
         raise RuntimeError("invariant_paged_attention needs Triton, which is not installed")
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous():
-        raise ValueError(f"kv_cache.shape={tuple(kv_cache.shape)}: expected a contiguous [2, num_blocks, "
-                         "block_size, num_kv_heads, head_dim]")
+        raise ValueError(
+            f"kv_cache.shape={tuple(kv_cache.shape)}: expected a contiguous [2, num_blocks, "
+            "block_size, num_kv_heads, head_dim]"
+        )
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache.shape
     if cache_head_dim != head_dim or num_q_heads % num_kv_heads or q.stride(-1) != 1:
-        raise ValueError(f"q.shape={tuple(q.shape)} does not fit kv_cache.shape={tuple(kv_cache.shape)}: expected "
-                         "the same head_dim, num_q_heads divisible by num_kv_heads and a contiguous head_dim")
+        raise ValueError(
+            f"q.shape={tuple(q.shape)} does not fit kv_cache.shape={tuple(kv_cache.shape)}: expected "
+            "the same head_dim, num_q_heads divisible by num_kv_heads and a contiguous head_dim"
+        )
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
@@ -138,13 +172,31 @@ def invariant_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tab
     grid = (triton.cdiv(max_query_len, block_p) + 1, num_seqs, num_kv_heads)
     interp = interpreting()
     _invariant_attention_kernel[grid](
-        q, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc, out,
+        q,
+        kv_cache[0],
+        kv_cache[1],
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        out,
         scale * _LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_P=block_p, HEAD_DIM=head_dim, BLOCK_D=_pow2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, DOT_FP32=interp,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_P=block_p,
+        HEAD_DIM=head_dim,
+        BLOCK_D=_pow2(head_dim),
+        BLOCK_SIZE=block_size,
+        BLOCK_N=BLOCK_N,
+        DOT_FP32=interp,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )
     return out

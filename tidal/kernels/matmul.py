@@ -9,6 +9,7 @@ columns past K load zeros, which add exact zeros). M only changes the grid.
 Grid order: the M tiles of one N tile are neighbours, so a weight tile is read from memory once
 and reused from L2 by the other row tiles.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,10 +45,24 @@ CONFIGS = {
 if triton is not None:
     # M changes every step: no kernel variant per M (value-1 or divisible-by-16 specialisation).
     @triton.jit(do_not_specialize=["M"])
-    def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                       HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-                       BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _matmul_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        y_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_ym,
+        HAS_BIAS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         m_tiles = tl.cdiv(M, BLOCK_M)
         pid_m = pid % m_tiles
@@ -72,8 +87,11 @@ if triton is not None:
             w_ptrs += BLOCK_K
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(
+            y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,8 +115,24 @@ def matmul(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     # float32 multiplies in full precision ("ieee"), not TF32; 16-bit inputs are exact either way.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    _matmul_kernel[grid](x, w, b if b is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-                         HAS_BIAS=b is not None, PRECISION=precision, DOT_FP32=interpreting(),
-                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _matmul_kernel[grid](
+        x,
+        w,
+        b if b is not None else w,
+        y,
+        m,
+        n,
+        k,
+        x.stride(0),
+        w.stride(0),
+        y.stride(0),
+        HAS_BIAS=b is not None,
+        PRECISION=precision,
+        DOT_FP32=interpreting(),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     return y

@@ -6,6 +6,7 @@ blocks from the number of rows, so a row's sum is added in another order when th
 Here a row is walked in BLOCK-wide slices from column 0: each lane keeps its own running sum, and
 the lanes are added by one tl.sum of fixed shape at the end. The max is exact (order-free).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,6 +21,7 @@ BLOCK = 1024
 NUM_WARPS = 4
 
 if triton is not None:
+
     @triton.jit
     def _row_max_and_sum(base, n, BLOCK: tl.constexpr):
         """max of the row (0 for an all -inf row, so that exp(x - shift) stays 0) and sum exp(x - max)."""
@@ -54,7 +56,7 @@ if triton is not None:
             x = tl.load(base + start + cols, mask=inside, other=float("-inf")).to(tl.float32)
             c = tl.cumsum(tl.exp(x - shift) / total, 0) + carry
             tl.store(out_ptr + row * stride_o + start + cols, c, mask=inside)
-            carry = tl.sum(tl.where(cols == BLOCK - 1, c, 0.0), 0)   # the slice's last prefix
+            carry = tl.sum(tl.where(cols == BLOCK - 1, c, 0.0), 0)  # the slice's last prefix
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -79,6 +81,7 @@ def row_softmax_cumsum(x: torch.Tensor) -> torch.Tensor:
     x = _rows(x, "row_softmax_cumsum")
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if x.shape[0]:
-        _softmax_cumsum_kernel[(x.shape[0],)](x, x.stride(0), out, out.stride(0), x.shape[1], BLOCK=BLOCK,
-                                              num_warps=NUM_WARPS)
+        _softmax_cumsum_kernel[(x.shape[0],)](
+            x, x.stride(0), out, out.stride(0), x.shape[1], BLOCK=BLOCK, num_warps=NUM_WARPS
+        )
     return out

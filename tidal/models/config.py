@@ -4,6 +4,7 @@ Reads the plain JSON dict (not a transformers config object), so the same parsin
 every transformers version. RoPE settings come either as transformers-5 ``rope_parameters``
 or as the older ``rope_theta`` + ``rope_scaling`` pair.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,14 @@ class RopeConfig:
 
 @dataclass(slots=True)
 class ModelArch:
-    architecture: str               # config.json `architectures[0]`, e.g. "Qwen3ForCausalLM"
+    architecture: str  # config.json `architectures[0]`, e.g. "Qwen3ForCausalLM"
     num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
     hidden_size: int
     vocab_size: int
-    max_model_len: int              # max_position_embeddings
+    max_model_len: int  # max_position_embeddings
     eos_token_ids: list[int]
     tie_word_embeddings: bool
     intermediate_size: int = 0
@@ -40,7 +41,7 @@ class ModelArch:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False           # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     bos_token_id: int | None = None
     pad_token_id: int | None = None
 
@@ -83,8 +84,9 @@ def parse_rope(cfg: dict[str, Any]) -> RopeConfig:
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"config.json: rope_type {rope_type!r} is not supported; "
-                         f"expected one of {list(SUPPORTED_ROPE_TYPES)}")
+        raise ValueError(
+            f"config.json: rope_type {rope_type!r} is not supported; expected one of {list(SUPPORTED_ROPE_TYPES)}"
+        )
     theta = float(params.pop("rope_theta", None) or cfg.get("rope_theta") or 10000.0)
     partial = params.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor") or 1.0
     if partial != 1.0:
@@ -96,13 +98,20 @@ def parse_rope(cfg: dict[str, Any]) -> RopeConfig:
             if params.get(key) is None:
                 raise ValueError(f"config.json: rope_type 'llama3' needs {key!r} in rope_parameters/rope_scaling")
     if rope_type in ("llama3", "yarn"):
-        params.setdefault("original_max_position_embeddings",
-                          cfg.get("original_max_position_embeddings") or cfg.get("max_position_embeddings"))
+        params.setdefault(
+            "original_max_position_embeddings",
+            cfg.get("original_max_position_embeddings") or cfg.get("max_position_embeddings"),
+        )
     return RopeConfig(rope_type=rope_type, theta=theta, params=params)
 
 
-def parse_arch(hf_config: Any, generation_config: dict[str, Any] | None = None, *,
-               default_head_dim: int | None = None, default_max_len: int = 2048) -> ModelArch:
+def parse_arch(
+    hf_config: Any,
+    generation_config: dict[str, Any] | None = None,
+    *,
+    default_head_dim: int | None = None,
+    default_max_len: int = 2048,
+) -> ModelArch:
     """Common Llama-family fields; the model classes set their bias / norm flags on top."""
     cfg = as_config_dict(hf_config)
     architecture = (cfg.get("architectures") or ["?"])[0]
@@ -113,8 +122,9 @@ def parse_arch(hf_config: Any, generation_config: dict[str, Any] | None = None, 
     heads = _positive_int(cfg, "num_attention_heads", _required(cfg, "num_attention_heads"))
     kv_heads = _positive_int(cfg, "num_key_value_heads", cfg.get("num_key_value_heads") or heads)
     if heads % kv_heads:
-        raise ValueError(f"config.json: num_attention_heads = {heads} is not a multiple of "
-                         f"num_key_value_heads = {kv_heads}")
+        raise ValueError(
+            f"config.json: num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads}"
+        )
     head_dim = cfg.get("head_dim") or default_head_dim or hidden // heads
     eos = _token_ids((generation_config or {}).get("eos_token_id"))
     eos += [t for t in _token_ids(cfg.get("eos_token_id")) if t not in eos]
@@ -126,8 +136,9 @@ def parse_arch(hf_config: Any, generation_config: dict[str, Any] | None = None, 
         head_dim=_positive_int(cfg, "head_dim", head_dim),
         hidden_size=hidden,
         vocab_size=_positive_int(cfg, "vocab_size", _required(cfg, "vocab_size")),
-        max_model_len=_positive_int(cfg, "max_position_embeddings",
-                                    cfg.get("max_position_embeddings") or default_max_len),
+        max_model_len=_positive_int(
+            cfg, "max_position_embeddings", cfg.get("max_position_embeddings") or default_max_len
+        ),
         eos_token_ids=eos,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         intermediate_size=_positive_int(cfg, "intermediate_size", _required(cfg, "intermediate_size")),

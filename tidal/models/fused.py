@@ -19,6 +19,7 @@ default) runs the kernels on CUDA only, "on" also on the CPU (Triton's interpret
 "off" nowhere (the A/B measurement in benchmarks/throughput.py). `use_fused_kernels` sets it on
 every layer of a model; CUDA graphs keep whatever path they were captured with.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,7 @@ def use_fused_kernels(model: torch.nn.Module, mode: str, device: torch.device) -
     on = triton is not None and (mode == "on" or (mode == "auto" and device.type == "cuda"))
     for m in model.modules():
         if hasattr(m, "fused"):
-            setattr(m, "fused", on)   # noqa: B010 (nn.Module's own __setattr__ types exclude a bool)
+            setattr(m, "fused", on)  # noqa: B010 (nn.Module's own __setattr__ types exclude a bool)
     return on
 
 
@@ -51,9 +52,21 @@ def _pow2(n: int) -> int:
 
 
 if triton is not None:
+
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n, stride_x, stride_res, eps,
-                             HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_rms_norm_kernel(
+        x_ptr,
+        res_ptr,
+        w_ptr,
+        out_ptr,
+        res_out_ptr,
+        n,
+        stride_x,
+        stride_res,
+        eps,
+        HAS_RES: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = cols < n
@@ -76,13 +89,24 @@ if triton is not None:
         inside = cols < inter
         g = tl.load(gu_ptr + row * stride_gu + cols, mask=inside, other=0.0).to(tl.float32)
         u = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=inside, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * inter + cols, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty),
-                 mask=inside)
+        tl.store(out_ptr + row * inter + cols, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _qk_norm_rope_kernel(qkv_ptr, stride_qkv, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, out_ptr, eps,
-                             NUM_Q: tl.constexpr, NUM_HEADS: tl.constexpr, HALF: tl.constexpr,
-                             HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _qk_norm_rope_kernel(
+        qkv_ptr,
+        stride_qkv,
+        pos_ptr,
+        cos_sin_ptr,
+        qw_ptr,
+        kw_ptr,
+        out_ptr,
+        eps,
+        NUM_Q: tl.constexpr,
+        NUM_HEADS: tl.constexpr,
+        HALF: tl.constexpr,
+        HAS_NORM: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
         # One program per token: its q and k heads [NUM_HEADS, 2 * HALF], as two halves.
         t = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
@@ -115,8 +139,9 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm(x + residual) * weight, and x + residual (the next residual; None without one)."""
     x = _rows(x, "x")
     rows, n = x.shape
@@ -128,10 +153,20 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
             raise ValueError(f"residual.shape={tuple(residual.shape)}: expected {tuple(x.shape)} like x")
         res_out = torch.empty_like(out)
     if rows:
-        _add_rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, out,
-                                      res_out if res_out is not None else out, n, x.stride(0),
-                                      residual.stride(0) if residual is not None else 0, eps,
-                                      HAS_RES=residual is not None, BLOCK=_pow2(n), num_warps=4)
+        _add_rms_norm_kernel[(rows,)](
+            x,
+            residual if residual is not None else x,
+            weight,
+            out,
+            res_out if res_out is not None else out,
+            n,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            eps,
+            HAS_RES=residual is not None,
+            BLOCK=_pow2(n),
+            num_warps=4,
+        )
     return out, res_out
 
 
@@ -143,14 +178,23 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((rows, inter), dtype=gate_up.dtype, device=gate_up.device)
     if rows:
         block = min(1024, _pow2(inter))
-        _silu_mul_kernel[(rows, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), BLOCK=block,
-                                                            num_warps=4)
+        _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
+            gate_up, out, inter, gate_up.stride(0), BLOCK=block, num_warps=4
+        )
     return out
 
 
-def qk_norm_rope(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 positions: torch.Tensor, cos_sin: torch.Tensor, q_weight: torch.Tensor | None,
-                 k_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def qk_norm_rope(
+    qkv: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
     """q and k of a fused qkv projection [T, (Hq + 2 Hkv) * D], each head RMSNormed (when the
     weights are given) then rotated (neox halves) at `positions` from `cos_sin` [max_pos, D]
     (cos | sin, float32). Returns [T, Hq + Hkv, D]: q heads, then k heads."""
@@ -158,18 +202,33 @@ def qk_norm_rope(qkv: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_di
     tokens = qkv.shape[0]
     heads = num_q_heads + num_kv_heads
     if qkv.shape[1] < heads * head_dim or head_dim % 2 or head_dim & (head_dim - 1):
-        raise ValueError(f"qkv.shape={tuple(qkv.shape)}, head_dim={head_dim}: expected at least "
-                         f"{heads} heads of a power-of-two head_dim")
+        raise ValueError(
+            f"qkv.shape={tuple(qkv.shape)}, head_dim={head_dim}: expected at least "
+            f"{heads} heads of a power-of-two head_dim"
+        )
     if cos_sin.shape[-1] != head_dim or cos_sin.dtype != torch.float32:
-        raise ValueError(f"cos_sin: shape {tuple(cos_sin.shape)} {cos_sin.dtype}, "
-                         f"expected [max_pos, {head_dim}] float32")
+        raise ValueError(
+            f"cos_sin: shape {tuple(cos_sin.shape)} {cos_sin.dtype}, expected [max_pos, {head_dim}] float32"
+        )
     if (q_weight is None) != (k_weight is None):
         raise ValueError("q_weight and k_weight: give both (Qwen3 q/k norm) or neither")
     out = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if tokens:
         has_norm = q_weight is not None
-        _qk_norm_rope_kernel[(tokens,)](qkv, qkv.stride(0), positions, cos_sin,
-                                        q_weight if has_norm else cos_sin, k_weight if has_norm else cos_sin,
-                                        out, eps, NUM_Q=num_q_heads, NUM_HEADS=heads, HALF=head_dim // 2,
-                                        HAS_NORM=has_norm, BLOCK_H=_pow2(heads), num_warps=4)
+        _qk_norm_rope_kernel[(tokens,)](
+            qkv,
+            qkv.stride(0),
+            positions,
+            cos_sin,
+            q_weight if has_norm else cos_sin,
+            k_weight if has_norm else cos_sin,
+            out,
+            eps,
+            NUM_Q=num_q_heads,
+            NUM_HEADS=heads,
+            HALF=head_dim // 2,
+            HAS_NORM=has_norm,
+            BLOCK_H=_pow2(heads),
+            num_warps=4,
+        )
     return out

@@ -3,6 +3,7 @@
 Parameters are created uninitialised (``torch.empty``) and without autograd; the loader
 fills them from a checkpoint or with random values.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,9 @@ class Linear(nn.Module):
     ROW_TILE = 16
     batch_invariant = False
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                 weight: nn.Parameter | None = None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, weight: nn.Parameter | None = None
+    ):
         super().__init__()
         # ``weight`` shares an existing parameter (tied embeddings).
         self.weight = _param(out_features, in_features, dtype=dtype) if weight is None else weight
@@ -179,7 +181,7 @@ def _yarn_inv_freq(p: dict, dim: int, base: float, max_position: int) -> tuple[t
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
-    keep = 1 - ramp   # 1: keep the original (extrapolated) frequency, 0: interpolate
+    keep = 1 - ramp  # 1: keep the original (extrapolated) frequency, 0: interpolate
     return interpolation * (1 - keep) + extrapolation * keep, float(attn_factor)
 
 
@@ -187,8 +189,9 @@ def _yarn_inv_freq(p: dict, dim: int, base: float, max_position: int) -> tuple[t
 class RopeInputs:
     """One forward's positions and the cos/sin table; the gathered cos/sin are built once, on
     first use (the fused q/k kernel reads the table directly)."""
+
     positions: torch.Tensor  # [T] int64
-    table: torch.Tensor      # [max_position, head_dim] float32: cos | sin
+    table: torch.Tensor  # [max_position, head_dim] float32: cos | sin
     _gathered: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,12 +206,12 @@ class RotaryEmbedding(nn.Module):
     """Neox-style RoPE (rotate halves) from a precomputed float32 cos/sin table, indexed by
     position on the device so the forward stays free of host syncs."""
 
-    cos_sin: torch.Tensor   # a buffer: [max_position, head_dim] float32, cos | sin
+    cos_sin: torch.Tensor  # a buffer: [max_position, head_dim] float32, cos | sin
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_position: int):
         super().__init__()
         target = torch.get_default_device()
-        with torch.device("cpu"):   # same table on every device, and real numbers even on "meta"
+        with torch.device("cpu"):  # same table on every device, and real numbers even on "meta"
             inv_freq, attn_factor = rope_inv_freq(rope, head_dim, max_position)
             freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
             cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attn_factor

@@ -7,6 +7,7 @@ map onto row slices of them (see ``_build_weight_map``).
 Invariant: the forward never syncs with the host (no .item(), no loops over tokens), so a
 decode step can be captured in a CUDA graph.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -33,7 +34,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
-        self.scale = arch.head_dim ** -0.5
+        self.scale = arch.head_dim**-0.5
         self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, arch.qkv_bias, dtype)
         self.o_proj = Linear(self.q_size, arch.hidden_size, arch.o_bias, dtype)
         if arch.qk_norm:
@@ -41,19 +42,27 @@ class Attention(nn.Module):
             self.k_norm: RMSNorm | None = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.fused = False   # tidal.models.fused.use_fused_kernels
+        self.fused = False  # tidal.models.fused.use_fused_kernels
 
     def forward(self, x: torch.Tensor, rope: RopeInputs, ctx: ForwardContext) -> torch.Tensor:
         T, Hq = x.shape[0], self.num_heads
         qkv = self.qkv_proj(x)
         # q and k side by side as [T, Hq + Hkv, D] so RoPE runs once over both; the attention
         # backends take strided q/k/v (contiguous head_dim only), so no copies are needed.
-        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         qn, kn = self.q_norm, self.k_norm
         if self.fused:
-            qk = qk_norm_rope(qkv, Hq, self.num_kv_heads, self.head_dim, rope.positions, rope.table,
-                              None if qn is None else qn.weight, None if kn is None else kn.weight,
-                              0.0 if qn is None else qn.eps)
+            qk = qk_norm_rope(
+                qkv,
+                Hq,
+                self.num_kv_heads,
+                self.head_dim,
+                rope.positions,
+                rope.table,
+                None if qn is None else qn.weight,
+                None if kn is None else kn.weight,
+                0.0 if qn is None else qn.eps,
+            )
         else:
             qk = qkv[:, : self.q_size + self.kv_size].view(T, Hq + self.num_kv_heads, self.head_dim)
             if qn is not None and kn is not None:
@@ -69,7 +78,7 @@ class MLP(nn.Module):
         self.intermediate_size = arch.intermediate_size
         self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, arch.mlp_bias, dtype)
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, arch.mlp_bias, dtype)
-        self.fused = False   # tidal.models.fused.use_fused_kernels
+        self.fused = False  # tidal.models.fused.use_fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -87,8 +96,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
-                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = h
             h = self.input_layernorm(h)
@@ -119,6 +129,7 @@ class DecoderModel(nn.Module):
 @dataclass(slots=True)
 class _Slot:
     """Where one checkpoint tensor lands: rows [start, start+size) of ``param`` (all rows if size is None)."""
+
     param: nn.Parameter
     start: int = 0
     size: int | None = None
@@ -167,14 +178,17 @@ class LlamaForCausalLM(nn.Module):
         a = self.arch
         q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
         fused = {
-            "self_attn.qkv_proj": [("self_attn.q_proj", 0, q), ("self_attn.k_proj", q, kv),
-                                   ("self_attn.v_proj", q + kv, kv)],
+            "self_attn.qkv_proj": [
+                ("self_attn.q_proj", 0, q),
+                ("self_attn.k_proj", q, kv),
+                ("self_attn.v_proj", q + kv, kv),
+            ],
             "mlp.gate_up_proj": [("mlp.gate_proj", 0, inter), ("mlp.up_proj", inter, inter)],
         }
         slots: dict[str, _Slot] = {}
         for name, param in self.named_parameters(remove_duplicate=False):
             if name == "lm_head.weight" and a.tie_word_embeddings:
-                slots[name] = _Slot(param)   # same storage as embed_tokens; optional in checkpoints
+                slots[name] = _Slot(param)  # same storage as embed_tokens; optional in checkpoints
                 continue
             prefix, _, leaf = name.rpartition(".")
             for fused_name, parts in fused.items():
@@ -200,14 +214,20 @@ class LlamaForCausalLM(nn.Module):
             return
         slot = self._weight_map.get(name)
         if slot is None:
-            raise ValueError(f"checkpoint tensor {name!r} (shape {list(shape)}) is not a weight of "
-                             f"{self.arch.architecture}; expected names like 'model.layers.0.self_attn.q_proj.weight'")
+            raise ValueError(
+                f"checkpoint tensor {name!r} (shape {list(shape)}) is not a weight of "
+                f"{self.arch.architecture}; expected names like 'model.layers.0.self_attn.q_proj.weight'"
+            )
         if tuple(shape) != slot.shape:
-            raise ValueError(f"checkpoint tensor {name!r} has shape {list(shape)}, expected {list(slot.shape)} "
-                             f"for {self.arch.architecture} as config.json describes it")
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {list(shape)}, expected {list(slot.shape)} "
+                f"for {self.arch.architecture} as config.json describes it"
+            )
         if not (dtype.is_floating_point):
-            raise ValueError(f"checkpoint tensor {name!r} has dtype {dtype}, expected a floating-point "
-                             f"dtype (it is cast to {self.dtype})")
+            raise ValueError(
+                f"checkpoint tensor {name!r} has dtype {dtype}, expected a floating-point "
+                f"dtype (it is cast to {self.dtype})"
+            )
 
     def check_weight(self, name: str, tensor: torch.Tensor) -> None:
         self.check_weight_spec(name, tuple(tensor.shape), tensor.dtype)
@@ -228,7 +248,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             self.check_weight(name, tensor)
             view = self.live_view(name)
-            if view is None:   # a buffer the model ignores
+            if view is None:  # a buffer the model ignores
                 continue
             view.copy_(tensor)
             loaded.add(name)
@@ -240,8 +260,10 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     def arch_from_config(cls, hf_config, generation_config=None):
         cfg = as_config_dict(hf_config)
         if cfg.get("use_sliding_window"):
-            raise ValueError("config.json: use_sliding_window = true is not supported for Qwen2 "
-                             "(sliding-window attention); expected false")
+            raise ValueError(
+                "config.json: use_sliding_window = true is not supported for Qwen2 "
+                "(sliding-window attention); expected false"
+            )
         arch = parse_arch(cfg, generation_config, default_max_len=32768)
         return replace(arch, qkv_bias=True, o_bias=False)
 

@@ -4,6 +4,7 @@ Every check (config fields, weight files, tensor names and shapes, missing tenso
 before any parameter is allocated: shapes are read from the safetensors headers and
 compared with a model built on the meta device.
 """
+
 from __future__ import annotations
 
 import glob
@@ -25,9 +26,17 @@ LOAD_FORMATS = ("auto", "dummy")
 INDEX_FILE = "model.safetensors.index.json"
 
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -45,8 +54,9 @@ def resolve_file(path: str, root: str | None, what: str) -> str:
     it, so a FIFO or device can never block the caller."""
     real = os.path.realpath(path)
     if root is not None and not _inside(real, os.path.realpath(root)):
-        raise EngineInvalidInput("path", path, f"a {what} inside the weights root",
-                                 f"{what} {path!r} resolves outside the weights root")
+        raise EngineInvalidInput(
+            "path", path, f"a {what} inside the weights root", f"{what} {path!r} resolves outside the weights root"
+        )
     try:
         mode = os.stat(real).st_mode
     except FileNotFoundError:
@@ -59,11 +69,19 @@ def resolve_file(path: str, root: str | None, what: str) -> str:
 def resolve_dir(model_dir: str, root: str | None) -> str:
     real = os.path.realpath(model_dir)
     if root is not None and not _inside(real, os.path.realpath(root)):
-        raise EngineInvalidInput("path", model_dir, "a checkpoint directory inside the weights root",
-                                 f"checkpoint directory {model_dir!r} resolves outside the weights root")
+        raise EngineInvalidInput(
+            "path",
+            model_dir,
+            "a checkpoint directory inside the weights root",
+            f"checkpoint directory {model_dir!r} resolves outside the weights root",
+        )
     if not os.path.isdir(real):
-        raise EngineInvalidInput("path", model_dir, "an HF/safetensors checkpoint directory",
-                                 f"checkpoint directory {model_dir!r} does not exist or is not a directory")
+        raise EngineInvalidInput(
+            "path",
+            model_dir,
+            "an HF/safetensors checkpoint directory",
+            f"checkpoint directory {model_dir!r} does not exist or is not a directory",
+        )
     return real
 
 
@@ -87,22 +105,38 @@ def weight_files(model_dir: str, root: str | None = None) -> list[str]:
         try:
             weight_map = read_json(index_path, INDEX_FILE).get("weight_map")
         except (ValueError, UnicodeDecodeError) as e:
-            raise EngineInvalidInput("path", model_dir, f"{INDEX_FILE} holding a JSON object",
-                                     f"{INDEX_FILE} in {model_dir!r} is not a JSON object: {_first_line(e)}") from None
+            raise EngineInvalidInput(
+                "path",
+                model_dir,
+                f"{INDEX_FILE} holding a JSON object",
+                f"{INDEX_FILE} in {model_dir!r} is not a JSON object: {_first_line(e)}",
+            ) from None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise EngineInvalidInput("path", model_dir, f"{INDEX_FILE} with a non-empty 'weight_map'",
-                                     f"{INDEX_FILE} in {model_dir!r}: missing or empty 'weight_map'")
+            raise EngineInvalidInput(
+                "path",
+                model_dir,
+                f"{INDEX_FILE} with a non-empty 'weight_map'",
+                f"{INDEX_FILE} in {model_dir!r}: missing or empty 'weight_map'",
+            )
         names = sorted(set(weight_map.values()))
         bad = [n for n in names if not isinstance(n, str) or not n]
         if bad:
-            raise EngineInvalidInput("path", model_dir, "shard file names (strings) in 'weight_map'",
-                                     f"{INDEX_FILE} in {model_dir!r}: 'weight_map' values must be file names")
+            raise EngineInvalidInput(
+                "path",
+                model_dir,
+                "shard file names (strings) in 'weight_map'",
+                f"{INDEX_FILE} in {model_dir!r}: 'weight_map' values must be file names",
+            )
         return [resolve_file(os.path.join(real_dir, n), root, "shard file") for n in names]
     files = sorted(glob.glob(os.path.join(glob.escape(real_dir), "*.safetensors")))
     if not files:
-        raise EngineInvalidInput("path", model_dir, "a directory with *.safetensors weights",
-                                 f"no *.safetensors files in {model_dir!r}; only safetensors checkpoints "
-                                 "are supported, or use load_format='dummy'")
+        raise EngineInvalidInput(
+            "path",
+            model_dir,
+            "a directory with *.safetensors weights",
+            f"no *.safetensors files in {model_dir!r}; only safetensors checkpoints "
+            "are supported, or use load_format='dummy'",
+        )
     return [resolve_file(f, root, "weight file") for f in files]
 
 
@@ -114,9 +148,12 @@ def iter_checkpoint(model_dir: str, root: str | None = None) -> Iterator[tuple[s
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         except SafetensorError as e:
-            raise EngineInvalidInput("path", model_dir, "valid safetensors files",
-                                     f"{os.path.basename(path)} in {model_dir!r} is not a valid "
-                                     f"safetensors file: {e}") from None
+            raise EngineInvalidInput(
+                "path",
+                model_dir,
+                "valid safetensors files",
+                f"{os.path.basename(path)} in {model_dir!r} is not a valid safetensors file: {e}",
+            ) from None
 
 
 # Files up to this size are hashed in full (xxh3, several GB/s); larger shards are identified by
@@ -128,7 +165,7 @@ FULL_HASH_MAX_BYTES = 256 << 20
 class FileStamp:
     size: int
     mtime_ns: int
-    digest: str          # xxh3_64 of the whole file, or of its safetensors header ("header:...")
+    digest: str  # xxh3_64 of the whole file, or of its safetensors header ("header:...")
 
 
 def checkpoint_fingerprint(model_dir: str, root: str | None = None) -> dict[str, FileStamp]:
@@ -161,8 +198,10 @@ def fingerprint_change(old: dict[str, FileStamp], new: dict[str, FileStamp]) -> 
     gone = sorted(set(old) - set(new))
     added = sorted(set(new) - set(old))
     if gone or added:
-        return f"its file set changed (removed {[os.path.basename(f) for f in gone]}, " \
-               f"added {[os.path.basename(f) for f in added]})"
+        return (
+            f"its file set changed (removed {[os.path.basename(f) for f in gone]}, "
+            f"added {[os.path.basename(f) for f in added]})"
+        )
     for f in sorted(old):
         a, b = old[f], new[f]
         for what in ("size", "mtime_ns", "digest"):
@@ -180,8 +219,9 @@ def checkpoint_specs(model_dir: str) -> dict[str, tuple[tuple[int, ...], torch.d
                 sl = f.get_slice(name)
                 dtype = _ST_DTYPES.get(sl.get_dtype())
                 if dtype is None:
-                    raise ValueError(f"checkpoint tensor {name!r} in {os.path.basename(path)} has unsupported "
-                                     f"dtype {sl.get_dtype()}")
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} in {os.path.basename(path)} has unsupported dtype {sl.get_dtype()}"
+                    )
                 specs[name] = (tuple(sl.get_shape()), dtype)
     return specs
 
@@ -195,8 +235,9 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return value
 
 
-def load_model(model_dir: str, dtype: torch.dtype | str, device: str | torch.device,
-               load_format: str = "auto", seed: int = 0):
+def load_model(
+    model_dir: str, dtype: torch.dtype | str, device: str | torch.device, load_format: str = "auto", seed: int = 0
+):
     """Build the model for ``model_dir`` on ``device`` in ``dtype`` and fill its weights from the
     checkpoint (``load_format="auto"``) or with small seeded random values (``"dummy"``)."""
     if load_format not in LOAD_FORMATS:
@@ -215,8 +256,10 @@ def load_model(model_dir: str, dtype: torch.dtype | str, device: str | torch.dev
             skeleton.check_weight_spec(name, shape, st_dtype)
         missing = sorted(set(skeleton.weight_specs()) - skeleton.optional_weights() - set(specs))
         if missing:
-            raise ValueError(f"checkpoint in {model_dir!r} is missing {len(missing)} tensor(s) that "
-                             f"{arch.architecture} needs: {missing}")
+            raise ValueError(
+                f"checkpoint in {model_dir!r} is missing {len(missing)} tensor(s) that "
+                f"{arch.architecture} needs: {missing}"
+            )
         del skeleton
 
     with torch.device(device):
@@ -233,7 +276,7 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.02)
     """Deterministic (per seed and device) random weights: norms 1, everything else N(0, std)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():   # tied parameters appear once
+    for name, param in model.named_parameters():  # tied parameters appear once
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         else:

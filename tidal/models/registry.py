@@ -1,4 +1,5 @@
 """Architecture name (config.json ``architectures``) -> model class."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,10 +28,10 @@ def get_model_class(hf_config: Any) -> type[LlamaForCausalLM]:
     transformers config object)."""
     archs = as_config_dict(hf_config).get("architectures")
     if not archs:
-        raise ValueError(f"config.json: `architectures` is {archs!r}; expected a list naming one of "
-                         f"{supported_architectures()}")
+        raise ValueError(
+            f"config.json: `architectures` is {archs!r}; expected a list naming one of {supported_architectures()}"
+        )
     for name in archs:
         if name in _MODELS:
             return _MODELS[name]
-    raise ValueError(f"config.json: architectures = {archs!r} is not supported; "
-                     f"supported: {supported_architectures()}")
+    raise ValueError(f"config.json: architectures = {archs!r} is not supported; supported: {supported_architectures()}")

@@ -5,6 +5,7 @@ neither needs a download.
 The weights come from the transformers model class itself and are written with
 ``save_pretrained``, so HF can load exactly the same checkpoint for parity tests.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,10 +27,20 @@ CHAT_TEMPLATE = (
 )
 
 _TINY = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, vocab_size=272, max_position_embeddings=512,
-    rms_norm_eps=1e-6, initializer_range=0.08, hidden_act="silu",
-    bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=272,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    initializer_range=0.08,
+    hidden_act="silu",
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    pad_token_id=PAD_ID,
 )
 # Per arch: the transformers classes and what makes each one exercise its special features.
 _ARCH_DEFAULTS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -61,8 +72,9 @@ def make_tokenizer(vocab_size: int, model_max_length: int = 512):
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size = {vocab_size}, expected >= {256 + len(SPECIAL_TOKENS)} "
-                         "(256 bytes + special tokens)")
+        raise ValueError(
+            f"vocab_size = {vocab_size}, expected >= {256 + len(SPECIAL_TOKENS)} (256 bytes + special tokens)"
+        )
     vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -70,8 +82,12 @@ def make_tokenizer(vocab_size: int, model_max_length: int = 512):
     reserved = [f"<|reserved_{i}|>" for i in range(vocab_size - 256 - len(SPECIAL_TOKENS))]
     tok.add_special_tokens(SPECIAL_TOKENS + reserved)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>",
-        chat_template=CHAT_TEMPLATE, model_max_length=model_max_length,
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=model_max_length,
     )
 
 
@@ -133,8 +149,9 @@ def _shard(path: str, num_shards: int) -> None:
     save_index(path, weight_map, total)
 
 
-def make_tiny_checkpoint(path: str, arch: str = "llama", seed: int = 0, num_shards: int = 1,
-                         **config_overrides: Any) -> str:
+def make_tiny_checkpoint(
+    path: str, arch: str = "llama", seed: int = 0, num_shards: int = 1, **config_overrides: Any
+) -> str:
     """Write a tiny random-weight HF checkpoint of ``arch`` into ``path`` and return ``path``.
 
     ``config_overrides`` go to the transformers config class (e.g. ``num_hidden_layers=4`` or
@@ -153,8 +170,15 @@ def make_tiny_checkpoint(path: str, arch: str = "llama", seed: int = 0, num_shar
     if num_shards > 1:
         _shard(path, num_shards)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": config.bos_token_id, "eos_token_id": [config.eos_token_id, IM_END_ID],
-                   "pad_token_id": config.pad_token_id}, f, indent=2)
+        json.dump(
+            {
+                "bos_token_id": config.bos_token_id,
+                "eos_token_id": [config.eos_token_id, IM_END_ID],
+                "pad_token_id": config.pad_token_id,
+            },
+            f,
+            indent=2,
+        )
     make_tokenizer(config.vocab_size, config.max_position_embeddings).save_pretrained(path)
     return path
 
@@ -170,7 +194,7 @@ def tiny_checkpoint_cached(arch: str = "qwen3") -> str:
     try:
         make_tiny_checkpoint(tmp, arch)
         try:
-            os.rename(tmp, path)       # atomic; a concurrent creator may have won the race
+            os.rename(tmp, path)  # atomic; a concurrent creator may have won the race
         except OSError:
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise

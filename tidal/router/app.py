@@ -4,6 +4,7 @@ Generation (/v1/completions, /v1/chat/completions, /generate) runs as a Flight (
 control calls fan out (control.py); replica admin: GET/POST/DELETE /v1/replicas,
 POST /v1/replicas/drain; any other path is proxied as-is to one replica.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,8 +66,9 @@ class Router:
         self.log = logging.getLogger("tidal.router")
         key = settings.admin_key or settings.api_key
         self.upstream_headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.replicas = ReplicaSet(settings.probe_interval_s, prefix_slack=settings.prefix_slack,
-                                   headers=self.upstream_headers)
+        self.replicas = ReplicaSet(
+            settings.probe_interval_s, prefix_slack=settings.prefix_slack, headers=self.upstream_headers
+        )
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), limits=limits)
         self.upstream = Upstream(self.upstream_headers)
@@ -127,11 +129,17 @@ class Router:
     async def _sse(self, flight: Flight) -> AsyncIterator[bytes]:
         events = flight.events()
         try:
-            async for batch in events:     # one chunk per batch: a burst of events costs one send
+            async for batch in events:  # one chunk per batch: a burst of events costs one send
                 yield b"".join(b"data: " + (ev if isinstance(ev, bytes) else _encode(ev)) + b"\n\n" for ev in batch)
             if flight.wants_usage and flight.surface != "generate":
-                last: dict[str, Any] = {"id": flight.rid, "object": _chunk_object(flight), "created": flight.created,
-                        "model": flight.model, "choices": [], "usage": flight.usage()}
+                last: dict[str, Any] = {
+                    "id": flight.rid,
+                    "object": _chunk_object(flight),
+                    "created": flight.created,
+                    "model": flight.model,
+                    "choices": [],
+                    "usage": flight.usage(),
+                }
                 yield b"data: " + json.dumps(last).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
@@ -144,7 +152,7 @@ class Router:
         body = await _body(request, optional=True) if request.method == "POST" else None
         timeout = float((body or {}).get("timeout_s") or self.settings.control_timeout_s)
         if path == "/v1/pause":
-            timeout += float((body or {}).get("timeout_s") or 0)    # a drain's own duration plus the reply
+            timeout += float((body or {}).get("timeout_s") or 0)  # a drain's own duration plus the reply
         bodies = control.abort_bodies(self, body) if path == "/v1/abort_requests" and body else None
         reply = await control.fan_out(self, request.method, path, body, timeout, bodies=bodies)
         return _json(reply, 200 if reply["ok"] else 502)
@@ -178,8 +186,7 @@ class Router:
     async def health(self, request: Request) -> Response:
         reps = self.replicas.summary()
         up = sum(1 for r in reps.values() if r["state"] == UP)
-        return _json({"status": "ok" if up else "unhealthy", "replicas_up": up, "replicas": reps},
-                     200 if up else 503)
+        return _json({"status": "ok" if up else "unhealthy", "replicas_up": up, "replicas": reps}, 200 if up else 503)
 
     async def state(self, request: Request) -> Response:
         self.check_admin(request)
@@ -253,8 +260,13 @@ class Router:
         except NoReplica as e:
             return _error(503, str(e))
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-        req = self.http.build_request(request.method, rep.url + request.url.path, params=request.query_params,
-                                      headers=headers, content=await request.body())
+        req = self.http.build_request(
+            request.method,
+            rep.url + request.url.path,
+            params=request.query_params,
+            headers=headers,
+            content=await request.body(),
+        )
         try:
             resp = await self.http.send(req, stream=True)
         except httpx.HTTPError as e:
@@ -268,6 +280,7 @@ class Router:
                     yield chunk
             finally:
                 await resp.aclose()
+
         return StreamingResponse(body(), status_code=resp.status_code, headers=out_headers)
 
 
@@ -341,7 +354,7 @@ def _aggregate(flight: Flight, events: list[dict]) -> Any:
     if flight.surface == "generate":
         return _aggregate_generate(flight, events)
     choices: dict[int, dict] = {}
-    head: dict[str, Any] = {}      # chat: the prompt's fields, on the first event
+    head: dict[str, Any] = {}  # chat: the prompt's fields, on the first event
     for ev in events:
         for k in ("prompt_logprobs", "prompt_token_ids"):
             if ev.get(k) is not None and k not in head:
@@ -362,12 +375,18 @@ def _aggregate(flight: Flight, events: list[dict]) -> Any:
     for idx in sorted(choices):
         acc = choices[idx]
         text = "".join(acc["text"])
-        choice: dict[str, Any] = {"index": idx, "finish_reason": acc.get("finish_reason"),
-                                  "stop_reason": acc.get("stop_reason")}
+        choice: dict[str, Any] = {
+            "index": idx,
+            "finish_reason": acc.get("finish_reason"),
+            "stop_reason": acc.get("stop_reason"),
+        }
         if flight.surface == "chat":
             choice["message"] = {"role": "assistant", "content": text}
-            choice["logprobs"] = {"content": [x for lp in acc["lp"] for x in lp.get("content") or []]} \
-                if flight.body.get("logprobs") else None
+            choice["logprobs"] = (
+                {"content": [x for lp in acc["lp"] for x in lp.get("content") or []]}
+                if flight.body.get("logprobs")
+                else None
+            )
         else:
             choice["text"] = text
             wants_lp = flight.body.get("logprobs") is not None
@@ -375,13 +394,23 @@ def _aggregate(flight: Flight, events: list[dict]) -> Any:
             if flight.body.get("prompt_logprobs") is not None:
                 choice["prompt_logprobs"] = acc.get("prompt_logprobs")
         if flight.wants_ids:
-            choice.update(token_ids=acc["ids"], weight_version=acc.get("weight_version"),
-                          weight_spans=acc.get("weight_spans"), moved_at=acc.get("moved_at", []))
+            choice.update(
+                token_ids=acc["ids"],
+                weight_version=acc.get("weight_version"),
+                weight_spans=acc.get("weight_spans"),
+                moved_at=acc.get("moved_at", []),
+            )
             if flight.surface == "completions" and flight.prompt_ids is not None:
                 choice["prompt_token_ids"] = flight.prompt_ids[flight.samples[idx].prompt_index]
         out.append(choice)
-    reply = {"id": flight.rid, "object": "chat.completion" if flight.surface == "chat" else "text_completion",
-             "created": flight.created, "model": flight.model, "choices": out, "usage": flight.usage()}
+    reply = {
+        "id": flight.rid,
+        "object": "chat.completion" if flight.surface == "chat" else "text_completion",
+        "created": flight.created,
+        "model": flight.model,
+        "choices": out,
+        "usage": flight.usage(),
+    }
     if flight.surface == "chat":
         if flight.wants_ids:
             reply["prompt_token_ids"] = head.get("prompt_token_ids")

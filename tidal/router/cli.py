@@ -6,6 +6,7 @@
 `--data-parallel-size N` starts N `tidal serve` replicas on free ports of 127.0.0.1 (one per GPU
 on a GPU host, through CUDA_VISIBLE_DEVICES) and the router on --host/--port in front of them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,20 @@ endpoints (besides every replica endpoint, proxied):
 
 
 def add_router_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("router", help="one endpoint over several tidal serve replicas",
-                       description="Route requests over tidal serve replicas; fan control calls out to all.",
-                       epilog=_ROUTER_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--replica", action="append", default=[], metavar="URL",
-                   help="a replica's base URL, e.g. http://127.0.0.1:8001 (repeatable; more can join at runtime)")
+    p = sub.add_parser(
+        "router",
+        help="one endpoint over several tidal serve replicas",
+        description="Route requests over tidal serve replicas; fan control calls out to all.",
+        epilog=_ROUTER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a replica's base URL, e.g. http://127.0.0.1:8001 (repeatable; more can join at runtime)",
+    )
     add_router_options(p)
     p.set_defaults(func=cmd_router)
     return p
@@ -46,24 +56,40 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
         g.add_argument("--api-key", default=os.environ.get("TIDAL_API_KEY"))
         g.add_argument("--admin-key", default=os.environ.get("TIDAL_ADMIN_KEY"))
         g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    g.add_argument("--probe-interval", type=float, default=0.5,
-                   help="seconds between health probes of each replica (default: 0.5)")
-    g.add_argument("--prefix-slack", type=int, default=4,
-                   help="a repeated prompt goes to its earlier replica while that one has at most this "
-                        "many more outstanding samples than the least loaded (default: 4)")
+    g.add_argument(
+        "--probe-interval", type=float, default=0.5, help="seconds between health probes of each replica (default: 0.5)"
+    )
+    g.add_argument(
+        "--prefix-slack",
+        type=int,
+        default=4,
+        help="a repeated prompt goes to its earlier replica while that one has at most this "
+        "many more outstanding samples than the least loaded (default: 4)",
+    )
 
 
 def add_data_parallel_option(serve: argparse.ArgumentParser) -> None:
-    serve.add_argument("--data-parallel-size", type=int, default=1, metavar="N",
-                       help="N replicas (one engine process each, one GPU each on a GPU host) behind one "
-                            "router on --host/--port (default: 1, no router)")
+    serve.add_argument(
+        "--data-parallel-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N replicas (one engine process each, one GPU each on a GPU host) behind one "
+        "router on --host/--port (default: 1, no router)",
+    )
     add_router_options(serve)
 
 
 def _settings(args: argparse.Namespace, replicas: list[str]):
     from tidal.router.app import RouterSettings
-    return RouterSettings(replicas=replicas, api_key=args.api_key, admin_key=args.admin_key,
-                          probe_interval_s=args.probe_interval, prefix_slack=args.prefix_slack)
+
+    return RouterSettings(
+        replicas=replicas,
+        api_key=args.api_key,
+        admin_key=args.admin_key,
+        probe_interval_s=args.probe_interval,
+        prefix_slack=args.prefix_slack,
+    )
 
 
 def _run_router(args: argparse.Namespace, replicas: list[str]) -> int:
@@ -78,13 +104,15 @@ def _run_router(args: argparse.Namespace, replicas: list[str]) -> int:
         print(f"tidal router: {e}", file=sys.stderr)
         return 2
     logging.getLogger("tidal.router").info("router on http://%s:%s over %s", args.host, args.port, replicas)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5
+    )
     return 0
 
 
 def cmd_router(args: argparse.Namespace) -> int:
     from tidal.router.replicas import normalise_url
+
     try:
         replicas = [normalise_url(u) for u in args.replica]
     except ValueError as e:
@@ -138,8 +166,9 @@ def _strip(argv: list[str], flags: set[str]) -> list[str]:
     return out
 
 
-def _wait_healthy(procs: list[subprocess.Popen], urls: list[str], args: argparse.Namespace,
-                  timeout_s: float = 600.0) -> None:
+def _wait_healthy(
+    procs: list[subprocess.Popen], urls: list[str], args: argparse.Namespace, timeout_s: float = 600.0
+) -> None:
     key = args.admin_key or args.api_key
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     deadline = time.monotonic() + timeout_s
@@ -168,6 +197,7 @@ def _free_port() -> int:
 def _gpu_count() -> int:
     try:
         import torch
+
         return torch.cuda.device_count()
     except Exception:
         return 0

@@ -20,6 +20,7 @@ What a continuation keeps exactly, and what it cannot:
 - prompt logprobs and echo belong to the first event, which the client already has; a request
   that moves before anything reached the client is re-sent whole instead (migrate.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -29,17 +30,33 @@ from tidal.sampling_params import SamplingParams
 
 # SamplingParams field -> its /generate sampling_params name; None: set on the body, not there.
 GENERATE_NAME: dict[str, str | None] = {
-    "n": "n", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-    "seed": "seed", "max_tokens": "max_tokens", "min_tokens": "min_tokens", "stop": "stop",
-    "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "logprobs": "logprobs",
-    "skip_special_tokens": "skip_special_tokens", "logprobs_mode": "logprobs_mode",
-    "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty", "include_stop_str_in_output": "no_stop_trim",
+    "n": "n",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "max_tokens": "max_tokens",
+    "min_tokens": "min_tokens",
+    "stop": "stop",
+    "stop_token_ids": "stop_token_ids",
+    "ignore_eos": "ignore_eos",
+    "logprobs": "logprobs",
+    "skip_special_tokens": "skip_special_tokens",
+    "logprobs_mode": "logprobs_mode",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "include_stop_str_in_output": "no_stop_trim",
     "prompt_logprobs": None,
 }
 _DEFAULTS = asdict(SamplingParams())
-_SGLANG_ALIAS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed",
-                 "no_stop_trim": "include_stop_str_in_output"}
+_SGLANG_ALIAS = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "sampling_seed": "seed",
+    "no_stop_trim": "include_stop_str_in_output",
+}
 
 
 def derive_seed(seed: int, index: int) -> int:
@@ -50,8 +67,9 @@ def derive_seed(seed: int, index: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9) & 0x7FFFFFFFFFFFFFFF
 
 
-def sampling_state(surface: str, body: dict, prompt_index: int = 0, prompt_len: int = 0,
-                   max_model_len: int | None = None) -> dict[str, Any]:
+def sampling_state(
+    surface: str, body: dict, prompt_index: int = 0, prompt_len: int = 0, max_model_len: int | None = None
+) -> dict[str, Any]:
     """Every SamplingParams field of the original request, as the replica read it from `body`."""
     if surface == "generate":
         return _generate_state(body, prompt_index)
@@ -90,15 +108,25 @@ def _generate_state(body: dict, prompt_index: int) -> dict[str, Any]:
     return state
 
 
-def continuation_body(state: dict[str, Any], input_ids: list[int], produced: int, sample_in_prompt: int,
-                      request_id: str) -> dict:
+def continuation_body(
+    state: dict[str, Any], input_ids: list[int], produced: int, sample_in_prompt: int, request_id: str
+) -> dict:
     """The `/generate` stream that continues one sample over `input_ids` (prompt + its tokens so
     far): the state's fields under /generate's names, n=1, the remaining budget."""
     sp = {GENERATE_NAME[k]: v for k, v in state.items() if GENERATE_NAME[k] is not None}
-    sp.update(n=1, max_tokens=max(1, int(state["max_tokens"]) - produced),
-              min_tokens=max(0, int(state["min_tokens"]) - produced))
+    sp.update(
+        n=1,
+        max_tokens=max(1, int(state["max_tokens"]) - produced),
+        min_tokens=max(0, int(state["min_tokens"]) - produced),
+    )
     if state["seed"] is not None:
         sp["seed"] = derive_seed(int(state["seed"]), sample_in_prompt)
     # every continuation is an incremental /generate stream: the router reads each event's new tokens
-    return {"input_ids": input_ids, "sampling_params": sp, "stream": True, "request_id": request_id,
-            "return_logprob": state["logprobs"] is not None, "incremental_streaming_output": True}
+    return {
+        "input_ids": input_ids,
+        "sampling_params": sp,
+        "stream": True,
+        "request_id": request_id,
+        "return_logprob": state["logprobs"] is not None,
+        "incremental_streaming_output": True,
+    }

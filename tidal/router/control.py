@@ -9,6 +9,7 @@ stage/commit ops (`/v1/update_weights_from_*` with commit=false, `/v1/commit_wei
 else abort the staged copies. A replica that fails at commit or at rollback is fenced: out of
 routing, shown in /health and /v1/state, until it is registered again.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,16 +23,23 @@ if TYPE_CHECKING:
     from tidal.router.app import Router
 
 FANOUT_GET = ("/v1/state", "/v1/is_paused", "/health")
-FANOUT_POST = ("/v1/pause", "/v1/resume", "/v1/abort_requests", "/v1/sleep", "/v1/wake_up", "/v1/flush_cache",
-               "/v1/abort_staged")
+FANOUT_POST = (
+    "/v1/pause",
+    "/v1/resume",
+    "/v1/abort_requests",
+    "/v1/sleep",
+    "/v1/wake_up",
+    "/v1/flush_cache",
+    "/v1/abort_staged",
+)
 
 
-async def call(router: Router, rep: Replica, method: str, path: str, body: dict | None,
-               timeout_s: float) -> dict:
+async def call(router: Router, rep: Replica, method: str, path: str, body: dict | None, timeout_s: float) -> dict:
     """One replica's part: its JSON reply, or {"error", "status"}."""
     try:
-        r = await router.http.request(method, rep.url + path, json=body, headers=router.upstream_headers,
-                                      timeout=timeout_s)
+        r = await router.http.request(
+            method, rep.url + path, json=body, headers=router.upstream_headers, timeout=timeout_s
+        )
     except httpx.HTTPError as e:
         return {"error": f"{type(e).__name__}: {e}" or type(e).__name__, "status": None}
     try:
@@ -43,8 +51,15 @@ async def call(router: Router, rep: Replica, method: str, path: str, body: dict 
     return data
 
 
-async def fan_out(router: Router, method: str, path: str, body: dict | None, timeout_s: float,
-                  replicas: list[Replica] | None = None, bodies: dict[str, dict] | None = None) -> dict:
+async def fan_out(
+    router: Router,
+    method: str,
+    path: str,
+    body: dict | None,
+    timeout_s: float,
+    replicas: list[Replica] | None = None,
+    bodies: dict[str, dict] | None = None,
+) -> dict:
     """The same call on every replica at once; each one's result or error under one deadline."""
     reps = list(router.replicas.replicas.values()) if replicas is None else replicas
 
@@ -91,13 +106,12 @@ async def update_weights(router: Router, body: dict, timeout_s: float) -> dict:
     result: dict[str, Any] = {"ok": updated["ok"], "phase": "update", "replicas": updated["replicas"]}
     if updated["ok"]:
         for r in reps:
-            r.weights = {**r.weights, "path": body["path"],
-                         "version": updated["replicas"][r.url].get("weight_version")}
+            r.weights = {**r.weights, "path": body["path"], "version": updated["replicas"][r.url].get("weight_version")}
     else:
-        result["rolled_back"] = await _roll_back(router, [r for r in reps if "error" not in updated["replicas"][r.url]],
-                                                 before, timeout_s)
-    resumed = await fan_out(router, "POST", "/v1/resume", {}, timeout_s,
-                            [r for r in reps if r.state != FENCED])
+        result["rolled_back"] = await _roll_back(
+            router, [r for r in reps if "error" not in updated["replicas"][r.url]], before, timeout_s
+        )
+    resumed = await fan_out(router, "POST", "/v1/resume", {}, timeout_s, [r for r in reps if r.state != FENCED])
     result["resumed"] = resumed["replicas"]
     return result
 
@@ -136,12 +150,12 @@ async def staged_update(router: Router, path: str, body: dict, timeout_s: float)
     return await commit_all(router, body.get("version"), timeout_s, reps)
 
 
-async def commit_all(router: Router, version: int | None, timeout_s: float,
-                     reps: list[Replica] | None = None) -> dict:
+async def commit_all(router: Router, version: int | None, timeout_s: float, reps: list[Replica] | None = None) -> dict:
     """Commit the staged version on every replica; one that fails at commit is fenced."""
     reps = _live(router) if reps is None else reps
-    committed = await fan_out(router, "POST", "/v1/commit_weights", {} if version is None else {"version": version},
-                              timeout_s, reps)
+    committed = await fan_out(
+        router, "POST", "/v1/commit_weights", {} if version is None else {"version": version}, timeout_s, reps
+    )
     for r in reps:
         res = committed["replicas"][r.url]
         if "error" in res:

@@ -11,6 +11,7 @@ stream: the router forwards each token once, and nothing the router had not forw
 A request that moves before anything reached the client is re-sent whole to another replica (so
 prompt logprobs, echo and seeds are exact); continuation.py says what a continuation keeps.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,12 +50,12 @@ class UpstreamRejected(Exception):
 class Sample:
     index: int
     prompt_index: int
-    in_prompt: int              # its place among its prompt's n samples (the engine derives its seed from it)
+    in_prompt: int  # its place among its prompt's n samples (the engine derives its seed from it)
     tokens: list[int] = field(default_factory=list)
-    spans: list[list[int]] = field(default_factory=list)    # [version, start, end] over tokens
+    spans: list[list[int]] = field(default_factory=list)  # [version, start, end] over tokens
     finish: str | None = None
-    started: bool = False       # chat: the role delta went out
-    moved_at: list[int] = field(default_factory=list)     # token counts at which it changed replica
+    started: bool = False  # chat: the role delta went out
+    moved_at: list[int] = field(default_factory=list)  # token counts at which it changed replica
 
     def add(self, ids: list[int], version: int | None) -> None:
         if ids and version is not None:
@@ -83,11 +84,11 @@ class Flight:
         self.num_prompts = len(ns)
         self.prompt_rids = self.rid_list or ([f"{self.rid}-{p}" for p in range(len(ns))] if self.batch else [self.rid])
         self.samples: dict[int, Sample] = {}
-        for p, n in enumerate(ns):      # prompt-major, as every surface numbers its samples
+        for p, n in enumerate(ns):  # prompt-major, as every surface numbers its samples
             first = len(self.samples)
             self.samples.update((first + i, Sample(first + i, p, i)) for i in range(n))
         self.incremental = self.surface != "generate" or body.get("incremental_streaming_output") is True
-        self._folded: dict[int, dict] = {}    # /generate streamed cumulatively: each sample's output so far
+        self._folded: dict[int, dict] = {}  # /generate streamed cumulatively: each sample's output so far
         self.wants_ids = bool(body.get("return_token_ids")) or self.surface == "generate"
         self.wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.prompt_ids: list[list[int]] | None = _known_prompt_ids(self.surface, body)
@@ -96,7 +97,7 @@ class Flight:
         self.replica: Replica | None = None
         self.streaming = body.get("stream") is True
         self.moving = False
-        self.delivered = False      # an event went to the client (or the reply being assembled)
+        self.delivered = False  # an event went to the client (or the reply being assembled)
         self.moves = 0
         self._weight = 0
         self.upstream_ids: list[str] = []
@@ -115,13 +116,14 @@ class Flight:
     async def open(self) -> None:
         tried: set[str] = set()
         while True:
-            rep = self.router.replicas.pick(self.session, prefix_key(_prompt_of(self.surface, self.body)),
-                                            exclude=frozenset(tried))
+            rep = self.router.replicas.pick(
+                self.session, prefix_key(_prompt_of(self.surface, self.body)), exclude=frozenset(tried)
+            )
             body = {**self.body, "stream": True}
             if self.own_rid:
                 body.pop("rid", None)
                 body["request_id"] = self.rid
-            if self.surface == "generate":   # the router reads each event's new tokens (SGLang's incremental form)
+            if self.surface == "generate":  # the router reads each event's new tokens (SGLang's incremental form)
                 body["incremental_streaming_output"] = True
             else:
                 body.update(return_token_ids=True, stream_options={"include_usage": True})
@@ -170,7 +172,7 @@ class Flight:
                     self.delivered = True
                     yield ev
                 segment += 1
-            for s in self.unfinished():       # no replica left: end with what the client already has
+            for s in self.unfinished():  # no replica left: end with what the client already has
                 s.finish = "abort"
                 yield [self._final_abort(s)]
         finally:
@@ -191,7 +193,7 @@ class Flight:
             self.router.log.warning("%s: could not re-send the request: %s", self.rid, e)
             return False
         self.moves += 1
-        for s in self.unfinished():      # it changed replica at 0 tokens, as its final event says
+        for s in self.unfinished():  # it changed replica at 0 tokens, as its final event says
             s.moved_at.append(0)
         return True
 
@@ -219,9 +221,9 @@ class Flight:
         assert rep is not None
         queue: asyncio.Queue = asyncio.Queue()
         self._queue = queue
-        if self.moving:            # drained while this segment was being placed
+        if self.moving:  # drained while this segment was being placed
             queue.put_nowait(("moved", None, None))
-        if self._first is not None:    # the whole request, first sent or re-sent
+        if self._first is not None:  # the whole request, first sent or re-sent
             self._pumps = [asyncio.get_running_loop().create_task(self._pump(queue, None, self._first, None))]
             self._first = None
         else:
@@ -229,13 +231,16 @@ class Flight:
             for s in self.unfinished():
                 rid = f"{self.rid}.m{segment}.{s.index}"
                 self.upstream_ids.append(rid)
-                self._pumps.append(asyncio.get_running_loop().create_task(
-                    self._pump(queue, s, None, (rep, self._continuation_body(s, rid, rep)))))
+                self._pumps.append(
+                    asyncio.get_running_loop().create_task(
+                        self._pump(queue, s, None, (rep, self._continuation_body(s, rid, rep)))
+                    )
+                )
         live, failure, moved = len(self._pumps), None, False
         while live and not moved:
             out: list[dict | bytes] = []
             item = await queue.get()
-            while True:     # what else is queued goes out with it: one send to the client, not several
+            while True:  # what else is queued goes out with it: one send to the client, not several
                 kind, sample, payload = item
                 if kind == "events":
                     out += [ev for raw in payload for ev in self._absorb(sample, raw)]
@@ -253,13 +258,15 @@ class Flight:
                 yield out
         self._stop_pumps()
         if failure is not None and not self.moving:
-            self.router.log.warning("%s: replica %s failed mid-request (%s); continuing elsewhere",
-                                    self.rid, rep.url, failure)
+            self.router.log.warning(
+                "%s: replica %s failed mid-request (%s); continuing elsewhere", self.rid, rep.url, failure
+            )
             if failure.startswith("connection"):
                 self.router.replicas.mark_down(rep, failure)
 
-    async def _pump(self, queue: asyncio.Queue, sample: Sample | None, resp: Response | None,
-                    request: tuple[Replica, dict] | None) -> None:
+    async def _pump(
+        self, queue: asyncio.Queue, sample: Sample | None, resp: Response | None, request: tuple[Replica, dict] | None
+    ) -> None:
         """Upstream events into `queue`, a batch per socket read: ("events", sample, [(obj, raw)])."""
         try:
             if resp is None:
@@ -351,9 +358,14 @@ class Flight:
         text, lps = obj.get("text") or "", obj.get("output_logprobs")
         if self.surface == "generate":
             prompt_tokens = len(self._prompt(s))
-            ev = {**obj, "index": s.index, "completion_tokens": len(s.tokens), "prompt_tokens": prompt_tokens,
-                  **self._spans_if_final(s)}
-            if isinstance(obj.get("meta_info"), dict):   # SGLang's view: the sample's, not the continuation's
+            ev = {
+                **obj,
+                "index": s.index,
+                "completion_tokens": len(s.tokens),
+                "prompt_tokens": prompt_tokens,
+                **self._spans_if_final(s),
+            }
+            if isinstance(obj.get("meta_info"), dict):  # SGLang's view: the sample's, not the continuation's
                 meta = {**obj["meta_info"], "prompt_tokens": prompt_tokens, "completion_tokens": len(s.tokens)}
                 if "weight_spans" in ev:
                     meta["weight_spans"] = ev["weight_spans"]
@@ -368,22 +380,29 @@ class Flight:
             choice["delta"] = {"content": text} if (text or s.finish is None) else {}
             choice["logprobs"] = None
             if self.body.get("logprobs") and lps is not None:
-                choice["logprobs"] = {"content": [{"token": f"token_id:{t}", "logprob": lp, "bytes": None,
-                                                   "top_logprobs": []} for t, lp in zip(ids, lps)]}
+                choice["logprobs"] = {
+                    "content": [
+                        {"token": f"token_id:{t}", "logprob": lp, "bytes": None, "top_logprobs": []}
+                        for t, lp in zip(ids, lps)
+                    ]
+                }
         else:
             choice["text"] = text
             choice["logprobs"] = None
             if self.body.get("logprobs") is not None and lps is not None:
                 top = obj.get("output_top_logprobs")
-                choice["logprobs"] = {"tokens": [f"token_id:{t}" for t in ids], "token_logprobs": lps,
-                                      "top_logprobs": top, "text_offset": None}
+                choice["logprobs"] = {
+                    "tokens": [f"token_id:{t}" for t in ids],
+                    "token_logprobs": lps,
+                    "top_logprobs": top,
+                    "text_offset": None,
+                }
         if s.finish is not None:
             choice["stop_reason"] = obj.get("stop_reason")
         if self.wants_ids:
             choice.update(token_ids=ids, weight_version=obj.get("weight_version"), **self._spans_if_final(s))
         obj_name = "chat.completion.chunk" if self.surface == "chat" else "text_completion"
-        return [{"id": self.rid, "object": obj_name, "created": self.created, "model": self.model,
-                 "choices": [choice]}]
+        return [{"id": self.rid, "object": obj_name, "created": self.created, "model": self.model, "choices": [choice]}]
 
     def _generate_event(self, s: Sample, ev: dict) -> dict:
         """A /generate event in the client's form: incremental as read, or the sample's output so
@@ -399,15 +418,27 @@ class Flight:
 
     def _final_abort(self, s: Sample) -> dict:
         if self.surface == "generate":
-            return self._generate_event(s, {
-                "index": s.index, "output_ids": [], "text": "",
-                "output_logprobs": [] if self.body.get("return_logprob", True) else None,
-                "finish_reason": "abort", "stop_reason": None, "weight_version": None,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": len(s.tokens),
-                "weight_spans": [list(x) for x in s.spans],
-                "meta_info": {"finish_reason": {"type": "abort", "message": "no replica is left"},
-                              "prompt_tokens": self.prompt_tokens, "completion_tokens": len(s.tokens),
-                              "weight_spans": [list(x) for x in s.spans]}})
+            return self._generate_event(
+                s,
+                {
+                    "index": s.index,
+                    "output_ids": [],
+                    "text": "",
+                    "output_logprobs": [] if self.body.get("return_logprob", True) else None,
+                    "finish_reason": "abort",
+                    "stop_reason": None,
+                    "weight_version": None,
+                    "prompt_tokens": self.prompt_tokens,
+                    "completion_tokens": len(s.tokens),
+                    "weight_spans": [list(x) for x in s.spans],
+                    "meta_info": {
+                        "finish_reason": {"type": "abort", "message": "no replica is left"},
+                        "prompt_tokens": self.prompt_tokens,
+                        "completion_tokens": len(s.tokens),
+                        "weight_spans": [list(x) for x in s.spans],
+                    },
+                },
+            )
         choice: dict[str, Any] = {"index": s.index, "logprobs": None, "finish_reason": "abort", "stop_reason": None}
         if self.surface == "chat":
             choice["delta"] = {}
@@ -415,8 +446,13 @@ class Flight:
             choice["text"] = ""
         if self.wants_ids:
             choice.update(token_ids=[], weight_spans=[list(x) for x in s.spans])
-        return {"id": self.rid, "object": "chat.completion.chunk" if self.surface == "chat" else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice]}
+        return {
+            "id": self.rid,
+            "object": "chat.completion.chunk" if self.surface == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
 
     def usage(self) -> dict:
         prompt = self.prompt_tokens
@@ -430,12 +466,28 @@ class Flight:
     async def _resolve_prompt_ids(self, rep: Replica) -> list[list[int]]:
         """The prompt's token ids as the replicas tokenize it: a 1-token non-streaming request."""
         if self.surface == "generate":
-            path, body = "/v1/completions", {"prompt": self.body["text"], "max_tokens": 1, "temperature": 0.0,
-                                             "return_token_ids": True, "model": None}
+            path, body = (
+                "/v1/completions",
+                {
+                    "prompt": self.body["text"],
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "return_token_ids": True,
+                    "model": None,
+                },
+            )
         else:
             path = self.path
-            body = {**self.body, "stream": False, "stream_options": None, "n": 1, "max_tokens": 1,
-                    "min_tokens": 0, "return_token_ids": True, "request_id": f"{self.rid}.prompt"}
+            body = {
+                **self.body,
+                "stream": False,
+                "stream_options": None,
+                "n": 1,
+                "max_tokens": 1,
+                "min_tokens": 0,
+                "return_token_ids": True,
+                "request_id": f"{self.rid}.prompt",
+            }
             body.pop("max_completion_tokens", None)
             body.pop("best_of", None)
         r = await self.router.http.post(rep.url + path, json=body, headers=self.router.upstream_headers)
@@ -463,22 +515,38 @@ _encode = msgspec.json.Encoder().encode
 def fold_generate(acc: dict | None, ev: dict) -> dict:
     """One sample's /generate output so far, with its next incremental event added."""
     if acc is None:
-        acc = {"request_id": ev.get("request_id"), "index": ev.get("index", 0), "output_ids": [], "text": "",
-               "output_logprobs": None}
+        acc = {
+            "request_id": ev.get("request_id"),
+            "index": ev.get("index", 0),
+            "output_ids": [],
+            "text": "",
+            "output_logprobs": None,
+        }
     acc["output_ids"] = acc["output_ids"] + (ev.get("output_ids") or [])
     acc["text"] += ev.get("text") or ""
     if ev.get("output_logprobs") is not None:
         acc["output_logprobs"] = (acc["output_logprobs"] or []) + ev["output_logprobs"]
     if ev.get("output_top_logprobs") is not None:
         acc["output_top_logprobs"] = acc.get("output_top_logprobs", []) + ev["output_top_logprobs"]
-    for k in ("request_id", "finish_reason", "stop_reason", "weight_version", "prompt_tokens", "completion_tokens",
-              "weight_spans", "moved_at"):
+    for k in (
+        "request_id",
+        "finish_reason",
+        "stop_reason",
+        "weight_version",
+        "prompt_tokens",
+        "completion_tokens",
+        "weight_spans",
+        "moved_at",
+    ):
         if ev.get(k) is not None:
             acc[k] = ev[k]
-    if ev.get("meta_info") is not None:   # SGLang's meta_info: the last one, its logprob lists joined
+    if ev.get("meta_info") is not None:  # SGLang's meta_info: the last one, its logprob lists joined
         meta = acc.get("meta_info") or {}
-        joined = {k: meta.get(k, []) + ev["meta_info"][k] for k in ("output_token_logprobs", "output_top_logprobs")
-                  if ev["meta_info"].get(k) is not None}
+        joined = {
+            k: meta.get(k, []) + ev["meta_info"][k]
+            for k in ("output_token_logprobs", "output_top_logprobs")
+            if ev["meta_info"].get(k) is not None
+        }
         acc["meta_info"] = {**meta, **ev["meta_info"], **joined}
     return acc
 
@@ -493,7 +561,7 @@ def _samples_per_prompt(surface: str, body: dict) -> list[int]:
     refuses it with a 400 naming the field, which the client receives as-is."""
     if surface == "generate":
         prompts = body.get("text") if body.get("text") is not None else body.get("input_ids")
-        count = len(prompts) if prompts is not None and _generate_batch(body) else 1   # a batch has its list
+        count = len(prompts) if prompts is not None and _generate_batch(body) else 1  # a batch has its list
         sp = body.get("sampling_params") or {}
         each = sp if isinstance(sp, list) and len(sp) == count else [sp] * count
         return [_n(x.get("n") if isinstance(x, dict) else 1) for x in each]

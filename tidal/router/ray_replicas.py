@@ -10,6 +10,7 @@ and is registered through the router's admin API (POST /v1/replicas). The serve 
 to its actor (PR_SET_PDEATHSIG): a killed actor is a killed replica to the router, whose health
 probe sees it down within a probe interval and whose streams continue on the other replicas.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,8 @@ import ray
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when the actor's process goes, however it goes."""
     import ctypes
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 class ServeReplica:
@@ -44,8 +46,9 @@ class ServeReplica:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="tidal-ray-replica-", suffix=".log", delete=False)
         cmd = [sys.executable, "-m", "tidal.cli", "serve", *serve_args, "--host", self.host, "--port", str(self.port)]
         pdeath = _die_with_parent if sys.platform.startswith("linux") else None
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                     preexec_fn=pdeath)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, preexec_fn=pdeath
+        )
 
     def wait_ready(self, timeout_s: float = 600.0, headers: dict[str, str] | None = None) -> str:
         """The replica's URL once its /health answers 200; raises if the process exits first."""
@@ -87,6 +90,7 @@ ServeReplicaActor = ray.remote(ServeReplica)
 @dataclass(slots=True)
 class RayReplicas:
     """The started actors, their URLs, and the router they joined (None: not registered)."""
+
     actors: list[Any]
     urls: list[str]
     router_url: str | None = None
@@ -105,21 +109,35 @@ class RayReplicas:
         for url in self.urls:
             if self.router_url is not None:
                 try:
-                    httpx.request("DELETE", self.router_url + "/v1/replicas", json={"url": url}, headers=self.headers,
-                                  timeout=timeout_s + 30)
+                    httpx.request(
+                        "DELETE",
+                        self.router_url + "/v1/replicas",
+                        json={"url": url},
+                        headers=self.headers,
+                        timeout=timeout_s + 30,
+                    )
                 except httpx.HTTPError:
-                    pass          # the router is gone: nothing to leave
+                    pass  # the router is gone: nothing to leave
         for actor in self.actors:
             try:
                 ray.get(actor.stop.remote(timeout_s), timeout=timeout_s + 30)
             except (ray.exceptions.RayError, TimeoutError):
-                pass              # a killed actor took its serve process with it
+                pass  # a killed actor took its serve process with it
             ray.kill(actor)
 
 
-def start_replicas(n: int, serve_args: list[str], router_url: str | None = None, *, num_gpus: float | None = None,
-                   num_cpus: float = 1, host: str | None = None, admin_key: str | None = None,
-                   env: dict[str, str] | None = None, timeout_s: float = 600.0) -> RayReplicas:
+def start_replicas(
+    n: int,
+    serve_args: list[str],
+    router_url: str | None = None,
+    *,
+    num_gpus: float | None = None,
+    num_cpus: float = 1,
+    host: str | None = None,
+    admin_key: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 600.0,
+) -> RayReplicas:
     """N replica actors (Ray must be initialised), healthy and registered with `router_url`.
 
     num_gpus: per replica; None → 1 when the cluster has GPUs, else 0. host: the address each

@@ -4,6 +4,7 @@ A replica is `up` (probed healthy), `down` (probe or upstream connection failed)
 (its requests are being moved away) or `fenced` (failed a weight commit or rollback). Only an `up`
 replica is routable. All state lives on the router's event loop: no locks.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,10 +17,10 @@ from dataclasses import dataclass, field
 import httpx
 
 UP, DOWN, DRAINING, FENCED = "up", "down", "draining", "fenced"
-PREFIX_TOKENS = 16        # the first block of token ids keys prefix-aware placement
-PREFIX_CHARS = 64         # ... or the first characters of a text prompt
+PREFIX_TOKENS = 16  # the first block of token ids keys prefix-aware placement
+PREFIX_CHARS = 64  # ... or the first characters of a text prompt
 MAX_AFFINITY_KEYS = 100_000
-MAX_SLOW_PROBES = 3       # timed-out probes in a row before a replica is taken out of routing
+MAX_SLOW_PROBES = 3  # timed-out probes in a row before a replica is taken out of routing
 
 log = logging.getLogger("tidal.router")
 
@@ -32,12 +33,12 @@ class NoReplica(Exception):
 class Replica:
     url: str
     state: str = DOWN
-    outstanding: int = 0          # samples in flight (a request of n samples weighs n)
-    reason: str | None = None     # why it is down or fenced
-    weights: dict = field(default_factory=dict)   # {"path", "version"} the router last saw it serve
+    outstanding: int = 0  # samples in flight (a request of n samples weighs n)
+    reason: str | None = None  # why it is down or fenced
+    weights: dict = field(default_factory=dict)  # {"path", "version"} the router last saw it serve
     last_ok: float = 0.0
-    slow_probes: int = 0          # probes in a row that timed out
-    flights: set = field(default_factory=set)     # request ids of the flights it serves now
+    slow_probes: int = 0  # probes in a row that timed out
+    flights: set = field(default_factory=set)  # request ids of the flights it serves now
     _idle: asyncio.Event | None = None
 
     def leave(self, rid: str) -> None:
@@ -53,8 +54,13 @@ class Replica:
             await self._idle.wait()
 
     def summary(self) -> dict:
-        return {"state": self.state, "outstanding": self.outstanding, "reason": self.reason,
-                "weight_version": self.weights.get("version"), "in_flight": len(self.flights)}
+        return {
+            "state": self.state,
+            "outstanding": self.outstanding,
+            "reason": self.reason,
+            "weight_version": self.weights.get("version"),
+            "in_flight": len(self.flights),
+        }
 
 
 def prefix_key(prompt: object) -> str | None:
@@ -83,8 +89,13 @@ class _Lru(OrderedDict):
 class ReplicaSet:
     """Replicas by URL, a probe loop, and `pick`: session key → prefix → least outstanding."""
 
-    def __init__(self, probe_interval_s: float = 0.5, probe_timeout_s: float = 2.0,
-                 prefix_slack: int = 4, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        probe_interval_s: float = 0.5,
+        probe_timeout_s: float = 2.0,
+        prefix_slack: int = 4,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.replicas: dict[str, Replica] = {}
         self.probe_interval_s, self.probe_timeout_s = probe_interval_s, probe_timeout_s
         self.prefix_slack = prefix_slack
@@ -97,7 +108,7 @@ class ReplicaSet:
     async def add(self, url: str) -> Replica:
         url = normalise_url(url)
         rep = self.replicas.get(url) or Replica(url)
-        if rep.state == FENCED:    # re-registering a fenced replica is how an operator clears the fence
+        if rep.state == FENCED:  # re-registering a fenced replica is how an operator clears the fence
             rep.state, rep.reason = DOWN, None
         self.replicas[url] = rep
         await self.probe(rep)
@@ -174,8 +185,11 @@ class ReplicaSet:
             models = (await self.http.get(rep.url + "/v1/models")).json()
             state = (await self.http.get(rep.url + "/v1/state")).json()
             model = models["data"][0]
-            rep.weights = {"path": model.get("root"), "version": state.get("weight_version"),
-                           "max_model_len": model.get("max_model_len")}
+            rep.weights = {
+                "path": model.get("root"),
+                "version": state.get("weight_version"),
+                "max_model_len": model.get("max_model_len"),
+            }
         except (httpx.HTTPError, ValueError, KeyError, IndexError):
             pass
 
@@ -183,8 +197,9 @@ class ReplicaSet:
     def routable(self, exclude: frozenset[str] = frozenset()) -> list[Replica]:
         return [r for r in self.replicas.values() if r.state == UP and r.url not in exclude]
 
-    def pick(self, session: str | None = None, prefix: str | None = None,
-             exclude: frozenset[str] = frozenset()) -> Replica:
+    def pick(
+        self, session: str | None = None, prefix: str | None = None, exclude: frozenset[str] = frozenset()
+    ) -> Replica:
         live = self.routable(exclude)
         if not live:
             raise NoReplica("no replica is up" + (f" (excluding {sorted(exclude)})" if exclude else ""))

@@ -6,6 +6,7 @@ httpx spent ~30 µs of CPU per streamed event (its transport layers, h11, line d
 ~10 µs in a micro-benchmark (benchmarks/README.md, Replicas); on a shared host the router's CPU is
 taken from the replicas'. Control calls, probes and the proxy keep using httpx.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,8 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-IDLE_S = 2.0              # reuse an idle connection only this long (uvicorn closes after 5 s idle)
-MAX_IDLE = 512            # idle connections kept per replica
+IDLE_S = 2.0  # reuse an idle connection only this long (uvicorn closes after 5 s idle)
+MAX_IDLE = 512  # idle connections kept per replica
 _READ = 1 << 16
 
 
@@ -41,8 +42,8 @@ class Response:
     conn: _Conn | None
     pool: Upstream
     key: str
-    buf: bytearray = field(default_factory=bytearray)    # read, not yet decoded
-    done: bool = False                                    # the body is complete
+    buf: bytearray = field(default_factory=bytearray)  # read, not yet decoded
+    done: bool = False  # the body is complete
 
     async def _more(self) -> bool:
         if self.conn is None:
@@ -64,11 +65,11 @@ class Response:
             if size == 0:
                 if len(buf) < eol + 4:
                     break
-                pos, self.done = eol + 4, True       # no trailers: "0\r\n\r\n"
+                pos, self.done = eol + 4, True  # no trailers: "0\r\n\r\n"
                 break
             if len(buf) < eol + 2 + size + 2:
                 break
-            out.append(bytes(buf[eol + 2:eol + 2 + size]))
+            out.append(bytes(buf[eol + 2 : eol + 2 + size]))
             pos = eol + 2 + size + 2
         del buf[:pos]
         return b"".join(out)
@@ -139,11 +140,17 @@ class Upstream:
         """Raises UpstreamError when no connection can be made or the reply head is unreadable."""
         u = urlsplit(base_url)
         key = f"{u.scheme}://{u.netloc}"
-        head = (f"POST {u.path}{path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n").encode() + self.extra + b"\r\n"
+        head = (
+            (
+                f"POST {u.path}{path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n"
+            ).encode()
+            + self.extra
+            + b"\r\n"
+        )
         reused = self._take(key)
         if reused is not None:
-            try:     # a kept connection the replica closed meanwhile fails before any reply byte: retry fresh
+            try:  # a kept connection the replica closed meanwhile fails before any reply byte: retry fresh
                 return await self._exchange(reused, key, head + body)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
                 reused.close()
@@ -177,7 +184,8 @@ class Upstream:
         port = u.port or (443 if tls else 80)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(u.hostname, port, ssl=tls, limit=_READ * 4), self.connect_timeout_s)
+                asyncio.open_connection(u.hostname, port, ssl=tls, limit=_READ * 4), self.connect_timeout_s
+            )
         except (OSError, asyncio.TimeoutError) as e:
             raise UpstreamError(f"connect to {u.netloc}: {type(e).__name__}: {e}") from None
         return _Conn(reader, writer)

@@ -1,5 +1,6 @@
 """What the runner consumes from the scheduler: a batch of rows and, back, one sampled token per
 target. The runner sees requests only through `BatchRequest`, so it depends on no engine module."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ PLACEHOLDER = -1  # token id of a sampled token not yet copied back from the dev
 
 class BatchRequest(Protocol):
     """The fields of a request that the runner reads; it writes none (its caches are its own)."""
+
     request_id: str
     params: SamplingParams
     seed: int
@@ -70,6 +72,7 @@ class SampledToken:
 @dataclass(slots=True)
 class PromptLogprobs:
     """One step's prompt logprobs for one batch row: tokens in order, continuing the request's."""
+
     logprobs: list[float]
     ranks: list[int]
     top_logprobs: list[dict[int, float]] | None

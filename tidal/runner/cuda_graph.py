@@ -8,6 +8,7 @@ nothing (slot -1) and attend to nothing (seq_len 0), so the padding is harmless.
 Invariant: the graphs hold raw pointers to the weights, the KV cache and these buffers; when
 either of the first two moves (sleep/wake, a reallocation), drop this object and build another.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -37,8 +38,16 @@ class CudaGraphRunner:
     longest possible context.
     """
 
-    def __init__(self, model: nn.Module, kv_cache: torch.Tensor, backend: AttentionBackend, max_bs: int,
-                 max_blocks_per_seq: int, block_size: int, batch_sizes: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_cache: torch.Tensor,
+        backend: AttentionBackend,
+        max_bs: int,
+        max_blocks_per_seq: int,
+        block_size: int,
+        batch_sizes: list[int] | None = None,
+    ) -> None:
         if kv_cache.device.type != "cuda":
             raise ValueError(f"kv_cache.device={kv_cache.device}: CUDA graphs need a CUDA device")
         self.model = model
@@ -65,9 +74,15 @@ class CudaGraphRunner:
     def _meta(self, bs: int) -> AttentionMetadata:
         max_len = self.max_blocks * self.block_size
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs], query_start_loc=self.query_start_loc[:bs + 1],
-            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
-            max_query_len=1, max_seq_len=max_len, query_lens_cpu=[1] * bs, seq_lens_cpu=[max_len] * bs)
+            slot_mapping=self.slot_mapping[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_query_len=1,
+            max_seq_len=max_len,
+            query_lens_cpu=[1] * bs,
+            seq_lens_cpu=[max_len] * bs,
+        )
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -93,8 +108,12 @@ class CudaGraphRunner:
     def can_run(self, inputs: StepInputs) -> bool:
         meta = inputs.meta
         n = meta.seq_lens.shape[0]
-        return (meta.max_query_len == 1 and inputs.input_ids.shape[0] == n and 0 < n <= self.max_bs
-                and meta.block_tables.shape[1] <= self.max_blocks)
+        return (
+            meta.max_query_len == 1
+            and inputs.input_ids.shape[0] == n
+            and 0 < n <= self.max_bs
+            and meta.block_tables.shape[1] <= self.max_blocks
+        )
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [n, hidden_size] of a decode step of n sequences (a view into a static

@@ -14,6 +14,7 @@ The runner keeps its own per-request state (`sampling_rows`) and writes nothing 
 it is given. One file, past 400 lines, for one job: a batch in, one device step, tokens out; the
 staging buffers and the step handle exist only for that.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -67,13 +68,14 @@ class StepInputs:
 @dataclass(slots=True)
 class StepHandle:
     """A launched step: its sampled tokens on the device, and their host copies once `ready`."""
+
     step: int
-    token_ids: torch.Tensor | None         # [num_targets] on the device (None: nothing sampled)
-    host_ids: torch.Tensor | None = None   # pinned copies, valid after `ready`
+    token_ids: torch.Tensor | None  # [num_targets] on the device (None: nothing sampled)
+    host_ids: torch.Tensor | None = None  # pinned copies, valid after `ready`
     host_logprobs: torch.Tensor | None = None
     host_top_ids: torch.Tensor | None = None
     host_top_logprobs: torch.Tensor | None = None
-    top_k: list[int] = field(default_factory=list)           # per target: how many alternatives it asked for
+    top_k: list[int] = field(default_factory=list)  # per target: how many alternatives it asked for
     want_logprobs: list[bool] = field(default_factory=list)  # per target (set with token_ids)
     host_ranks: torch.Tensor | None = None
     prompt_spans: list[tuple[int, int, int]] | None = None  # StepInputs.prompt_spans
@@ -119,13 +121,13 @@ class _Staging:
         host = buf.numpy()
         out = []
         for a, at in zip(arrays, starts):
-            host[at:at + a.size] = a.reshape(-1)
+            host[at : at + a.size] = a.reshape(-1)
             out.append((at, a.shape))
         if self.pinned:
             dev = buf[:total].to(self.device, non_blocking=True)
         else:
             dev = buf[:total].clone()
-        return [dev[a:a + int(np.prod(shape))].view(shape) for a, shape in out]
+        return [dev[a : a + int(np.prod(shape))].view(shape) for a, shape in out]
 
     def flip(self) -> None:
         self.turn ^= 1
@@ -141,8 +143,10 @@ class ModelRunner:
         self.fused = use_fused_kernels(self.model, config.fused_kernels, self.device)
         self.arch = self.model.arch
         if config.max_model_len is not None and config.max_model_len > self.arch.max_model_len:
-            raise ValueError(f"EngineConfig.max_model_len={config.max_model_len} is invalid: expected at most the "
-                             f"model's context length, max_position_embeddings={self.arch.max_model_len}")
+            raise ValueError(
+                f"EngineConfig.max_model_len={config.max_model_len} is invalid: expected at most the "
+                f"model's context length, max_position_embeddings={self.arch.max_model_len}"
+            )
         self.max_model_len = config.max_model_len or self.arch.max_model_len
         self.block_size = config.block_size
         self.backend = self._attention_backend()
@@ -183,22 +187,31 @@ class ModelRunner:
             budget = self.config.kv_cache_memory_gb * (1 << 30)
         blocks = int(budget // self.kv_block_bytes)
         if blocks < 2:
-            raise ValueError(f"KV cache does not fit: {budget / 2**20:.0f} MiB left for it, one block "
-                             f"needs {self.kv_block_bytes / 2**20:.2f} MiB; lower max_num_batched_tokens "
-                             f"or raise gpu_memory_utilization/kv_cache_memory_gb")
+            raise ValueError(
+                f"KV cache does not fit: {budget / 2**20:.0f} MiB left for it, one block "
+                f"needs {self.kv_block_bytes / 2**20:.2f} MiB; lower max_num_batched_tokens "
+                f"or raise gpu_memory_utilization/kv_cache_memory_gb"
+            )
         return blocks
 
     def _activation_reserve(self) -> int:
         a = self.arch
         tokens = self.config.max_num_batched_tokens
         # logits for the sampled rows plus a generous per-token activation footprint
-        return (self.config.max_num_seqs * a.vocab_size * 4 * 4
-                + tokens * a.hidden_size * 4 * 16 + (512 << 20))
+        return self.config.max_num_seqs * a.vocab_size * 4 * 4 + tokens * a.hidden_size * 4 * 16 + (512 << 20)
 
     def allocate_kv_cache(self) -> None:
         a = self.arch
-        self.kv_cache = torch.zeros(a.num_layers, 2, self.num_blocks, self.block_size, a.num_kv_heads,
-                                    a.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(
+            a.num_layers,
+            2,
+            self.num_blocks,
+            self.block_size,
+            a.num_kv_heads,
+            a.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
 
     def free_kv_cache(self) -> None:
         self.kv_cache = None
@@ -222,9 +235,11 @@ class ModelRunner:
     def _ensure_graphs(self) -> None:
         if self.use_graphs and self.graphs is None and self.kv_cache is not None:
             from tidal.runner.cuda_graph import CudaGraphRunner
+
             max_blocks = -(-self.max_model_len // self.block_size)
-            self.graphs = CudaGraphRunner(self.model, self.kv_cache, self.backend, self.config.max_num_seqs,
-                                          max_blocks, self.block_size)
+            self.graphs = CudaGraphRunner(
+                self.model, self.kv_cache, self.backend, self.config.max_num_seqs, max_blocks, self.block_size
+            )
 
     # -- per-request caches --------------------------------------------------------------
     def free_requests(self, reqs: Iterable[BatchRequest]) -> None:
@@ -243,8 +258,8 @@ class ModelRunner:
         query_lens: list[int] = []
         seq_lens: list[int] = []
         logits_rows: list[int] = []
-        fix_rows: list[int] = []   # flat token index whose id comes from prev
-        fix_from: list[int] = []   # ... and its row in prev's sampled tokens
+        fix_rows: list[int] = []  # flat token index whose id comes from prev
+        fix_from: list[int] = []  # ... and its row in prev's sampled tokens
         prompt_rows: list[int] = []
         prompt_targets: list[int] = []
         prompt_spans: list[tuple[int, int, int]] = []
@@ -258,12 +273,12 @@ class ModelRunner:
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             elif n <= _NUMPY_ROW:
-                ids.extend(req.token_ids[start:start + n])
+                ids.extend(req.token_ids[start : start + n])
                 rng = range(start, start + n)
                 positions.extend(rng)
                 slots.extend(table[p // bs] * bs + p % bs for p in rng)
             else:
-                ids.extend(req.token_ids[start:start + n])
+                ids.extend(req.token_ids[start : start + n])
                 pos = np.arange(start, start + n, dtype=np.int64)
                 positions.extend(pos.tolist())
                 slots.extend((np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
@@ -277,29 +292,49 @@ class ModelRunner:
         tables = _block_tables(batch.reqs)
         qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=qsl[1:])
-        longs = [np.asarray(ids, dtype=np.int64), np.asarray(positions, dtype=np.int64),
-                 np.asarray(slots, dtype=np.int64), np.asarray(logits_rows, dtype=np.int64),
-                 np.asarray(fix_rows, dtype=np.int64), np.asarray(fix_from, dtype=np.int64)]
+        longs = [
+            np.asarray(ids, dtype=np.int64),
+            np.asarray(positions, dtype=np.int64),
+            np.asarray(slots, dtype=np.int64),
+            np.asarray(logits_rows, dtype=np.int64),
+            np.asarray(fix_rows, dtype=np.int64),
+            np.asarray(fix_from, dtype=np.int64),
+        ]
         ints = [qsl, np.asarray(seq_lens, dtype=np.int32), tables]
         input_ids, pos_d, slots_d, rows_d, fix_rows_d, fix_from_d = self.staging.upload("inputs64", longs, torch.int64)
         qsl_d, seq_lens_d, tables_d = self.staging.upload("inputs32", ints, torch.int32)
         if fix_rows:
             input_ids.index_copy_(0, fix_rows_d, _sampled_ids(prev).index_select(0, fix_from_d))
         meta = AttentionMetadata(
-            slot_mapping=slots_d, query_start_loc=qsl_d, seq_lens=seq_lens_d, block_tables=tables_d,
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+            slot_mapping=slots_d,
+            query_start_loc=qsl_d,
+            seq_lens=seq_lens_d,
+            block_tables=tables_d,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
         inputs = StepInputs(input_ids=input_ids, positions=pos_d, meta=meta, logits_rows=rows_d)
         if prompt_rows:
             inputs.prompt_rows, inputs.prompt_targets = self.staging.upload(
-                "prompt64", [np.asarray(prompt_rows, dtype=np.int64), np.asarray(prompt_targets, dtype=np.int64)],
-                torch.int64)
+                "prompt64",
+                [np.asarray(prompt_rows, dtype=np.int64), np.asarray(prompt_targets, dtype=np.int64)],
+                torch.int64,
+            )
             inputs.prompt_spans = prompt_spans
         return inputs
 
     @staticmethod
-    def _prompt_rows(req: BatchRequest, b: int, base: int, n: int, rows: list[int], targets: list[int],
-                     spans: list[tuple[int, int, int]]) -> None:
+    def _prompt_rows(
+        req: BatchRequest,
+        b: int,
+        base: int,
+        n: int,
+        rows: list[int],
+        targets: list[int],
+        spans: list[tuple[int, int, int]],
+    ) -> None:
         """The positions of this chunk whose logits score a prompt token not yet scored: position
         p scores token p + 1. Tokens scored by a step still in flight sit below `start`, and a
         recompute after preemption skips what was already scored."""
@@ -309,15 +344,17 @@ class ModelRunner:
         if hi <= lo:
             return
         rows.extend(range(base + lo - start, base + hi - start))
-        targets.extend(req.token_ids[lo + 1:hi + 1])
+        targets.extend(req.token_ids[lo + 1 : hi + 1])
         spans.append((b, hi - lo, req.params.prompt_logprobs or 0))
 
     @staticmethod
     def _pending_row(req: BatchRequest, prev: StepHandle | None) -> int:
         if prev is None or req.pending_step != prev.step or req.num_pending != 1:
-            raise RuntimeError(f"request {req.request_id!r}: its input token is a placeholder of step "
-                               f"{req.pending_step}, but the step in flight is "
-                               f"{None if prev is None else prev.step} (num_pending={req.num_pending})")
+            raise RuntimeError(
+                f"request {req.request_id!r}: its input token is a placeholder of step "
+                f"{req.pending_step}, but the step in flight is "
+                f"{None if prev is None else prev.step} (num_pending={req.num_pending})"
+            )
         return req.pending_row
 
     @torch.inference_mode()
@@ -356,13 +393,15 @@ class ModelRunner:
         k = max(span[2] for span in spans)
         parts: list[list[torch.Tensor]] = []
         for a in range(0, rows.shape[0], _PROMPT_ROWS_PER_PASS):
-            logits = self.model.compute_logits(hidden.index_select(0, rows[a:a + _PROMPT_ROWS_PER_PASS])).float()
-            lps, ranks, top_ids, top_lps = token_logprobs(logits, targets[a:a + _PROMPT_ROWS_PER_PASS], k,
-                                                        self.sampler.batch_invariant)
+            logits = self.model.compute_logits(hidden.index_select(0, rows[a : a + _PROMPT_ROWS_PER_PASS])).float()
+            lps, ranks, top_ids, top_lps = token_logprobs(
+                logits, targets[a : a + _PROMPT_ROWS_PER_PASS], k, self.sampler.batch_invariant
+            )
             parts.append([lps, ranks, *(t for t in (top_ids, top_lps) if t is not None)])
         keys = ("p_lps", "p_ranks", "p_top_ids", "p_top_lps")
-        h.host_prompt = [self._to_host(key, torch.cat([p[i] for p in parts]))
-                         for i, key in enumerate(keys[:len(parts[0])])]
+        h.host_prompt = [
+            self._to_host(key, torch.cat([p[i] for p in parts])) for i, key in enumerate(keys[: len(parts[0])])
+        ]
         h.prompt_spans = spans
 
     def collect_prompt_logprobs(self, h: StepHandle) -> dict[int, PromptLogprobs]:
@@ -398,8 +437,10 @@ class ModelRunner:
             for i, k in enumerate(h.top_k):
                 if k > 0:
                     tops[i] = dict(zip(top_ids[i][:k], top_lps[i][:k]))
-        return [SampledToken(tok, lp if want else None, top, rank if want else None)
-                for tok, lp, want, top, rank in zip(ids, lps, h.want_logprobs, tops, ranks)]
+        return [
+            SampledToken(tok, lp if want else None, top, rank if want else None)
+            for tok, lp, want, top, rank in zip(ids, lps, h.want_logprobs, tops, ranks)
+        ]
 
     def _sampling_tensors(self, targets: list[BatchRequest]) -> SamplingTensors:
         rows = []
@@ -435,17 +476,19 @@ class ModelRunner:
                 prompt_ids.extend(r.token_ids[:n_prompt])
             out_rows.extend([i] * len(outputs))
             out_ids.extend(outputs)
-        f_dev, = self.staging.upload("penalty_f32", [floats], torch.float32)
-        arrays = [np.asarray(a, dtype=np.int64)
-                  for a in (prompt_rows, prompt_ids, out_rows, out_ids, pend_rows, pend_from)]
+        (f_dev,) = self.staging.upload("penalty_f32", [floats], torch.float32)
+        arrays = [
+            np.asarray(a, dtype=np.int64) for a in (prompt_rows, prompt_ids, out_rows, out_ids, pend_rows, pend_from)
+        ]
         pr, pi, orows, oids, prow, pfrom = self.staging.upload("penalty_i64", arrays, torch.int64)
         if pend_rows:
             orows = torch.cat([orows, prow])
             oids = torch.cat([oids, _sampled_ids(prev).index_select(0, pfrom)])
         return PenaltyTensors(f_dev[0], f_dev[1], f_dev[2], pr, pi, orows, oids)
 
-    def _sample(self, logits: torch.Tensor, targets: list[BatchRequest], step: int,
-                prev: StepHandle | None = None) -> StepHandle:
+    def _sample(
+        self, logits: torch.Tensor, targets: list[BatchRequest], step: int, prev: StepHandle | None = None
+    ) -> StepHandle:
         ban_rows: list[int] = []
         ban_ids: list[int] = []
         for i, req in enumerate(targets):
@@ -462,8 +505,9 @@ class ModelRunner:
         if ban_rows:
             if raw is None:
                 raw, logits = logits, logits.clone()
-            apply_token_bans(logits, torch.tensor(ban_rows, device=logits.device),
-                             torch.tensor(ban_ids, device=logits.device))
+            apply_token_bans(
+                logits, torch.tensor(ban_rows, device=logits.device), torch.tensor(ban_ids, device=logits.device)
+            )
         out = self.sampler(logits, self._sampling_tensors(targets), raw_logits=raw)
         n = len(targets)
         h = StepHandle(step, out.token_ids, want_logprobs=[r.params.logprobs is not None for r in targets])
@@ -482,10 +526,9 @@ class ModelRunner:
         """Start copying t into this step's pinned buffer for `key`; returns the host view."""
         if not self.staging.pinned:
             return t.clone()
-        buf = self.staging.buffer(key, t.numel(), t.dtype)[:t.numel()].view(t.shape)
+        buf = self.staging.buffer(key, t.numel(), t.dtype)[: t.numel()].view(t.shape)
         buf.copy_(t, non_blocking=True)
         return buf
-
 
 
 def _copy_blocks(kv: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
@@ -506,7 +549,8 @@ def _block_tables(reqs: list[BatchRequest]) -> np.ndarray:
     lens = np.fromiter((len(r.block_table) for r in reqs), dtype=np.int64, count=len(reqs))
     width = max(int(lens.max()), 1)
     tables = np.zeros((len(reqs), width), dtype=np.int32)
-    flat = np.fromiter(itertools.chain.from_iterable(r.block_table for r in reqs), dtype=np.int32,
-                       count=int(lens.sum()))
+    flat = np.fromiter(
+        itertools.chain.from_iterable(r.block_table for r in reqs), dtype=np.int32, count=int(lens.sum())
+    )
     tables[np.arange(width)[None, :] < lens[:, None]] = flat
     return tables

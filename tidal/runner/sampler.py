@@ -28,6 +28,7 @@ and sampled tokens and processed logprobs see them; raw logprobs do not.
 One file, past 400 lines, for one job (logits in, tokens and logprobs out): the torch and Triton
 forms of the race must stay the same function, so they sit side by side.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,27 +58,36 @@ class SamplingTensors:
 
     Greedy rows have temperature 0 and their filters switched off (top_p 1, top_k 0, min_p 0).
     """
+
     temperature: Tensor  # [B] float32 (0: greedy)
-    top_p: Tensor        # [B] float32 (1.0: off)
-    top_k: Tensor        # [B] int64   (0 or >= vocab: off)
-    min_p: Tensor        # [B] float32 (0: off)
-    seeds: Tensor        # [B] int64   per-row seed
-    steps: Tensor        # [B] int64   index of the sampled token within the row's output
+    top_p: Tensor  # [B] float32 (1.0: off)
+    top_k: Tensor  # [B] int64   (0 or >= vocab: off)
+    min_p: Tensor  # [B] float32 (0: off)
+    seeds: Tensor  # [B] int64   per-row seed
+    steps: Tensor  # [B] int64   index of the sampled token within the row's output
     all_greedy: bool
     any_top_p: bool
     any_top_k: bool
     any_min_p: bool
     max_num_logprobs: int  # -1: none; 0: sampled token's logprob; k: also the top-k
-    max_top_k: int = 0     # largest top_k of a sampled (non-greedy) row, 0 if none
+    max_top_k: int = 0  # largest top_k of a sampled (non-greedy) row, 0 if none
     processed: Tensor | None = None  # [B] bool: row reports processed logprobs (None: no row does)
     all_processed: bool = False
 
     @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int],
-              device: torch.device | str, logprobs_mode: str = "raw") -> SamplingTensors:
+    def build(
+        cls,
+        params: list[SamplingParams],
+        seeds: list[int],
+        steps: list[int],
+        device: torch.device | str,
+        logprobs_mode: str = "raw",
+    ) -> SamplingTensors:
         if not (len(params) == len(seeds) == len(steps)):
-            raise ValueError(f"SamplingTensors.build: params, seeds and steps must have one entry "
-                             f"per row, got {len(params)}, {len(seeds)} and {len(steps)}")
+            raise ValueError(
+                f"SamplingTensors.build: params, seeds and steps must have one entry "
+                f"per row, got {len(params)}, {len(seeds)} and {len(steps)}"
+            )
         rows = [cls.row(p, seed, logprobs_mode) for p, seed in zip(params, seeds)]
         return cls.from_rows(rows, [int(s) for s in steps], _DirectUpload(torch.device(device)))
 
@@ -90,8 +100,7 @@ class SamplingTensors:
         processed = (p.logprobs_mode or logprobs_mode) == "processed"
         if p.greedy:
             return (0.0, 1.0, 0.0, 0, _as_int64(seed), lp, processed)
-        return (float(p.temperature), float(p.top_p), float(p.min_p), max(p.top_k, 0), _as_int64(seed), lp,
-                processed)
+        return (float(p.temperature), float(p.top_p), float(p.min_p), max(p.top_k, 0), _as_int64(seed), lp, processed)
 
     @classmethod
     def from_rows(cls, rows: list[tuple], steps: list[int], staging) -> SamplingTensors:
@@ -107,21 +116,28 @@ class SamplingTensors:
         ints[0, :n] = [r[3] for r in rows]
         ints[1, :n] = [r[4] for r in rows]
         ints[2, :n] = steps
-        f_dev, = staging.upload("sampling_f32", [floats], torch.float32)
-        i_dev, = staging.upload("sampling_i64", [ints], torch.int64)
+        (f_dev,) = staging.upload("sampling_f32", [floats], torch.float32)
+        (i_dev,) = staging.upload("sampling_i64", [ints], torch.int64)
         temps, top_ps, min_ps, top_ks = floats[0, :n], floats[1, :n], floats[2, :n], ints[0, :n]
         flags = [bool(r[6]) for r in rows]
         processed = None
         if any(flags):
-            processed, = staging.upload("sampling_bool", [np.array(flags, dtype=np.bool_)], torch.bool)
+            (processed,) = staging.upload("sampling_bool", [np.array(flags, dtype=np.bool_)], torch.bool)
         return cls(
-            temperature=f_dev[0, :n], top_p=f_dev[1, :n], min_p=f_dev[2, :n],
-            top_k=i_dev[0, :n], seeds=i_dev[1, :n], steps=i_dev[2, :n],
-            all_greedy=not temps.any(), any_top_p=bool((top_ps < 1.0).any()),
-            any_top_k=bool((top_ks > 0).any()), any_min_p=bool((min_ps > 0.0).any()),
+            temperature=f_dev[0, :n],
+            top_p=f_dev[1, :n],
+            min_p=f_dev[2, :n],
+            top_k=i_dev[0, :n],
+            seeds=i_dev[1, :n],
+            steps=i_dev[2, :n],
+            all_greedy=not temps.any(),
+            any_top_p=bool((top_ps < 1.0).any()),
+            any_top_k=bool((top_ks > 0).any()),
+            any_min_p=bool((min_ps > 0.0).any()),
             max_num_logprobs=max((r[5] for r in rows), default=-1),
             max_top_k=int(top_ks.max(initial=0)),
-            processed=processed, all_processed=all(flags) and n > 0,
+            processed=processed,
+            all_processed=all(flags) and n > 0,
         )
 
 
@@ -137,11 +153,11 @@ class _DirectUpload:
 
 @dataclass(slots=True)
 class SamplerOutput:
-    token_ids: Tensor                  # [B] int64
-    logprobs: Tensor | None            # [B] float32: the sampled token's logprob (raw or processed)
-    top_token_ids: Tensor | None       # [B, k] int64, k = max_num_logprobs; a row asking for
-    top_logprobs: Tensor | None        # [B, k] float32  fewer takes the first ones
-    ranks: Tensor | None = None        # [B] int64: 1 + tokens with a strictly higher logprob
+    token_ids: Tensor  # [B] int64
+    logprobs: Tensor | None  # [B] float32: the sampled token's logprob (raw or processed)
+    top_token_ids: Tensor | None  # [B, k] int64, k = max_num_logprobs; a row asking for
+    top_logprobs: Tensor | None  # [B, k] float32  fewer takes the first ones
+    ranks: Tensor | None = None  # [B] int64: 1 + tokens with a strictly higher logprob
 
 
 class Sampler:
@@ -226,8 +242,7 @@ class Sampler:
             processed = x if floor is None else x.masked_fill(x < floor, -_INF)
         return self._race(x, floor, t, None), processed
 
-    def _race(self, x: Tensor, floor: Tensor | None, t: SamplingTensors,
-              ids: Tensor | None) -> Tensor:
+    def _race(self, x: Tensor, floor: Tensor | None, t: SamplingTensors, ids: Tensor | None) -> Tensor:
         """Per row: argmax_j x_j - log(E_j) over the columns with x_j >= floor.
 
         x: [B, N]; floor: [B, 1] or None; ids: [B, N] token id of each column, or None when
@@ -283,8 +298,7 @@ class _Workspace:
         self.mask = torch.empty(rows, n, dtype=torch.bool, device=device)
 
 
-def _race_torch(x: Tensor, floor: Tensor | None, keys: Tensor, codes: Tensor,
-                ws: _Workspace) -> Tensor:
+def _race_torch(x: Tensor, floor: Tensor | None, keys: Tensor, codes: Tensor, ws: _Workspace) -> Tensor:
     rows, n = x.shape
     step = ws.shape[0]
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
@@ -308,8 +322,9 @@ def logprobs_of(src: Tensor, token_ids: Tensor, k: int, batch_invariant: bool = 
     return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs, ranks)
 
 
-def token_logprobs(src: Tensor, token_ids: Tensor, k: int, batch_invariant: bool = False
-                   ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+def token_logprobs(
+    src: Tensor, token_ids: Tensor, k: int, batch_invariant: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(logprobs, ranks, top ids, top logprobs) of logprobs_of; the top pair is None unless k > 0.
     batch_invariant: the logsumexp in a fixed order per row (Sampler.batch_invariant)."""
     lse = row_logsumexp(src)[:, None] if batch_invariant else torch.logsumexp(src, dim=-1, keepdim=True)
@@ -325,13 +340,14 @@ def token_logprobs(src: Tensor, token_ids: Tensor, k: int, batch_invariant: bool
 @dataclass(slots=True)
 class PenaltyTensors:
     """Per-row penalties of one step and the tokens they count, as (row, token id) pairs."""
-    repetition: Tensor   # [B] float32 (1.0: off)
-    presence: Tensor     # [B] float32 (0.0: off)
-    frequency: Tensor    # [B] float32 (0.0: off)
+
+    repetition: Tensor  # [B] float32 (1.0: off)
+    presence: Tensor  # [B] float32 (0.0: off)
+    frequency: Tensor  # [B] float32 (0.0: off)
     prompt_rows: Tensor  # [Np] int64: prompt tokens (repetition only)
-    prompt_ids: Tensor   # [Np] int64
+    prompt_ids: Tensor  # [Np] int64
     output_rows: Tensor  # [No] int64: output tokens, once per occurrence
-    output_ids: Tensor   # [No] int64
+    output_ids: Tensor  # [No] int64
 
 
 def apply_penalties(logits: Tensor, p: PenaltyTensors) -> Tensor:
@@ -354,6 +370,7 @@ def apply_token_bans(logits: Tensor, rows: Tensor, token_ids: Tensor) -> None:
 
 
 # --- counter-based randomness --------------------------------------------------------------------
+
 
 def mix32(x: Tensor) -> Tensor:
     """A bijective 32-bit hash, elementwise, of an int64 tensor holding values in [0, 2**32)."""
@@ -407,7 +424,7 @@ def log_exponentials_from_bits(bits: Tensor) -> Tensor:
 
 def _log_exponentials_(bits: Tensor, u: Tensor, z: Tensor, zm1: Tensor) -> Tensor:
     """log(E) from bits into u (returned); z, zm1: float32 scratch of the same shape."""
-    u.copy_(bits).mul_(2.0 ** -32).add_(2.0 ** -33).clamp_(max=1.0 - 2.0 ** -24)
+    u.copy_(bits).mul_(2.0**-32).add_(2.0**-33).clamp_(max=1.0 - 2.0**-24)
     torch.sub(1.0, u, out=z)
     torch.sub(z, 1.0, out=zm1)
     # log(z) / (z - 1) is 0/0 exactly where z == 1, and there the ratio's limit is 1.
@@ -430,6 +447,7 @@ except ImportError:  # the CPU-only install: the torch path serves
     triton = None
 
 if triton is not None:
+
     @triton.jit
     def _mix32_tl(x):
         x = x ^ (x >> 16)
@@ -439,9 +457,22 @@ if triton is not None:
         return x ^ (x >> 15)
 
     @triton.jit
-    def _race_kernel(x_ptr, x_stride, ids_ptr, ids_stride, floor_ptr, seeds_ptr, steps_ptr,
-                     score_ptr, col_ptr, n, chunk, HAS_IDS: tl.constexpr, HAS_FLOOR: tl.constexpr,
-                     BLOCK: tl.constexpr):
+    def _race_kernel(
+        x_ptr,
+        x_stride,
+        ids_ptr,
+        ids_stride,
+        floor_ptr,
+        seeds_ptr,
+        steps_ptr,
+        score_ptr,
+        col_ptr,
+        n,
+        chunk,
+        HAS_IDS: tl.constexpr,
+        HAS_FLOOR: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         # One program per (row, slice of `chunk` columns): the slice's best score and its column.
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
@@ -491,8 +522,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _race_triton(x: Tensor, floor: Tensor | None, seeds: Tensor, steps: Tensor,
-                 ids: Tensor | None) -> Tensor:
+def _race_triton(x: Tensor, floor: Tensor | None, seeds: Tensor, steps: Tensor, ids: Tensor | None) -> Tensor:
     rows, n = x.shape
     if rows == 0:
         return torch.empty(0, dtype=torch.int64, device=x.device)
@@ -507,11 +537,23 @@ def _race_triton(x: Tensor, floor: Tensor | None, seeds: Tensor, steps: Tensor,
     floor_arg = floor.reshape(rows).contiguous() if floor is not None else x
     scores = torch.empty(rows, splits, dtype=torch.float32, device=x.device)
     cols = torch.empty(rows, splits, dtype=torch.int64, device=x.device)
-    _race_kernel[(rows, splits)](x, x.stride(0), ids if ids is not None else x,
-                                 ids.stride(0) if ids is not None else 0, floor_arg,
-                                 seeds.contiguous(), steps.contiguous(), scores, cols, n, chunk,
-                                 HAS_IDS=ids is not None, HAS_FLOOR=floor is not None,
-                                 BLOCK=_RACE_BLOCK, num_warps=4)
+    _race_kernel[(rows, splits)](
+        x,
+        x.stride(0),
+        ids if ids is not None else x,
+        ids.stride(0) if ids is not None else 0,
+        floor_arg,
+        seeds.contiguous(),
+        steps.contiguous(),
+        scores,
+        cols,
+        n,
+        chunk,
+        HAS_IDS=ids is not None,
+        HAS_FLOOR=floor is not None,
+        BLOCK=_RACE_BLOCK,
+        num_warps=4,
+    )
     if splits == 1:
         return cols.squeeze(1)
     return cols.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)

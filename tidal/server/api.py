@@ -7,6 +7,7 @@ Status codes are listed in tidal/server/errors.py. A streaming response sends it
 once the first output is there, so a request that fails before any token still gets a real
 status code; a later failure is an SSE `error` event.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -74,6 +75,7 @@ class _HTTPGate:
                 if total > self.limit:
                     raise _BodyTooLarge
             return msg
+
         return receive_limited
 
 
@@ -88,8 +90,9 @@ def _content_length(scope) -> int | None:
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"the request body is over {limit} bytes: expected at most {limit} "
-                         "(--max-body-bytes)", param="body")
+    return APIError(
+        413, f"the request body is over {limit} bytes: expected at most {limit} (--max-body-bytes)", param="body"
+    )
 
 
 def create_app(engine_config: EngineConfig, settings: ServerSettings | None = None) -> FastAPI:
@@ -104,10 +107,15 @@ def create_app(engine_config: EngineConfig, settings: ServerSettings | None = No
         finally:
             await server.stop()
 
-    app = FastAPI(title="Tidal", version="0.1.0", lifespan=lifespan, strict_content_type=False,
-                  redirect_slashes=False,
-                  description="OpenAI-compatible and RL-native generation with a control plane. "
-                              "Errors answer {\"error\": {message, type, param, code}}.")
+    app = FastAPI(
+        title="Tidal",
+        version="0.1.0",
+        lifespan=lifespan,
+        strict_content_type=False,
+        redirect_slashes=False,
+        description="OpenAI-compatible and RL-native generation with a control plane. "
+        'Errors answer {"error": {message, type, param, code}}.',
+    )
     app.state.server = server
     _install(app, server)
     # Bad input answers 400 here, never 422; replacing app.openapi is FastAPI's documented hook.
@@ -119,6 +127,7 @@ def create_app(engine_config: EngineConfig, settings: ServerSettings | None = No
 def _openapi_without_422(app: FastAPI) -> dict:
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
+
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for ops in doc["paths"].values():
             for op in ops.values():
@@ -174,7 +183,7 @@ def _param_of_loc(loc: tuple) -> str:
             continue
         if isinstance(x, str) and (x in _TYPE_TAGS or "[" in x or "-" in x):
             break
-        if isinstance(x, str) and x[:1].isupper():   # a union member's model name, not a field
+        if isinstance(x, str) and x[:1].isupper():  # a union member's model name, not a field
             continue
         parts.append(str(x))
     return ".".join(parts) or "body"
@@ -186,8 +195,9 @@ def _validation_api_error(errs: Sequence[Any]) -> APIError:
         reason = (errs[0].get("ctx") or {}).get("error", "invalid JSON")
         return APIError(400, f"the request body is not valid JSON: {reason} (at character {pos})", param="body")
     if len(errs) == 1 and tuple(errs[0].get("loc", ())) == ("body",) and isinstance(errs[0].get("input"), bytes):
-        return APIError(400, "the request body must be a JSON object (send 'Content-Type: application/json')",
-                        param="body")
+        return APIError(
+            400, "the request body must be a JSON object (send 'Content-Type: application/json')", param="body"
+        )
     parts, param = [], None
     for err in errs[:5]:
         field = _param_of_loc(tuple(err.get("loc", ())))
@@ -203,15 +213,21 @@ def _http_api_error(request: Request, e: StarletteHTTPException) -> APIError:
     if isinstance(cause, _BodyTooLarge):
         return _too_large(request.app.state.server.settings.max_body_bytes)
     if isinstance(cause, UnicodeDecodeError):
-        return APIError(400, f"the request body is not valid UTF-8: {cause.reason} at byte {cause.start}: "
-                             "expected UTF-8 JSON", param="body")
+        return APIError(
+            400,
+            f"the request body is not valid UTF-8: {cause.reason} at byte {cause.start}: expected UTF-8 JSON",
+            param="body",
+        )
     if isinstance(cause, RecursionError):
-        return APIError(400, "the request body nests too deeply: expected JSON nested less than about "
-                             "1,000 levels", param="body")
+        return APIError(
+            400, "the request body nests too deeply: expected JSON nested less than about 1,000 levels", param="body"
+        )
     if e.status_code == 404:
-        return APIError(404, f"no route {request.method} {request.url.path}: see /docs for the routes",
-                        "not_found_error")
+        return APIError(
+            404, f"no route {request.method} {request.url.path}: see /docs for the routes", "not_found_error"
+        )
     if e.status_code == 405:
-        return APIError(405, f"method {request.method} is not allowed on {request.url.path}",
-                        headers=getattr(e, "headers", None))
+        return APIError(
+            405, f"method {request.method} is not allowed on {request.url.path}", headers=getattr(e, "headers", None)
+        )
     return APIError(e.status_code, str(e.detail), headers=getattr(e, "headers", None))

@@ -1,5 +1,6 @@
 """The control plane over HTTP (DESIGN.md §5, §6): pause, resume, abort, sleep, wake, update
 from disk, flush, state; and /health, /metrics."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ class ControlRoutes:
         # ops; HEAD for load balancers
         app.get("/health", responses=error_responses(503), operation_id="health")(self.health)
         app.head("/health", responses=error_responses(503), operation_id="health_head")(self.health)
-        app.get("/metrics", responses={200: {"description": "Prometheus text format.",
-                                             "content": {"text/plain": {}}}})(self.metrics_endpoint)
+        app.get("/metrics", responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}})(
+            self.metrics_endpoint
+        )
 
     async def health(self) -> Response:
         if self.core.client is None:
@@ -50,17 +52,23 @@ class ControlRoutes:
             self.core.metrics.set_health(self.core.client.health().ok)
         return Response(self.core.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-
-    async def pause(self, body: S.PauseRequest | None = None,
-                    mode: Literal["abort", "retract", "keep", "drain"] | None = Query(
-                        None, description="the same as the body's mode (vLLM's form); not both"),
-                    timeout_s: float | None = Query(None, ge=0.0, le=7 * 86400,
-                                                    description="the same as the body's timeout_s; not both")
-                    ) -> Response:
+    async def pause(
+        self,
+        body: S.PauseRequest | None = None,
+        mode: Literal["abort", "retract", "keep", "drain"] | None = Query(
+            None, description="the same as the body's mode (vLLM's form); not both"
+        ),
+        timeout_s: float | None = Query(
+            None, ge=0.0, le=7 * 86400, description="the same as the body's timeout_s; not both"
+        ),
+    ) -> Response:
         if mode is not None or timeout_s is not None:
             if body is not None:
-                raise APIError(400, "pause options were given both in the query and in the body: expected "
-                                    "one of them", param="mode" if mode is not None else "timeout_s")
+                raise APIError(
+                    400,
+                    "pause options were given both in the query and in the body: expected one of them",
+                    param="mode" if mode is not None else "timeout_s",
+                )
             body = S.PauseRequest(mode=mode or "abort", timeout_s=timeout_s)
         body = body or S.PauseRequest()
         return await self.core.control(lambda: self.core.engine.pause(body.mode, body.timeout_s))
@@ -73,6 +81,7 @@ class ControlRoutes:
         async def call() -> dict:
             st = await self.core.engine.state()
             return {"is_paused": st["state"] != "serving", "state": st["state"], "pause_mode": st.get("pause_mode")}
+
         return await self.core.control(call)
 
     async def abort_requests(self, body: S.AbortRequest) -> Response:
@@ -93,8 +102,11 @@ class ControlRoutes:
         path = self._weights_path(body.path)
         timeout = body.timeout_s or max(self.core.settings.control_timeout_s, 600.0)
         engine = self.core.engine
-        return await self.core.control(lambda: engine.update_weights(
-            path, version=body.version, checksums=body.checksums, timeout_s=timeout, staging=body.staging))
+        return await self.core.control(
+            lambda: engine.update_weights(
+                path, version=body.version, checksums=body.checksums, timeout_s=timeout, staging=body.staging
+            )
+        )
 
     def _weights_path(self, path: str) -> str:
         if "\x00" in path:
@@ -104,11 +116,16 @@ class ControlRoutes:
         if root is not None:
             root = os.path.realpath(root)
             if os.path.commonpath([real, root]) != root:
-                raise APIError(403, f"path={path!r} is outside the allowed weights root {root!r} "
-                                    "(--weights-root)", "permission_error", "path")
+                raise APIError(
+                    403,
+                    f"path={path!r} is outside the allowed weights root {root!r} (--weights-root)",
+                    "permission_error",
+                    "path",
+                )
         if not os.path.isdir(real):
-            raise APIError(400, f"path={path!r} is not a directory: expected an HF/safetensors checkpoint "
-                                "directory", param="path")
+            raise APIError(
+                400, f"path={path!r} is not a directory: expected an HF/safetensors checkpoint directory", param="path"
+            )
         return real
 
     async def flush_cache(self, body: S.ControlRequest | None = None) -> Response:
@@ -117,5 +134,3 @@ class ControlRoutes:
 
     async def state(self) -> Response:
         return await self.core.control(lambda: self.core.engine.state())
-
-

@@ -19,6 +19,7 @@ Errors keep their type across the process boundary: a control reply names its ex
 (an EngineInvalidInput also carries field, value and expected), and a request output names its
 error kind in `error_type`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,7 +58,6 @@ from tidal.server.engine_proc import run_engine_process
 log = logging.getLogger("tidal.server")
 
 
-
 class RequestTimeout(EngineError, TimeoutError):
     """A request did not finish before its deadline; it has been aborted in the engine."""
 
@@ -70,7 +70,10 @@ class EngineUnavailable(EngineNotServing):
 
 # Control replies name the exception class raised in the engine process.
 _REPLY_ERRORS: dict[str, type[EngineError]] = {
-    "EngineDead": EngineDead, "EngineNotServing": EngineNotServing, "ControlTimeout": ControlTimeout}
+    "EngineDead": EngineDead,
+    "EngineNotServing": EngineNotServing,
+    "ControlTimeout": ControlTimeout,
+}
 # Request outputs name the kind of failure (EngineOutput.error_type).
 _OUTPUT_ERRORS: dict[str, type[EngineError]] = {"not_serving": EngineNotServing, "engine_dead": EngineDead}
 
@@ -88,6 +91,7 @@ class Health:
 class _Stream:
     """One request's reply channel: outputs accumulate until the consumer takes them all.
     One timer per request (not one per wait) enforces its deadline."""
+
     __slots__ = ("items", "waiter", "failure", "expired", "abandoned")
 
     def __init__(self) -> None:
@@ -95,7 +99,7 @@ class _Stream:
         self.waiter: asyncio.Future | None = None
         self.failure: EngineError | None = None
         self.expired = False
-        self.abandoned = False   # its caller is gone; it waits only for the engine's abort
+        self.abandoned = False  # its caller is gone; it waits only for the engine's abort
 
     def _wake(self) -> None:
         w = self.waiter
@@ -132,10 +136,19 @@ class _Stream:
 
 
 class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
-    def __init__(self, config: EngineConfig, *, request_timeout_s: float = 1800.0,
-                 control_timeout_s: float = DEFAULT_CONTROL_TIMEOUT_S, startup_timeout_s: float = 900.0,
-                 heartbeat_s: float = 0.5, heartbeat_timeout_s: float = 5.0, stuck_after_s: float = 60.0,
-                 log_level: str = "INFO", metrics=None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        request_timeout_s: float = 1800.0,
+        control_timeout_s: float = DEFAULT_CONTROL_TIMEOUT_S,
+        startup_timeout_s: float = 900.0,
+        heartbeat_s: float = 0.5,
+        heartbeat_timeout_s: float = 5.0,
+        stuck_after_s: float = 60.0,
+        log_level: str = "INFO",
+        metrics=None,
+    ) -> None:
         self.config = config
         self.request_timeout_s = request_timeout_s
         self.control_timeout_s = control_timeout_s
@@ -146,13 +159,13 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         self.log_level = log_level
         self.metrics = metrics
         self._routes: dict[str, _Stream] = {}
-        self._calls: dict[int, asyncio.Future] = {}      # control calls of callers
-        self._aborts: dict[int, asyncio.Future] = {}     # aborts of abandoned requests (see _abandon)
+        self._calls: dict[int, asyncio.Future] = {}  # control calls of callers
+        self._aborts: dict[int, asyncio.Future] = {}  # aborts of abandoned requests (see _abandon)
         self._call_ids = itertools.count(1)
         self._req_prefix = uuid.uuid4().hex[:8]
         self._req_ids = itertools.count()
         self._dead: str | None = None
-        self._unavailable: str | None = None   # why the engine cannot serve now (heartbeat lost, ...)
+        self._unavailable: str | None = None  # why the engine cannot serve now (heartbeat lost, ...)
         self._draining = False
         self._closing = False
         self._proc: multiprocessing.process.BaseProcess | None = None
@@ -187,16 +200,25 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         self._to_engine.connect(in_addr)
         cfg = {f: getattr(self.config, f) for f in self.config.__slots__}
         mp = multiprocessing.get_context("spawn")
-        self._proc = mp.Process(target=run_engine_process, name="tidal-engine-core", daemon=True,
-                                args=(cfg, in_addr, out_addr, os.getpid(), self.heartbeat_s, self.log_level))
+        self._proc = mp.Process(
+            target=run_engine_process,
+            name="tidal-engine-core",
+            daemon=True,
+            args=(cfg, in_addr, out_addr, os.getpid(), self.heartbeat_s, self.log_level),
+        )
         self._proc.start()
         self._ready: asyncio.Future = loop.create_future()
         loop.add_reader(self._proc.sentinel, self._on_process_exit)
-        self._tasks = [asyncio.create_task(self._recv_loop(), name="tidal-engine-recv"),
-                       asyncio.create_task(self._watch_heartbeat(), name="tidal-engine-watch")]
+        self._tasks = [
+            asyncio.create_task(self._recv_loop(), name="tidal-engine-recv"),
+            asyncio.create_task(self._watch_heartbeat(), name="tidal-engine-watch"),
+        ]
         # Load the tokenizer while the engine loads the model (both take seconds).
-        tokenizer = (asyncio.ensure_future(asyncio.to_thread(_try_tokenizer, self.config.model))
-                     if self.config.model is not None else None)
+        tokenizer = (
+            asyncio.ensure_future(asyncio.to_thread(_try_tokenizer, self.config.model))
+            if self.config.model is not None
+            else None
+        )
         try:
             ready: P.Ready = await asyncio.wait_for(asyncio.shield(self._ready), self.startup_timeout_s)
         except asyncio.TimeoutError:
@@ -378,8 +400,12 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         stalled = h.stalled and self._dead is None
         if stalled and self._unavailable is None:
             self._unavailable = f"the engine is not responding ({h.reason})"
-            log.error("%s: failing %d request(s) and %d control call(s) in flight; new ones get 503 "
-                      "until it answers again", self._unavailable, len(self._routes), len(self._calls))
+            log.error(
+                "%s: failing %d request(s) and %d control call(s) in flight; new ones get 503 until it answers again",
+                self._unavailable,
+                len(self._routes),
+                len(self._calls),
+            )
             self._fail_open(EngineUnavailable, self._unavailable)
         elif not stalled and self._unavailable is not None and self._dead is None:
             log.warning("the engine answers again after: %s", self._unavailable)
@@ -396,16 +422,24 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         age = time.monotonic() - self._last_heartbeat
         detail["heartbeat_age_s"] = round(age, 3)
         if age > self.heartbeat_timeout_s:
-            return Health(False, f"no heartbeat from the engine process for {age:.1f}s "
-                                 f"(limit {self.heartbeat_timeout_s:g}s)", detail, stalled=True)
+            return Health(
+                False,
+                f"no heartbeat from the engine process for {age:.1f}s (limit {self.heartbeat_timeout_s:g}s)",
+                detail,
+                stalled=True,
+            )
         if hb is None:
             return Health(True, "ok", detail)
         detail.update(state=hb.state, probe_age_s=round(hb.probe_age_s, 3))
         if not hb.core_alive:
             return Health(False, f"engine core loop is dead: {hb.error or 'stopped'}", detail)
         if hb.probe_age_s > self.stuck_after_s:
-            return Health(False, f"engine core loop is stuck: it has not read its inbox for "
-                                 f"{hb.probe_age_s:.1f}s (limit {self.stuck_after_s:.0f}s)", detail)
+            return Health(
+                False,
+                f"engine core loop is stuck: it has not read its inbox for "
+                f"{hb.probe_age_s:.1f}s (limit {self.stuck_after_s:.0f}s)",
+                detail,
+            )
         fenced = (hb.stats or {}).get("fenced")
         if fenced:  # alive but refusing generation (503 engine_not_serving)
             detail["fenced"] = fenced
@@ -436,10 +470,16 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
             raise EngineDead(self._dead or "engine core is not running")
         return self.input.process(prompt, params)
 
-    async def generate(self, prompt: Prompt | None, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None, stream: bool = True, delta: bool = False,
-                       timeout_s: float | None = None,
-                       prompt_token_ids: list[int] | None = None) -> AsyncGenerator[RequestOutput, None]:
+    async def generate(
+        self,
+        prompt: Prompt | None,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = True,
+        delta: bool = False,
+        timeout_s: float | None = None,
+        prompt_token_ids: list[int] | None = None,
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yields RequestOutputs as tokens arrive (cumulative, or only what is new with
         `delta=True`); the last one has `finished=True`. Closing the iterator early aborts the
         request. Raises ValueError (bad prompt), EngineNotServing (rejected while paused),
@@ -456,7 +496,7 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
         state = RequestState(rid, text, ids, params, self.tokenizer, stream=stream)
         chan = _Stream()
-        self._routes[rid] = chan          # the reply channel exists before the request is sent
+        self._routes[rid] = chan  # the reply channel exists before the request is sent
         timer = asyncio.get_running_loop().call_later(timeout, chan.expire)
         finished = False
         try:
@@ -518,7 +558,7 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         op.check_wire()
         cid = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
-        self._calls[cid] = fut           # registered before the call is sent
+        self._calls[cid] = fut  # registered before the call is sent
         t0 = time.perf_counter()
         outcome = "error"
         try:
@@ -539,8 +579,9 @@ def _reply_error(reply: P.Reply) -> EngineError:
     """The exception a control call raised in the engine process, rebuilt from its reply."""
     if reply.error_type == "EngineInvalidInput":
         d = reply.result or {}
-        return EngineInvalidInput(str(d.get("field", "request")), d.get("value"), str(d.get("expected", "")),
-                                  reply.error)
+        return EngineInvalidInput(
+            str(d.get("field", "request")), d.get("value"), str(d.get("expected", "")), reply.error
+        )
     return _REPLY_ERRORS.get(reply.error_type or "", EngineError)(reply.error)
 
 
@@ -557,6 +598,7 @@ def _output_error(out: EngineOutput) -> EngineError:
 def _try_tokenizer(path: str):
     try:
         from tidal.tokenizer import load_tokenizer
+
         return load_tokenizer(path)
     except Exception as e:  # token-id prompts still work without one
         log.warning("no tokenizer in %s (%s); only token-id prompts will work", path, e)

@@ -11,6 +11,7 @@ on the reply Future; the core completes it on its own thread right after it has 
 outputs to the outbox, so on the wire an output always precedes the reply that follows it.
 The process exits when its parent dies (PR_SET_PDEATHSIG, and a parent-pid check as backup).
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,14 +37,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("tidal.engine_proc")
 
 
-def run_engine_process(config_kwargs: dict[str, Any], in_addr: str, out_addr: str, parent_pid: int,
-                       heartbeat_s: float = 0.5, log_level: str = "INFO") -> None:
+def run_engine_process(
+    config_kwargs: dict[str, Any],
+    in_addr: str,
+    out_addr: str,
+    parent_pid: int,
+    heartbeat_s: float = 0.5,
+    log_level: str = "INFO",
+) -> None:
     """Entry point of the spawned process. Returns (exits) when told to shut down or when the
     parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the server, which stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
     _die_with_parent()
-    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s [engine %(process)d] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s [engine %(process)d] %(name)s: %(message)s",
+    )
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 0)
@@ -88,6 +97,7 @@ class EngineProcess:
         try:
             from tidal.config import EngineConfig
             from tidal.engine.core import EngineCore
+
             config = EngineConfig(**config_kwargs)
             core = EngineCore(config, self._on_outputs)
             self.core = core
@@ -97,8 +107,19 @@ class EngineProcess:
             self.outbox.put((P.FAILED, P.Failed(f"{type(e).__name__}: {e}")))
             return False
         cfg = {f: getattr(config, f) for f in config.__slots__}
-        self.outbox.put((P.READY, P.Ready(os.getpid(), core.model_path, core.max_model_len,
-                                          core.runner.arch.vocab_size, list(core.eos_token_ids), cfg)))
+        self.outbox.put(
+            (
+                P.READY,
+                P.Ready(
+                    os.getpid(),
+                    core.model_path,
+                    core.max_model_len,
+                    core.runner.arch.vocab_size,
+                    list(core.eos_token_ids),
+                    cfg,
+                ),
+            )
+        )
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="tidal-heartbeat", daemon=True)
         self._hb_thread.start()
         # The server logs "engine core ready" once it has the tokenizer too; saying it here as well doubled it.
@@ -138,7 +159,7 @@ class EngineProcess:
     def _submit_control(self, msg: P.ControlCallMsg) -> None:
         reply = self._reply_future(msg.call_id)
         try:
-            msg.op.check_wire()   # in-process-only fields never arrive set from a client
+            msg.op.check_wire()  # in-process-only fields never arrive set from a client
         except EngineInvalidInput as e:
             reply.set_exception(e)
             return
@@ -154,6 +175,7 @@ class EngineProcess:
         import msgspec
 
         from tidal.engine.messages import EngineOutput
+
         log.error("could not decode a %r message: %s", kind, err)
         try:
             raw = msgspec.msgpack.decode(payload)
@@ -162,17 +184,35 @@ class EngineProcess:
         if kind == P.ADD and isinstance(raw, dict) and isinstance(raw.get("request_id"), str):
             n = (raw.get("params") or {}).get("n", 1)
             n = n if isinstance(n, int) and 0 < n <= 1024 else 1
-            self.outbox.put((P.OUTPUTS, P.OutputBatch(
-                [EngineOutput(raw["request_id"], i, [], finish_reason="abort", error=f"invalid request: {err}",
-                              error_type="invalid_input") for i in range(n)], 0, 0.0)))
+            self.outbox.put(
+                (
+                    P.OUTPUTS,
+                    P.OutputBatch(
+                        [
+                            EngineOutput(
+                                raw["request_id"],
+                                i,
+                                [],
+                                finish_reason="abort",
+                                error=f"invalid request: {err}",
+                                error_type="invalid_input",
+                            )
+                            for i in range(n)
+                        ],
+                        0,
+                        0.0,
+                    ),
+                )
+            )
         elif isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], int):
             self.outbox.put((P.REPLY, P.Reply(raw[0], error=f"invalid message: {err}", error_type="EngineError")))
 
     # -- the core thread's side ----------------------------------------------------------
     def _on_outputs(self, outputs) -> None:
         core = self.core
-        self.outbox.put((P.OUTPUTS, P.OutputBatch(outputs, core.step_count if core else 0,
-                                                  core.last_step_time if core else 0.0)))
+        self.outbox.put(
+            (P.OUTPUTS, P.OutputBatch(outputs, core.step_count if core else 0, core.last_step_time if core else 0.0))
+        )
 
     def _on_reply(self, call_id: int, fut: Future) -> None:
         stats = self._snapshot()
@@ -206,9 +246,19 @@ class EngineProcess:
                 probe, sent = Future(), now
                 probe.add_done_callback(lambda f: self._snapshot())
                 core.submit(ControlCall(Abort(request_ids=[]), probe))  # a no-op the loop must answer
-            self.outbox.put((P.HEARTBEAT, P.Heartbeat(
-                time.time(), core.alive, core.state.value, core.error,
-                0.0 if probe.done() else now - sent, self.stats)))
+            self.outbox.put(
+                (
+                    P.HEARTBEAT,
+                    P.Heartbeat(
+                        time.time(),
+                        core.alive,
+                        core.state.value,
+                        core.error,
+                        0.0 if probe.done() else now - sent,
+                        self.stats,
+                    ),
+                )
+            )
 
     # -- outbox --------------------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -225,13 +275,14 @@ class EngineProcess:
             except Exception:  # an unencodable result must not kill the outbox
                 log.exception("could not encode a %r message", kind)
                 if kind == P.REPLY:
-                    self.outbox.put((P.REPLY, P.Reply(msg.call_id, error="reply could not be encoded",
-                                                      error_type="EngineError")))
+                    self.outbox.put(
+                        (P.REPLY, P.Reply(msg.call_id, error="reply could not be encoded", error_type="EngineError"))
+                    )
 
     def close(self) -> None:
         self._stop.set()
         if self.core is not None:
-            self.core.shutdown(timeout_s=10.0)   # ends every request: their outputs go out first
+            self.core.shutdown(timeout_s=10.0)  # ends every request: their outputs go out first
         if self._hb_thread is not None:
             self._hb_thread.join(2.0)
         self.outbox.put(None)
@@ -243,6 +294,7 @@ def _die_with_parent() -> None:
         return
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -7,6 +7,7 @@ route, 405 wrong method, 409 the engine refused a control op in its current stat
 --max-body-bytes, 503 not serving (paused with --reject-while-paused, engine dead, stuck or
 unreachable), 504 deadline.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,14 @@ _json = msgspec.json.Encoder().encode
 class APIError(Exception):
     """An HTTP error answer: `param` is the body field at fault (None when no field is)."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
 
@@ -62,13 +69,17 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-_WHY = {400: "Bad input: `error.param` names the field.", 401: "Missing or wrong bearer key.",
-        403: "Forbidden: a path outside --weights-root, or control without an admin key.",
-        404: "Unknown model or route.", 405: "Method not allowed on this route.",
-        409: "The engine refused the control operation in its current state.",
-        413: "Request body over --max-body-bytes.",
-        503: "Not serving: paused with --reject-while-paused, or the engine is dead, stuck or starting.",
-        504: "The request or control call missed its deadline."}
+_WHY = {
+    400: "Bad input: `error.param` names the field.",
+    401: "Missing or wrong bearer key.",
+    403: "Forbidden: a path outside --weights-root, or control without an admin key.",
+    404: "Unknown model or route.",
+    405: "Method not allowed on this route.",
+    409: "The engine refused the control operation in its current state.",
+    413: "Request body over --max-body-bytes.",
+    503: "Not serving: paused with --reject-while-paused, or the engine is dead, stuck or starting.",
+    504: "The request or control call missed its deadline.",
+}
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -77,8 +88,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 # -- engine failures --------------------------------------------------------------------------
-def engine_error(e: BaseException, param: Callable[[str], str] | None = None,
-                 deadline: str | None = None) -> APIError:
+def engine_error(e: BaseException, param: Callable[[str], str] | None = None, deadline: str | None = None) -> APIError:
     """Map what the engine raised to an HTTP error. `param` turns an engine field name into the
     body field that carried it (e.g. prompt -> input_ids on /generate); `deadline` replaces a
     timeout's message with one that names the caller's own deadline."""
@@ -86,7 +96,7 @@ def engine_error(e: BaseException, param: Callable[[str], str] | None = None,
         return e
     if isinstance(e, EngineInvalidInput):
         return APIError(400, str(e), param=param(e.field) if param else e.field)
-    if isinstance(e, EngineNotServing):   # paused with --reject-while-paused, or unreachable for now
+    if isinstance(e, EngineNotServing):  # paused with --reject-while-paused, or unreachable for now
         hint = "; retry after resume" if type(e) is EngineNotServing else ""
         return APIError(503, f"{e}{hint}", "engine_not_serving", headers={"Retry-After": "1"})
     if isinstance(e, EngineDead):

@@ -6,6 +6,7 @@ n > 1 answers a list, prompt-major. Streaming follows SGLang: each event carries
 output so far (cumulative); `incremental_streaming_output=true` (SGLang's server flag, here per
 request) sends only what is new, which is Tidal's original form and what its router reads.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
@@ -36,12 +37,13 @@ from tidal.server.service import (
 @dataclass(slots=True)
 class _Prompt:
     """One prompt of a /generate call and how its samples are reported."""
+
     rid: str
     text: str | None
     ids: list[int]
     params: SamplingParams
-    first_index: int           # its samples' place in the answer's list
-    logprob_start: int         # -1: no prompt logprobs
+    first_index: int  # its samples' place in the answer's list
+    logprob_start: int  # -1: no prompt logprobs
 
 
 class GenerateRoutes:
@@ -50,7 +52,7 @@ class GenerateRoutes:
     def __init__(self, core: ServerCore, labels: WeightLabels) -> None:
         self.core = core
         self.labels = labels
-        self.groups: dict[str, list[str]] = {}   # a caller's rid -> the engine ids running under it
+        self.groups: dict[str, list[str]] = {}  # a caller's rid -> the engine ids running under it
 
     def register(self, app: FastAPI, user: list) -> None:
         app.post("/generate", dependencies=user, responses={**JSON_OR_SSE, **INFERENCE_ERRORS})(self.generate)
@@ -69,13 +71,23 @@ class GenerateRoutes:
         for i, (p, sp, rid) in enumerate(zip(prompts, sps, rids)):
             prefix = f"sampling_params.{i}." if isinstance(body.sampling_params, list) else "sampling_params."
             params = self._params(body, sp, prefix)
-            (text, ids), = await self.core.prepare([p], params, fields)
+            ((text, ids),) = await self.core.prepare([p], params, fields)
             start = self._logprob_start(body, len(ids))
             jobs.append(_Prompt(rid, text, ids, params, first, start))
             first += params.n
         incremental = body.stream and body.incremental_streaming_output
-        gens = [self.core.engine.generate(j.text, j.params, request_id=j.rid, stream=body.stream, delta=incremental,
-                                          timeout_s=body.timeout_s, prompt_token_ids=j.ids) for j in jobs]
+        gens = [
+            self.core.engine.generate(
+                j.text,
+                j.params,
+                request_id=j.rid,
+                stream=body.stream,
+                delta=incremental,
+                timeout_s=body.timeout_s,
+                prompt_token_ids=j.ids,
+            )
+            for j in jobs
+        ]
         track = Track(self.core.metrics, first)
         self.groups[label] = rids
         try:
@@ -90,6 +102,7 @@ class GenerateRoutes:
         def build() -> Any:
             samples = [self._sample(body, j, o, c, final=True) for j, o in zip(jobs, outs) for c in o.outputs]
             return samples[0] if len(samples) == 1 and not batch else samples
+
         return await self.core.respond(build, work_of(outs, body.top_logprobs_num))
 
     @staticmethod
@@ -106,14 +119,16 @@ class GenerateRoutes:
         if not isinstance(sp, list):
             return [sp] * count
         if not batch or len(sp) != count:
-            raise APIError.invalid("sampling_params", f"a list of {len(sp)}",
-                                   f"one object, or a list of one per prompt ({count})")
+            raise APIError.invalid(
+                "sampling_params", f"a list of {len(sp)}", f"one object, or a list of one per prompt ({count})"
+            )
         return sp
 
     def _rids(self, body: S.GenerateRequest, count: int, batch: bool) -> tuple[list[str], str]:
         if body.rid is not None and body.request_id is not None:
-            raise APIError(400, "rid and request_id are the same field (SGLang's and Tidal's name): give one",
-                           param="rid")
+            raise APIError(
+                400, "rid and request_id are the same field (SGLang's and Tidal's name): give one", param="rid"
+            )
         given = body.rid if body.rid is not None else body.request_id
         if isinstance(given, list):
             if not batch or len(given) != count or len(set(given)) != count:
@@ -126,8 +141,12 @@ class GenerateRoutes:
     def _pick(sp: S.GenerateSamplingParams, sglang: str, tidal: str, default: Any) -> Any:
         a, b = getattr(sp, sglang), getattr(sp, tidal)
         if a is not None and b is not None and a != b:
-            raise APIError(400, f"sampling_params.{sglang}={a} and sampling_params.{tidal}={b} are the same "
-                                "field (SGLang's and Tidal's name): give one", param=f"sampling_params.{sglang}")
+            raise APIError(
+                400,
+                f"sampling_params.{sglang}={a} and sampling_params.{tidal}={b} are the same "
+                "field (SGLang's and Tidal's name): give one",
+                param=f"sampling_params.{sglang}",
+            )
         return a if a is not None else b if b is not None else default
 
     def _params(self, body: S.GenerateRequest, sp: S.GenerateSamplingParams, prefix: str) -> SamplingParams:
@@ -139,47 +158,88 @@ class GenerateRoutes:
             raise APIError.invalid(prefix + "n", sp.n, "1 when max_new_tokens=0 (nothing is sampled)")
         top = sp.logprobs if sp.logprobs is not None else body.top_logprobs_num
         if sp.logprobs is not None and body.top_logprobs_num not in (0, sp.logprobs):
-            raise APIError(400, "top_logprobs_num and sampling_params.logprobs are the same field (SGLang's and "
-                                "Tidal's name): give one", param="top_logprobs_num")
+            raise APIError(
+                400,
+                "top_logprobs_num and sampling_params.logprobs are the same field (SGLang's and "
+                "Tidal's name): give one",
+                param="top_logprobs_num",
+            )
         wants = body.return_logprob or sp.logprobs is not None
         prompt_lp = top if body.return_logprob and body.logprob_start_len >= 0 else None
         try:
             return SamplingParams(
-                n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
-                seed=self._pick(sp, "sampling_seed", "seed", None), max_tokens=max_tokens, min_tokens=min_tokens,
-                stop=_stops(sp.stop), stop_token_ids=list(sp.stop_token_ids or []), ignore_eos=sp.ignore_eos,
-                logprobs=top if wants else None, skip_special_tokens=sp.skip_special_tokens,
-                logprobs_mode=sp.logprobs_mode, repetition_penalty=sp.repetition_penalty,
-                presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
-                include_stop_str_in_output=sp.no_stop_trim, prompt_logprobs=prompt_lp)
-        except ValueError as e:   # what the schema cannot see; the message names the field
+                n=sp.n,
+                temperature=sp.temperature,
+                top_p=sp.top_p,
+                top_k=sp.top_k,
+                min_p=sp.min_p,
+                seed=self._pick(sp, "sampling_seed", "seed", None),
+                max_tokens=max_tokens,
+                min_tokens=min_tokens,
+                stop=_stops(sp.stop),
+                stop_token_ids=list(sp.stop_token_ids or []),
+                ignore_eos=sp.ignore_eos,
+                logprobs=top if wants else None,
+                skip_special_tokens=sp.skip_special_tokens,
+                logprobs_mode=sp.logprobs_mode,
+                repetition_penalty=sp.repetition_penalty,
+                presence_penalty=sp.presence_penalty,
+                frequency_penalty=sp.frequency_penalty,
+                include_stop_str_in_output=sp.no_stop_trim,
+                prompt_logprobs=prompt_lp,
+            )
+        except ValueError as e:  # what the schema cannot see; the message names the field
             raise APIError(400, str(e), param=prefix) from None
 
     @staticmethod
     def _logprob_start(body: S.GenerateRequest, prompt_len: int) -> int:
         start = body.logprob_start_len if body.return_logprob else -1
         if start >= prompt_len:
-            raise APIError.invalid("logprob_start_len", start, f"-1 (no prompt logprobs) or an integer below the "
-                                   f"prompt's length ({prompt_len} tokens)")
+            raise APIError.invalid(
+                "logprob_start_len",
+                start,
+                f"-1 (no prompt logprobs) or an integer below the prompt's length ({prompt_len} tokens)",
+            )
         return start
 
     # -- response ------------------------------------------------------------------------
-    def _sample(self, body: S.GenerateRequest, job: _Prompt, o: RequestOutput, c: CompletionOutput, final: bool,
-                completion_tokens: int | None = None, prompt_logprobs: bool = True) -> dict:
+    def _sample(
+        self,
+        body: S.GenerateRequest,
+        job: _Prompt,
+        o: RequestOutput,
+        c: CompletionOutput,
+        final: bool,
+        completion_tokens: int | None = None,
+        prompt_logprobs: bool = True,
+    ) -> dict:
         done = len(c.token_ids) if completion_tokens is None else completion_tokens
         meta: dict[str, Any] = {
-            "id": o.request_id, "finish_reason": self._finish(c, job.params),
-            "prompt_tokens": len(job.ids), "completion_tokens": done, "cached_tokens": o.num_cached_tokens,
-            "weight_version": self.labels.label(c.weight_version)}
+            "id": o.request_id,
+            "finish_reason": self._finish(c, job.params),
+            "prompt_tokens": len(job.ids),
+            "completion_tokens": done,
+            "cached_tokens": o.num_cached_tokens,
+            "weight_version": self.labels.label(c.weight_version),
+        }
         if body.return_logprob:
             self._output_logprobs(meta, c, body)
             if job.logprob_start >= 0 and prompt_logprobs and o.prompt_token_logprobs is not None:
                 self._input_logprobs(meta, o, job.logprob_start, body)
-        d = {"text": c.text, "output_ids": c.token_ids, "meta_info": meta,
-             # Tidal's token-API fields (kept for its callers; docs/compatibility.md)
-             "request_id": o.request_id, "index": job.first_index + c.index, "output_logprobs": c.token_logprobs,
-             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, "weight_version": c.weight_version,
-             "prompt_tokens": len(job.ids), "completion_tokens": done}
+        d = {
+            "text": c.text,
+            "output_ids": c.token_ids,
+            "meta_info": meta,
+            # Tidal's token-API fields (kept for its callers; docs/compatibility.md)
+            "request_id": o.request_id,
+            "index": job.first_index + c.index,
+            "output_logprobs": c.token_logprobs,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+            "weight_version": c.weight_version,
+            "prompt_tokens": len(job.ids),
+            "completion_tokens": done,
+        }
         if c.top_logprobs is not None:
             d["output_top_logprobs"] = [{str(k): v for k, v in t.items()} for t in c.top_logprobs]
         if final or c.finish_reason is not None:
@@ -214,14 +274,16 @@ class GenerateRoutes:
         ids, lps = o.prompt_token_ids[start:], (o.prompt_token_logprobs or [])[start:]
         meta["input_token_logprobs"] = [self._entry(lp, t, text) for lp, t in zip(lps, ids)]
         if body.top_logprobs_num > 0:
-            meta["input_top_logprobs"] = self._tops((o.prompt_top_logprobs or [None] * len(o.prompt_token_ids))[start:],
-                                                    text)
+            meta["input_top_logprobs"] = self._tops(
+                (o.prompt_top_logprobs or [None] * len(o.prompt_token_ids))[start:], text
+            )
 
-    async def _events(self, body: S.GenerateRequest, jobs: list[_Prompt], gens, track: Track, incremental: bool,
-                      label: str) -> AsyncIterator[bytes]:
-        counts: dict[int, int] = {}       # sample place -> tokens reported so far
+    async def _events(
+        self, body: S.GenerateRequest, jobs: list[_Prompt], gens, track: Track, incremental: bool, label: str
+    ) -> AsyncIterator[bytes]:
+        counts: dict[int, int] = {}  # sample place -> tokens reported so far
         sent_prompt: set[int] = set()
-        finished: set[int] = set()        # a cumulative stream repeats a finished sample: send it once
+        finished: set[int] = set()  # a cumulative stream repeats a finished sample: send it once
         try:
             async for i, out in merge(gens, track):
                 job = jobs[i]
@@ -239,8 +301,11 @@ class GenerateRoutes:
                     if c.finish_reason is not None:
                         track.finish(c.finish_reason)
                         finished.add(place)
-                    yield event(self._sample(body, job, out, c, final=False, completion_tokens=now,
-                                             prompt_logprobs=i not in sent_prompt))
+                    yield event(
+                        self._sample(
+                            body, job, out, c, final=False, completion_tokens=now, prompt_logprobs=i not in sent_prompt
+                        )
+                    )
                     sent_prompt.add(i)
             self.core.metrics.prompt_tokens.labels(self.core.model_name).inc(sum(len(j.ids) for j in jobs))
             yield b"data: [DONE]\n\n"

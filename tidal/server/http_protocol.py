@@ -6,6 +6,7 @@ holds a slot for ever. Here every request's headers must arrive within `header_t
 connection opening (first request) or of its first byte (later requests); otherwise the
 connection is closed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +30,7 @@ class _HeaderDeadline(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is h11.IDLE:   # still inside a request's head
+        if self.conn.their_state is h11.IDLE:  # still inside a request's head
             self._arm_header_timer()
         else:
             self._cancel_header_timer()

@@ -5,6 +5,7 @@ Each directory is named `tidal-ipc-<pid>-<random>` and holds an `owner` file wit
 process start time (from /proc), so that a recycled pid is not mistaken for a live owner. A
 directory is stale, and removed at the next server start, when its owner process is gone.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,12 @@ def clean_stale(root: str | None = None) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     if removed:
-        log.info("removed %d stale ipc director%s of servers that are gone: %s", len(removed),
-                 "y" if len(removed) == 1 else "ies", ", ".join(removed))
+        log.info(
+            "removed %d stale ipc director%s of servers that are gone: %s",
+            len(removed),
+            "y" if len(removed) == 1 else "ies",
+            ", ".join(removed),
+        )
     return removed
 
 
@@ -74,10 +79,10 @@ def _owner_id(pid: int) -> str | None:
             return None
         except PermissionError:
             pass
-        return str(pid)   # no /proc: a live pid is taken as the owner
+        return str(pid)  # no /proc: a live pid is taken as the owner
     if fields[0] == "Z":
         return None
-    return f"{pid}:{fields[19]}"   # field 22 of stat: start time in clock ticks since boot
+    return f"{pid}:{fields[19]}"  # field 22 of stat: start time in clock ticks since boot
 
 
 def remove(path: str) -> None:

@@ -4,6 +4,7 @@ Request, token and latency series are counted here as responses go out; queue si
 and weight version come from the engine's stats snapshot (sent with every heartbeat and control
 reply); step times from the engine's output batches.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,8 +19,28 @@ from prometheus_client import (
     generate_latest,
 )
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+)
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
 _CONTROL_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 STATES = ("starting", "serving", "draining", "paused", "sleeping", "updating", "dead")
@@ -33,41 +54,58 @@ class ServerMetrics:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         lab = ["model"]
-        self.requests = Counter("tidal_requests", "Finished samples by finish reason "
-                                "(stop | length | abort | rejected | error | timeout)",
-                                lab + ["finish_reason"], registry=r)
-        self.http_requests = Counter("tidal_http_requests", "HTTP requests by endpoint and status",
-                                     ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "tidal_requests",
+            "Finished samples by finish reason (stop | length | abort | rejected | error | timeout)",
+            lab + ["finish_reason"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "tidal_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter("tidal_prompt_tokens", "Prompt tokens processed", lab, registry=r)
         self.generation_tokens = Counter("tidal_generation_tokens", "Tokens generated", lab, registry=r)
-        self.inflight = Gauge("tidal_server_requests_inflight", "Requests the API server is serving", lab,
-                              registry=r)
-        self.ttft = Histogram("tidal_time_to_first_token_seconds", "Time to first token",
-                              lab, buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("tidal_inter_token_latency_seconds", "Time between streamed chunks, per token",
-                             lab, buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("tidal_request_latency_seconds", "End-to-end request latency",
-                             lab, buckets=_LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("tidal_server_requests_inflight", "Requests the API server is serving", lab, registry=r)
+        self.ttft = Histogram(
+            "tidal_time_to_first_token_seconds", "Time to first token", lab, buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "tidal_inter_token_latency_seconds",
+            "Time between streamed chunks, per token",
+            lab,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "tidal_request_latency_seconds", "End-to-end request latency", lab, buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.running = Gauge("tidal_num_requests_running", "Samples running in the engine", lab, registry=r)
         self.waiting = Gauge("tidal_num_requests_waiting", "Samples waiting in the engine", lab, registry=r)
-        self.held = Gauge("tidal_num_requests_held", "Requests held while the engine is not serving", lab,
-                          registry=r)
+        self.held = Gauge("tidal_num_requests_held", "Requests held while the engine is not serving", lab, registry=r)
         self.kv_used = Gauge("tidal_kv_cache_blocks_used", "KV cache blocks in use", lab, registry=r)
         self.kv_total = Gauge("tidal_kv_cache_blocks_total", "KV cache blocks in the pool", lab, registry=r)
         self.kv_usage = Gauge("tidal_kv_cache_usage_ratio", "KV cache blocks used / total", lab, registry=r)
         self.preemptions = Gauge("tidal_num_preemptions", "Preemptions since start", lab, registry=r)
-        self.prefix_hit = Gauge("tidal_prefix_cache_hit_ratio", "Prefix cache hit tokens / query tokens",
-                                lab, registry=r)
-        self.step_time = Histogram("tidal_engine_step_seconds", "Engine step time (schedule + forward + update)",
-                                   lab, buckets=_STEP_BUCKETS, registry=r)
+        self.prefix_hit = Gauge(
+            "tidal_prefix_cache_hit_ratio", "Prefix cache hit tokens / query tokens", lab, registry=r
+        )
+        self.step_time = Histogram(
+            "tidal_engine_step_seconds",
+            "Engine step time (schedule + forward + update)",
+            lab,
+            buckets=_STEP_BUCKETS,
+            registry=r,
+        )
         self.steps = Gauge("tidal_engine_steps", "Engine steps since start", lab, registry=r)
         self.weight_version = Gauge("tidal_weight_version", "Weight version being served", lab, registry=r)
         self.state = Gauge("tidal_engine_state", "1 for the engine's current state", lab + ["state"], registry=r)
         self.healthy = Gauge("tidal_engine_healthy", "1 when /health passes", lab, registry=r)
-        self.control_ops = Counter("tidal_control_ops", "Control operations by op and outcome",
-                                   lab + ["op", "outcome"], registry=r)
-        self.control_seconds = Histogram("tidal_control_op_seconds", "Control operation duration",
-                                         lab + ["op"], buckets=_CONTROL_BUCKETS, registry=r)
+        self.control_ops = Counter(
+            "tidal_control_ops", "Control operations by op and outcome", lab + ["op", "outcome"], registry=r
+        )
+        self.control_seconds = Histogram(
+            "tidal_control_op_seconds", "Control operation duration", lab + ["op"], buckets=_CONTROL_BUCKETS, registry=r
+        )
         self._last_step = 0
         m = model_name
         self._step_time = self.step_time.labels(m)

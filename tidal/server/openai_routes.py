@@ -5,6 +5,7 @@ include_stop_str_in_output, return_token_ids, return_tokens_as_token_ids.
 No field is silently ignored: each one is implemented, accepted-and-ignored for a reason named
 in _IGNORED (and docs/compatibility.md), or refused with a 400 naming it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,10 +47,13 @@ _IGNORED = {
 _REFUSED = {
     "functions": "function calling is not supported (no tool-call parser)",
     "function_call": "function calling is not supported (no tool-call parser)",
-    "guided_json": "structured output is not supported", "guided_regex": "structured output is not supported",
-    "guided_choice": "structured output is not supported", "guided_grammar": "structured output is not supported",
+    "guided_json": "structured output is not supported",
+    "guided_regex": "structured output is not supported",
+    "guided_choice": "structured output is not supported",
+    "guided_grammar": "structured output is not supported",
     "structured_outputs": "structured output is not supported",
-    "use_beam_search": "beam search is not supported", "length_penalty": "beam search is not supported",
+    "use_beam_search": "beam search is not supported",
+    "length_penalty": "beam search is not supported",
     "echo": "echo is a /v1/completions field here",
 }
 
@@ -70,19 +74,23 @@ class OpenAIRoutes:
         for name in body.model_extra or {}:
             if name not in _IGNORED:
                 why = _REFUSED.get(name, "this server does not know the field")
-                raise APIError(400, f"{name} is not supported on {route}: {why} (docs/compatibility.md lists "
-                                    "every field)", param=name)
+                raise APIError(
+                    400,
+                    f"{name} is not supported on {route}: {why} (docs/compatibility.md lists every field)",
+                    param=name,
+                )
         if body.logit_bias:
             raise APIError(400, "logit_bias is not supported: expected null or {}", param="logit_bias")
         if body.tools:
-            raise APIError(400, "tools are not supported: this server has no tool-call parser; expected "
-                                "null or []", param="tools")
+            raise APIError(
+                400, "tools are not supported: this server has no tool-call parser; expected null or []", param="tools"
+            )
         if body.tool_choice not in (None, "none", "auto"):
-            raise APIError.invalid("tool_choice", body.tool_choice, "null, 'none' or 'auto' (no tools are "
-                                   "supported)")
+            raise APIError.invalid("tool_choice", body.tool_choice, "null, 'none' or 'auto' (no tools are supported)")
         if body.response_format is not None and body.response_format != {"type": "text"}:
-            raise APIError.invalid("response_format", body.response_format, "null or {'type': 'text'} "
-                                   "(structured output is not supported)")
+            raise APIError.invalid(
+                "response_format", body.response_format, "null or {'type': 'text'} (structured output is not supported)"
+            )
 
     # -- /v1/completions -----------------------------------------------------------------
     async def completions(self, body: S.CompletionRequest, request: Request) -> Response:
@@ -91,8 +99,9 @@ class OpenAIRoutes:
         if body.suffix:
             raise APIError(400, "suffix is not supported: expected null", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
-            raise APIError(400, f"best_of={body.best_of} is not supported: expected null or n={body.n}",
-                           param="best_of")
+            raise APIError(
+                400, f"best_of={body.best_of} is not supported: expected null or n={body.n}", param="best_of"
+            )
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         params = sampling_params(body, max_tokens, body.logprobs, prompt_logprobs=self._prompt_k(body))
         p = body.prompt
@@ -103,15 +112,26 @@ class OpenAIRoutes:
         gens = self.core.start_requests(prepared, params, rid, body.stream)
         track = Track(self.core.metrics, len(prepared) * params.n)
         if body.stream:
-            return await self.core.sse(request, self._completion_events(body, rid, prepared, gens, track),
-                                   track, rid, fields)
+            return await self.core.sse(
+                request, self._completion_events(body, rid, prepared, gens, track), track, rid, fields
+            )
         outs = await self.core.run_collect(request, gens, rid, fields, track.left)
 
         def build() -> dict:
-            choices = [self._completion_choice(body, i, o, c, first=True, offset=0)
-                       for i, o in enumerate(outs) for c in o.outputs]
-            return {"id": rid, "object": "text_completion", "created": int(time.time()),
-                    "model": self.core.model_name, "choices": choices, "usage": usage_of(outs)}
+            choices = [
+                self._completion_choice(body, i, o, c, first=True, offset=0)
+                for i, o in enumerate(outs)
+                for c in o.outputs
+            ]
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.core.model_name,
+                "choices": choices,
+                "usage": usage_of(outs),
+            }
+
         work = work_of(outs, body.logprobs) + sum(len(o.prompt_token_ids) for o in outs) * (params.prompt_logprobs or 0)
         return await self.core.respond(build, work)
 
@@ -122,8 +142,9 @@ class OpenAIRoutes:
         ks = [k for k in (body.prompt_logprobs, echo_k) if k is not None]
         return max(ks) if ks else None
 
-    def _completion_choice(self, body: S.CompletionRequest, i: int, o: RequestOutput, c: CompletionOutput,
-                           first: bool, offset: int) -> dict[str, Any]:
+    def _completion_choice(
+        self, body: S.CompletionRequest, i: int, o: RequestOutput, c: CompletionOutput, first: bool, offset: int
+    ) -> dict[str, Any]:
         """One choice, whole or (streaming) one chunk; `first`: the choice's first chunk, which
         carries the echoed prompt and the prompt logprobs."""
         as_ids = body.return_tokens_as_token_ids
@@ -133,16 +154,25 @@ class OpenAIRoutes:
         if body.logprobs is not None:
             tt, k = self.core.token_text, body.logprobs
             if echo:
-                head = completion_logprobs(tt, o.prompt_token_ids, o.prompt_token_logprobs
-                                           or [None] * len(o.prompt_token_ids), o.prompt_top_logprobs, k,
-                                           as_ids, offset)
+                head = completion_logprobs(
+                    tt,
+                    o.prompt_token_ids,
+                    o.prompt_token_logprobs or [None] * len(o.prompt_token_ids),
+                    o.prompt_top_logprobs,
+                    k,
+                    as_ids,
+                    offset,
+                )
                 offset += sum(len(tt(t)) for t in o.prompt_token_ids)
-            logprobs = completion_logprobs(tt, c.token_ids, c.token_logprobs or [], c.top_logprobs, k, as_ids,
-                                           offset)
+            logprobs = completion_logprobs(tt, c.token_ids, c.token_logprobs or [], c.top_logprobs, k, as_ids, offset)
             if echo:
                 logprobs = join_completion_logprobs(head, logprobs)
-        choice: dict[str, Any] = {"index": i * body.n + c.index, "text": text, "logprobs": logprobs,
-                                  "finish_reason": c.finish_reason}
+        choice: dict[str, Any] = {
+            "index": i * body.n + c.index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+        }
         if c.finish_reason is not None or first:
             choice["stop_reason"] = c.stop_reason
         if body.prompt_logprobs is not None and first:
@@ -162,8 +192,9 @@ class OpenAIRoutes:
         tok = self.core.engine.tokenizer
         return tok.decode(o.prompt_token_ids) if tok is not None else ""
 
-    async def _completion_events(self, body: S.CompletionRequest, rid: str, prepared, gens,
-                                 track: Track) -> AsyncIterator[bytes]:
+    async def _completion_events(
+        self, body: S.CompletionRequest, rid: str, prepared, gens, track: Track
+    ) -> AsyncIterator[bytes]:
         created = int(time.time())
         offsets: dict[int, int] = {}
         totals: dict[tuple[int, int], int] = {}
@@ -181,15 +212,33 @@ class OpenAIRoutes:
                 offsets[idx] = offset + sum(len(self.core.token_text(t)) for t in ids)
                 if c.finish_reason is not None:
                     track.finish(c.finish_reason)
-                yield event({"id": rid, "object": "text_completion", "created": created,
-                             "model": self.core.model_name, "choices": [choice]})
+                yield event(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": self.core.model_name,
+                        "choices": [choice],
+                    }
+                )
         prompt_tokens = sum(len(t) for _, t in prepared)
         self.core.metrics.prompt_tokens.labels(self.core.model_name).inc(prompt_tokens)
         if body.stream_options is not None and body.stream_options.include_usage:
             comp = sum(totals.values())
-            yield event({"id": rid, "object": "text_completion", "created": created, "model": self.core.model_name,
-                         "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": comp,
-                                                  "total_tokens": prompt_tokens + comp}})
+            yield event(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.core.model_name,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": comp,
+                        "total_tokens": prompt_tokens + comp,
+                    },
+                }
+            )
         yield b"data: [DONE]\n\n"
 
     # -- /v1/chat/completions ------------------------------------------------------------
@@ -201,8 +250,11 @@ class OpenAIRoutes:
         ids = await self._chat_prompt(body)
         limit = self.core.engine.max_model_len
         if len(ids) >= limit:
-            raise APIError(400, f"messages are {len(ids)} tokens after the chat template: expected fewer "
-                                f"than max_model_len={limit}", param="messages")
+            raise APIError(
+                400,
+                f"messages are {len(ids)} tokens after the chat template: expected fewer than max_model_len={limit}",
+                param="messages",
+            )
         max_tokens = body.max_completion_tokens or body.max_tokens or (limit - len(ids))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, max_tokens, logprobs, prompt_logprobs=body.prompt_logprobs)
@@ -219,20 +271,34 @@ class OpenAIRoutes:
             o = outs[0]
             choices = []
             for c in o.outputs:
-                choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                          "logprobs": self._chat_logprobs(body, c),
-                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                choice = {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": self._chat_logprobs(body, c),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
                 if body.return_token_ids:
-                    choice.update(token_ids=c.token_ids, weight_version=c.weight_version,
-                                  weight_spans=[[s.version, s.start, s.end] for s in c.weight_spans])
+                    choice.update(
+                        token_ids=c.token_ids,
+                        weight_version=c.weight_version,
+                        weight_spans=[[s.version, s.start, s.end] for s in c.weight_spans],
+                    )
                 choices.append(choice)
-            resp = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.core.model_name,
-                    "choices": choices, "usage": usage_of(outs)}
+            resp = {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.core.model_name,
+                "choices": choices,
+                "usage": usage_of(outs),
+            }
             if body.return_token_ids:
                 resp["prompt_token_ids"] = o.prompt_token_ids
             if body.prompt_logprobs is not None:
                 resp["prompt_logprobs"] = vllm_prompt_logprobs(o, body.prompt_logprobs, body.return_tokens_as_token_ids)
             return resp
+
         work = work_of(outs, logprobs) + len(outs[0].prompt_token_ids) * (body.prompt_logprobs or 0)
         return await self.core.respond(build, work)
 
@@ -251,18 +317,24 @@ class OpenAIRoutes:
             messages.append(msg)
         chars = sum(len(m["content"]) for m in messages)
         if self.core.max_prompt_chars and chars > self.core.max_prompt_chars:
-            raise APIError(400, f"messages are {chars} characters: expected at most {self.core.max_prompt_chars} "
-                                f"(they cannot fit in max_model_len={self.core.engine.max_model_len} tokens)",
-                           param="messages")
+            raise APIError(
+                400,
+                f"messages are {chars} characters: expected at most {self.core.max_prompt_chars} "
+                f"(they cannot fit in max_model_len={self.core.engine.max_model_len} tokens)",
+                param="messages",
+            )
 
         def render() -> list[int]:
             try:
-                text = tok.apply_chat_template(messages, tokenize=False,
-                                               add_generation_prompt=body.add_generation_prompt)
+                text = tok.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=body.add_generation_prompt
+                )
                 return list(tok.encode(text, add_special_tokens=False))
             except Exception as e:  # a template may reject roles or orderings
-                raise APIError(400, f"messages could not be rendered with the chat template: {e}",
-                               param="messages") from None
+                raise APIError(
+                    400, f"messages could not be rendered with the chat template: {e}", param="messages"
+                ) from None
+
         return await asyncio.to_thread(render) if chars > INLINE_CHARS else render()
 
     def _chat_logprobs(self, body: S.ChatCompletionRequest, c: CompletionOutput) -> dict | None:
@@ -270,8 +342,9 @@ class OpenAIRoutes:
             return None
         return chat_logprobs(self.core.token_text, c, body.top_logprobs or 0, body.return_tokens_as_token_ids)
 
-    async def _chat_events(self, body: S.ChatCompletionRequest, rid: str, prepared, gens,
-                           track: Track) -> AsyncIterator[bytes]:
+    async def _chat_events(
+        self, body: S.ChatCompletionRequest, rid: str, prepared, gens, track: Track
+    ) -> AsyncIterator[bytes]:
         created = int(time.time())
         started: set[int] = set()
         total = 0
@@ -282,11 +355,14 @@ class OpenAIRoutes:
                 if c.index not in started:
                     started.add(c.index)
                     delta0 = {"role": "assistant", "content": ""}
-                    head: dict[str, Any] = {**base, "choices": [{"index": c.index, "delta": delta0, "logprobs": None,
-                                                                 "finish_reason": None}]}
+                    head: dict[str, Any] = {
+                        **base,
+                        "choices": [{"index": c.index, "delta": delta0, "logprobs": None, "finish_reason": None}],
+                    }
                     if body.prompt_logprobs is not None and c.index == 0:
-                        head["prompt_logprobs"] = vllm_prompt_logprobs(out, body.prompt_logprobs,
-                                                                       body.return_tokens_as_token_ids)
+                        head["prompt_logprobs"] = vllm_prompt_logprobs(
+                            out, body.prompt_logprobs, body.return_tokens_as_token_ids
+                        )
                     if body.return_token_ids and c.index == 0:
                         head["prompt_token_ids"] = out.prompt_token_ids
                     yield event(head)
@@ -294,9 +370,12 @@ class OpenAIRoutes:
                     continue
                 total += len(c.token_ids)
                 delta = {"content": c.text} if (c.text or c.finish_reason is None) else {}
-                choice: dict[str, Any] = {"index": c.index, "delta": delta,
-                                          "logprobs": self._chat_logprobs(body, c),
-                                          "finish_reason": c.finish_reason}
+                choice: dict[str, Any] = {
+                    "index": c.index,
+                    "delta": delta,
+                    "logprobs": self._chat_logprobs(body, c),
+                    "finish_reason": c.finish_reason,
+                }
                 if c.finish_reason is not None:
                     choice["stop_reason"] = c.stop_reason
                     track.finish(c.finish_reason)
@@ -309,16 +388,36 @@ class OpenAIRoutes:
         prompt_tokens = len(prepared[0][1])
         self.core.metrics.prompt_tokens.labels(self.core.model_name).inc(prompt_tokens)
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield event({**base, "choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": total,
-                                                          "total_tokens": prompt_tokens + total}})
+            yield event(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": total,
+                        "total_tokens": prompt_tokens + total,
+                    },
+                }
+            )
         yield b"data: [DONE]\n\n"
 
     async def models(self) -> Response:
         c = self.core.client
-        return json_response({"object": "list", "data": [{
-            "id": self.core.model_name, "object": "model", "created": self.core.created, "owned_by": "tidal",
-            "root": c.model_path if c else None, "max_model_len": c.max_model_len if c else None}]})
-
+        return json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.core.model_name,
+                        "object": "model",
+                        "created": self.core.created,
+                        "owned_by": "tidal",
+                        "root": c.model_path if c else None,
+                        "max_model_len": c.max_model_len if c else None,
+                    }
+                ],
+            }
+        )
 
 
 # -- logprobs in OpenAI's and vLLM's shapes (also used by vllm_routes) -----------------------------
@@ -337,20 +436,32 @@ def top_dict(tt: TokenText, top: dict[int, float], k: int, as_ids: bool) -> dict
     return out
 
 
-def completion_logprobs(tt: TokenText, ids: list[int], lps: Sequence[float | None],
-                        tops: Sequence[dict[int, float] | None] | None, k: int, as_ids: bool, offset: int) -> dict:
+def completion_logprobs(
+    tt: TokenText,
+    ids: list[int],
+    lps: Sequence[float | None],
+    tops: Sequence[dict[int, float] | None] | None,
+    k: int,
+    as_ids: bool,
+    offset: int,
+) -> dict:
     """/v1/completions' logprobs object for tokens `ids`; text offsets count from `offset`."""
     offsets = []
     for t in ids:
         offsets.append(offset)
         offset += len(tt(t))
     top = [_with_sampled(tt, t, lp, d, k, as_ids) for t, lp, d in zip(ids, lps, tops or [None] * len(ids))]
-    return {"tokens": [token_name(tt, t, as_ids) for t in ids], "token_logprobs": list(lps),
-            "top_logprobs": top, "text_offset": offsets}
+    return {
+        "tokens": [token_name(tt, t, as_ids) for t in ids],
+        "token_logprobs": list(lps),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
 
 
-def _with_sampled(tt: TokenText, tid: int, lp: float | None, top: dict[int, float] | None, k: int,
-                  as_ids: bool) -> dict[str, float] | None:
+def _with_sampled(
+    tt: TokenText, tid: int, lp: float | None, top: dict[int, float] | None, k: int, as_ids: bool
+) -> dict[str, float] | None:
     """One position's top_logprobs as vLLM gives them: the k best plus the token itself when it
     is not among them (so logprobs=0 still has an entry per position, as TRL reads it)."""
     if lp is None:
@@ -369,9 +480,12 @@ def join_completion_logprobs(head: dict, tail: dict) -> dict:
         top = None
     else:
         top = [*(head["top_logprobs"] or [None] * len(head["tokens"])), *(tail["top_logprobs"] or [])]
-    return {"tokens": head["tokens"] + tail["tokens"],
-            "token_logprobs": head["token_logprobs"] + tail["token_logprobs"], "top_logprobs": top,
-            "text_offset": head["text_offset"] + tail["text_offset"]}
+    return {
+        "tokens": head["tokens"] + tail["tokens"],
+        "token_logprobs": head["token_logprobs"] + tail["token_logprobs"],
+        "top_logprobs": top,
+        "text_offset": head["text_offset"] + tail["text_offset"],
+    }
 
 
 def chat_logprobs(tt: TokenText, c: CompletionOutput, k: int, as_ids: bool) -> dict:

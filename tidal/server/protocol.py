@@ -8,6 +8,7 @@ call carries a `call_id` where in-process it carries a Future.
     client -> engine   ADD AddRequest | CONTROL ControlCallMsg | SHUTDOWN
     engine -> client   READY Ready | FAILED Failed | OUTPUTS OutputBatch | REPLY Reply | HEARTBEAT Heartbeat
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Union
@@ -36,16 +37,17 @@ else:  # msgspec decodes the tagged union of every op a client may send
 
 
 class ControlCallMsg(msgspec.Struct, array_like=True):
-    call_id: int          # 0: fire and forget (no reply is sent)
+    call_id: int  # 0: fire and forget (no reply is sent)
     op: WireOp
 
 
 class Reply(msgspec.Struct, array_like=True):
     """`result`: the op's result Struct as sent, its JSON form as received."""
+
     call_id: int
     result: Any = None
     error: str | None = None
-    error_type: str | None = None     # "EngineError" | "EngineDead" | ...
+    error_type: str | None = None  # "EngineError" | "EngineDead" | ...
     stats: dict[str, Any] | None = None
 
 
@@ -59,6 +61,7 @@ class Heartbeat(msgspec.Struct, array_like=True):
     """Sent by the engine process every `interval`. `probe_age_s` is how long the oldest
     unanswered liveness probe (a no-op through the core's inbox) has waited: a busy core
     answers within one step, a stuck one never does."""
+
     time: float
     core_alive: bool
     state: str

@@ -7,6 +7,7 @@ Nothing slow runs on the event loop: prompts are checked against cheap bounds (b
 characters, token-id counts) first, large prompts are tokenised in a worker thread, and large
 responses are encoded in one, so /health answers while a big request is in work.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,31 +40,33 @@ _json = msgspec.json.Encoder().encode
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # Server-generated request ids: 128 random bits, in a shape that client-supplied ids may not take.
 _SERVER_ID = re.compile(r"(cmpl|chatcmpl|gen)-[0-9a-f]{32}(-\d+)?")
-INLINE_CHARS = 16_384          # prompts up to this many characters are tokenised on the loop
-_INLINE_WORK = 50_000           # responses up to this many (token x logprob) entries encoded on it
+INLINE_CHARS = 16_384  # prompts up to this many characters are tokenised on the loop
+_INLINE_WORK = 50_000  # responses up to this many (token x logprob) entries encoded on it
 _PROMPT_FIELDS = ("prompt", "prompt_token_ids")
 _SAMPLING_FIELDS = frozenset(SamplingParams.__slots__)
 INFERENCE_ERRORS = error_responses(400, 401, 404, 405, 409, 413, 503, 504)
 CONTROL_ERRORS = error_responses(400, 401, 403, 405, 409, 413, 503, 504)
 JSON_OR_SSE: dict[int | str, dict[str, Any]] = {
-    200: {"description": "The result (JSON), or server-sent events with stream=true.",
-          "content": {"application/json": {}, "text/event-stream": {}}}}
+    200: {
+        "description": "The result (JSON), or server-sent events with stream=true.",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    }
+}
 
 
 @dataclass(slots=True)
 class ServerSettings:
-    served_model_name: str | None = None     # default: the model directory's name
-    api_key: str | None = None               # guards inference endpoints
-    admin_key: str | None = None             # guards control endpoints (required once any key is set)
-    weights_root: str | None = None          # update_weights paths must lie under it
+    served_model_name: str | None = None  # default: the model directory's name
+    api_key: str | None = None  # guards inference endpoints
+    admin_key: str | None = None  # guards control endpoints (required once any key is set)
+    weights_root: str | None = None  # update_weights paths must lie under it
     request_timeout_s: float = 1800.0
     control_timeout_s: float = 60.0
     stuck_after_s: float = 60.0
-    heartbeat_timeout_s: float = 5.0         # no heartbeat this long: in-flight requests fail, new get 503
+    heartbeat_timeout_s: float = 5.0  # no heartbeat this long: in-flight requests fail, new get 503
     log_level: str = "INFO"
-    host: str = "127.0.0.1"                  # where the server listens: control rules depend on it
+    host: str = "127.0.0.1"  # where the server listens: control rules depend on it
     max_body_bytes: int = 32 * 1024 * 1024
-
 
 
 class TokenText:
@@ -86,6 +89,7 @@ class Track:
     """One request's bookkeeping for /metrics: TTFT, inter-token latency, tokens, and each of
     its samples counted once in tidal_requests_total, however it ends (a client that goes
     away counts as abort)."""
+
     __slots__ = ("metrics", "t0", "last", "first", "count", "left")
 
     def __init__(self, metrics: ServerMetrics, samples: int) -> None:
@@ -123,8 +127,9 @@ class Track:
 @dataclass(slots=True)
 class Fields:
     """Which body fields carried what on one API surface, to name them in errors."""
-    prompt: str                 # prompt | messages | input_ids | text
-    prefix: str = ""            # "sampling_params." on /generate
+
+    prompt: str  # prompt | messages | input_ids | text
+    prefix: str = ""  # "sampling_params." on /generate
 
     def param(self, engine_field: str) -> str:
         if engine_field in _PROMPT_FIELDS:
@@ -134,8 +139,9 @@ class Fields:
         return engine_field
 
 
-def sampling_params(body: Any, max_tokens: int, logprobs: int | None, prefix: str = "",
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+def sampling_params(
+    body: Any, max_tokens: int, logprobs: int | None, prefix: str = "", prompt_logprobs: int | None = None
+) -> SamplingParams:
     """The one place a request body becomes SamplingParams (every surface). The schema has
     bounded each field; what it cannot see (one field against another) is here. Fields a
     surface's schema does not have take SamplingParams' defaults."""
@@ -145,43 +151,60 @@ def sampling_params(body: Any, max_tokens: int, logprobs: int | None, prefix: st
         raise APIError.invalid(prefix + "n", body.n, "1 when max_tokens=0 (nothing is sampled)")
     try:
         return _build_sampling(body, max_tokens, logprobs, prompt_logprobs)
-    except ValueError as e:   # SamplingParams' own checks (e.g. an empty stop string) name the field
+    except ValueError as e:  # SamplingParams' own checks (e.g. an empty stop string) name the field
         field = re.match(r"SamplingParams\.(\w+)=", str(e))
         raise APIError(400, str(e), param=prefix + field.group(1) if field else None) from None
 
 
 def _build_sampling(body: Any, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
     return SamplingParams(
-        n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-        seed=body.seed, max_tokens=max_tokens, min_tokens=body.min_tokens, stop=_stops(body.stop),
-        stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, logprobs=logprobs,
-        skip_special_tokens=body.skip_special_tokens, logprobs_mode=body.logprobs_mode,
+        n=body.n,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        seed=body.seed,
+        max_tokens=max_tokens,
+        min_tokens=body.min_tokens,
+        stop=_stops(body.stop),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+        logprobs_mode=body.logprobs_mode,
         repetition_penalty=getattr(body, "repetition_penalty", 1.0),
         presence_penalty=getattr(body, "presence_penalty", 0.0),
         frequency_penalty=getattr(body, "frequency_penalty", 0.0),
         include_stop_str_in_output=getattr(body, "include_stop_str_in_output", False),
-        prompt_logprobs=prompt_logprobs)
+        prompt_logprobs=prompt_logprobs,
+    )
 
 
 class ServerCore:
     """The state and plumbing the route modules share (one per server)."""
+
     def __init__(self, engine_config: EngineConfig, settings: ServerSettings) -> None:
         self.engine_config = engine_config
         self.settings = settings
         self.model_name = settings.served_model_name or _default_name(engine_config.model)
         self.metrics = ServerMetrics(self.model_name)
         self.client: EngineClient | None = None
-        self.token_text = TokenText(None)   # the tokenizer's, once start() has it
+        self.token_text = TokenText(None)  # the tokenizer's, once start() has it
         self.max_prompt_chars = 0
         self.created = int(time.time())
 
     async def start(self) -> None:
         s = self.settings
         self._warn_about_control()
-        self.client = EngineClient(self.engine_config, request_timeout_s=s.request_timeout_s,
-                                   control_timeout_s=s.control_timeout_s, stuck_after_s=s.stuck_after_s,
-                                   heartbeat_timeout_s=s.heartbeat_timeout_s,
-                                   log_level=s.log_level, metrics=self.metrics)
+        self.client = EngineClient(
+            self.engine_config,
+            request_timeout_s=s.request_timeout_s,
+            control_timeout_s=s.control_timeout_s,
+            stuck_after_s=s.stuck_after_s,
+            heartbeat_timeout_s=s.heartbeat_timeout_s,
+            log_level=s.log_level,
+            metrics=self.metrics,
+        )
         await self.client.start()
         self.token_text = TokenText(self.client.tokenizer)
         longest = await asyncio.to_thread(_longest_token_chars, self.client.tokenizer)
@@ -192,8 +215,12 @@ class ServerCore:
         # out of the collector's sight, so that the collections that streaming triggers (it
         # allocates per token) do not walk it over and over.
         gc.freeze()
-        log.info("engine core ready (pid %s): %s, max_model_len=%d", self.client.engine_pid,
-                 self.client.model_path, self.client.max_model_len)
+        log.info(
+            "engine core ready (pid %s): %s, max_model_len=%d",
+            self.client.engine_pid,
+            self.client.model_path,
+            self.client.max_model_len,
+        )
 
     async def stop(self) -> None:
         if self.client is not None:
@@ -206,11 +233,16 @@ class ServerCore:
 
     def _warn_about_control(self) -> None:
         if self._control_refused():
-            log.warning("control endpoints (pause, abort, sleep, update_weights, ...) are disabled: "
-                        "set --admin-key to use them (required with --api-key or beyond loopback)")
+            log.warning(
+                "control endpoints (pause, abort, sleep, update_weights, ...) are disabled: "
+                "set --admin-key to use them (required with --api-key or beyond loopback)"
+            )
         elif self.settings.admin_key is None:
-            log.warning("control endpoints are unguarded: anyone who can reach %s can pause, abort "
-                        "and replace the weights; set --admin-key", self.settings.host)
+            log.warning(
+                "control endpoints are unguarded: anyone who can reach %s can pause, abort "
+                "and replace the weights; set --admin-key",
+                self.settings.host,
+            )
 
     @staticmethod
     def _check_key(request: Request, key: str, what: str) -> None:
@@ -218,8 +250,12 @@ class ServerCore:
         scheme, _, token = auth.partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else ""
         if not hmac.compare_digest(given.encode(), key.encode()):
-            raise APIError(401, f"{what}: expected 'Authorization: Bearer <key>'",
-                           "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+            raise APIError(
+                401,
+                f"{what}: expected 'Authorization: Bearer <key>'",
+                "authentication_error",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     # async: a plain-def dependency would cost every request a trip through the thread pool.
     async def require_api_key(self, request: Request) -> None:
@@ -228,12 +264,19 @@ class ServerCore:
 
     async def require_admin_key(self, request: Request) -> None:
         if self.settings.admin_key is not None:
-            self._check_key(request, self.settings.admin_key,
-                            "an admin key is required for control endpoints (--admin-key); it is missing or wrong")
+            self._check_key(
+                request,
+                self.settings.admin_key,
+                "an admin key is required for control endpoints (--admin-key); it is missing or wrong",
+            )
         elif self._control_refused():
-            raise APIError(403, "control endpoints require an admin key, and this server was started without "
-                                "--admin-key (required when --api-key is set or the server listens beyond "
-                                "loopback)", "permission_error")
+            raise APIError(
+                403,
+                "control endpoints require an admin key, and this server was started without "
+                "--admin-key (required when --api-key is set or the server listens beyond "
+                "loopback)",
+                "permission_error",
+            )
 
     # -- helpers -------------------------------------------------------------------------
     @property
@@ -247,22 +290,29 @@ class ServerCore:
             return
         if self.client is not None and model == self.client.model_path:
             return
-        raise APIError(404, f"model={model!r} does not exist: this server serves {self.model_name!r}",
-                       "not_found_error", "model")
+        raise APIError(
+            404, f"model={model!r} does not exist: this server serves {self.model_name!r}", "not_found_error", "model"
+        )
 
     def _precheck(self, prompts: list, field: str) -> None:
         """Bounds that need no tokeniser: they stop a huge prompt before any work on it."""
         limit = self.engine.max_model_len
         for p in prompts:
             if isinstance(p, str) and self.max_prompt_chars and len(p) > self.max_prompt_chars:
-                raise APIError(400, f"{field} is {len(p)} characters: expected at most {self.max_prompt_chars} "
-                                    f"(it cannot fit in max_model_len={limit} tokens)", param=field)
+                raise APIError(
+                    400,
+                    f"{field} is {len(p)} characters: expected at most {self.max_prompt_chars} "
+                    f"(it cannot fit in max_model_len={limit} tokens)",
+                    param=field,
+                )
             if isinstance(p, list) and len(p) >= limit:
-                raise APIError(400, f"{field} has {len(p)} token ids: expected fewer than "
-                                    f"max_model_len={limit}", param=field)
+                raise APIError(
+                    400, f"{field} has {len(p)} token ids: expected fewer than max_model_len={limit}", param=field
+                )
 
-    async def prepare(self, prompts: list, params: SamplingParams,
-                       fields: Fields) -> list[tuple[str | None, list[int]]]:
+    async def prepare(
+        self, prompts: list, params: SamplingParams, fields: Fields
+    ) -> list[tuple[str | None, list[int]]]:
         """Token ids of each prompt; large ones are tokenised off the event loop."""
         self._precheck(prompts, fields.prompt)
         chars = sum(len(p) for p in prompts if isinstance(p, str))
@@ -276,7 +326,7 @@ class ServerCore:
             return [engine.process_prompt(p, params) for p in prompts]
         except EngineInvalidInput as e:
             raise engine_error(e, fields.param) from None
-        except ValueError as e:   # InputProcessor's checks are all about the prompt
+        except ValueError as e:  # InputProcessor's checks are all about the prompt
             raise APIError(400, str(e), param=fields.prompt) from None
         except Exception as e:
             raise engine_error(e) from None
@@ -285,16 +335,29 @@ class ServerCore:
         if given is None:
             return f"{prefix}-{secrets.token_hex(16)}"
         if _SERVER_ID.fullmatch(given):
-            raise APIError.invalid("request_id", given, "an id not of the form <cmpl|chatcmpl|gen>-<32 hex "
-                                   "digits>, which is reserved for ids the server generates")
+            raise APIError.invalid(
+                "request_id",
+                given,
+                "an id not of the form <cmpl|chatcmpl|gen>-<32 hex "
+                "digits>, which is reserved for ids the server generates",
+            )
         return given
 
-    def start_requests(self, prompts: list[tuple[str | None, list[int]]], params: SamplingParams, rid: str,
-               stream: bool, timeout_s: float | None = None) -> list[AsyncGenerator[RequestOutput, None]]:
+    def start_requests(
+        self,
+        prompts: list[tuple[str | None, list[int]]],
+        params: SamplingParams,
+        rid: str,
+        stream: bool,
+        timeout_s: float | None = None,
+    ) -> list[AsyncGenerator[RequestOutput, None]]:
         ids = [rid] if len(prompts) == 1 else [f"{rid}-{i}" for i in range(len(prompts))]
-        return [self.engine.generate(text, params, request_id=r, stream=stream, delta=stream,
-                                     timeout_s=timeout_s, prompt_token_ids=toks)
-                for r, (text, toks) in zip(ids, prompts)]
+        return [
+            self.engine.generate(
+                text, params, request_id=r, stream=stream, delta=stream, timeout_s=timeout_s, prompt_token_ids=toks
+            )
+            for r, (text, toks) in zip(ids, prompts)
+        ]
 
     def _generation_error(self, e: BaseException, rid: str, fields: Fields, timeout_s: float | None) -> APIError:
         if isinstance(e, ValueError) and not isinstance(e, EngineInvalidInput):
@@ -317,14 +380,15 @@ class ServerCore:
                 self.metrics.on_tokens(len(c.token_ids))
             self.metrics.prompt_tokens.labels(self.model_name).inc(len(o.prompt_token_ids))
 
-    async def run_collect(self, request: Request, gens, rid: str, fields: Fields, samples: int,
-                           timeout_s: float | None = None) -> list[RequestOutput]:
+    async def run_collect(
+        self, request: Request, gens, rid: str, fields: Fields, samples: int, timeout_s: float | None = None
+    ) -> list[RequestOutput]:
         inflight = self.metrics.inflight.labels(self.model_name)
         inflight.inc()
         t0 = time.perf_counter()
         try:
             outs = await until_disconnect(request, self._collect(gens))
-        except APIError:   # the client went away: its requests were aborted
+        except APIError:  # the client went away: its requests were aborted
             self.metrics.on_finish("abort", 0, samples)
             raise
         except Exception as e:
@@ -343,8 +407,15 @@ class ServerCore:
         data = await asyncio.to_thread(lambda: _json(build()))
         return Response(data, media_type="application/json")
 
-    async def sse(self, request: Request, events: AsyncIterator[bytes], track: Track, rid: str,
-                   fields: Fields, timeout_s: float | None = None) -> Response:
+    async def sse(
+        self,
+        request: Request,
+        events: AsyncIterator[bytes],
+        track: Track,
+        rid: str,
+        fields: Fields,
+        timeout_s: float | None = None,
+    ) -> Response:
         """Wait for the first event before sending headers, so early failures get a status."""
         inflight = self.metrics.inflight.labels(self.model_name)
         inflight.inc()
@@ -356,7 +427,7 @@ class ServerCore:
         except BaseException as e:
             inflight.dec()
             await _aclose(events)
-            if isinstance(e, (APIError, asyncio.CancelledError)):   # the client or the server went away
+            if isinstance(e, (APIError, asyncio.CancelledError)):  # the client or the server went away
                 track.end("abort")
                 raise
             track.end(failure_reason(e))
@@ -373,12 +444,13 @@ class ServerCore:
                 yield event(err.body())
                 yield b"data: [DONE]\n\n"
             finally:
-                track.end("abort")   # still unfinished here: the client went away
+                track.end("abort")  # still unfinished here: the client went away
                 inflight.dec()
                 self.metrics.e2e.labels(self.model_name).observe(time.perf_counter() - track.t0)
                 await _aclose(events)
 
         return SSEResponse(body())
+
     # -- control -------------------------------------------------------------------------
     async def control(self, call: Callable[[], Awaitable[dict]]) -> Response:
         try:
@@ -422,7 +494,7 @@ def _longest_token_chars(tokenizer) -> int:
         return 1
     try:
         vocab = tokenizer.get_vocab()
-    except Exception:   # no vocabulary to read: assume long tokens rather than reject real prompts
+    except Exception:  # no vocabulary to read: assume long tokens rather than reject real prompts
         return 256
     return max((len(t) for t in vocab), default=1)
 
@@ -438,6 +510,7 @@ class WeightLabels:
     """SGLang names weight versions with strings; the engine counts them with integers (its
     weight spans need an order). A label that is an integer is that version; any other label
     names the next version, and is reported back wherever that version is."""
+
     by_version: dict[int, str] = field(default_factory=dict)
 
     def label(self, version: int | None) -> str | None:

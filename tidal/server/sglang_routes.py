@@ -7,6 +7,7 @@ answer Tidal's error object. /update_weights_from_tensor reads no pickle: SGLang
 serialisation is pickle, which a server must never load from a request, so only base64
 safetensors bytes are accepted (load_format="safetensors").
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,6 +41,7 @@ class _SGLangBody(BaseModel):
 
 class SGLangAbort(_SGLangBody):
     """Exactly one of `rid` and `abort_all=true` (400 otherwise, param `rid`)."""
+
     rid: RequestId | None = None
     abort_all: StrictBool = False
 
@@ -58,7 +60,7 @@ class SGLangUpdateFromDisk(_SGLangBody):
     weight_version: Label | None = None
     flush_cache: StrictBool = True
     abort_all_requests: StrictBool = False
-    allow_interrupt: StrictBool = False       # AReaL's patched SGLang: the same as abort_all_requests
+    allow_interrupt: StrictBool = False  # AReaL's patched SGLang: the same as abort_all_requests
 
 
 class SGLangUpdateFromTensor(_SGLangBody):
@@ -73,10 +75,11 @@ class SGLangRoutes:
     """/abort_request, /pause_generation, /continue_generation, /flush_cache, memory release and
     resume, weight updates from disk and from tensors, and the info routes."""
 
-    def __init__(self, core: ServerCore, generate: GenerateRoutes, control: ControlRoutes,
-                 labels: WeightLabels) -> None:
+    def __init__(
+        self, core: ServerCore, generate: GenerateRoutes, control: ControlRoutes, labels: WeightLabels
+    ) -> None:
         self.core, self.generate, self.control, self.labels = core, generate, control, labels
-        self.slept_serving = False   # release_memory paused a serving engine: resume_memory resumes it
+        self.slept_serving = False  # release_memory paused a serving engine: resume_memory resumes it
 
     def register(self, app: FastAPI, user: list, admin: list) -> None:
         op: dict[str, Any] = dict(dependencies=admin, responses=CONTROL_ERRORS)
@@ -138,6 +141,7 @@ class SGLangRoutes:
                     await engine.resume()
                     self.slept_serving = False
                 raise
+
         return await self._reply(call)
 
     async def resume_memory(self, body: SGLangMemoryTags | None = None) -> Response:
@@ -151,6 +155,7 @@ class SGLangRoutes:
                 self.slept_serving = False
                 result = {**result, "resumed": True}
             return result
+
         return await self._reply(call)
 
     @staticmethod
@@ -163,14 +168,21 @@ class SGLangRoutes:
     async def update_from_disk(self, body: SGLangUpdateFromDisk) -> Response:
         self._flush_required(body.flush_cache)
         path = self.control._weights_path(body.model_path)
-        return await self._update(body, lambda version: self.core.engine.update_weights(
-            path, version=version, timeout_s=max(self.core.settings.control_timeout_s, 600.0)))
+        return await self._update(
+            body,
+            lambda version: self.core.engine.update_weights(
+                path, version=version, timeout_s=max(self.core.settings.control_timeout_s, 600.0)
+            ),
+        )
 
     async def update_from_tensor(self, body: SGLangUpdateFromTensor) -> Response:
         if body.load_format != "safetensors":
-            raise APIError.invalid("load_format", body.load_format,
-                                   "'safetensors' (serialized_named_tensors[0] is base64 safetensors bytes); "
-                                   "SGLang's default serialisation is pickle, which Tidal never loads from a request")
+            raise APIError.invalid(
+                "load_format",
+                body.load_format,
+                "'safetensors' (serialized_named_tensors[0] is base64 safetensors bytes); "
+                "SGLang's default serialisation is pickle, which Tidal never loads from a request",
+            )
         self._flush_required(body.flush_cache)
         try:
             blob = base64.b64decode(body.serialized_named_tensors[0], validate=True)
@@ -180,17 +192,23 @@ class SGLangRoutes:
 
         async def push(version: int | None) -> dict:
             try:
-                return await self.core.engine.update_weights(source="shm", shm_path=shm_path, tensors=specs,
-                                                             version=version, timeout_s=600.0)
+                return await self.core.engine.update_weights(
+                    source="shm", shm_path=shm_path, tensors=specs, version=version, timeout_s=600.0
+                )
             finally:
                 os.unlink(shm_path)
+
         return await self._update(body, push)
 
     @staticmethod
     def _flush_required(flush: bool) -> None:
         if not flush:
-            raise APIError(400, "flush_cache=false is not supported: a weight commit always invalidates the prefix "
-                                "cache (its KV came from the old weights)", param="flush_cache")
+            raise APIError(
+                400,
+                "flush_cache=false is not supported: a weight commit always invalidates the prefix "
+                "cache (its KV came from the old weights)",
+                param="flush_cache",
+            )
 
     async def _update(self, body: SGLangUpdateFromDisk | SGLangUpdateFromTensor, push) -> Response:
         async def call() -> dict:
@@ -199,6 +217,7 @@ class SGLangRoutes:
             aborted = (await self.core.engine.abort(None))["num_aborted_samples"] if interrupt else 0
             result = self.labels.record(await push(version), body.weight_version)
             return {**result, "num_paused_requests": 0, "num_aborted_samples": aborted}
+
         return await self._reply(call)
 
     # -- info ------------------------------------------------------------------------------
@@ -207,29 +226,48 @@ class SGLangRoutes:
             return await self.core.engine.state()
         except Exception as e:
             from tidal.server.errors import engine_error
+
             raise engine_error(e) from None
 
     async def server_info(self) -> Response:
         st = await self._state()
         engine = self.core.engine
         cfg = self.core.engine_config
-        return json_response({
-            "model_path": engine.model_path, "tokenizer_path": engine.model_path,
-            "served_model_name": self.core.model_name, "context_length": engine.max_model_len,
-            "weight_version": self.labels.label(st["weight_version"]), "version": "tidal-0.1.0",
-            "tp_size": 1, "dp_size": 1, "page_size": getattr(cfg, "block_size", None),
-            "skip_tokenizer_init": engine.tokenizer is None, "engine_state": st["state"],
-            "internal_states": [{"num_running_reqs": st["num_running"], "num_waiting_reqs": st["num_waiting"]}]})
+        return json_response(
+            {
+                "model_path": engine.model_path,
+                "tokenizer_path": engine.model_path,
+                "served_model_name": self.core.model_name,
+                "context_length": engine.max_model_len,
+                "weight_version": self.labels.label(st["weight_version"]),
+                "version": "tidal-0.1.0",
+                "tp_size": 1,
+                "dp_size": 1,
+                "page_size": getattr(cfg, "block_size", None),
+                "skip_tokenizer_init": engine.tokenizer is None,
+                "engine_state": st["state"],
+                "internal_states": [{"num_running_reqs": st["num_running"], "num_waiting_reqs": st["num_waiting"]}],
+            }
+        )
 
     async def model_info(self) -> Response:
         st = await self._state()
         engine = self.core.engine
         label = self.labels.label(st["weight_version"])
-        return json_response({"model_path": engine.model_path, "tokenizer_path": engine.model_path,
-                              "served_model_name": self.core.model_name, "is_generation": True,
-                              "preferred_sampling_params": None, "weight_version": label,
-                              "has_image_understanding": False, "has_audio_understanding": False,
-                              "model_type": None, "architectures": None})
+        return json_response(
+            {
+                "model_path": engine.model_path,
+                "tokenizer_path": engine.model_path,
+                "served_model_name": self.core.model_name,
+                "is_generation": True,
+                "preferred_sampling_params": None,
+                "weight_version": label,
+                "has_image_understanding": False,
+                "has_audio_understanding": False,
+                "model_type": None,
+                "architectures": None,
+            }
+        )
 
     async def weight_version(self) -> Response:
         st = await self._state()
@@ -237,18 +275,30 @@ class SGLangRoutes:
 
     async def loads(self) -> Response:
         st = await self._state()
-        return json_response({"timestamp": time.time(), "dp_rank_count": 1, "loads": [{
-            "dp_rank": 0, "num_running_reqs": st["num_running"], "num_waiting_reqs": st["num_waiting"],
-            "num_used_tokens": st["kv_blocks_used"] * (getattr(self.core.engine_config, "block_size", 1) or 1),
-            "max_total_num_tokens": st["kv_blocks_total"] * (getattr(self.core.engine_config, "block_size", 1) or 1),
-            "token_usage": st["kv_blocks_used"] / max(1, st["kv_blocks_total"])}]})
+        return json_response(
+            {
+                "timestamp": time.time(),
+                "dp_rank_count": 1,
+                "loads": [
+                    {
+                        "dp_rank": 0,
+                        "num_running_reqs": st["num_running"],
+                        "num_waiting_reqs": st["num_waiting"],
+                        "num_used_tokens": st["kv_blocks_used"]
+                        * (getattr(self.core.engine_config, "block_size", 1) or 1),
+                        "max_total_num_tokens": st["kv_blocks_total"]
+                        * (getattr(self.core.engine_config, "block_size", 1) or 1),
+                        "token_usage": st["kv_blocks_used"] / max(1, st["kv_blocks_total"]),
+                    }
+                ],
+            }
+        )
 
     async def health_generate(self) -> Response:
         """One greedy token through the engine: 200 when it comes back, 503 otherwise."""
         params = SamplingParams(max_tokens=1, temperature=0.0)
         try:
-            async for _ in self.core.engine.generate(None, params, stream=False, timeout_s=20.0,
-                                                     prompt_token_ids=[0]):
+            async for _ in self.core.engine.generate(None, params, stream=False, timeout_s=20.0, prompt_token_ids=[0]):
                 pass
         except Exception as e:
             return json_response({"status": "unhealthy", "reason": f"{type(e).__name__}: {e}"}, 503)
@@ -260,24 +310,31 @@ def _safetensors_to_shm(blob: bytes) -> tuple[str, list[dict]]:
     that Tidal's shm weight source reads. The header is JSON; nothing in it is executed."""
     import json
     import struct
+
     if len(blob) < 8:
         raise APIError.invalid("serialized_named_tensors", f"{len(blob)} bytes", "safetensors bytes")
     (n,) = struct.unpack("<Q", blob[:8])
     try:
-        header = json.loads(blob[8:8 + n])
+        header = json.loads(blob[8 : 8 + n])
     except ValueError:
         raise APIError.invalid("serialized_named_tensors", "(bad header)", "safetensors bytes") from None
-    dtypes = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-              "I32": "int32"}
+    dtypes = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64", "I32": "int32"}
     specs = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         if not isinstance(meta, dict) or meta.get("dtype") not in dtypes:
-            raise APIError.invalid("serialized_named_tensors", f"tensor {name!r}",
-                                   f"a tensor of dtype one of {sorted(dtypes)}")
-        specs.append({"name": name, "dtype": dtypes[meta["dtype"]], "shape": list(meta["shape"]),
-                      "offset": 8 + n + int(meta["data_offsets"][0])})
+            raise APIError.invalid(
+                "serialized_named_tensors", f"tensor {name!r}", f"a tensor of dtype one of {sorted(dtypes)}"
+            )
+        specs.append(
+            {
+                "name": name,
+                "dtype": dtypes[meta["dtype"]],
+                "shape": list(meta["shape"]),
+                "offset": 8 + n + int(meta["data_offsets"][0]),
+            }
+        )
     fd, path = tempfile.mkstemp(prefix="tidal-sgl-", dir=SHM_DIR)
     with os.fdopen(fd, "wb") as f:
         f.write(blob)

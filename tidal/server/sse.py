@@ -1,5 +1,6 @@
 """Server-sent events: the response class that cancels its stream when the client goes away,
 the merge of several requests' outputs into one stream, and the event encoding."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,9 @@ class SSEResponse(StreamingResponse):
     aborts its requests in the engine), and always closes the body iterator."""
 
     def __init__(self, content: AsyncIterator[bytes]) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         stream = asyncio.ensure_future(self.stream_response(send))
@@ -78,8 +80,9 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
-async def merge(gens: list[AsyncGenerator[RequestOutput, None]],
-                 timing: Any = None) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+async def merge(
+    gens: list[AsyncGenerator[RequestOutput, None]], timing: Any = None
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Outputs of several requests as they come, tagged with the request's position. One
     request (the common case) is iterated in place: no task, no queue, no extra generator."""
     try:
@@ -96,8 +99,9 @@ async def merge(gens: list[AsyncGenerator[RequestOutput, None]],
             timing.close()
 
 
-async def _merge_many(gens: list[AsyncGenerator[RequestOutput, None]]
-                      ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+async def _merge_many(
+    gens: list[AsyncGenerator[RequestOutput, None]],
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     q: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, gen: AsyncGenerator[RequestOutput, None]) -> None:

@@ -9,6 +9,7 @@ vLLM's weight versions are strings; Tidal's engine counts versions as integers (
 carries one). A string given by finish_weight_update or update_weight_version is a label for
 the engine's version at that moment: /weight_info reports it until the weights change again.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -37,8 +38,8 @@ from tidal.server.service import (
     work_of,
 )
 
-_PAUSE_MODES = {"abort": "abort", "wait": "drain", "keep": "keep"}   # vLLM's mode -> Tidal's
-_SLEEP_LEVELS = {1: False, 2: True}                                  # level -> discard the weights
+_PAUSE_MODES = {"abort": "abort", "wait": "drain", "keep": "keep"}  # vLLM's mode -> Tidal's
+_SLEEP_LEVELS = {1: False, 2: True}  # level -> discard the weights
 UPDATE_TIMEOUT_S = 600.0
 Label = Annotated[str, Field(min_length=1, max_length=256)]
 PauseMode = Literal["abort", "wait", "keep"]
@@ -51,6 +52,7 @@ class _Strict(BaseModel):
 
 class VLLMSamplingParams(_Strict):
     """The vLLM SamplingParams fields /inference/v1/generate takes; any other one is a 400."""
+
     n: Annotated[int, Field(ge=1, le=128)] = 1
     temperature: Annotated[float, Field(ge=0.0, le=1e4)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
@@ -70,7 +72,7 @@ class VLLMSamplingParams(_Strict):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     detokenize: StrictBool = True
-    logprobs_mode: S.LogprobsMode | None = None          # Tidal's
+    logprobs_mode: S.LogprobsMode | None = None  # Tidal's
 
 
 class VLLMGenerateRequest(_Strict):
@@ -80,14 +82,15 @@ class VLLMGenerateRequest(_Strict):
     model: str | None = None
     stream: StrictBool | None = False
     stream_options: S.StreamOptions | None = None
-    cache_salt: None = None          # only null: one prefix cache, unsalted
-    priority: Literal[0] = 0         # only 0: no priority scheduling
+    cache_salt: None = None  # only null: one prefix cache, unsalted
+    priority: Literal[0] = 0  # only 0: no priority scheduling
     kv_transfer_params: None = None  # only null: no disaggregated serving
-    features: None = None            # only null: text models only
+    features: None = None  # only null: text models only
 
 
 class NCCLInitInfo(_Strict):
     """vLLM's NCCLWeightTransferInitInfo, plus Tidal's group options."""
+
     master_address: Annotated[str, Field(min_length=1, max_length=255)]
     master_port: Annotated[int, Field(ge=1, le=65535)]
     rank_offset: Annotated[int, Field(ge=1, le=65535)]
@@ -103,6 +106,7 @@ class InitWeightTransferEngine(_Strict):
 
 class NCCLUpdateInfo(_Strict):
     """vLLM's NCCLWeightTransferUpdateInfo: tensors broadcast one by one, in `names` order."""
+
     names: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(min_length=1)]
     dtype_names: list[Annotated[str, Field(min_length=1, max_length=32)]]
     shapes: list[list[Annotated[int, Field(ge=0, le=2**40)]]]
@@ -136,9 +140,9 @@ class VLLMRoutes:
 
     def __init__(self, core: ServerCore, labels: WeightLabels) -> None:
         self.core = core
-        self.labels = labels   # shared with the SGLang routes: one label per engine version
-        self.round_open = False                     # between start_weight_update and finish
-        self.paused_for_sleep = False               # /sleep paused a serving engine: wake_up resumes it
+        self.labels = labels  # shared with the SGLang routes: one label per engine version
+        self.round_open = False  # between start_weight_update and finish
+        self.paused_for_sleep = False  # /sleep paused a serving engine: wake_up resumes it
 
     def register(self, app: FastAPI, user: list, admin: list) -> None:
         control: dict[str, Any] = dict(dependencies=admin, responses=CONTROL_ERRORS)
@@ -157,8 +161,9 @@ class VLLMRoutes:
         app.post("/start_weight_update", **control)(self.start_weight_update)
         app.post("/update_weights", **control)(self.update_weights)
         app.post("/finish_weight_update", **control)(self.finish_weight_update)
-        app.post("/inference/v1/generate", dependencies=user,
-                 responses={**JSON_OR_SSE, **INFERENCE_ERRORS})(self.generate)
+        app.post("/inference/v1/generate", dependencies=user, responses={**JSON_OR_SSE, **INFERENCE_ERRORS})(
+            self.generate
+        )
 
     async def _call(self, make) -> Any:
         try:
@@ -169,10 +174,12 @@ class VLLMRoutes:
             raise engine_error(e) from None
 
     # -- pause / resume ------------------------------------------------------------------
-    async def pause(self, mode: Annotated[PauseMode, Query()] = "abort",
-                    clear_cache: Annotated[bool, Query(description="flush the prefix cache (not with keep)")] = True,
-                    wait_for_inflight_requests: Annotated[bool, Query(description="vLLM's older spelling of "
-                                                                      "mode=wait")] = False) -> Response:
+    async def pause(
+        self,
+        mode: Annotated[PauseMode, Query()] = "abort",
+        clear_cache: Annotated[bool, Query(description="flush the prefix cache (not with keep)")] = True,
+        wait_for_inflight_requests: Annotated[bool, Query(description="vLLM's older spelling of mode=wait")] = False,
+    ) -> Response:
         if wait_for_inflight_requests:
             if mode == "keep":
                 raise APIError.invalid("wait_for_inflight_requests", True, "false with mode=keep")
@@ -193,11 +200,14 @@ class VLLMRoutes:
         return json_response({"is_paused": st["state"] != "serving"})
 
     # -- sleep / wake_up -----------------------------------------------------------------
-    async def sleep(self, level: Annotated[int | None, Query(ge=1, le=2, description="1: weights to CPU, KV cache "
-                                                              "freed; 2: both freed")] = None,
-                    tags: Annotated[list[Tag] | None, Query(description="Tidal's: only these (not with level)")] = None,
-                    mode: Annotated[PauseMode, Query(description="requests in flight, when serving")] = "abort"
-                    ) -> Response:
+    async def sleep(
+        self,
+        level: Annotated[
+            int | None, Query(ge=1, le=2, description="1: weights to CPU, KV cache freed; 2: both freed")
+        ] = None,
+        tags: Annotated[list[Tag] | None, Query(description="Tidal's: only these (not with level)")] = None,
+        mode: Annotated[PauseMode, Query(description="requests in flight, when serving")] = "abort",
+    ) -> Response:
         if level is not None and tags is not None:
             raise APIError(400, "give level or tags, not both", param="tags")
         engine = self.core.engine
@@ -209,12 +219,11 @@ class VLLMRoutes:
         try:
             result = await self._call(lambda: engine.sleep(tags, discard))
         except APIError:
-            if pausing:   # nothing sleeps: serve again rather than hold every later request
+            if pausing:  # nothing sleeps: serve again rather than hold every later request
                 await self._call(lambda: engine.resume())
             raise
         self.paused_for_sleep = self.paused_for_sleep or pausing
-        return json_response({"status": "sleeping", "level": level if tags is None else None,
-                              "detail": result})
+        return json_response({"status": "sleeping", "level": level if tags is None else None, "detail": result})
 
     async def wake_up(self, tags: Annotated[list[Tag] | None, Query()] = None) -> Response:
         engine = self.core.engine
@@ -235,7 +244,7 @@ class VLLMRoutes:
         return json_response({"status": "ok", "detail": result})
 
     async def abort_requests(self, body: AbortRequestsBody | None = None) -> Response:
-        ids = (body.request_ids if body is not None else None) or None   # empty or missing: all
+        ids = (body.request_ids if body is not None else None) or None  # empty or missing: all
         result = await self._call(lambda: self.core.engine.abort(ids))
         return json_response({"status": "aborted", "aborted": len(result.get("aborted", [])), "detail": result})
 
@@ -266,38 +275,57 @@ class VLLMRoutes:
         self._check_checkpoint_format(body.is_checkpoint_format if body else True, "is_checkpoint_format")
         st = await self._call(lambda: self.core.engine.state())
         if self.round_open or st.get("weight_transfer", {}).get("staged_version") is not None:
-            await self._call(lambda: self.core.engine.abort_staged())   # a round left unfinished
+            await self._call(lambda: self.core.engine.abort_staged())  # a round left unfinished
         self.round_open = True
         return json_response({"message": "Weight update started"})
 
     async def update_weights(self, body: UpdateWeightsBody) -> Response:
         info = body.update_info
         if not len(info.names) == len(info.dtype_names) == len(info.shapes):
-            raise APIError(400, f"update_info has {len(info.names)} names, {len(info.dtype_names)} dtype_names and "
-                                f"{len(info.shapes)} shapes: expected one each per tensor", param="update_info.names")
+            raise APIError(
+                400,
+                f"update_info has {len(info.names)} names, {len(info.dtype_names)} dtype_names and "
+                f"{len(info.shapes)} shapes: expected one each per tensor",
+                param="update_info.names",
+            )
         if info.packed:
-            raise APIError.invalid("update_info.packed", True, "false: tensors are broadcast one by one in names "
-                                   "order (vLLM's packed buffers are not Tidal's bucket layout)")
+            raise APIError.invalid(
+                "update_info.packed",
+                True,
+                "false: tensors are broadcast one by one in names "
+                "order (vLLM's packed buffers are not Tidal's bucket layout)",
+            )
         self._check_checkpoint_format(info.is_checkpoint_format, "update_info.is_checkpoint_format")
         tensors = [{"name": n, "dtype": d, "shape": s} for n, d, s in zip(info.names, info.dtype_names, info.shapes)]
         # Inside a round the tensors are staged until finish_weight_update; outside one (vLLM's
         # older flow: init, then update_weights) they are committed at once.
-        result = await self._call(lambda: self.core.engine.update_weights(
-            source="distributed", tensors=tensors, commit=not self.round_open, timeout_s=UPDATE_TIMEOUT_S))
+        result = await self._call(
+            lambda: self.core.engine.update_weights(
+                source="distributed", tensors=tensors, commit=not self.round_open, timeout_s=UPDATE_TIMEOUT_S
+            )
+        )
         return json_response({"message": "Weights updated", "detail": result})
 
     async def finish_weight_update(self, body: FinishWeightUpdate | None = None) -> Response:
         if not self.round_open:
-            raise APIError(409, "finish_weight_update: no weight update was started (call /start_weight_update, "
-                                "then /update_weights)", "conflict_error")
+            raise APIError(
+                409,
+                "finish_weight_update: no weight update was started (call /start_weight_update, then /update_weights)",
+                "conflict_error",
+            )
         engine = self.core.engine
         result = await self._call(lambda: engine.commit_weights(None))
         self.round_open = False
         label = body.weight_version if body is not None else None
         if label is not None:
             self.labels.by_version[int(result["weight_version"])] = label
-        return json_response({"message": "Weight update finished", "weight_version": label
-                              or str(result["weight_version"]), "detail": result})
+        return json_response(
+            {
+                "message": "Weight update finished",
+                "weight_version": label or str(result["weight_version"]),
+                "detail": result,
+            }
+        )
 
     @staticmethod
     def _check_checkpoint_format(value: bool, field: str) -> None:
@@ -322,8 +350,13 @@ class VLLMRoutes:
         o = (await self.core.run_collect(request, gens, rid, fields, track.left))[0]
 
         def build() -> dict:
-            return {"request_id": rid, "choices": [self._choice(sp, c) for c in o.outputs],
-                    "prompt_logprobs": self._prompt_logprobs(sp, o), "kv_transfer_params": None}
+            return {
+                "request_id": rid,
+                "choices": [self._choice(sp, c) for c in o.outputs],
+                "prompt_logprobs": self._prompt_logprobs(sp, o),
+                "kv_transfer_params": None,
+            }
+
         work = work_of([o], sp.logprobs) + len(o.prompt_token_ids) * (sp.prompt_logprobs or 0)
         return await self.core.respond(build, work)
 
@@ -331,8 +364,14 @@ class VLLMRoutes:
         logprobs = None
         if sp.logprobs is not None:
             logprobs = chat_logprobs(self.core.token_text, c, sp.logprobs, as_ids=True)
-        return {"index": c.index, "logprobs": logprobs, "finish_reason": c.finish_reason,
-                "token_ids": c.token_ids, "stop_reason": c.stop_reason, "weight_version": c.weight_version}
+        return {
+            "index": c.index,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+            "token_ids": c.token_ids,
+            "stop_reason": c.stop_reason,
+            "weight_version": c.weight_version,
+        }
 
     @staticmethod
     def _prompt_logprobs(sp: VLLMSamplingParams, o: RequestOutput) -> list | None:
@@ -352,15 +391,23 @@ class VLLMRoutes:
                     track.finish(c.finish_reason)
                 choices.append(self._choice(sp, c))
             if choices or first:
-                chunk = {"request_id": rid, "choices": choices, "kv_transfer_params": None,
-                         "prompt_logprobs": self._prompt_logprobs(sp, out) if first else None}
+                chunk = {
+                    "request_id": rid,
+                    "choices": choices,
+                    "kv_transfer_params": None,
+                    "prompt_logprobs": self._prompt_logprobs(sp, out) if first else None,
+                }
                 first = False
                 yield event(chunk)
         n_prompt = len(body.token_ids)
         self.core.metrics.prompt_tokens.labels(self.core.model_name).inc(n_prompt)
         if body.stream_options is not None and body.stream_options.include_usage:
             comp = sum(totals.values())
-            yield event({"request_id": rid, "choices": [], "usage": {
-                "prompt_tokens": n_prompt, "completion_tokens": comp, "total_tokens": n_prompt + comp}})
+            yield event(
+                {
+                    "request_id": rid,
+                    "choices": [],
+                    "usage": {"prompt_tokens": n_prompt, "completion_tokens": comp, "total_tokens": n_prompt + comp},
+                }
+            )
         yield b"data: [DONE]\n\n"
-

@@ -7,6 +7,7 @@ Tidal: /v1/init_weight_transfer, /v1/destroy_weight_transfer, /v1/check_weights,
 group_name, weight_version, flush_cache}, answering {success, message}. Every body is JSON;
 unknown fields are refused (no field is silently ignored).
 """
+
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Timeout = Annotated[float, Field(ge=0.1, le=86400)]
 Version = Annotated[int, Field(ge=0, le=2**62)]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
-UPDATE_TIMEOUT_S = 600.0   # an update's deadline when the body gives none
+UPDATE_TIMEOUT_S = 600.0  # an update's deadline when the body gives none
 
 
 class _Body(BaseModel):
@@ -66,7 +67,7 @@ class _Update(_Body):
     checksums: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] | None = None
     commit: StrictBool = True
     timeout_s: Timeout | None = None
-    staging: Literal["copy", "in_place"] = "copy"   # in_place: no second copy, generation held meanwhile
+    staging: Literal["copy", "in_place"] = "copy"  # in_place: no second copy, generation held meanwhile
 
 
 class UpdateDistributed(_Update):
@@ -87,6 +88,7 @@ B64 = Annotated[str, Field(max_length=4096)]
 
 class IpcHandle(_Body):
     """A CUDA tensor's sharing handle as encode_ipc_handle writes it (bytes as base64)."""
+
     size: Annotated[list[Count], Field(max_length=16)]
     stride: Annotated[list[Count], Field(max_length=16)]
     offset: Count
@@ -138,7 +140,7 @@ def register(app: FastAPI, server: ServerCore, labels: WeightLabels | None = Non
     admin = [Depends(server.require_admin_key)]
     labels = labels or WeightLabels()
 
-    def engine() -> EngineClient:   # the client exists once the server has started
+    def engine() -> EngineClient:  # the client exists once the server has started
         return server.engine
 
     async def init(body: InitTransfer) -> Response:
@@ -152,28 +154,52 @@ def register(app: FastAPI, server: ServerCore, labels: WeightLabels | None = Non
         return await server.control(lambda: engine().check_weights(_tensors(body.tensors) or []))
 
     def common(body: _Update) -> dict[str, Any]:
-        return {"version": body.version, "checksums": body.checksums, "commit": body.commit,
-                "timeout_s": body.timeout_s or UPDATE_TIMEOUT_S, "staging": body.staging}
+        return {
+            "version": body.version,
+            "checksums": body.checksums,
+            "commit": body.commit,
+            "timeout_s": body.timeout_s or UPDATE_TIMEOUT_S,
+            "staging": body.staging,
+        }
 
     async def update_distributed(body: UpdateDistributed) -> Response:
         bucketed = body.layout == "bucketed"
         if bucketed != (body.buckets is not None) or (body.buckets is None) == (body.tensors is None):
-            raise APIError(400, "give tensors with layout='per_tensor' or buckets with layout='bucketed'",
-                           param="layout")
-        buckets = None if body.buckets is None else [{"nbytes": b.nbytes, "tensors": _tensors(b.tensors)}
-                                                      for b in body.buckets]
-        return await server.control(lambda: engine().update_weights(
-            source="distributed", group_name=body.group_name, layout=body.layout, tensors=_tensors(body.tensors),
-            buckets=buckets, **common(body)))
+            raise APIError(
+                400, "give tensors with layout='per_tensor' or buckets with layout='bucketed'", param="layout"
+            )
+        buckets = (
+            None
+            if body.buckets is None
+            else [{"nbytes": b.nbytes, "tensors": _tensors(b.tensors)} for b in body.buckets]
+        )
+        return await server.control(
+            lambda: engine().update_weights(
+                source="distributed",
+                group_name=body.group_name,
+                layout=body.layout,
+                tensors=_tensors(body.tensors),
+                buckets=buckets,
+                **common(body),
+            )
+        )
 
     async def update_shm(body: UpdateShm) -> Response:
-        return await server.control(lambda: engine().update_weights(
-            source="shm", shm_path=body.shm_path, tensors=_tensors(body.tensors), **common(body)))
+        return await server.control(
+            lambda: engine().update_weights(
+                source="shm", shm_path=body.shm_path, tensors=_tensors(body.tensors), **common(body)
+            )
+        )
 
     async def update_ipc(body: UpdateIpc) -> Response:
-        return await server.control(lambda: engine().update_weights(
-            source="ipc", tensors=_tensors(body.tensors), ipc_handles=[h.model_dump() for h in body.ipc_handles],
-            **common(body)))
+        return await server.control(
+            lambda: engine().update_weights(
+                source="ipc",
+                tensors=_tensors(body.tensors),
+                ipc_handles=[h.model_dump() for h in body.ipc_handles],
+                **common(body),
+            )
+        )
 
     async def commit(body: CommitWeights | None = None) -> Response:
         body = body or CommitWeights()
@@ -202,33 +228,59 @@ def register(app: FastAPI, server: ServerCore, labels: WeightLabels | None = Non
 
     async def sgl_update(body: SGLangUpdate) -> Response:
         if not len(body.names) == len(body.dtypes) == len(body.shapes):
-            raise APIError(400, f"names, dtypes and shapes have {len(body.names)}, {len(body.dtypes)} and "
-                                f"{len(body.shapes)} entries: expected one each per tensor", param="names")
+            raise APIError(
+                400,
+                f"names, dtypes and shapes have {len(body.names)}, {len(body.dtypes)} and "
+                f"{len(body.shapes)} entries: expected one each per tensor",
+                param="names",
+            )
         if not body.flush_cache:
-            raise APIError(400, "flush_cache=false is not supported: a weight commit always invalidates "
-                                "the prefix cache (its KV came from the old weights)", param="flush_cache")
+            raise APIError(
+                400,
+                "flush_cache=false is not supported: a weight commit always invalidates "
+                "the prefix cache (its KV came from the old weights)",
+                param="flush_cache",
+            )
         tensors = [{"name": n, "dtype": d, "shape": s} for n, d, s in zip(body.names, body.dtypes, body.shapes)]
 
         async def call() -> dict:
             version = await labels.version_for(server, body.weight_version)
-            result = await engine().update_weights(source="distributed", group_name=body.group_name,
-                                                   tensors=tensors, version=version, timeout_s=UPDATE_TIMEOUT_S)
+            result = await engine().update_weights(
+                source="distributed",
+                group_name=body.group_name,
+                tensors=tensors,
+                version=version,
+                timeout_s=UPDATE_TIMEOUT_S,
+            )
             return labels.record(result, body.weight_version)
+
         return await sgl_reply(call)
 
     routes: list[tuple[str, Callable[..., Any]]] = [
-              ("/v1/init_weight_transfer", init), ("/v1/destroy_weight_transfer", destroy),
-              ("/v1/check_weights", check), ("/v1/update_weights_from_distributed", update_distributed),
-              ("/v1/update_weights_from_shm", update_shm), ("/v1/update_weights_from_ipc", update_ipc),
-              ("/v1/commit_weights", commit), ("/v1/abort_staged", abort), ("/v1/fence", fence),
-              ("/init_weights_update_group", sgl_init), ("/destroy_weights_update_group", sgl_destroy),
-              ("/update_weights_from_distributed", sgl_update)]
+        ("/v1/init_weight_transfer", init),
+        ("/v1/destroy_weight_transfer", destroy),
+        ("/v1/check_weights", check),
+        ("/v1/update_weights_from_distributed", update_distributed),
+        ("/v1/update_weights_from_shm", update_shm),
+        ("/v1/update_weights_from_ipc", update_ipc),
+        ("/v1/commit_weights", commit),
+        ("/v1/abort_staged", abort),
+        ("/v1/fence", fence),
+        ("/init_weights_update_group", sgl_init),
+        ("/destroy_weights_update_group", sgl_destroy),
+        ("/update_weights_from_distributed", sgl_update),
+    ]
     # A failed operation answers SGLang's {success: false, message}; a body that does not parse
     # answers Tidal's error object, like every route.
-    sglang_reply = {"description": "SGLang's {success: false, message} when the operation fails; Tidal's error "
-                                   "object when the body does not parse",
-                    "content": {"application/json": {"schema": {"anyOf": [
-                        {"$ref": "#/components/schemas/ErrorResponse"}, SGLangReply.model_json_schema()]}}}}
+    sglang_reply = {
+        "description": "SGLang's {success: false, message} when the operation fails; Tidal's error "
+        "object when the body does not parse",
+        "content": {
+            "application/json": {
+                "schema": {"anyOf": [{"$ref": "#/components/schemas/ErrorResponse"}, SGLangReply.model_json_schema()]}
+            }
+        },
+    }
     for path, handler in routes:
         sglang = not path.startswith("/v1/")
         responses = {**CONTROL_ERRORS, 400: sglang_reply} if sglang else CONTROL_ERRORS
