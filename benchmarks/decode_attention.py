@@ -25,7 +25,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.attention.paged_batch import make_paged_batch  # noqa: E402
 from tidal.attention.base import store_kv  # noqa: E402
-from tidal.attention.triton_decode import default_num_splits, paged_decode  # noqa: E402
+from tidal.kernels.paged_decode import default_num_splits, paged_decode  # noqa: E402
 
 SHAPES = {"qwen3-0.6b": (16, 8), "qwen2.5-7b": (28, 4)}
 

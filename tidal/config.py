@@ -52,7 +52,7 @@ class EngineConfig:
     enforce_eager: bool = _opt(False, "no CUDA graphs")
     fused_kernels: str = _opt(
         "auto",
-        "the decoder layers' fused Triton kernels (tidal/models/fused.py); auto: on "
+        "the decoder layers' fused Triton kernels (tidal/kernels/fused.py); auto: on "
         "CUDA, on: also on CPU through Triton's interpreter (tests), off: torch ops",
         choices=("auto", "on", "off"),
     )

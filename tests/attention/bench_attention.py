@@ -20,8 +20,8 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).parent))
 from tests.attention.paged_batch import make_paged_batch  # noqa: E402
 from tidal.attention.base import store_kv  # noqa: E402
-from tidal.attention.triton_decode import default_num_splits, paged_decode  # noqa: E402
-from tidal.attention.triton_prefill import paged_prefill  # noqa: E402
+from tidal.kernels.paged_decode import default_num_splits, paged_decode  # noqa: E402
+from tidal.kernels.paged_prefill import paged_prefill  # noqa: E402
 
 
 def copy_bandwidth() -> float:

@@ -10,8 +10,8 @@ import torch
 from tests.attention.paged_batch import make_paged_batch, rel_err
 from tidal.attention.base import get_backend, store_kv
 from tidal.attention.torch_ref import paged_attention_ref
-from tidal.attention.triton_decode import paged_decode
-from tidal.attention.triton_prefill import paged_prefill
+from tidal.kernels.paged_decode import paged_decode
+from tidal.kernels.paged_prefill import paged_prefill
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

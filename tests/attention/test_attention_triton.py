@@ -11,9 +11,9 @@ import torch
 from tests.attention.paged_batch import DEVICE, make_paged_batch, rel_err
 from tidal.attention.base import get_backend, store_kv
 from tidal.attention.torch_ref import paged_attention_ref
-from tidal.attention.triton_decode import paged_decode
-from tidal.attention.triton_kv_store import store_kv_triton
-from tidal.attention.triton_prefill import paged_prefill
+from tidal.kernels.paged_decode import paged_decode
+from tidal.kernels.kv_store import store_kv_triton
+from tidal.kernels.paged_prefill import paged_prefill
 
 pytestmark = pytest.mark.triton_interpret
 
@@ -118,7 +118,7 @@ def _tables(lens: list[int], block_size: int, num_blocks: int, rng, width: int =
 def test_decode_with_a_fixed_split_size_is_bitwise_batch_invariant():
     import random
 
-    from tidal.attention.triton_decode import fixed_num_splits
+    from tidal.kernels.paged_decode import fixed_num_splits
     rng = random.Random(0)
     block_size, split, nb = 16, 32, 64
     cache = _pool(nb, block_size, seed=1)

@@ -1,4 +1,4 @@
-"""The fused Triton kernels of tidal.models.fused against the torch ops they replace.
+"""The fused Triton kernels of tidal.kernels.fused against the torch ops they replace.
 
 Without a GPU they run in Triton's interpreter on the CPU (tests/conftest.py sets it up); the
 whole-model test forces them on for a forward pass and checks the logits against HF.
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tidal.models import fused
-from tidal.models.fused import add_rms_norm, qk_norm_rope, silu_mul, use_fused_kernels
+from tidal.kernels import fused
+from tidal.kernels.fused import add_rms_norm, qk_norm_rope, silu_mul, use_fused_kernels
 from tidal.models.layers import RMSNorm, RopeInputs, RotaryEmbedding, apply_rope
 from tidal.models.config import RopeConfig
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tidal.models import load_model
-from tidal.models.fused import use_fused_kernels
+from tidal.kernels.fused import use_fused_kernels
 from tests.helpers import LLAMA3_ROPE, YARN_ROPE, PagedRunner
 
 ATOL = 1e-4

@@ -17,11 +17,9 @@ pytestmark = [pytest.mark.gpu,
 
 
 def _kernels():
-    from tidal.attention import triton_decode, triton_kv_store, triton_prefill
-    from tidal.models import fused
-    from tidal.runner import sampler
-    return {"prefill": triton_prefill._prefill_kernel, "decode": triton_decode._decode_split_kernel,
-            "store_kv": triton_kv_store._store_kv_kernel, "race": sampler._race_kernel,
+    from tidal.kernels import fused, kv_store, paged_decode, paged_prefill, sampling
+    return {"prefill": paged_prefill._prefill_kernel, "decode": paged_decode._decode_split_kernel,
+            "store_kv": kv_store._store_kv_kernel, "race": sampling._race_kernel,
             "add_rms_norm": fused._add_rms_norm_kernel, "qk_norm_rope": fused._qk_norm_rope_kernel,
             "silu_mul": fused._silu_mul_kernel}
 

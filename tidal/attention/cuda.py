@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from tidal.attention.base import AttentionBackend, AttentionMetadata, register_backend
-from tidal.attention.triton_decode import default_num_splits, paged_decode
-from tidal.attention.triton_kv_store import store_kv_triton
-from tidal.attention.triton_prefill import paged_prefill
 from tidal.kernels.invariant_attention import invariant_paged_attention
+from tidal.kernels.kv_store import store_kv_triton
+from tidal.kernels.paged_decode import default_num_splits, paged_decode
+from tidal.kernels.paged_prefill import paged_prefill
 
 
 @register_backend("cuda")

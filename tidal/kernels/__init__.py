@@ -1,12 +1,18 @@
-"""Triton kernels that do not belong to one model or attention backend (the lowest layer: they
-import nothing from tidal). Each also runs on the CPU in Triton's interpreter (TRITON_INTERPRET=1),
-where the tests check it against torch."""
+"""Every Triton kernel of Tidal, the lowest layer (it imports nothing else from tidal):
+
+- paged_decode, paged_prefill, kv_store: the CUDA attention backend's paged attention and KV store;
+  paged_kv: the tile load their key loops share; utils: the helpers they share;
+- invariant_attention, matmul, rowwise: the batch-invariant mode's attention, linear and vocab
+  reductions (docs/numerics.md);
+- fused: the decoder layers' add+RMSNorm, q/k RMSNorm+RoPE and SiLU*up;
+- sampling: the sampler's race (noise + argmax) in one pass.
+
+Each also runs on the CPU in Triton's interpreter (TRITON_INTERPRET=1), where the tests check it
+against torch.
+"""
 
 from __future__ import annotations
 
-import os
+from tidal.kernels.utils import interpreting
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (CI)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["interpreting"]

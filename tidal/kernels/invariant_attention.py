@@ -9,7 +9,7 @@ start at absolute positions that are multiples of BLOCK_P, so query (p, h) alway
 (p % BLOCK_P) * GROUP_PAD + h % GROUP of its tile, however the prompt was chunked and whatever
 else is in the batch; key tiles start at multiples of BLOCK_N, and key tiles past a row's position
 are fully masked for it and add exact zeros (alpha = 1, p = 0). Online softmax as in
-tidal.attention.triton_prefill. Grid (tile, seq, kv head) from static shapes: CUDA-graph safe.
+tidal.kernels.paged_prefill. Grid (tile, seq, kv head) from static shapes: CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from tidal.kernels import interpreting
+from tidal.kernels.paged_kv import load_kv_tile
 
 try:
     import triton
@@ -98,19 +99,21 @@ if triton is not None:
         for n0 in range(0, end, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             n_mask = pos < end
-            if BLOCK_SIZE % BLOCK_N == 0:
-                blk = tl.load(bt_row + n0 // BLOCK_SIZE).to(tl.int64)
-                slots = blk * BLOCK_SIZE + (n0 % BLOCK_SIZE) + tl.arange(0, BLOCK_N)
-            else:
-                blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-                slots = blk * BLOCK_SIZE + pos % BLOCK_SIZE
-            offs = slots[:, None] * stride_cache_slot + head_off + d[None, :]
-            nd_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + offs, mask=nd_mask, other=0.0)
-            v = tl.load(v_cache_ptr + offs, mask=nd_mask, other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v = load_kv_tile(
+                k_cache_ptr,
+                v_cache_ptr,
+                bt_row,
+                n0,
+                pos,
+                n_mask,
+                head_off,
+                d,
+                d_mask,
+                stride_cache_slot,
+                BLOCK_SIZE,
+                BLOCK_N,
+                DOT_FP32,
+            )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             # Key 0 is visible to every row (q_pos >= 0), so no row is fully masked (no NaN).
             s = tl.where((pos[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tidal.kernels.fused import add_rms_norm
 from tidal.kernels.matmul import matmul
 from tidal.models.config import RopeConfig
-from tidal.models.fused import add_rms_norm
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -88,7 +88,7 @@ def set_batch_invariant(model: nn.Module, on: bool) -> None:
     """Switch every Linear of `model` to (or from) its batch-invariant path. (Norms, activations and
     RoPE need no switch: per-row reductions and element-wise ops are row-invariant on the CPU, as
     tests/runner/test_numerics_invariance.py checks, and on CUDA the mode runs the fused kernels of
-    tidal.models.fused, one program per row, which EngineConfig requires there.)"""
+    tidal.kernels.fused, one program per row, which EngineConfig requires there.)"""
     for m in model.modules():
         if isinstance(m, Linear):
             m.batch_invariant = on
@@ -106,7 +106,7 @@ class Embedding(nn.Module):
 class RMSNorm(nn.Module):
     """x / rms(x) * weight over the last dim, computed in float32. With ``residual`` the add
     happens first and the sum is returned as the new residual. Rows of a 2-D x go through one
-    fused kernel when `fused` (set by tidal.models.fused.use_fused_kernels)."""
+    fused kernel when `fused` (set by tidal.kernels.fused.use_fused_kernels)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype):
         super().__init__()

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tidal.attention.context import ForwardContext
+from tidal.kernels.fused import qk_norm_rope, silu_mul
 from tidal.models.config import ModelArch, as_config_dict, parse_arch
-from tidal.models.fused import qk_norm_rope, silu_mul
 from tidal.models.layers import Embedding, Linear, RMSNorm, RopeInputs, RotaryEmbedding, apply_rope
 
 # Checkpoint tensors that carry no weights (buffers saved by old exports); accepted and skipped.
@@ -42,7 +42,7 @@ class Attention(nn.Module):
             self.k_norm: RMSNorm | None = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.fused = False  # tidal.models.fused.use_fused_kernels
+        self.fused = False  # tidal.kernels.fused.use_fused_kernels
 
     def forward(self, x: torch.Tensor, rope: RopeInputs, ctx: ForwardContext) -> torch.Tensor:
         T, Hq = x.shape[0], self.num_heads
@@ -78,7 +78,7 @@ class MLP(nn.Module):
         self.intermediate_size = arch.intermediate_size
         self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, arch.mlp_bias, dtype)
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, arch.mlp_bias, dtype)
-        self.fused = False  # tidal.models.fused.use_fused_kernels
+        self.fused = False  # tidal.kernels.fused.use_fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)

@@ -28,7 +28,7 @@ import torch
 from tidal.attention.base import AttentionMetadata, get_backend
 from tidal.attention.context import ForwardContext
 from tidal.config import EngineConfig
-from tidal.models.fused import use_fused_kernels
+from tidal.kernels.fused import use_fused_kernels
 from tidal.models.layers import set_batch_invariant
 from tidal.models.loader import load_model
 from tidal.runner.batch import PLACEHOLDER, BatchRequest, PromptLogprobs, SampledToken, ScheduledBatch

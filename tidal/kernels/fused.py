@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from tidal.kernels.utils import next_pow2
+
 try:
     import triton
     import triton.language as tl
@@ -45,10 +47,6 @@ def use_fused_kernels(model: torch.nn.Module, mode: str, device: torch.device) -
         if hasattr(m, "fused"):
             setattr(m, "fused", on)  # noqa: B010 (nn.Module's own __setattr__ types exclude a bool)
     return on
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 if triton is not None:
@@ -164,7 +162,7 @@ def add_rms_norm(
             residual.stride(0) if residual is not None else 0,
             eps,
             HAS_RES=residual is not None,
-            BLOCK=_pow2(n),
+            BLOCK=next_pow2(n),
             num_warps=4,
         )
     return out, res_out
@@ -177,7 +175,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     inter = width // 2
     out = torch.empty((rows, inter), dtype=gate_up.dtype, device=gate_up.device)
     if rows:
-        block = min(1024, _pow2(inter))
+        block = min(1024, next_pow2(inter))
         _silu_mul_kernel[(rows, triton.cdiv(inter, block))](
             gate_up, out, inter, gate_up.stride(0), BLOCK=block, num_warps=4
         )
@@ -228,7 +226,7 @@ def qk_norm_rope(
             NUM_HEADS=heads,
             HALF=head_dim // 2,
             HAS_NORM=has_norm,
-            BLOCK_H=_pow2(heads),
+            BLOCK_H=next_pow2(heads),
             num_warps=4,
         )
     return out

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.attention.triton_utils import check_cache, next_pow2
+from tidal.kernels.utils import check_cache, next_pow2
 
 
 @triton.jit

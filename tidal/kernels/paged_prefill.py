@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tidal.attention.triton_utils import check_cache, dot_precision, interpreting, next_pow2
+from tidal.kernels.paged_kv import load_kv_tile
+from tidal.kernels.utils import check_cache, dot_precision, interpreting, next_pow2
 
 _LOG2E = 1.4426950408889634
 
@@ -88,19 +89,21 @@ def _prefill_kernel(
     for n0 in range(0, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         n_mask = pos < end
-        if BLOCK_SIZE % BLOCK_N == 0:
-            blk = tl.load(bt_row + n0 // BLOCK_SIZE).to(tl.int64)
-            slots = blk * BLOCK_SIZE + (n0 % BLOCK_SIZE) + tl.arange(0, BLOCK_N)
-        else:
-            blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            slots = blk * BLOCK_SIZE + pos % BLOCK_SIZE
-        offs = slots[:, None] * stride_cache_slot + head_off + d[None, :]
-        nd_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=nd_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=nd_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
+            n0,
+            pos,
+            n_mask,
+            head_off,
+            d,
+            d_mask,
+            stride_cache_slot,
+            BLOCK_SIZE,
+            BLOCK_N,
+            DOT_FP32,
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         # Key 0 is visible to every row, so no row is fully masked in the first tile (no NaN).
         s = tl.where((pos[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
