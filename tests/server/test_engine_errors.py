@@ -12,7 +12,7 @@ from tidal.engine.client import ControlTimeout
 from tidal.engine.messages import EngineDead, EngineError, EngineInvalidInput, EngineNotServing, EngineOutput
 from tidal.server import protocol as P
 from tidal.server.engine_client import _output_error, _reply_error
-from tidal.server.engine_proc import EngineProcess
+from tidal.server.engine_proc import EngineCoreProc
 
 
 def _reply_over_the_wire(exc: BaseException) -> P.Reply:
@@ -21,7 +21,7 @@ def _reply_over_the_wire(exc: BaseException) -> P.Reply:
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     push.connect(f"tcp://127.0.0.1:{port}")
-    proc = EngineProcess(push, heartbeat_s=1.0)
+    proc = EngineCoreProc(push, heartbeat_s=1.0)
     try:
         fut: Future = Future()
         fut.set_exception(exc)

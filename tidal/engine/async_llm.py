@@ -13,7 +13,7 @@ from typing import Any
 
 from tidal.config import EngineConfig
 from tidal.engine import control_ops as ops
-from tidal.engine.client import ControlAPI, ControlTimeout, InprocEngine
+from tidal.engine.client import ControlAPI, ControlTimeout, InprocClient
 from tidal.engine.io import PromptInput, RequestState, raise_for_error, unwrap_prompt
 from tidal.engine.messages import AddRequest, EngineOutput
 from tidal.outputs import RequestOutput
@@ -23,7 +23,7 @@ from tidal.sampling_params import SamplingParams
 class AsyncLLM(ControlAPI[Awaitable[dict[str, Any]]]):
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         self.config = EngineConfig(model=model, **engine_kwargs)
-        self.engine = InprocEngine(self.config)
+        self.engine = InprocClient(self.config)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
 

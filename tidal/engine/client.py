@@ -3,7 +3,7 @@
 `ControlAPI` defines every control operation (engine/control_ops.py) as one method over a
 transport (`_control`), with one deadline rule (`control_ops.reply_wait_s`). `LLM` (sync,
 in-process), `AsyncLLM` (async, in-process) and the server's `EngineClient` (async, ZeroMQ)
-are its three transports. `InprocEngine` is what LLM and AsyncLLM share: the in-process core,
+are its three transports. `InprocClient` is what LLM and AsyncLLM share: the in-process core,
 routing its outputs to the caller that owns each request.
 """
 
@@ -148,7 +148,7 @@ class ControlAPI(Generic[R]):
         return self.call(ops.State(), timeout_s)
 
 
-class InprocEngine:
+class InprocClient:
     """Owns an EngineCore thread and an output router (request id -> sink)."""
 
     def __init__(self, config: EngineConfig) -> None:
@@ -215,7 +215,7 @@ def _try_tokenizer(path: str):
 
 __all__ = [
     "ControlAPI",
-    "InprocEngine",
+    "InprocClient",
     "ControlTimeout",
     "wait_result",
     "EngineDead",

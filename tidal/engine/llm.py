@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from tidal.config import EngineConfig
 from tidal.engine import control_ops as ops
-from tidal.engine.client import ControlAPI, InprocEngine, wait_result
+from tidal.engine.client import ControlAPI, InprocClient, wait_result
 from tidal.engine.io import PromptInput, RequestState, raise_for_error, unwrap_prompt
 from tidal.engine.messages import AddRequest, EngineDead, EngineInvalidInput, EngineState
 from tidal.outputs import RequestOutput
@@ -51,7 +51,7 @@ def _engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
 class LLM(ControlAPI[dict[str, Any]]):
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         self.config = _engine_config(model, engine_kwargs)
-        self.engine = InprocEngine(self.config)
+        self.engine = InprocClient(self.config)
         self.tokenizer = self.engine.tokenizer
         self._paused_for_sleep = False  # sleep(level=...) paused the engine: wake_up resumes it
 

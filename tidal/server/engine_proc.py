@@ -62,7 +62,7 @@ def run_engine_process(
     pull.setsockopt(zmq.RCVHWM, 0)
     pull.setsockopt(zmq.LINGER, 0)
     pull.bind(in_addr)
-    proc = EngineProcess(push, heartbeat_s)
+    proc = EngineCoreProc(push, heartbeat_s)
     code = 0
     try:
         if proc.start(config_kwargs):
@@ -80,7 +80,7 @@ def run_engine_process(
     sys.exit(code)
 
 
-class EngineProcess:
+class EngineCoreProc:
     def __init__(self, push: zmq.Socket, heartbeat_s: float) -> None:
         self.push = push
         self.heartbeat_s = heartbeat_s
