@@ -20,7 +20,10 @@ consumes the broadcasts and answers with the error). With one replica the commit
 staging call (there is no peer to wait for). "shm" writes one shared-memory file in /dev/shm
 that colocated CPU replicas copy from; "ipc" sends CUDA IPC handles (as JSON) to colocated GPU
 replicas.
-"""
+
+One job past 400 lines: the sender's protocol (join, check, broadcast or stage, commit or roll back,
+on every replica) is one state machine, and splitting its backends apart would repeat it per
+backend."""
 
 from __future__ import annotations
 

@@ -16,7 +16,9 @@ WeightSender over just those URLs, shared memory on one host), check each serves
 then add them to the router.
 
 Every phase is timed (`records`): drain, release, verify; wake or start, sync, join.
-"""
+
+One job past 400 lines: shrink and expand are each a sequence (drain, sleep or stop, verify; start
+or wake, sync, join) whose steps share the replica bookkeeping kept here."""
 
 from __future__ import annotations
 

@@ -14,7 +14,9 @@
    from donors close to finishing, and only when both sides are more than `0.5 + hysteresis`
    replicas off target, so a move never invites the reverse move. Idle GPUs left over go to
    whoever can use them (work conservation).
-"""
+
+One job past 400 lines: one planning pass and the donor/receiver search it runs, kept together so
+the pass reads top to bottom."""
 
 from __future__ import annotations
 

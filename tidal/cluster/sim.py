@@ -13,7 +13,9 @@ the same scheduler code and pay the same load/offload costs.
 Utilization counts useful GPU time only: training GPUs while training, and a replica's GPUs
 scaled by its occupancy (running samples / slots). Loading, offloading, empty slots and samples
 re-running the `retract_s` a retraction cost them are waste.
-"""
+
+One job past 400 lines: the virtual clock, the simulated pipelines and engines and the workload
+matrix are the simulator's parts; none is used without the others."""
 
 from __future__ import annotations
 

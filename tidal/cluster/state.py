@@ -16,7 +16,9 @@ Invariants (`check`):
 Plan checks (`validate_plan`): grants take only idle GPUs inside the requested cluster; shrink
 only settled active replicas; expand only inactive replicas, onto GPUs that are idle or being
 handed over by a shrink; no GPU claimed twice.
-"""
+
+One job past 400 lines: the state, the plan types and the invariants checked after every plan are
+one contract."""
 
 from __future__ import annotations
 

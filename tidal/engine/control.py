@@ -9,7 +9,9 @@ loop. `pause(drain)` only flips the state to DRAINING and records a deadline; th
 stepping and `poll()` completes the reply when the work is done or the deadline passes.
 `pause(abort)` ends requests through the same output path as a normal finish, on this thread,
 before it replies.
-"""
+
+One job past 400 lines: the handlers of every control op, on the core thread, over one state machine
+(docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ preparation and output handling run while the GPU computes. Before anything else
 state (an inbox message, a drain deadline, an idle loop) the step in flight is resolved (`flush`),
 so control calls always see a settled state. Steps that fork n-sample prompts, and lookahead
 schedules that ran out of blocks, are resolved at once.
-"""
+
+One job past 400 lines: the single-writer loop and the request bookkeeping only it may touch."""
 
 from __future__ import annotations
 

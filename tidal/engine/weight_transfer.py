@@ -7,7 +7,9 @@ thread, and touches no engine state: it returns received tensors or raises.
 The group is created the way SGLang, slime, OpenRLHF and AReaL create theirs, so their trainer
 code joins it unchanged: a `tcp://` rendezvous whose store is wrapped in a PrefixStore named after
 the group, then a *named* group that is not the default group (the trainer has its own).
-"""
+
+One job past 400 lines: every wire format a trainer can send (per tensor, buckets, shared memory,
+CUDA IPC), each with its receiver and its checks."""
 
 from __future__ import annotations
 

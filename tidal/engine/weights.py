@@ -14,7 +14,9 @@ tears a trainer group down (it may be out of step), and is reported by state(). 
 stages and holds the tensors until commit_weights(version) or abort_staged(), which is how a
 trainer makes an update transactional across replicas. A commit that fails part-way fences the
 engine: it refuses generation until a later update commits, rather than serve mixed weights.
-"""
+
+One job past 400 lines: one weight-update transaction (validate, stage or write in place, commit,
+roll back) from every source."""
 
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ stream: the router forwards each token once, and nothing the router had not forw
 
 A request that moves before anything reached the client is re-sent whole to another replica (so
 prompt logprobs, echo and seeds are exact); continuation.py says what a continuation keeps.
-"""
+
+One job past 400 lines: a request's life through the router on every surface, including moving it
+between replicas mid-stream."""
 
 from __future__ import annotations
 

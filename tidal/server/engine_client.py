@@ -18,7 +18,9 @@ until the heartbeat returns.
 Errors keep their type across the process boundary: a control reply names its exception class
 (an EngineInvalidInput also carries field, value and expected), and a request output names its
 error kind in `error_type`.
-"""
+
+One job past 400 lines: the client of the engine process (requests, control, heartbeat, failure
+handling) over one ZeroMQ pair."""
 
 from __future__ import annotations
 

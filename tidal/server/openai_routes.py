@@ -4,7 +4,9 @@ include_stop_str_in_output, return_token_ids, return_tokens_as_token_ids.
 
 No field is silently ignored: each one is implemented, accepted-and-ignored for a reason named
 in _IGNORED (and docs/compatibility.md), or refused with a 400 naming it.
-"""
+
+One job past 400 lines: the OpenAI surface's three endpoints with their request checks and streaming
+and non-streaming replies."""
 
 from __future__ import annotations
 

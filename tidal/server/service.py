@@ -6,7 +6,9 @@ control_routes, weight_routes) and call into `ServerCore`; api.py assembles the 
 Nothing slow runs on the event loop: prompts are checked against cheap bounds (body bytes,
 characters, token-id counts) first, large prompts are tokenised in a worker thread, and large
 responses are encoded in one, so /health answers while a big request is in work.
-"""
+
+One job past 400 lines: the parts every surface shares (settings, auth, prompt and sampling parsing,
+streaming), in one place so they cannot drift apart."""
 
 from __future__ import annotations
 
