@@ -132,6 +132,15 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
 
 
+class SamplingParamsError(ValueError):
+    """A field of SamplingParams out of its range: carries the field, the value and what was
+    expected, so a server can name the field without reading the message."""
+
+    def __init__(self, field: str, value: object, expected: str) -> None:
+        super().__init__(f"SamplingParams.{field}={value!r} is invalid: expected {expected}")
+        self.field, self.value, self.expected = field, value, expected
+
+
 def _check(ok: bool, name: str, value: object, expected: str) -> None:
     if not ok:
-        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: expected {expected}")
+        raise SamplingParamsError(name, value, expected)

@@ -188,6 +188,14 @@ def test_unknown_and_unsupported_fields_are_refused(server):
         assert err["param"] == param or param in err["message"], (body, err)
 
 
+
+def test_sampling_params_own_checks_name_the_field(server):
+    """What the schema cannot see (an empty stop string) is checked by SamplingParams, whose typed
+    error names the field; the reply's param is that field under sampling_params."""
+    err = post(server, {"text": "x", "sampling_params": {"stop": [""]}}, 400)["error"]
+    assert err["param"] == "sampling_params.stop", err
+
+
 def test_sampling_fields_reach_the_engine(server):
     base = {"input_ids": IDS, "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
     greedy = post(server, base)["output_ids"]

@@ -30,6 +30,7 @@ from tidal.server.service import (
     _stops,
     event,
     merge,
+    sampling_error,
     work_of,
 )
 
@@ -188,8 +189,8 @@ class GenerateRoutes:
                 include_stop_str_in_output=sp.no_stop_trim,
                 prompt_logprobs=prompt_lp,
             )
-        except ValueError as e:  # what the schema cannot see; the message names the field
-            raise APIError(400, str(e), param=prefix) from None
+        except ValueError as e:  # what the schema cannot see
+            raise sampling_error(e, prefix) from None
 
     @staticmethod
     def _logprob_start(body: S.GenerateRequest, prompt_len: int) -> int:

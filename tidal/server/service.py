@@ -31,7 +31,7 @@ from fastapi.responses import Response
 from tidal.config import EngineConfig
 from tidal.engine.messages import EngineInvalidInput
 from tidal.outputs import RequestOutput
-from tidal.sampling_params import SamplingParams
+from tidal.sampling_params import SamplingParams, SamplingParamsError
 from tidal.server.engine_client import EngineClient
 from tidal.server.errors import APIError, engine_error, error_responses, failure_reason
 from tidal.server.metrics import ServerMetrics
@@ -153,9 +153,15 @@ def sampling_params(
         raise APIError.invalid(prefix + "n", body.n, "1 when max_tokens=0 (nothing is sampled)")
     try:
         return _build_sampling(body, max_tokens, logprobs, prompt_logprobs)
-    except ValueError as e:  # SamplingParams' own checks (e.g. an empty stop string) name the field
-        field = re.match(r"SamplingParams\.(\w+)=", str(e))
-        raise APIError(400, str(e), param=prefix + field.group(1) if field else None) from None
+    except ValueError as e:  # SamplingParams' own checks (e.g. an empty stop string)
+        raise sampling_error(e, prefix) from None
+
+
+def sampling_error(e: ValueError, prefix: str) -> APIError:
+    """SamplingParams' own checks as a 400 naming the field (SamplingParamsError carries it), for
+    every surface that builds SamplingParams from a body."""
+    field = e.field if isinstance(e, SamplingParamsError) else None
+    return APIError(400, str(e), param=prefix + field if field else None)
 
 
 def _build_sampling(body: Any, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
