@@ -37,7 +37,11 @@ class RouterProc:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.output()
             try:     # 503 with no replica up yet is an answer too: the router itself serves
-                if httpx.get(self.url + "/health", timeout=2).status_code in ((200,) if replicas else (200, 503)):
+                r = httpx.get(self.url + "/health", timeout=2)
+                # Every replica up, not just one: a test that starts before the router's first probe
+                # of a replica has answered would route everything to the other (and drain nothing).
+                if (r.status_code == 200 and r.json().get("replicas_up") == len(replicas)) if replicas \
+                        else r.status_code in (200, 503):
                     return
             except httpx.HTTPError:
                 pass

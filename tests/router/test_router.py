@@ -15,7 +15,7 @@ import pytest
 from tests.router.conftest import kill_replica
 
 PROMPTS = [f"request {i:02d}:" for i in range(64)]
-GREEDY = {"max_tokens": 48, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+GREEDY = {"max_tokens": 128, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, seen: list[int] | None = None,
