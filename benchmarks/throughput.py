@@ -146,12 +146,8 @@ def model_bytes(cfg: dict, itemsize: int = 2) -> tuple[int, int]:
 
 def ceiling_tok_s(prompt_lens: list[int], out_lens: list[int], weight_bytes: int, kv_tok: int, bw: float) -> float:
     """All sequences decode together from the start; step s reads the weights and the KV of
-    every sequence still running (prompt + s tokens)."""
-    total_bytes = 0.0
-    for s in range(max(out_lens)):
-        live = [p + s for p, o in zip(prompt_lens, out_lens) if o > s]
-        total_bytes += weight_bytes + kv_tok * sum(live)
-    return sum(out_lens) / (total_bytes / bw)
+    every sequence still running (prompt + s tokens): the roofline with no compute roof."""
+    return roofline_tok_s(prompt_lens, out_lens, weight_bytes, kv_tok, bw, 0.0, 0.0, math.inf)
 
 
 def free_memory() -> None:
