@@ -57,6 +57,11 @@ class EngineConfig:
         choices=("auto", "on", "off"),
     )
     overlap_scheduling: bool = _opt(True, "schedule step N+1 while step N runs")
+    cpu_prepack_weights: bool = _opt(
+        True,
+        "CPU, float32: the linear layers run through oneDNN on weights reordered once into its blocked "
+        "layout (a second copy of the weights in memory, rebuilt after a weight update)",
+    )
     reject_while_paused: bool = _opt(
         False, "answer new requests with 503 while the engine is paused (default: queue them)", group="server"
     )

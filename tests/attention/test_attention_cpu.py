@@ -1,16 +1,35 @@
-"""The batched CPU backend against the per-sequence torch reference (the oracle)."""
+"""The batched CPU backend against the per-sequence torch reference (the oracle), on both of its
+decode paths: the C kernel reading the block table in place, and the gather + SDPA tensor ops
+(what runs where no C compiler is found)."""
 from __future__ import annotations
 
+import os
 import random
+import shutil
 
 import pytest
 import torch
 
+import tidal.attention.cpu as cpu_backend
 from tests.attention.paged_batch import make_paged_batch
 from tidal.attention.base import get_backend
 from tidal.config import EngineConfig
+from tidal.kernels import cpu_native
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(params=["native", "tensor_ops"])
+def decode_path(request, monkeypatch):
+    if request.param == "tensor_ops":
+        monkeypatch.setattr(cpu_backend, "decode_kernel", lambda: None)
+    return request.param
+
+
+def test_the_native_kernel_builds_where_a_c_compiler_exists():
+    if not (shutil.which("cc") or shutil.which("gcc")) or os.environ.get("TIDAL_CPU_NATIVE") == "0":
+        pytest.skip("no C compiler on this machine (or TIDAL_CPU_NATIVE=0): the tensor-op path runs")
+    assert cpu_native.decode_kernel() is not None
 
 
 def _both(b, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +65,7 @@ def _random_mix(rng: random.Random, block_size: int) -> tuple[list[int], list[in
 
 @pytest.mark.parametrize("block_size", [1, 4, 16, 32])
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (4, 2), (8, 2), (7, 1), (6, 3)])
-def test_random_mixed_batches_match_reference(block_size, num_q_heads, num_kv_heads):
+def test_random_mixed_batches_match_reference(block_size, num_q_heads, num_kv_heads, decode_path):
     rng = random.Random(block_size * 100 + num_q_heads * 10 + num_kv_heads)
     for trial in range(3):
         ctx, q = _random_mix(rng, block_size)
@@ -64,7 +83,7 @@ def test_random_mixed_batches_match_reference(block_size, num_q_heads, num_kv_he
 
 
 @pytest.mark.parametrize("q_lens", [[1] * 6, [9, 3, 17], [1, 12, 1, 1, 30]])
-def test_decode_prefill_and_mixed_batches(q_lens):
+def test_decode_prefill_and_mixed_batches(q_lens, decode_path):
     ctx = [0, 7, 15, 16, 33, 41][:len(q_lens)]
     b = make_paged_batch(ctx, q_lens, num_q_heads=8, num_kv_heads=2, head_dim=64, block_size=16, seed=3)
     out, ref = _both(b, scale=0.125)
@@ -97,3 +116,46 @@ def test_cpu_is_the_auto_default_on_cpu_and_declares_batch_invariance():
     assert EngineConfig(device="cpu", batch_invariant=True).attention_backend == "invariant"
     with pytest.raises(ValueError, match="attention_backend"):
         EngineConfig(device="cpu", batch_invariant=True, attention_backend="cpu")
+
+
+def _decode_batch(num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int, seed: int = 0):
+    rng = random.Random(seed)
+    ctx = [rng.randint(0, 70) for _ in range(num_seqs)]
+    return make_paged_batch(ctx, [1] * num_seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                            head_dim=head_dim, block_size=16, seed=seed)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(16, 1, 128), (4, 2, 256), (34, 2, 64), (4, 2, 512)])
+def test_native_decode_at_its_limits_and_past_them(num_q_heads, num_kv_heads, head_dim):
+    """Query groups up to 16 heads and head_dim up to 256 take the kernel; past either, the batch
+    falls back to the tensor ops (same results)."""
+    kernel = cpu_native.decode_kernel()
+    if kernel is None:
+        pytest.skip("no native kernel here")
+    b = _decode_batch(5, num_q_heads, num_kv_heads, head_dim)
+    takes = num_q_heads // num_kv_heads <= kernel.max_group and head_dim <= kernel.max_dim
+    assert kernel.supports(b.q, b.kv_cache) is takes
+    out, ref = _both(b, scale=head_dim ** -0.5)
+    torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_native_decode_rows_do_not_depend_on_the_batch_or_the_thread_split():
+    """Each row is computed on its own, in a fixed order: the same row alone, inside a larger
+    batch, and with the rows split across threads gives identical bits."""
+    kernel = cpu_native.decode_kernel()
+    if kernel is None:
+        pytest.skip("no native kernel here")
+    b = _decode_batch(9, 8, 2, 64, seed=4)
+    m, cache = b.meta, b.kv_cache
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole = kernel(b.q, cache, m.block_tables, m.seq_lens, 0.125)
+        torch.set_num_threads(3)
+        split = kernel(b.q, cache, m.block_tables, m.seq_lens, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(whole, split)
+    for i in (0, 4, 8):
+        alone = kernel(b.q[i : i + 1], cache, m.block_tables[i : i + 1], m.seq_lens[i : i + 1], 0.125)
+        assert torch.equal(alone[0], whole[i])

@@ -1,16 +1,22 @@
-"""CPU attention backend: the whole batch in a few tensor ops, no Python loop over sequences.
+"""CPU attention backend: the whole batch at once, no Python loop over sequences.
 
 Sequences are split into two groups — decode rows (one new token) and prefill rows (a prompt,
-a chunk of one, or a prompt after a prefix-cache hit) — and each group runs as one padded batch:
-one index op gathers every sequence's blocks into a [B, S_max, Hkv, D] view of its keys and
-values, one index op packs its queries into [B, L_max, Hq, D], and one masked
-scaled-dot-product attention covers the group (the query heads of a KV head are stacked as
-rows, so each KV head is read once).
+a chunk of one, or a prompt after a prefix-cache hit).
 
-Not batch invariant: a row's softmax and its weighted sum of values run over the padded
-length S_max of its group, so the reduction order (and the last bits of a row's result) can
-change with the other sequences in the batch. Masked keys contribute exact zeros; the result
-matches the reference to float32 rounding.
+Decode rows (float32) go to the C kernel of tidal.kernels.cpu_native, which reads each
+sequence's blocks in place through the block table. Otherwise (no C compiler on the machine,
+another dtype, TIDAL_CPU_NATIVE=0), and for prefill rows always, a group runs as one padded
+batch of tensor ops: one index op gathers every sequence's blocks into a [B, S_max, Hkv, D] view
+of its keys and values, one index op packs its queries into [B, L_max, Hq, D], and one masked
+scaled-dot-product attention covers the group (the query heads of a KV head are stacked as rows,
+so each KV head is read once). Prefill is compute-bound and SDPA's blocked kernel is the fast
+way to do it; decode is a copy-bound gather that the kernel removes (3.3x on the decode shape of
+benchmarks/vs_vllm_cpu.py's small checkpoint).
+
+Not batch invariant: in the tensor-op path a row's softmax and its weighted sum of values run
+over the padded length S_max of its group, so the reduction order (and the last bits of a row's
+result) can change with the other sequences in the batch. Masked keys contribute exact zeros;
+both paths match the reference to float32 rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tidal.attention.base import AttentionBackend, AttentionMetadata, register_backend, store_kv
+from tidal.kernels.cpu_native import decode_kernel
 
 
 def gather_kv_batch(
@@ -67,6 +74,9 @@ def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     num_tokens = sum(q_lens)
     if meta.max_query_len == 1 and num_tokens == len(q_lens) == q.shape[0]:
         # Pure decode, no padding rows: token i is sequence i's query.
+        kernel = decode_kernel()
+        if kernel is not None and kernel.supports(q, kv_cache):
+            return kernel(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
         o = _attend(
             q[:, None], kv_cache, meta.block_tables, (meta.seq_lens.long() - 1)[:, None], meta.max_seq_len, scale
         )
@@ -86,6 +96,10 @@ def _decode_group(
 ) -> None:
     idx = torch.tensor(seqs, device=q.device)
     rows = meta.query_start_loc[idx].long()
+    kernel = decode_kernel()
+    if kernel is not None and kernel.supports(q, kv_cache):
+        out[rows] = kernel(q[rows], kv_cache, meta.block_tables[idx], meta.seq_lens[idx], scale).to(out.dtype)
+        return
     max_len = max(meta.seq_lens_cpu[i] for i in seqs)
     o = _attend(
         q[rows][:, None], kv_cache, meta.block_tables[idx], (meta.seq_lens[idx].long() - 1)[:, None], max_len, scale

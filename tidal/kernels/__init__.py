@@ -1,4 +1,4 @@
-"""Every Triton kernel of Tidal, the lowest layer (it imports nothing else from tidal):
+"""Every kernel of Tidal, the lowest layer (it imports nothing else from tidal). Triton:
 
 - paged_decode, paged_prefill, kv_store: the CUDA attention backend's paged attention and KV store;
   paged_kv: the tile load their key loops share; utils: the helpers they share;
@@ -9,6 +9,9 @@
 
 Each also runs on the CPU in Triton's interpreter (TRITON_INTERPRET=1), where the tests check it
 against torch.
+
+C, for the CPU: cpu_native builds paged_decode_cpu.c (decode attention reading the block table in
+place) with the machine's compiler and loads it with ctypes; the CPU attention backend uses it.
 """
 
 from __future__ import annotations

@@ -36,6 +36,12 @@ class Linear(nn.Module):
 
     ROW_TILE = 16
     batch_invariant = False
+    # Set by `set_cpu_prepack`: float32 products on the CPU go through oneDNN with the weight
+    # reordered once into its blocked layout (a second copy of W, rebuilt when W changes). On the
+    # CPUs measured this is 1.15-1.3x MKL's F.linear at 8-128 rows; below PREPACK_MIN_ROWS rows
+    # (single-stream decode) plain F.linear is as fast or faster (benchmarks/README.md, "CPU").
+    cpu_prepack = False
+    PREPACK_MIN_ROWS = 8
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, weight: nn.Parameter | None = None
@@ -45,6 +51,7 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features, dtype=dtype) if weight is None else weight
         self.bias = _param(out_features, dtype=dtype) if bias else None
         self._fp32: tuple[tuple[int, int], torch.Tensor, torch.Tensor | None] | None = None
+        self._packed: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._project(x, self.weight, self.bias)
@@ -63,16 +70,28 @@ class Linear(nn.Module):
         _, w32, b32 = self._fp32
         return self._project(x.float(), w32, b32)
 
-    def drop_fp32_copy(self) -> None:
-        """Free the fp32 copy (sleep: the weights leave the device; it is rebuilt on next use)."""
+    def drop_derived(self) -> None:
+        """Free the copies derived from W (the fp32 copy, the prepacked one): sleep, or W replaced
+        by other means than an in-place write. Each is rebuilt on next use."""
         self._fp32 = None
+        self._packed = None
 
     def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.batch_invariant or x.dim() != 2:
+            if self.cpu_prepack and w.dtype == torch.float32 and x.numel() >= self.PREPACK_MIN_ROWS * x.shape[-1]:
+                return self._prepacked(x, w, b)
             return F.linear(x, w, b)
         if x.is_cuda:
             return matmul(x, w, b)
         return invariant_linear(x, w, b, self.ROW_TILE)
+
+    def _prepacked(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        # Keyed like the fp32 copy: W's storage and version counter (in-place updates bump it).
+        key = (w.data_ptr(), w._version)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = None
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w, None))
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], b, "none", [], "")
 
 
 def invariant_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tile: int) -> torch.Tensor:
@@ -92,6 +111,23 @@ def set_batch_invariant(model: nn.Module, on: bool) -> None:
     for m in model.modules():
         if isinstance(m, Linear):
             m.batch_invariant = on
+
+
+def set_cpu_prepack(model: nn.Module, on: bool) -> None:
+    """Switch every Linear of `model` to (or from) oneDNN products with prepacked weights (CPU,
+    float32; the batch-invariant path keeps F.linear on padded tiles)."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.cpu_prepack = on
+            if not on:
+                m.drop_derived()
+
+
+def drop_derived_weights(model: nn.Module) -> None:
+    """Free every Linear's copies derived from its weight (see Linear.drop_derived)."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.drop_derived()
 
 
 class Embedding(nn.Module):

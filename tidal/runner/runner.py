@@ -29,7 +29,7 @@ from tidal.attention.base import AttentionMetadata, get_backend
 from tidal.attention.context import ForwardContext
 from tidal.config import EngineConfig
 from tidal.kernels.fused import use_fused_kernels
-from tidal.models.layers import set_batch_invariant
+from tidal.models.layers import drop_derived_weights, set_batch_invariant, set_cpu_prepack
 from tidal.models.loader import load_model
 from tidal.runner.batch import PLACEHOLDER, BatchRequest, PromptLogprobs, SampledToken, ScheduledBatch
 from tidal.runner.sampler import (
@@ -167,6 +167,10 @@ class ModelRunner:
         """EngineConfig.lm_head_dtype and batch_invariant (docs/numerics.md), on the model."""
         self.model.lm_head_dtype = torch.float32 if self.config.lm_head_dtype == "float32" else None
         set_batch_invariant(self.model, self.config.batch_invariant)
+        set_cpu_prepack(
+            self.model,
+            self.config.cpu_prepack_weights and self.device.type == "cpu" and torch.backends.mkldnn.is_available(),
+        )
 
     def _attention_backend(self):
         return get_backend(self.config.attention_backend)
@@ -227,10 +231,11 @@ class ModelRunner:
 
     def invalidate_graphs(self) -> None:
         """Captured graphs hold raw pointers to weights and the KV cache; drop them whenever
-        either moves (sleep/wake). The fp32 LM-head copy goes too, so that sleep frees it."""
+        either moves (sleep/wake). The copies derived from the weights (fp32 LM head, prepacked CPU
+        weights) go too, so that sleep frees them."""
         self.graphs = None
         if self.model is not None:
-            self.model.lm_head.drop_fp32_copy()
+            drop_derived_weights(self.model)
 
     def _ensure_graphs(self) -> None:
         if self.use_graphs and self.graphs is None and self.kv_cache is not None:
