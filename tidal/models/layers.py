@@ -37,11 +37,13 @@ class Linear(nn.Module):
     ROW_TILE = 16
     batch_invariant = False
     # Set by `set_cpu_prepack`: float32 products on the CPU go through oneDNN with the weight
-    # reordered once into its blocked layout (a second copy of W, rebuilt when W changes). On the
-    # CPUs measured this is 1.15-1.3x MKL's F.linear at 8-128 rows; below PREPACK_MIN_ROWS rows
-    # (single-stream decode) plain F.linear is as fast or faster (benchmarks/README.md, "CPU").
+    # reordered once into its blocked layout (a second copy of W, rebuilt when W changes). Measured
+    # (benchmarks/README.md, "CPU"): 1.15-1.3x MKL's F.linear at 8-128 rows on weights of 1M
+    # elements or more; below PREPACK_MIN_ROWS rows (single-stream decode) and on smaller weights,
+    # where oneDNN's per-call cost shows, plain F.linear is as fast or faster.
     cpu_prepack = False
     PREPACK_MIN_ROWS = 8
+    PREPACK_MIN_WEIGHT = 1 << 20
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, weight: nn.Parameter | None = None
@@ -78,7 +80,12 @@ class Linear(nn.Module):
 
     def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.batch_invariant or x.dim() != 2:
-            if self.cpu_prepack and w.dtype == torch.float32 and x.numel() >= self.PREPACK_MIN_ROWS * x.shape[-1]:
+            if (
+                self.cpu_prepack
+                and w.dtype == torch.float32
+                and w.numel() >= self.PREPACK_MIN_WEIGHT
+                and x.numel() >= self.PREPACK_MIN_ROWS * x.shape[-1]
+            ):
                 return self._prepacked(x, w, b)
             return F.linear(x, w, b)
         if x.is_cuda:
