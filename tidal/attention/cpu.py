@@ -4,9 +4,10 @@ Sequences are split into two groups — decode rows (one new token) and prefill 
 a chunk of one, or a prompt after a prefix-cache hit).
 
 Decode rows (float32) go to the C kernel of tidal.kernels.cpu_native, which reads each
-sequence's blocks in place through the block table. Otherwise (no C compiler on the machine,
-another dtype, TIDAL_CPU_NATIVE=0), and for prefill rows always, a group runs as one padded
-batch of tensor ops: one index op gathers every sequence's blocks into a [B, S_max, Hkv, D] view
+sequence's blocks in place through the block table. Whole prompts (no cached context) run as one
+padded causal SDPA over the step's own keys and values. Otherwise (prefill with cached context;
+decode with no C compiler on the machine, another dtype, or TIDAL_CPU_NATIVE=0) a group runs as
+one padded batch of tensor ops: one index op gathers every sequence's blocks into a [B, S_max, Hkv, D] view
 of its keys and values, one index op packs its queries into [B, L_max, Hq, D], and one masked
 scaled-dot-product attention covers the group (the query heads of a KV head are stacked as rows,
 so each KV head is read once). Prefill is compute-bound and SDPA's blocked kernel is the fast
@@ -69,7 +70,10 @@ def _attend(
     return o.view(batch, num_kv_heads, length, group, dim).transpose(1, 2).reshape(batch, length, num_q_heads, dim)
 
 
-def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, Hq, D] and this step's keys and values k, v [T, Hkv, D] (already stored in kv_cache)."""
     q_lens = meta.query_lens_cpu
     num_tokens = sum(q_lens)
     if meta.max_query_len == 1 and num_tokens == len(q_lens) == q.shape[0]:
@@ -83,11 +87,16 @@ def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         return o[:, 0].to(q.dtype)
     out = torch.empty_like(q) if num_tokens == q.shape[0] else torch.zeros_like(q)
     decode = [i for i, n in enumerate(q_lens) if n == 1]
-    prefill = [i for i, n in enumerate(q_lens) if n > 1]
+    # Whole prompts (no cached context) attend only to this step's own keys; prompt chunks after
+    # earlier chunks and prompts after a prefix hit also read the cache.
+    fresh = [i for i, n in enumerate(q_lens) if n > 1 and meta.seq_lens_cpu[i] == n]
+    continued = [i for i, n in enumerate(q_lens) if 1 < n < meta.seq_lens_cpu[i]]
     if decode:
         _decode_group(q, kv_cache, meta, scale, out, decode)
-    if prefill:
-        _prefill_group(q, kv_cache, meta, scale, out, prefill)
+    if fresh:
+        _fresh_prefill_group(q, k, v, meta, scale, out, fresh)
+    if continued:
+        _prefill_group(q, kv_cache, meta, scale, out, continued)
     return out
 
 
@@ -107,21 +116,45 @@ def _decode_group(
     out[rows] = o[:, 0].to(out.dtype)
 
 
-def _prefill_group(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor, seqs: list[int]
-) -> None:
-    device = q.device
+def _padded_rows(meta: AttentionMetadata, seqs: list[int], device: torch.device):
+    """Token rows [B, L_max] of the sequences `seqs` (a sequence's padding repeats its last row),
+    which of them are real [B, L_max], and the query lengths [B]."""
     idx = torch.tensor(seqs, device=device)
     q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1])[idx].long()  # [B]
     starts = meta.query_start_loc[idx].long()
-    ctx = meta.seq_lens[idx].long() - q_lens
     max_q = max(meta.query_lens_cpu[i] for i in seqs)
     j = torch.arange(max_q, device=device)[None, :]  # [1, L]
-    valid = j < q_lens[:, None]  # [B, L]
-    q_rows = starts[:, None] + torch.minimum(j, q_lens[:, None] - 1)  # padding repeats a row
+    return idx, starts[:, None] + torch.minimum(j, q_lens[:, None] - 1), j < q_lens[:, None], q_lens
+
+
+def _prefill_group(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor, seqs: list[int]
+) -> None:
+    idx, q_rows, valid, q_lens = _padded_rows(meta, seqs, q.device)
+    ctx = meta.seq_lens[idx].long() - q_lens
+    j = torch.arange(q_rows.shape[1], device=q.device)[None, :]
     max_len = max(meta.seq_lens_cpu[i] for i in seqs)
     o = _attend(q[q_rows], kv_cache, meta.block_tables[idx], ctx[:, None] + j, max_len, scale)
     out[q_rows[valid]] = o[valid].to(out.dtype)
+
+
+def _fresh_prefill_group(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+    seqs: list[int],
+) -> None:
+    """Whole prompts: causal SDPA on this step's own q, k, v padded to [B, Hq|Hkv, L_max, D], no
+    gather from the cache and no mask tensor (SDPA's causal kernel also skips the masked half).
+    Padding sits after each prompt's last token, in every real query's future, so it is never
+    attended to."""
+    _, rows, valid, _ = _padded_rows(meta, seqs, q.device)
+    qb, kb, vb = (t[rows].transpose(1, 2).float() for t in (q, k, v))
+    o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
+    out[rows[valid]] = o.transpose(1, 2)[valid].to(out.dtype)
 
 
 @register_backend("cpu")
@@ -131,4 +164,4 @@ class CpuAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, kv_cache, meta, scale):
         store_kv(k, v, kv_cache, meta.slot_mapping)
-        return paged_attention_cpu(q, kv_cache, meta, scale)
+        return paged_attention_cpu(q, k, v, kv_cache, meta, scale)
