@@ -125,9 +125,10 @@ def _decode_batch(num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: 
                             head_dim=head_dim, block_size=16, seed=seed)
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(16, 1, 128), (4, 2, 256), (34, 2, 64), (4, 2, 512)])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(16, 1, 128), (4, 2, 256), (6, 2, 24), (34, 2, 64), (4, 2, 512)])
 def test_native_decode_at_its_limits_and_past_them(num_q_heads, num_kv_heads, head_dim):
-    """Query groups up to 16 heads and head_dim up to 256 take the kernel; past either, the batch
+    """Query groups up to 16 heads and head_dim up to 256 take the kernel (head_dim a multiple of
+    16 through its vector pass, others through its scalar loop); past either limit, the batch
     falls back to the tensor ops (same results)."""
     kernel = cpu_native.decode_kernel()
     if kernel is None:

@@ -20,6 +20,69 @@
 #define MAX_GROUP 16
 #define MAX_DIM 256
 
+/* 16-float vectors (GCC/Clang vector extensions: AVX-512 registers where the CPU has them, two
+ * AVX2 registers otherwise). v16u is the unaligned view used to load rows of the cache. */
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* One level of the 16 x 16 transpose-reduce: a and b hold per-token partial sums in segments of
+ * 2w lanes; the result holds each segment's two halves added, a's and b's segments interleaved
+ * (w lanes each). Four levels (w = 8, 4, 2, 1) turn 16 vectors of partials into one vector of
+ * 16 sums, whose lane i holds the vector that went in at position bitrev4(i). */
+#define REDUCE(a, b, lo, hi) (__builtin_shuffle((a), (b), (v16i)lo) + __builtin_shuffle((a), (b), (v16i)hi))
+#define L8 {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}
+#define H8 {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}
+#define L4 {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}
+#define H4 {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}
+#define L2 {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}
+#define H2 {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}
+#define L1 {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}
+#define H1 {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}
+static const int BITREV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+static inline v16 sum_each(const v16 *p) {
+    v16 r1[8], r2[4], r3[2];
+    for (int i = 0; i < 8; i++) r1[i] = REDUCE(p[2 * i], p[2 * i + 1], L8, H8);
+    for (int i = 0; i < 4; i++) r2[i] = REDUCE(r1[2 * i], r1[2 * i + 1], L4, H4);
+    for (int i = 0; i < 2; i++) r3[i] = REDUCE(r2[2 * i], r2[2 * i + 1], L2, H2);
+    return REDUCE(r3[0], r3[1], L1, H1);
+}
+
+/* Pass 1 when dim is a multiple of 16: scores[g][s] = scale * q_g . k_s, 16 tokens at a time,
+ * each token's dot products kept as vectors of partial sums and reduced together. */
+static void scores_v16(const float *qh, const float *k_cache, const int32_t *blocks, int64_t len, int64_t group,
+                       int64_t dim, int64_t block_size, int64_t block_stride, int64_t token_stride, int64_t head,
+                       float scale, float *scores) {
+    const int64_t chunks = dim / 16;
+    v16 qv[MAX_GROUP][MAX_DIM / 16];
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t c = 0; c < chunks; c++) qv[g][c] = *(const v16u *)(qh + g * dim + 16 * c) * scale;
+    v16 part[MAX_GROUP][16];
+    for (int64_t s0 = 0; s0 < len; s0 += 16) {
+        const int64_t n = len - s0 < 16 ? len - s0 : 16;
+        for (int64_t t = 0; t < 16; t++) {
+            const int slot = BITREV4[t];
+            if (t >= n) {
+                for (int64_t g = 0; g < group; g++) part[g][slot] = (v16){0};
+                continue;
+            }
+            const int64_t s = s0 + t;
+            const float *k = k_cache + (int64_t)blocks[s / block_size] * block_stride +
+                             (s % block_size) * token_stride + head * dim;
+            for (int64_t g = 0; g < group; g++) {
+                v16 acc = qv[g][0] * *(const v16u *)k;
+                for (int64_t c = 1; c < chunks; c++) acc += qv[g][c] * *(const v16u *)(k + 16 * c);
+                part[g][slot] = acc;
+            }
+        }
+        for (int64_t g = 0; g < group; g++) {
+            const v16 sums = sum_each(part[g]);
+            memcpy(scores + g * len + s0, &sums, sizeof(float) * (size_t)n);
+        }
+    }
+}
+
 int tidal_paged_decode_limits(int64_t *max_group, int64_t *max_dim) {
     *max_group = MAX_GROUP;
     *max_dim = MAX_DIM;
@@ -47,7 +110,11 @@ int tidal_paged_decode_f32(const float *q, const float *k_cache, const float *v_
         for (int64_t h = 0; h < num_kv_heads; h++) {
             const float *qh = q + (b * num_q_heads + h * group) * dim; /* [group, dim] */
             /* pass 1: scores[g][s] = scale * q_g . k_s */
-            for (int64_t s0 = 0; s0 < len; s0 += block_size) {
+            if (dim % 16 == 0) {
+                scores_v16(qh, k_cache, blocks, len, group, dim, block_size, block_stride, token_stride, h, scale,
+                           scores);
+            } else {
+                for (int64_t s0 = 0; s0 < len; s0 += block_size) {
                 const float *kb = k_cache + (int64_t)blocks[s0 / block_size] * block_stride + h * dim;
                 const int64_t n = len - s0 < block_size ? len - s0 : block_size;
                 for (int64_t t = 0; t < n; t++) {
@@ -60,6 +127,7 @@ int tidal_paged_decode_f32(const float *q, const float *k_cache, const float *v_
                         scores[g * len + s0 + t] = dot * scale;
                     }
                 }
+            }
             }
             /* softmax over each query head's row of scores */
             for (int64_t g = 0; g < group; g++) {
