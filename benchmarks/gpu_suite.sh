@@ -23,7 +23,7 @@ stage gpu_tests ${GPU_TESTS_S:-450} python3 -m pytest -q -rfE -p no:cacheprovide
     tests/engine/test_engine_gpu.py tests/runner/test_cuda_graph.py tests/runner/test_recompiles_gpu.py \
     tests/models/test_models_gpu.py tests/models/test_fused.py tests/engine/test_scoring_gpu.py \
     tests/runner/test_numerics_invariance_gpu.py tests/kernels tests/attention/test_attention_invariant_cuda.py \
-    tests/runner/test_sampler_invariant.py -m "gpu or not gpu"
+    tests/runner/test_sampler_invariant.py tests/cluster/test_controller_gpu.py -m "gpu or not gpu"
 stage weight_sync 130 python3 benchmarks/weight_sync.py --device cuda --backend ipc --shapes qwen3-0.6b qwen2.5-7b \
     --out "$OUT/weight_sync_cuda.json"
 stage control 70 python3 benchmarks/control.py --device cuda --shapes qwen3-0.6b --out "$OUT/control_cuda.json"
