@@ -536,7 +536,12 @@ def verify_sleep(
 ) -> dict[str, Any]:
     """Is a sleep's release shown by more than the engine's word?
 
-    1. the engine's bytes_freed per tag equal what /v1/state held before, and /v1/state holds 0 after;
+    1. the engine's bytes_freed per tag cover what /v1/state held before, and /v1/state holds 0
+       after. On CPU bytes_freed are the tensors' bytes, equal to what was held; on CUDA they are
+       measured from the allocator (segments rounded to its block sizes, small tensors sharing a
+       segment with others), so "cover" is: at least min_release_fraction of it, less the slack;
+       a release that leaves the allocator holding the memory fails here (first run on an H200,
+       a tiny model: 4 MiB of KV measured freed, 0 of 0.4 MiB of weights);
     2. the process or device counters dropped by what was released: on GPU the device's used memory
        (NVML) by the bytes freed (on CUDA the engine measures bytes_freed from its allocator's
        reserved memory after empty_cache); on CPU the engine process's RSS by the KV cache bytes
@@ -544,7 +549,11 @@ def verify_sleep(
        only the KV cache leaves the process).
     """
     total = sum(int(v) for v in freed.values())
-    accounted = all(int(freed.get(t, -1)) == int(before[t]) for t in ("kv_cache", "weights"))
+    accounted = all(
+        int(freed.get(t, -1)) >= 0
+        and int(freed.get(t, -1)) >= config.min_release_fraction * int(before[t]) - config.release_slack_bytes
+        for t in ("kv_cache", "weights")
+    )
     emptied = all(int(after[t]) == 0 for t in ("kv_cache", "weights"))
     if device_drop is not None:
         expected, measured, counter = total, device_drop, "device_used"

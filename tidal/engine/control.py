@@ -260,6 +260,9 @@ class ControlPlane:
                 result.retracted = _summary(self.core.scheduler.retract_all())
                 kv = runner.kv_cache
                 nbytes = 0 if kv is None else kv.numel() * kv.element_size()
+                # The last reference here, or the measurement below finds the cache still alive
+                # (on CUDA it then reported 0 bytes freed: first run of the GPU handoff test).
+                del kv
                 runner.free_kv_cache()
                 self.core.block_manager.reset()
                 self.sleeping[tag] = nbytes
