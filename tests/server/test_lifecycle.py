@@ -237,3 +237,28 @@ def test_serve_rejects_non_positive_limits(server_model):
     r = subprocess.run([sys.executable, "-m", "tidal.cli", "serve", server_model, "--port", str(free_port()),
                         "--shutdown-grace-s", "-1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--shutdown-grace-s=-1" in r.stderr, r.stderr
+
+
+def test_a_starting_servers_ipc_directory_survives_other_servers_cleaning(tmp_path, monkeypatch):
+    """Many replicas start at once: each one's clean_stale must never take another's directory
+    while it is being created (an empty owner file read as "owner gone" once did)."""
+    import threading
+
+    from tidal.server import ipc_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stop = threading.Event()
+    removed: list[str] = []
+
+    def cleaner() -> None:
+        while not stop.is_set():
+            removed.extend(ipc_dir.clean_stale(str(tmp_path)))
+
+    t = threading.Thread(target=cleaner)
+    t.start()
+    try:
+        made = [ipc_dir.create() for _ in range(300)]
+    finally:
+        stop.set()
+        t.join(10)
+    assert removed == [] and all(os.path.isfile(os.path.join(d, "owner")) for d in made)

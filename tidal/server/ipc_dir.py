@@ -23,8 +23,13 @@ _NAME = re.compile(rf"^{PREFIX}(\d+)-[A-Za-z0-9_]+$")
 def create() -> str:
     """A fresh directory owned by this process."""
     path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
-    with open(os.path.join(path, "owner"), "w") as f:
+    # Written under another name and renamed: another server's clean_stale must never read an
+    # empty, just-opened owner file (it did, as "owner gone", and removed a starting replica's
+    # directory from under it when several replicas started at once).
+    tmp = os.path.join(path, "owner.tmp")
+    with open(tmp, "w") as f:
         f.write(_owner_id(os.getpid()) or str(os.getpid()))
+    os.replace(tmp, os.path.join(path, "owner"))
     return path
 
 
