@@ -4,8 +4,9 @@ The core thread owns this object's state. Reading tensors (a checkpoint director
 broadcasts, a shared-memory segment) is slow, so it runs on one worker thread owned by this
 module; the worker touches no engine state and hands its result back as an inbox message
 (`weights_done`), which the core thread applies between two steps. So a commit is one message:
-copy the staged tensors into the live parameters (same storage, so captured CUDA graphs stay
-valid), bump the version, invalidate the prefix cache, and send running requests back to
+on the CPU point the parameters at the buffers the worker cast the tensors into (weight_swap.py),
+on CUDA copy them into the live parameters (same storage, so captured CUDA graphs stay valid),
+bump the version, invalidate the prefix cache, and send running requests back to
 recompute their KV under the new weights (their tokens are kept). Requests running across it
 record a new weight span, since every token carries the version live when it was resolved.
 
