@@ -48,7 +48,9 @@ class SwapStage:
 
     def __init__(self, model: nn.Module, spare: dict[nn.Parameter, torch.Tensor]) -> None:
         self.model, self.spare = model, spare
-        self.ok = swappable(model)
+        # a registered model class without weight_slot keeps the copy commit
+        self.slot_of = getattr(model, "weight_slot", None)
+        self.ok = swappable(model) if self.slot_of is not None else set()
         self.buffers: dict[nn.Parameter, torch.Tensor] = {}
         self.rows: dict[nn.Parameter, list[tuple[int, int]]] = {}  # rows written, per parameter
         self.names: set[str] = set()
@@ -57,7 +59,9 @@ class SwapStage:
     def put(self, name: str, tensor: torch.Tensor) -> bool:
         """Cast `tensor` into its rows of the buffer; False if its parameter must be copied at
         the commit instead (see `swappable`). Call model.check_weight first."""
-        slot = self.model.weight_slot(name)  # type: ignore[operator]
+        if self.slot_of is None:
+            return False
+        slot = self.slot_of(name)
         if slot is None:  # a buffer the model ignores
             return True
         param, start, rows = slot
