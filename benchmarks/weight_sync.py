@@ -17,7 +17,11 @@ with no pause, and the longest gap between two of its tokens during a push is co
 median gap before the pushes (one decode step), with and without the engine's commit copy, and
 the time an n-token prefill takes on the idle engine (n: the request's length at the last push),
 which is what recomputing its KV under the new weights costs. Two more pushes with nothing
-generating give the push time without decode steps competing for the cores (idle s). Prints a
+generating give the push time without decode steps competing for the cores (idle s). The raw
+broadcast is measured twice: with the engine idle (after it stopped) and while the same greedy
+request streams (raw dec s), so push-while-decoding compares with raw-while-decoding. copy s is
+what a copy commit of the same tensors into a float32 model costs (the commit before the CPU swap
+commit; CUDA still copies), measured in this process. Prints a
 table and writes weight_sync_cpu.json into benchmarks/results/local/ (--publish:
 benchmarks/results/; --out: any path).
 """
@@ -187,11 +191,14 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
                 assert res.ok, res.replicas
                 pushes.append((t_push0, t_push1, res))
                 wait_tokens(stamps, t_push1, 5)
+            # the raw broadcast under the same streaming load as the pushes
+            raw_busy_times = raw_broadcast_s(nbytes) if device == "cpu" else None
             gaps["stop"] = True
             t.join(60)
             idle = [sender.push(tensors, 2 + repeats + i) for i in range(2)]   # nothing generating
             assert all(r.ok for r in idle), [r.replicas for r in idle]
         steady = [b - a for a, b in zip(stamps, stamps[1:]) if b < pushes[0][0] and b > a]
+        copy_commit = copy_commit_s(path, tensors) if device == "cpu" else None
         step = statistics.median(steady) if steady else float("nan")
         runs = [measure_push(stamps, t0, t1, res, url, step) for t0, t1, res in pushes]
         prefill = prefill_s(url, runs[-1]["tokens_before"] + 4)
@@ -212,12 +219,33 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
             "push_s": push, "push_min_s": min(r["push_s"] for r in runs), "push_max_s": max(r["push_s"] for r in runs),
             "phases": mid["phases"], "raw_broadcast_s": raw, "raw_broadcast_cold_s": raw_cold,
             "ratio": push / raw, "push_idle_s": idle_best.phases["total"],
+            "raw_broadcast_decoding_s": None if raw_busy_times is None else statistics.median(raw_busy_times[1:]),
+            "ratio_decoding": None if raw_busy_times is None else push / statistics.median(raw_busy_times[1:]),
+            "copy_commit_s": copy_commit,
             "ratio_idle": idle_best.phases["total"] / raw, "idle_phases": idle_best.phases,
             "decode_step_s": step,
             "stall_s": max(r["stall_s"] for r in runs), "stall_steps": max(r["stall_steps"] or 0 for r in runs),
             "engine_commit_s": mid["engine_commit_s"],
             "stall_excess_steps": max(r["stall_excess_steps"] or 0 for r in runs),
             "recompute_prefill_s": prefill, "runs": runs}
+
+
+def copy_commit_s(path: str, tensors: dict[str, torch.Tensor]) -> float:
+    """What the copy commit costs (the commit before the swap one, still used on CUDA): the same
+    tensors copied and cast into a float32 model of the same shape, in this process, median of
+    2 after a first copy that touches the parameters' pages."""
+    from tidal.models.config import read_hf_config
+    from tidal.models.registry import get_model_class
+    cfg, gen = read_hf_config(path)
+    cls = get_model_class(cfg)
+    model = cls(cls.arch_from_config(cfg, gen), torch.float32)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        model.load_weights(tensors.items())
+        times.append(time.perf_counter() - t0)
+    del model
+    return statistics.median(times[1:])
 
 
 def prefill_s(url: str, n: int) -> float:
@@ -266,7 +294,7 @@ def main() -> None:
                               args.device, args.repeats))
     print(f"{'shape':14} {'MB':>8} {'push s':>8} {'min-max':>13} {'pack':>7} {'wire':>7} {'stage':>7} "
           f"{'commit':>7} {'raw s':>8} {'ratio':>6} {'idle s':>7} {'ratio':>6} {'step ms':>8} {'stall ms':>9} "
-          f"{'stall/step':>10} {'(-commit)':>9} {'recompute s':>11}")
+          f"{'stall/step':>10} {'(-commit)':>9} {'recompute s':>11} {'raw dec s':>9} {'ratio':>6} {'copy s':>7}")
     for r in rows:
         p = r["phases"]
         print(f"{r['shape']:14} {r['bytes'] / 2**20:8.1f} {r['push_s']:8.3f} "
@@ -274,7 +302,8 @@ def main() -> None:
               f"{p['stage']:7.3f} {p['commit']:7.3f} {r['raw_broadcast_s']:8.3f} {r['ratio']:6.2f} "
               f"{r['push_idle_s']:7.3f} {r['ratio_idle']:6.2f} "
               f"{r['decode_step_s'] * 1e3:8.2f} {r['stall_s'] * 1e3:9.1f} {r['stall_steps'] or 0:10.1f} "
-              f"{r['stall_excess_steps'] or 0:9.1f} {r['recompute_prefill_s']:11.3f}")
+              f"{r['stall_excess_steps'] or 0:9.1f} {r['recompute_prefill_s']:11.3f} "
+              f"{r['raw_broadcast_decoding_s'] or 0:9.3f} {r['ratio_decoding'] or 0:6.2f} {r['copy_commit_s'] or 0:7.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))

@@ -19,7 +19,7 @@ import os
 import stat
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -223,24 +223,45 @@ def _broadcast(group: TransferGroup, t: torch.Tensor, deadline: float) -> None:
     _wait(group, _post(group, t, deadline), deadline)
 
 
-def _receive_all(group: TransferGroup, tensors: list[torch.Tensor], deadline: float) -> None:
-    """Receive each tensor in order, keeping up to _WINDOW receives posted ahead."""
+Sink = Callable[[str, torch.Tensor], None]  # takes each received tensor while later ones are on the wire
+
+
+def _receive_all(
+    group: TransferGroup,
+    tensors: list[torch.Tensor],
+    deadline: float,
+    ready: Callable[[int], None] | None = None,
+) -> None:
+    """Receive each tensor in order, keeping up to _WINDOW receives posted ahead; ready(i) runs
+    once tensor i has arrived, in order."""
     pending: deque = deque()
+    done = 0
+
+    def wait_one() -> None:
+        nonlocal done
+        _wait(group, pending.popleft(), deadline)
+        if ready is not None:
+            ready(done)
+        done += 1
+
     for t in tensors:
         if len(pending) == _WINDOW:
-            _wait(group, pending.popleft(), deadline)
+            wait_one()
         pending.append(_post(group, t, deadline))
     while pending:
-        _wait(group, pending.popleft(), deadline)
+        wait_one()
 
 
 class StagingArena:
     """One flat host buffer that staged transfers are received into, kept between updates: on
     the CPU a fresh allocation is first touched page by page, which costs about as much as the
-    transfer itself. (On a GPU the caching allocator already reuses memory: no arena there.)"""
+    transfer itself. (On a GPU the caching allocator already reuses memory: no arena there.)
+    `spare`: the parameter storage the last swap commits replaced (weight_swap.py), which the
+    next update casts into."""
 
     def __init__(self) -> None:
         self.buf: torch.Tensor | None = None
+        self.spare: dict[torch.nn.Parameter, torch.Tensor] = {}
 
     def views(self, sizes: list[int], device: torch.device) -> list[torch.Tensor]:
         if device.type != "cpu":
@@ -256,6 +277,7 @@ class StagingArena:
 
     def release(self) -> None:
         self.buf = None
+        self.spare.clear()
 
 
 def _wire_device(group: TransferGroup, device: torch.device) -> torch.device:
@@ -293,11 +315,13 @@ def receive_per_tensor(
     device: torch.device,
     deadline: float,
     arena: StagingArena | None = None,
+    sink: Sink | None = None,
 ) -> dict[str, torch.Tensor]:
     arena = arena or StagingArena()
     raw = arena.views([s.nbytes for s in specs], _wire_device(group, device))
     tensors = [r.view(s.dtype).view(s.shape) for r, s in zip(raw, specs)]
-    _receive_guarded(group, tensors, deadline, arena)
+    ready = None if sink is None else (lambda i: sink(specs[i].name, tensors[i].to(device)))
+    _receive_guarded(group, tensors, deadline, arena, ready)
     return {s.name: t.to(device) for s, t in zip(specs, tensors)}
 
 
@@ -307,22 +331,36 @@ def receive_buckets(
     device: torch.device,
     deadline: float,
     arena: StagingArena | None = None,
+    sink: Sink | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every bucket received straight into the staging arena; its tensors are views into it."""
+    """Every bucket received straight into the staging arena; its tensors are views into it.
+    `sink` gets each bucket's tensors as soon as that bucket has arrived."""
     arena = arena or StagingArena()
     bufs = arena.views([b.nbytes for b in buckets], _wire_device(group, device))
-    _receive_guarded(group, bufs, deadline, arena)
-    out = {}
-    for b, buf in zip(buckets, bufs):
-        buf = buf.to(device)
-        for s in b.tensors:
-            out[s.name] = buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
-    return out
+
+    def tensors_of(i: int) -> Iterator[tuple[str, torch.Tensor]]:
+        buf = bufs[i].to(device)
+        for s in buckets[i].tensors:
+            yield s.name, buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
+
+    def ready(i: int) -> None:
+        if sink is not None:
+            for name, t in tensors_of(i):
+                sink(name, t)
+
+    _receive_guarded(group, bufs, deadline, arena, ready)
+    return {n: t for i in range(len(buckets)) for n, t in tensors_of(i)}
 
 
-def _receive_guarded(group: TransferGroup, tensors: list[torch.Tensor], deadline: float, arena: StagingArena) -> None:
+def _receive_guarded(
+    group: TransferGroup,
+    tensors: list[torch.Tensor],
+    deadline: float,
+    arena: StagingArena,
+    ready: Callable[[int], None] | None = None,
+) -> None:
     try:
-        _receive_all(group, tensors, deadline)
+        _receive_all(group, tensors, deadline, ready)
     except BaseException:
         arena.release()  # a receive still posted may write into it: the next update gets a fresh one
         raise

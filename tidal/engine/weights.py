@@ -4,8 +4,9 @@ The core thread owns this object's state. Reading tensors (a checkpoint director
 broadcasts, a shared-memory segment) is slow, so it runs on one worker thread owned by this
 module; the worker touches no engine state and hands its result back as an inbox message
 (`weights_done`), which the core thread applies between two steps. So a commit is one message:
-copy the staged tensors into the live parameters (same storage, so captured CUDA graphs stay
-valid), bump the version, invalidate the prefix cache, and send running requests back to
+on the CPU point the parameters at the buffers the worker cast the tensors into (weight_swap.py),
+on CUDA copy them into the live parameters (same storage, so captured CUDA graphs stay valid),
+bump the version, invalidate the prefix cache, and send running requests back to
 recompute their KV under the new weights (their tokens are kept). Requests running across it
 record a new weight span, since every token carries the version live when it was resolved.
 
@@ -33,6 +34,7 @@ import torch
 from tidal.engine import weight_transfer as wt
 from tidal.engine.control_ops import WeightsDone
 from tidal.engine.messages import ControlCall, EngineError, EngineInvalidInput, EngineState
+from tidal.engine.weight_swap import SwapStage
 
 if TYPE_CHECKING:
     from tidal.engine.core import EngineCore
@@ -61,6 +63,10 @@ class _Staged:
     stage_s: float
     fingerprint: Any = None  # loader.checkpoint_fingerprint of a path source, kept at commit
     in_place: _InPlace | None = None  # staging="in_place": already written, `tensors` is empty
+    swap: SwapStage | None = None  # CPU: cast into parameter-shaped buffers; `tensors` is the rest
+
+
+_Received = tuple[dict[str, torch.Tensor], SwapStage | None]  # what the commit copies, what it swaps
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -74,11 +80,15 @@ def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def _count(held: _Staged) -> int:
-    return len(held.tensors) if held.in_place is None else len(held.in_place.names)
+    if held.in_place is not None:
+        return len(held.in_place.names)
+    return len(held.tensors) + (0 if held.swap is None else len(held.swap.names))
 
 
 def _held_bytes(held: _Staged) -> int:
-    return _nbytes(held.tensors) if held.in_place is None else held.in_place.bytes
+    if held.in_place is not None:
+        return held.in_place.bytes
+    return _nbytes(held.tensors) + (0 if held.swap is None else held.swap.bytes)
 
 
 class _InPlace:
@@ -356,16 +366,18 @@ class WeightManager:
             self._write_in_place(reply, items, checksums, field, version, path, commit, complete)
             return None
 
-        def work() -> tuple[dict[str, torch.Tensor], Any]:
+        def work() -> tuple[_Received, Any]:
             from tidal.models.loader import checkpoint_fingerprint
 
             stamp = checkpoint_fingerprint(path, root) if path is not None else None
             staged = stage(model, path, named_tensors, checksums, deadline, root=root)
-            return ({n: t.to(device) for n, t in staged.items()} if device.type == "cuda" else staged), stamp
+            if device.type == "cuda":
+                return ({n: t.to(device) for n, t in staged.items()}, None), stamp
+            return self._swap_staged(lambda sink: staged, None), stamp
 
-        def done(result: tuple[dict[str, torch.Tensor], Any], job: _Job) -> dict:
-            staged, stamp = result
-            return self._staged(staged, version, path, commit, job, fingerprint=stamp)
+        def done(result: tuple[_Received, Any], job: _Job) -> dict:
+            (staged, swap), stamp = result
+            return self._staged(staged, version, path, commit, job, fingerprint=stamp, swap=swap)
 
         self._start("update_weights", reply, work, done)
         return None
@@ -435,27 +447,58 @@ class WeightManager:
                 items = lambda: wt.iter_ipc(ipc_handles, specs, device)  # noqa: E731
             self._write_in_place(reply, items, checksums, None, version, None, commit, lambda w: None, torn)
             return None
+        recv: Callable[[wt.Sink | None], dict[str, torch.Tensor]]
         if source == "distributed":
             recv = (
-                (lambda: wt.receive_buckets(group, parsed, device, deadline, self.arena))
+                (lambda sink: wt.receive_buckets(group, parsed, device, deadline, self.arena, sink))
                 if parsed
-                else (lambda: wt.receive_per_tensor(group, specs, device, deadline, self.arena))
+                else (lambda sink: wt.receive_per_tensor(group, specs, device, deadline, self.arena, sink))
             )
         elif source == "shm":
             path = wt.check_shm_path(shm_path)
-            recv = lambda: wt.receive_shm(path, specs, device)  # noqa: E731
+            recv = lambda sink: wt.receive_shm(path, specs, device)  # noqa: E731
         else:
-            recv = lambda: wt.receive_ipc(ipc_handles, specs, device)  # noqa: E731
+            recv = lambda sink: wt.receive_ipc(ipc_handles, specs, device)  # noqa: E731
 
-        def work() -> dict[str, torch.Tensor]:
-            staged = recv()
-            _verify(staged, checksums)
-            return staged
+        def work() -> _Received:
+            if device.type == "cuda":
+                staged = recv(None)
+                _verify(staged, checksums)
+                return staged, None
+            return self._swap_staged(recv, checksums)
 
-        self._start(
-            "update_weights", reply, work, lambda staged, job: self._staged(staged, version, None, commit, job), torn
-        )
+        def done(result: _Received, job: _Job) -> dict:
+            return self._staged(result[0], version, None, commit, job, swap=result[1])
+
+        self._start("update_weights", reply, work, done, torn)
         return None
+
+    def _swap_staged(
+        self, recv: Callable[[wt.Sink | None], dict[str, torch.Tensor]], checksums: dict[str, str] | None
+    ) -> _Received:
+        """Worker, CPU: receive (or read) the tensors and cast each, as it arrives, into a buffer
+        shaped like its parameter (weight_swap.py). Returns what the commit must still copy (the
+        parameters a swap would be wrong for) and the SwapStage."""
+        swap = SwapStage(self.core.runner.model, self.arena.spare)
+        rest: dict[str, torch.Tensor] = {}
+        seen: set[str] = set()
+
+        def sink(name: str, t: torch.Tensor) -> None:
+            seen.add(name)
+            if not swap.put(name, t):
+                rest[name] = t
+
+        try:
+            staged = recv(sink)
+            _verify(staged, checksums)
+            for name, t in staged.items():  # from a source that takes no sink
+                if name not in seen:
+                    sink(name, t)
+            swap.finish()
+        except BaseException:
+            swap.give_back()
+            raise
+        return rest, swap
 
     def _write_in_place(
         self,
@@ -514,12 +557,13 @@ class WeightManager:
         job: _Job,
         fingerprint: Any = None,
         in_place: _InPlace | None = None,
+        swap: SwapStage | None = None,
     ) -> dict:
         """Core thread: the worker staged every tensor. Commit now, or hold for commit_weights
         (an in-place update holds generation meanwhile: the live parameters are already new)."""
         stage_s = time.monotonic() - job.started
         version = self.core.weight_version + 1 if version is None else version
-        held = _Staged(version, staged, source, stage_s, fingerprint, in_place)
+        held = _Staged(version, staged, source, stage_s, fingerprint, in_place, swap)
         if not commit:
             self.staged = held
             return {
@@ -542,8 +586,11 @@ class WeightManager:
             )
         t0 = time.monotonic()
         try:
-            # copy_ into the live parameters (an in-place update has written them already)
+            # copy_ into the live parameters what was not staged for a swap (an in-place update
+            # has written them already), then point the rest at their staged buffers
             core.runner.model.load_weights(held.tensors.items())
+            if held.swap is not None:
+                held.swap.swap()
             if core.runner.device.type == "cuda":
                 torch.cuda.synchronize(core.runner.device)
         except BaseException as e:  # part of the weights may be new: never serve them mixed
@@ -583,6 +630,8 @@ class WeightManager:
 
     def abort_staged(self) -> dict:
         held, self.staged = self.staged, None
+        if held is not None and held.swap is not None:
+            held.swap.give_back()
         if held is not None and held.in_place is not None:
             self.writing = None
             try:

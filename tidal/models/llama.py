@@ -240,6 +240,14 @@ class LlamaForCausalLM(nn.Module):
         slot = self._weight_map[name]
         return slot.param if slot.size is None else slot.param.narrow(0, slot.start, slot.size)
 
+    def weight_slot(self, name: str) -> tuple[nn.Parameter, int, int] | None:
+        """(parameter, first row, rows) a checkpoint tensor fills; None for buffers the model
+        ignores. Call check_weight first. Tied names share one parameter object."""
+        if name.endswith(IGNORED_SUFFIXES):
+            return None
+        slot = self._weight_map[name]
+        return slot.param, slot.start, slot.shape[0]
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy tensors into the parameters, casting to the model dtype; each tensor is checked
