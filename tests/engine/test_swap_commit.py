@@ -115,23 +115,3 @@ def test_only_parameters_owning_their_storage_are_swapped():
     m.strided = nn.Parameter(torch.zeros(3, 4).t(), requires_grad=False)
     m.tied = m.own  # the same object under two names stays swappable
     assert swappable(m) == {m.own}
-
-
-def test_prepacked_linears_get_their_new_weights_packed_before_the_swap(tiny_ckpt, make_llm):
-    """CPU linears on oneDNN-prepacked weights (weights of >= 1M elements): the worker packs the
-    new weights, the commit installs them, so the first step after it repacks nothing; outputs are
-    the new weights' (equal to an engine loaded from them)."""
-    from tidal.models.layers import Linear
-
-    arch = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=4)
-    a, b = tiny_ckpt("llama", seed=0, **arch), tiny_ckpt("llama", seed=1, **arch)
-    want = tokens(make_llm(b))
-    llm = make_llm(a)
-    big = [m for m in llm.engine.core.runner.model.modules()
-           if isinstance(m, Linear) and m.weight.numel() >= Linear.PREPACK_MIN_WEIGHT]
-    assert big and all(m.cpu_prepack for m in big)
-    tokens(llm)  # a step: each big linear packs its weight
-    llm.update_weights(path=b, version=2)
-    for m in big:
-        assert m._packed is not None and m._packed[0] == (m.weight.data_ptr(), m.weight._version), m
-    assert tokens(llm) == want

@@ -16,10 +16,6 @@ embed_tokens) are one parameter object, so a swap keeps them tied; later names w
 The copy commit stays where a swap would be wrong: on CUDA (captured graphs hold the parameters'
 addresses), for in-place staging (already written), and for any parameter that does not own its
 storage outright (a view, or storage another parameter shares): `swappable` says which.
-
-Linears that run on a prepacked copy of their weight (CPU, oneDNN) get the new weight packed on the
-worker too, installed with the swap: otherwise the first step after the commit would repack every
-large weight on the core thread (~1 s for a 0.5B model), as long as the copy it replaced.
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ import torch
 from torch import nn
 
 from tidal.engine.messages import EngineError
-from tidal.models.layers import Linear
 
 
 def swappable(model: nn.Module) -> set[nn.Parameter]:
@@ -60,10 +55,6 @@ class SwapStage:
         self.rows: dict[nn.Parameter, list[tuple[int, int]]] = {}  # rows written, per parameter
         self.names: set[str] = set()
         self.bytes = 0
-        # CPU linears that keep a prepacked copy of their weight (models/layers.Linear): the new
-        # weight is packed here, on the worker, not by the first step after the commit.
-        self.linear_of = {m.weight: m for m in model.modules() if isinstance(m, Linear)}
-        self.packed: dict[nn.Parameter, torch.Tensor] = {}
 
     def put(self, name: str, tensor: torch.Tensor) -> bool:
         """Cast `tensor` into its rows of the buffer; False if its parameter must be copied at
@@ -98,10 +89,6 @@ class SwapStage:
                     raise EngineError("update_weights: the weights went to sleep while the update was staged")
                 for a, b in _gaps(self.rows[param], buf.shape[0]):
                     buf[a:b].copy_(live[a:b])
-                linear = self.linear_of.get(param)
-                packed = None if linear is None else linear.prepack(buf)
-                if packed is not None:
-                    self.packed[param] = packed
 
     def swap(self) -> None:
         """Point every parameter at its buffer; the storage it replaces is the next update's."""
@@ -113,15 +100,13 @@ class SwapStage:
                 # even when the ping-pong brings back an address they saw before.
                 torch.autograd.graph.increment_version(param)
                 self.spare[param] = old
-                if param in self.packed:
-                    self.linear_of[param].install_prepacked(self.packed[param])
-        self.buffers, self.packed = {}, {}
+        self.buffers = {}
 
     def give_back(self) -> None:
         """The update was dropped: its buffers are the next one's arena."""
         for param, buf in self.buffers.items():
             self.spare.setdefault(param, buf)
-        self.buffers, self.packed = {}, {}
+        self.buffers = {}
 
 
 def _gaps(covered: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:

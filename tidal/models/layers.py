@@ -92,19 +92,6 @@ class Linear(nn.Module):
             return matmul(x, w, b)
         return invariant_linear(x, w, b, self.ROW_TILE)
 
-    def prepack(self, w: torch.Tensor) -> torch.Tensor | None:
-        """The prepacked copy `_project` would build for weight `w`, or None if it would not use
-        one. Lets a weight update pack new weights off the core thread (engine/weight_swap.py)."""
-        if not self.cpu_prepack or self.batch_invariant or w.dtype != torch.float32:
-            return None
-        if w.numel() < self.PREPACK_MIN_WEIGHT:
-            return None
-        return torch.ops.mkldnn._reorder_linear_weight(w, None)
-
-    def install_prepacked(self, packed: torch.Tensor) -> None:
-        """Use `packed` (from `prepack` of the weight now installed) for the current weight."""
-        self._packed = ((self.weight.data_ptr(), self.weight._version), packed)
-
     def _prepacked(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         # Keyed like the fp32 copy: W's storage and version counter (in-place updates bump it).
         key = (w.data_ptr(), w._version)
