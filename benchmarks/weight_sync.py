@@ -69,9 +69,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(path: str, port: int, device: str = "cpu") -> subprocess.Popen:
+SERVE_ARGS: list[str] = []  # --serve-arg
+
+
+def start_server(path: str, port: int, device: str = "cpu", extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tidal.cli", "serve", path, "--port", str(port), "--load-format", "dummy",
-           "--max-num-seqs", "8", "--log-level", "warning"]
+           "--max-num-seqs", "8", "--log-level", "warning", *extra]
     cmd += ["--kv-cache-memory-gb", "0.5"] if device == "cpu" else ["--gpu-memory-utilization", "0.4"]
     log = tempfile.NamedTemporaryFile("w+", prefix="tidal-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -168,7 +171,7 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
     cfg = SHAPES[shape]
     path = write_config(shape, cfg, root)
     port = free_port()
-    server = start_server(path, port, device)
+    server = start_server(path, port, device, tuple(SERVE_ARGS))
     url = f"http://127.0.0.1:{port}"
     try:
         tensors = {n: t.to(device) for n, t in state_dict(path, dtype, 1).items()}
@@ -284,8 +287,11 @@ def main() -> None:
                     help="the trainer's tensor dtype (the CPU engine serves float32 and casts at commit)")
     ap.add_argument("--repeats", type=int, default=3, help="measured pushes per shape (after one warm-up push)")
     ap.add_argument("--out", default=None, help="default: weight_sync_cpu.json in the results dir")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="extra `tidal serve` argument (repeatable), e.g. --serve-arg=--no-cpu-prepack-weights")
     add_publish_flag(ap)
     args = ap.parse_args()
+    SERVE_ARGS.extend(args.serve_arg)
     args.out = args.out or str(results_dir(args.publish) / "weight_sync_cpu.json")
     rows = []
     with tempfile.TemporaryDirectory() as d:

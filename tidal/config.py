@@ -60,7 +60,7 @@ class EngineConfig:
     cpu_prepack_weights: bool = _opt(
         True,
         "CPU, float32: the linear layers run through oneDNN on weights reordered once into its blocked "
-        "layout (a second copy of the weights in memory, rebuilt after a weight update)",
+        "layout (a second copy of the weights in memory; off from the first weight update on)",
     )
     reject_while_paused: bool = _opt(
         False, "answer new requests with 503 while the engine is paused (default: queue them)", group="server"

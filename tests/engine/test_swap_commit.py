@@ -115,3 +115,20 @@ def test_only_parameters_owning_their_storage_are_swapped():
     m.strided = nn.Parameter(torch.zeros(3, 4).t(), requires_grad=False)
     m.tied = m.own  # the same object under two names stays swappable
     assert swappable(m) == {m.own}
+
+
+def test_a_weight_update_turns_cpu_prepacking_off(tiny_ckpt, make_llm):
+    """Repacking large weights after every RL step costs more than it saves: from the first update
+    on, the linears run F.linear (and hold no packed copy); outputs are the new weights'."""
+    from tidal.models.layers import Linear
+
+    arch = dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=4)
+    a, b = tiny_ckpt("llama", seed=0, **arch), tiny_ckpt("llama", seed=1, **arch)
+    want = tokens(make_llm(b))
+    llm = make_llm(a)
+    linears = [m for m in llm.engine.core.runner.model.modules() if isinstance(m, Linear)]
+    tokens(llm)
+    assert any(m._packed is not None for m in linears)  # fixed weights: packed products
+    llm.update_weights(path=b, version=2)
+    assert tokens(llm) == want
+    assert all(not m.cpu_prepack and m._packed is None for m in linears)

@@ -599,6 +599,7 @@ class WeightManager:
         core.weight_version = held.version
         core.weight_source = held.source
         core.weight_fingerprint = held.fingerprint
+        core.runner.weights_updated()
         # Running requests' KV came from the old weights: they recompute it (keeping their
         # tokens), so what they generate from here on is exactly the new weights' continuation.
         recomputed = core.scheduler.retract_all()
