@@ -180,6 +180,11 @@ def simulation(quick: bool) -> tuple[list[dict], list]:
                    "step_time_ratio": {p: round(r, 3) for p, r in c["step_time_ratio"].items()},
                    "max_step_time_ratio": round(max(c["step_time_ratio"].values()), 3),
                    "fairness_jain": round(c["fairness"], 4), "sim_wall_s": round(wall, 2)}
+            # where the shared pool's GPU time goes that the fluid bound counts as useful
+            row["loss"] = {"partial_occupancy": round(sh.busy - sh.utilization, 4),
+                           "load_offload": round(sh._gpu_s(lambda s: float(s.phase in ("load", "offload"))), 4),
+                           "idle": round(1 - sh.allocated + sh._gpu_s(
+                               lambda s: float(s.phase == "gen" and s.occupancy == 0)), 4)}
             row["meets_target"] = row["of_bound"] >= 0.95
             rows.append(row)
             print(f"{kind:>14} {policy:>32} | useful util {st.utilization:.3f} -> {sh.utilization:.3f} "
