@@ -140,6 +140,20 @@ def test_native_decode_at_its_limits_and_past_them(num_q_heads, num_kv_heads, he
     torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+def test_native_decode_specialised_shapes_match_reference(head_dim, group):
+    """The kernel's copies with compile-time sizes (head_dim 64 / 128 x GQA groups 1, 2, 4, 8; 3 takes
+    the run-time one), over contexts from 0 to past several 16-token chunks, partial last chunks
+    included."""
+    rng = random.Random(head_dim + group)
+    ctx = [0, 1, 15, 16, 17, 31, 33, 100] + [rng.randint(0, 300) for _ in range(4)]
+    b = make_paged_batch(ctx, [1] * len(ctx), num_q_heads=2 * group, num_kv_heads=2, head_dim=head_dim,
+                         block_size=16, seed=group)
+    out, ref = _both(b, scale=head_dim ** -0.5)
+    torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
+
+
 def test_native_decode_rows_do_not_depend_on_the_batch_or_the_thread_split():
     """Each row is computed on its own, in a fixed order: the same row alone, inside a larger
     batch, and with the rows split across threads gives identical bits."""
