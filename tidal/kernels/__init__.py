@@ -10,8 +10,9 @@
 Each also runs on the CPU in Triton's interpreter (TRITON_INTERPRET=1), where the tests check it
 against torch.
 
-C, for the CPU: cpu_native builds paged_decode_cpu.c (decode attention reading the block table in
-place) with the machine's compiler and loads it with ctypes; the CPU attention backend uses it.
+C, for the CPU: cpu_native builds cpu_kernels.c (decode attention reading the block table in
+place, and the row kernels a layer's small ops run on) with the machine's compiler and loads it
+with ctypes; the CPU attention backend and the layers' fused path use it.
 """
 
 from __future__ import annotations

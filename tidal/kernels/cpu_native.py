@@ -1,12 +1,18 @@
-"""The CPU decode-attention kernel (paged_decode_cpu.c): built on first use with the machine's C
-compiler, loaded with ctypes, called on torch tensors' memory.
+"""The CPU kernels (cpu_kernels.c): built on first use with the machine's C compiler, loaded with
+ctypes, called on torch tensors' memory.
 
-Why C and not torch ops: decode on the CPU spends most of its attention time copying every
-sequence's context out of the paged cache for each layer (the gather that tidal.attention.cpu
-does before SDPA). The kernel reads the blocks in place through the block table instead. It is
-plain C with no torch headers, so it builds in well under a second with `cc -O3 -march=native`
-and needs nothing the machine does not already have; where no compiler works, `decode_kernel()`
-is None and the CPU backend keeps its tensor-op path (said once in the log).
+- `decode_kernel()`: decode attention. Why C and not torch ops: decode on the CPU spent most of
+  its attention time copying every sequence's context out of the paged cache for each layer (the
+  gather that tidal.attention.cpu does before SDPA). The kernel reads the blocks in place
+  through the block table instead.
+- `row_kernels()`: a decoder layer's small ops (residual add + RMSNorm, q/k norm + RoPE, SiLU *
+  up), the CPU's counterpart of the Triton kernels of tidal.kernels.fused. In torch ops they are
+  ~20 calls per layer, each with its own dispatch and its own pass over memory: at decode batch
+  sizes that overhead, not the arithmetic, was what they cost (7-12% of a small model's step).
+
+The source is plain C with no torch headers, so it builds in about a second with `cc -O3
+-march=native` and needs nothing the machine does not already have; where no compiler works,
+both are None and the torch ops run (said once in the log).
 
 The library is cached under $TIDAL_CACHE_DIR (default ~/.cache/tidal) by a hash of the source,
 the flags, the compiler and the CPU's feature flags, written to a temporary name and renamed, so
@@ -17,6 +23,7 @@ GIL for the call, so several threads can run row ranges of one batch at once.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -32,14 +39,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 # -fopenmp-simd: the kernel's `omp simd` loops vectorize (no OpenMP runtime is linked).
 FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fopenmp-simd")
 FLAGS += ("-ffp-contract=fast", "-fno-math-errno")
 BUILD_TIMEOUT_S = 120.0
 
 _lock = threading.Lock()
-_kernel: DecodeKernel | None = None
+_library: ctypes.CDLL | None = None
 _tried = False
 
 
@@ -60,7 +67,7 @@ def _cache_dir() -> Path:
 def _build(compiler: str) -> Path:
     src = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), compiler.encode(), _cpu_flags().encode()]))
-    out = _cache_dir() / f"paged_decode_cpu-{platform.machine()}-{key.hexdigest()[:16]}.so"
+    out = _cache_dir() / f"cpu_kernels-{platform.machine()}-{key.hexdigest()[:16]}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +89,7 @@ def _build(compiler: str) -> Path:
 
 
 class DecodeKernel:
-    """paged_decode_cpu.c's entry point on torch tensors (float32, CPU, contiguous)."""
+    """cpu_kernels.c's decode attention on torch tensors (float32, CPU, contiguous)."""
 
     MIN_ROWS_PER_THREAD = 4  # below it, handing rows to another thread costs more than it saves
 
@@ -130,7 +137,7 @@ class DecodeKernel:
 
         def run(begin: int, end: int) -> None:
             if self._fn(*args, begin, end, *shape) != 0:
-                raise RuntimeError(f"paged_decode_cpu failed on rows {begin}:{end} (heads {heads}, dim {dim})")
+                raise RuntimeError(f"tidal_paged_decode_f32 failed on rows {begin}:{end} (heads {heads}, dim {dim})")
 
         threads = min(torch.get_num_threads(), rows // self.MIN_ROWS_PER_THREAD)
         if threads <= 1:
@@ -146,25 +153,129 @@ class DecodeKernel:
         return out
 
 
-def decode_kernel() -> DecodeKernel | None:
-    """The built kernel, or None where it cannot be built here (no C compiler, build failed;
+def library() -> ctypes.CDLL | None:
+    """The built library, or None where it cannot be built here (no C compiler, build failed;
     TIDAL_CPU_NATIVE=0 turns it off)."""
-    global _kernel, _tried
+    global _library, _tried
     if _tried:
-        return _kernel
+        return _library
     with _lock:
         if _tried:
-            return _kernel
+            return _library
         _tried = True
         if os.environ.get("TIDAL_CPU_NATIVE", "1") == "0":
             return None
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
-            log.warning("no C compiler found: CPU decode attention uses the tensor-op path")
+            log.warning("no C compiler found: the CPU path runs torch ops instead of tidal's C kernels")
             return None
         try:
-            _kernel = DecodeKernel(ctypes.CDLL(str(_build(compiler))))
-        except (OSError, subprocess.SubprocessError, AttributeError) as e:
+            _library = ctypes.CDLL(str(_build(compiler)))
+        except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", "") or e
-            log.warning("building %s failed (%s): CPU decode attention uses the tensor-op path", SOURCE.name, detail)
-        return _kernel
+            log.warning("building %s failed (%s): the CPU path runs torch ops instead", SOURCE.name, detail)
+        return _library
+
+
+@functools.cache
+def decode_kernel() -> DecodeKernel | None:
+    """Decode attention (DecodeKernel), or None where the library is not built."""
+    lib = library()
+    return None if lib is None else DecodeKernel(lib)
+
+
+@functools.cache
+def row_kernels() -> RowKernels | None:
+    """The layer's small ops (RowKernels), or None where the library is not built."""
+    lib = library()
+    return None if lib is None else RowKernels(lib)
+
+
+class RowKernels:
+    """cpu_kernels.c's row kernels on float32 CPU tensors, with tidal.kernels.fused's signatures
+    (the layers call either through their `fused` attribute). Rows must have a unit last stride."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+        self._norm = lib.tidal_add_rms_norm_f32
+        self._norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, f32]
+        self._rope = lib.tidal_qk_norm_rope_f32
+        self._rope.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32]
+        self._silu = lib.tidal_silu_mul_f32
+        self._silu.argtypes = [ptr, i64, ptr, i64, i64]
+        for fn in (self._norm, self._rope, self._silu):
+            fn.restype = ctypes.c_int
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = _rows(x)
+        rows, n = x.shape
+        out = torch.empty((rows, n), dtype=x.dtype)
+        res_out = None
+        res_ptr, res_stride = None, 0
+        if residual is not None:
+            residual = _rows(residual)
+            res_out = torch.empty_like(out)
+            res_ptr, res_stride = residual.data_ptr(), residual.stride(0)
+        self._norm(
+            x.data_ptr(),
+            x.stride(0),
+            res_ptr,
+            res_stride,
+            weight.contiguous().data_ptr(),
+            out.data_ptr(),
+            None if res_out is None else res_out.data_ptr(),
+            rows,
+            n,
+            eps,
+        )
+        return out, res_out
+
+    def qk_norm_rope(
+        self,
+        qkv: torch.Tensor,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        q_weight: torch.Tensor | None,
+        k_weight: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        qkv = _rows(qkv)
+        heads = num_q_heads + num_kv_heads
+        out = torch.empty((qkv.shape[0], heads, head_dim), dtype=qkv.dtype)
+        pos = positions.to(torch.int64).contiguous()
+        table = cos_sin.contiguous()
+        rc = self._rope(
+            qkv.data_ptr(),
+            qkv.stride(0),
+            pos.data_ptr(),
+            table.data_ptr(),
+            None if q_weight is None else q_weight.contiguous().data_ptr(),
+            None if k_weight is None else k_weight.contiguous().data_ptr(),
+            out.data_ptr(),
+            qkv.shape[0],
+            num_q_heads,
+            heads,
+            head_dim,
+            eps,
+        )
+        if rc != 0:
+            raise ValueError(f"head_dim={head_dim}: expected an even head_dim of at most 256 for the CPU kernel")
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate_up = _rows(gate_up)
+        rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty((rows, inter), dtype=gate_up.dtype)
+        self._silu(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, inter)
+        return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"{tuple(x.shape)} {x.dtype} on {x.device}: expected a 2-D float32 CPU tensor")
+    return x if x.stride(1) == 1 else x.contiguous()

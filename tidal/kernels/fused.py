@@ -15,12 +15,15 @@ Each matches the torch ops of tidal.models.layers to bf16 rounding (tested in Tr
 interpreter on the CPU). The torch ops remain the reference and the CPU path.
 
 Which path runs is a property of each model, from EngineConfig.fused_kernels: "auto" (the
-default) runs the kernels on CUDA only, "on" also on the CPU (Triton's interpreter, for tests),
-"off" nowhere (the A/B measurement in benchmarks/throughput.py). `use_fused_kernels` sets it on
+default) runs these kernels on CUDA and the same three ops in C on the CPU (tidal.kernels.cpu_native,
+float32), "on" these kernels everywhere (Triton's interpreter on the CPU, for tests), "off" the
+torch ops (the A/B measurements in benchmarks/throughput.py and vs_vllm_cpu.py). `use_fused_kernels` sets it on
 every layer of a model; CUDA graphs keep whatever path they were captured with.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -35,18 +38,53 @@ except ImportError:  # the CPU-only install: the torch ops serve
 FUSED_MODES = ("auto", "on", "off")
 
 
-def use_fused_kernels(model: torch.nn.Module, mode: str, device: torch.device) -> bool:
-    """Set every layer of `model` that has a fused path (a `fused` attribute) to take it or not,
-    as `mode` says for a model on `device`; returns the choice."""
+class FusedOps(Protocol):
+    """One implementation of the three fused ops: the Triton kernels here (`TritonOps`), or the C
+    kernels of tidal.kernels.cpu_native on the CPU (`RowKernels`). A layer's `fused` attribute
+    holds one, or None for the torch ops."""
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def qk_norm_rope(
+        self,
+        qkv: torch.Tensor,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        q_weight: torch.Tensor | None,
+        k_weight: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor: ...
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+
+def use_fused_kernels(model: torch.nn.Module, mode: str, device: torch.device) -> str:
+    """Set every layer of `model` that has a fused path (a `fused` attribute) to the ops `mode`
+    picks for a model on `device`: "auto" takes the Triton kernels on CUDA and the C kernels on
+    the CPU (float32 models, where the C compiler built them); "on" the Triton kernels anywhere
+    (Triton's interpreter on the CPU); "off" the torch ops. Returns "triton", "native" or "off"."""
     if mode not in FUSED_MODES:
         raise ValueError(f"fused_kernels={mode!r} is invalid: expected one of {list(FUSED_MODES)}")
     if mode == "on" and triton is None:
         raise ValueError("fused_kernels='on' needs Triton, which is not installed: expected 'auto' or 'off'")
-    on = triton is not None and (mode == "on" or (mode == "auto" and device.type == "cuda"))
+    ops: FusedOps | None = None
+    choice = "off"
+    if triton is not None and (mode == "on" or (mode == "auto" and device.type == "cuda")):
+        ops, choice = TritonOps(), "triton"
+    elif mode == "auto" and device.type == "cpu" and all(p.dtype == torch.float32 for p in model.parameters()):
+        from tidal.kernels.cpu_native import row_kernels
+
+        ops = row_kernels()
+        choice = "off" if ops is None else "native"
     for m in model.modules():
         if hasattr(m, "fused"):
-            setattr(m, "fused", on)  # noqa: B010 (nn.Module's own __setattr__ types exclude a bool)
-    return on
+            setattr(m, "fused", ops)  # noqa: B010 (nn.Module's own __setattr__ types exclude it)
+    return choice
 
 
 if triton is not None:
@@ -230,3 +268,11 @@ def qk_norm_rope(
             num_warps=4,
         )
     return out
+
+
+class TritonOps:
+    """The Triton kernels above, as a FusedOps."""
+
+    add_rms_norm = staticmethod(add_rms_norm)
+    qk_norm_rope = staticmethod(qk_norm_rope)
+    silu_mul = staticmethod(silu_mul)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tidal.kernels.fused import add_rms_norm
+from tidal.kernels.fused import FusedOps
 from tidal.kernels.matmul import matmul
 from tidal.models.config import RopeConfig
 
@@ -155,11 +155,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = _param(dim, dtype=dtype)
-        self.fused = False
+        self.fused: FusedOps | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if self.fused and x.dim() == 2:
-            out, residual = add_rms_norm(x, residual, self.weight, self.eps)
+        if self.fused is not None and x.dim() == 2:
+            out, residual = self.fused.add_rms_norm(x, residual, self.weight, self.eps)
             return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tidal.attention.context import ForwardContext
-from tidal.kernels.fused import qk_norm_rope, silu_mul
+from tidal.kernels.fused import FusedOps
 from tidal.models.config import ModelArch, as_config_dict, parse_arch
 from tidal.models.layers import Embedding, Linear, RMSNorm, RopeInputs, RotaryEmbedding, apply_rope
 
@@ -42,7 +42,7 @@ class Attention(nn.Module):
             self.k_norm: RMSNorm | None = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.fused = False  # tidal.kernels.fused.use_fused_kernels
+        self.fused: FusedOps | None = None  # tidal.kernels.fused.use_fused_kernels
 
     def forward(self, x: torch.Tensor, rope: RopeInputs, ctx: ForwardContext) -> torch.Tensor:
         T, Hq = x.shape[0], self.num_heads
@@ -51,8 +51,8 @@ class Attention(nn.Module):
         # backends take strided q/k/v (contiguous head_dim only), so no copies are needed.
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         qn, kn = self.q_norm, self.k_norm
-        if self.fused:
-            qk = qk_norm_rope(
+        if self.fused is not None:
+            qk = self.fused.qk_norm_rope(
                 qkv,
                 Hq,
                 self.num_kv_heads,
@@ -78,12 +78,12 @@ class MLP(nn.Module):
         self.intermediate_size = arch.intermediate_size
         self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, arch.mlp_bias, dtype)
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, arch.mlp_bias, dtype)
-        self.fused = False  # tidal.kernels.fused.use_fused_kernels
+        self.fused: FusedOps | None = None  # tidal.kernels.fused.use_fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.fused:
-            return self.down_proj(silu_mul(gate_up))
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -1,17 +1,20 @@
-/* Paged decode attention on the CPU, float32: one query token per sequence, read straight from
- * the block table (no gathered copy of the context). Built and loaded by tidal/kernels/cpu_native.py.
+/* The CPU kernels (float32), built and loaded by tidal/kernels/cpu_native.py:
+ *   tidal_paged_decode_f32   decode attention read straight from the block table;
+ *   tidal_add_rms_norm_f32   residual add + RMSNorm of each row;
+ *   tidal_qk_norm_rope_f32   q/k of the fused qkv projection, per-head RMSNorm (Qwen3) + neox RoPE;
+ *   tidal_silu_mul_f32       SiLU(gate) * up of the fused gate_up projection.
+ * Every row's result depends only on that row's inputs, in a fixed order, so a caller can split
+ * rows across threads and a row's bits do not depend on the batch.
  *
- * Layouts (all contiguous):
+ * Decode attention. Layouts (all contiguous):
  *   q, out        [B, Hq, D]
  *   k_cache       [num_blocks, block_size, Hkv, D]   (one layer's keys; v_cache the same)
  *   block_tables  [B, bt_stride] int32, seq_lens [B] int32
- * Rows [row_begin, row_end) are computed, so a caller can split a batch across threads.
- *
- * For each sequence and KV head, the Hq / Hkv query heads that share it are done together: each
- * key and value row is read once for the whole group. When head_dim is a multiple of 16 (every
- * model Tidal runs), one pass over the context with an online softmax, 16 tokens at a time, in
- * 16-float vectors; otherwise two scalar passes (scores, then softmax and the weighted values).
- * Each row's result depends only on that row's inputs, in a fixed order.
+ * Rows [row_begin, row_end) are computed. For each sequence and KV head, the Hq / Hkv query heads
+ * that share it are done together: each key and value row is read once for the whole group. When
+ * head_dim is a multiple of 16 (every model Tidal runs), one pass over the context with an online
+ * softmax, 16 tokens at a time, in 16-float vectors; otherwise two scalar passes (scores, then
+ * softmax and the weighted values).
  */
 #include <math.h>
 #include <stdint.h>
@@ -51,12 +54,14 @@ static inline v16 sum_each(const v16 *p) {
 }
 
 /* exp(x) of 16 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial in r,
- * times 2^n), within 2 ulp of expf for x in [-87, 0]; smaller x gives 0. The softmax arguments are
- * never positive. */
+ * times 2^n), within 2 ulp of expf for x in [-87, 88]; smaller x (-inf included) gives 0, larger
+ * x gives exp(88). */
 static inline v16 exp_v16(v16 x) {
-    const v16 lo = (v16){0} - 87.0f;
+    const v16 lo = (v16){0} - 87.0f, hi = (v16){0} + 88.0f;
     const v16i underflow = x < lo;
     x = (v16)(((v16i)x & ~underflow) | ((v16i)lo & underflow));
+    const v16i overflow = x > hi;
+    x = (v16)(((v16i)x & ~overflow) | ((v16i)hi & overflow));
     const v16 magic = (v16){0} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
     const v16 n = (x * 1.44269504088896341f + magic) - magic;
     const v16 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
@@ -67,8 +72,10 @@ static inline v16 exp_v16(v16 x) {
     p = p * r + 1.6666665459E-1f;
     p = p * r + 5.0000001201E-1f;
     p = p * (r * r) + r + 1.0f;
-    const v16i pow2n = (__builtin_convertvector(n, v16i) + 127) << 23;
-    return (v16)((v16i)(p * (v16)pow2n) & ~underflow);
+    /* 2^n in two halves: n reaches 127 at x = 88, past the largest exponent a float holds */
+    const v16i half = __builtin_convertvector(n, v16i) >> 1;
+    const v16 a = (v16)((half + 127) << 23), b = (v16)((__builtin_convertvector(n, v16i) - half + 127) << 23);
+    return (v16)((v16i)(p * a * b) & ~underflow);
 }
 
 static inline float max_lanes(v16 x) {
@@ -249,5 +256,81 @@ int tidal_paged_decode_f32(const float *q, const float *k_cache, const float *v_
         }
     }
     free(scores);
+    return 0;
+}
+
+/* -- row kernels ------------------------------------------------------------------------------ */
+
+/* out[r] = (x[r] + res[r]) / rms * w, res_out[r] = x[r] + res[r]; without res (NULL) the sum is
+ * x[r] itself and res_out is not written. The products are taken in torch's order, ((x * rstd) * w). */
+int tidal_add_rms_norm_f32(const float *x, int64_t x_stride, const float *res, int64_t res_stride, const float *w,
+                           float *out, float *res_out, int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *src = x + r * x_stride;
+        if (res != NULL) {
+            const float *rr = res + r * res_stride;
+            float *s = res_out + r * n;
+#pragma omp simd
+            for (int64_t d = 0; d < n; d++) s[d] = src[d] + rr[d];
+            src = s;
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t d = 0; d < n; d++) ss += src[d] * src[d];
+        const float rstd = 1.0f / sqrtf(ss / (float)n + eps);
+        float *o = out + r * n;
+#pragma omp simd
+        for (int64_t d = 0; d < n; d++) o[d] = (src[d] * rstd) * w[d];
+    }
+    return 0;
+}
+
+/* out [T, heads, dim] = q heads then k heads of qkv [T, >= heads * dim] (row stride qkv_stride),
+ * each RMSNormed over dim with q_w / k_w when given (both or neither), then rotated (neox halves)
+ * by the cos | sin row of `table` [max_pos, dim] at positions[t]. */
+int tidal_qk_norm_rope_f32(const float *qkv, int64_t qkv_stride, const int64_t *positions, const float *table,
+                           const float *q_w, const float *k_w, float *out, int64_t tokens, int64_t num_q,
+                           int64_t heads, int64_t dim, float eps) {
+    if (dim > MAX_DIM || dim % 2) return 1;
+    const int64_t half = dim / 2;
+    float normed[MAX_DIM];
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *cos = table + positions[t] * dim, *sin = cos + half;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *x = qkv + t * qkv_stride + h * dim;
+            float *o = out + (t * heads + h) * dim;
+            if (q_w != NULL) {
+                const float *w = h < num_q ? q_w : k_w;
+                float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+                for (int64_t d = 0; d < dim; d++) ss += x[d] * x[d];
+                const float rstd = 1.0f / sqrtf(ss / (float)dim + eps);
+#pragma omp simd
+                for (int64_t d = 0; d < dim; d++) normed[d] = (x[d] * rstd) * w[d];
+                x = normed;
+            }
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = x[i], x2 = x[i + half];
+                o[i] = x1 * cos[i] - x2 * sin[i];
+                o[i + half] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    }
+    return 0;
+}
+
+/* out [rows, inter] = SiLU(gate) * up for gate_up [rows, 2 * inter] (row stride gu_stride). */
+int tidal_silu_mul_f32(const float *gate_up, int64_t gu_stride, float *out, int64_t rows, int64_t inter) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * gu_stride, *u = g + inter;
+        float *o = out + r * inter;
+        int64_t i = 0;
+        for (; i + 16 <= inter; i += 16) {
+            const v16 gv = *(const v16u *)(g + i);
+            *(v16u *)(o + i) = gv / (1.0f + exp_v16((v16){0} - gv)) * *(const v16u *)(u + i);
+        }
+        for (; i < inter; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
     return 0;
 }
