@@ -18,13 +18,13 @@ byte token ids as prompts, greedy, ignore_eos, prefix cache flushed before each 
   medium  8 layers, hidden 1024    the same prompts
   large   12 layers, hidden 1536   32 prompts of 8-64 tokens, 64 output tokens (the machine is small)
   long    4 layers, hidden 256     16 prompts of 768-1024 tokens, 128 output tokens
-Reported per workload: output tok/s of each engine (one generate call over the workload, after
-a warm-up call), the ratio, output tokens per CPU-second of each engine's processes (a
+Reported per workload: output tok/s of each engine (the median of --repeat generate calls over
+the workload in one engine instance, after a warm-up call), the ratio, output tokens per CPU-second of each engine's processes (a
 fairer figure than wall time on a shared machine), prompts whose greedy token ids are identical, max |delta logprob| of
 the sampled tokens over the identical prefix of each pair. Through the HTTP servers (the small
 checkpoint; vLLM: `python -m vllm.entrypoints.openai.api_server`, Tidal: `tidal serve`): output
 tok/s at 32 concurrent non-streaming /v1/completions requests (64 requests, the small workload's
-prompts) and the CPU-seconds each process of the server's tree spent meanwhile (read from /proc),
+prompts; the median of --repeat load runs) and the CPU-seconds each process of the server's tree spent meanwhile (read from /proc),
 and single-stream decode latency (a streamed request: time between the first and last
 token over the tokens in between). Both engines run with --threads intra-op threads: Tidal via
 torch.set_num_threads / OMP_NUM_THREADS, vLLM with VLLM_CPU_OMP_THREADS_BIND=nobind and
@@ -74,16 +74,22 @@ def make_prompts(num: int, min_len: int, max_len: int, seed: int = 0) -> list[li
 #   torch       the reference attention backend (a Python loop over sequences)
 #   no-native   decode attention through gather + SDPA instead of the C kernel
 #   no-prepack  linear layers through F.linear instead of oneDNN on prepacked weights
-#   neither     both of the last two (the CPU path before the C kernel and the prepacking)
+#   no-rows     a layer's small ops (add + RMSNorm, q/k norm + RoPE, SiLU * up) as torch ops
+#               instead of the C row kernels (fused_kernels="off")
+#   neither     no-native and no-prepack (the CPU path before the C kernel and the prepacking)
+#   none        all three off
 ABLATIONS = {
     "torch": dict(attention_backend="torch"),
     "no-native": dict(native=False),
     "no-prepack": dict(cpu_prepack_weights=False),
+    "no-rows": dict(fused_kernels="off"),
     "neither": dict(native=False, cpu_prepack_weights=False),
+    "none": dict(native=False, cpu_prepack_weights=False, fused_kernels="off"),
 }
 
 
-def run_tidal(path: str, prompts: list[list[int]], max_tokens: int, threads: int, variant: str | None = None) -> dict:
+def run_tidal(path: str, prompts: list[list[int]], max_tokens: int, threads: int, variant: str | None = None,
+              repeat: int = 1) -> dict:
     import torch
 
     import tidal.attention.cpu as cpu_attention
@@ -98,14 +104,17 @@ def run_tidal(path: str, prompts: list[list[int]], max_tokens: int, threads: int
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
         llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-        llm.flush_cache()
-        cpu, start = time.process_time(), time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        runs = []
+        for _ in range(repeat):
+            llm.flush_cache()
+            cpu, start = time.process_time(), time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            runs.append((time.perf_counter() - start, time.process_time() - cpu))
     finally:
         llm.shutdown()
         cpu_attention.decode_kernel = kernel
-    return dict(elapsed_s=elapsed, cpu_s=cpu, threads=torch.get_num_threads(),
+    elapsed, cpu = median_run(runs)
+    return dict(elapsed_s=elapsed, cpu_s=cpu, runs_s=[round(r[0], 4) for r in runs], threads=torch.get_num_threads(),
                 token_ids=[o.outputs[0].token_ids for o in outs],
                 logprobs=[o.outputs[0].token_logprobs for o in outs])
 
@@ -119,14 +128,24 @@ def vllm_worker(spec_path: str, out_path: str) -> None:
     llm = LLM(spec["path"], dtype="float32", seed=0, **ENGINE_ARGS)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    llm.reset_prefix_cache()
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True, logprobs=0)
-    cpu, start = _tree_cpu_s(), time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed, cpu = time.perf_counter() - start, _tree_cpu_s() - cpu
+    runs = []
+    for _ in range(spec["repeat"]):
+        llm.reset_prefix_cache()
+        cpu, start = _tree_cpu_s(), time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append((time.perf_counter() - start, _tree_cpu_s() - cpu))
+    elapsed, cpu = median_run(runs)
     ids = [list(o.outputs[0].token_ids) for o in outs]
     lps = [[step[t].logprob for t, step in zip(tok, o.outputs[0].logprobs)] for tok, o in zip(ids, outs)]
-    Path(out_path).write_text(json.dumps(dict(elapsed_s=elapsed, cpu_s=cpu, token_ids=ids, logprobs=lps)))
+    Path(out_path).write_text(json.dumps(dict(elapsed_s=elapsed, cpu_s=cpu, runs_s=[round(r[0], 4) for r in runs],
+                                              token_ids=ids, logprobs=lps)))
+
+
+def median_run(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """The (wall, CPU) seconds of the run with the median wall time: on a shared machine one slow
+    run (another tenant's burst) should not decide the ratio."""
+    return sorted(runs)[len(runs) // 2]
 
 
 def _tree_cpu_s() -> float:
@@ -151,10 +170,10 @@ def vllm_env(threads: int) -> dict:
 
 
 def run_vllm(python: str, path: str, prompts: list[list[int]], max_tokens: int, threads: int,
-             timeout_s: float) -> dict:
+             timeout_s: float, repeat: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp, "spec.json"), Path(tmp, "out.json")
-        spec.write_text(json.dumps(dict(path=path, prompts=prompts, max_tokens=max_tokens)))
+        spec.write_text(json.dumps(dict(path=path, prompts=prompts, max_tokens=max_tokens, repeat=repeat)))
         proc = subprocess.run([python, __file__, "--worker", "vllm", str(spec), str(out)], env=vllm_env(threads),
                               capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
@@ -286,16 +305,21 @@ def proc_tree_cpu_s(root: int) -> dict[str, float]:
 
 
 def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, threads: int,
-             python: str) -> dict:
+             python: str, repeat: int = 1) -> dict:
     port = free_port()
     proc = start_server(kind, path, port, threads, python)
     try:
         asyncio.run(wait_healthy(proc, port, timeout_s=900.0))
-        before = proc_tree_cpu_s(proc.pid)
-        load = asyncio.run(load_test(port, prompts, max_tokens, HTTP_CONCURRENCY))
-        after = proc_tree_cpu_s(proc.pid)
-        # Per process of the server's tree (API server, engine core, workers): where the CPU went.
-        load["cpu_s_by_process"] = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+        loads = []
+        for _ in range(repeat):
+            before = proc_tree_cpu_s(proc.pid)
+            load = asyncio.run(load_test(port, prompts, max_tokens, HTTP_CONCURRENCY))
+            after = proc_tree_cpu_s(proc.pid)
+            # Per process of the server's tree (API server, engine core, workers): where the CPU went.
+            load["cpu_s_by_process"] = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
+            loads.append(load)
+        load = sorted(loads, key=lambda r: r["elapsed_s"])[len(loads) // 2]
+        load["runs_tok_s"] = [round(r["tok_s"]) for r in loads]
         load["cpu_s"] = sum(load["cpu_s_by_process"].values())
         load["tok_per_cpu_s"] = load["output_tokens"] / load["cpu_s"]
         lat = asyncio.run(decode_latency(port, prompts[0], LATENCY_TOKENS))
@@ -329,6 +353,8 @@ def main() -> None:
                     help="Tidal's intra-op threads if not --threads (vLLM's engine core keeps a second "
                          "process busy, so at --threads 1 it uses ~1.6-1.8 cores: the CPU-s columns show it)")
     ap.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "tidal-vs-vllm-ckpts"))
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="timed runs per engine and workload (in the same engine instance; the median counts)")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--ablate", nargs="*", default=[], choices=list(ABLATIONS),
@@ -349,18 +375,20 @@ def main() -> None:
         path = checkpoint(w["ckpt"], root)
         prompts = make_prompts(w["num_prompts"], w["min_len"], w["max_len"])
         total = w["num_prompts"] * w["max_tokens"]
-        row = dict(w, tidal=run_tidal(path, prompts, w["max_tokens"], tidal_threads))
+        row = dict(w, tidal=run_tidal(path, prompts, w["max_tokens"], tidal_threads, repeat=args.repeat))
         row["tidal"]["tok_s"] = total / row["tidal"]["elapsed_s"]
         row["tidal"]["tok_per_cpu_s"] = total / row["tidal"]["cpu_s"]
         for variant in args.ablate:
-            extra = row[f"tidal_{variant}"] = run_tidal(path, prompts, w["max_tokens"], tidal_threads, variant)
+            extra = row[f"tidal_{variant}"] = run_tidal(path, prompts, w["max_tokens"], tidal_threads, variant,
+                                                         args.repeat)
             extra["tok_s"], extra["tok_per_cpu_s"] = total / extra["elapsed_s"], total / extra["cpu_s"]
             extra["identical_to_tidal"] = compare(row["tidal"], extra)[0]
             print(f"{name}: tidal {variant}: {extra['tok_s']:,.0f} tok/s, {extra['tok_per_cpu_s']:,.0f} tok/CPU-s "
                   f"(full path {row['tidal']['tok_s']:,.0f}: {row['tidal']['tok_s'] / extra['tok_s']:.2f}x)",
                   flush=True)
         if not args.skip_vllm:
-            row["vllm"] = run_vllm(args.vllm_python, path, prompts, w["max_tokens"], args.threads, 1800)
+            row["vllm"] = run_vllm(args.vllm_python, path, prompts, w["max_tokens"], args.threads, 1800,
+                                   args.repeat)
             row["vllm"]["tok_s"] = total / row["vllm"]["elapsed_s"]
             row["vllm"]["tok_per_cpu_s"] = total / row["vllm"]["cpu_s"]
             row["identical"], row["max_abs_dlogprob"] = compare(row["tidal"], row["vllm"])
@@ -380,7 +408,7 @@ def main() -> None:
             try:
                 threads = tidal_threads if engine == "tidal" else args.threads
                 results["http"][engine] = run_http(engine, path, prompts, w["max_tokens"], threads,
-                                                   args.vllm_python)
+                                                   args.vllm_python, args.repeat)
             except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as e:  # keep the offline results
                 results["http"][f"{engine}_error"] = repr(e)
                 print(f"HTTP run of {engine} failed: {e!r}", flush=True)
