@@ -41,7 +41,7 @@ def test_add_rms_norm_matches_module(ops, with_residual, width):
     else:
         ref, _ = norm(x), None
         assert res_out is None
-    torch.testing.assert_close(out, ref, **TOL)
+    assert torch.equal(out, ref)  # the torch ops' bits: near-tied greedy tokens turn on them
 
 
 @pytest.mark.parametrize("inter", [16, 1100, 7])
@@ -84,19 +84,20 @@ def test_qk_norm_rope_matches_torch_ops(ops, heads, with_norm, d):
 
 def test_row_kernels_refuse_what_they_cannot_take(ops):
     with pytest.raises(ValueError, match="expected a 2-D float32 CPU tensor"):
-        ops.add_rms_norm(torch.zeros(2, 8, dtype=torch.bfloat16), None, torch.ones(8), 1e-6)
-    with pytest.raises(ValueError, match="head_dim=512"):
-        ops.qk_norm_rope(
-            torch.zeros(1, 1536), 1, 1, 512, torch.zeros(1, dtype=torch.int64), torch.zeros(4, 512), None, None, 1e-6
-        )
+        ops.silu_mul(torch.zeros(2, 8, dtype=torch.bfloat16))
+    pos = torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="head_dim=15"):
+        ops.qk_norm_rope(torch.zeros(1, 45), 1, 1, 15, pos, torch.zeros(4, 15), None, None, 1e-6)
+    with pytest.raises(ValueError, match="q_weight and k_weight"):
+        ops.qk_norm_rope(torch.zeros(1, 48), 1, 1, 16, pos, torch.zeros(4, 16), torch.ones(16), None, 1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_cpu_models_take_the_c_kernels_by_default_and_match_hf(ops, tiny_ckpt, arch, monkeypatch):
     from tests.models.test_parity import check_against_hf
 
-    calls = {"norm": 0, "rope": 0, "silu": 0}
-    for name, key in (("add_rms_norm", "norm"), ("qk_norm_rope", "rope"), ("silu_mul", "silu")):
+    calls = {"rope": 0, "silu": 0}
+    for name, key in (("qk_norm_rope", "rope"), ("silu_mul", "silu")):
         real = getattr(ops, name)
 
         def counted(*a, _real=real, _key=key, **kw):

@@ -1,7 +1,6 @@
 /* The CPU kernels (float32), built and loaded by tidal/kernels/cpu_native.py:
  *   tidal_paged_decode_f32   decode attention read straight from the block table;
- *   tidal_add_rms_norm_f32   residual add + RMSNorm of each row;
- *   tidal_qk_norm_rope_f32   q/k of the fused qkv projection, per-head RMSNorm (Qwen3) + neox RoPE;
+ *   tidal_rope_f32           neox RoPE of the q and k heads of the fused qkv projection;
  *   tidal_silu_mul_f32       SiLU(gate) * up of the fused gate_up projection.
  * Every row's result depends only on that row's inputs, in a fixed order, so a caller can split
  * rows across threads and a row's bits do not depend on the batch.
@@ -261,57 +260,20 @@ int tidal_paged_decode_f32(const float *q, const float *k_cache, const float *v_
 
 /* -- row kernels ------------------------------------------------------------------------------ */
 
-/* out[r] = (x[r] + res[r]) / rms * w, res_out[r] = x[r] + res[r]; without res (NULL) the sum is
- * x[r] itself and res_out is not written. The products are taken in torch's order, ((x * rstd) * w). */
-int tidal_add_rms_norm_f32(const float *x, int64_t x_stride, const float *res, int64_t res_stride, const float *w,
-                           float *out, float *res_out, int64_t rows, int64_t n, float eps) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *src = x + r * x_stride;
-        if (res != NULL) {
-            const float *rr = res + r * res_stride;
-            float *s = res_out + r * n;
-#pragma omp simd
-            for (int64_t d = 0; d < n; d++) s[d] = src[d] + rr[d];
-            src = s;
-        }
-        float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-        for (int64_t d = 0; d < n; d++) ss += src[d] * src[d];
-        const float rstd = 1.0f / sqrtf(ss / (float)n + eps);
-        float *o = out + r * n;
-#pragma omp simd
-        for (int64_t d = 0; d < n; d++) o[d] = (src[d] * rstd) * w[d];
-    }
-    return 0;
-}
-
-/* out [T, heads, dim] = q heads then k heads of qkv [T, >= heads * dim] (row stride qkv_stride),
- * each RMSNormed over dim with q_w / k_w when given (both or neither), then rotated (neox halves)
- * by the cos | sin row of `table` [max_pos, dim] at positions[t]. */
-int tidal_qk_norm_rope_f32(const float *qkv, int64_t qkv_stride, const int64_t *positions, const float *table,
-                           const float *q_w, const float *k_w, float *out, int64_t tokens, int64_t num_q,
-                           int64_t heads, int64_t dim, float eps) {
-    if (dim > MAX_DIM || dim % 2) return 1;
+/* out [T, heads, dim] = the first `heads` heads of x [T, >= heads * dim] (row stride x_stride),
+ * rotated (neox halves) by the cos | sin row of `table` [max_pos, dim] at positions[t]. */
+int tidal_rope_f32(const float *x, int64_t x_stride, const int64_t *positions, const float *table, float *out,
+                   int64_t tokens, int64_t heads, int64_t dim) {
+    if (dim % 2) return 1;
     const int64_t half = dim / 2;
-    float normed[MAX_DIM];
     for (int64_t t = 0; t < tokens; t++) {
         const float *cos = table + positions[t] * dim, *sin = cos + half;
         for (int64_t h = 0; h < heads; h++) {
-            const float *x = qkv + t * qkv_stride + h * dim;
+            const float *xh = x + t * x_stride + h * dim;
             float *o = out + (t * heads + h) * dim;
-            if (q_w != NULL) {
-                const float *w = h < num_q ? q_w : k_w;
-                float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-                for (int64_t d = 0; d < dim; d++) ss += x[d] * x[d];
-                const float rstd = 1.0f / sqrtf(ss / (float)dim + eps);
-#pragma omp simd
-                for (int64_t d = 0; d < dim; d++) normed[d] = (x[d] * rstd) * w[d];
-                x = normed;
-            }
 #pragma omp simd
             for (int64_t i = 0; i < half; i++) {
-                const float x1 = x[i], x2 = x[i + half];
+                const float x1 = xh[i], x2 = xh[i + half];
                 o[i] = x1 * cos[i] - x2 * sin[i];
                 o[i + half] = x2 * cos[i] + x1 * sin[i];
             }

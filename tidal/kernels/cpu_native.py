@@ -5,10 +5,11 @@ ctypes, called on torch tensors' memory.
   its attention time copying every sequence's context out of the paged cache for each layer (the
   gather that tidal.attention.cpu does before SDPA). The kernel reads the blocks in place
   through the block table instead.
-- `row_kernels()`: a decoder layer's small ops (residual add + RMSNorm, q/k norm + RoPE, SiLU *
-  up), the CPU's counterpart of the Triton kernels of tidal.kernels.fused. In torch ops they are
-  ~20 calls per layer, each with its own dispatch and its own pass over memory: at decode batch
-  sizes that overhead, not the arithmetic, was what they cost (7-12% of a small model's step).
+- `row_kernels()`: a decoder layer's small ops (RoPE, SiLU * up; the RMSNorms stay in torch ops,
+  see RowKernels.add_rms_norm), the CPU's counterpart of the Triton
+  kernels of tidal.kernels.fused. In torch ops RoPE alone is ~8 calls per layer, each with its own
+  dispatch and its own pass over memory: at decode batch sizes that overhead, not the
+  arithmetic, is what they cost.
 
 The source is plain C with no torch headers, so it builds in about a second with `cc -O3
 -march=native` and needs nothing the machine does not already have; where no compiler works,
@@ -36,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -196,41 +198,25 @@ class RowKernels:
     (the layers call either through their `fused` attribute). Rows must have a unit last stride."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-        self._norm = lib.tidal_add_rms_norm_f32
-        self._norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, f32]
-        self._rope = lib.tidal_qk_norm_rope_f32
-        self._rope.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32]
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._rope = lib.tidal_rope_f32
+        self._rope.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
         self._silu = lib.tidal_silu_mul_f32
         self._silu.argtypes = [ptr, i64, ptr, i64, i64]
-        for fn in (self._norm, self._rope, self._silu):
+        for fn in (self._rope, self._silu):
             fn.restype = ctypes.c_int
 
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = _rows(x)
-        rows, n = x.shape
-        out = torch.empty((rows, n), dtype=x.dtype)
-        res_out = None
-        res_ptr, res_stride = None, 0
+        """torch's own ops, not C: which of two near-tied tokens greedy decoding picks can turn on
+        the last bit of a norm, and torch's float reduction for the mean of squares is the one
+        vLLM's CPU build agrees with (a C kernel summing in another order flipped 2 of 64 prompts
+        of benchmarks/vs_vllm_cpu.py's medium workload against both)."""
         if residual is not None:
-            residual = _rows(residual)
-            res_out = torch.empty_like(out)
-            res_ptr, res_stride = residual.data_ptr(), residual.stride(0)
-        self._norm(
-            x.data_ptr(),
-            x.stride(0),
-            res_ptr,
-            res_stride,
-            weight.contiguous().data_ptr(),
-            out.data_ptr(),
-            None if res_out is None else res_out.data_ptr(),
-            rows,
-            n,
-            eps,
-        )
-        return out, res_out
+            x = x + residual
+            residual = x
+        return F.rms_norm(x, (x.shape[-1],), weight, eps), residual
 
     def qk_norm_rope(
         self,
@@ -244,27 +230,28 @@ class RowKernels:
         k_weight: torch.Tensor | None,
         eps: float,
     ) -> torch.Tensor:
+        """Qwen3's per-head q/k RMSNorm in torch ops (as add_rms_norm, for its bits), then RoPE in C."""
         qkv = _rows(qkv)
-        heads = num_q_heads + num_kv_heads
-        out = torch.empty((qkv.shape[0], heads, head_dim), dtype=qkv.dtype)
+        tokens, heads = qkv.shape[0], num_q_heads + num_kv_heads
+        if (q_weight is None) != (k_weight is None):
+            raise ValueError("q_weight and k_weight: give both (Qwen3 q/k norm) or neither")
+        if q_weight is not None and k_weight is not None:
+            qk = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+            qn = F.rms_norm(qk[:, :num_q_heads], (head_dim,), q_weight, eps)
+            kn = F.rms_norm(qk[:, num_q_heads:], (head_dim,), k_weight, eps)
+            qkv = torch.cat([qn, kn], dim=1).view(tokens, heads * head_dim)
+        out = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype)
         pos = positions.to(torch.int64).contiguous()
         table = cos_sin.contiguous()
-        rc = self._rope(
-            qkv.data_ptr(),
-            qkv.stride(0),
-            pos.data_ptr(),
-            table.data_ptr(),
-            None if q_weight is None else q_weight.contiguous().data_ptr(),
-            None if k_weight is None else k_weight.contiguous().data_ptr(),
-            out.data_ptr(),
-            qkv.shape[0],
-            num_q_heads,
-            heads,
-            head_dim,
-            eps,
-        )
-        if rc != 0:
-            raise ValueError(f"head_dim={head_dim}: expected an even head_dim of at most 256 for the CPU kernel")
+        if table.dtype != torch.float32 or table.shape[-1] != head_dim:
+            raise ValueError(f"cos_sin: {tuple(table.shape)} {table.dtype}, expected [max_pos, {head_dim}] float32")
+        if (
+            self._rope(
+                qkv.data_ptr(), qkv.stride(0), pos.data_ptr(), table.data_ptr(), out.data_ptr(), tokens, heads, head_dim
+            )
+            != 0
+        ):
+            raise ValueError(f"head_dim={head_dim}: expected an even head_dim")
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
