@@ -45,6 +45,8 @@ def test_a_continuation_samples_as_the_uncut_request(path, make_llm, case, overl
         heads = [p + f[:k] for p, f in zip(PROMPTS, full)]
         outs = llm.generate(heads, _params(case, N - k), use_tqdm=False, prior_output_tokens=k)
         assert _tokens(outs) == [f[k:] for f in full], (case, k)
+        if k == N - 1:  # the uncut run's KV of prompt + prefix is in the prefix cache: it serves these
+            assert sum(o.num_cached_tokens for o in outs) > 0
         # what the request reports is its own: the prompt it was given, the tokens it made
         assert [o.prompt_token_ids for o in outs] == heads
         assert all(o.outputs[0].weight_spans[0].start == 0 and o.outputs[0].weight_spans[-1].end == N - k for o in outs)
