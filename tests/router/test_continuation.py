@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 import pytest
 
 from tidal.engine.core import derive_seed as engine_derive_seed
-from tidal.router.continuation import continuation_body, derive_seed, sampling_state
+from tidal.router.continuation import continuation_body, derive_seed, prior_output_tokens, sampling_state
 from tidal.sampling_params import SamplingParams
 from tidal.server import schemas as S
 from tidal.server.generate_routes import GenerateRoutes
@@ -90,6 +90,22 @@ def test_continuation_carries_every_sampling_field(surface, name):
     for f in FIELDS:                             # field by field, so a failure names the one dropped
         assert getattr(moved, f) == want[f], f"{surface}: {f} = {getattr(moved, f)!r}, expected {want[f]!r}"
     assert cont["input_ids"] == PROMPT + [1, 2, 3] and cont["request_id"] == "r.m1.2"
+    # the produced tokens are declared earlier output of the sample (seeded noise, penalties continue)
+    assert S.GenerateRequest.model_validate_json(json.dumps(cont)).prior_output_tokens == produced
+
+
+def test_a_continuation_of_a_continuation_counts_every_earlier_token():
+    """An original /generate that itself declared prior output: the moved one declares those too."""
+    body = {"input_ids": [[1, 2, 3], [4, 5, 6, 7]], "prior_output_tokens": [1, 2],
+            "sampling_params": {"temperature": 1.0, "sampling_seed": 5, "max_new_tokens": 8}}
+    assert [prior_output_tokens("generate", body, i) for i in (0, 1)] == [1, 2]
+    assert prior_output_tokens("generate", {**body, "prior_output_tokens": 3}, 1) == 3
+    assert prior_output_tokens("generate", {"input_ids": [1]}, 0) == 0
+    assert prior_output_tokens("completions", {"prompt": "x", "prior_output_tokens": 4}, 0) == 0
+    state = sampling_state("generate", body, 1)
+    cont = continuation_body(state, [4, 5, 6, 7, 9, 9, 9], 3, 0, "r.m1.0", prior=2)
+    parsed = S.GenerateRequest.model_validate_json(json.dumps(cont))
+    assert parsed.prior_output_tokens == 5 and _generate_params(cont).max_tokens == 5
 
 
 def test_every_field_has_a_changed_value():

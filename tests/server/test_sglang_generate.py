@@ -114,6 +114,44 @@ def test_batch_of_text_and_of_input_ids_with_n(server, llm):
     assert err["error"]["param"] == "rid"
 
 
+def test_prior_output_tokens_continues_a_seeded_penalized_sample(server):
+    sp = {"temperature": 1.0, "sampling_seed": 21, "presence_penalty": 0.8, "frequency_penalty": 0.6,
+          "ignore_eos": True}
+    full = post(server, {"input_ids": IDS, "sampling_params": {**sp, "max_new_tokens": 12}})["output_ids"]
+    cont = post(server, {"input_ids": IDS + full[:5], "prior_output_tokens": 5,
+                         "sampling_params": {**sp, "max_new_tokens": 7}})
+    assert cont["output_ids"] == full[5:]
+    # usage is the request's own: its whole prompt, the tokens it made
+    assert cont["meta_info"]["prompt_tokens"] == len(IDS) + 5 and cont["meta_info"]["completion_tokens"] == 7
+    assert cont["meta_info"]["weight_spans"] == [[0, 0, 7]]
+    fresh = post(server, {"input_ids": IDS + full[:5], "sampling_params": {**sp, "max_new_tokens": 7}})
+    assert fresh["output_ids"] != full[5:]        # without the field: a fresh request over prompt + prefix
+    # a batch, one count per prompt, streamed
+    events = stream(server, {"input_ids": [IDS + full[:3], IDS + full[:8]], "prior_output_tokens": [3, 8],
+                             "incremental_streaming_output": True,
+                             "sampling_params": [{**sp, "max_new_tokens": 9}, {**sp, "max_new_tokens": 4}]})
+    got: dict[int, list[int]] = {0: [], 1: []}
+    for ev in events:
+        got[ev["index"]].extend(ev["output_ids"])
+    assert got == {0: full[3:], 1: full[8:]}
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input_ids": IDS, "prior_output_tokens": -1}, "prior_output_tokens"),
+    ({"input_ids": IDS, "prior_output_tokens": "2"}, "prior_output_tokens"),
+    ({"input_ids": IDS, "prior_output_tokens": True}, "prior_output_tokens"),
+    ({"input_ids": IDS, "prior_output_tokens": 1.5}, "prior_output_tokens"),
+    ({"input_ids": IDS, "prior_output_tokens": len(IDS) + 1}, "prior_output_tokens"),
+    ({"input_ids": IDS, "prior_output_tokens": [1]}, "prior_output_tokens"),
+    ({"input_ids": [IDS, [1, 2]], "prior_output_tokens": [1]}, "prior_output_tokens"),
+    ({"input_ids": [IDS, [1, 2]], "prior_output_tokens": [1, 3]}, "prior_output_tokens.1"),
+    ({"input_ids": [IDS, [1, 2]], "prior_output_tokens": 3}, "prior_output_tokens"),
+])
+def test_bad_prior_output_tokens_is_a_400_naming_the_field(server, body, param):
+    err = post(server, {**body, "sampling_params": {"max_new_tokens": 2}}, 400)["error"]
+    assert err["param"] == param and "prior_output_tokens" in err["message"], err
+
+
 def test_top_logprobs_and_prompt_logprobs(server, llm):
     ref = llm.generate([IDS], SamplingParams(max_tokens=4, temperature=0.0, logprobs=3, prompt_logprobs=3),
                        use_tqdm=False)[0]

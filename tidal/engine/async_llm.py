@@ -14,7 +14,7 @@ from typing import Any
 from tidal.config import EngineConfig
 from tidal.engine import control_ops as ops
 from tidal.engine.client import ControlAPI, ControlTimeout, InprocClient
-from tidal.engine.io import PromptInput, RequestState, raise_for_error, unwrap_prompt
+from tidal.engine.io import PromptInput, RequestState, check_prior_output_tokens, raise_for_error, unwrap_prompt
 from tidal.engine.messages import AddRequest, EngineOutput
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
@@ -34,13 +34,16 @@ class AsyncLLM(ControlAPI[Awaitable[dict[str, Any]]]):
         request_id: str | None = None,
         stream: bool = True,
         delta: bool = False,
+        prior_output_tokens: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs as tokens arrive (cumulative, or only the new part with
         `delta=True`); the last one has `finished=True`. Cancelling the iteration aborts the
         request. A rejected request raises EngineNotServing, one that can never be scheduled
-        EngineInvalidInput, a dead engine EngineDead."""
+        EngineInvalidInput, a dead engine EngineDead. `prior_output_tokens`: how many trailing
+        prompt tokens are earlier output of this same sample (LLM.generate)."""
         params = sampling_params or SamplingParams()
         text, ids = self.engine.input.process(unwrap_prompt(prompt), params)
+        check_prior_output_tokens(prior_output_tokens, len(ids))
         rid = request_id or self.engine.new_request_id()
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[EngineOutput] = asyncio.Queue()
@@ -48,7 +51,7 @@ class AsyncLLM(ControlAPI[Awaitable[dict[str, Any]]]):
         self.engine.register(rid, lambda out: loop.call_soon_threadsafe(q.put_nowait, out))
         finished = False
         try:
-            self.engine.core.submit(AddRequest(rid, ids, params))
+            self.engine.core.submit(AddRequest(rid, ids, params, prior_output_tokens=prior_output_tokens))
             while not finished:
                 out = await q.get()
                 state.apply(out)

@@ -30,6 +30,7 @@ from concurrent.futures import Future
 
 from tidal.config import EngineConfig
 from tidal.engine.control import ControlPlane
+from tidal.engine.io import check_prior_output_tokens
 from tidal.engine.kv_cache import BlockManager
 from tidal.engine.messages import (
     AddRequest,
@@ -250,6 +251,7 @@ class EngineCore:
                 eos_token_ids=self.eos_token_ids,
                 max_model_len=self.max_model_len,
                 final_only=msg.final_only,
+                prior_output_tokens=msg.prior_output_tokens,
             )
             for i in range(p.n)
         ]
@@ -266,6 +268,10 @@ class EngineCore:
     def unschedulable(self, msg: AddRequest) -> EngineInvalidInput | None:
         """Why `msg` could never be scheduled, whatever else runs: admitted, it would wait at the
         head of the queue forever and hold every request behind it."""
+        try:
+            check_prior_output_tokens(msg.prior_output_tokens, len(msg.prompt_token_ids))
+        except EngineInvalidInput as e:
+            return e
         n, seqs = msg.params.n, self.config.max_num_seqs
         if n > seqs:
             return EngineInvalidInput(

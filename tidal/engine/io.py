@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidal.engine.messages import EngineOutput
+from tidal.engine.messages import EngineInvalidInput, EngineOutput
 from tidal.outputs import CompletionOutput, Decoder, RequestOutput, WeightSpan
 from tidal.sampling_params import SamplingParams
 
@@ -48,6 +48,16 @@ class InputProcessor:
                 f"at most max_model_len={self.max_model_len}"
             )
         return text, ids
+
+
+def check_prior_output_tokens(value: object, prompt_len: int) -> int:
+    """`prior_output_tokens` (how many trailing prompt tokens are earlier output of the same
+    sample), or EngineInvalidInput naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= prompt_len:
+        raise EngineInvalidInput(
+            "prior_output_tokens", value, f"an integer in [0, {prompt_len}] (the prompt has {prompt_len} tokens)"
+        )
+    return value
 
 
 @dataclass(slots=True)

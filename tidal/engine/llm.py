@@ -16,7 +16,7 @@ from tqdm import tqdm
 from tidal.config import EngineConfig
 from tidal.engine import control_ops as ops
 from tidal.engine.client import ControlAPI, InprocClient, wait_result
-from tidal.engine.io import PromptInput, RequestState, raise_for_error, unwrap_prompt
+from tidal.engine.io import PromptInput, RequestState, check_prior_output_tokens, raise_for_error, unwrap_prompt
 from tidal.engine.messages import AddRequest, EngineDead, EngineInvalidInput, EngineState
 from tidal.outputs import RequestOutput
 from tidal.sampling_params import SamplingParams
@@ -48,6 +48,21 @@ def _engine_config(model: str | None, kwargs: dict[str, Any]) -> EngineConfig:
     return EngineConfig(model=model, **kwargs)
 
 
+def _per_prompt_priors(value: int | Sequence[int], prompt_lens: list[int]) -> list[int]:
+    """LLM.generate's prior_output_tokens, one checked entry per prompt."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != len(prompt_lens):
+            raise EngineInvalidInput(
+                "prior_output_tokens",
+                list(value),
+                f"one integer for every prompt, or a list of one per prompt ({len(prompt_lens)})",
+            )
+        values: list[object] = list(value)
+    else:
+        values = [value] * len(prompt_lens)
+    return [check_prior_output_tokens(k, n) for k, n in zip(values, prompt_lens)]
+
+
 class LLM(ControlAPI[dict[str, Any]]):
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         self.config = _engine_config(model, engine_kwargs)
@@ -64,7 +79,12 @@ class LLM(ControlAPI[dict[str, Any]]):
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         request_ids: Sequence[str] | None = None,
+        prior_output_tokens: int | Sequence[int] = 0,
     ) -> list[RequestOutput]:
+        """`prior_output_tokens` (one for every prompt, or one per prompt): how many trailing
+        tokens of the prompt are earlier output of this same sample, so that a sample cut after
+        k tokens and continued over prompt + those k tokens samples as the uncut one would
+        (seeded noise, presence/frequency penalties); budgets and outputs stay the request's own."""
         if isinstance(prompts, (str, Mapping)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -81,6 +101,7 @@ class LLM(ControlAPI[dict[str, Any]]):
         ids = list(request_ids) if request_ids is not None else [self.engine.new_request_id() for _ in prompts]
         # Validate everything before anything is sent: a bad prompt changes no state.
         processed = [self.engine.input.process(p, sp) for p, sp in zip(prompts, params_list)]
+        priors = _per_prompt_priors(prior_output_tokens, [len(toks) for _, toks in processed])
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         states = {
             rid: RequestState(rid, text, toks, sp, self.tokenizer)
@@ -89,9 +110,9 @@ class LLM(ControlAPI[dict[str, Any]]):
         for rid in ids:
             self.engine.register(rid, inbox.put)
         try:
-            for rid, (_, toks), sp in zip(ids, processed, params_list):
+            for rid, (_, toks), sp, k in zip(ids, processed, params_list, priors):
                 # Offline: one output per sample when it finishes, no per-token traffic.
-                self.engine.core.submit(AddRequest(rid, toks, sp, final_only=True))
+                self.engine.core.submit(AddRequest(rid, toks, sp, final_only=True, prior_output_tokens=k))
             self._collect(states, inbox, use_tqdm and len(ids) > 1)
         finally:
             for rid in ids:

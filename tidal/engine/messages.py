@@ -29,6 +29,8 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     final_only: bool = False  # emit nothing until the request finishes (offline generate)
+    # The last K prompt tokens are earlier output of this same sample (engine/request.py).
+    prior_output_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -30,6 +30,10 @@ class Request:
     seed: int  # per-sample seed (derived from params.seed, or drawn by the engine)
     eos_token_ids: tuple[int, ...] = ()
     max_model_len: int = 1 << 30
+    # The last K prompt tokens are earlier output of this same sample (a continuation after a
+    # move): the sampler's step index and presence/frequency penalties count them as output;
+    # max_tokens, min_tokens and the outputs reported count only this request's own tokens.
+    prior_output_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)  # prompt + output, grows as we decode
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[dict[int, float]] = field(default_factory=list)

@@ -8,14 +8,15 @@ field over `dataclasses.fields(SamplingParams)`, so a new field cannot be droppe
 
 What a continuation keeps exactly, and what it cannot:
 - greedy and seeded sampling: the continuation runs as sample 0 of an n=1 request with the
-  sample's own seed (`derive_seed`); the sampler keys its noise on (seed, output step) and the
-  step restarts at 0 after a move, so a seeded sample's tokens after the move differ from an
-  unmoved run (they are deterministic given where it moved);
-- repetition_penalty counts prompt + output tokens: the tokens generated before the move are in
-  the continuation's prompt, so it counts the same tokens;
-- presence/frequency penalties count output tokens only, and the engine has no field to count
-  prompt tokens as output: after a move they see only the tokens generated since, so a sample
-  that uses them equals a fresh request over prompt + tokens so far, not an unmoved run;
+  sample's own seed (`derive_seed`) and `prior_output_tokens` = the tokens it already produced
+  (plus any the original body declared): the engine's sampler keys its noise on (seed, output
+  step) and counts those tokens as steps already taken, so a seeded sample continues the
+  sequence an unmoved run produces (given the same weights and batch-invariant numerics);
+- repetition_penalty counts prompt + output tokens, presence/frequency penalties output tokens:
+  the tokens generated before the move are in the continuation's prompt, and the engine counts
+  the last `prior_output_tokens` of it as output, so both count what an unmoved run counts;
+- the budget: max_tokens and min_tokens are reduced by what was produced (the engine's budget
+  fields count the request's own tokens), so the client sees the count it asked for;
 - stop strings and stop ids apply after the move; one spanning the seam is not matched;
 - prompt logprobs and echo belong to the first event, which the client already has; a request
   that moves before anything reached the client is re-sent whole instead (migrate.py).
@@ -108,11 +109,26 @@ def _generate_state(body: dict, prompt_index: int) -> dict[str, Any]:
     return state
 
 
+def prior_output_tokens(surface: str, body: dict, prompt_index: int = 0) -> int:
+    """How many trailing prompt tokens the original body declared earlier output of the sample
+    (/generate's `prior_output_tokens`, one for all prompts or one per prompt); 0 elsewhere."""
+    k = body.get("prior_output_tokens", 0) if surface == "generate" else 0
+    if isinstance(k, list):
+        k = k[prompt_index]
+    return int(k or 0)
+
+
 def continuation_body(
-    state: dict[str, Any], input_ids: list[int], produced: int, sample_in_prompt: int, request_id: str
+    state: dict[str, Any],
+    input_ids: list[int],
+    produced: int,
+    sample_in_prompt: int,
+    request_id: str,
+    prior: int = 0,
 ) -> dict:
     """The `/generate` stream that continues one sample over `input_ids` (prompt + its tokens so
-    far): the state's fields under /generate's names, n=1, the remaining budget."""
+    far): the state's fields under /generate's names, n=1, the remaining budget, and the tokens
+    produced (plus the original's own `prior` ones) declared earlier output of the sample."""
     sp = {GENERATE_NAME[k]: v for k, v in state.items() if GENERATE_NAME[k] is not None}
     sp.update(
         n=1,
@@ -127,6 +143,7 @@ def continuation_body(
         "sampling_params": sp,
         "stream": True,
         "request_id": request_id,
+        "prior_output_tokens": prior + produced,
         "return_logprob": state["logprobs"] is not None,
         "incremental_streaming_output": True,
     }

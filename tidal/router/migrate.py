@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import msgspec
 
-from tidal.router.continuation import continuation_body, sampling_state
+from tidal.router.continuation import continuation_body, prior_output_tokens, sampling_state
 from tidal.router.replicas import NoReplica, Replica, prefix_key
 from tidal.router.upstream import Response, UpstreamError
 
@@ -507,7 +507,8 @@ class Flight:
     def _continuation_body(self, s: Sample, rid: str, rep: Replica) -> dict:
         prompt = self._prompt(s)
         state = sampling_state(self.surface, self.body, s.prompt_index, len(prompt), rep.weights.get("max_model_len"))
-        return continuation_body(state, prompt + s.tokens, len(s.tokens), s.in_prompt, rid)
+        prior = prior_output_tokens(self.surface, self.body, s.prompt_index)
+        return continuation_body(state, prompt + s.tokens, len(s.tokens), s.in_prompt, rid, prior)
 
 
 _decode = msgspec.json.Decoder().decode

@@ -25,6 +25,7 @@ class BatchRequest(Protocol):
     pending_row: int
     pending_step: int
     num_prompt_tokens: int
+    prior_output_tokens: int  # trailing prompt tokens that are earlier output of the sample
     prompt_logprobs: list[float]
 
     @property

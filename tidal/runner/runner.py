@@ -464,7 +464,9 @@ class ModelRunner:
             if row is None:
                 row = cache[r] = SamplingTensors.row(r.params, r.seed, self.config.logprobs_mode)
             rows.append(row)
-        return SamplingTensors.from_rows(rows, [r.num_output_tokens for r in targets], self.staging)
+        # A continuation's step index goes on from the output it already had (seeded noise continues).
+        steps = [r.prior_output_tokens + r.num_output_tokens for r in targets]
+        return SamplingTensors.from_rows(rows, steps, self.staging)
 
     def _penalty_tensors(self, targets: list[BatchRequest], prev: StepHandle | None) -> PenaltyTensors | None:
         """The penalties of a step whose targets use any, with the tokens each row counts. A
@@ -479,7 +481,8 @@ class ModelRunner:
             if not p.has_penalties:
                 continue
             floats[:, i] = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
-            n_prompt = r.num_prompt_tokens
+            # a continuation's earlier output is counted as output, once (not also as prompt)
+            n_prompt = r.num_prompt_tokens - r.prior_output_tokens
             outputs = r.token_ids[n_prompt:]
             if outputs and outputs[-1] == PLACEHOLDER:
                 outputs = outputs[:-1]

@@ -42,7 +42,7 @@ import zmq.asyncio
 from tidal.config import EngineConfig
 from tidal.engine import control_ops as ops
 from tidal.engine.client import DEFAULT_CONTROL_TIMEOUT_S, ControlAPI, ControlTimeout
-from tidal.engine.io import InputProcessor, Prompt, RequestState
+from tidal.engine.io import InputProcessor, Prompt, RequestState, check_prior_output_tokens
 from tidal.engine.messages import (
     AddRequest,
     EngineDead,
@@ -481,16 +481,19 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         delta: bool = False,
         timeout_s: float | None = None,
         prompt_token_ids: list[int] | None = None,
+        prior_output_tokens: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yields RequestOutputs as tokens arrive (cumulative, or only what is new with
         `delta=True`); the last one has `finished=True`. Closing the iterator early aborts the
         request. Raises ValueError (bad prompt), EngineNotServing (rejected while paused),
-        EngineDead, RequestTimeout."""
+        EngineDead, RequestTimeout. `prior_output_tokens`: how many trailing prompt tokens are
+        earlier output of this same sample (EngineInvalidInput unless in [0, prompt length])."""
         params = sampling_params or SamplingParams()
         if prompt_token_ids is None:
             text, ids = self.process_prompt(prompt, params)
         else:
             text, ids = (prompt if isinstance(prompt, str) else None), prompt_token_ids
+        check_prior_output_tokens(prior_output_tokens, len(ids))
         self._check_admit()
         rid = request_id or self.new_request_id()
         if rid in self._routes:
@@ -502,7 +505,7 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         timer = asyncio.get_running_loop().call_later(timeout, chan.expire)
         finished = False
         try:
-            self._send(P.ADD, AddRequest(rid, ids, params))
+            self._send(P.ADD, AddRequest(rid, ids, params, prior_output_tokens=prior_output_tokens))
             while not finished:
                 try:
                     outs = await chan.take()

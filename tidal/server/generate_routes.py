@@ -45,6 +45,7 @@ class _Prompt:
     params: SamplingParams
     first_index: int  # its samples' place in the answer's list
     logprob_start: int  # -1: no prompt logprobs
+    prior_output_tokens: int  # trailing prompt tokens that are earlier output of the sample
 
 
 class GenerateRoutes:
@@ -67,14 +68,19 @@ class GenerateRoutes:
         prompts, batch = self._prompts(body)
         sps = self._sampling_list(body.sampling_params, len(prompts), batch)
         rids, label = self._rids(body, len(prompts), batch)
+        priors = self._priors(body, len(prompts), batch)
         fields = Fields("input_ids" if body.input_ids is not None else "text", "sampling_params.")
         jobs, first = [], 0
-        for i, (p, sp, rid) in enumerate(zip(prompts, sps, rids)):
+        for i, (p, sp, rid, prior) in enumerate(zip(prompts, sps, rids, priors)):
             prefix = f"sampling_params.{i}." if isinstance(body.sampling_params, list) else "sampling_params."
             params = self._params(body, sp, prefix)
             ((text, ids),) = await self.core.prepare([p], params, fields)
             start = self._logprob_start(body, len(ids))
-            jobs.append(_Prompt(rid, text, ids, params, first, start))
+            if prior > len(ids):
+                raise APIError.invalid(
+                    self._prior_field(body, i), prior, f"an integer <= the prompt's length ({len(ids)} tokens)"
+                )
+            jobs.append(_Prompt(rid, text, ids, params, first, start, prior))
             first += params.n
         incremental = body.stream and body.incremental_streaming_output
         gens = [
@@ -86,6 +92,7 @@ class GenerateRoutes:
                 delta=incremental,
                 timeout_s=body.timeout_s,
                 prompt_token_ids=j.ids,
+                prior_output_tokens=j.prior_output_tokens,
             )
             for j in jobs
         ]
@@ -137,6 +144,19 @@ class GenerateRoutes:
             return [self.core.request_id(r, "gen") for r in given], given[0]
         rid = self.core.request_id(given, "gen")
         return ([rid] if not batch else [f"{rid}-{i}" for i in range(count)]), rid
+
+    @staticmethod
+    def _priors(body: S.GenerateRequest, count: int, batch: bool) -> list[int]:
+        k = body.prior_output_tokens
+        if not isinstance(k, list):
+            return [k] * count
+        if not batch or len(k) != count:
+            raise APIError.invalid("prior_output_tokens", k, f"one integer, or a list of one per prompt ({count})")
+        return k
+
+    @staticmethod
+    def _prior_field(body: S.GenerateRequest, i: int) -> str:
+        return f"prior_output_tokens.{i}" if isinstance(body.prior_output_tokens, list) else "prior_output_tokens"
 
     @staticmethod
     def _pick(sp: S.GenerateSamplingParams, sglang: str, tidal: str, default: Any) -> Any:

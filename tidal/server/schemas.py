@@ -166,6 +166,9 @@ class GenerateRequest(_SGLangBody):
     incremental_streaming_output: StrictBool = False  # per request, SGLang's server flag
     log_metrics: StrictBool = True  # accepted and ignored (docs/compatibility.md)
     timeout_s: Timeout | None = None
+    # Tidal's: how many trailing tokens of the prompt (each prompt, or one per prompt) are
+    # earlier output of this same sample; a continuation then samples as the uncut one would.
+    prior_output_tokens: NonNegInt | Annotated[list[NonNegInt], Batch] = 0
     # What sglang-router (and SGLang's own clients) send at their defaults: accepted at those
     # values, refused otherwise (Tidal has no hidden states, byte outputs, entropy or background jobs).
     model: str | None = None  # checked against the served model name
