@@ -1,5 +1,6 @@
-"""The fluid upper bound on simulated utilization: exact where it can be computed by hand, and
-never below what any planner configuration reaches, in either mode."""
+"""The upper bounds on simulated utilization (the fluid bound, and the switch-cost bound that also
+charges load/offload): exact where they can be computed by hand, never below what any planner
+configuration reaches, in either mode, and the switch-cost bound never above the fluid one."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import random
 import pytest
 
 from tidal.cluster import PlannerConfig
+from tidal.cluster.bound import switch_bound
 from tidal.cluster.sim import SimConfig, Workload, compare, fluid_bound, simulate
 
 CONFIGS = [PlannerConfig(), PlannerConfig(guarantee=0.0), PlannerConfig(surplus="shortest_first", guarantee=0.5),
@@ -23,6 +25,7 @@ def test_bound_is_exact_on_a_pipeline_that_never_waits():
     out = compare(w, cfg)
     assert out["shared"].makespan_s == pytest.approx(30.0)
     assert out["bound"] == pytest.approx(0.7)
+    assert out["fluid_bound"] == pytest.approx(0.7)
     assert out["shared"].utilization == pytest.approx(0.7)
     assert out["of_bound"] == pytest.approx(1.0)
 
@@ -38,6 +41,36 @@ def test_bound_of_two_pipelines_is_the_pool_when_their_demand_exceeds_it():
     # of 2 GPUs; over 70 s: six steps (66 s, 120 GPU-s) and 4 s of the seventh rollout (8 GPU-s)
     static = fluid_bound(w, cfg, mode="static")
     assert static == pytest.approx(2 * 128.0 / (4 * 70.0))
+
+
+def test_switch_bound_is_exact_when_every_rollout_pays_one_load_and_offload():
+    # by hand: one GPU, so each step's rollout is one replica: load 2 s, 4 samples of 5 s in its 4
+    # slots (5 GPU-s), offload 1 s, reward 3 s, train 2 s (2 GPU-s): 7 useful GPU-s per 13 s step;
+    # three steps end at 39 s. The fluid bound reaches the same only because it stops at 3 steps
+    w = [Workload("a", rollout_size=4, sample_median_s=5.0, sample_sigma=0.0, reward_s=3.0, train_s=2.0, steps=3)]
+    cfg = SimConfig(num_gpus=1, tp=1, slots=4, load_s=2.0, offload_s=1.0)
+    r = simulate(w, cfg)
+    assert r.makespan_s == pytest.approx(39.0)
+    assert r.utilization == pytest.approx(21 / 39)
+    assert switch_bound(w, cfg, window=(0.0, 39.0)) == pytest.approx(21 / 39, rel=1e-3)
+    # over a horizon the fluid bound fits a fourth step (10 s, free handoffs) into [0, 52]; the
+    # switch bound knows a step takes 13 s: four steps, 28 useful GPU-s
+    cfg.horizon_s = 52.0
+    assert fluid_bound(w, cfg) > 28 / 52 + 0.05
+    assert switch_bound(w, cfg) == pytest.approx(28 / 52, rel=1e-3)
+
+
+def test_switch_bound_charges_loads_when_the_pool_is_contended():
+    # two pipelines whose rollouts want more than the pool: the fluid bound is the pool (1.0); the
+    # switch bound charges every replica's 3 s of load + offload (and lengthens every step by them)
+    w = [Workload(n, rollout_size=64, sample_median_s=4.0, sample_sigma=0.3, reward_s=5.0, train_s=5.0)
+         for n in ("a", "b")]
+    cfg = SimConfig(num_gpus=4, tp=1, slots=4, load_s=2.0, offload_s=1.0, horizon_s=300.0)
+    fluid, switch = fluid_bound(w, cfg), switch_bound(w, cfg)
+    assert fluid == pytest.approx(1.0)
+    assert switch < 0.97
+    r = simulate(w, cfg)
+    assert r.utilization <= switch
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -56,8 +89,11 @@ def test_bound_is_never_below_any_planner_on_random_small_workloads(seed):
         cfg.planner = planner
         for mode in ("static", "shared"):
             r = simulate(wls, cfg, mode)
-            bound = fluid_bound(wls, cfg, mode, (r.window_start_s, r.window_s))
-            assert 0.0 < r.utilization <= bound + 1e-9 <= 1.0 + 2e-9, (planner, mode, r.utilization, bound)
+            window = (r.window_start_s, r.window_s)
+            bound = fluid_bound(wls, cfg, mode, window)
+            switch = switch_bound(wls, cfg, mode, window)
+            assert 0.0 < r.utilization <= switch + 1e-9, (planner, mode, r.utilization, switch)
+            assert switch <= bound + 1e-9 <= 1.0 + 2e-9, (planner, mode, switch, bound)
 
 
 def test_bound_rejects_a_window_it_cannot_measure():
@@ -66,3 +102,9 @@ def test_bound_rejects_a_window_it_cannot_measure():
         fluid_bound(w, SimConfig())
     with pytest.raises(ValueError, match="window"):
         fluid_bound(w, SimConfig(), window=(10.0, 10.0))
+    with pytest.raises(ValueError, match="horizon_s"):
+        switch_bound(w, SimConfig())
+    with pytest.raises(ValueError, match="mode"):
+        switch_bound(w, SimConfig(), mode="fluid", window=(0.0, 10.0))
+    with pytest.raises(ValueError, match="grid"):
+        switch_bound(w, SimConfig(), window=(0.0, 10.0), grid=2)

@@ -502,8 +502,12 @@ def jain(xs: list[float]) -> float:
 def compare(workloads: list[Workload], cfg: SimConfig | None = None) -> dict:
     cfg = cfg or SimConfig()
     static, shared = simulate(workloads, cfg, "static"), simulate(workloads, cfg, "shared")
+    from tidal.cluster.bound import switch_bound  # it builds on this module's workload draws
+
     ratios = {p: shared.mean_step(p) / static.mean_step(p) for p in static.step_times}
-    bound = fluid_bound(workloads, cfg, "shared", (shared.window_start_s, shared.window_s))
+    window = (shared.window_start_s, shared.window_s)
+    fluid = fluid_bound(workloads, cfg, "shared", window)
+    bound = min(fluid, switch_bound(workloads, cfg, "shared", window))
     return {
         "static": static,
         "shared": shared,
@@ -511,6 +515,8 @@ def compare(workloads: list[Workload], cfg: SimConfig | None = None) -> dict:
         "bound": bound,
         "bound_ratio": bound / static.utilization,
         "of_bound": shared.utilization / bound,
+        "fluid_bound": fluid,
+        "of_fluid_bound": shared.utilization / fluid,
         "makespan_ratio": shared.makespan_s / static.makespan_s,
         "step_time_ratio": ratios,
         "fairness": jain([1 / r for r in ratios.values()]),

@@ -130,45 +130,45 @@ class Topology:
     """What the registered specs imply, derived once per register/unregister for the planner.
 
     `group[pid]` numbers the groups of pipelines whose generation clusters overlap (transitively);
-    `gpu_group[g]` is the group whose generation GPUs include g (-1: none); `gpu_replicas[g]` lists
-    every (pipeline, rank) whose replica contains g; `shape[pid]` numbers the distinct generation
-    clusters (same GPUs, same tp), so per-cluster work is done once for pipelines that share one;
-    `first_gpu[pid]` is the lowest GPU of its generation cluster.
+    `gpu_group[g]` is the group whose generation GPUs include g (-1: none); `shape[pid]` numbers the
+    distinct generation clusters (same GPUs, same tp), so per-cluster work is done once for
+    pipelines that share one; `first_gpu[pid]` is the lowest GPU of its generation cluster.
     """
 
     group: dict[str, int]
     gpu_group: list[int]
-    gpu_replicas: list[list[tuple[str, int]]]
     shape: dict[str, int] = field(default_factory=dict)
     first_gpu: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def build(cls, num_gpus: int, pipelines: dict[str, PipelineState]) -> Topology:
         gens = {pid: ps.gen.spec for pid, ps in pipelines.items() if ps.gen is not None and ps.dead is None}
-        parent = {pid: pid for pid in gens}
-
-        def find(p: str) -> str:
-            while parent[p] != p:
-                parent[p] = parent[parent[p]]
-                p = parent[p]
-            return p
-
-        gpu_replicas: list[list[tuple[str, int]]] = [[] for _ in range(num_gpus)]
-        for pid, spec in gens.items():
-            for r, gpus in enumerate(spec.replicas):
-                for g in gpus:
-                    if gpu_replicas[g]:
-                        a, b = find(pid), find(gpu_replicas[g][0][0])
-                        if a != b:
-                            parent[a] = b
-                    gpu_replicas[g].append((pid, r))
-        ids: dict[str, int] = {}
-        group = {pid: ids.setdefault(find(pid), len(ids)) for pid in gens}
-        gpu_group = [group[reps[0][0]] if reps else -1 for reps in gpu_replicas]
+        # pipelines that declare one and the same generation cluster are one shape: the GPU scan is
+        # per shape (256 pipelines all on 4,096 GPUs scan 4,096 GPUs, not a million replica slots)
         shapes: dict[tuple[tuple[int, ...], int], int] = {}
         shape = {pid: shapes.setdefault((spec.gpus, spec.tp), len(shapes)) for pid, spec in gens.items()}
+        parent = list(range(len(shapes)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        seen = [-1] * num_gpus  # the first shape whose generation GPUs include g
+        for (gpus, tp), i in shapes.items():
+            for g in gpus[: len(gpus) - len(gpus) % tp]:  # GPUs of whole replicas only
+                if seen[g] < 0:
+                    seen[g] = i
+                else:
+                    a, b = find(i), find(seen[g])
+                    if a != b:
+                        parent[a] = b
+        ids: dict[int, int] = {}
+        group = {pid: ids.setdefault(find(i), len(ids)) for pid, i in shape.items()}
+        gpu_group = [ids[find(i)] if i >= 0 else -1 for i in seen]
         lowest = {i: min(gpus) for (gpus, _), i in shapes.items()}
-        return cls(group, gpu_group, gpu_replicas, shape, {pid: lowest[i] for pid, i in shape.items()})
+        return cls(group, gpu_group, shape, {pid: lowest[i] for pid, i in shape.items()})
 
 
 @dataclass(slots=True)
