@@ -67,13 +67,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def start_router(urls: list[str], port: int, log_path: str, timeout_s: float) -> subprocess.Popen:
+def start_router(urls: list[str], port: int, log_path: str, timeout_s: float, root: str = ROOT) -> subprocess.Popen:
+    """`tidal router` from the tidal package under `root` (--ab: another commit's tree)."""
     cmd = [sys.executable, "-m", "tidal.router.cli", "router", "--port", str(port), "--log-level", "warning"]
     for u in urls:
         cmd += ["--replica", u]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -122,7 +123,14 @@ def main() -> int:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--timeout", type=float, default=600.0, help="deadline of each load phase (s)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--ab", nargs=2, metavar=("OLD", "NEW"), default=None,
+                    help="git commits: routers from each, alternated --pairs times (ABAB) on the same replicas, each "
+                         "run a direct phase then a routed one (default JSON name replicas_<device>_ab.json)")
+    ap.add_argument("--pairs", type=int, default=3)
+    add_publish_flag(ap)
     args = ap.parse_args()
+    if args.ab:
+        return ab_main(args)
     from tidal.models.tiny import tiny_checkpoint_cached
     model = args.model or tiny_checkpoint_cached("llama")
     prompts, lengths = make_workload(model_vocab(model), args.num_prompts, args.input_len, args.output_len, 0.0, 0)
@@ -176,6 +184,89 @@ def main() -> int:
               f"{100 * (result['router_cpu_share'] or 0):.1f}%   scaling 1 -> {args.replicas}: "
               f"{result['scaling']:.2f}x   load average {result['load_average'][0]:.1f}")
     out = args.out or str(results_dir(args.publish) / f"replicas_{args.device}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
+def _export(commit: str, dest: str) -> str:
+    """The tidal package as of `commit`, in dest (git archive)."""
+    os.makedirs(dest, exist_ok=True)
+    tar = subprocess.run(["git", "-C", ROOT, "archive", commit, "tidal"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=tar, check=True)
+    return dest
+
+
+def ab_main(args) -> int:
+    """Router A/B: old and new routers alternately in front of the same replicas, each run paired
+    with a direct phase just before it, so the load from other tenants moves both sides alike."""
+    from tidal.models.tiny import tiny_checkpoint_cached
+    model = args.model or tiny_checkpoint_cached("llama")
+    prompts, lengths = make_workload(model_vocab(model), args.num_prompts, args.input_len, args.output_len, 0.0, 0)
+    kw = dict(device=args.device, max_num_seqs=args.concurrency, num_kv_blocks=args.num_kv_blocks,
+              block_size=args.block_size)
+    logs = tempfile.mkdtemp(prefix="tidal-replicas-ab-")
+    commits = {label: subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", c], check=True,
+                                     capture_output=True, text=True).stdout.strip()
+               for label, c in zip(("old", "new"), args.ab)}
+    roots = {label: _export(c, os.path.join(logs, label)) for label, c in commits.items()}
+    result: dict = {"config": vars(args) | {"model": model}, "commits": commits, "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "load_average_start": os.getloadavg(), "runs": {"old": [], "new": []}}
+    procs, ports = [], [free_port() for _ in range(args.replicas)]
+    try:
+        for i, port in enumerate(ports):
+            procs.append(start_server(model, dict(kw), port, os.path.join(logs, f"replica{i}.log"), 600))
+        asyncio.run(load(ports, prompts[:8], [4] * 8, 8, 120))
+        for pair in range(args.pairs):
+            for label in ("old", "new"):
+                rport = free_port()
+                router = start_router([f"http://127.0.0.1:{p}" for p in ports], rport,
+                                      os.path.join(logs, f"router-{label}-{pair}.log"), 120, roots[label])
+                try:
+                    asyncio.run(load([rport], prompts[:8], [4] * 8, 8, 120))
+                    groups = {"replicas": [p.pid for p in procs], "router": [router.pid]}
+                    run: dict = {}
+                    for name, target in (("direct", ports), ("router", [rport])):
+                        before = {k: cpu_seconds(v) for k, v in groups.items()}
+                        results, duration = asyncio.run(load(target, prompts, lengths, args.concurrency, args.timeout))
+                        summary = summarize(results, duration)
+                        summary["cpu_s"] = {k: round(cpu_seconds(v) - before[k], 3) for k, v in groups.items()}
+                        summary["cpu_us_per_token"] = {k: round(1e6 * v / max(1, summary["output_tokens"]), 1)
+                                                       for k, v in summary["cpu_s"].items()}
+                        run[name] = summary
+                    d, r = run["direct"]["output_tok_s"], run["router"]["output_tok_s"]
+                    run["overhead"] = 1 - r / d if d else None
+                    cpu = run["router"]["cpu_s"]
+                    run["router_cpu_share"] = cpu["router"] / cpu["replicas"] if cpu["replicas"] else None
+                    run["load_average"] = os.getloadavg()
+                    result["runs"][label].append(run)
+                    print(f"pair {pair} {label:<4} direct {d:8.1f} tok/s  router {r:8.1f} tok/s  overhead "
+                          f"{100 * (run['overhead'] or 0):6.1f}%  router {run['router']['cpu_us_per_token']['router']:6.1f}"
+                          f" us/tok  replicas {run['router']['cpu_us_per_token']['replicas']:6.1f} us/tok  share "
+                          f"{100 * (run['router_cpu_share'] or 0):5.1f}%  failed {run['router']['failed']}", flush=True)
+                finally:
+                    stop_server(router, 10)
+    finally:
+        for p in procs:
+            stop_server(p, 10)
+
+    def median(xs):
+        xs = sorted(x for x in xs if x is not None)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2 if xs else None
+
+    result["summary"] = {label: {
+        "overhead_median": median([r["overhead"] for r in runs]),
+        "router_us_per_token_median": median([r["router"]["cpu_us_per_token"]["router"] for r in runs]),
+        "replica_us_per_token_median": median([r["router"]["cpu_us_per_token"]["replicas"] for r in runs]),
+        "router_cpu_share_median": median([r["router_cpu_share"] for r in runs]),
+    } for label, runs in result["runs"].items()}
+    result["load_average_end"] = os.getloadavg()
+    for label, sm in result["summary"].items():
+        print(f"{label} ({commits[label]}): median overhead {100 * (sm['overhead_median'] or 0):.1f}%, router "
+              f"{sm['router_us_per_token_median']} us/token, share {100 * (sm['router_cpu_share_median'] or 0):.1f}%")
+    out = args.out or str(results_dir(args.publish) / f"replicas_{args.device}_ab.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {out}")

@@ -84,6 +84,56 @@ def test_surfaces_and_n8_affinity(fleet):
     assert len(pinned) == 1
 
 
+
+def _raw_events(body: bytes) -> list[bytes]:
+    return [ev for ev in body.split(b"\n\n") if ev]
+
+
+def test_stream_ends_with_the_last_events_then_done_and_usage_when_asked(fleet):
+    router, (a, _) = fleet
+    for extra, usage in (({}, False), ({"stream_options": {"include_usage": True}}, True)):
+        body = {"prompt": "hello", "max_tokens": 5, "temperature": 0.0, "ignore_eos": True, "stream": True,
+                "return_token_ids": True, **extra}
+        r = httpx.post(router.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _raw_events(r.content)
+        assert events[-1] == b"data: [DONE]" and events.count(b"data: [DONE]") == 1
+        parsed = [json.loads(ev[6:]) for ev in events[:-1]]
+        if usage:
+            assert parsed[-1]["choices"] == [] and parsed[-1]["usage"]["completion_tokens"] == 5
+            assert parsed[-1]["usage"]["prompt_tokens"] > 0
+            parsed = parsed[:-1]
+        assert parsed[-1]["choices"][0]["finish_reason"] == "length"
+        assert [t for ev in parsed for c in ev["choices"] for t in c["token_ids"]] == httpx.post(
+            a.url + "/v1/completions", json={**body, "stream": False}, timeout=60).json()["choices"][0]["token_ids"]
+
+
+@pytest.mark.asyncio
+async def test_client_that_leaves_mid_stream_ends_its_flight(fleet):
+    """The router stops the flight (and so its upstream stream) when the client disconnects."""
+    router, _ = fleet
+    host, port = router.url.split("//")[1].split(":")
+    body = json.dumps({"prompt": "leave", "max_tokens": 400, "temperature": 0.0, "ignore_eos": True,
+                       "stream": True}).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    got = b""
+    while b"data: {" not in got:  # the first event arrived: the flight is streaming
+        chunk = await asyncio.wait_for(reader.read(1 << 16), 60)
+        assert chunk, got
+        got += chunk
+    async with httpx.AsyncClient(timeout=30) as client:
+        assert (await client.get(router.url + "/v1/state")).json()["in_flight"] == 1
+        writer.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while (await client.get(router.url + "/v1/state")).json()["in_flight"] and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        assert (await client.get(router.url + "/v1/state")).json()["in_flight"] == 0
+    assert "Exception in ASGI application" not in router.output()
+
 async def test_pause_abort_returns_partial_outputs_from_both(fleet):
     router, (a, b) = fleet
     body = {"max_tokens": 300, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}

@@ -106,6 +106,8 @@ class Flight:
         self._pumps: list[asyncio.Task] = []
         self._queue: asyncio.Queue | None = None
         self._first: Response | None = None
+        self._direct: Response | None = None  # the stream `_read` reads now
+        self._failure: str | None = None  # why the segment's upstream failed
 
     @property
     def weight(self) -> int:
@@ -221,24 +223,69 @@ class Flight:
     async def _run_segment(self, segment: int) -> AsyncGenerator[list[dict | bytes], None]:
         rep = self.replica
         assert rep is not None
+        self._failure = None
+        if self._first is not None:  # the whole request, first sent or re-sent: one stream, read right here
+            self._direct, self._first = self._first, None
+            batches = self._read(self._direct)
+        else:
+            batches = self._read_pumps(segment, rep)
+        try:
+            async for out in batches:
+                yield out
+        finally:
+            await batches.aclose()
+        self._stop_pumps()
+        failure = self._failure
+        if failure is not None and not self.moving:
+            self.router.log.warning(
+                "%s: replica %s failed mid-request (%s); continuing elsewhere", self.rid, rep.url, failure
+            )
+            if failure.startswith("connection"):
+                self.router.replicas.mark_down(rep, failure)
+
+    async def _read(self, resp: Response) -> AsyncGenerator[list[dict | bytes], None]:
+        """One upstream stream read in the flight's own task: client events per socket read. No
+        pump task and queue between (they were a task wake-up per event); `move` closes the
+        connection to stop it, and what was read before is forwarded as with the queue."""
+        try:
+            if self.moving:
+                return
+            async for payloads in resp.events():
+                if self.moving:  # what was read after `move` stays unforwarded: a continuation regenerates it
+                    return
+                out: list[dict | bytes] = []
+                for data in payloads:
+                    obj = _decode(data)
+                    if "error" in obj:
+                        self._failure = f"upstream error: {obj['error']}"
+                        return
+                    out += self._absorb(None, (obj, data))
+                if out:
+                    yield out
+        except UpstreamError as e:
+            self._failure = f"connection: {e}"
+        except (ValueError, msgspec.DecodeError) as e:
+            self._failure = f"bad upstream event: {e}"
+        finally:
+            self._direct = None
+            await resp.aclose()
+
+    async def _read_pumps(self, segment: int, rep: Replica) -> AsyncGenerator[list[dict | bytes], None]:
+        """A continuation stream per unfinished sample, each read by a pump task into one queue."""
         queue: asyncio.Queue = asyncio.Queue()
         self._queue = queue
         if self.moving:  # drained while this segment was being placed
             queue.put_nowait(("moved", None, None))
-        if self._first is not None:  # the whole request, first sent or re-sent
-            self._pumps = [asyncio.get_running_loop().create_task(self._pump(queue, None, self._first, None))]
-            self._first = None
-        else:
-            self._pumps = []
-            for s in self.unfinished():
-                rid = f"{self.rid}.m{segment}.{s.index}"
-                self.upstream_ids.append(rid)
-                self._pumps.append(
-                    asyncio.get_running_loop().create_task(
-                        self._pump(queue, s, None, (rep, self._continuation_body(s, rid, rep)))
-                    )
+        self._pumps = []
+        for s in self.unfinished():
+            rid = f"{self.rid}.m{segment}.{s.index}"
+            self.upstream_ids.append(rid)
+            self._pumps.append(
+                asyncio.get_running_loop().create_task(
+                    self._pump(queue, s, None, (rep, self._continuation_body(s, rid, rep)))
                 )
-        live, failure, moved = len(self._pumps), None, False
+            )
+        live, moved = len(self._pumps), False
         while live and not moved:
             out: list[dict | bytes] = []
             item = await queue.get()
@@ -251,20 +298,13 @@ class Flight:
                     break
                 else:
                     live -= 1
-                    if kind == "fail" and failure is None:
-                        failure = payload
+                    if kind == "fail" and self._failure is None:
+                        self._failure = payload
                 if queue.empty():
                     break
                 item = queue.get_nowait()
             if out:
                 yield out
-        self._stop_pumps()
-        if failure is not None and not self.moving:
-            self.router.log.warning(
-                "%s: replica %s failed mid-request (%s); continuing elsewhere", self.rid, rep.url, failure
-            )
-            if failure.startswith("connection"):
-                self.router.replicas.mark_down(rep, failure)
 
     async def _pump(
         self, queue: asyncio.Queue, sample: Sample | None, resp: Response | None, request: tuple[Replica, dict] | None
@@ -311,6 +351,8 @@ class Flight:
         self.moving = True
         if self._queue is not None:
             self._queue.put_nowait(("moved", None, None))
+        if self._direct is not None and self._direct.conn is not None:
+            self._direct.conn.close()  # wakes `_read`, which stops there
 
     # -- upstream event -> client event ------------------------------------------------------
     def _absorb(self, cont: Sample | None, event: tuple[dict, bytes]) -> list[dict | bytes]:
