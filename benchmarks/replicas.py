@@ -53,6 +53,18 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def timed_phase(target: list[int], groups: dict[str, list[int]], prompts, lengths, args) -> dict:
+    """One load run against the ports `target`: its summary, plus the CPU seconds (and us per
+    output token) each group of processes used meanwhile."""
+    before = {k: cpu_seconds(v) for k, v in groups.items()}
+    results, duration = asyncio.run(load(target, prompts, lengths, args.concurrency, args.timeout))
+    summary = summarize(results, duration)
+    summary["cpu_s"] = {k: round(cpu_seconds(v) - before[k], 3) for k, v in groups.items()}
+    summary["cpu_us_per_token"] = {k: round(1e6 * v / max(1, summary["output_tokens"]), 1)
+                                   for k, v in summary["cpu_s"].items()}
+    return summary
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds of these processes and their descendants so far."""
     total, tick = 0.0, os.sysconf("SC_CLK_TCK")
@@ -153,13 +165,7 @@ def main() -> int:
                   (f"{args.replicas} replicas via router", [rport])]
         groups = {"replicas": [p.pid for p in procs[:-1]], "router": [procs[-1].pid]}
         for name, target in phases:
-            before = {k: cpu_seconds(v) for k, v in groups.items()}
-            results, duration = asyncio.run(load(target, prompts, lengths, args.concurrency, args.timeout))
-            summary = summarize(results, duration)
-            summary["cpu_s"] = {k: round(cpu_seconds(v) - before[k], 3) for k, v in groups.items()}
-            summary["cpu_us_per_token"] = {k: round(1e6 * v / max(1, summary["output_tokens"]), 1)
-                                           for k, v in summary["cpu_s"].items()}
-            result["phases"][name] = summary
+            result["phases"][name] = timed_phase(target, groups, prompts, lengths, args)
     finally:
         for p in procs:
             stop_server(p, 10)
@@ -229,13 +235,7 @@ def ab_main(args) -> int:
                     groups = {"replicas": [p.pid for p in procs], "router": [router.pid]}
                     run: dict = {}
                     for name, target in (("direct", ports), ("router", [rport])):
-                        before = {k: cpu_seconds(v) for k, v in groups.items()}
-                        results, duration = asyncio.run(load(target, prompts, lengths, args.concurrency, args.timeout))
-                        summary = summarize(results, duration)
-                        summary["cpu_s"] = {k: round(cpu_seconds(v) - before[k], 3) for k, v in groups.items()}
-                        summary["cpu_us_per_token"] = {k: round(1e6 * v / max(1, summary["output_tokens"]), 1)
-                                                       for k, v in summary["cpu_s"].items()}
-                        run[name] = summary
+                        run[name] = timed_phase(target, groups, prompts, lengths, args)
                     d, r = run["direct"]["output_tok_s"], run["router"]["output_tok_s"]
                     run["overhead"] = 1 - r / d if d else None
                     cpu = run["router"]["cpu_s"]
