@@ -13,7 +13,8 @@
    donors with the most negative gap, never below one replica for a donor with open demand, not
    from donors close to finishing, and only when both sides are more than `0.5 + hysteresis`
    replicas off target, so a move never invites the reverse move. Idle GPUs left over go to
-   whoever can use them (work conservation).
+   whoever can use them (work conservation). Above a floor (`guarantee`), the share is split by
+   `surplus`: the gap ratio, fewest remaining samples first, or most completed samples first.
 
 One job past 400 lines: one planning pass and the donor/receiver search it runs, kept together so
 the pass reads top to bottom."""
