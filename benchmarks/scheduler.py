@@ -139,10 +139,12 @@ def planning(quick: bool, config: PlannerConfig = PlannerConfig()) -> list[dict]
 WORKLOADS = ("agentic", "agentic-offset", "balanced", "long-tail", "gen-bound")
 # (name, PlannerConfig, declare max_num_seqs): the default (shortest-remaining-first surplus over
 # half the static-share floor), the previous default (gap ratio over the full floor), shortest-first
-# over the full floor, and the default without max_num_seqs (no tail packing) to show what packing adds
+# over the full floor, most-completed-first over the half floor (the candidate that staggers further,
+# less fairly), and the default without max_num_seqs (no tail packing) to show what packing adds
 POLICIES = [("default (shortest_first g=0.5)", PlannerConfig(), True),
             ("proportional g=1 (old default)", PlannerConfig(surplus="proportional", guarantee=1.0), True),
             ("shortest_first g=1", PlannerConfig(surplus="shortest_first", guarantee=1.0), True),
+            ("most_done_first g=0.5", PlannerConfig(surplus="most_done_first"), True),
             ("default, no packing", PlannerConfig(), False)]
 
 

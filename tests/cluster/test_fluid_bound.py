@@ -12,7 +12,8 @@ from tidal.cluster import PlannerConfig
 from tidal.cluster.bound import switch_bound
 from tidal.cluster.sim import SimConfig, Workload, compare, fluid_bound, simulate
 
-CONFIGS = [PlannerConfig(), PlannerConfig(guarantee=0.0), PlannerConfig(surplus="shortest_first", guarantee=0.5),
+CONFIGS = [PlannerConfig(), PlannerConfig(guarantee=0.0), PlannerConfig(surplus="most_done_first"),
+           PlannerConfig(surplus="shortest_first", guarantee=0.5),
            PlannerConfig(surplus="shortest_first", guarantee=0.0, hysteresis=0.0, protect_fraction=0.0)]
 
 

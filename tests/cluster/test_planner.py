@@ -135,6 +135,25 @@ def test_shortest_first_surplus_finishes_the_nearest_rollout_first():
         PlannerConfig(surplus="fastest")
 
 
+def test_most_done_first_lets_the_rollout_under_way_keep_its_gpus():
+    """most_done_first: a rollout that has completed more samples keeps the surplus when a shorter
+    one opens (shortest_first would hand it to the newcomer)."""
+    def run(surplus: str) -> tuple[int, int]:
+        st_ = SchedulerState(8)
+        for pid in ("a", "b", "c", "d"):
+            st_.register(spec(pid, None, list(range(8))))
+        cfg = PlannerConfig(surplus=surplus, guarantee=0.5)
+        st_.open_generation("a", 400)
+        settle(st_, config=cfg)
+        st_.report_progress("a", completed=300)  # 100 left, 300 done
+        st_.open_generation("b", 60)  # fewer left, none done
+        settle(st_, config=cfg)
+        return len(active(st_, "a")), len(active(st_, "b"))
+
+    assert run("most_done_first") == (7, 1)  # b gets its floor: half of an equal split of 8 over 4
+    assert run("shortest_first") == (1, 7)
+
+
 def test_min_one_replica_even_against_the_ratio():
     st_ = SchedulerState(4)
     st_.register(spec("big", None, [0, 1, 2, 3]))
@@ -189,7 +208,7 @@ def test_shrink_prefers_donor_with_most_negative_gap_and_spares_near_finish():
 def test_tail_packs_onto_the_replicas_its_samples_fill():
     """With max_num_seqs=16, a rollout with 10 samples left needs one replica: a newly opened
     pipeline gets the other seven, although the tail pipeline is protected (close to finishing)."""
-    for surplus in ("proportional", "shortest_first"):
+    for surplus in ("proportional", "shortest_first", "most_done_first"):
         cfg = PlannerConfig(surplus=surplus)
         st_ = SchedulerState(8)
         for pid in ("a", "b"):
@@ -355,7 +374,7 @@ def pools(draw):
 
 configs = st.builds(PlannerConfig, hysteresis=st.sampled_from([0.0, 0.25, 1.0]),
                     protect_fraction=st.sampled_from([0.0, 0.05, 0.5]), guarantee=st.sampled_from([0.0, 0.5, 1.0]),
-                    surplus=st.sampled_from(["proportional", "shortest_first"]))
+                    surplus=st.sampled_from(["proportional", "shortest_first", "most_done_first"]))
 
 
 def apply_event(state: SchedulerState, inflight: list, rng: random.Random, kind: str,

@@ -13,7 +13,8 @@
    donors with the most negative gap, never below one replica for a donor with open demand, not
    from donors close to finishing, and only when both sides are more than `0.5 + hysteresis`
    replicas off target, so a move never invites the reverse move. Idle GPUs left over go to
-   whoever can use them (work conservation).
+   whoever can use them (work conservation). Above a floor (`guarantee`), the share is split by
+   `surplus`: the gap ratio, fewest remaining samples first, or most completed samples first.
 
 One job past 400 lines: one planning pass and the donor/receiver search it runs, kept together so
 the pass reads top to bottom."""
@@ -44,6 +45,9 @@ class Slot(IntEnum):
 FREE, HELD, BLOCKED, SETTLED, BUSY, HANDOFF = map(int, Slot)
 
 
+SURPLUS = ("proportional", "shortest_first", "most_done_first")
+
+
 @dataclass(slots=True, frozen=True)
 class PlannerConfig:
     hysteresis: float = 0.25
@@ -57,13 +61,17 @@ class PlannerConfig:
     half floor lets shortest-first stagger the pipelines' phases (benchmarks/scheduler.py: the best
     worst-workload fraction of the fluid bound of the configurations measured)."""
     surplus: str = "shortest_first"
-    """How GPUs above the floors are split: "proportional" to remaining x tp (the gap ratio), or
+    """How GPUs above the floors are split: "proportional" to remaining x tp (the gap ratio),
     "shortest_first" (fewest remaining samples first, each up to one replica per sample), which
-    staggers pipelines' phases instead of making their rollouts finish together."""
+    staggers pipelines' phases instead of making their rollouts finish together, or
+    "most_done_first" (most completed samples of the current rollout first): a rollout under way
+    keeps its GPUs when another opens, which staggers further (fewer idle gaps while every pipeline
+    is in env/train) at a cost in fairness: a small rollout waits on its floor behind a large one
+    (benchmarks/README.md, Scheduler)."""
 
     def __post_init__(self) -> None:
-        if self.surplus not in ("proportional", "shortest_first"):
-            raise ValueError(f"surplus={self.surplus!r}: expected 'proportional' or 'shortest_first'")
+        if self.surplus not in SURPLUS:
+            raise ValueError(f"surplus={self.surplus!r}: expected one of {', '.join(map(repr, SURPLUS))}")
         if not 0.0 <= self.guarantee <= 1.0:
             raise ValueError(f"guarantee={self.guarantee!r}: expected a fraction in [0, 1]")
 
@@ -223,8 +231,12 @@ class _Planner:
             if self.cfg.surplus == "proportional":
                 split = _water_fill(total, demand, lo, hi)
             else:
+                if self.cfg.surplus == "shortest_first":
+                    order = sorted(members, key=lambda p: (demand[p], p))
+                else:
+                    order = sorted(members, key=lambda p: (-gens[p].completed, p))
                 split, left = dict(lo), total - sum(lo.values())
-                for p in sorted(members, key=lambda p: (demand[p], p)):
+                for p in order:
                     add = max(0.0, min(left, min(hi[p], demand[p]) - split[p]))
                     split[p] += add
                     left -= add
