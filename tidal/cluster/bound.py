@@ -43,7 +43,7 @@ import math
 
 import numpy as np
 
-from tidal.cluster.sim import SimConfig, Workload, rollouts
+from tidal.cluster.sim import SimConfig, Workload, bound_window, rollouts
 
 
 def switch_bound(
@@ -57,13 +57,8 @@ def switch_bound(
     for every planner, charging the load/offload every rollout must pay (module docstring)."""
     if mode not in ("static", "shared"):
         raise ValueError(f"mode={mode!r}: expected 'static' or 'shared'")
-    if window is None:
-        if cfg.horizon_s is None:
-            raise ValueError("window=None needs SimConfig.horizon_s, expected a (start, end) window otherwise")
-        window = (max(w.start_s for w in workloads), cfg.horizon_s)
+    window = bound_window(workloads, cfg, window)
     a, end = window
-    if not end > a:
-        raise ValueError(f"window={window!r}: expected start < end")
     if not isinstance(grid, int) or grid < 10:
         raise ValueError(f"grid={grid!r}: expected an int >= 10 (cells over the window's end)")
     k = cfg.num_gpus // len(workloads)

@@ -474,19 +474,25 @@ def _pipeline_bound(
     return min(best, late)
 
 
+def bound_window(workloads: list[Workload], cfg: SimConfig, window: tuple[float, float] | None) -> tuple[float, float]:
+    """The window a bound is taken over: `window`, or [the last pipeline's start, the horizon]."""
+    if window is None:
+        if cfg.horizon_s is None:
+            raise ValueError("window=None needs SimConfig.horizon_s, expected a (start, end) window otherwise")
+        window = (max(w.start_s for w in workloads), cfg.horizon_s)
+    if not window[1] > window[0]:
+        raise ValueError(f"window={window!r}: expected start < end")
+    return window
+
+
 def fluid_bound(
     workloads: list[Workload], cfg: SimConfig, mode: str = "shared", window: tuple[float, float] | None = None
 ) -> float:
     """An upper bound on `SimResult.utilization` over `window` (default: [last start, horizon]) for
     every scheduler: each pipeline's useful work is capped by its fastest possible run on a fluid
     pool (the whole pool in "shared" mode, its own GPUs in "static"), the sum by the pool."""
-    if window is None:
-        if cfg.horizon_s is None:
-            raise ValueError("window=None needs SimConfig.horizon_s, expected a (start, end) window otherwise")
-        window = (max(w.start_s for w in workloads), cfg.horizon_s)
+    window = bound_window(workloads, cfg, window)
     a, end = window
-    if not end > a:
-        raise ValueError(f"window={window!r}: expected start < end")
     k = cfg.num_gpus // len(workloads)
     pool = float(cfg.num_gpus if mode == "shared" else k)
     capacity = cfg.num_gpus * (end - a)
