@@ -53,6 +53,13 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def write_result(result: dict, out: str) -> int:
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
 def timed_phase(target: list[int], groups: dict[str, list[int]], prompts, lengths, args) -> dict:
     """One load run against the ports `target`: its summary, plus the CPU seconds (and us per
     output token) each group of processes used meanwhile."""
@@ -189,11 +196,7 @@ def main() -> int:
         print(f"router overhead: {100 * result['router_overhead']:.1f}% of throughput   router CPU / replica CPU: "
               f"{100 * (result['router_cpu_share'] or 0):.1f}%   scaling 1 -> {args.replicas}: "
               f"{result['scaling']:.2f}x   load average {result['load_average'][0]:.1f}")
-    out = args.out or str(results_dir(args.publish) / f"replicas_{args.device}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
-    return 0
+    return write_result(result, args.out or str(results_dir(args.publish) / f"replicas_{args.device}.json"))
 
 
 def _export(commit: str, dest: str) -> str:
@@ -266,11 +269,7 @@ def ab_main(args) -> int:
     for label, sm in result["summary"].items():
         print(f"{label} ({commits[label]}): median overhead {100 * (sm['overhead_median'] or 0):.1f}%, router "
               f"{sm['router_us_per_token_median']} us/token, share {100 * (sm['router_cpu_share_median'] or 0):.1f}%")
-    out = args.out or str(results_dir(args.publish) / f"replicas_{args.device}_ab.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out}")
-    return 0
+    return write_result(result, args.out or str(results_dir(args.publish) / f"replicas_{args.device}_ab.json"))
 
 
 if __name__ == "__main__":
