@@ -177,14 +177,18 @@ def test_server_request_ids_are_random_and_reserved(server):
 async def test_a_clash_of_client_ids_fails_only_the_second_client(server):
     async with httpx.AsyncClient(timeout=60) as client:
         first = asyncio.create_task(client.post(server.url + "/v1/completions",
-                                                json={**LONG, "max_tokens": 60, "request_id": "mine"}))
+                                                json={**LONG, "request_id": "mine"}))
         deadline = time.monotonic() + 30
         while (await client.get(server.url + "/v1/state")).json()["num_running"] == 0:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
+        # Held in flight (pause keep) so that it cannot finish before the clash, however fast decode is.
+        paused = await client.post(server.url + "/v1/pause", json={"mode": "keep"})
+        assert paused.status_code == 200 and paused.json()["kept"], paused.text  # still in flight
         r = await client.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2,
                                                                    "request_id": "mine"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "request_id", r.text
+        assert (await client.post(server.url + "/v1/resume")).status_code == 200
         other = await client.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert other.status_code == 200          # users without an id are never affected
         r1 = await asyncio.wait_for(first, 60)
