@@ -23,10 +23,9 @@ every layer of a model; CUDA graphs keep whatever path they were captured with.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 
+from tidal.kernels.cpu_native import RowKernels
 from tidal.kernels.utils import next_pow2
 
 try:
@@ -38,31 +37,6 @@ except ImportError:  # the CPU-only install: the torch ops serve
 FUSED_MODES = ("auto", "on", "off")
 
 
-class FusedOps(Protocol):
-    """One implementation of the three fused ops: the Triton kernels here (`TritonOps`), or the C
-    kernels of tidal.kernels.cpu_native on the CPU (`RowKernels`). A layer's `fused` attribute
-    holds one, or None for the torch ops."""
-
-    def add_rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-
-    def qk_norm_rope(
-        self,
-        qkv: torch.Tensor,
-        num_q_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        positions: torch.Tensor,
-        cos_sin: torch.Tensor,
-        q_weight: torch.Tensor | None,
-        k_weight: torch.Tensor | None,
-        eps: float,
-    ) -> torch.Tensor: ...
-
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor: ...
-
-
 def use_fused_kernels(model: torch.nn.Module, mode: str, device: torch.device) -> str:
     """Set every layer of `model` that has a fused path (a `fused` attribute) to the ops `mode`
     picks for a model on `device`: "auto" takes the Triton kernels on CUDA and the C kernels on
@@ -72,7 +46,7 @@ def use_fused_kernels(model: torch.nn.Module, mode: str, device: torch.device) -
         raise ValueError(f"fused_kernels={mode!r} is invalid: expected one of {list(FUSED_MODES)}")
     if mode == "on" and triton is None:
         raise ValueError("fused_kernels='on' needs Triton, which is not installed: expected 'auto' or 'off'")
-    ops: FusedOps | None = None
+    ops: TritonOps | RowKernels | None = None
     choice = "off"
     if triton is not None and (mode == "on" or (mode == "auto" and device.type == "cuda")):
         ops, choice = TritonOps(), "triton"
@@ -271,8 +245,14 @@ def qk_norm_rope(
 
 
 class TritonOps:
-    """The Triton kernels above, as a FusedOps."""
+    """The Triton kernels above, as one of the two FusedOps."""
 
     add_rms_norm = staticmethod(add_rms_norm)
     qk_norm_rope = staticmethod(qk_norm_rope)
     silu_mul = staticmethod(silu_mul)
+
+
+# A layer's `fused` attribute holds one implementation of the three ops, or None for the torch
+# ops: the Triton kernels (TritonOps) or the CPU's C kernels (tidal.kernels.cpu_native.RowKernels),
+# both with the signatures of the functions above.
+FusedOps = TritonOps | RowKernels
