@@ -131,8 +131,8 @@ def d2d_copy_s(nbytes: int) -> float:
     return statistics.median(times)
 
 
-def stream_gaps(url: str, into: dict, started: threading.Event) -> None:
-    body = {"input_ids": [5, 6, 7, 8], "stream": True, "incremental_streaming_output": True,
+def stream_gaps(url: str, into: dict, started: threading.Event, prompt: list[int] | None = None) -> None:
+    body = {"input_ids": prompt or [5, 6, 7, 8], "stream": True, "incremental_streaming_output": True,
             "sampling_params": {"max_tokens": 3000, "temperature": 0, "ignore_eos": True}}
     stamps = into.setdefault("stamps", [])
     with httpx.stream("POST", url + "/generate", json=body, timeout=600) as r:
@@ -167,7 +167,7 @@ def wait_tokens(stamps: list[float], after: float, n: int, timeout: float = 120)
 
 
 def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root: Path, device: str = "cpu",
-          repeats: int = 3) -> dict:
+          repeats: int = 3, streams: int = 1) -> dict:
     cfg = SHAPES[shape]
     path = write_config(shape, cfg, root)
     port = free_port()
@@ -179,11 +179,15 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
         with WeightSender([url], backend=backend, bucket_bytes=bucket_bytes, timeout_s=300) as sender:
             warm = sender.push(tensors, 1)   # joins the group; the pushes after it are the measured ones
             assert warm.ok, warm.replicas
-            gaps: dict = {}
-            started = threading.Event()
-            t = threading.Thread(target=stream_gaps, args=(url, gaps, started), daemon=True)
-            t.start()
-            started.wait(120)
+            all_gaps: list[dict] = [{} for _ in range(streams)]
+            events = [threading.Event() for _ in range(streams)]
+            threads = [threading.Thread(target=stream_gaps, args=(url, g, e, [5 + i, 6, 7, 8 + i]), daemon=True)
+                       for i, (g, e) in enumerate(zip(all_gaps, events))]
+            for th in threads:
+                th.start()
+            for e in events:
+                e.wait(120)
+            gaps = all_gaps[0]
             stamps = gaps["stamps"]
             wait_tokens(stamps, time.perf_counter(), 5)   # a steady decode before the pushes
             pushes = []
@@ -196,14 +200,17 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
                 wait_tokens(stamps, t_push1, 5)
             # the raw broadcast under the same streaming load as the pushes
             raw_busy_times = raw_broadcast_s(nbytes) if device == "cpu" else None
-            gaps["stop"] = True
-            t.join(60)
+            for g in all_gaps:
+                g["stop"] = True
+            for th in threads:
+                th.join(60)
             idle = [sender.push(tensors, 2 + repeats + i) for i in range(2)]   # nothing generating
             assert all(r.ok for r in idle), [r.replicas for r in idle]
         steady = [b - a for a, b in zip(stamps, stamps[1:]) if b < pushes[0][0] and b > a]
         copy_commit = copy_commit_s(path, tensors) if device == "cpu" else None
         step = statistics.median(steady) if steady else float("nan")
-        runs = [measure_push(stamps, t0, t1, res, url, step) for t0, t1, res in pushes]
+        runs = [max((measure_push(g["stamps"], t0, t1, res, url, step) for g in all_gaps), key=lambda r: r["stall_s"])
+                for t0, t1, res in pushes]   # the stream that waited longest
         prefill = prefill_s(url, runs[-1]["tokens_before"] + 4)
     finally:
         server.terminate()
@@ -217,7 +224,7 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
     push = statistics.median(r["push_s"] for r in runs)
     mid = sorted(runs, key=lambda r: r["push_s"])[len(runs) // 2]
     idle_best = min(idle, key=lambda r: r.phases["total"])
-    return {"shape": shape, "device": device, "baseline": "d2d_copy" if raw_cold is None else "gloo_broadcast_warm",
+    return {"shape": shape, "device": device, "streams": streams, "serve_args": SERVE_ARGS, "baseline": "d2d_copy" if raw_cold is None else "gloo_broadcast_warm",
             "backend": backend, "dtype": str(dtype), "bytes": nbytes, "bucket_bytes": bucket_bytes,
             "push_s": push, "push_min_s": min(r["push_s"] for r in runs), "push_max_s": max(r["push_s"] for r in runs),
             "phases": mid["phases"], "raw_broadcast_s": raw, "raw_broadcast_cold_s": raw_cold,
@@ -272,7 +279,8 @@ def measure_push(stamps: list[float], t0: float, t1: float, res, url: str, step:
     return {"push_s": res.phases["total"], "phases": res.phases, "stall_s": stall, "engine_commit_s": commit,
             "stall_from_to_s": [at[0] - t0, at[1] - t0], "push_end_s": t1 - t0,
             "gaps_during_ms": [round((b - a) * 1e3, 1) for a, b in zip(stamps, stamps[1:]) if a <= t1 and b >= t0],
-            "recomputed": res.replicas[url].get("recomputed"), "tokens_before": sum(1 for s in stamps if s < t0),
+            "recomputed": res.replicas[url].get("recomputed"), "refreshed": res.replicas[url].get("refreshed"),
+            "kv_refresh": res.replicas[url].get("kv_refresh"), "tokens_before": sum(1 for s in stamps if s < t0),
             "stall_steps": stall / step if ok else None,
             "stall_excess_steps": (stall - commit) / step if ok else None}
 
@@ -286,6 +294,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="the trainer's tensor dtype (the CPU engine serves float32 and casts at commit)")
     ap.add_argument("--repeats", type=int, default=3, help="measured pushes per shape (after one warm-up push)")
+    ap.add_argument("--streams", type=int, default=1, help="greedy requests streaming through the pushes (<= 8); "
+                    "the stall is the longest gap of any of them")
     ap.add_argument("--out", default=None, help="default: weight_sync_cpu.json in the results dir")
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="extra `tidal serve` argument (repeatable), e.g. --serve-arg=--no-cpu-prepack-weights")
@@ -297,10 +307,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for shape in args.shapes:
             rows.append(bench(shape, args.backend, args.bucket_mb << 20, getattr(torch, args.dtype), Path(d),
-                              args.device, args.repeats))
+                              args.device, args.repeats, args.streams))
     print(f"{'shape':14} {'MB':>8} {'push s':>8} {'min-max':>13} {'pack':>7} {'wire':>7} {'stage':>7} "
           f"{'commit':>7} {'raw s':>8} {'ratio':>6} {'idle s':>7} {'ratio':>6} {'step ms':>8} {'stall ms':>9} "
-          f"{'stall/step':>10} {'(-commit)':>9} {'recompute s':>11} {'raw dec s':>9} {'ratio':>6} {'copy s':>7}")
+          f"{'stall/step':>10} {'(-commit)':>9} {'recompute s':>11} {'raw dec s':>9} {'ratio':>6} {'copy s':>7} "
+          f"{'refr/recomp':>11}")
     for r in rows:
         p = r["phases"]
         print(f"{r['shape']:14} {r['bytes'] / 2**20:8.1f} {r['push_s']:8.3f} "
@@ -309,7 +320,8 @@ def main() -> None:
               f"{r['push_idle_s']:7.3f} {r['ratio_idle']:6.2f} "
               f"{r['decode_step_s'] * 1e3:8.2f} {r['stall_s'] * 1e3:9.1f} {r['stall_steps'] or 0:10.1f} "
               f"{r['stall_excess_steps'] or 0:9.1f} {r['recompute_prefill_s']:11.3f} "
-              f"{r['raw_broadcast_decoding_s'] or 0:9.3f} {r['ratio_decoding'] or 0:6.2f} {r['copy_commit_s'] or 0:7.3f}")
+              f"{r['raw_broadcast_decoding_s'] or 0:9.3f} {r['ratio_decoding'] or 0:6.2f} {r['copy_commit_s'] or 0:7.3f} "
+              f"{max(x['refreshed'] or 0 for x in r['runs']):>5}/{max(x['recomputed'] or 0 for x in r['runs']):<5}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}, indent=1))

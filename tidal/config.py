@@ -62,6 +62,12 @@ class EngineConfig:
         "CPU, float32: the linear layers run through oneDNN on weights reordered once into its blocked "
         "layout (a second copy of the weights in memory; off from the first weight update on)",
     )
+    kv_refresh: bool = _opt(
+        True,
+        "CPU: before a weight update commits, recompute the running requests' KV under the staged "
+        "weights in passes between steps, so that a push with no pause slows generation instead of "
+        "stopping it for one prefill of every running request (tidal/engine/kv_refresh.py)",
+    )
     reject_while_paused: bool = _opt(
         False, "answer new requests with 503 while the engine is paused (default: queue them)", group="server"
     )

@@ -93,12 +93,19 @@ class ControlPlane:
         return self.weights.fenced is not None or (self.holding() and self.core.config.reject_while_paused)
 
     def idle_timeout(self) -> float | None:
+        if self.weights.refreshing():
+            return 0.0  # KV refresh passes run between steps, and with no step to run too
         if self.drain is None:
             return None
         return max(0.0, self.drain.deadline - time.monotonic())
 
     def poll(self) -> None:
-        """Complete a drain once its requests are done or its deadline has passed."""
+        """Run a KV refresh pass (a weight update staged on the CPU, kv_refresh.py) and reply
+        to its update once done; complete a drain once its requests are done or its deadline
+        has passed."""
+        refreshed = self.weights.poll()
+        if refreshed is not None:
+            self._reply_job(*refreshed)
         d = self.drain
         if d is None:
             return
@@ -256,6 +263,7 @@ class ControlPlane:
                 continue
             before = _memory_in_use(runner)
             if tag == "kv_cache":
+                self.weights.drop_refresh()
                 # Kept requests cannot keep KV that is about to vanish: retract them.
                 result.retracted = _summary(self.core.scheduler.retract_all())
                 kv = runner.kv_cache
@@ -319,9 +327,10 @@ class ControlPlane:
 
     def weights_done(self, op: ops.WeightsDone, reply: Future) -> None:
         done = self.weights.finish(op.job, op.outcome)
-        if done is None:
-            return  # not the job in progress: nothing to do
-        job, outcome = done
+        if done is not None:  # None: not the job in progress, or its reply waits for a KV refresh
+            self._reply_job(*done)
+
+    def _reply_job(self, job: Any, outcome: dict | BaseException) -> None:
         if isinstance(outcome, BaseException):
             self._record_error(job.op, outcome, job.started)
             err = (

@@ -131,7 +131,9 @@ class WeightsResult(OpResult):
     stage_s: float | UnsetType = UNSET
     commit_s: float | UnsetType = UNSET
     committed: bool | UnsetType = UNSET
-    recomputed: int | UnsetType = UNSET
+    recomputed: int | UnsetType = UNSET  # running requests retracted to recompute their KV
+    refreshed: int | UnsetType = UNSET  # running requests that took KV refreshed before the commit
+    kv_refresh: dict[str, Any] | UnsetType = UNSET  # its passes, tokens, seconds, how it ended
     staging: str | UnsetType = UNSET
 
 

@@ -178,10 +178,13 @@ class Scheduler:
 
     def retract_all(self) -> list[Request]:
         """Preempt every running request (pause mode `retract`); keeps arrival order."""
-        retracted = list(self.running)
-        for req in reversed(retracted):
+        return self.retract(list(self.running))
+
+    def retract(self, reqs: list[Request]) -> list[Request]:
+        """Preempt these running requests; they keep their order at the head of the queue."""
+        for req in reversed(reqs):
             self.preempt(req)
-        return retracted
+        return reqs
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         if req.status is RequestStatus.RUNNING:

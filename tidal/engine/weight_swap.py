@@ -20,6 +20,9 @@ storage outright (a view, or storage another parameter shares): `swappable` says
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -101,6 +104,22 @@ class SwapStage:
                 torch.autograd.graph.increment_version(param)
                 self.spare[param] = old
         self.buffers = {}
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The staged values in the parameters for the duration, the live ones again after,
+        whatever happens: a forward pass under the new weights before the commit (kv_refresh.py).
+        Derived copies keyed by (data_ptr, _version) see the other storage and are rebuilt."""
+        live = {param: param.data for param in self.buffers}
+        try:
+            with torch.no_grad():
+                for param, buf in self.buffers.items():
+                    param.data = buf
+            yield
+        finally:
+            with torch.no_grad():
+                for param, old in live.items():
+                    param.data = old
 
     def give_back(self) -> None:
         """The update was dropped: its buffers are the next one's arena."""

@@ -22,6 +22,7 @@ roll back) from every source."""
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +34,7 @@ import torch
 
 from tidal.engine import weight_transfer as wt
 from tidal.engine.control_ops import WeightsDone
+from tidal.engine.kv_refresh import KvRefresh
 from tidal.engine.messages import ControlCall, EngineError, EngineInvalidInput, EngineState
 from tidal.engine.weight_swap import SwapStage
 
@@ -51,8 +53,9 @@ class _Job:
     op: str
     reply: Future
     started: float
-    done: Callable[[Any, _Job], dict]
+    done: Callable[[Any, _Job], dict | None]  # None: the reply waits for a KV refresh
     failed: Callable[[BaseException], None] | None = None
+    deadline: float = math.inf
 
 
 @dataclass(slots=True)
@@ -157,6 +160,10 @@ class WeightManager:
         self.last_failure: dict[str, Any] | None = None
         self.writing: _InPlace | None = None  # an in-place update owns the live parameters
         self.arena = wt.StagingArena()  # copy staging from a trainer group lands here
+        # Running requests' KV recomputed under staged weights before the commit (kv_refresh.py),
+        # and the update whose reply waits for it to catch up.
+        self.refresh: KvRefresh | None = None
+        self.pending: tuple[_Staged, bool, _Job] | None = None
 
     # -- what the control plane asks ------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -170,6 +177,7 @@ class WeightManager:
             "writing_in_place": self.writing is not None,
             "fenced": self.fenced,
             "last_failure": self.last_failure,
+            "kv_refresh": None if self.refresh is None else self.refresh.summary(),
         }
 
     def _start(
@@ -177,12 +185,13 @@ class WeightManager:
         op: str,
         reply: Future,
         work: Callable[[], Any],
-        done: Callable[[Any, _Job], dict],
+        done: Callable[[Any, _Job], dict | None],
         failed: Callable[[BaseException], None] | None = None,
+        deadline: float = math.inf,
     ) -> None:
         if self.job is not None:
             raise EngineError(f"{op}: {self.job.op} is still in progress; one weight operation at a time")
-        job = _Job(op, reply, time.monotonic(), done, failed)
+        job = _Job(op, reply, time.monotonic(), done, failed, deadline)
         self.job = job
         fut: Future = Future()
         fut.add_done_callback(lambda f: self.core.submit(ControlCall(WeightsDone(job=job, outcome=f))))
@@ -197,12 +206,43 @@ class WeightManager:
         self.job = None
         job = mine
         try:
-            return job, job.done(result.result(), job)
+            outcome = job.done(result.result(), job)
         except BaseException as e:
-            if job.failed is not None:
-                job.failed(e)
-            self.last_failure = {"op": job.op, "error": f"{type(e).__name__}: {e}", "at": time.time()}
-            return job, e
+            return job, self._failed(job, e)
+        if outcome is None:  # staged; the reply waits for the KV refresh (poll)
+            self.job = job
+            return None
+        return job, outcome
+
+    def _failed(self, job: _Job, e: BaseException) -> BaseException:
+        if job.failed is not None:
+            job.failed(e)
+        self.last_failure = {"op": job.op, "error": f"{type(e).__name__}: {e}", "at": time.time()}
+        return e
+
+    def poll(self) -> tuple[_Job, dict | BaseException] | None:
+        """Core thread, between steps: one KV refresh pass. Returns the waiting update's reply
+        once its refresh has caught up (or given up)."""
+        refresh = self.refresh
+        if refresh is None or not refresh.tick() or self.pending is None:
+            return None
+        held, commit, job = self.pending
+        self.pending = None
+        self.job = None
+        try:
+            return job, self._commit(held) if commit else self._hold(held)
+        except BaseException as e:
+            return job, self._failed(job, e)
+
+    def refreshing(self) -> bool:
+        """A reply waits for the KV refresh: the loop must keep polling even with nothing to run."""
+        return self.pending is not None
+
+    def drop_refresh(self) -> None:
+        """The KV pool is about to be released: the shadows' blocks go with it."""
+        if self.refresh is not None:
+            self.refresh.drop()
+            self.refresh.gave_up = "the KV cache was released"
 
     # -- process group --------------------------------------------------------------------
     def init_transfer(
@@ -375,11 +415,11 @@ class WeightManager:
                 return ({n: t.to(device) for n, t in staged.items()}, None), stamp
             return self._swap_staged(lambda sink: staged, None), stamp
 
-        def done(result: tuple[_Received, Any], job: _Job) -> dict:
+        def done(result: tuple[_Received, Any], job: _Job) -> dict | None:
             (staged, swap), stamp = result
             return self._staged(staged, version, path, commit, job, fingerprint=stamp, swap=swap)
 
-        self._start("update_weights", reply, work, done)
+        self._start("update_weights", reply, work, done, deadline=deadline)
         return None
 
     def _update_declared(
@@ -467,10 +507,10 @@ class WeightManager:
                 return staged, None
             return self._swap_staged(recv, checksums)
 
-        def done(result: _Received, job: _Job) -> dict:
+        def done(result: _Received, job: _Job) -> dict | None:
             return self._staged(result[0], version, None, commit, job, swap=result[1])
 
-        self._start("update_weights", reply, work, done, torn)
+        self._start("update_weights", reply, work, done, torn, deadline)
         return None
 
     def _swap_staged(
@@ -558,26 +598,50 @@ class WeightManager:
         fingerprint: Any = None,
         in_place: _InPlace | None = None,
         swap: SwapStage | None = None,
-    ) -> dict:
+    ) -> dict | None:
         """Core thread: the worker staged every tensor. Commit now, or hold for commit_weights
-        (an in-place update holds generation meanwhile: the live parameters are already new)."""
+        (an in-place update holds generation meanwhile: the live parameters are already new).
+        None: running requests first get their KV under the new weights (kv_refresh.py); the
+        reply waits for that (poll)."""
         stage_s = time.monotonic() - job.started
         version = self.core.weight_version + 1 if version is None else version
         held = _Staged(version, staged, source, stage_s, fingerprint, in_place, swap)
-        if not commit:
-            self.staged = held
-            return {
-                "staged": True,
-                "weight_version": self.core.weight_version,
-                "staged_version": version,
-                "num_tensors": _count(held),
-                "bytes": _held_bytes(held),
-                "stage_s": stage_s,
-                "staging": "copy" if in_place is None else "in_place",
-            }
-        return self._commit(held)
+        core = self.core
+        if (
+            swap is not None
+            and swap.buffers
+            and not staged  # every new value is in the buffers the passes point the parameters at
+            and in_place is None
+            and core.config.kv_refresh
+            and core.scheduler.running
+            and core.runner.kv_cache is not None
+        ):
+            self.refresh = KvRefresh(core, swap, job.deadline)
+            self.pending = (held, commit, job)
+            return None
+        return self._commit(held) if commit else self._hold(held)
+
+    def _hold(self, held: _Staged) -> dict:
+        self.staged = held
+        return {
+            "staged": True,
+            "weight_version": self.core.weight_version,
+            "staged_version": held.version,
+            "num_tensors": _count(held),
+            "bytes": _held_bytes(held),
+            "stage_s": held.stage_s,
+            "staging": "copy" if held.in_place is None else "in_place",
+        }
 
     def _commit(self, held: _Staged) -> dict:
+        refresh, self.refresh = self.refresh, None
+        try:
+            return self._commit_with(held, refresh)
+        finally:
+            if refresh is not None:
+                refresh.drop()  # what switch() did not hand over (all of it on a failure)
+
+    def _commit_with(self, held: _Staged, refresh: KvRefresh | None) -> dict:
         core = self.core
         if "weights" in core.control.sleeping:  # slept while staging: nothing to copy into
             raise EngineError(
@@ -600,9 +664,11 @@ class WeightManager:
         core.weight_source = held.source
         core.weight_fingerprint = held.fingerprint
         core.runner.weights_updated()
-        # Running requests' KV came from the old weights: they recompute it (keeping their
-        # tokens), so what they generate from here on is exactly the new weights' continuation.
-        recomputed = core.scheduler.retract_all()
+        # Running requests' KV came from the old weights: each takes the KV its refresh computed
+        # under the new ones, or recomputes it (keeping its tokens), so what they generate from
+        # here on is exactly the new weights' continuation.
+        refreshed = set() if refresh is None else refresh.switch()
+        recomputed = core.scheduler.retract([r for r in core.scheduler.running if r not in refreshed])
         core.block_manager.reset_prefix_cache()
         self.fenced = None
         self.writing = None  # the in-place backup is dropped with `held`
@@ -615,6 +681,8 @@ class WeightManager:
             "skipped": False,
             "committed": True,
             "recomputed": len(recomputed),
+            "refreshed": len(refreshed),
+            **({} if refresh is None else {"kv_refresh": refresh.summary()}),
             "staging": "copy" if held.in_place is None else "in_place",
         }
 
@@ -631,6 +699,9 @@ class WeightManager:
 
     def abort_staged(self) -> dict:
         held, self.staged = self.staged, None
+        if self.refresh is not None:
+            self.refresh.drop()
+            self.refresh = None
         if held is not None and held.swap is not None:
             held.swap.give_back()
         if held is not None and held.in_place is not None:
@@ -653,6 +724,9 @@ class WeightManager:
         return {"fenced": self.fenced}
 
     def close(self) -> None:
+        if self.refresh is not None:
+            self.refresh.drop()
+            self.refresh = None
         self.arena.release()
         if self.group is not None:
             wt.destroy_group(self.group)
