@@ -224,7 +224,8 @@ def bench(shape: str, backend: str, bucket_bytes: int, dtype: torch.dtype, root:
     push = statistics.median(r["push_s"] for r in runs)
     mid = sorted(runs, key=lambda r: r["push_s"])[len(runs) // 2]
     idle_best = min(idle, key=lambda r: r.phases["total"])
-    return {"shape": shape, "device": device, "streams": streams, "serve_args": SERVE_ARGS, "baseline": "d2d_copy" if raw_cold is None else "gloo_broadcast_warm",
+    return {"shape": shape, "device": device, "streams": streams, "serve_args": SERVE_ARGS,
+            "baseline": "d2d_copy" if raw_cold is None else "gloo_broadcast_warm",
             "backend": backend, "dtype": str(dtype), "bytes": nbytes, "bucket_bytes": bucket_bytes,
             "push_s": push, "push_min_s": min(r["push_s"] for r in runs), "push_max_s": max(r["push_s"] for r in runs),
             "phases": mid["phases"], "raw_broadcast_s": raw, "raw_broadcast_cold_s": raw_cold,
@@ -320,7 +321,8 @@ def main() -> None:
               f"{r['push_idle_s']:7.3f} {r['ratio_idle']:6.2f} "
               f"{r['decode_step_s'] * 1e3:8.2f} {r['stall_s'] * 1e3:9.1f} {r['stall_steps'] or 0:10.1f} "
               f"{r['stall_excess_steps'] or 0:9.1f} {r['recompute_prefill_s']:11.3f} "
-              f"{r['raw_broadcast_decoding_s'] or 0:9.3f} {r['ratio_decoding'] or 0:6.2f} {r['copy_commit_s'] or 0:7.3f} "
+              f"{r['raw_broadcast_decoding_s'] or 0:9.3f} {r['ratio_decoding'] or 0:6.2f} "
+              f"{r['copy_commit_s'] or 0:7.3f} "
               f"{max(x['refreshed'] or 0 for x in r['runs']):>5}/{max(x['recomputed'] or 0 for x in r['runs']):<5}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
