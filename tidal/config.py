@@ -63,10 +63,11 @@ class EngineConfig:
         "layout (a second copy of the weights in memory; off from the first weight update on)",
     )
     kv_refresh: bool = _opt(
-        True,
+        False,
         "CPU: before a weight update commits, recompute the running requests' KV under the staged "
-        "weights in passes between steps, so that a push with no pause slows generation instead of "
-        "stopping it for one prefill of every running request (tidal/engine/kv_refresh.py)",
+        "weights in passes between steps: a push with no pause slows generation for longer instead "
+        "of stopping it for one prefill of every running request (shorter longest gap, fewer tokens "
+        "per second meanwhile, a longer push; tidal/engine/kv_refresh.py)",
     )
     reject_while_paused: bool = _opt(
         False, "answer new requests with 503 while the engine is paused (default: queue them)", group="server"

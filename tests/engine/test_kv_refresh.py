@@ -1,6 +1,6 @@
 """KV refresh (tidal/engine/kv_refresh.py): requests running through a weight update with no pause
-take KV recomputed under the staged weights before the commit instead of recomputing it at the
-commit — and what they generate is the same either way: old weights' tokens up to the commit, the
+take KV recomputed under the staged weights before the commit (EngineConfig.kv_refresh) instead of
+recomputing it at the commit (the default) — and what they generate is the same either way: old weights' tokens up to the commit, the
 new weights' greedy continuation after it."""
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def test_requests_through_a_push_continue_on_the_new_weights(ckpts, make_llm, re
 
 def test_a_staged_update_keeps_its_refresh_until_the_commit(ckpts, make_llm):
     a, b = ckpts
-    llm = make_llm(a)
+    llm = make_llm(a, kv_refresh=True)
     streams = Streams(llm)
     streams.wait(5)
     staged = llm.update_weights(named_tensors=dict(iter_checkpoint(b)), version=4, commit=False)
@@ -101,7 +101,7 @@ def test_a_staged_update_keeps_its_refresh_until_the_commit(ckpts, make_llm):
 
 def test_an_aborted_update_frees_its_shadows_and_changes_nothing(ckpts, make_llm):
     a, b = ckpts
-    llm = make_llm(a)
+    llm = make_llm(a, kv_refresh=True)
     on_a = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(N), use_tqdm=False)]
     streams = Streams(llm)
     streams.wait(5)
@@ -119,7 +119,7 @@ def test_no_room_for_shadows_falls_back_to_recompute(ckpts, make_llm):
     can spare (it never preempts one), gives up on the rest, and the commit recomputes those."""
     a, b = ckpts
     final = sum(-(-(len(p) + N) // 4) for p in PROMPTS)  # blocks the requests hold at their end
-    llm = make_llm(a, num_kv_blocks=final + 6)
+    llm = make_llm(a, num_kv_blocks=final + 6, kv_refresh=True)
     streams = Streams(llm)
     streams.wait(N - 40)
     llm.pause("keep")
@@ -133,7 +133,7 @@ def test_no_room_for_shadows_falls_back_to_recompute(ckpts, make_llm):
 
 def test_sleeping_the_kv_cache_drops_a_staged_refresh(ckpts, make_llm):
     a, b = ckpts
-    llm = make_llm(a)
+    llm = make_llm(a, kv_refresh=True)
     streams = Streams(llm)
     streams.wait(5)
     llm.update_weights(named_tensors=dict(iter_checkpoint(b)), version=3, commit=False)

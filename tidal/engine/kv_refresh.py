@@ -19,6 +19,15 @@ then hands each request its shadow's blocks, its KV under the new weights so far
 step computes only the tokens generated since. A request without a shadow is retracted and
 recomputed, as before.
 
+What it buys, and costs (benchmarks/weight_sync.py --streams 4, 0.5B shape, float32, 2-core CPU):
+the longest gap between two tokens of a request through a push falls from 3.8 decode steps to 2.2.
+But each pass reads every weight once more, which on a CPU costs about a decode step whatever the
+pass computes, and the shadows must outrun the requests: 7-16 passes, so generation runs at about
+half speed for 3-7 s, the push takes 4.6-8.5 s instead of 1.6, and fewer tokens come out in all
+than with the one stall at the commit. So it is opt-in (EngineConfig.kv_refresh, `--kv-refresh`):
+for a caller to whom the longest stall matters more than throughput. (On CUDA the staged tensors
+are not parameter-shaped and the commit copies; the refresh does not run there.)
+
 Shadows take blocks that live requests may need: a pass allocates only while the pool keeps a
 reserve (the watermark plus two blocks per running request), never preempts, and drops the shadow
 of a request that stopped running. Only the core thread runs a refresh; the worker is done.
@@ -106,6 +115,10 @@ class KvRefresh:
             shadow.num_computed_tokens += n
         self.passes += 1
         self.tokens += batch.num_tokens
+        log.debug(
+            "kv refresh pass %d: %d rows, %d tokens in %.1f ms (last step %.1f ms), lag %d",
+            self.passes, len(batch.reqs), batch.num_tokens, elapsed * 1e3, core.last_step_time * 1e3, lag,
+        )
         self._adapt(elapsed, len(running))
         self.caught_up = self.caught_up or self._caught_up(running, lag - batch.num_tokens)
         return self.caught_up or self.gave_up is not None
