@@ -117,7 +117,12 @@ class KvRefresh:
         self.tokens += batch.num_tokens
         log.debug(
             "kv refresh pass %d: %d rows, %d tokens in %.1f ms (last step %.1f ms), lag %d",
-            self.passes, len(batch.reqs), batch.num_tokens, elapsed * 1e3, core.last_step_time * 1e3, lag,
+            self.passes,
+            len(batch.reqs),
+            batch.num_tokens,
+            elapsed * 1e3,
+            core.last_step_time * 1e3,
+            lag,
         )
         self._adapt(elapsed, len(running))
         self.caught_up = self.caught_up or self._caught_up(running, lag - batch.num_tokens)
