@@ -5,6 +5,10 @@
 
 `--data-parallel-size N` starts N `tidal serve` replicas on free ports of 127.0.0.1 (one per GPU
 on a GPU host, through CUDA_VISIBLE_DEVICES) and the router on --host/--port in front of them.
+With `--data-parallel-backend ray` (vLLM's flag) the replicas are Ray actors placed across the
+Ray cluster this process joins (`ray.init()`: RAY_ADDRESS, a `ray start` cluster on this machine,
+or a new local one), one GPU each where the cluster has GPUs (tidal/router/ray_replicas.py); each
+binds its node's address unless `--data-parallel-replica-host` says otherwise.
 """
 
 from __future__ import annotations
@@ -77,6 +81,20 @@ def add_data_parallel_option(serve: argparse.ArgumentParser) -> None:
         help="N replicas (one engine process each, one GPU each on a GPU host) behind one "
         "router on --host/--port (default: 1, no router)",
     )
+    serve.add_argument(
+        "--data-parallel-backend",
+        choices=("mp", "ray"),
+        default="mp",
+        help="mp: the replicas are child processes on this machine; ray: Ray actors across the Ray "
+        "cluster (needs ray: pip install 'tidal[cluster]') (default: mp)",
+    )
+    serve.add_argument(
+        "--data-parallel-replica-host",
+        default=None,
+        metavar="HOST",
+        help="with --data-parallel-backend ray: the address every replica binds and is reached at "
+        "(default: its node's IP address)",
+    )
     add_router_options(serve)
 
 
@@ -127,7 +145,20 @@ def serve_data_parallel(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if n < 1:
         print(f"tidal serve: --data-parallel-size {n}: expected >= 1", file=sys.stderr)
         return 2
-    child_argv = _strip(list(argv), {"--data-parallel-size", "--port", "--host", "--probe-interval", "--prefix-slack"})
+    child_argv = _strip(
+        list(argv),
+        {
+            "--data-parallel-size",
+            "--data-parallel-backend",
+            "--data-parallel-replica-host",
+            "--port",
+            "--host",
+            "--probe-interval",
+            "--prefix-slack",
+        },
+    )
+    if args.data_parallel_backend == "ray":
+        return _serve_on_ray(args, child_argv[1:] if child_argv[:1] == ["serve"] else child_argv)
     gpus = _gpu_count() if args.device in ("auto", "cuda") or str(args.device).startswith("cuda") else 0
     procs, urls = [], []
     try:
@@ -150,6 +181,33 @@ def serve_data_parallel(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _serve_on_ray(args: argparse.Namespace, serve_args: list[str]) -> int:
+    """The replicas as Ray actors (tidal/router/ray_replicas.py), the router here; stopping the
+    router stops them (and Ray ends a driver's actors with the driver, however it exits)."""
+    try:
+        import ray
+
+        from tidal.router.ray_replicas import start_replicas
+    except ImportError as e:
+        need = "--data-parallel-backend ray needs ray (pip install 'tidal[cluster]')"
+        print(f"tidal serve: {need}: {e}", file=sys.stderr)
+        return 2
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    fleet = None
+    try:
+        fleet = start_replicas(
+            args.data_parallel_size,
+            serve_args,
+            admin_key=args.admin_key or args.api_key,
+            host=args.data_parallel_replica_host,
+        )
+        return _run_router(args, fleet.urls)
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        ray.shutdown()
 
 
 def _strip(argv: list[str], flags: set[str]) -> list[str]:
