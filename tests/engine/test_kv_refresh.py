@@ -146,3 +146,40 @@ def test_sleeping_the_kv_cache_drops_a_staged_refresh(ckpts, make_llm):
     outs = streams.join()
     assert all(c.weight_spans[-1].version == 3 for c in outs)
     assert_no_leaks(llm)
+
+
+def test_forks_and_aborts_during_a_staged_refresh(ckpts, make_llm):
+    """n=2 samples fork while shadows are kept, one request is aborted while it has a shadow: the
+    commit moves the others, every block comes back."""
+    a, b = ckpts
+    llm = make_llm(a, kv_refresh=True)
+    outs: dict = {}
+    pair = SamplingParams(n=2, max_tokens=N, temperature=0, ignore_eos=True)
+
+    def run(key, prompt, params, request_id):
+        outs[key] = llm.generate([prompt], params, use_tqdm=False, request_ids=[request_id])[0]
+
+    threads = [threading.Thread(target=run, args=("long", PROMPTS[1], greedy(N), "long")),
+               threading.Thread(target=run, args=("gone", PROMPTS[2], greedy(N), "gone"))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while llm.state()["num_running"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    llm.update_weights(named_tensors=dict(iter_checkpoint(b)), version=7, commit=False)
+    fork = threading.Thread(target=run, args=("pair", PROMPTS[3], pair, "pair"))
+    fork.start()
+    while llm.state()["num_running"] < 4:  # the pair forked: 2 + 2 running, shadows for the first two
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    assert llm.abort(["gone"])["aborted"]
+    res = llm.commit_weights(7)
+    assert res["refreshed"] >= 1, res
+    for t in [*threads, fork]:
+        t.join(60)
+    assert outs["gone"].outputs[0].finish_reason == "abort"
+    assert outs["long"].outputs[0].weight_spans[-1].version == 7
+    samples = [c.token_ids for c in outs["pair"].outputs]
+    assert len(samples) == 2 and samples[0] == samples[1] and len(samples[0]) == N
+    assert_no_leaks(llm)
