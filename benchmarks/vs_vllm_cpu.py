@@ -18,6 +18,7 @@ byte token ids as prompts, greedy, ignore_eos, prefix cache flushed before each 
   medium  8 layers, hidden 1024    the same prompts
   large   12 layers, hidden 1536   32 prompts of 8-64 tokens, 64 output tokens (the machine is small)
   long    4 layers, hidden 256     16 prompts of 768-1024 tokens, 128 output tokens
+  long-prefill   the long workload's prefill alone (max_tokens=1; run only when named in --workloads)
 Reported per workload: output tok/s of each engine (the median of --repeat generate calls over
 the workload in one engine instance, after a warm-up call), the ratio, output tokens per CPU-second of each engine's processes (a
 fairer figure than wall time on a shared machine), prompts whose greedy token ids are identical, max |delta logprob| of
