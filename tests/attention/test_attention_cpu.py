@@ -174,3 +174,33 @@ def test_native_decode_rows_do_not_depend_on_the_batch_or_the_thread_split():
     for i in (0, 4, 8):
         alone = kernel(b.q[i : i + 1], cache, m.block_tables[i : i + 1], m.seq_lens[i : i + 1], 0.125)
         assert torch.equal(alone[0], whole[i])
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(4, 4), (4, 2), (6, 3)])
+@pytest.mark.parametrize("slice_rows", [1, 5, 16])
+def test_prompt_chunks_in_query_slices_match_reference(block_size, num_q_heads, num_kv_heads, slice_rows,
+                                                       monkeypatch):
+    """Prompt chunks after cached context run in slices of PREFILL_Q_CHUNK query rows, each against
+    the keys up to its last row: chunks of one slice, several, and a partial last slice, with and
+    without a prefix hit, next to whole prompts of unequal lengths (one SDPA call each)."""
+    monkeypatch.setattr(cpu_backend, "PREFILL_Q_CHUNK", slice_rows)
+    ctx = [0, 3 * block_size + 2, 0, 2 * block_size, 1, 0]
+    q = [37, 2 * slice_rows + 3, 5, slice_rows, 4 * slice_rows, 2]
+    b = make_paged_batch(ctx, q, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=32,
+                         block_size=block_size, seed=slice_rows, pad_tokens=3)
+    _share_prefix(b, 1, 3, 2)
+    out, ref = _both(b, scale=32 ** -0.5)
+    real = sum(q)
+    torch.testing.assert_close(out[:real], ref[:real], atol=ATOL[torch.float32], rtol=0,
+                               msg=lambda m: f"ctx={ctx} q={q}: {m}")
+
+
+def test_long_prompts_and_chunks_past_one_query_slice_match_reference():
+    """The benchmark's shapes: whole prompts of hundreds of tokens beside a chunk of more than
+    PREFILL_Q_CHUNK rows after cached context (the default slice size)."""
+    n = cpu_backend.PREFILL_Q_CHUNK
+    b = make_paged_batch([0, 0, 133, 1], [300, 41, n + 70, 1], num_q_heads=4, num_kv_heads=2, head_dim=64,
+                         block_size=16, seed=7)
+    out, ref = _both(b, scale=0.125)
+    torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)

@@ -1,26 +1,31 @@
-"""CPU attention backend: the whole batch at once, no Python loop over sequences.
+"""CPU attention backend: decode as the whole batch at once, no Python loop over sequences.
 
 Sequences are split into two groups — decode rows (one new token) and prefill rows (a prompt,
 a chunk of one, or a prompt after a prefix-cache hit).
 
 Decode rows (float32) go to the C kernel of tidal.kernels.cpu_native, which reads each
-sequence's blocks in place through the block table. Whole prompts (no cached context) run as one
-padded causal SDPA over the step's own keys and values. Otherwise (prefill with cached context;
-decode with no C compiler on the machine, another dtype, or TIDAL_CPU_NATIVE=0) a group runs as
-one padded batch of tensor ops: one index op gathers every sequence's blocks into a [B, S_max, Hkv, D] view
-of its keys and values, one index op packs its queries into [B, L_max, Hq, D], and one masked
-scaled-dot-product attention covers the group (the query heads of a KV head are stacked as rows,
-so each KV head is read once). Prefill is compute-bound and SDPA's blocked kernel is the fast
-way to do it; decode is a copy-bound gather that the kernel removes (3.3x on the decode shape of
-benchmarks/vs_vllm_cpu.py's small checkpoint).
+sequence's blocks in place through the block table. Prefill rows run one sequence at a time (a
+step holds few prompts, each hundreds of rows, so the loop is a few calls per layer and saves
+the padding of a batch to its longest prompt): a whole prompt (no cached context) as one causal
+SDPA over the step's own keys and values; a chunk after cached context as SDPA calls over slices
+of PREFILL_Q_CHUNK query rows, each against its sequence's gathered keys up to the slice's last
+row. Decode with no C compiler on the machine, another dtype, or TIDAL_CPU_NATIVE=0 runs as one
+padded batch of tensor ops: one index op gathers every sequence's blocks into a [B, S_max, Hkv, D]
+view of its keys and values and one masked scaled-dot-product attention covers the group (the
+query heads of a KV head are stacked as rows, so each KV head is read once). Prefill is
+compute-bound and SDPA's blocked kernel is the fast way to do it; decode is a copy-bound gather
+that the kernel removes (3.3x on the decode shape of benchmarks/vs_vllm_cpu.py's small
+checkpoint).
 
-Not batch invariant: in the tensor-op path a row's softmax and its weighted sum of values run
+Not batch invariant: in the tensor-op decode path a row's softmax and its weighted sum of values run
 over the padded length S_max of its group, so the reduction order (and the last bits of a row's
 result) can change with the other sequences in the batch. Masked keys contribute exact zeros;
 both paths match the reference to float32 rounding.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -116,26 +121,41 @@ def _decode_group(
     out[rows] = o[:, 0].to(out.dtype)
 
 
-def _padded_rows(meta: AttentionMetadata, seqs: list[int], device: torch.device):
-    """Token rows [B, L_max] of the sequences `seqs` (a sequence's padding repeats its last row),
-    which of them are real [B, L_max], and the query lengths [B]."""
-    idx = torch.tensor(seqs, device=device)
-    q_lens = (meta.query_start_loc[1:] - meta.query_start_loc[:-1])[idx].long()  # [B]
-    starts = meta.query_start_loc[idx].long()
-    max_q = max(meta.query_lens_cpu[i] for i in seqs)
-    j = torch.arange(max_q, device=device)[None, :]  # [1, L]
-    return idx, starts[:, None] + torch.minimum(j, q_lens[:, None] - 1), j < q_lens[:, None], q_lens
+def _row_starts(meta: AttentionMetadata) -> list[int]:
+    """Each sequence's first query row (query_start_loc, from the host-side query lengths)."""
+    return list(itertools.accumulate(meta.query_lens_cpu, initial=0))
+
+
+# Query rows per SDPA call of a prompt chunk that reads cached context: each call reads the keys up
+# to its own last row, so the masked (future) part computed is at most this many keys per row.
+PREFILL_Q_CHUNK = 256
 
 
 def _prefill_group(
     q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor, seqs: list[int]
 ) -> None:
-    idx, q_rows, valid, q_lens = _padded_rows(meta, seqs, q.device)
-    ctx = meta.seq_lens[idx].long() - q_lens
-    j = torch.arange(q_rows.shape[1], device=q.device)[None, :]
-    max_len = max(meta.seq_lens_cpu[i] for i in seqs)
-    o = _attend(q[q_rows], kv_cache, meta.block_tables[idx], ctx[:, None] + j, max_len, scale)
-    out[q_rows[valid]] = o[valid].to(out.dtype)
+    """Prompt chunks after cached context (earlier chunks, prefix hits), one sequence at a time: its
+    blocks gathered into contiguous keys and values [Hkv, S, D], its queries in slices of
+    PREFILL_Q_CHUNK rows, each against the keys up to the slice's last position with a causal mask.
+    No padding to the group's longest sequence and no mask over keys no row of the slice can see."""
+    block_size = kv_cache.shape[2]
+    heads, dim = kv_cache.shape[-2:]
+    starts = _row_starts(meta)
+    for i in seqs:
+        n, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+        ctx, start = seq_len - n, int(starts[i])
+        blocks = meta.block_tables[i, : -(-seq_len // block_size)].long()
+        kv = kv_cache.view(2, kv_cache.shape[1], -1).index_select(1, blocks).view(2, -1, heads, dim)[:, :seq_len]
+        k, v = kv.transpose(1, 2).float()  # [Hkv, S, D] each
+        for a in range(0, n, PREFILL_Q_CHUNK):
+            b = min(a + PREFILL_Q_CHUNK, n)
+            keys = ctx + b
+            mask = torch.ones(b - a, keys, dtype=torch.bool, device=q.device).tril_(ctx + a)
+            qs = q[start + a : start + b].transpose(0, 1).float()  # [Hq, rows, D]
+            o = F.scaled_dot_product_attention(
+                qs[None], k[None, :, :keys], v[None, :, :keys], attn_mask=mask, scale=scale, enable_gqa=True
+            )
+            out[start + a : start + b] = o[0].transpose(0, 1).to(out.dtype)
 
 
 def _fresh_prefill_group(
@@ -147,14 +167,18 @@ def _fresh_prefill_group(
     out: torch.Tensor,
     seqs: list[int],
 ) -> None:
-    """Whole prompts: causal SDPA on this step's own q, k, v padded to [B, Hq|Hkv, L_max, D], no
-    gather from the cache and no mask tensor (SDPA's causal kernel also skips the masked half).
-    Padding sits after each prompt's last token, in every real query's future, so it is never
-    attended to."""
-    _, rows, valid, _ = _padded_rows(meta, seqs, q.device)
-    qb, kb, vb = (t[rows].transpose(1, 2).float() for t in (q, k, v))
-    o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
-    out[rows[valid]] = o.transpose(1, 2)[valid].to(out.dtype)
+    """Whole prompts, one at a time: causal SDPA on the prompt's own rows of this step's q, k, v
+    (views, [1, Hq|Hkv, L, D]), no gather from the cache, no padding to the longest prompt of the
+    step and no mask tensor (SDPA's causal kernel also skips the masked half). A step's prompts are
+    few and long, so the loop costs a few calls per layer; padding them to one batch computed up to
+    1.8x the attention of the prompts themselves on benchmarks/vs_vllm_cpu.py's long workload."""
+    starts = _row_starts(meta)
+    for i in seqs:
+        a = int(starts[i])
+        b = a + meta.query_lens_cpu[i]
+        qb, kb, vb = (t[a:b].transpose(0, 1)[None].float() for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
+        out[a:b] = o[0].transpose(0, 1).to(out.dtype)
 
 
 @register_backend("cpu")
