@@ -62,6 +62,19 @@ def check_split(llm, outs, v_old: int, v_new: int) -> None:
         assert c.token_ids[k:] == after
 
 
+def staged_during_streams(ckpts, make_llm, version: int, on_a: bool = False):
+    """A refreshing engine on A with PROMPTS streaming, B staged (commit=False) under them; also
+    A's greedy tokens of PROMPTS when `on_a`."""
+    a, b = ckpts
+    llm = make_llm(a, kv_refresh=True)
+    ref = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(N), use_tqdm=False)] if on_a else None
+    streams = Streams(llm)
+    streams.wait(5)
+    staged = llm.update_weights(named_tensors=dict(iter_checkpoint(b)), version=version, commit=False)
+    assert staged["staged"] and staged["staged_version"] == version
+    return llm, streams, ref
+
+
 @pytest.mark.parametrize("refresh", [True, False])
 def test_requests_through_a_push_continue_on_the_new_weights(ckpts, make_llm, refresh):
     a, b = ckpts
@@ -83,12 +96,7 @@ def test_requests_through_a_push_continue_on_the_new_weights(ckpts, make_llm, re
 
 
 def test_a_staged_update_keeps_its_refresh_until_the_commit(ckpts, make_llm):
-    a, b = ckpts
-    llm = make_llm(a, kv_refresh=True)
-    streams = Streams(llm)
-    streams.wait(5)
-    staged = llm.update_weights(named_tensors=dict(iter_checkpoint(b)), version=4, commit=False)
-    assert staged["staged"] and staged["staged_version"] == 4
+    llm, streams, _ = staged_during_streams(ckpts, make_llm, 4)
     refresh = llm.state()["weight_transfer"]["kv_refresh"]
     assert refresh["caught_up"] and refresh["passes"] >= 1, refresh
     step = llm.state()["step_count"]
@@ -100,12 +108,7 @@ def test_a_staged_update_keeps_its_refresh_until_the_commit(ckpts, make_llm):
 
 
 def test_an_aborted_update_frees_its_shadows_and_changes_nothing(ckpts, make_llm):
-    a, b = ckpts
-    llm = make_llm(a, kv_refresh=True)
-    on_a = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, greedy(N), use_tqdm=False)]
-    streams = Streams(llm)
-    streams.wait(5)
-    llm.update_weights(named_tensors=dict(iter_checkpoint(b)), version=2, commit=False)
+    llm, streams, on_a = staged_during_streams(ckpts, make_llm, 2, on_a=True)
     assert llm.abort_staged()["aborted"]
     assert llm.state()["weight_transfer"]["kv_refresh"] is None
     outs = streams.join()
@@ -132,11 +135,7 @@ def test_no_room_for_shadows_falls_back_to_recompute(ckpts, make_llm):
 
 
 def test_sleeping_the_kv_cache_drops_a_staged_refresh(ckpts, make_llm):
-    a, b = ckpts
-    llm = make_llm(a, kv_refresh=True)
-    streams = Streams(llm)
-    streams.wait(5)
-    llm.update_weights(named_tensors=dict(iter_checkpoint(b)), version=3, commit=False)
+    llm, streams, _ = staged_during_streams(ckpts, make_llm, 3)
     llm.pause("keep")
     llm.sleep(["kv_cache"])
     llm.wake_up()
