@@ -182,3 +182,22 @@ def test_forks_and_aborts_during_a_staged_refresh(ckpts, make_llm):
     samples = [c.token_ids for c in outs["pair"].outputs]
     assert len(samples) == 2 and samples[0] == samples[1] and len(samples[0]) == N
     assert_no_leaks(llm)
+
+
+def test_a_failing_refresh_falls_back_to_recompute(ckpts, make_llm, monkeypatch):
+    """The refresh is an optimisation: an error in it leaves the update and the engine sound."""
+    from tidal.engine.kv_refresh import KvRefresh
+
+    def broken(self, running):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(KvRefresh, "_plan", broken)
+    a, b = ckpts
+    llm = make_llm(a, kv_refresh=True)
+    streams = Streams(llm)
+    streams.wait(10)
+    res = llm.update_weights(named_tensors=dict(iter_checkpoint(b)), version=1)
+    assert res["recomputed"] == len(PROMPTS) and res["refreshed"] == 0, res
+    assert "injected" in res["kv_refresh"]["gave_up"]
+    check_split(llm, streams.join(), 0, 1)
+    assert_no_leaks(llm)

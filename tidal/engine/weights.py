@@ -22,6 +22,7 @@ roll back) from every source."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -40,6 +41,8 @@ from tidal.engine.weight_swap import SwapStage
 
 if TYPE_CHECKING:
     from tidal.engine.core import EngineCore
+
+log = logging.getLogger("tidal.engine")
 
 SOURCES = ("path", "tensors", "distributed", "shm", "ipc")
 STAGING = ("copy", "in_place")
@@ -224,7 +227,15 @@ class WeightManager:
         """Core thread, between steps: one KV refresh pass. Returns the waiting update's reply
         once its refresh has caught up (or given up)."""
         refresh = self.refresh
-        if refresh is None or not refresh.tick() or self.pending is None:
+        if refresh is None:
+            return None
+        try:
+            over = refresh.tick()
+        except Exception as e:  # the refresh is an optimisation: never let it take the engine down
+            log.exception("KV refresh failed; running requests recompute at the commit")
+            refresh.drop()
+            refresh.gave_up, over = f"{type(e).__name__}: {e}", True
+        if not over or self.pending is None:
             return None
         held, commit, job = self.pending
         self.pending = None
