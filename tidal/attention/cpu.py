@@ -143,7 +143,7 @@ def _prefill_group(
     starts = _row_starts(meta)
     for i in seqs:
         n, seq_len = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
-        ctx, start = seq_len - n, int(starts[i])
+        ctx, start = seq_len - n, starts[i]
         blocks = meta.block_tables[i, : -(-seq_len // block_size)].long()
         kv = kv_cache.view(2, kv_cache.shape[1], -1).index_select(1, blocks).view(2, -1, heads, dim)[:, :seq_len]
         k, v = kv.transpose(1, 2).float()  # [Hkv, S, D] each
@@ -174,7 +174,7 @@ def _fresh_prefill_group(
     1.8x the attention of the prompts themselves on benchmarks/vs_vllm_cpu.py's long workload."""
     starts = _row_starts(meta)
     for i in seqs:
-        a = int(starts[i])
+        a = starts[i]
         b = a + meta.query_lens_cpu[i]
         qb, kb, vb = (t[a:b].transpose(0, 1)[None].float() for t in (q, k, v))
         o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)

@@ -217,15 +217,14 @@ class KvRefresh:
         self.shadows.clear()
         return moved
 
-    def drop(self) -> None:
-        """The update will not commit (or the KV pool is going away): free every shadow."""
+    def drop(self, why: str | None = None) -> None:
+        """Free every shadow: the update will not commit, or (`why`) the refresh is over before it
+        caught up (the KV pool is going away, an error)."""
         for shadow in self.shadows.values():
             self.core.block_manager.free(shadow)
         self.shadows.clear()
-
-    def shadow_requests(self) -> list[Request]:
-        """The block tables the refresh holds (for BlockManager.check_invariants)."""
-        return list(self.shadows.values())
+        if why is not None:
+            self.gave_up = why
 
     def summary(self) -> dict:
         return {

@@ -233,8 +233,8 @@ class WeightManager:
             over = refresh.tick()
         except Exception as e:  # the refresh is an optimisation: never let it take the engine down
             log.exception("KV refresh failed; running requests recompute at the commit")
-            refresh.drop()
-            refresh.gave_up, over = f"{type(e).__name__}: {e}", True
+            refresh.drop(f"{type(e).__name__}: {e}")
+            over = True
         if not over or self.pending is None:
             return None
         held, commit, job = self.pending
@@ -252,8 +252,13 @@ class WeightManager:
     def drop_refresh(self) -> None:
         """The KV pool is about to be released: the shadows' blocks go with it."""
         if self.refresh is not None:
+            self.refresh.drop("the KV cache was released")
+
+    def _end_refresh(self) -> None:
+        """The staged update is dropped (or the engine closes): its shadows go with it."""
+        if self.refresh is not None:
             self.refresh.drop()
-            self.refresh.gave_up = "the KV cache was released"
+            self.refresh = None
 
     # -- process group --------------------------------------------------------------------
     def init_transfer(
@@ -710,9 +715,7 @@ class WeightManager:
 
     def abort_staged(self) -> dict:
         held, self.staged = self.staged, None
-        if self.refresh is not None:
-            self.refresh.drop()
-            self.refresh = None
+        self._end_refresh()
         if held is not None and held.swap is not None:
             held.swap.give_back()
         if held is not None and held.in_place is not None:
@@ -735,9 +738,7 @@ class WeightManager:
         return {"fenced": self.fenced}
 
     def close(self) -> None:
-        if self.refresh is not None:
-            self.refresh.drop()
-            self.refresh = None
+        self._end_refresh()
         self.arena.release()
         if self.group is not None:
             wt.destroy_group(self.group)
