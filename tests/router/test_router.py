@@ -16,14 +16,17 @@ from tests.router.conftest import kill_replica
 
 PROMPTS = [f"request {i:02d}:" for i in range(64)]
 GREEDY = {"max_tokens": 128, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+EXTRA_TOKENS = 400  # the pinned streams: long enough to be in flight when the disturbance lands
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict, seen: list[int] | None = None,
-                  progress: asyncio.Event | None = None, first: asyncio.Event | None = None) -> dict:
+                  progress: asyncio.Event | None = None, first: asyncio.Event | None = None,
+                  headers: dict | None = None) -> dict:
     """One streaming completion: every chunk's token ids, text, final finish_reason and extras."""
     out = {"chunks": [], "text": "", "finish": None, "final": None}
-    async with client.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+    async with client.stream("POST", url + "/v1/completions", json={**body, "stream": True}, headers=headers) as r:
         assert r.status_code == 200, await r.aread()
+        out["replica"] = r.headers.get("x-tidal-replica")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -41,6 +44,18 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict, seen: list[in
                     out["finish"], out["final"] = c["finish_reason"], c
     out["ids"] = [t for ch in out["chunks"] for t in ch]
     return out
+
+
+def _session_on(router, url: str) -> dict:
+    """Headers whose routing key the router has pinned to the replica at `url` (a long stream sent
+    with them is certain to be in flight there when the test drains or kills it)."""
+    for i in range(16):   # a new key goes to the least loaded replica, ties taken in turn
+        headers = {"X-Session-Id": f"pin-{url}-{i}"}
+        r = httpx.post(router.url + "/v1/completions", json={"prompt": f"pin {i}", "max_tokens": 1}, headers=headers,
+                       timeout=60)
+        if r.headers["x-tidal-replica"] == url:
+            return headers
+    raise AssertionError(f"no routing key landed on {url}")
 
 
 async def _reference(url: str, prompts: list[str], body: dict) -> list[list[int]]:
@@ -208,13 +223,20 @@ def test_transactional_push_through_the_router(fleet, tiny_ckpt):
     assert {v["state"] for v in httpx.get(router.url + "/health").json()["replicas"].values()} == {"up"}
 
 
-async def _run_64_and_disturb(router, disturb, extra: list[dict] | None = None, params: dict = GREEDY):
-    """64 greedy streams (+ extra bodies); `disturb()` once the streams have 3 tokens each on average."""
-    seen, progress = [0, 64 * 3], asyncio.Event()
+async def _run_64_and_disturb(router, disturb, extra: list[dict], pinned: dict, params: dict = GREEDY):
+    """64 greedy streams and the `extra` bodies sent with the `pinned` headers; `disturb()` once the
+    streams have 3 tokens each on average and each extra one has its first tokens.
+
+    The tiny model outruns this client: by the time it has read 3 tokens a stream, the 64 may all
+    be done upstream. The extra streams, long and pinned to the replica the test disturbs, are
+    what is certain to be in flight there."""
+    seen, progress, firsts = [0, 64 * 3], asyncio.Event(), [asyncio.Event() for _ in extra]
     async with httpx.AsyncClient(timeout=180) as client:
-        bodies = [{**params, "prompt": p} for p in PROMPTS] + (extra or [])
-        tasks = [asyncio.create_task(_stream(client, router.url, body, seen, progress)) for body in bodies]
-        await asyncio.wait_for(progress.wait(), 120)
+        tasks = [asyncio.create_task(_stream(client, router.url, {**params, "prompt": p}, seen, progress))
+                 for p in PROMPTS]
+        tasks += [asyncio.create_task(_stream(client, router.url, body, seen, progress, first, pinned))
+                  for body, first in zip(extra, firsts)]
+        await asyncio.wait_for(asyncio.gather(progress.wait(), *(f.wait() for f in firsts)), 120)
         result = await disturb(client)
         outs = await asyncio.gather(*tasks)
     return outs, result
@@ -223,11 +245,13 @@ async def _run_64_and_disturb(router, disturb, extra: list[dict] | None = None, 
 async def test_drain_mid_run_moves_streams_without_duplicate_or_gap(fleet):
     router, (a, b) = fleet
     ref = await _reference(b.url, PROMPTS, GREEDY)
-    # seeded, penalized (greedy and seeded): a moved one continues as if it had not moved
-    extras = [{"prompt": f"seeded {i}", "max_tokens": 96, "temperature": 1.0, "seed": 11 + i, "ignore_eos": True,
+    # seeded, penalized (greedy and seeded), long and pinned to A: each moves, and continues as if
+    # it had not moved
+    n = EXTRA_TOKENS
+    extras = [{"prompt": f"seeded {i}", "max_tokens": n, "temperature": 1.0, "seed": 11 + i, "ignore_eos": True,
                "return_token_ids": True, **pen}
               for i, pen in enumerate([{}, {}, {"presence_penalty": 0.8, "frequency_penalty": 0.6}] * 2)]
-    extras += [{"prompt": f"penalized {i}", "max_tokens": 96, "temperature": 0.0, "presence_penalty": 1.0,
+    extras += [{"prompt": f"penalized {i}", "max_tokens": n, "temperature": 0.0, "presence_penalty": 1.0,
                 "frequency_penalty": 0.7, "ignore_eos": True, "return_token_ids": True} for i in range(2)]
     async with httpx.AsyncClient(timeout=120) as client:
         rs = await asyncio.gather(*(client.post(a.url + "/v1/completions", json=x) for x in extras))
@@ -237,20 +261,15 @@ async def test_drain_mid_run_moves_streams_without_duplicate_or_gap(fleet):
         r = await client.post(router.url + "/v1/replicas/drain", json={"url": a.url, "timeout_s": 60})
         return r.json()
 
-    outs, drained = await _run_64_and_disturb(router, drain, extras)
+    outs, drained = await _run_64_and_disturb(router, drain, extras, _session_on(router, a.url))
     assert drained["moved"] and not drained["left"], (drained, router.output()[-3000:])
-    moved = 0
     for o, want in zip(outs[:64], ref):
         assert o["finish"] == "length" and o["ids"] == want        # no duplicate, no gap, same tokens
-        moved += bool(o["final"]["moved_at"])
-    assert moved >= 1
     # the continuation declares the tokens produced before the move as prior output: the sampler's
     # step and the penalties go on from them, so each equals its unmoved run
-    moved_extras = 0
     for o, want, body in zip(outs[64:], extras_ref, extras):
         assert o["finish"] == "length" and o["ids"] == want, (body, o["final"]["moved_at"])
-        moved_extras += bool(o["final"]["moved_at"])
-    assert moved_extras >= 1, "some seeded or penalized stream should have moved"
+        assert 0 < o["final"]["moved_at"][0] < n, ("it moved mid-stream", body, o["final"]["moved_at"])
     state = httpx.get(router.url + "/v1/state").json()
     assert state["replicas"][a.url]["router"]["state"] == "draining"
     r = httpx.post(router.url + "/v1/replicas/undrain", json={"url": a.url}, timeout=30).json()
@@ -338,18 +357,18 @@ async def test_generate_batch_drained_mid_stream_continues_as_one_group(fleet):
 
 async def test_killed_replica_streams_continue_then_abort_when_none_left(fleet):
     router, (a, b) = fleet
-    # Longer streams than the drain test's: on an idle machine the killed replica must still have
-    # streams in flight when the kill lands (with 12 tokens it had sometimes finished them all).
     long = {**GREEDY, "max_tokens": 48}
     ref = await _reference(b.url, PROMPTS, long)
+    guard = {**GREEDY, "max_tokens": EXTRA_TOKENS, "prompt": "guard"}   # pinned to A: in flight at the kill
+    guard_ref = (await _reference(b.url, ["guard"], guard))[0]
 
     async def kill(client):
         kill_replica(a)
 
-    outs, _ = await _run_64_and_disturb(router, kill, params=long)
-    for o, want in zip(outs, ref):
+    outs, _ = await _run_64_and_disturb(router, kill, [guard], _session_on(router, a.url), params=long)
+    for o, want in zip(outs, ref + [guard_ref]):
         assert o["finish"] == "length" and o["ids"] == want
-    assert sum(bool(o["final"]["moved_at"]) for o in outs) >= 1
+    assert 0 < outs[64]["final"]["moved_at"][0] < EXTRA_TOKENS, (outs[64]["final"], outs[64]["replica"], a.url)
     health = httpx.get(router.url + "/health").json()
     assert health["replicas"][a.url]["state"] == "down" and health["replicas"][b.url]["state"] == "up"
     state = httpx.get(router.url + "/v1/state").json()
