@@ -82,3 +82,15 @@ def test_ray_backend(tiny_ckpt):
     check_serves_then_stops(
         *run_serve(tiny_ckpt("llama"), "--data-parallel-backend", "ray", "--data-parallel-replica-host", "127.0.0.1")
     )
+
+
+def test_replica_command_lines_leave_out_the_router_flags():
+    """Each replica gets the serve flags; the data-parallel and router flags (read off the parser,
+    both spellings) stay with the router, or a replica would start a router of its own."""
+    from tidal.cli import build_parser
+    from tidal.router.cli import replica_argv
+
+    argv = ["serve", "m", "--data-parallel-size", "2", "--data-parallel-backend=mp", "--prefix-slack=3",
+            "--probe-interval", "1", "--host", "0.0.0.0", "--port", "9", "--max-num-seqs", "4", "--api-key", "k"]
+    args = build_parser().parse_args(argv)
+    assert replica_argv(args, argv) == ["serve", "m", "--max-num-seqs", "4", "--api-key", "k"]

@@ -73,6 +73,9 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_parallel_option(serve: argparse.ArgumentParser) -> None:
+    """The data-parallel flags and the router's own options on `tidal serve`; the flags added here
+    are recorded (`args.router_only_flags`) so the replicas' command lines leave them out."""
+    known = _option_strings(serve)
     serve.add_argument(
         "--data-parallel-size",
         type=int,
@@ -96,6 +99,11 @@ def add_data_parallel_option(serve: argparse.ArgumentParser) -> None:
         "(default: its node's IP address)",
     )
     add_router_options(serve)
+    serve.set_defaults(router_only_flags=sorted(_option_strings(serve) - known))
+
+
+def _option_strings(p: argparse.ArgumentParser) -> set[str]:
+    return {s for a in p._actions for s in a.option_strings}
 
 
 def _settings(args: argparse.Namespace, replicas: list[str]):
@@ -145,18 +153,7 @@ def serve_data_parallel(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if n < 1:
         print(f"tidal serve: --data-parallel-size {n}: expected >= 1", file=sys.stderr)
         return 2
-    child_argv = _strip(
-        list(argv),
-        {
-            "--data-parallel-size",
-            "--data-parallel-backend",
-            "--data-parallel-replica-host",
-            "--port",
-            "--host",
-            "--probe-interval",
-            "--prefix-slack",
-        },
-    )
+    child_argv = replica_argv(args, argv)
     if args.data_parallel_backend == "ray":
         return _serve_on_ray(args, child_argv[1:] if child_argv[:1] == ["serve"] else child_argv)
     gpus = _gpu_count() if args.device in ("auto", "cuda") or str(args.device).startswith("cuda") else 0
@@ -208,6 +205,12 @@ def _serve_on_ray(args: argparse.Namespace, serve_args: list[str]) -> int:
         if fleet is not None:
             fleet.stop()
         ray.shutdown()
+
+
+def replica_argv(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
+    """The serve command line less the data-parallel and router flags; each replica binds its own
+    port on 127.0.0.1 (or its Ray node), the router takes --host/--port."""
+    return _strip(list(argv), {*args.router_only_flags, "--host", "--port"})
 
 
 def _strip(argv: list[str], flags: set[str]) -> list[str]:
