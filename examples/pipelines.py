@@ -40,7 +40,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -298,9 +298,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(*(p.start() for p in pipes))
         tasks = {p.pid: asyncio.create_task(p.run(), name=p.pid) for p in pipes}
         if args.scenario == "kill-pipeline":
-            events.append(await kill_pipeline(pipes[0], tasks["A"], sched, t0))
+            events.append(await _unless_one_fails(kill_pipeline(pipes[0], tasks["A"], sched, t0), tasks))
         elif args.scenario == "kill-replica":
-            events.append(await kill_replica(pipes[0], t0))
+            events.append(await _unless_one_fails(kill_replica(pipes[0], t0), tasks))
         results = await asyncio.gather(*tasks.values(), return_exceptions=True)
         for pid, res in zip(tasks, results):
             if isinstance(res, BaseException) and not (isinstance(res, asyncio.CancelledError)
@@ -314,6 +314,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await sched.close()
         shutil.rmtree(work, ignore_errors=True)
     return summarize(args, pipes, sched, snap, checks, closed, events)
+
+
+async def _unless_one_fails(event: Awaitable[dict[str, Any]], tasks: dict[str, asyncio.Task]) -> dict[str, Any]:
+    """The scenario's event, unless a pipeline fails first: then that pipeline's error, at once (the
+    event would otherwise wait for a window that cannot open, until its deadline)."""
+    waiter = asyncio.ensure_future(event)
+    while not waiter.done():
+        await asyncio.wait([waiter, *tasks.values()], return_when=asyncio.FIRST_COMPLETED)
+        failed = [t for t in tasks.values() if t.done() and not t.cancelled() and t.exception() is not None]
+        if failed and not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+            raise failed[0].exception()  # type: ignore[misc]
+        if all(t.done() for t in tasks.values()) and not waiter.done():
+            waiter.cancel()
+            raise RuntimeError("the pipelines ended before the scenario's event could happen")
+    return waiter.result()
 
 
 async def kill_pipeline(p: Pipeline, task: asyncio.Task, sched: GpuScheduler, t0: float) -> dict[str, Any]:

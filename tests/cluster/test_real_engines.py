@@ -85,16 +85,17 @@ async def test_pipeline_killed_mid_rollout_other_takes_its_slots():
     assert after == {0, 1}, f"after A died B generated only on slots {sorted(after)}"
 
 
-# slow (opt-in, `pytest -m slow`): with this session's faster CPU decode, the rollout's requests on
-# one replica can all finish before the scheduler has two replicas serving with one of them running
-# >= 2 requests, so the kill window never opens (timed out at 400 s on an idle 2-core box).
-@pytest.mark.slow
+# 480-token samples, 4 prompts: with the faster CPU decode, 128-token rollouts could all finish on
+# one replica before the scheduler had A on two replicas with one running >= 2 requests, so the kill
+# window never opened (it timed out at 400 s); with these, both of A's replicas ran 8 requests, none
+# done, at the kill (59 s on the idle 2-core box).
 @REAL
 async def test_replica_killed_mid_rollout_requests_continue():
     """3 slots (A trains on 0, B on 1, slot 2 only generates): one of A's two replicas is
     SIGKILLed while its engine runs >= 2 requests; they continue (on the other, or resumed), and the dead rank's
     later shrink is verified by its processes' exit, its later expand starts a new process."""
-    r = await _run("--scenario", "kill-replica", "--slots", "3", "--steps", "2", "--max-tokens", "128")
+    r = await _run("--scenario", "kill-replica", "--slots", "3", "--steps", "2", "--max-tokens", "480",
+                   "--prompts", "4")
     _check_common(r)
     (ev,) = r["events"]
     assert len(ev["running_at_kill"]) >= 2 and ev["running_at_kill"][ev["rank"]] >= pipelines.KILL_RUNNING, ev
