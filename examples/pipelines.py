@@ -317,20 +317,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _unless_one_fails(event: Awaitable[dict[str, Any]], tasks: dict[str, asyncio.Task]) -> dict[str, Any]:
-    """The scenario's event, unless a pipeline fails first: then that pipeline's error, at once (the
-    event would otherwise wait for a window that cannot open, until its deadline)."""
+    """The scenario's event, unless a pipeline fails (or every one ends) first: then that error, at
+    once (the event would otherwise wait for a window that cannot open, until its deadline)."""
     waiter = asyncio.ensure_future(event)
-    while not waiter.done():
-        await asyncio.wait([waiter, *tasks.values()], return_when=asyncio.FIRST_COMPLETED)
-        failed = [t for t in tasks.values() if t.done() and not t.cancelled() and t.exception() is not None]
-        if failed and not waiter.done():
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiter
+    running, failed = set(tasks.values()), []
+    while running and not waiter.done():   # a task already done is not waited on again (no spin)
+        done, running = await asyncio.wait({waiter, *running}, return_when=asyncio.FIRST_COMPLETED)
+        running.discard(waiter)
+        failed = [t for t in done if t is not waiter and not t.cancelled() and t.exception() is not None]
+        if failed:
+            break
+    if not waiter.done():
+        waiter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiter                   # its own clean-up (HTTP clients) runs before the error goes up
+        if failed:
             raise failed[0].exception()  # type: ignore[misc]
-        if all(t.done() for t in tasks.values()) and not waiter.done():
-            waiter.cancel()
-            raise RuntimeError("the pipelines ended before the scenario's event could happen")
+        raise RuntimeError("the pipelines ended before the scenario's event could happen")
     return waiter.result()
 
 
