@@ -28,8 +28,10 @@ class RouterProc:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="tidal-router-", suffix=".log", delete=False)
+        # TIDAL_TEST_ROUTER_UPSTREAM=http runs these tests over a connection per request
         cmd = [sys.executable, "-m", "tidal.router.cli", "router", "--port", str(self.port),
-               "--log-level", "warning", "--probe-interval", "0.2"]
+               "--log-level", "warning", "--probe-interval", "0.2",
+               "--upstream", os.environ.get("TIDAL_TEST_ROUTER_UPSTREAM", "channel")]
         for u in replicas:
             cmd += ["--replica", u]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.router.conftest import kill_replica
+from tidal.router.upstream import Upstream
 
 PROMPTS = [f"request {i:02d}:" for i in range(64)]
 GREEDY = {"max_tokens": 128, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
@@ -148,6 +149,23 @@ async def test_client_that_leaves_mid_stream_ends_its_flight(fleet):
             await asyncio.sleep(0.05)
         assert (await client.get(router.url + "/v1/state")).json()["in_flight"] == 0
     assert "Exception in ASGI application" not in router.output()
+
+async def test_a_server_without_a_channel_gets_a_connection_per_request(fleet):
+    """A router in front of this router: the inner one answers the channel path 404 (it is not
+    proxied to a replica), so the outer pool falls back to plain HTTP and the request works."""
+    router, _ = fleet
+    up = Upstream()
+    try:
+        body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0.0}).encode()
+        for _ in range(2):
+            resp = await up.post(router.url, "/v1/completions", body)
+            assert resp.status == 200
+            assert json.loads(await resp.read())["usage"]["completion_tokens"] == 3
+            await resp.aclose()
+        assert up.no_channel == {router.url} and not up.channels
+    finally:
+        up.close()
+
 
 async def test_pause_abort_returns_partial_outputs_from_both(fleet):
     router, (a, b) = fleet

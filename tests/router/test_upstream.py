@@ -1,5 +1,6 @@
-"""The router's upstream HTTP/1.1 client against a scripted asyncio server on 127.0.0.1: chunked
-event streams split at every byte boundary, keep-alive reuse, a stale kept connection, errors."""
+"""The router's upstream HTTP/1.1 client (a connection per request: channels off) against a
+scripted asyncio server on 127.0.0.1: chunked event streams split at every byte boundary,
+keep-alive reuse, a stale kept connection, errors."""
 from __future__ import annotations
 
 import asyncio
@@ -74,7 +75,7 @@ async def test_events_survive_any_split_and_the_connection_is_reused(pieces):
     body_len = len(b"".join(EVENTS))
     sizes = [3, 20, body_len - 23]                       # chunk borders inside events too
     srv = Scripted([_stream_reply(sizes), _stream_reply([body_len])], pieces=pieces)
-    up = Upstream({"Authorization": "Bearer k"})
+    up = Upstream({"Authorization": "Bearer k"}, channels=False)
     async with srv as url:
         for _ in range(2):
             assert await _read_all(up, url) == [b'{"i": %d}' % i for i in range(5)]
@@ -86,7 +87,7 @@ async def test_events_survive_any_split_and_the_connection_is_reused(pieces):
 async def test_a_kept_connection_the_server_closed_is_retried_on_a_fresh_one():
     body_len = len(b"".join(EVENTS))
     srv = Scripted([_stream_reply([body_len]), None, _stream_reply([body_len])])
-    up = Upstream()
+    up = Upstream(channels=False)
     async with srv as url:
         await _read_all(up, url)
         assert len(await _read_all(up, url)) == 5       # the kept one is closed: a new one answers
@@ -99,7 +100,7 @@ async def test_error_replies_and_a_stream_cut_short():
     cut = _stream_reply([len(b"".join(EVENTS))])[:-40]
     srv = Scripted([b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                     % (len(err), err), (cut, "close")])
-    up = Upstream()
+    up = Upstream(channels=False)
     async with srv as url:
         resp = await up.post(url, "/generate", b"{}")
         assert resp.status == 400 and await resp.read() == err

@@ -29,6 +29,7 @@ from tidal.router.migrate import SURFACES, Flight, UpstreamRejected, fold_genera
 from tidal.router.replicas import DRAINING, UP, NoReplica, ReplicaSet, normalise_url
 from tidal.router.sse import EventStream
 from tidal.router.upstream import Upstream
+from tidal.server.mux import MUX_PATH
 
 SESSION_HEADERS = ("x-session-id", "x-routing-key")
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive", "accept-encoding"}
@@ -43,6 +44,7 @@ class RouterSettings:
     update_timeout_s: float = 600.0
     probe_interval_s: float = 0.5
     prefix_slack: int = 4
+    channels: bool = True  # generation requests to a replica share its channel (channel.py)
 
 
 class APIError(Exception):
@@ -75,7 +77,7 @@ class Router:
         )
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=1024)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), limits=limits)
-        self.upstream = Upstream(self.upstream_headers)
+        self.upstream = Upstream(self.upstream_headers, channels=settings.channels)
         self.flights: dict[str, Flight] = {}
 
     async def start(self) -> None:
@@ -305,6 +307,10 @@ class Router:
         return StreamingResponse(body(), status_code=resp.status_code, headers=out_headers)
 
 
+async def _no_channel() -> Response:
+    return _error(404, f"the router offers no channel at {MUX_PATH}: its replicas do", "path")
+
+
 def create_app(settings: RouterSettings) -> FastAPI:
     router = Router(settings)
 
@@ -339,6 +345,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
     app.delete("/v1/replicas")(router.remove_replica)
     app.post("/v1/replicas/drain")(router.drain)
     app.post("/v1/replicas/undrain")(router.undrain)
+    app.post(MUX_PATH, include_in_schema=False)(_no_channel)  # not proxied: a router in front gets HTTP
     app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])(router.proxy)
     return app
 

@@ -70,6 +70,14 @@ def add_router_options(p: argparse.ArgumentParser) -> None:
         help="a repeated prompt goes to its earlier replica while that one has at most this "
         "many more outstanding samples than the least loaded (default: 4)",
     )
+    g.add_argument(
+        "--upstream",
+        choices=("channel", "http"),
+        default="channel",
+        help="channel: a replica's generation requests share one connection to it, each engine "
+        "step's tokens of all of them in one write (replicas that offer none get http); http: a "
+        "connection per request (default: channel)",
+    )
 
 
 def add_data_parallel_option(serve: argparse.ArgumentParser) -> None:
@@ -115,6 +123,7 @@ def _settings(args: argparse.Namespace, replicas: list[str]):
         admin_key=args.admin_key,
         probe_interval_s=args.probe_interval,
         prefix_slack=args.prefix_slack,
+        channels=args.upstream == "channel",
     )
 
 

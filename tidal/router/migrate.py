@@ -29,7 +29,7 @@ import msgspec
 
 from tidal.router.continuation import continuation_body, prior_output_tokens, sampling_state
 from tidal.router.replicas import NoReplica, Replica, prefix_key
-from tidal.router.upstream import Response, UpstreamError
+from tidal.router.upstream import Reply, UpstreamError
 
 if TYPE_CHECKING:
     from tidal.router.app import Router
@@ -105,8 +105,8 @@ class Flight:
         self.upstream_ids: list[str] = []
         self._pumps: list[asyncio.Task] = []
         self._queue: asyncio.Queue | None = None
-        self._first: Response | None = None
-        self._direct: Response | None = None  # the stream `_read` reads now
+        self._first: Reply | None = None
+        self._direct: Reply | None = None  # the stream `_read` reads now
         self._failure: str | None = None  # why the segment's upstream failed
 
     @property
@@ -147,7 +147,7 @@ class Flight:
             self._first = resp
             return
 
-    async def _send(self, rep: Replica, path: str, body: dict) -> Response:
+    async def _send(self, rep: Replica, path: str, body: dict) -> Reply:
         return await self.router.upstream.post(rep.url, path, _encode(body))
 
     def _attach(self, rep: Replica, upstream_ids: list[str]) -> None:
@@ -243,10 +243,10 @@ class Flight:
             if failure.startswith("connection"):
                 self.router.replicas.mark_down(rep, failure)
 
-    async def _read(self, resp: Response) -> AsyncGenerator[list[dict | bytes], None]:
+    async def _read(self, resp: Reply) -> AsyncGenerator[list[dict | bytes], None]:
         """One upstream stream read in the flight's own task: client events per socket read. No
-        pump task and queue between (they were a task wake-up per event); `move` closes the
-        connection to stop it, and what was read before is forwarded as with the queue."""
+        pump task and queue between (they were a task wake-up per event); `move` interrupts the
+        reply to stop it, and what was read before is forwarded as with the queue."""
         try:
             if self.moving:
                 return
@@ -307,7 +307,7 @@ class Flight:
                 yield out
 
     async def _pump(
-        self, queue: asyncio.Queue, sample: Sample | None, resp: Response | None, request: tuple[Replica, dict] | None
+        self, queue: asyncio.Queue, sample: Sample | None, resp: Reply | None, request: tuple[Replica, dict] | None
     ) -> None:
         """Upstream events into `queue`, a batch per socket read: ("events", sample, [(obj, raw)])."""
         try:
@@ -351,8 +351,8 @@ class Flight:
         self.moving = True
         if self._queue is not None:
             self._queue.put_nowait(("moved", None, None))
-        if self._direct is not None and self._direct.conn is not None:
-            self._direct.conn.close()  # wakes `_read`, which stops there
+        if self._direct is not None:
+            self._direct.interrupt()  # wakes `_read`, which stops there
 
     # -- upstream event -> client event ------------------------------------------------------
     def _absorb(self, cont: Sample | None, event: tuple[dict, bytes]) -> list[dict | bytes]:

@@ -10,19 +10,23 @@ taken from the replicas'. Control calls, probes and the proxy keep using httpx.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
+from tidal.router.channel import Channel, ChannelUnsupported
+from tidal.router.wire import EventSplitter, UpstreamError, dechunk
+
+__all__ = ["Reply", "Response", "Upstream", "UpstreamError"]
+
+log = logging.getLogger("tidal.router")
 IDLE_S = 2.0  # reuse an idle connection only this long (uvicorn closes after 5 s idle)
 MAX_IDLE = 512  # idle connections kept per replica
 _READ = 1 << 16
-
-
-class UpstreamError(Exception):
-    """The connection failed, or the reply was not HTTP/1.1 the router can read."""
 
 
 @dataclass(slots=True)
@@ -56,38 +60,22 @@ class Response:
 
     def _chunks(self) -> bytes:
         """The chunked body's data that `buf` holds whole; sets `done` at the last chunk."""
-        out, buf, pos = [], self.buf, 0
-        while not self.done:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            size = int(bytes(buf[pos:eol]).split(b";")[0], 16)
-            if size == 0:
-                if len(buf) < eol + 4:
-                    break
-                pos, self.done = eol + 4, True  # no trailers: "0\r\n\r\n"
-                break
-            if len(buf) < eol + 2 + size + 2:
-                break
-            out.append(bytes(buf[eol + 2 : eol + 2 + size]))
-            pos = eol + 2 + size + 2
-        del buf[:pos]
-        return b"".join(out)
+        if self.done:
+            return b""
+        data, self.done = dechunk(self.buf)
+        return data
 
     async def events(self) -> AsyncIterator[list[bytes]]:
         """The `data:` payloads of a text/event-stream reply, a list per socket read; ends at [DONE]."""
         if self.headers.get("transfer-encoding", "").lower() != "chunked":
             raise UpstreamError(f"expected a chunked event stream, got headers {self.headers}")
-        pending = b""
+        split = EventSplitter()
         try:
             while not self.done:
                 if not await self._more():
                     raise UpstreamError("connection closed mid-stream")
-                pending += self._chunks()
-                *whole, pending = pending.split(b"\n\n")
-                batch = [ev[6:] for ev in whole if ev.startswith(b"data: ")]
-                if batch and batch[-1] == b"[DONE]":
-                    batch.pop()
+                batch = split.feed(self._chunks())
+                if split.done:
                     while not self.done and await self._more():
                         self._chunks()
                     if batch:
@@ -117,6 +105,11 @@ class Response:
         except (OSError, ValueError) as e:
             raise UpstreamError(f"{type(e).__name__}: {e}") from None
 
+    def interrupt(self) -> None:
+        """Stop the reading of this reply now (a drain moves its request): its reader wakes and fails."""
+        if self.conn is not None:
+            self.conn.close()
+
     async def aclose(self) -> None:
         """Back to the pool when the body was read to its end, else the connection closes."""
         conn, self.conn = self.conn, None
@@ -128,18 +121,71 @@ class Response:
             conn.close()
 
 
-class Upstream:
-    """POST a JSON body to a replica; the response's head read, its body left to the caller."""
+class Reply(Protocol):
+    """A reply being read: this module's Response, or a channel's (channel.py)."""
 
-    def __init__(self, headers: dict[str, str] | None = None, connect_timeout_s: float = 5.0) -> None:
+    status: int
+    headers: dict[str, str]
+
+    def events(self) -> AsyncIterator[list[bytes]]: ...
+
+    async def read(self) -> bytes: ...
+
+    def interrupt(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Upstream:
+    """POST a JSON body to a replica; the response's head read, its body left to the caller.
+
+    With `channels` on, the requests to a replica share its many-requests channel (channel.py);
+    a replica that offers none gets a connection per request."""
+
+    def __init__(
+        self, headers: dict[str, str] | None = None, connect_timeout_s: float = 5.0, channels: bool = True
+    ) -> None:
         self.extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()).encode()
         self.connect_timeout_s = connect_timeout_s
         self.idle: dict[str, list[_Conn]] = {}
+        self.use_channels = channels
+        self.channels: dict[str, Channel] = {}
+        self.no_channel: set[str] = set()  # replicas that answered the mux path with something else
+        self._opening: dict[str, asyncio.Future] = {}
 
-    async def post(self, base_url: str, path: str, body: bytes) -> Response:
+    async def post(self, base_url: str, path: str, body: bytes) -> Reply:
         """Raises UpstreamError when no connection can be made or the reply head is unreadable."""
         u = urlsplit(base_url)
         key = f"{u.scheme}://{u.netloc}"
+        if self.use_channels and key not in self.no_channel:
+            channel = await self._channel(key, u)
+            if channel is not None:
+                return await channel.post(path, body)
+        return await self._post_http(u, key, path, body)
+
+    async def _channel(self, key: str, u) -> Channel | None:
+        """The replica's open channel; one is opened (once, for every caller waiting) when none is."""
+        channel = self.channels.get(key)
+        if channel is not None and channel.failed is None:
+            return channel
+        opening = self._opening.get(key)
+        if opening is None:
+            opening = self._opening[key] = asyncio.ensure_future(self._open_channel(key, u))
+            opening.add_done_callback(lambda _: self._opening.pop(key, None))
+        return await asyncio.shield(opening)
+
+    async def _open_channel(self, key: str, u) -> Channel | None:
+        channel = Channel(u, self.extra, self.connect_timeout_s)
+        try:
+            await channel.open()
+        except ChannelUnsupported as e:
+            self.no_channel.add(key)
+            log.info("%s offers no channel (%s): a connection per request", key, e)
+            return None
+        self.channels[key] = channel
+        return channel
+
+    async def _post_http(self, u, key: str, path: str, body: bytes) -> Response:
         head = (
             (
                 f"POST {u.path}{path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
@@ -209,6 +255,9 @@ class Upstream:
         conns.append(conn)
 
     def close(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
         for conns in self.idle.values():
             for c in conns:
                 c.close()

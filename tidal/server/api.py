@@ -1,7 +1,7 @@
 """The HTTP server (DESIGN.md §6): assembles one FastAPI app from the route module of each API
 surface over one ServerCore (service.py): openai_routes, generate_routes, control_routes,
-weight_routes, vllm_routes. Here: the outermost ASGI gate (body limit, request counting), error handlers,
-the OpenAPI document.
+weight_routes, vllm_routes. Here: the outermost ASGI gate (body limit, request counting, the
+router's many-requests channel of mux.py), error handlers, the OpenAPI document.
 
 Status codes are listed in tidal/server/errors.py. A streaming response sends its headers only
 once the first output is there, so a request that fails before any token still gets a real
@@ -24,6 +24,7 @@ from tidal.server.control_routes import ControlRoutes
 from tidal.server.errors import APIError, engine_error
 from tidal.server.generate_routes import GenerateRoutes
 from tidal.server.metrics import ServerMetrics
+from tidal.server.mux import MUX_PATH, MuxServer
 from tidal.server.openai_routes import OpenAIRoutes
 from tidal.server.service import ServerCore, ServerSettings, WeightLabels
 from tidal.server.sglang_routes import SGLangRoutes
@@ -46,6 +47,10 @@ class _HTTPGate:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if (
+            scope["path"] == MUX_PATH and scope["method"] == "POST"
+        ):  # a router's channel: each request in it comes back here
+            return await MuxServer(self, scope, receive, send, self.limit).run()
         status = 500
 
         async def send_counted(msg) -> None:
