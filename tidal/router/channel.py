@@ -169,7 +169,8 @@ class ChannelResponse:
 
     def __init__(self, channel: Channel, sid: int) -> None:
         self.channel, self.sid = channel, sid
-        self.status, self.headers = 0, {}
+        self.status = 0
+        self.headers: dict[str, str] = {}
         self.head: asyncio.Future = asyncio.get_running_loop().create_future()
         self.chunks: list[bytes] = []
         self.ended = False

@@ -140,9 +140,9 @@ class MuxServer:
             sub = self.subs[sid] = _Sub()
             sub.task = asyncio.ensure_future(self._serve(sid, sub, path, body))
         elif kind == "cancel" and len(frame) == 2 and isinstance(frame[1], int):
-            sub = self.subs.get(frame[1])
-            if sub is not None:  # else it ended already: its frames crossed the cancel
-                sub.gone.set()
+            cancelled = self.subs.get(frame[1])
+            if cancelled is not None:  # else it ended already: its frames crossed the cancel
+                cancelled.gone.set()
         else:
             raise MuxProtocolError(f"unknown frame {str(frame)[:80]}: expected open or cancel")
 
