@@ -367,6 +367,8 @@ def _serve(args: argparse.Namespace, config, sock, level: str, log: logging.Logg
             client = server.client
             if client is not None and client.dead is None and not self.force_exit:
                 await client.drain(grace)
+            for channel in list(server.channels):  # a router's channel would hold the connection open
+                channel.close()
             await super().shutdown(sockets)
 
     uv = _Server(

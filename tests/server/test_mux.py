@@ -167,3 +167,24 @@ async def test_a_reply_fails_when_its_channel_drops(server):
         assert len(up.channels) == 1 and not up.no_channel and not up.idle   # no per-request connection
     finally:
         up.close()
+
+
+async def test_shutdown_ends_the_channel_after_its_requests_get_their_final_event(server_model, make_server):
+    """SIGINT drains the requests (each ends with its partial output), then ends the channel: the
+    open channel does not hold the server's shutdown until uvicorn's graceful timeout."""
+    s = make_server(server_model, "--max-num-seqs", "4", "--shutdown-grace-s", "0.01")
+    channel = _channel(s.url)
+    await channel.open()
+    body = {"prompt": [3, 4], "max_tokens": 400, "temperature": 0.0, "ignore_eos": True, "stream": True}
+    resp = await channel.post("/v1/completions", msgspec.json.encode(body))
+    events = resp.events()
+    got = list(await events.__anext__())
+    stopping = asyncio.ensure_future(asyncio.to_thread(s.stop))
+    async for batch in events:
+        got += batch
+    assert json.loads(got[-1])["choices"][0]["finish_reason"] == "abort"
+    assert await asyncio.wait_for(stopping, 60) == 0
+    with pytest.raises(UpstreamError, match="ended the channel|connection closed"):
+        await channel.post("/v1/completions", b"{}")
+    assert "graceful shutdown exceeded" not in s.output(), s.output()[-2000:]
+    channel.close()

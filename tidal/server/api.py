@@ -41,8 +41,8 @@ class _HTTPGate:
     """Outermost ASGI layer: refuses bodies over the limit (413) and counts every answer by
     route and status in tidal_http_requests_total."""
 
-    def __init__(self, app, metrics: ServerMetrics, max_body_bytes: int) -> None:
-        self.app, self.metrics, self.limit = app, metrics, max_body_bytes
+    def __init__(self, app, metrics: ServerMetrics, max_body_bytes: int, channels: set) -> None:
+        self.app, self.metrics, self.limit, self.channels = app, metrics, max_body_bytes, channels
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -50,7 +50,7 @@ class _HTTPGate:
         if (
             scope["path"] == MUX_PATH and scope["method"] == "POST"
         ):  # a router's channel: each request in it comes back here
-            return await MuxServer(self, scope, receive, send, self.limit).run()
+            return await MuxServer(self, scope, receive, send, self.limit).run(self.channels)
         status = 500
 
         async def send_counted(msg) -> None:
@@ -125,7 +125,9 @@ def create_app(engine_config: EngineConfig, settings: ServerSettings | None = No
     _install(app, server)
     # Bad input answers 400 here, never 422; replacing app.openapi is FastAPI's documented hook.
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
-    app.add_middleware(_HTTPGate, metrics=server.metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        _HTTPGate, metrics=server.metrics, max_body_bytes=settings.max_body_bytes, channels=server.channels
+    )
     return app
 
 

@@ -97,26 +97,30 @@ class MuxServer:
         self.subs: dict[int, _Sub] = {}
         self.out: list[list[Any]] = []
         self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
         self._closed = False
 
-    async def run(self) -> None:
+    def close(self) -> None:
+        """End the channel (the server is shutting down): its requests are cancelled, what they
+        sent goes out, then the reply ends."""
+        self._closing.set()
+
+    async def run(self, registry: set) -> None:
+        """Serves the channel until the router ends it, it breaks, or close(); in `registry` meanwhile."""
         await self.send(
             {"type": "http.response.start", "status": 200, "headers": [(b"content-type", MUX_CONTENT_TYPE.encode())]}
         )
         writer = asyncio.ensure_future(self._write())
+        reading = asyncio.ensure_future(self._read())
+        closing = asyncio.ensure_future(self._closing.wait())
+        registry.add(self)
         try:
-            while True:
-                msg = await self.receive()
-                if msg["type"] == "http.disconnect":
-                    break
-                for frame in self.reader.feed(msg.get("body", b"")):
-                    self._handle(frame)
-                if not msg.get("more_body", False):
-                    await asyncio.gather(*(s.task for s in list(self.subs.values()) if s.task), return_exceptions=True)
-                    break
-        except MuxProtocolError as e:
-            log.warning("mux channel from %s closed: %s", self.scope.get("client"), e)
+            await asyncio.wait({reading, closing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            registry.discard(self)
+            for t in (reading, closing):
+                t.cancel()
+            await asyncio.gather(reading, closing, return_exceptions=True)
             self._closed = True
             for sub in self.subs.values():
                 sub.gone.set()
@@ -128,6 +132,20 @@ class MuxServer:
                 await writer
             with contextlib.suppress(OSError, RuntimeError):
                 await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                msg = await self.receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                for frame in self.reader.feed(msg.get("body", b"")):
+                    self._handle(frame)
+                if not msg.get("more_body", False):  # the router sends no more: serve what it sent
+                    await asyncio.gather(*(s.task for s in list(self.subs.values()) if s.task), return_exceptions=True)
+                    return
+        except MuxProtocolError as e:
+            log.warning("mux channel from %s closed: %s", self.scope.get("client"), e)
 
     def _handle(self, frame: list[Any]) -> None:
         kind = frame[0]

@@ -196,6 +196,7 @@ class ServerCore:
         self.settings = settings
         self.model_name = settings.served_model_name or _default_name(engine_config.model)
         self.metrics = ServerMetrics(self.model_name)
+        self.channels: set = set()  # the routers' channels open now (mux.MuxServer): shutdown ends them
         self.client: EngineClient | None = None
         self.token_text = TokenText(None)  # the tokenizer's, once start() has it
         self.max_prompt_chars = 0
