@@ -7,7 +7,8 @@ Phases, on the same replicas and the same workload (random token-id prompts, fix
 lengths, ignore_eos, greedy, streaming /v1/completions with token ids):
   1. one replica, hit directly                     (the scaling baseline)
   2. N replicas, hit directly, requests round-robin (the overhead baseline)
-  3. N replicas through the router                 (least-outstanding routing)
+  3. N replicas through the router                 (least-outstanding routing, the replicas' channels)
+  4. with --compare-http: the same through a router with --upstream http (a connection per request)
 Overhead = 1 - (3) / (2) output tokens/s (goal < 10% at 128 streams); scaling = (2) / (1) (goal
 >= 1.8x for 2 replicas where the machine has the cores: one GPU each). Prints a table and writes
 JSON (default benchmarks/results/local/replicas_<device>.json; --publish: results/).
@@ -86,9 +87,10 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def start_router(urls: list[str], port: int, log_path: str, timeout_s: float, root: str = ROOT) -> subprocess.Popen:
+def start_router(urls: list[str], port: int, log_path: str, timeout_s: float, root: str = ROOT,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """`tidal router` from the tidal package under `root` (--ab: another commit's tree)."""
-    cmd = [sys.executable, "-m", "tidal.router.cli", "router", "--port", str(port), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "tidal.router.cli", "router", "--port", str(port), "--log-level", "warning", *extra]
     for u in urls:
         cmd += ["--replica", u]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
@@ -146,6 +148,8 @@ def main() -> int:
                     help="git commits: routers from each, alternated --pairs times (ABAB) on the same replicas, each "
                          "run a direct phase then a routed one (default JSON name replicas_<device>_ab.json)")
     ap.add_argument("--pairs", type=int, default=3)
+    ap.add_argument("--compare-http", action="store_true",
+                    help="a fourth phase: a second router with --upstream http (a connection per request)")
     add_publish_flag(ap)
     args = ap.parse_args()
     if args.ab:
@@ -164,15 +168,26 @@ def main() -> int:
         for i, port in enumerate(ports):
             env_kw = dict(kw)
             procs.append(start_server(model, env_kw, port, os.path.join(logs, f"replica{i}.log"), 600))
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
         rport = free_port()
-        procs.append(start_router([f"http://127.0.0.1:{p}" for p in ports], rport, os.path.join(logs, "router.log"), 120))
+        router = start_router(urls, rport, os.path.join(logs, "router.log"), 120)
+        procs.append(router)
         # warm-up: every replica compiles/allocates once before anything is timed
         asyncio.run(load(ports, prompts[:8], [4] * 8, 8, 120))
         phases = [("1 replica direct", [ports[0]]), (f"{args.replicas} replicas direct", ports),
                   (f"{args.replicas} replicas via router", [rport])]
-        groups = {"replicas": [p.pid for p in procs[:-1]], "router": [procs[-1].pid]}
+        groups = {"replicas": [p.pid for p in procs[:-1]], "router": [router.pid]}
         for name, target in phases:
             result["phases"][name] = timed_phase(target, groups, prompts, lengths, args)
+        if args.compare_http:  # the same router with a connection per request instead of the channel
+            hport = free_port()
+            http_router = start_router(urls, hport, os.path.join(logs, "router-http.log"), 120,
+                                       extra=("--upstream", "http"))
+            procs.append(http_router)
+            asyncio.run(load([hport], prompts[:8], [4] * 8, 8, 120))
+            name = f"{args.replicas} replicas via router, --upstream http"
+            result["phases"][name] = timed_phase([hport], {**groups, "router": [http_router.pid]}, prompts,
+                                                 lengths, args)
     finally:
         for p in procs:
             stop_server(p, 10)
@@ -182,20 +197,25 @@ def main() -> int:
     result["scaling"] = direct / one if one else None
     via = ph.get(phases[2][0], {}).get("cpu_s", {})
     result["router_cpu_share"] = via["router"] / via["replicas"] if via.get("replicas") else None
+    http_phase = ph.get(f"{args.replicas} replicas via router, --upstream http")
+    if http_phase and direct:
+        result["router_overhead_http"] = 1 - http_phase["output_tok_s"] / direct
     result["load_average"] = os.getloadavg()
     print(f"\n{args.replicas} replicas, {args.num_prompts} prompts x {args.output_len} tokens, "
           f"{args.concurrency} streams, {args.device}, {os.cpu_count()} CPUs")
-    print(f"{'phase':<28}{'tok/s':>10}{'done':>6}{'fail':>6}{'ttft p50 ms':>13}{'itl p50 ms':>12}"
+    print(f"{'phase':<42}{'tok/s':>10}{'done':>6}{'fail':>6}{'ttft p50 ms':>13}{'itl p50 ms':>12}"
           f"{'replica us/tok':>16}{'router us/tok':>15}")
     for name, s in ph.items():
         cpu = s.get("cpu_us_per_token", {})
-        print(f"{name:<28}{s['output_tok_s']:>10.1f}{s['completed']:>6}{s['failed']:>6}"
+        print(f"{name:<42}{s['output_tok_s']:>10.1f}{s['completed']:>6}{s['failed']:>6}"
               f"{s['ttft_ms'].get('p50', 0):>13.1f}{s['itl_ms'].get('p50', 0):>12.2f}"
               f"{cpu.get('replicas', 0):>16.1f}{cpu.get('router', 0):>15.1f}")
     if result["router_overhead"] is not None:
         print(f"router overhead: {100 * result['router_overhead']:.1f}% of throughput   router CPU / replica CPU: "
               f"{100 * (result['router_cpu_share'] or 0):.1f}%   scaling 1 -> {args.replicas}: "
               f"{result['scaling']:.2f}x   load average {result['load_average'][0]:.1f}")
+    if "router_overhead_http" in result:
+        print(f"router overhead with --upstream http: {100 * result['router_overhead_http']:.1f}%")
     return write_result(result, args.out or str(results_dir(args.publish) / f"replicas_{args.device}.json"))
 
 
