@@ -238,6 +238,7 @@ class Router:
             raise APIError(404, f"url={url!r} is not a registered replica", "url") from None
         moved = await self._drain(rep, self.settings.control_timeout_s)
         self.replicas.remove(url)
+        self.upstream.forget(url)
         return _json({"url": rep.url, "removed": True, **moved})
 
     async def drain(self, request: Request) -> Response:

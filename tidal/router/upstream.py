@@ -1,4 +1,5 @@
-"""The router's upstream generation streams: a small HTTP/1.1 client on asyncio streams.
+"""The router's upstream generation streams: over the replica's channel (channel.py) when it has
+one, else a small HTTP/1.1 client on asyncio streams.
 
 Keep-alive connections per replica; a response's chunked body is decoded straight from each
 socket read, and its server-sent events come out per read, so a burst of events costs one wake-up.
@@ -253,6 +254,17 @@ class Upstream:
             return
         conn.idle_since = time.monotonic()
         conns.append(conn)
+
+    def forget(self, base_url: str) -> None:
+        """A replica left the router: its channel and kept connections close."""
+        u = urlsplit(base_url)
+        key = f"{u.scheme}://{u.netloc}"
+        channel = self.channels.pop(key, None)
+        if channel is not None:
+            channel.close()
+        for conn in self.idle.pop(key, []):
+            conn.close()
+        self.no_channel.discard(key)
 
     def close(self) -> None:
         for channel in self.channels.values():
