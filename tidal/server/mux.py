@@ -15,7 +15,9 @@ Authorization is checked per request), and its reply goes back as frames:
 
 A record on the wire is a 4-byte big-endian length and a msgpack array of frames (msgpack: plain
 data, never pickle). A record over the server's body limit, a malformed frame or an unknown kind
-ends the channel (its requests are cancelled, as when the connection drops).
+ends the channel (its requests are cancelled, as when the connection drops). uvicorn's
+--limit-concurrency counts a channel as one connection: the engine's own admission bounds the
+requests in it.
 """
 
 from __future__ import annotations
