@@ -1,5 +1,6 @@
 """Linear layers on the CPU through oneDNN with prepacked weights (EngineConfig.cpu_prepack_weights):
 the same products as F.linear, and the packed copy follows every way a weight can change."""
+
 from __future__ import annotations
 
 import pytest
@@ -29,10 +30,13 @@ def test_prepacked_products_equal_f_linear(shape):
     assert (lin._packed is not None) is (rows >= Linear.PREPACK_MIN_ROWS)
 
 
-def test_small_weights_keep_f_linear():
-    lin = _linear(256, 768)  # below PREPACK_MIN_WEIGHT: oneDNN's per-call cost would show
-    lin(torch.randn(64, 256))
-    assert lin._packed is None
+@pytest.mark.parametrize("in_f,out_f,packed", [(256, 256, False), (256, 512, True), (256, 1536, True)])
+def test_weights_from_prepack_min_weight_up_are_packed(in_f, out_f, packed):
+    # Below PREPACK_MIN_WEIGHT (a 256 x 256 o_proj) oneDNN's per-call cost would show: F.linear.
+    lin = _linear(in_f, out_f)
+    x = torch.randn(64, in_f)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
+    assert (lin._packed is not None) is packed
 
 
 def test_the_packed_copy_follows_in_place_writes_and_replaced_storage():

@@ -39,11 +39,13 @@ class Linear(nn.Module):
     # Set by `set_cpu_prepack`: float32 products on the CPU go through oneDNN with the weight
     # reordered once into its blocked layout (a second copy of W, rebuilt when W changes). Measured
     # (benchmarks/README.md, "CPU"): 1.15-1.3x MKL's F.linear at 8-128 rows on weights of 1M
-    # elements or more; below PREPACK_MIN_ROWS rows (single-stream decode) and on smaller weights,
-    # where oneDNN's per-call cost shows, plain F.linear is as fast or faster.
+    # elements or more; on a Zen 4 VM also on the 128K-512K-element projections of a 256-wide model
+    # (1.0-1.7x per call at 16-2,048 rows; a decode step's linears 0.67 -> 0.37-0.47 s per run of
+    # vs_vllm_cpu's long workload); below PREPACK_MIN_ROWS rows (single-stream decode) and on smaller
+    # weights (256 x 256), where oneDNN's per-call cost shows, plain F.linear is as fast or faster.
     cpu_prepack = False
     PREPACK_MIN_ROWS = 8
-    PREPACK_MIN_WEIGHT = 1 << 20
+    PREPACK_MIN_WEIGHT = 1 << 17
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, weight: nn.Parameter | None = None
