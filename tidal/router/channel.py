@@ -15,12 +15,11 @@ channel (an older `tidal serve`, another server) is sent plain HTTP requests fro
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import SplitResult
 
-from tidal.router.wire import EventSplitter, UpstreamError, dechunk
+from tidal.router.wire import EventSplitter, UpstreamError, connect, dechunk, parse_head
 from tidal.server.mux import MUX_CONTENT_TYPE, MUX_PATH, MuxProtocolError, RecordReader, encode_record
 
 _READ = 1 << 18
@@ -48,14 +47,7 @@ class Channel:
         """Raises UpstreamError when no connection can be made, ChannelUnsupported when the replica
         has no channel to offer."""
         u = self.url
-        tls = ssl.create_default_context() if u.scheme == "https" else None
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(u.hostname, u.port or (443 if tls else 80), ssl=tls, limit=_READ),
-                self.connect_timeout_s,
-            )
-        except (OSError, asyncio.TimeoutError) as e:
-            raise UpstreamError(f"connect to {u.netloc}: {type(e).__name__}: {e}") from None
+        reader, writer = await connect(u, self.connect_timeout_s, _READ)
         writer.write(
             (
                 f"POST {u.path}{MUX_PATH} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: {MUX_CONTENT_TYPE}\r\n"
@@ -69,11 +61,14 @@ class Channel:
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             writer.close()
             raise UpstreamError(f"channel to {u.netloc}: {type(e).__name__}: {e}") from None
-        lines = raw.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-        if lines[0].split(" ")[1:2] != ["200"] or headers.get("content-type") != MUX_CONTENT_TYPE:
+        try:
+            status, headers = parse_head(raw)
+        except ValueError as e:  # not HTTP: the plain path will say so in its own words
             writer.close()
-            raise ChannelUnsupported(lines[0])
+            raise ChannelUnsupported(str(e)) from None
+        if status != 200 or headers.get("content-type") != MUX_CONTENT_TYPE:
+            writer.close()
+            raise ChannelUnsupported(f"status {status}, content-type {headers.get('content-type')!r}")
         self._writer = writer
         self._task = asyncio.get_running_loop().create_task(self._read(reader, headers))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from tidal.router.channel import Channel, ChannelUnsupported
-from tidal.router.wire import EventSplitter, UpstreamError, dechunk
+from tidal.router.wire import EventSplitter, UpstreamError, connect, dechunk, parse_head
 
 __all__ = ["Reply", "Response", "Upstream", "UpstreamError"]
 
@@ -214,28 +213,11 @@ class Upstream:
     async def _exchange(self, conn: _Conn, key: str, request: bytes) -> Response:
         conn.writer.write(request)
         await conn.writer.drain()
-        raw = await conn.reader.readuntil(b"\r\n\r\n")
-        lines = raw.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
-            raise ValueError(f"not an HTTP/1.1 status line: {lines[0][:100]!r}")
-        headers = {}
-        for line in lines[1:]:
-            if line:
-                k, _, v = line.partition(":")
-                headers[k.strip().lower()] = v.strip()
-        return Response(int(parts[1]), headers, conn, self, key)
+        status, headers = parse_head(await conn.reader.readuntil(b"\r\n\r\n"))
+        return Response(status, headers, conn, self, key)
 
     async def _connect(self, u) -> _Conn:
-        tls = ssl.create_default_context() if u.scheme == "https" else None
-        port = u.port or (443 if tls else 80)
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(u.hostname, port, ssl=tls, limit=_READ * 4), self.connect_timeout_s
-            )
-        except (OSError, asyncio.TimeoutError) as e:
-            raise UpstreamError(f"connect to {u.netloc}: {type(e).__name__}: {e}") from None
-        return _Conn(reader, writer)
+        return _Conn(*await connect(u, self.connect_timeout_s, _READ * 4))
 
     def _take(self, key: str) -> _Conn | None:
         conns = self.idle.get(key)

@@ -1,10 +1,40 @@
-"""What both of the router's upstream transports read: chunked HTTP bodies and server-sent events."""
+"""What both of the router's upstream transports share: the connection to a replica, the reply
+head, chunked HTTP bodies and server-sent events."""
 
 from __future__ import annotations
+
+import asyncio
+import ssl
+from urllib.parse import SplitResult
 
 
 class UpstreamError(Exception):
     """The connection failed, or the reply was not HTTP/1.1 the router can read."""
+
+
+async def connect(u: SplitResult, timeout_s: float, limit: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the replica at `u` (TLS for https); UpstreamError when none can be made."""
+    tls = ssl.create_default_context() if u.scheme == "https" else None
+    try:
+        return await asyncio.wait_for(
+            asyncio.open_connection(u.hostname, u.port or (443 if tls else 80), ssl=tls, limit=limit), timeout_s
+        )
+    except (OSError, asyncio.TimeoutError) as e:
+        raise UpstreamError(f"connect to {u.netloc}: {type(e).__name__}: {e}") from None
+
+
+def parse_head(raw: bytes) -> tuple[int, dict[str, str]]:
+    """The status and headers (names lower-cased) of an HTTP/1.1 reply head; ValueError if it is not one."""
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise ValueError(f"not an HTTP/1.1 status line: {lines[0][:100]!r}")
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    return int(parts[1]), headers
 
 
 def dechunk(buf: bytearray) -> tuple[bytes, bool]:
