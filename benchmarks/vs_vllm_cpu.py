@@ -20,16 +20,26 @@ byte token ids as prompts, greedy, ignore_eos, prefix cache flushed before each 
   long    4 layers, hidden 256     16 prompts of 768-1024 tokens, 128 output tokens
   long-prefill   the long workload's prefill alone (max_tokens=1; run only when named in --workloads)
 Reported per workload: output tok/s of each engine (the median of --repeat generate calls over
-the workload in one engine instance, after a warm-up call), the ratio, output tokens per CPU-second of each engine's processes (a
-fairer figure than wall time on a shared machine), prompts whose greedy token ids are identical, max |delta logprob| of
-the sampled tokens over the identical prefix of each pair. Through the HTTP servers (the small
+the workload in one engine instance, after a warm-up call), the ratio, output tokens per CPU-second
+of each engine's processes (a fairer figure than wall time on a shared machine), prompts whose
+greedy token ids are identical, max |delta logprob| of the sampled tokens over the identical prefix
+of each pair. Through the HTTP servers (the small
 checkpoint; vLLM: `python -m vllm.entrypoints.openai.api_server`, Tidal: `tidal serve`): output
 tok/s at 32 concurrent non-streaming /v1/completions requests (64 requests, the small workload's
-prompts; the median of --repeat load runs) and the CPU-seconds each process of the server's tree spent meanwhile (read from /proc),
-and single-stream decode latency (a streamed request: time between the first and last
-token over the tokens in between). Both engines run with --threads intra-op threads: Tidal via
-torch.set_num_threads / OMP_NUM_THREADS, vLLM with VLLM_CPU_OMP_THREADS_BIND=nobind and
-OMP_NUM_THREADS. Prints a table and writes vs_vllm_cpu.json into benchmarks/results/local/ (--publish: results/).
+prompts; the median of --repeat load runs) and the CPU-seconds each process of the server's tree
+spent meanwhile (read from /proc), and single-stream decode latency (a streamed request: time between the first and last
+token over the tokens in between).
+
+Setups (--setups; each runs every workload through both engines, one after the other, in this one run):
+  defaults    each engine as it configures itself on this machine: Tidal at torch's default intra-op
+              threads (one per core), vLLM with its own default binding (VLLM_CPU_OMP_THREADS_BIND=auto:
+              its worker's OpenMP threads on every core but the one it reserves for its scheduler process)
+  one-core    the whole process tree of each engine pinned to one CPU (sched_setaffinity), one thread each
+  one-thread  one intra-op thread each, not pinned: vLLM's scheduler process then keeps a second core busy
+              beside its worker (its tok/CPU-s is about half its tok/s), Tidal uses one core
+--threads N / --tidal-threads N instead run one custom setup: N intra-op threads (Tidal via
+torch.set_num_threads / OMP_NUM_THREADS, vLLM with VLLM_CPU_OMP_THREADS_BIND=nobind and OMP_NUM_THREADS).
+Prints a table per setup and writes vs_vllm_cpu.json into benchmarks/results/local/ (--publish: results/).
 """
 from __future__ import annotations
 
@@ -43,6 +53,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +78,7 @@ WORKLOADS = {
 PHASES = {"long-prefill": dict(WORKLOADS["long"], max_tokens=1)}
 ENGINE_ARGS = dict(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048)
 HTTP_REQUESTS, HTTP_CONCURRENCY, LATENCY_TOKENS = 64, 32, 128
+SETUP_NAMES = ("defaults", "one-core", "one-thread")
 
 
 def make_prompts(num: int, min_len: int, max_len: int, seed: int = 0) -> list[list[int]]:
@@ -168,12 +181,17 @@ def _tree_cpu_s() -> float:
     return total
 
 
-def vllm_env(threads: int) -> dict:
-    return dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads),
-                VLLM_CPU_KVCACHE_SPACE="2", PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
+def vllm_env(threads: int | None) -> dict:
+    """vLLM's environment: `threads` OpenMP threads, unbound; None: vLLM's own default binding."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
+    env.pop("OMP_NUM_THREADS", None)
+    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    if threads is not None:
+        env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads))
+    return env
 
 
-def run_vllm(python: str, path: str, prompts: list[list[int]], max_tokens: int, threads: int,
+def run_vllm(python: str, path: str, prompts: list[list[int]], max_tokens: int, threads: int | None,
              timeout_s: float, repeat: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp, "spec.json"), Path(tmp, "out.json")
@@ -206,7 +224,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(kind: str, path: str, port: int, threads: int, python: str) -> subprocess.Popen:
+def start_server(kind: str, path: str, port: int, threads: int | None, python: str) -> subprocess.Popen:
     common = ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench",
               "--max-num-seqs", str(ENGINE_ARGS["max_num_seqs"]),
               "--max-num-batched-tokens", str(ENGINE_ARGS["max_num_batched_tokens"]),
@@ -308,7 +326,7 @@ def proc_tree_cpu_s(root: int) -> dict[str, float]:
     return tree
 
 
-def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, threads: int,
+def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, threads: int | None,
              python: str, repeat: int = 1) -> dict:
     port = free_port()
     proc = start_server(kind, path, port, threads, python)
@@ -347,15 +365,110 @@ def checkpoint(name: str, root: Path) -> str:
     return str(path)
 
 
+@dataclass(frozen=True)
+class Setup:
+    """How many intra-op threads each engine gets and where its processes may run."""
+
+    name: str
+    tidal_threads: int
+    vllm_threads: int | None  # None: vLLM's own default binding (VLLM_CPU_OMP_THREADS_BIND=auto)
+    cpus: tuple[int, ...] | None = None  # pin both engines' process trees to these CPUs
+
+    def describe(self) -> str:
+        vllm = "vLLM's default binding (auto)" if self.vllm_threads is None else f"vLLM {self.vllm_threads}"
+        where = f", every process pinned to CPU {','.join(map(str, self.cpus))}" if self.cpus else ", not pinned"
+        return f"intra-op threads: Tidal {self.tidal_threads}, {vllm}{where}"
+
+
+def setups(names: list[str], threads: int | None, tidal_threads: int | None) -> list[Setup]:
+    cpus = sorted(os.sched_getaffinity(0))
+    named = {"defaults": Setup("defaults", len(cpus), None),
+             "one-core": Setup("one-core", 1, 1, (cpus[-1],)),
+             "one-thread": Setup("one-thread", 1, 1)}
+    if threads is not None or tidal_threads is not None:
+        n = threads or 1
+        return [Setup(f"threads-{tidal_threads or n}-{n}", tidal_threads or n, n)]
+    return [named[n] for n in names]
+
+
+@contextmanager
+def pinned(cpus: tuple[int, ...] | None):
+    """This process (and every process it starts meanwhile) on `cpus` only."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def run_setup(setup: Setup, args: argparse.Namespace, root: Path, results: dict) -> None:
+    """Every workload (then the HTTP comparison) through both engines under one setup, into
+    results["setups"][setup.name]; saved after each workload."""
+    out = results["setups"][setup.name] = dict(tidal_threads=setup.tidal_threads,
+                                                vllm_threads=setup.vllm_threads or "auto",
+                                                cpus=setup.cpus, offline={}, http=None)
+    print(f"\n== setup {setup.name}: {setup.describe()}", flush=True)
+    with pinned(setup.cpus):
+        for name in args.workloads:
+            w = WORKLOADS[name] if name in WORKLOADS else PHASES[name]
+            path = checkpoint(w["ckpt"], root)
+            prompts = make_prompts(w["num_prompts"], w["min_len"], w["max_len"])
+            total = w["num_prompts"] * w["max_tokens"]
+            row = dict(w, tidal=run_tidal(path, prompts, w["max_tokens"], setup.tidal_threads, repeat=args.repeat))
+            row["tidal"]["tok_s"] = total / row["tidal"]["elapsed_s"]
+            row["tidal"]["tok_per_cpu_s"] = total / row["tidal"]["cpu_s"]
+            for variant in args.ablate:
+                extra = row[f"tidal_{variant}"] = run_tidal(path, prompts, w["max_tokens"], setup.tidal_threads,
+                                                             variant, args.repeat)
+                extra["tok_s"], extra["tok_per_cpu_s"] = total / extra["elapsed_s"], total / extra["cpu_s"]
+                extra["identical_to_tidal"] = compare(row["tidal"], extra)[0]
+                print(f"{name}: tidal {variant}: {extra['tok_s']:,.0f} tok/s, {extra['tok_per_cpu_s']:,.0f} "
+                      f"tok/CPU-s (full path {row['tidal']['tok_s']:,.0f}: "
+                      f"{row['tidal']['tok_s'] / extra['tok_s']:.2f}x)", flush=True)
+            if not args.skip_vllm:
+                row["vllm"] = run_vllm(args.vllm_python, path, prompts, w["max_tokens"], setup.vllm_threads, 1800,
+                                       args.repeat)
+                row["vllm"]["tok_s"] = total / row["vllm"]["elapsed_s"]
+                row["vllm"]["tok_per_cpu_s"] = total / row["vllm"]["cpu_s"]
+                row["identical"], row["max_abs_dlogprob"] = compare(row["tidal"], row["vllm"])
+                row["ratio"] = row["tidal"]["tok_s"] / row["vllm"]["tok_s"]
+            out["offline"][name] = row
+            print_offline(name, row, flush=True)
+            save(results, args.out)
+        if not args.skip_http:
+            import httpx
+
+            w = WORKLOADS["small"]
+            path = checkpoint(w["ckpt"], root)
+            prompts = make_prompts(HTTP_REQUESTS, w["min_len"], w["max_len"])
+            out["http"] = dict(checkpoint=w["ckpt"], requests=HTTP_REQUESTS, concurrency=HTTP_CONCURRENCY,
+                               max_tokens=w["max_tokens"])
+            for engine in ("tidal",) + (() if args.skip_vllm else ("vllm",)):
+                try:
+                    threads = setup.tidal_threads if engine == "tidal" else setup.vllm_threads
+                    out["http"][engine] = run_http(engine, path, prompts, w["max_tokens"], threads,
+                                                   args.vllm_python, args.repeat)
+                except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as e:  # keep the offline results
+                    out["http"][f"{engine}_error"] = repr(e)
+                    print(f"HTTP run of {engine} failed: {e!r}", flush=True)
+    print_table(setup, out)
+    save(results, args.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS) + list(PHASES),
                     help="offline workloads (none: only the HTTP comparison)")
     ap.add_argument("--vllm-python", default="/work/venvs/vllm-cpu/bin/python")
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each engine")
-    ap.add_argument("--tidal-threads", type=int, default=None,
-                    help="Tidal's intra-op threads if not --threads (vLLM's engine core keeps a second "
-                         "process busy, so at --threads 1 it uses ~1.6-1.8 cores: the CPU-s columns show it)")
+    ap.add_argument("--setups", nargs="+", default=list(SETUP_NAMES), choices=list(SETUP_NAMES),
+                    help="how the engines get the machine (see the module docstring); each runs in turn")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="instead of --setups: one setup with this many intra-op threads for each engine, unpinned")
+    ap.add_argument("--tidal-threads", type=int, default=None, help="with --threads: Tidal's count if different")
     ap.add_argument("--ckpt-root", default=os.path.join(tempfile.gettempdir(), "tidal-vs-vllm-ckpts"))
     ap.add_argument("--repeat", type=int, default=3,
                     help="timed runs per engine and workload (in the same engine instance; the median counts)")
@@ -371,61 +484,21 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     root = Path(args.ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
-    tidal_threads = args.tidal_threads or args.threads
-    results: dict = dict(threads=args.threads, tidal_threads=tidal_threads, nproc=os.cpu_count(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
-                         offline={}, http=None)
-    for name in args.workloads:
-        w = WORKLOADS[name] if name in WORKLOADS else PHASES[name]
-        path = checkpoint(w["ckpt"], root)
-        prompts = make_prompts(w["num_prompts"], w["min_len"], w["max_len"])
-        total = w["num_prompts"] * w["max_tokens"]
-        row = dict(w, tidal=run_tidal(path, prompts, w["max_tokens"], tidal_threads, repeat=args.repeat))
-        row["tidal"]["tok_s"] = total / row["tidal"]["elapsed_s"]
-        row["tidal"]["tok_per_cpu_s"] = total / row["tidal"]["cpu_s"]
-        for variant in args.ablate:
-            extra = row[f"tidal_{variant}"] = run_tidal(path, prompts, w["max_tokens"], tidal_threads, variant,
-                                                         args.repeat)
-            extra["tok_s"], extra["tok_per_cpu_s"] = total / extra["elapsed_s"], total / extra["cpu_s"]
-            extra["identical_to_tidal"] = compare(row["tidal"], extra)[0]
-            print(f"{name}: tidal {variant}: {extra['tok_s']:,.0f} tok/s, {extra['tok_per_cpu_s']:,.0f} tok/CPU-s "
-                  f"(full path {row['tidal']['tok_s']:,.0f}: {row['tidal']['tok_s'] / extra['tok_s']:.2f}x)",
-                  flush=True)
-        if not args.skip_vllm:
-            row["vllm"] = run_vllm(args.vllm_python, path, prompts, w["max_tokens"], args.threads, 1800,
-                                   args.repeat)
-            row["vllm"]["tok_s"] = total / row["vllm"]["elapsed_s"]
-            row["vllm"]["tok_per_cpu_s"] = total / row["vllm"]["cpu_s"]
-            row["identical"], row["max_abs_dlogprob"] = compare(row["tidal"], row["vllm"])
-            row["ratio"] = row["tidal"]["tok_s"] / row["vllm"]["tok_s"]
-        results["offline"][name] = row
-        print_offline(name, row, flush=True)
-        save(results, args.out)
-    if not args.skip_http:
-        import httpx
-
-        w = WORKLOADS["small"]
-        path = checkpoint(w["ckpt"], root)
-        prompts = make_prompts(HTTP_REQUESTS, w["min_len"], w["max_len"])
-        results["http"] = dict(checkpoint=w["ckpt"], requests=HTTP_REQUESTS, concurrency=HTTP_CONCURRENCY,
-                               max_tokens=w["max_tokens"])
-        for engine in ("tidal",) + (() if args.skip_vllm else ("vllm",)):
-            try:
-                threads = tidal_threads if engine == "tidal" else args.threads
-                results["http"][engine] = run_http(engine, path, prompts, w["max_tokens"], threads,
-                                                   args.vllm_python, args.repeat)
-            except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as e:  # keep the offline results
-                results["http"][f"{engine}_error"] = repr(e)
-                print(f"HTTP run of {engine} failed: {e!r}", flush=True)
-    print_table(results)
-    save(results, args.out)
+    results: dict = dict(nproc=os.cpu_count(), cpus=sorted(os.sched_getaffinity(0)),
+                         started=time.strftime("%Y-%m-%d %H:%M:%S"), setups={})
+    for setup in setups(args.setups, args.threads, args.tidal_threads):
+        run_setup(setup, args, root, results)
     print(f"wrote {args.out}")
 
 
 def save(results: dict, out: str) -> None:
     """Write what is measured so far (without the token ids and logprobs)."""
-    slim = dict(results, offline={name: {k: ({f: x for f, x in v.items() if f not in ("token_ids", "logprobs")}
-                                             if isinstance(v, dict) else v) for k, v in row.items()}
-                                  for name, row in results["offline"].items()})
+    def slim_rows(offline: dict) -> dict:
+        return {name: {k: ({f: x for f, x in v.items() if f not in ("token_ids", "logprobs")}
+                           if isinstance(v, dict) else v) for k, v in row.items()} for name, row in offline.items()}
+
+    slim = dict(results, setups={name: dict(s, offline=slim_rows(s["offline"]))
+                                 for name, s in results["setups"].items()})
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(slim, indent=2))
 
@@ -442,9 +515,8 @@ def print_offline(name: str, row: dict, flush: bool = False) -> None:
         print(f"{name}: tidal {t:,.0f} tok/s ({tc:,.0f} tok/CPU-s)", flush=flush)
 
 
-def print_table(results: dict) -> None:
-    print(f"\nintra-op threads: vLLM {results['threads']}, Tidal {results['tidal_threads']} "
-          f"(machine: {results['nproc']} CPUs)")
+def print_table(setup: Setup, results: dict) -> None:
+    print(f"\nsetup {setup.name}: {setup.describe()} (machine: {os.cpu_count()} CPUs)")
     print("| workload | checkpoint | prompts x out | Tidal tok/s | vLLM tok/s | Tidal/vLLM | identical | "
           "max abs dlogprob | Tidal tok/CPU-s | vLLM tok/CPU-s |")
     print("|---|---|---|---|---|---|---|---|---|---|")

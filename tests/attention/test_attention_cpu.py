@@ -118,9 +118,10 @@ def test_cpu_is_the_auto_default_on_cpu_and_declares_batch_invariance():
         EngineConfig(device="cpu", batch_invariant=True, attention_backend="cpu")
 
 
-def _decode_batch(num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int, seed: int = 0):
+def _decode_batch(num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int, seed: int = 0,
+                  min_len: int = 0, max_len: int = 70):
     rng = random.Random(seed)
-    ctx = [rng.randint(0, 70) for _ in range(num_seqs)]
+    ctx = [rng.randint(min_len, max_len) for _ in range(num_seqs)]
     return make_paged_batch(ctx, [1] * num_seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                             head_dim=head_dim, block_size=16, seed=seed)
 
@@ -154,26 +155,42 @@ def test_native_decode_specialised_shapes_match_reference(head_dim, group):
     torch.testing.assert_close(out, ref, atol=ATOL[torch.float32], rtol=0)
 
 
-def test_native_decode_rows_do_not_depend_on_the_batch_or_the_thread_split():
+def test_native_decode_rows_do_not_depend_on_the_batch_or_the_thread_split(monkeypatch):
     """Each row is computed on its own, in a fixed order: the same row alone, inside a larger
     batch, and with the rows split across threads gives identical bits."""
-    kernel = cpu_native.decode_kernel()
-    if kernel is None:
+    if cpu_native.decode_kernel() is None:
         pytest.skip("no native kernel here")
+    kernel = cpu_native.DecodeKernel(cpu_native.library())  # its own thread pool, to see it used
+    monkeypatch.setattr(cpu_native.DecodeKernel, "MIN_KEYS_PER_THREAD", 1)  # split even these short rows
     b = _decode_batch(9, 8, 2, 64, seed=4)
     m, cache = b.meta, b.kv_cache
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        whole = kernel(b.q, cache, m.block_tables, m.seq_lens, 0.125)
-        torch.set_num_threads(3)
-        split = kernel(b.q, cache, m.block_tables, m.seq_lens, 0.125)
-    finally:
-        torch.set_num_threads(before)
+    whole = kernel(b.q, cache, m.block_tables, m.seq_lens, 0.125, max_threads=1)
+    assert kernel._pool is None
+    split = kernel(b.q, cache, m.block_tables, m.seq_lens, 0.125, max_threads=3)
+    assert kernel._pool is not None
     assert torch.equal(whole, split)
     for i in (0, 4, 8):
         alone = kernel(b.q[i : i + 1], cache, m.block_tables[i : i + 1], m.seq_lens[i : i + 1], 0.125)
         assert torch.equal(alone[0], whole[i])
+
+
+def test_native_decode_splits_rows_only_over_enough_cached_tokens():
+    """Rows go to other threads only when every thread reads MIN_KEYS_PER_THREAD cached tokens:
+    short contexts stay on the calling thread whatever the thread budget."""
+    if cpu_native.decode_kernel() is None:
+        pytest.skip("no native kernel here")
+    kernel = cpu_native.DecodeKernel(cpu_native.library())
+    b = _decode_batch(9, 8, 2, 64, seed=4)
+    m = b.meta
+    assert int(m.seq_lens.sum()) < 2 * kernel.MIN_KEYS_PER_THREAD
+    short = kernel(b.q, b.kv_cache, m.block_tables, m.seq_lens, 0.125, max_threads=4)
+    assert kernel._pool is None
+    long_rows = _decode_batch(8, 8, 2, 64, seed=5, min_len=1100, max_len=1200)
+    lm = long_rows.meta
+    assert int(lm.seq_lens.sum()) >= 2 * kernel.MIN_KEYS_PER_THREAD
+    kernel(long_rows.q, long_rows.kv_cache, lm.block_tables, lm.seq_lens, 0.125, max_threads=2)
+    assert kernel._pool is not None
+    assert torch.equal(short, kernel(b.q, b.kv_cache, m.block_tables, m.seq_lens, 0.125, max_threads=1))
 
 
 @pytest.mark.parametrize("block_size", [1, 4, 16])

@@ -30,6 +30,9 @@ class AttentionMetadata:
     # Host-side copies, for backends that loop or pick kernels on the CPU.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # CPU kernels that run their own threads (the C decode kernel) may use up to this many; 0: torch's
+    # intra-op thread count at the call
+    cpu_threads: int = 0
 
     @property
     def num_seqs(self) -> int:

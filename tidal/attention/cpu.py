@@ -85,7 +85,7 @@ def paged_attention_cpu(
         # Pure decode, no padding rows: token i is sequence i's query.
         kernel = decode_kernel()
         if kernel is not None and kernel.supports(q, kv_cache):
-            return kernel(q, kv_cache, meta.block_tables, meta.seq_lens, scale)
+            return kernel(q, kv_cache, meta.block_tables, meta.seq_lens, scale, meta.cpu_threads)
         o = _attend(
             q[:, None], kv_cache, meta.block_tables, (meta.seq_lens.long() - 1)[:, None], meta.max_seq_len, scale
         )
@@ -112,7 +112,9 @@ def _decode_group(
     rows = meta.query_start_loc[idx].long()
     kernel = decode_kernel()
     if kernel is not None and kernel.supports(q, kv_cache):
-        out[rows] = kernel(q[rows], kv_cache, meta.block_tables[idx], meta.seq_lens[idx], scale).to(out.dtype)
+        out[rows] = kernel(q[rows], kv_cache, meta.block_tables[idx], meta.seq_lens[idx], scale, meta.cpu_threads).to(
+            out.dtype
+        )
         return
     max_len = max(meta.seq_lens_cpu[i] for i in seqs)
     o = _attend(

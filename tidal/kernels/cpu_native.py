@@ -94,6 +94,9 @@ class DecodeKernel:
     """cpu_kernels.c's decode attention on torch tensors (float32, CPU, contiguous)."""
 
     MIN_ROWS_PER_THREAD = 4  # below it, handing rows to another thread costs more than it saves
+    # ... and cached tokens read per thread (all rows together): a step of short contexts (64 rows of
+    # ~100 tokens) ran slower split over two threads than on one
+    MIN_KEYS_PER_THREAD = 4096
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -118,9 +121,16 @@ class DecodeKernel:
         )
 
     def __call__(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+        self,
+        q: torch.Tensor,
+        kv_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        scale: float,
+        max_threads: int | None = None,
     ) -> torch.Tensor:
-        """Attention of each row's one query q[b] [Hq, D] over its first seq_lens[b] cached tokens."""
+        """Attention of each row's one query q[b] [Hq, D] over its first seq_lens[b] cached tokens,
+        on up to `max_threads` threads (default: torch's intra-op thread count)."""
         q = q.contiguous()
         tables = block_tables.to(torch.int32).contiguous()
         lens = seq_lens.to(torch.int32).contiguous()
@@ -141,7 +151,11 @@ class DecodeKernel:
             if self._fn(*args, begin, end, *shape) != 0:
                 raise RuntimeError(f"tidal_paged_decode_f32 failed on rows {begin}:{end} (heads {heads}, dim {dim})")
 
-        threads = min(torch.get_num_threads(), rows // self.MIN_ROWS_PER_THREAD)
+        threads = min(
+            max_threads or torch.get_num_threads(),
+            rows // self.MIN_ROWS_PER_THREAD,
+            int(lens.sum()) // self.MIN_KEYS_PER_THREAD,
+        )
         if threads <= 1:
             run(0, rows)
             return out

@@ -7,6 +7,11 @@ SampledTokens. Nothing in between synchronises with the device, so the only host
 the wait in `collect`. A decode row whose input token is still a placeholder (its previous step
 was not collected yet) takes the token from that step's sampled tensor, on the device.
 
+On the CPU a step's torch ops run on torch's intra-op threads only when its linear work pays for
+the split (`cpu_step_threads`): a decode step of a small model runs its ops on one thread (the
+same step on two threads was ~10% slower, and a single stream 2x slower, on a 2-core machine),
+while the C decode kernel still splits rows that read enough cached tokens.
+
 Decode steps replay CUDA graphs (one per batch-size bucket) unless `enforce_eager`; the graphs are
 built at start-up and again after the KV cache or the weights moved (sleep / wake).
 
@@ -18,7 +23,8 @@ staging buffers and the step handle exist only for that.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -47,6 +53,11 @@ if TYPE_CHECKING:
 _ALIGN_BYTES = 16
 # Rows longer than this get their positions and slots computed with numpy instead of Python ints.
 _NUMPY_ROW = 64
+# CPU: a step's torch ops use every intra-op thread from this many multiply-adds per decoder layer
+# (tokens x the layer's parameters) and one thread below it. benchmarks/vs_vllm_cpu.py's shapes, 2
+# cores: a 64-row decode step of the hidden-256 model (5e7) ran faster on one thread, the hidden-1024
+# model's (8e8) and every prefill of >= 1,000 tokens (>= 8e8) on two.
+CPU_SPLIT_MIN_WORK = 1 << 28
 # Prompt logprobs take the LM head over this many positions at a time: a [rows, vocab] float32
 # block per pass instead of one for the whole chunk.
 _PROMPT_ROWS_PER_PASS = 256
@@ -156,6 +167,10 @@ class ModelRunner:
         # and an ended request's id can come back). The engine frees entries as requests finish.
         self.sampling_rows: dict[BatchRequest, tuple] = {}
         self.num_blocks = config.num_kv_blocks or self._profile_num_blocks()
+        # CPU: the intra-op threads a step may use (torch's count when the runner was built)
+        self.cpu_threads = torch.get_num_threads() if self.device.type == "cpu" else 0
+        layer_params = [p.numel() for n, p in self.model.named_parameters() if ".layers." in n]
+        self.layer_params = sum(layer_params) / self.arch.num_layers if layer_params else 0.0
         self.kv_cache: torch.Tensor | None = None
         self.allocate_kv_cache()
         self.staging = _Staging(self.device)
@@ -328,6 +343,7 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
+            cpu_threads=self.cpu_threads,
         )
         inputs = StepInputs(input_ids=input_ids, positions=pos_d, meta=meta, logits_rows=rows_d)
         if prompt_rows:
@@ -383,21 +399,29 @@ class ModelRunner:
             _copy_blocks(kv, batch.blocks_to_copy)
         inputs = self.prepare(batch, prev)
         ctx = ForwardContext(inputs.meta, kv, self.backend)
-        if self.graphs is not None and self.graphs.can_run(inputs):
-            hidden = self.graphs.run(inputs)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, ctx)
-        targets = batch.targets
-        h = StepHandle(step, None)
-        if targets:
-            logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))
-            h = self._sample(logits, targets, step, prev)
-        if inputs.prompt_rows is not None:
-            self._score_prompt(hidden, inputs, h)
+        with _intra_op_threads(self.cpu_step_threads(inputs.input_ids.shape[0])):
+            if self.graphs is not None and self.graphs.can_run(inputs):
+                hidden = self.graphs.run(inputs)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+            targets = batch.targets
+            h = StepHandle(step, None)
+            if targets:
+                logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_rows))
+                h = self._sample(logits, targets, step, prev)
+            if inputs.prompt_rows is not None:
+                self._score_prompt(hidden, inputs, h)
         if self.device.type == "cuda" and (h.token_ids is not None or h.host_prompt is not None):
             h.ready = torch.cuda.Event()
             h.ready.record()
         return h
+
+    def cpu_step_threads(self, num_tokens: int) -> int | None:
+        """Intra-op threads for a CPU step of num_tokens rows: all of them from CPU_SPLIT_MIN_WORK
+        multiply-adds per layer, else one; None: leave torch's count alone (GPU, or one thread)."""
+        if self.cpu_threads <= 1:
+            return None
+        return self.cpu_threads if num_tokens * self.layer_params >= CPU_SPLIT_MIN_WORK else 1
 
     def _score_prompt(self, hidden: torch.Tensor, inputs: StepInputs, h: StepHandle) -> None:
         """Raw logprobs (the model's distribution) of the prompt tokens this step scores."""
@@ -546,6 +570,21 @@ class ModelRunner:
         buf = self.staging.buffer(key, t.numel(), t.dtype)[: t.numel()].view(t.shape)
         buf.copy_(t, non_blocking=True)
         return buf
+
+
+@contextmanager
+def _intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to n for the block, then put back (None: unchanged). The
+    count is process-wide, so it is restored before the step returns."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _copy_blocks(kv: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
