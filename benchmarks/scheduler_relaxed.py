@@ -110,19 +110,23 @@ def search(ws: list[Workload], cfg: SimConfig, random_tries: int, seed: int = 0)
     def by_sequence(seq: list[int]) -> Chooser:
         return lambda r, d, left: r[seq[d % len(seq)] % len(r)]
 
-    best_seq: list[int] | None = None
+    best_seq, seq_util = None, -1.0  # the best random sequence, where the hill climb starts
     for _ in range(random_tries):
         seq = [rng.randrange(24) for _ in range(128)]
         u, steps = relaxed_utilization(ws, cfg, by_sequence(seq))
+        if u > seq_util:
+            best_seq, seq_util = seq, u
         if u > best["util"]:
-            best, best_seq = dict(util=u, steps=steps, how="random sequence"), seq
+            best = dict(util=u, steps=steps, how="random sequence")
     if best_seq is not None:  # hill climb: change one decision at a time
         for _ in range(random_tries // 4):
             seq = list(best_seq)
             seq[rng.randrange(len(seq))] = rng.randrange(24)
             u, steps = relaxed_utilization(ws, cfg, by_sequence(seq))
+            if u > seq_util:
+                best_seq, seq_util = seq, u
             if u > best["util"]:
-                best, best_seq = dict(util=u, steps=steps, how="hill climb"), seq
+                best = dict(util=u, steps=steps, how="hill climb")
     return dict(rules={name: dict(util=round(u, 4), steps=s) for name, (u, s) in results.items()},
                 best=dict(best, util=round(best["util"], 4)))
 
