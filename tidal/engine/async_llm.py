@@ -37,7 +37,8 @@ class AsyncLLM(ControlAPI[Awaitable[dict[str, Any]]]):
         prior_output_tokens: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs as tokens arrive (cumulative, or only the new part with
-        `delta=True`); the last one has `finished=True`. Cancelling the iteration aborts the
+        `delta=True`); the last one has `finished=True`; with `stream=False` only that one (and the
+        engine sends nothing before it). Cancelling the iteration aborts the
         request. A rejected request raises EngineNotServing, one that can never be scheduled
         EngineInvalidInput, a dead engine EngineDead. `prior_output_tokens`: how many trailing
         prompt tokens are earlier output of this same sample (LLM.generate)."""
@@ -51,7 +52,8 @@ class AsyncLLM(ControlAPI[Awaitable[dict[str, Any]]]):
         self.engine.register(rid, lambda out: loop.call_soon_threadsafe(q.put_nowait, out))
         finished = False
         try:
-            self.engine.core.submit(AddRequest(rid, ids, params, prior_output_tokens=prior_output_tokens))
+            add = AddRequest(rid, ids, params, final_only=not stream, prior_output_tokens=prior_output_tokens)
+            self.engine.core.submit(add)
             while not finished:
                 out = await q.get()
                 state.apply(out)

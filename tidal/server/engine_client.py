@@ -484,7 +484,8 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         prior_output_tokens: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Yields RequestOutputs as tokens arrive (cumulative, or only what is new with
-        `delta=True`); the last one has `finished=True`. Closing the iterator early aborts the
+        `delta=True`); the last one has `finished=True`; with `stream=False` only that one (and the
+        engine sends nothing before it). Closing the iterator early aborts the
         request. Raises ValueError (bad prompt), EngineNotServing (rejected while paused),
         EngineDead, RequestTimeout. `prior_output_tokens`: how many trailing prompt tokens are
         earlier output of this same sample (EngineInvalidInput unless in [0, prompt length])."""
@@ -505,7 +506,10 @@ class EngineClient(ControlAPI[Awaitable[dict[str, Any]]]):
         timer = asyncio.get_running_loop().call_later(timeout, chan.expire)
         finished = False
         try:
-            self._send(P.ADD, AddRequest(rid, ids, params, prior_output_tokens=prior_output_tokens))
+            # Not streamed: the engine sends the final output only (no per-token traffic to encode,
+            # send and decode for a caller that waits for the end anyway).
+            add = AddRequest(rid, ids, params, final_only=not stream, prior_output_tokens=prior_output_tokens)
+            self._send(P.ADD, add)
             while not finished:
                 try:
                     outs = await chan.take()

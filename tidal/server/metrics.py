@@ -115,6 +115,8 @@ class ServerMetrics:
 
     # -- engine side ---------------------------------------------------------------------
     def on_step(self, step_count: int, step_time_s: float) -> None:
+        """One observation per output batch (the step that emitted it): a sample of the steps, as
+        steps that emit nothing (a request not streamed emits only when it ends) send no batch."""
         if step_count != self._last_step:
             self._last_step = step_count
             self._step_time.observe(step_time_s)
