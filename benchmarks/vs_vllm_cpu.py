@@ -25,10 +25,11 @@ of each engine's processes (a fairer figure than wall time on a shared machine),
 greedy token ids are identical, max |delta logprob| of the sampled tokens over the identical prefix
 of each pair. Through the HTTP servers (the small
 checkpoint; vLLM: `python -m vllm.entrypoints.openai.api_server`, Tidal: `tidal serve`): output
-tok/s at 32 concurrent non-streaming /v1/completions requests (64 requests, the small workload's
-prompts; the median of --repeat load runs) and the CPU-seconds each process of the server's tree
-spent meanwhile (read from /proc), and single-stream decode latency (a streamed request: time between the first and last
-token over the tokens in between).
+tok/s at 32 concurrent /v1/completions requests (64 requests, the small workload's prompts; the median
+of --repeat load runs), non-streaming and streamed (SSE) load runs alternated, the CPU-seconds each
+process of the server's tree spent in the non-streaming runs (read from /proc), and single-stream
+decode latency (a streamed request: time between the first and last token over the tokens in between;
+the median of LATENCY_PROBES requests).
 
 Setups (--setups; each runs every workload through both engines, one after the other, in this one run):
   defaults    each engine as it configures itself on this machine: Tidal at torch's default intra-op
@@ -78,6 +79,7 @@ WORKLOADS = {
 PHASES = {"long-prefill": dict(WORKLOADS["long"], max_tokens=1)}
 ENGINE_ARGS = dict(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=2048)
 HTTP_REQUESTS, HTTP_CONCURRENCY, LATENCY_TOKENS = 64, 32, 128
+LATENCY_PROBES = 5  # single-stream requests, one after another: the median is reported (one swings +-30% here)
 SETUP_NAMES = ("defaults", "one-core", "one-thread")
 
 
@@ -256,19 +258,32 @@ async def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float) -> N
     raise TimeoutError(f"server on port {port} not healthy after {timeout_s:.0f} s")
 
 
-async def load_test(port: int, prompts: list[list[int]], max_tokens: int, concurrency: int) -> dict:
-    """Every prompt as one non-streaming completion, at most `concurrency` in flight."""
+async def load_test(port: int, prompts: list[list[int]], max_tokens: int, concurrency: int,
+                    stream: bool = False) -> dict:
+    """Every prompt as one completion, at most `concurrency` in flight; `stream`: streamed (SSE, the
+    usage read from the last chunk, `stream_options.include_usage`), else one JSON reply each."""
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
     url = f"http://127.0.0.1:{port}/v1/completions"
 
     async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
+        body = dict(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         async with sem:
-            body = dict(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-            r = await client.post(url, json=body, timeout=600.0)
-            r.raise_for_status()
-            return r.json()["usage"]["completion_tokens"]
+            if not stream:
+                r = await client.post(url, json=body, timeout=600.0)
+                r.raise_for_status()
+                return r.json()["usage"]["completion_tokens"]
+            body.update(stream=True, stream_options=dict(include_usage=True))
+            usage = None
+            async with client.stream("POST", url, json=body, timeout=600.0) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        usage = json.loads(line[6:]).get("usage") or usage
+            if usage is None:
+                raise RuntimeError(f"stream on port {port} ended without a usage chunk")
+            return usage["completion_tokens"]
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(limits=limits) as client:
@@ -332,7 +347,7 @@ def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, th
     proc = start_server(kind, path, port, threads, python)
     try:
         asyncio.run(wait_healthy(proc, port, timeout_s=900.0))
-        loads = []
+        loads, streamed = [], []  # non-streaming and streamed load runs, alternated
         for _ in range(repeat):
             before = proc_tree_cpu_s(proc.pid)
             load = asyncio.run(load_test(port, prompts, max_tokens, HTTP_CONCURRENCY))
@@ -340,11 +355,16 @@ def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, th
             # Per process of the server's tree (API server, engine core, workers): where the CPU went.
             load["cpu_s_by_process"] = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
             loads.append(load)
+            streamed.append(asyncio.run(load_test(port, prompts, max_tokens, HTTP_CONCURRENCY, stream=True)))
         load = sorted(loads, key=lambda r: r["elapsed_s"])[len(loads) // 2]
         load["runs_tok_s"] = [round(r["tok_s"]) for r in loads]
         load["cpu_s"] = sum(load["cpu_s_by_process"].values())
         load["tok_per_cpu_s"] = load["output_tokens"] / load["cpu_s"]
-        lat = asyncio.run(decode_latency(port, prompts[0], LATENCY_TOKENS))
+        stream = sorted(streamed, key=lambda r: r["elapsed_s"])[len(streamed) // 2]
+        load["streamed"] = dict(stream, runs_tok_s=[round(r["tok_s"]) for r in streamed])
+        probes = [asyncio.run(decode_latency(port, prompts[0], LATENCY_TOKENS)) for _ in range(LATENCY_PROBES)]
+        lat = sorted(probes, key=lambda r: r["decode_ms"])[len(probes) // 2]
+        lat["probes_decode_ms"] = [round(r["decode_ms"], 3) for r in probes]
     finally:
         proc.terminate()
         try:
@@ -530,14 +550,14 @@ def print_table(setup: Setup, results: dict) -> None:
     if h:
         print(f"\nHTTP ({h['checkpoint']}, {h['requests']} requests, {h['concurrency']} concurrent, "
               f"{h['max_tokens']} tokens each; single stream: {LATENCY_TOKENS} tokens)")
-        print("| engine | output tok/s | tok/CPU-s (server tree) | single-stream TTFT ms | "
+        print("| engine | output tok/s | tok/CPU-s (server tree) | streamed: output tok/s | single-stream TTFT ms | "
               "single-stream decode ms/token |")
-        print("|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|")
         for engine in ("tidal", "vllm"):
             if engine in h:
                 e = h[engine]
-                print(f"| {engine} | {e['tok_s']:,.0f} | {e['tok_per_cpu_s']:,.0f} | {e['latency']['ttft_ms']:.1f} | "
-                      f"{e['latency']['decode_ms']:.2f} |")
+                print(f"| {engine} | {e['tok_s']:,.0f} | {e['tok_per_cpu_s']:,.0f} | {e['streamed']['tok_s']:,.0f} | "
+                      f"{e['latency']['ttft_ms']:.1f} | {e['latency']['decode_ms']:.2f} |")
                 print(f"  {engine} CPU-s by process during the load: {e['cpu_s_by_process']}")
 
 

@@ -21,13 +21,21 @@ def _linear(in_f: int = 1024, out_f: int = 1024, bias: bool = True) -> Linear:
     return lin
 
 
-@pytest.mark.parametrize("shape", [(1, 1024), (8, 1024), (65, 1024), (3, 5, 1024)])
+@pytest.mark.parametrize("shape", [(1, 1024), (2, 1024), (8, 1024), (65, 1024), (3, 5, 1024)])
 def test_prepacked_products_equal_f_linear(shape):
-    lin = _linear()
+    lin = _linear()  # 1M elements: from PREPACK_MIN_ROWS rows
     x = torch.randn(*shape)
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
     rows = x.numel() // x.shape[-1]
     assert (lin._packed is not None) is (rows >= Linear.PREPACK_MIN_ROWS)
+
+
+@pytest.mark.parametrize("in_f,out_f,packed", [(256, 256, False), (256, 1536, True), (1024, 1024, False)])
+def test_one_row_takes_onednn_only_on_weights_below_the_one_row_limit(in_f, out_f, packed):
+    lin = _linear(in_f, out_f)
+    x = torch.randn(1, in_f)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
+    assert (lin._packed is not None) is packed
 
 
 @pytest.mark.parametrize("in_f,out_f,packed", [(256, 256, False), (256, 512, True), (256, 1536, True)])

@@ -41,11 +41,15 @@ class Linear(nn.Module):
     # (benchmarks/README.md, "CPU"): 1.15-1.3x MKL's F.linear at 8-128 rows on weights of 1M
     # elements or more; on a Zen 4 VM also on the 128K-512K-element projections of a 256-wide model
     # (1.0-1.7x per call at 16-2,048 rows; a decode step's linears 0.67 -> 0.37-0.47 s per run of
-    # vs_vllm_cpu's long workload); below PREPACK_MIN_ROWS rows (single-stream decode) and on smaller
-    # weights (256 x 256), where oneDNN's per-call cost shows, plain F.linear is as fast or faster.
+    # vs_vllm_cpu's long workload); on smaller weights (256 x 256) plain F.linear is as fast. At 2-7
+    # rows, timed as a model's whole set of linears one after another (each weight cold, as in a
+    # decode step), oneDNN is 1.4-2.4x F.linear; at one row (single-stream decode) it is ~1.9x on
+    # weights below PREPACK_ONE_ROW_MAX_WEIGHT (a 256-wide model's) and ~12% slower on larger ones,
+    # which both then stream from memory (benchmarks/README.md, CPU, session 10).
     cpu_prepack = False
-    PREPACK_MIN_ROWS = 8
+    PREPACK_MIN_ROWS = 2
     PREPACK_MIN_WEIGHT = 1 << 17
+    PREPACK_ONE_ROW_MAX_WEIGHT = 1 << 20
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, weight: nn.Parameter | None = None
@@ -82,17 +86,19 @@ class Linear(nn.Module):
 
     def _project(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if not self.batch_invariant or x.dim() != 2:
-            if (
-                self.cpu_prepack
-                and w.dtype == torch.float32
-                and w.numel() >= self.PREPACK_MIN_WEIGHT
-                and x.numel() >= self.PREPACK_MIN_ROWS * x.shape[-1]
-            ):
+            if self.cpu_prepack and w.dtype == torch.float32 and self._packs(x.numel() // x.shape[-1], w.numel()):
                 return self._prepacked(x, w, b)
             return F.linear(x, w, b)
         if x.is_cuda:
             return matmul(x, w, b)
         return invariant_linear(x, w, b, self.ROW_TILE)
+
+    def _packs(self, rows: int, weight_numel: int) -> bool:
+        """Whether a float32 CPU product of `rows` rows with a weight of `weight_numel` elements
+        goes through oneDNN on the prepacked weight."""
+        if weight_numel < self.PREPACK_MIN_WEIGHT:
+            return False
+        return rows >= self.PREPACK_MIN_ROWS or (rows == 1 and weight_numel < self.PREPACK_ONE_ROW_MAX_WEIGHT)
 
     def _prepacked(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         # Keyed like the fp32 copy: W's storage and version counter (in-place updates bump it).
