@@ -30,19 +30,15 @@ def test_prepacked_products_equal_f_linear(shape):
     assert (lin._packed is not None) is (rows >= Linear.PREPACK_MIN_ROWS)
 
 
-@pytest.mark.parametrize("in_f,out_f,packed", [(256, 256, False), (256, 1536, True), (1024, 1024, False)])
-def test_one_row_takes_onednn_only_on_weights_below_the_one_row_limit(in_f, out_f, packed):
+@pytest.mark.parametrize("rows,in_f,out_f,packed", [
+    (64, 256, 256, False),  # below PREPACK_MIN_WEIGHT (a 256 x 256 o_proj): F.linear
+    (64, 256, 512, True), (64, 256, 1536, True),
+    (1, 256, 256, False), (1, 256, 1536, True),  # one row: oneDNN below PREPACK_ONE_ROW_MAX_WEIGHT only
+    (1, 1024, 1024, False),
+])
+def test_which_weights_and_rows_are_packed(rows, in_f, out_f, packed):
     lin = _linear(in_f, out_f)
-    x = torch.randn(1, in_f)
-    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
-    assert (lin._packed is not None) is packed
-
-
-@pytest.mark.parametrize("in_f,out_f,packed", [(256, 256, False), (256, 512, True), (256, 1536, True)])
-def test_weights_from_prepack_min_weight_up_are_packed(in_f, out_f, packed):
-    # Below PREPACK_MIN_WEIGHT (a 256 x 256 o_proj) oneDNN's per-call cost would show: F.linear.
-    lin = _linear(in_f, out_f)
-    x = torch.randn(64, in_f)
+    x = torch.randn(rows, in_f)
     torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
     assert (lin._packed is not None) is packed
 
