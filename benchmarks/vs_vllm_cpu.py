@@ -161,10 +161,10 @@ def vllm_worker(spec_path: str, out_path: str) -> None:
                                               token_ids=ids, logprobs=lps)))
 
 
-def median_run(runs: list[tuple[float, float]]) -> tuple[float, float]:
-    """The (wall, CPU) seconds of the run with the median wall time: on a shared machine one slow
-    run (another tenant's burst) should not decide the ratio."""
-    return sorted(runs)[len(runs) // 2]
+def median_run(runs: list, key=None):
+    """The run with the median `key` (default: the run itself, a (wall, CPU) seconds pair, so its
+    wall time): on a shared machine one slow run (another tenant's burst) should not decide the ratio."""
+    return sorted(runs, key=key)[len(runs) // 2]
 
 
 def _tree_cpu_s() -> float:
@@ -356,14 +356,14 @@ def run_http(kind: str, path: str, prompts: list[list[int]], max_tokens: int, th
             load["cpu_s_by_process"] = {k: round(v - before.get(k, 0.0), 2) for k, v in after.items()}
             loads.append(load)
             streamed.append(asyncio.run(load_test(port, prompts, max_tokens, HTTP_CONCURRENCY, stream=True)))
-        load = sorted(loads, key=lambda r: r["elapsed_s"])[len(loads) // 2]
+        load = median_run(loads, key=lambda r: r["elapsed_s"])
         load["runs_tok_s"] = [round(r["tok_s"]) for r in loads]
         load["cpu_s"] = sum(load["cpu_s_by_process"].values())
         load["tok_per_cpu_s"] = load["output_tokens"] / load["cpu_s"]
-        stream = sorted(streamed, key=lambda r: r["elapsed_s"])[len(streamed) // 2]
+        stream = median_run(streamed, key=lambda r: r["elapsed_s"])
         load["streamed"] = dict(stream, runs_tok_s=[round(r["tok_s"]) for r in streamed])
         probes = [asyncio.run(decode_latency(port, prompts[0], LATENCY_TOKENS)) for _ in range(LATENCY_PROBES)]
-        lat = sorted(probes, key=lambda r: r["decode_ms"])[len(probes) // 2]
+        lat = median_run(probes, key=lambda r: r["decode_ms"])
         lat["probes_decode_ms"] = [round(r["decode_ms"], 3) for r in probes]
     finally:
         proc.terminate()
